@@ -1,0 +1,118 @@
+//! The replicated command log's payload and results.
+//!
+//! A [`Proposal`] is what goes into one Raft entry: a [`Command`] plus the
+//! wall-clock time the proposer stamped on it. Apply never reads a clock, so
+//! every replica (and every simulation run) computes the same state.
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::CommandError;
+use crate::types::{NodeId, Resources, VmSpec};
+use crate::validate;
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Add a node to the placement pool, or update its address, capacity and
+    /// labels (a node re-registers on every start).
+    RegisterNode { id: NodeId, addr: String, capacity: Resources, labels: BTreeMap<String, String> },
+    /// Take a node out of placement: it left or was removed from the cluster.
+    /// VMs placed on it become `Lost`.
+    DecommissionNode { id: NodeId },
+    /// Create a VM and place it: on the active node with the most free memory
+    /// that fits it (lowest id on ties), reserving its resources there.
+    CreateVm { name: String, spec: VmSpec },
+    /// Delete a VM and release what it reserved.
+    DeleteVm { name: String },
+    /// Several commands applied all-or-nothing, in order.
+    Batch(Vec<Command>),
+}
+
+impl Command {
+    /// Stateless checks: what can be said about a command without the state.
+    /// Run at the API edge (so bad input never reaches Raft) and again in
+    /// apply (so a malformed entry is rejected the same way everywhere).
+    pub fn validate(&self) -> Result<(), CommandError> {
+        match self {
+            Command::RegisterNode { id, addr, capacity, labels } => {
+                if *id == 0 {
+                    return Err(CommandError::invalid("node id", id, "a positive integer"));
+                }
+                validate::addr(addr)?;
+                validate::node_capacity(capacity)?;
+                validate::labels(labels)
+            }
+            Command::DecommissionNode { id } => {
+                if *id == 0 {
+                    return Err(CommandError::invalid("node id", id, "a positive integer"));
+                }
+                Ok(())
+            }
+            Command::CreateVm { name, spec } => {
+                validate::vm_name(name)?;
+                validate::vm_spec(spec)
+            }
+            Command::DeleteVm { name } => validate::vm_name(name),
+            Command::Batch(cmds) => {
+                if cmds.is_empty() || cmds.len() > validate::MAX_BATCH {
+                    return Err(CommandError::invalid(
+                        "batch size",
+                        cmds.len(),
+                        format!("between 1 and {} commands", validate::MAX_BATCH),
+                    ));
+                }
+                for (index, c) in cmds.iter().enumerate() {
+                    if matches!(c, Command::Batch(_)) {
+                        return Err(CommandError::invalid(
+                            "batch",
+                            "nested batch",
+                            "a flat list of commands",
+                        ));
+                    }
+                    c.validate().map_err(|e| CommandError::BatchFailed { index, source: Box::new(e) })?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// One Raft entry's application payload.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Proposal {
+    /// Milliseconds since the Unix epoch, stamped by the proposing node.
+    pub at_ms: u64,
+    pub command: Command,
+}
+
+impl std::fmt::Display for Proposal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}@{}", self.command, self.at_ms)
+    }
+}
+
+/// What a successful command did.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum CommandOutput {
+    NodeRegistered {
+        id: NodeId,
+    },
+    NodeDecommissioned {
+        id: NodeId,
+        lost_vms: u64,
+    },
+    VmCreated {
+        name: String,
+        node_id: NodeId,
+    },
+    VmDeleted {
+        name: String,
+        node_id: NodeId,
+    },
+    Batch(Vec<CommandOutput>),
+    /// A Raft-internal entry (blank or membership) with no application effect.
+    Internal,
+}
+
+/// The response of applying one Raft entry.
+pub type CommandResult = Result<CommandOutput, CommandError>;

@@ -1,0 +1,50 @@
+//! Typed errors. Every rejection says what was wrong and what is allowed.
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::types::{NodeId, Resources};
+
+/// Why a command was rejected. Deterministic: the same command against the
+/// same state yields the same error on every replica. A rejected command
+/// changes nothing.
+#[derive(Error, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum CommandError {
+    #[error("invalid {what} {value:?}: {allowed}")]
+    Invalid { what: String, value: String, allowed: String },
+
+    #[error("a VM named {name:?} already exists")]
+    VmExists { name: String },
+
+    #[error("no VM named {name:?}")]
+    VmNotFound { name: String },
+
+    #[error("unknown node id {id}")]
+    UnknownNode { id: NodeId },
+
+    #[error("no node can fit {needed}: {reason}")]
+    NoCapacity { needed: Resources, reason: String },
+
+    #[error("node {id} capacity {capacity} is below what its VMs already reserve ({allocated})")]
+    CapacityBelowAllocated { id: NodeId, capacity: Resources, allocated: Resources },
+
+    #[error("batch command {index} failed: {source}")]
+    BatchFailed {
+        index: usize,
+        #[source]
+        source: Box<CommandError>,
+    },
+}
+
+impl CommandError {
+    pub fn invalid(what: impl Into<String>, value: impl ToString, allowed: impl Into<String>) -> Self {
+        CommandError::Invalid { what: what.into(), value: value.to_string(), allowed: allowed.into() }
+    }
+
+    /// The innermost error of a failed batch (what the operator needs to see).
+    pub fn root(&self) -> &CommandError {
+        match self {
+            CommandError::BatchFailed { source, .. } => source.root(),
+            other => other,
+        }
+    }
+}

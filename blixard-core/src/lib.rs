@@ -1,0 +1,9 @@
+//! Blixard's control plane library: replicated state, commands, placement,
+//! Raft glue, the node and its gRPC services.
+pub mod codec;
+pub mod command;
+pub mod error;
+pub mod scheduler;
+pub mod state;
+pub mod types;
+pub mod validate;

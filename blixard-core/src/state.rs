@@ -1,0 +1,562 @@
+//! The replicated cluster state and its deterministic `apply`.
+//!
+//! Tables are `DashMap`s read through closures (`with_vm`, `for_each_vm_on`,
+//! ...): readers never clone a collection and never block each other. Only the
+//! Raft state machine task writes, one entry at a time, so apply itself needs
+//! no cross-table locking. Two secondary indices keep queries proportional to
+//! what they return: VMs by node, and active nodes by free memory (the
+//! scheduler's index).
+use std::cmp::Reverse;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::command::{Command, CommandOutput, CommandResult, Proposal};
+use crate::error::CommandError;
+use crate::scheduler::{self, FreeIndex};
+use crate::types::{
+    DesiredState, NodeId, NodeRecord, NodeStatus, ObservedState, Resources, VmRecord, VmSpec,
+};
+
+/// Everything apply may depend on besides the state: the entry's position and
+/// the proposer's timestamp. No clock, no randomness.
+#[derive(Clone, Copy, Debug)]
+pub struct ApplyCtx {
+    pub index: u64,
+    pub at_ms: u64,
+}
+
+#[derive(Default)]
+pub struct ClusterState {
+    nodes: DashMap<NodeId, NodeRecord>,
+    vms: DashMap<Arc<str>, VmRecord>,
+    vms_by_node: DashMap<NodeId, BTreeSet<Arc<str>>>,
+    free_index: Mutex<FreeIndex>,
+}
+
+/// A serialisable, canonically ordered image of the state (snapshots, digests).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct StateImage {
+    pub nodes: Vec<NodeRecord>,
+    pub vms: Vec<VmRecord>,
+}
+
+/// How to undo one mutation; recorded only while applying a batch.
+enum Undo {
+    Vm(Arc<str>, Option<VmRecord>),
+    Node(NodeId, Option<NodeRecord>),
+}
+
+type Journal<'a> = Option<&'a mut Vec<Undo>>;
+
+impl ClusterState {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    // ------------------------------------------------------------ reads
+
+    /// Runs `f` on the VM named `name`, if it exists.
+    pub fn with_vm<R>(&self, name: &str, f: impl FnOnce(&VmRecord) -> R) -> Option<R> {
+        self.vms.get(name).map(|v| f(v.value()))
+    }
+
+    /// Runs `f` on the node `id`, if it is known.
+    pub fn with_node<R>(&self, id: NodeId, f: impl FnOnce(&NodeRecord) -> R) -> Option<R> {
+        self.nodes.get(&id).map(|n| f(n.value()))
+    }
+
+    /// Visits every VM, in no particular order.
+    pub fn for_each_vm(&self, mut f: impl FnMut(&VmRecord)) {
+        for v in self.vms.iter() {
+            f(v.value());
+        }
+    }
+
+    /// Visits the VMs placed on `node`, in name order, via the index.
+    pub fn for_each_vm_on(&self, node: NodeId, mut f: impl FnMut(&VmRecord)) {
+        if let Some(names) = self.vms_by_node.get(&node) {
+            for name in names.iter() {
+                if let Some(v) = self.vms.get(name) {
+                    f(v.value());
+                }
+            }
+        }
+    }
+
+    /// Visits every known node, in no particular order.
+    pub fn for_each_node(&self, mut f: impl FnMut(&NodeRecord)) {
+        for n in self.nodes.iter() {
+            f(n.value());
+        }
+    }
+
+    pub fn vm_count(&self) -> usize {
+        self.vms.len()
+    }
+
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    // ------------------------------------------------------------ apply
+
+    /// Applies one entry. A rejected command (or batch) leaves the state
+    /// exactly as it was.
+    pub fn apply(&self, proposal: &Proposal, index: u64) -> CommandResult {
+        let ctx = ApplyCtx { index, at_ms: proposal.at_ms };
+        proposal.command.validate()?;
+        match &proposal.command {
+            Command::Batch(cmds) => {
+                let mut journal = Vec::new();
+                let mut outputs = Vec::with_capacity(cmds.len());
+                for (i, cmd) in cmds.iter().enumerate() {
+                    match self.apply_one(cmd, ctx, Some(&mut journal)) {
+                        Ok(out) => outputs.push(out),
+                        Err(e) => {
+                            self.rollback(journal);
+                            return Err(CommandError::BatchFailed { index: i, source: Box::new(e) });
+                        }
+                    }
+                }
+                Ok(CommandOutput::Batch(outputs))
+            }
+            cmd => self.apply_one(cmd, ctx, None),
+        }
+    }
+
+    /// Every arm checks everything before its first mutation, so a single
+    /// command that fails has changed nothing; inside a batch, the journal
+    /// undoes the commands before it.
+    fn apply_one(&self, cmd: &Command, ctx: ApplyCtx, mut journal: Journal<'_>) -> CommandResult {
+        match cmd {
+            Command::RegisterNode { id, addr, capacity, labels } => {
+                let old = self.nodes.get(id).map(|n| n.value().clone());
+                let rec = match &old {
+                    Some(old) => {
+                        if !old.allocated.fits_in(capacity) {
+                            return Err(CommandError::CapacityBelowAllocated {
+                                id: *id,
+                                capacity: *capacity,
+                                allocated: old.allocated,
+                            });
+                        }
+                        NodeRecord {
+                            addr: addr.clone(),
+                            capacity: *capacity,
+                            labels: labels.clone(),
+                            status: NodeStatus::Active,
+                            updated_at_ms: ctx.at_ms,
+                            ..old.clone()
+                        }
+                    }
+                    None => NodeRecord {
+                        id: *id,
+                        addr: addr.clone(),
+                        capacity: *capacity,
+                        allocated: Resources::ZERO,
+                        labels: labels.clone(),
+                        status: NodeStatus::Active,
+                        registered_at_ms: ctx.at_ms,
+                        updated_at_ms: ctx.at_ms,
+                    },
+                };
+                self.put_node(*id, Some(rec), old, journal);
+                Ok(CommandOutput::NodeRegistered { id: *id })
+            }
+            Command::DecommissionNode { id } => {
+                let Some(old) = self.nodes.get(id).map(|n| n.value().clone()) else {
+                    return Err(CommandError::UnknownNode { id: *id });
+                };
+                let rec = NodeRecord { status: NodeStatus::Left, updated_at_ms: ctx.at_ms, ..old.clone() };
+                self.put_node(*id, Some(rec), Some(old), journal.as_deref_mut());
+                let names: Vec<Arc<str>> =
+                    self.vms_by_node.get(id).map(|s| s.iter().cloned().collect()).unwrap_or_default();
+                let mut lost = 0;
+                for name in names {
+                    let Some(mut vm) = self.vms.get_mut(&name) else {
+                        continue;
+                    };
+                    if vm.observed == ObservedState::Lost {
+                        continue;
+                    }
+                    if let Some(j) = journal.as_deref_mut() {
+                        j.push(Undo::Vm(name.clone(), Some(vm.clone())));
+                    }
+                    vm.observed = ObservedState::Lost;
+                    vm.updated_at_ms = ctx.at_ms;
+                    vm.revision = ctx.index;
+                    lost += 1;
+                }
+                Ok(CommandOutput::NodeDecommissioned { id: *id, lost_vms: lost })
+            }
+            Command::CreateVm { name, spec } => self.create_vm(name, spec, ctx, journal),
+            Command::DeleteVm { name } => {
+                let Some((_, vm)) = self.vms.remove(name.as_str()) else {
+                    return Err(CommandError::VmNotFound { name: name.clone() });
+                };
+                self.unindex_vm(&vm);
+                let node_id = vm.node_id;
+                self.release(node_id, &vm.spec.resources(), journal.as_deref_mut());
+                if let Some(j) = journal {
+                    j.push(Undo::Vm(vm.name.clone(), Some(vm)));
+                }
+                Ok(CommandOutput::VmDeleted { name: name.clone(), node_id })
+            }
+            Command::Batch(_) => {
+                Err(CommandError::invalid("batch", "nested batch", "a flat list of commands"))
+            }
+        }
+    }
+
+    fn create_vm(&self, name: &str, spec: &VmSpec, ctx: ApplyCtx, journal: Journal<'_>) -> CommandResult {
+        if self.vms.contains_key(name) {
+            return Err(CommandError::VmExists { name: name.to_string() });
+        }
+        let need = spec.resources();
+        let node_id = {
+            let index = self.free_index.lock();
+            scheduler::place(&index, &need, |id| self.nodes.get(&id).map(|n| n.free()))?
+        };
+        // Checks are done; from here on nothing fails.
+        let mut journal = journal;
+        let old = self.nodes.get(&node_id).map(|n| n.value().clone());
+        if let Some(old) = old {
+            let rec = NodeRecord { allocated: old.allocated.saturating_add(&need), ..old.clone() };
+            self.put_node(node_id, Some(rec), Some(old), journal.as_deref_mut());
+        }
+        let name: Arc<str> = Arc::from(name);
+        let vm = VmRecord {
+            name: name.clone(),
+            spec: spec.clone(),
+            node_id,
+            desired: DesiredState::Running,
+            observed: ObservedState::Pending,
+            created_at_ms: ctx.at_ms,
+            updated_at_ms: ctx.at_ms,
+            revision: ctx.index,
+        };
+        self.index_vm(&vm);
+        self.vms.insert(name.clone(), vm);
+        if let Some(j) = journal {
+            j.push(Undo::Vm(name.clone(), None));
+        }
+        Ok(CommandOutput::VmCreated { name: name.to_string(), node_id })
+    }
+
+    fn release(&self, node_id: NodeId, res: &Resources, journal: Journal<'_>) {
+        let Some(old) = self.nodes.get(&node_id).map(|n| n.value().clone()) else {
+            return;
+        };
+        let rec = NodeRecord { allocated: old.allocated.saturating_sub(res), ..old.clone() };
+        self.put_node(node_id, Some(rec), Some(old), journal);
+    }
+
+    /// Replaces node `id` (`old` is its current value), keeping the free
+    /// index in step, and journals the old value when asked to.
+    fn put_node(&self, id: NodeId, new: Option<NodeRecord>, old: Option<NodeRecord>, journal: Journal<'_>) {
+        let mut index = self.free_index.lock();
+        if let Some(o) = &old {
+            index.remove(&(Reverse(o.free().memory_mb), id));
+        }
+        match new {
+            Some(n) => {
+                if n.status == NodeStatus::Active {
+                    index.insert((Reverse(n.free().memory_mb), id));
+                }
+                self.nodes.insert(id, n);
+            }
+            None => {
+                self.nodes.remove(&id);
+            }
+        }
+        if let Some(j) = journal {
+            j.push(Undo::Node(id, old));
+        }
+    }
+
+    fn index_vm(&self, vm: &VmRecord) {
+        self.vms_by_node.entry(vm.node_id).or_default().insert(vm.name.clone());
+    }
+
+    fn unindex_vm(&self, vm: &VmRecord) {
+        let now_empty = self.vms_by_node.get_mut(&vm.node_id).map(|mut set| {
+            set.remove(&vm.name);
+            set.is_empty()
+        });
+        if now_empty == Some(true) {
+            self.vms_by_node.remove_if(&vm.node_id, |_, set| set.is_empty());
+        }
+    }
+
+    fn rollback(&self, journal: Vec<Undo>) {
+        for undo in journal.into_iter().rev() {
+            match undo {
+                Undo::Vm(name, old) => {
+                    if let Some((_, cur)) = self.vms.remove(&name) {
+                        self.unindex_vm(&cur);
+                    }
+                    if let Some(old) = old {
+                        self.index_vm(&old);
+                        self.vms.insert(name, old);
+                    }
+                }
+                Undo::Node(id, old) => {
+                    let cur = self.nodes.get(&id).map(|n| n.value().clone());
+                    self.put_node(id, old, cur, None);
+                }
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ snapshots
+
+    /// A canonical image: nodes by id, VMs by name. O(state); used for
+    /// snapshots and digests, never on a request path.
+    pub fn image(&self) -> StateImage {
+        let mut nodes: Vec<NodeRecord> = Vec::with_capacity(self.nodes.len());
+        self.for_each_node(|n| nodes.push(n.clone()));
+        nodes.sort_unstable_by_key(|n| n.id);
+        let mut vms: Vec<VmRecord> = Vec::with_capacity(self.vms.len());
+        self.for_each_vm(|v| vms.push(v.clone()));
+        vms.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        StateImage { nodes, vms }
+    }
+
+    /// Replaces the whole state with `image`, rebuilding every index.
+    pub fn restore(&self, image: StateImage) {
+        self.vms.clear();
+        self.vms_by_node.clear();
+        self.nodes.clear();
+        let mut index = self.free_index.lock();
+        index.clear();
+        for n in image.nodes {
+            if n.status == NodeStatus::Active {
+                index.insert((Reverse(n.free().memory_mb), n.id));
+            }
+            self.nodes.insert(n.id, n);
+        }
+        drop(index);
+        for v in image.vms {
+            self.index_vm(&v);
+            self.vms.insert(v.name.clone(), v);
+        }
+    }
+
+    /// A stable 64-bit fingerprint of the state (FNV-1a over the canonical
+    /// image): equal on two replicas iff they hold the same state.
+    pub fn digest(&self) -> u64 {
+        let bytes = crate::codec::encode(&self.image()).unwrap_or_default();
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in bytes {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h
+    }
+
+    /// Checks the internal invariants: indices match the tables and no node
+    /// is over-committed. Used by tests and the simulator.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut sums: std::collections::HashMap<NodeId, Resources> = Default::default();
+        for v in self.vms.iter() {
+            let s = sums.entry(v.node_id).or_default();
+            *s = s.saturating_add(&v.spec.resources());
+            let indexed = self.vms_by_node.get(&v.node_id).is_some_and(|set| set.contains(&v.name));
+            if !indexed {
+                return Err(format!("VM {} missing from node {} index", v.name, v.node_id));
+            }
+        }
+        let indexed_vms: usize = self.vms_by_node.iter().map(|s| s.len()).sum();
+        if indexed_vms != self.vms.len() {
+            return Err(format!("index holds {indexed_vms} VMs, table {}", self.vms.len()));
+        }
+        let index = self.free_index.lock();
+        let mut active = 0;
+        for n in self.nodes.iter() {
+            let sum = sums.remove(&n.id).unwrap_or_default();
+            if sum != n.allocated {
+                return Err(format!("node {} allocated {} but its VMs sum to {}", n.id, n.allocated, sum));
+            }
+            if !n.allocated.fits_in(&n.capacity) {
+                return Err(format!("node {} over-committed: {} of {}", n.id, n.allocated, n.capacity));
+            }
+            if n.status == NodeStatus::Active {
+                active += 1;
+                if !index.contains(&(Reverse(n.free().memory_mb), n.id)) {
+                    return Err(format!("node {} missing from free index", n.id));
+                }
+            }
+        }
+        if index.len() != active {
+            return Err(format!("free index has {} entries for {active} active nodes", index.len()));
+        }
+        if let Some((id, _)) = sums.into_iter().next() {
+            return Err(format!("VMs placed on unknown node {id}"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::VmSpec;
+    use std::collections::BTreeMap;
+
+    fn p(command: Command) -> Proposal {
+        Proposal { at_ms: 1_000, command }
+    }
+
+    fn register(id: NodeId, vcpus: u32, mem: u64) -> Command {
+        Command::RegisterNode {
+            id,
+            addr: format!("127.0.0.1:{}", 7000 + id),
+            capacity: Resources::new(vcpus, mem, 100),
+            labels: BTreeMap::new(),
+        }
+    }
+
+    fn create(name: &str, vcpus: u32, mem: u64) -> Command {
+        Command::CreateVm {
+            name: name.into(),
+            spec: VmSpec { vcpus, memory_mb: mem, disk_gb: 1, ..Default::default() },
+        }
+    }
+
+    fn state_with_nodes() -> ClusterState {
+        let s = ClusterState::new();
+        s.apply(&p(register(1, 4, 1024)), 1).unwrap();
+        s.apply(&p(register(2, 4, 2048)), 2).unwrap();
+        s
+    }
+
+    #[test]
+    fn create_places_on_most_free_memory_and_reserves() {
+        let s = state_with_nodes();
+        let out = s.apply(&p(create("a", 1, 512)), 3).unwrap();
+        assert_eq!(out, CommandOutput::VmCreated { name: "a".into(), node_id: 2 });
+        // node 2 now has 1536 free, still more than node 1.
+        let out = s.apply(&p(create("b", 1, 512)), 4).unwrap();
+        assert_eq!(out, CommandOutput::VmCreated { name: "b".into(), node_id: 2 });
+        // node 2 has 1024 free, equal to node 1: lowest id wins.
+        let out = s.apply(&p(create("c", 1, 512)), 5).unwrap();
+        assert_eq!(out, CommandOutput::VmCreated { name: "c".into(), node_id: 1 });
+        assert_eq!(s.with_node(2, |n| n.allocated), Some(Resources::new(2, 1024, 2)));
+        let mut on2 = Vec::new();
+        s.for_each_vm_on(2, |v| on2.push(v.name.to_string()));
+        assert_eq!(on2, ["a", "b"]);
+        assert_eq!(s.with_vm("a", |v| (v.revision, v.observed)), Some((3, ObservedState::Pending)));
+        s.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn never_over_commits() {
+        let s = state_with_nodes();
+        let mut placed = 0;
+        for i in 0..100 {
+            if s.apply(&p(create(&format!("vm{i}"), 1, 256)), 3 + i).is_ok() {
+                placed += 1;
+            }
+            s.check_invariants().unwrap();
+        }
+        // 8 vCPUs in total bound the count before memory (12 x 256 MiB) does.
+        assert_eq!(placed, 8);
+        let before = s.image();
+        let e = s.apply(&p(create("big", 1, 256)), 200).unwrap_err();
+        assert!(matches!(e, CommandError::NoCapacity { .. }), "{e}");
+        assert_eq!(s.image(), before, "a rejected create changed the state");
+    }
+
+    #[test]
+    fn rejections_change_nothing() {
+        let s = state_with_nodes();
+        s.apply(&p(create("a", 1, 128)), 3).unwrap();
+        let before = s.image();
+        let cases = [
+            create("a", 1, 128),                       // duplicate
+            create("Bad", 1, 128),                     // invalid name
+            create("z", 0, 128),                       // zero vcpus
+            create("z", 1, u64::MAX),                  // absurd memory
+            create("z", 1, 1_000_000),                 // fits nowhere
+            Command::DeleteVm { name: "nope".into() }, // unknown vm
+            Command::DecommissionNode { id: 9 },       // unknown node
+            Command::RegisterNode {
+                // shrink below use
+                id: 2,
+                addr: "127.0.0.1:7002".into(),
+                capacity: Resources::new(4, 64, 100),
+                labels: BTreeMap::new(),
+            },
+            Command::Batch(vec![]), // empty batch
+        ];
+        for (i, c) in cases.into_iter().enumerate() {
+            let r = s.apply(&p(c.clone()), 10 + i as u64);
+            assert!(r.is_err(), "{c:?} was accepted");
+            assert_eq!(s.image(), before, "{c:?} changed the state");
+        }
+        s.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn batch_is_all_or_nothing() {
+        let s = state_with_nodes();
+        s.apply(&p(create("keep", 1, 128)), 3).unwrap();
+        let before = s.image();
+        let batch = Command::Batch(vec![
+            create("x", 1, 128),
+            Command::DeleteVm { name: "keep".into() },
+            Command::DecommissionNode { id: 1 },
+            create("y", 1, 128),
+            create("x", 1, 128), // duplicate of the first: fails the batch
+        ]);
+        let e = s.apply(&p(batch), 4).unwrap_err();
+        assert!(matches!(e, CommandError::BatchFailed { index: 4, .. }), "{e}");
+        assert!(matches!(e.root(), CommandError::VmExists { .. }));
+        assert_eq!(s.image(), before);
+        s.check_invariants().unwrap();
+
+        let ok = Command::Batch(vec![create("x", 1, 128), create("y", 1, 128)]);
+        let out = s.apply(&p(ok), 5).unwrap();
+        assert!(matches!(out, CommandOutput::Batch(ref v) if v.len() == 2));
+        assert_eq!(s.vm_count(), 3);
+        s.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn delete_releases_and_decommission_marks_lost() {
+        let s = state_with_nodes();
+        s.apply(&p(create("a", 2, 512)), 3).unwrap();
+        s.apply(&p(Command::DeleteVm { name: "a".into() }), 4).unwrap();
+        assert_eq!(s.with_node(2, |n| n.allocated), Some(Resources::ZERO));
+        s.apply(&p(create("b", 1, 128)), 5).unwrap();
+        let out = s.apply(&p(Command::DecommissionNode { id: 2 }), 6).unwrap();
+        assert_eq!(out, CommandOutput::NodeDecommissioned { id: 2, lost_vms: 1 });
+        assert_eq!(s.with_vm("b", |v| v.observed), Some(ObservedState::Lost));
+        // New VMs avoid the departed node.
+        let out = s.apply(&p(create("c", 1, 128)), 7).unwrap();
+        assert_eq!(out, CommandOutput::VmCreated { name: "c".into(), node_id: 1 });
+        s.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn image_round_trip_rebuilds_indices() {
+        let s = state_with_nodes();
+        for i in 0..5 {
+            s.apply(&p(create(&format!("v{i}"), 1, 100)), 3 + i).unwrap();
+        }
+        let img = s.image();
+        let t = ClusterState::new();
+        t.restore(crate::codec::decode(&crate::codec::encode(&img).unwrap()).unwrap());
+        assert_eq!(t.image(), img);
+        assert_eq!(t.digest(), s.digest());
+        t.check_invariants().unwrap();
+        // The restored scheduler index decides like the original.
+        let a = s.apply(&p(create("n", 1, 100)), 20).unwrap();
+        let b = t.apply(&p(create("n", 1, 100)), 20).unwrap();
+        assert_eq!(a, b);
+    }
+}

@@ -1,0 +1,156 @@
+//! Edge validation shared by the API (reject before proposing) and by apply
+//! (reject a malformed entry deterministically on every replica).
+use std::collections::BTreeMap;
+
+use crate::error::CommandError;
+use crate::types::{Resources, VmSpec};
+
+pub const MAX_NAME_LEN: usize = 63;
+pub const MAX_VCPUS: u32 = 64;
+pub const MIN_MEMORY_MB: u64 = 16;
+pub const MAX_MEMORY_MB: u64 = 1024 * 1024;
+pub const MAX_DISK_GB: u64 = 64 * 1024;
+pub const MAX_LABELS: usize = 32;
+pub const MAX_LABEL_VALUE_LEN: usize = 255;
+pub const MAX_ADDR_LEN: usize = 255;
+pub const MAX_BATCH: usize = 1024;
+/// A node may offer at most this much; far above any real host, low enough
+/// that sums of VMs never overflow.
+pub const MAX_NODE_VCPUS: u32 = 1 << 16;
+pub const MAX_NODE_MEMORY_MB: u64 = 1 << 32;
+pub const MAX_NODE_DISK_GB: u64 = 1 << 32;
+
+const NAME_RULE: &str = "1-63 characters of a-z, 0-9 and '-', starting with a letter, not ending with '-'";
+
+/// VM names (and tenants) are DNS labels, so they can name files, taps and hosts.
+pub fn vm_name(name: &str) -> Result<(), CommandError> {
+    dns_label("VM name", name)
+}
+
+fn dns_label(what: &str, s: &str) -> Result<(), CommandError> {
+    let b = s.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= MAX_NAME_LEN
+        && b[0].is_ascii_lowercase()
+        && b[b.len() - 1] != b'-'
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(CommandError::invalid(what, s, NAME_RULE))
+    }
+}
+
+pub fn vm_spec(spec: &VmSpec) -> Result<(), CommandError> {
+    range("vcpus", spec.vcpus as u64, 1, MAX_VCPUS as u64)?;
+    range("memory_mb", spec.memory_mb, MIN_MEMORY_MB, MAX_MEMORY_MB)?;
+    range("disk_gb", spec.disk_gb, 1, MAX_DISK_GB)?;
+    labels(&spec.labels)?;
+    if !spec.tenant.is_empty() {
+        dns_label("tenant", &spec.tenant)?;
+    }
+    Ok(())
+}
+
+pub fn node_capacity(c: &Resources) -> Result<(), CommandError> {
+    range("node vcpus", c.vcpus as u64, 1, MAX_NODE_VCPUS as u64)?;
+    range("node memory_mb", c.memory_mb, 64, MAX_NODE_MEMORY_MB)?;
+    range("node disk_gb", c.disk_gb, 1, MAX_NODE_DISK_GB)?;
+    Ok(())
+}
+
+/// `host:port` with a non-zero port; host is an IP or a hostname.
+pub fn addr(addr: &str) -> Result<(), CommandError> {
+    const RULE: &str = "HOST:PORT with a port in 1-65535, at most 255 characters";
+    let bad = || CommandError::invalid("address", addr, RULE);
+    if addr.is_empty() || addr.len() > MAX_ADDR_LEN {
+        return Err(bad());
+    }
+    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if port == 0 || host.is_empty() || host.chars().any(|c| c.is_whitespace() || c == '/') {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+pub fn labels(labels: &BTreeMap<String, String>) -> Result<(), CommandError> {
+    if labels.len() > MAX_LABELS {
+        return Err(CommandError::invalid(
+            "label count",
+            labels.len(),
+            format!("at most {MAX_LABELS} labels"),
+        ));
+    }
+    for (k, v) in labels {
+        let kb = k.as_bytes();
+        let key_ok = !kb.is_empty()
+            && kb.len() <= MAX_NAME_LEN
+            && kb.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b'/'));
+        if !key_ok {
+            return Err(CommandError::invalid(
+                "label key",
+                k,
+                "1-63 characters of A-Z, a-z, 0-9, '-', '_', '.', '/'",
+            ));
+        }
+        if v.len() > MAX_LABEL_VALUE_LEN || v.chars().any(char::is_control) {
+            return Err(CommandError::invalid(
+                "label value",
+                v,
+                "at most 255 characters, no control characters",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn range(what: &str, v: u64, min: u64, max: u64) -> Result<(), CommandError> {
+    if v < min || v > max {
+        Err(CommandError::invalid(what, v, format!("between {min} and {max}")))
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for good in ["a", "web-1", "x0", &"a".repeat(63)] {
+            assert!(vm_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "1abc", "Web", "web-", "we b", "wé", "a_b", &"a".repeat(64), "-a"] {
+            let e = vm_name(bad).unwrap_err();
+            assert!(e.to_string().contains("1-63 characters"), "{e}");
+        }
+    }
+
+    #[test]
+    fn specs() {
+        let ok = VmSpec { vcpus: 1, memory_mb: 128, disk_gb: 1, ..Default::default() };
+        assert!(vm_spec(&ok).is_ok());
+        let e = vm_spec(&VmSpec { vcpus: 0, ..ok.clone() }).unwrap_err();
+        assert_eq!(e.to_string(), "invalid vcpus \"0\": between 1 and 64");
+        assert!(vm_spec(&VmSpec { memory_mb: u64::MAX, ..ok.clone() }).is_err());
+        assert!(vm_spec(&VmSpec { disk_gb: 0, ..ok.clone() }).is_err());
+        assert!(vm_spec(&VmSpec { tenant: "Bad Tenant".into(), ..ok.clone() }).is_err());
+        let mut many = ok.clone();
+        for i in 0..=MAX_LABELS {
+            many.labels.insert(format!("k{i}"), "v".into());
+        }
+        assert!(vm_spec(&many).is_err());
+    }
+
+    #[test]
+    fn addrs() {
+        for good in ["127.0.0.1:7420", "localhost:1", "[::1]:7420", "node-3.example:65535"] {
+            assert!(addr(good).is_ok(), "{good}");
+        }
+        for bad in ["", "127.0.0.1", "127.0.0.1:0", ":80", "a b:1", "h:99999", "http://x:1"] {
+            assert!(addr(bad).is_err(), "{bad}");
+        }
+    }
+}
