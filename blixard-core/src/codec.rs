@@ -14,6 +14,10 @@ pub enum CodecError {
     Decode(String),
 }
 
+/// Local files this node wrote itself (snapshots) may be larger than any
+/// network message.
+pub const MAX_TRUSTED_DECODE_BYTES: usize = 4 * 1024 * 1024 * 1024;
+
 fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<MAX_DECODE_BYTES>()
 }
@@ -31,6 +35,18 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     }
     let (v, used) =
         bincode::serde::decode_from_slice(bytes, config()).map_err(|e| CodecError::Decode(e.to_string()))?;
+    if used != bytes.len() {
+        return Err(CodecError::Decode(format!("{} trailing bytes", bytes.len() - used)));
+    }
+    Ok(v)
+}
+
+/// Decodes a node's own persisted data (snapshot files and payloads), with
+/// the larger [`MAX_TRUSTED_DECODE_BYTES`] limit.
+pub fn decode_trusted<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    let cfg = bincode::config::standard().with_limit::<MAX_TRUSTED_DECODE_BYTES>();
+    let (v, used) =
+        bincode::serde::decode_from_slice(bytes, cfg).map_err(|e| CodecError::Decode(e.to_string()))?;
     if used != bytes.len() {
         return Err(CodecError::Decode(format!("{} trailing bytes", bytes.len() - used)));
     }

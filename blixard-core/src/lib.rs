@@ -3,6 +3,8 @@
 pub mod codec;
 pub mod command;
 pub mod error;
+pub mod node;
+pub mod raft;
 pub mod scheduler;
 pub mod state;
 pub mod types;

@@ -1,0 +1,367 @@
+//! The public gRPC control API (ClusterService, VmService) and the server
+//! that hosts it next to the internal Raft service on one listener.
+//!
+//! Writes go through `NodeShared::propose` (forwarded to the leader when
+//! needed). Reads are linearizable unless the request asks for a stale read.
+//! Membership changes must run on the leader: a follower forwards the call
+//! once, marking it so that it is never forwarded again.
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use blixard_proto as pb;
+use blixard_proto::cluster_service_client::ClusterServiceClient;
+use blixard_proto::cluster_service_server::{ClusterService, ClusterServiceServer};
+use blixard_proto::raft_service_server::RaftServiceServer;
+use blixard_proto::vm_service_server::{VmService, VmServiceServer};
+use tokio::sync::oneshot;
+use tonic::{Request, Response, Status};
+
+use super::raft_service::RaftGrpc;
+use super::{ApiError, NodeError, NodeShared};
+use crate::command::{Command, CommandOutput};
+use crate::raft::network::{PeerChannels, MAX_MESSAGE_BYTES};
+use crate::types::{NodeId, NodeRecord, Resources, VmRecord, VmSpec};
+
+/// Marks a request a follower already forwarded to the leader.
+const FORWARDED: &str = "x-blixard-forwarded";
+
+/// Binds `bind` and serves all services until `stop` fires. Binding happens
+/// before this returns, so a busy port is a startup error, not a log line.
+pub async fn serve(
+    shared: Arc<NodeShared>,
+    bind: SocketAddr,
+    stop: oneshot::Receiver<()>,
+) -> Result<tokio::task::JoinHandle<()>, NodeError> {
+    let router = tonic::transport::Server::builder()
+        .add_service(
+            RaftServiceServer::new(RaftGrpc::new(shared.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            ClusterServiceServer::new(ClusterApi { node: shared.clone() })
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            VmServiceServer::new(VmApi { node: shared }).max_decoding_message_size(MAX_REQUEST_BYTES),
+        );
+    let signal = async move {
+        let _ = stop.await;
+    };
+    #[cfg(not(madsim))]
+    {
+        let listener = tokio::net::TcpListener::bind(bind)
+            .await
+            .map_err(|source| NodeError::Bind { addr: bind, source })?;
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        Ok(tokio::spawn(async move {
+            if let Err(e) = router.serve_with_incoming_shutdown(incoming, signal).await {
+                tracing::error!(error = %e, "gRPC server stopped");
+            }
+        }))
+    }
+    #[cfg(madsim)]
+    {
+        Ok(tokio::spawn(async move {
+            if let Err(e) = router.serve_with_shutdown(bind, signal).await {
+                tracing::error!(error = %e, "gRPC server stopped");
+            }
+        }))
+    }
+}
+
+/// Client requests are small; anything bigger is refused before decoding.
+const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
+fn cluster_client(
+    channels: &PeerChannels,
+    addr: &str,
+) -> Result<ClusterServiceClient<tonic::transport::Channel>, Status> {
+    Ok(ClusterServiceClient::new(
+        channels.channel(addr).map_err(|e| Status::invalid_argument(e.to_string()))?,
+    ))
+}
+
+/// Status of the node at `addr` (used by joining nodes to learn the cluster id).
+pub async fn client_status(channels: &PeerChannels, addr: &str) -> Result<pb::StatusResponse, Status> {
+    let mut c = cluster_client(channels, addr)?;
+    let req = with_deadline(pb::StatusRequest { include_digest: false });
+    Ok(c.status(req).await?.into_inner())
+}
+
+/// Asks the member at `seed` to add node `id` at `addr`.
+pub async fn client_join(
+    channels: &PeerChannels,
+    seed: &str,
+    id: NodeId,
+    addr: &str,
+) -> Result<pb::JoinResponse, Status> {
+    let mut c = cluster_client(channels, seed)?;
+    let mut req = Request::new(pb::JoinRequest { node_id: id, addr: addr.to_string() });
+    req.set_timeout(std::time::Duration::from_secs(90));
+    Ok(c.join(req).await?.into_inner())
+}
+
+fn with_deadline<T>(msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.set_timeout(std::time::Duration::from_secs(10));
+    r
+}
+
+pub fn member_pb(m: &super::MemberInfo) -> pb::Member {
+    pb::Member { id: m.id, addr: m.addr.clone(), role: m.role.to_string() }
+}
+
+pub fn resources_pb(r: &Resources) -> pb::Resources {
+    pb::Resources { vcpus: r.vcpus, memory_mb: r.memory_mb, disk_gb: r.disk_gb }
+}
+
+pub fn vm_pb(v: &VmRecord) -> pb::Vm {
+    pb::Vm {
+        name: v.name.to_string(),
+        spec: Some(pb::VmSpec {
+            vcpus: v.spec.vcpus,
+            memory_mb: v.spec.memory_mb,
+            disk_gb: v.spec.disk_gb,
+            labels: v.spec.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            tenant: v.spec.tenant.clone(),
+        }),
+        node_id: v.node_id,
+        desired: v.desired.as_str().to_string(),
+        observed: v.observed.as_str().to_string(),
+        created_at_ms: v.created_at_ms,
+        updated_at_ms: v.updated_at_ms,
+        revision: v.revision,
+    }
+}
+
+fn node_pb(n: &NodeRecord, vm_count: u64) -> pb::NodeInfo {
+    pb::NodeInfo {
+        id: n.id,
+        addr: n.addr.clone(),
+        capacity: Some(resources_pb(&n.capacity)),
+        allocated: Some(resources_pb(&n.allocated)),
+        status: n.status.as_str().to_string(),
+        vm_count,
+    }
+}
+
+pub struct ClusterApi {
+    node: Arc<NodeShared>,
+}
+
+impl ClusterApi {
+    /// Runs a membership change here if this node leads; otherwise forwards
+    /// the request to the leader once.
+    async fn on_leader<T, F, Fut>(
+        &self,
+        forwarded: bool,
+        local: F,
+        remote: impl AsyncFnOnce(&mut ClusterServiceClient<tonic::transport::Channel>) -> Result<T, Status>,
+    ) -> Result<T, Status>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        if self.node.is_leader() {
+            return local().await;
+        }
+        if forwarded {
+            return Err(Status::unavailable("this node is not the leader (leadership is changing); retry"));
+        }
+        let Some((_, addr)) = self.node.leader() else {
+            return Err(Status::unavailable("no leader elected yet; retry"));
+        };
+        let mut client = cluster_client(&self.node.channels, &addr)?;
+        remote(&mut client).await
+    }
+}
+
+fn forwarded<T>(req: &Request<T>) -> bool {
+    req.metadata().contains_key(FORWARDED)
+}
+
+fn forward_req<T>(msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    r.set_timeout(std::time::Duration::from_secs(90));
+    r
+}
+
+#[tonic::async_trait]
+impl ClusterService for ClusterApi {
+    async fn status(
+        &self,
+        request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let n = &self.node;
+        let metrics = n.raft.metrics().borrow().clone();
+        let committed =
+            n.raft.with_raft_state(|s| s.committed).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        let state = match metrics.state {
+            openraft::ServerState::Leader => "leader",
+            openraft::ServerState::Follower => "follower",
+            openraft::ServerState::Candidate => "candidate",
+            openraft::ServerState::Learner => "learner",
+            openraft::ServerState::Shutdown => "shutdown",
+        };
+        let mut nodes = Vec::with_capacity(n.state.node_count());
+        n.state.for_each_node(|rec| nodes.push(node_pb(rec, 0)));
+        nodes.sort_unstable_by_key(|x| x.id);
+        for x in &mut nodes {
+            let mut count = 0;
+            n.state.for_each_vm_on(x.id, |_| count += 1);
+            x.vm_count = count;
+        }
+        let digest = if request.get_ref().include_digest { n.state.digest() } else { 0 };
+        Ok(Response::new(pb::StatusResponse {
+            node_id: n.id,
+            cluster_id: n.cluster_id.to_string(),
+            leader_id: metrics.current_leader.unwrap_or(0),
+            term: metrics.current_term,
+            commit_index: committed.map(|c| c.index).unwrap_or(0),
+            applied_index: metrics.last_applied.map(|l| l.index).unwrap_or(0),
+            last_log_index: metrics.last_log_index.unwrap_or(0),
+            snapshot_index: metrics.snapshot.map(|l| l.index).unwrap_or(0),
+            state: state.to_string(),
+            members: n.members().iter().map(member_pb).collect(),
+            addr: n.addr.clone(),
+            data_dir: n.data_dir.display().to_string(),
+            state_digest: digest,
+            nodes,
+            vm_count: n.state.vm_count() as u64,
+        }))
+    }
+
+    async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
+        let fwd = forwarded(&request);
+        let req = request.into_inner();
+        let r2 = req.clone();
+        let node = self.node.clone();
+        self.on_leader(
+            fwd,
+            || async move {
+                node.add_member(req.node_id, &req.addr).await?;
+                Ok(pb::JoinResponse {
+                    cluster_id: node.cluster_id.to_string(),
+                    leader_id: node.id,
+                    members: node.members().iter().map(member_pb).collect(),
+                })
+            },
+            async move |c| Ok(c.join(forward_req(r2)).await?.into_inner()),
+        )
+        .await
+        .map(Response::new)
+    }
+
+    async fn leave(
+        &self,
+        _request: Request<pb::LeaveRequest>,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
+        let id = self.node.id;
+        self.remove(Request::new(pb::RemoveRequest { node_id: id })).await
+    }
+
+    async fn remove(
+        &self,
+        request: Request<pb::RemoveRequest>,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
+        let fwd = forwarded(&request);
+        let req = request.into_inner();
+        if req.node_id == 0 {
+            return Err(ApiError::Invalid("node id must be a positive integer".into()).into());
+        }
+        let node = self.node.clone();
+        let id = req.node_id;
+        self.on_leader(
+            fwd,
+            || async move {
+                node.remove_member(id).await?;
+                Ok(pb::MembershipResponse { members: node.members().iter().map(member_pb).collect() })
+            },
+            async move |c| Ok(c.remove(forward_req(req)).await?.into_inner()),
+        )
+        .await
+        .map(Response::new)
+    }
+}
+
+pub struct VmApi {
+    node: Arc<NodeShared>,
+}
+
+impl VmApi {
+    async fn read_barrier(&self, consistency: i32) -> Result<(), Status> {
+        if consistency == pb::Consistency::Stale as i32 {
+            return Ok(());
+        }
+        self.node.linearize().await.map_err(Status::from)
+    }
+
+    fn get_local(&self, name: &str) -> Result<pb::Vm, Status> {
+        self.node.state.with_vm(name, vm_pb).ok_or_else(|| Status::not_found(format!("no VM named {name:?}")))
+    }
+}
+
+pub fn spec_from_pb(spec: Option<pb::VmSpec>) -> VmSpec {
+    let s = spec.unwrap_or_default();
+    VmSpec {
+        vcpus: s.vcpus,
+        memory_mb: s.memory_mb,
+        disk_gb: s.disk_gb,
+        labels: s.labels.into_iter().collect(),
+        tenant: s.tenant,
+    }
+}
+
+#[tonic::async_trait]
+impl VmService for VmApi {
+    async fn create_vm(
+        &self,
+        request: Request<pb::CreateVmRequest>,
+    ) -> Result<Response<pb::VmResponse>, Status> {
+        let req = request.into_inner();
+        let cmd = Command::CreateVm { name: req.name.clone(), spec: spec_from_pb(req.spec) };
+        let applied = self.node.propose(cmd).await?;
+        debug_assert!(matches!(applied.output, CommandOutput::VmCreated { .. }));
+        // `propose` returned after this node applied the write: read it back.
+        Ok(Response::new(pb::VmResponse { vm: Some(self.get_local(&req.name)?) }))
+    }
+
+    async fn get_vm(&self, request: Request<pb::GetVmRequest>) -> Result<Response<pb::VmResponse>, Status> {
+        let req = request.into_inner();
+        crate::validate::vm_name(&req.name).map_err(ApiError::from)?;
+        self.read_barrier(req.consistency).await?;
+        Ok(Response::new(pb::VmResponse { vm: Some(self.get_local(&req.name)?) }))
+    }
+
+    async fn list_vms(
+        &self,
+        request: Request<pb::ListVmsRequest>,
+    ) -> Result<Response<pb::ListVmsResponse>, Status> {
+        let req = request.into_inner();
+        self.read_barrier(req.consistency).await?;
+        let state = &self.node.state;
+        let mut vms = Vec::new();
+        if req.node_id == 0 {
+            vms.reserve(state.vm_count());
+            state.for_each_vm(|v| vms.push(vm_pb(v)));
+            vms.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        } else {
+            if state.with_node(req.node_id, |_| ()).is_none() {
+                return Err(Status::not_found(format!("unknown node id {}", req.node_id)));
+            }
+            state.for_each_vm_on(req.node_id, |v| vms.push(vm_pb(v)));
+        }
+        Ok(Response::new(pb::ListVmsResponse { vms }))
+    }
+
+    async fn delete_vm(
+        &self,
+        request: Request<pb::DeleteVmRequest>,
+    ) -> Result<Response<pb::DeleteVmResponse>, Status> {
+        let req = request.into_inner();
+        self.node.propose(Command::DeleteVm { name: req.name }).await?;
+        Ok(Response::new(pb::DeleteVmResponse {}))
+    }
+}

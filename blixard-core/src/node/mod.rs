@@ -1,0 +1,592 @@
+//! A Blixard node: Raft, storage, state and the gRPC endpoint of one machine.
+//!
+//! `Node::start` opens (or creates) the data dir, checks its identity, starts
+//! Raft and the gRPC server on one listener, then bootstraps a new cluster,
+//! joins an existing one, or simply resumes. The same type runs in
+//! production, in the integration tests and inside the madsim simulator.
+pub mod api;
+pub mod identity;
+pub mod raft_service;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers, ServerState};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use crate::command::{Command, CommandOutput, CommandResult, Proposal};
+use crate::error::CommandError;
+use crate::raft::log_store::{LogStore, WriterStats};
+use crate::raft::network::{NetworkFactory, PeerChannels, RaftRpc, RpcFailure};
+use crate::raft::state_machine::StateMachineStore;
+use crate::raft::{Raft, RaftTuning};
+use crate::state::ClusterState;
+use crate::types::{NodeId, Resources};
+use identity::{Identity, IdentityError};
+
+/// How long a write may wait for a leader before the caller is told.
+const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline for one forwarded request.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(8);
+/// How long a learner may take to catch up before the join is abandoned.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a joining node keeps trying to reach its seed.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(90);
+
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub id: NodeId,
+    /// Address the gRPC server listens on.
+    pub bind: SocketAddr,
+    /// Address other nodes and clients use to reach this node (defaults to `bind`).
+    pub advertise: Option<String>,
+    pub data_dir: PathBuf,
+    /// Any member of the cluster to join; `None` bootstraps a new cluster
+    /// when the data dir is empty.
+    pub join: Option<String>,
+    pub capacity: Resources,
+    pub labels: BTreeMap<String, String>,
+    pub tuning: RaftTuning,
+}
+
+impl NodeConfig {
+    pub fn advertised(&self) -> String {
+        self.advertise.clone().unwrap_or_else(|| self.bind.to_string())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("cannot create data dir {dir}: {source}")]
+    DataDir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("raft log {path}: {reason}")]
+    Log { path: PathBuf, reason: String },
+    #[error("snapshot in {dir}: {source}")]
+    Snapshot {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("join via {seed} failed: {reason}")]
+    Join { seed: String, reason: String },
+}
+
+/// Errors of the node's client-facing operations, mapped onto gRPC codes.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<ApiError> for tonic::Status {
+    fn from(e: ApiError) -> Self {
+        use tonic::Code;
+        let code = match &e {
+            ApiError::Command(c) => match c.root() {
+                CommandError::Invalid { .. } => Code::InvalidArgument,
+                CommandError::VmExists { .. } => Code::AlreadyExists,
+                CommandError::VmNotFound { .. } | CommandError::UnknownNode { .. } => Code::NotFound,
+                CommandError::NoCapacity { .. } => Code::ResourceExhausted,
+                CommandError::CapacityBelowAllocated { .. } | CommandError::BatchFailed { .. } => {
+                    Code::FailedPrecondition
+                }
+            },
+            ApiError::Invalid(_) => Code::InvalidArgument,
+            ApiError::NotFound(_) => Code::NotFound,
+            ApiError::AlreadyExists(_) => Code::AlreadyExists,
+            ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
+            ApiError::Unavailable(_) => Code::Unavailable,
+        };
+        tonic::Status::new(code, e.to_string())
+    }
+}
+
+/// Replies of the internal forwarding RPCs.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub enum ForwardError {
+    /// The receiver is not the leader (any more); here is who it thinks is.
+    NotLeader {
+        leader: Option<(NodeId, String)>,
+    },
+    Unavailable(String),
+}
+
+pub type ProposeReply = Result<(u64, CommandResult), ForwardError>;
+pub type ReadIndexReply = Result<u64, ForwardError>;
+
+/// A committed and applied write.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub index: u64,
+    pub output: CommandOutput,
+}
+
+/// One member of the Raft membership, for status output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberInfo {
+    pub id: NodeId,
+    pub addr: String,
+    pub role: &'static str,
+}
+
+/// Everything the services and background tasks share.
+pub struct NodeShared {
+    pub id: NodeId,
+    pub addr: String,
+    pub cluster_id: Arc<str>,
+    pub data_dir: PathBuf,
+    pub raft: Raft,
+    pub state: Arc<ClusterState>,
+    pub channels: PeerChannels,
+    pub log_stats: Arc<WriterStats>,
+}
+
+pub struct Node {
+    shared: Arc<NodeShared>,
+    stop_server: Mutex<Option<oneshot::Sender<()>>>,
+    server: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// Milliseconds since the Unix epoch (virtual under madsim). Stamped into
+/// proposals; never read inside apply.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Node {
+    /// Starts the node. Returns once it serves requests and has bootstrapped,
+    /// joined or resumed its cluster.
+    pub async fn start(cfg: NodeConfig) -> Result<Node, NodeError> {
+        if cfg.id == 0 {
+            return Err(NodeError::Config("node id must be a positive integer".into()));
+        }
+        let addr = cfg.advertised();
+        crate::validate::addr(&addr).map_err(|e| NodeError::Config(e.to_string()))?;
+        crate::validate::node_capacity(&cfg.capacity).map_err(|e| NodeError::Config(e.to_string()))?;
+        std::fs::create_dir_all(&cfg.data_dir)
+            .map_err(|source| NodeError::DataDir { dir: cfg.data_dir.clone(), source })?;
+        let channels = PeerChannels::default();
+
+        // Identity: resume, join (learn the cluster id from the seed first),
+        // or bootstrap a brand-new cluster.
+        let stored = identity::load(&cfg.data_dir)?;
+        let (ident, fresh) = match stored {
+            Some(ident) => {
+                identity::check_node(&cfg.data_dir, &ident, Some(cfg.id))?;
+                if let Some(seed) = &cfg.join {
+                    tracing::info!(%seed, "data dir already belongs to a cluster; --join ignored");
+                }
+                (ident, false)
+            }
+            None => {
+                let cluster_id = match &cfg.join {
+                    Some(seed) => seed_cluster_id(&channels, seed).await?,
+                    None => identity::new_cluster_id(cfg.id, now_ms()),
+                };
+                let ident = Identity { node_id: cfg.id, cluster_id };
+                identity::store(&cfg.data_dir, &ident)?;
+                (ident, true)
+            }
+        };
+
+        let log_path = cfg.data_dir.join(identity::LOG_FILE);
+        let log = LogStore::open(&log_path)
+            .map_err(|e| NodeError::Log { path: log_path.clone(), reason: e.to_string() })?;
+        let has_raft_state = log.has_state();
+        let log_stats = log.stats();
+        let state = Arc::new(ClusterState::new());
+        let sm = StateMachineStore::open(&cfg.data_dir, state.clone())
+            .map_err(|source| NodeError::Snapshot { dir: cfg.data_dir.clone(), source })?;
+        let cluster_id: Arc<str> = Arc::from(ident.cluster_id.as_str());
+        let network =
+            NetworkFactory { channels: channels.clone(), cluster_id: cluster_id.clone(), from: cfg.id };
+        let config = cfg.tuning.to_config(&ident.cluster_id).map_err(|e| NodeError::Config(e.to_string()))?;
+        let raft =
+            Raft::new(cfg.id, config, network, log, sm).await.map_err(|e| NodeError::Raft(e.to_string()))?;
+
+        let shared = Arc::new(NodeShared {
+            id: cfg.id,
+            addr: addr.clone(),
+            cluster_id,
+            data_dir: cfg.data_dir.clone(),
+            raft,
+            state,
+            channels,
+            log_stats,
+        });
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let server = api::serve(shared.clone(), cfg.bind, stop_rx).await?;
+        let node = Node {
+            shared: shared.clone(),
+            stop_server: Mutex::new(Some(stop_tx)),
+            server: Mutex::new(Some(server)),
+        };
+
+        if !has_raft_state {
+            match (&cfg.join, fresh) {
+                (Some(seed), _) => join_via(&shared, seed).await?,
+                (None, _) => {
+                    let members = BTreeMap::from([(cfg.id, BasicNode::new(addr.clone()))]);
+                    shared.raft.initialize(members).await.map_err(|e| NodeError::Raft(e.to_string()))?;
+                    tracing::info!(node = cfg.id, cluster = %shared.cluster_id, "bootstrapped a new single-node cluster");
+                }
+            }
+        }
+        tokio::spawn(register_loop(shared.clone(), cfg.capacity, cfg.labels.clone()));
+        Ok(node)
+    }
+
+    pub fn shared(&self) -> &Arc<NodeShared> {
+        &self.shared
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.shared.id
+    }
+
+    /// Stops serving and shuts Raft down. Durable state stays as it is.
+    pub async fn shutdown(&self) {
+        if let Some(tx) = self.stop_server.lock().take() {
+            let _ = tx.send(());
+        }
+        let server = self.server.lock().take();
+        if let Some(h) = server {
+            let _ = h.await;
+        }
+        let _ = self.shared.raft.shutdown().await;
+    }
+}
+
+/// Asks a seed for its cluster id, retrying while it is not up yet.
+async fn seed_cluster_id(channels: &PeerChannels, seed: &str) -> Result<String, NodeError> {
+    crate::validate::addr(seed).map_err(|e| NodeError::Config(format!("--join: {e}")))?;
+    let deadline = tokio::time::Instant::now() + JOIN_TIMEOUT;
+    loop {
+        let err = match api::client_status(channels, seed).await {
+            Ok(s) if !s.cluster_id.is_empty() => return Ok(s.cluster_id),
+            Ok(_) => "seed reports no cluster id".to_string(),
+            Err(e) => e.message().to_string(),
+        };
+        if tokio::time::Instant::now() > deadline {
+            return Err(NodeError::Join { seed: seed.to_string(), reason: err });
+        }
+        tracing::info!(%seed, error = %err, "waiting for seed");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Asks the cluster (through any member) to add this node, retrying while
+/// the cluster has no leader.
+async fn join_via(shared: &Arc<NodeShared>, seed: &str) -> Result<(), NodeError> {
+    let deadline = tokio::time::Instant::now() + JOIN_TIMEOUT;
+    loop {
+        match api::client_join(&shared.channels, seed, shared.id, &shared.addr).await {
+            Ok(resp) => {
+                if resp.cluster_id != *shared.cluster_id {
+                    return Err(NodeError::Join {
+                        seed: seed.to_string(),
+                        reason: format!("seed moved to cluster {}", resp.cluster_id),
+                    });
+                }
+                tracing::info!(node = shared.id, %seed, leader = resp.leader_id, "joined the cluster as a voter");
+                return Ok(());
+            }
+            Err(s) if s.code() == tonic::Code::Unavailable && tokio::time::Instant::now() < deadline => {
+                tracing::info!(%seed, error = %s.message(), "join not possible yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(s) => {
+                return Err(NodeError::Join { seed: seed.to_string(), reason: s.message().to_string() })
+            }
+        }
+    }
+}
+
+/// Registers (or updates) this node's capacity in the replicated state once
+/// the cluster can take writes. Runs on every start.
+async fn register_loop(shared: Arc<NodeShared>, capacity: Resources, labels: BTreeMap<String, String>) {
+    let cmd = Command::RegisterNode { id: shared.id, addr: shared.addr.clone(), capacity, labels };
+    loop {
+        match shared.propose(cmd.clone()).await {
+            Ok(_) => {
+                tracing::info!(node = shared.id, %capacity, "registered node capacity");
+                return;
+            }
+            Err(ApiError::Unavailable(why)) => {
+                tracing::debug!(error = %why, "registration waits for a leader");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "node registration rejected; keeping the previous registration");
+                return;
+            }
+        }
+    }
+}
+
+impl NodeShared {
+    /// The leader as this node knows it: id and address.
+    pub fn leader(&self) -> Option<(NodeId, String)> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let id = m.current_leader?;
+        let addr = m.membership_config.membership().get_node(&id)?.addr.clone();
+        Some((id, addr))
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().state == ServerState::Leader
+    }
+
+    /// Members with their roles, in id order.
+    pub fn members(&self) -> Vec<MemberInfo> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let leader = m.current_leader;
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        membership
+            .nodes()
+            .map(|(id, n)| MemberInfo {
+                id: *id,
+                addr: n.addr.clone(),
+                role: if Some(*id) == leader {
+                    "leader"
+                } else if voters.contains(id) {
+                    "follower"
+                } else {
+                    "learner"
+                },
+            })
+            .collect()
+    }
+
+    /// Commits `command` through Raft (forwarding to the leader when this node
+    /// is not it) and returns once it is applied on this node too, so the
+    /// caller reads its own write here. Retries only what certainly did not
+    /// reach a leader; a request whose fate is unknown is reported as such.
+    pub async fn propose(&self, command: Command) -> Result<Applied, ApiError> {
+        command.validate()?;
+        let proposal = Proposal { at_ms: now_ms(), command };
+        let deadline = tokio::time::Instant::now() + PROPOSE_TIMEOUT;
+        let mut last_err;
+        loop {
+            let leader = match self.raft.client_write(proposal.clone()).await {
+                Ok(resp) => return self.finish(resp.log_id.index, resp.data).await,
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    f.leader_id.zip(f.leader_node.map(|n| n.addr))
+                }
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                    return Err(ApiError::FailedPrecondition(e.to_string()))
+                }
+                Err(RaftError::Fatal(e)) => return Err(ApiError::Unavailable(format!("raft stopped: {e}"))),
+            };
+            match leader {
+                None => last_err = "no leader elected yet".to_string(),
+                Some((id, addr)) => {
+                    let reply: Result<ProposeReply, RpcFailure> = self
+                        .channels
+                        .call(&addr, RaftRpc::Propose, &self.cluster_id, self.id, &proposal, FORWARD_TIMEOUT)
+                        .await;
+                    match reply {
+                        Ok(Ok((index, result))) => return self.finish(index, result).await,
+                        Ok(Err(ForwardError::NotLeader { .. })) => {
+                            last_err = format!("node {id} is no longer the leader")
+                        }
+                        Ok(Err(ForwardError::Unavailable(why))) => last_err = why,
+                        Err(RpcFailure::Unreachable { reason, .. }) => {
+                            last_err = format!("leader {id} at {addr} unreachable: {reason}")
+                        }
+                        Err(e @ RpcFailure::Timeout { .. }) => {
+                            return Err(ApiError::Unavailable(format!(
+                                "{e}; the write may or may not have been applied"
+                            )))
+                        }
+                        Err(e) => return Err(ApiError::Unavailable(e.to_string())),
+                    }
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ApiError::Unavailable(format!(
+                    "write not accepted within {PROPOSE_TIMEOUT:?}: {last_err}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn finish(&self, index: u64, result: CommandResult) -> Result<Applied, ApiError> {
+        let output = result?;
+        self.wait_applied(index).await?;
+        Ok(Applied { index, output })
+    }
+
+    /// Waits until this node has applied `index`.
+    pub async fn wait_applied(&self, index: u64) -> Result<(), ApiError> {
+        self.raft
+            .wait(Some(PROPOSE_TIMEOUT))
+            .applied_index_at_least(Some(index), "read your writes")
+            .await
+            .map(|_| ())
+            .map_err(|e| ApiError::Unavailable(format!("waiting to apply index {index}: {e}")))
+    }
+
+    /// Makes the next local read linearizable: the leader confirms it still
+    /// leads (ReadIndex) and this node applies up to the leader's commit
+    /// index before reading.
+    pub async fn linearize(&self) -> Result<(), ApiError> {
+        let deadline = tokio::time::Instant::now() + PROPOSE_TIMEOUT;
+        loop {
+            let why = match self.raft.ensure_linearizable().await {
+                Ok(_) => return Ok(()),
+                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                    match f.leader_id.zip(f.leader_node.map(|n| n.addr)) {
+                        None => "no leader elected yet".to_string(),
+                        Some((_, addr)) => {
+                            let r: Result<ReadIndexReply, RpcFailure> = self
+                                .channels
+                                .call(
+                                    &addr,
+                                    RaftRpc::ReadIndex,
+                                    &self.cluster_id,
+                                    self.id,
+                                    &(),
+                                    FORWARD_TIMEOUT,
+                                )
+                                .await;
+                            match r {
+                                Ok(Ok(index)) => return self.wait_applied(index).await,
+                                Ok(Err(e)) => format!("{e:?}"),
+                                Err(e) => e.to_string(),
+                            }
+                        }
+                    }
+                }
+                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => e.to_string(),
+                Err(RaftError::Fatal(e)) => return Err(ApiError::Unavailable(format!("raft stopped: {e}"))),
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ApiError::Unavailable(format!("cannot confirm a linearizable read: {why}")));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Adds `id` at `addr`: as a learner, then, once caught up, as a voter.
+    /// Must run on the leader. Idempotent for a node that is already a member
+    /// at the same address.
+    pub async fn add_member(&self, id: NodeId, addr: &str) -> Result<(), ApiError> {
+        if id == 0 {
+            return Err(ApiError::Invalid("node id must be a positive integer".into()));
+        }
+        crate::validate::addr(addr)?;
+        let (known, is_voter) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            let membership = m.membership_config.membership();
+            let known = membership.get_node(&id).map(|n| n.addr.clone());
+            let is_voter = membership.voter_ids().any(|v| v == id);
+            (known, is_voter)
+        };
+        if let Some(existing) = &known {
+            if existing != addr {
+                return Err(ApiError::AlreadyExists(format!(
+                    "node id {id} is already a member at {existing}; pick another --id"
+                )));
+            }
+            if is_voter {
+                return Ok(());
+            }
+        }
+        let add = self.raft.add_learner(id, BasicNode::new(addr), true);
+        match tokio::time::timeout(CATCH_UP_TIMEOUT, add).await {
+            Err(_) => {
+                return Err(ApiError::Unavailable(format!(
+                    "node {id} at {addr} did not catch up within {CATCH_UP_TIMEOUT:?}; it stays a learner"
+                )))
+            }
+            Ok(r) => r.map_err(membership_error)?,
+        };
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .await
+            .map_err(membership_error)?;
+        Ok(())
+    }
+
+    /// Removes `id` from the cluster (joint consensus) and takes it out of
+    /// placement. Must run on the leader.
+    pub async fn remove_member(&self, id: NodeId) -> Result<(), ApiError> {
+        let (is_member, voters) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            let membership = m.membership_config.membership();
+            (membership.get_node(&id).is_some(), membership.voter_ids().collect::<BTreeSet<_>>())
+        };
+        if !is_member {
+            return Err(ApiError::NotFound(format!("node {id} is not a member of this cluster")));
+        }
+        if voters.len() == 1 && voters.contains(&id) {
+            return Err(ApiError::FailedPrecondition(format!(
+                "node {id} is the only voter; removing it would leave no cluster"
+            )));
+        }
+        if self.state.with_node(id, |_| ()).is_some() {
+            self.propose(Command::DecommissionNode { id }).await?;
+        }
+        let change = if voters.contains(&id) {
+            ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+        } else {
+            ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+        };
+        self.raft.change_membership(change, false).await.map_err(membership_error)?;
+        Ok(())
+    }
+}
+
+fn membership_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> ApiError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+            ApiError::Unavailable("leadership changed during the membership change; retry".into())
+        }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+            ApiError::FailedPrecondition(e.to_string())
+        }
+        RaftError::Fatal(e) => ApiError::Unavailable(format!("raft stopped: {e}")),
+    }
+}

@@ -1,0 +1,98 @@
+//! The internal RaftService: node-to-node Raft RPCs and request forwarding.
+//!
+//! Every request carries the sender's cluster id; a mismatch is refused with
+//! `PermissionDenied` before anything is decoded. Payloads are decoded with
+//! a size limit; a corrupt payload is `InvalidArgument`, never a panic.
+use std::sync::Arc;
+
+use blixard_proto::raft_service_server::RaftService;
+use blixard_proto::{RaftReply, RaftRequest};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::{Request, Response, Status};
+
+use super::{ForwardError, NodeShared, ProposeReply, ReadIndexReply};
+use crate::codec;
+use crate::command::Proposal;
+use crate::raft::TypeConfig;
+use crate::types::NodeId;
+
+pub struct RaftGrpc {
+    node: Arc<NodeShared>,
+}
+
+impl RaftGrpc {
+    pub fn new(node: Arc<NodeShared>) -> Self {
+        Self { node }
+    }
+
+    fn open<T: DeserializeOwned>(&self, req: Request<RaftRequest>) -> Result<T, Status> {
+        let req = req.into_inner();
+        if req.cluster_id != *self.node.cluster_id {
+            return Err(Status::permission_denied(format!(
+                "node {} belongs to cluster {}, request from node {} is for cluster {:?}",
+                self.node.id, self.node.cluster_id, req.from, req.cluster_id
+            )));
+        }
+        codec::decode(&req.payload).map_err(|e| Status::invalid_argument(format!("bad payload: {e}")))
+    }
+}
+
+fn reply<T: Serialize>(v: &T) -> Result<Response<RaftReply>, Status> {
+    let payload = codec::encode(v).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(Response::new(RaftReply { payload }))
+}
+
+fn not_leader(leader_id: Option<NodeId>, node: Option<openraft::BasicNode>) -> ForwardError {
+    ForwardError::NotLeader { leader: leader_id.zip(node.map(|n| n.addr)) }
+}
+
+#[tonic::async_trait]
+impl RaftService for RaftGrpc {
+    async fn append_entries(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let rpc: AppendEntriesRequest<TypeConfig> = self.open(request)?;
+        reply(&self.node.raft.append_entries(rpc).await)
+    }
+
+    async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let rpc: VoteRequest<NodeId> = self.open(request)?;
+        reply(&self.node.raft.vote(rpc).await)
+    }
+
+    async fn install_snapshot(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let rpc: InstallSnapshotRequest<TypeConfig> = self.open(request)?;
+        reply(&self.node.raft.install_snapshot(rpc).await)
+    }
+
+    async fn propose(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let p: Proposal = self.open(request)?;
+        let out: ProposeReply = match self.node.raft.client_write(p).await {
+            Ok(resp) => Ok((resp.log_id.index, resp.data)),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(not_leader(f.leader_id, f.leader_node))
+            }
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                Err(ForwardError::Unavailable(e.to_string()))
+            }
+            Err(RaftError::Fatal(e)) => Err(ForwardError::Unavailable(format!("raft stopped: {e}"))),
+        };
+        reply(&out)
+    }
+
+    async fn read_index(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let () = self.open(request)?;
+        let out: ReadIndexReply = match self.node.raft.ensure_linearizable().await {
+            Ok(read_log_id) => Ok(read_log_id.map(|l| l.index).unwrap_or(0)),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                Err(not_leader(f.leader_id, f.leader_node))
+            }
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => {
+                Err(ForwardError::Unavailable(e.to_string()))
+            }
+            Err(RaftError::Fatal(e)) => Err(ForwardError::Unavailable(format!("raft stopped: {e}"))),
+        };
+        reply(&out)
+    }
+}

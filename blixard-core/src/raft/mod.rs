@@ -1,0 +1,92 @@
+//! Raft glue: openraft type configuration, storage, network and tuning.
+pub mod log_store;
+pub mod network;
+pub mod runtime;
+pub mod state_machine;
+
+use std::io::Cursor;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::command::{CommandResult, Proposal};
+use crate::types::NodeId;
+
+openraft::declare_raft_types!(
+    /// Blixard's openraft types: entries carry a [`Proposal`], apply yields a
+    /// [`CommandResult`], nodes are addressed by `host:port`.
+    pub TypeConfig:
+        D = Proposal,
+        R = CommandResult,
+        NodeId = NodeId,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = runtime::Runtime,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type Entry = openraft::Entry<TypeConfig>;
+pub type LogId = openraft::LogId<NodeId>;
+pub type Vote = openraft::Vote<NodeId>;
+pub type StorageError = openraft::StorageError<NodeId>;
+pub type Membership = openraft::StoredMembership<NodeId, openraft::BasicNode>;
+pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, openraft::BasicNode>;
+
+/// Snapshots travel in chunks of at most this many bytes (one RPC each).
+pub const SNAPSHOT_CHUNK_BYTES: u64 = 1024 * 1024;
+
+/// Raft timing and log-compaction knobs.
+#[derive(Clone, Debug)]
+pub struct RaftTuning {
+    pub heartbeat: Duration,
+    pub election_timeout_min: Duration,
+    pub election_timeout_max: Duration,
+    /// Build a snapshot after this many applied entries.
+    pub snapshot_every: u64,
+    /// Entries kept in the log behind the latest snapshot (so briefly lagging
+    /// followers catch up from the log rather than a snapshot).
+    pub keep_behind_snapshot: u64,
+    /// Per-RPC deadline for snapshot chunks.
+    pub snapshot_rpc_timeout: Duration,
+}
+
+impl Default for RaftTuning {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_millis(150),
+            election_timeout_min: Duration::from_millis(1000),
+            election_timeout_max: Duration::from_millis(2000),
+            snapshot_every: 5000,
+            keep_behind_snapshot: 1000,
+            snapshot_rpc_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl RaftTuning {
+    pub fn to_config(&self, cluster_name: &str) -> Result<Arc<openraft::Config>, openraft::ConfigError> {
+        let cfg = openraft::Config {
+            cluster_name: cluster_name.to_string(),
+            heartbeat_interval: self.heartbeat.as_millis() as u64,
+            election_timeout_min: self.election_timeout_min.as_millis() as u64,
+            election_timeout_max: self.election_timeout_max.as_millis() as u64,
+            install_snapshot_timeout: self.snapshot_rpc_timeout.as_millis() as u64,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every),
+            max_in_snapshot_log_to_keep: self.keep_behind_snapshot,
+            snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
+            max_payload_entries: 256,
+            ..Default::default()
+        };
+        Ok(Arc::new(cfg.validate()?))
+    }
+}
+
+/// Runs blocking IO (fsync, file writes) off the async executor. Under madsim
+/// this is a plain task, which keeps the simulation deterministic.
+pub(crate) async fn blocking<F, R>(f: F) -> std::io::Result<R>
+where
+    F: FnOnce() -> R + Send + 'static,
+    R: Send + 'static,
+{
+    tokio::task::spawn_blocking(f).await.map_err(|e| std::io::Error::other(e.to_string()))
+}

@@ -1,0 +1,207 @@
+//! Raft RPCs over gRPC.
+//!
+//! One lazily connected tonic `Channel` per peer address, shared by every
+//! task that talks to that peer (replication, votes, forwarding): HTTP/2
+//! multiplexes them over one connection. Every call has a deadline, and both
+//! directions cap message sizes. Payloads are bincode of openraft's own
+//! request/response types, wrapped with the cluster id so a node never
+//! accepts traffic meant for another cluster.
+use std::sync::Arc;
+use std::time::Duration;
+
+use blixard_proto::raft_service_client::RaftServiceClient;
+use blixard_proto::{RaftReply, RaftRequest};
+use dashmap::DashMap;
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::BasicNode;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+
+use super::TypeConfig;
+use crate::codec;
+use crate::types::NodeId;
+
+/// Largest gRPC message a node sends or accepts: a snapshot chunk, or a
+/// batch of entries, with room to spare.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The internal RPCs a node can make to a peer.
+#[derive(Clone, Copy, Debug)]
+pub enum RaftRpc {
+    AppendEntries,
+    Vote,
+    InstallSnapshot,
+    Propose,
+    ReadIndex,
+}
+
+/// Why an internal RPC produced no decoded reply.
+#[derive(Debug, thiserror::Error)]
+pub enum RpcFailure {
+    #[error("invalid peer address {addr:?}: {reason}")]
+    BadAddress { addr: String, reason: String },
+    #[error("peer {addr} unreachable: {reason}")]
+    Unreachable { addr: String, reason: String },
+    #[error("peer {addr} did not answer within {after:?}")]
+    Timeout { addr: String, after: Duration },
+    #[error("peer {addr} sent a bad reply: {reason}")]
+    BadReply { addr: String, reason: String },
+}
+
+/// Channels to peers, one per address, created on first use and reused.
+#[derive(Clone, Default)]
+pub struct PeerChannels {
+    channels: Arc<DashMap<String, Channel>>,
+}
+
+impl PeerChannels {
+    pub fn channel(&self, addr: &str) -> Result<Channel, RpcFailure> {
+        if let Some(c) = self.channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| RpcFailure::BadAddress { addr: addr.to_string(), reason: e.to_string() })?
+            .connect_timeout(CONNECT_TIMEOUT);
+        let channel = endpoint.connect_lazy();
+        self.channels.insert(addr.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    /// Sends one internal RPC and decodes the reply as `Resp`.
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        addr: &str,
+        rpc: RaftRpc,
+        cluster_id: &str,
+        from: NodeId,
+        req: &Req,
+        deadline: Duration,
+    ) -> Result<Resp, RpcFailure> {
+        let payload = codec::encode(req)
+            .map_err(|e| RpcFailure::BadReply { addr: addr.to_string(), reason: e.to_string() })?;
+        let request = RaftRequest { cluster_id: cluster_id.to_string(), from, payload };
+        let mut client = RaftServiceClient::new(self.channel(addr)?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let fut = async move {
+            match rpc {
+                RaftRpc::AppendEntries => client.append_entries(request).await,
+                RaftRpc::Vote => client.vote(request).await,
+                RaftRpc::InstallSnapshot => client.install_snapshot(request).await,
+                RaftRpc::Propose => client.propose(request).await,
+                RaftRpc::ReadIndex => client.read_index(request).await,
+            }
+        };
+        let reply: RaftReply = match tokio::time::timeout(deadline, fut).await {
+            Err(_) => return Err(RpcFailure::Timeout { addr: addr.to_string(), after: deadline }),
+            Ok(Err(status)) => {
+                // A rejection by the peer itself (wrong cluster, bad payload)
+                // is not a connectivity problem: report it as a bad reply.
+                let reason = status.message().to_string();
+                return Err(match status.code() {
+                    tonic::Code::InvalidArgument | tonic::Code::PermissionDenied => {
+                        RpcFailure::BadReply { addr: addr.to_string(), reason }
+                    }
+                    _ => RpcFailure::Unreachable { addr: addr.to_string(), reason: format!("{status}") },
+                });
+            }
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        codec::decode(&reply.payload)
+            .map_err(|e| RpcFailure::BadReply { addr: addr.to_string(), reason: e.to_string() })
+    }
+}
+
+/// openraft's factory: hands out a client per target.
+#[derive(Clone)]
+pub struct NetworkFactory {
+    pub channels: PeerChannels,
+    pub cluster_id: Arc<str>,
+    pub from: NodeId,
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
+        PeerClient {
+            target,
+            addr: node.addr.clone(),
+            channels: self.channels.clone(),
+            cluster_id: self.cluster_id.clone(),
+            from: self.from,
+        }
+    }
+}
+
+pub struct PeerClient {
+    target: NodeId,
+    addr: String,
+    channels: PeerChannels,
+    cluster_id: Arc<str>,
+    from: NodeId,
+}
+
+impl PeerClient {
+    async fn raft_call<Req, Resp, E>(
+        &self,
+        rpc: RaftRpc,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let reply: Result<Resp, RaftError<NodeId, E>> = self
+            .channels
+            .call(&self.addr, rpc, &self.cluster_id, self.from, req, option.hard_ttl())
+            .await
+            .map_err(|f| match f {
+                RpcFailure::BadReply { .. } | RpcFailure::BadAddress { .. } => {
+                    RPCError::Network(NetworkError::new(&f))
+                }
+                RpcFailure::Unreachable { .. } | RpcFailure::Timeout { .. } => {
+                    RPCError::Unreachable(Unreachable::new(&f))
+                }
+            })?;
+        reply.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.raft_call(RaftRpc::AppendEntries, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        self.raft_call(RaftRpc::InstallSnapshot, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.raft_call(RaftRpc::Vote, &rpc, &option).await
+    }
+}

@@ -1,0 +1,201 @@
+//! The Raft state machine: applies committed entries to the in-memory
+//! [`ClusterState`], builds and installs snapshots.
+//!
+//! The state itself is not persisted on apply; snapshots are. A snapshot is
+//! the canonical state image plus its Raft metadata (last applied log id and
+//! membership), written to a temporary file, fsynced and renamed over the
+//! previous one, so a crash leaves either the old or the new snapshot, never
+//! a torn one. Restart = load the snapshot, then openraft replays the log
+//! from the snapshot's last index up to the persisted commit index.
+use std::io::{Cursor, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{AnyError, EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageIOError, StoredMembership};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use super::{blocking, Entry, LogId, Membership, SnapshotMeta, StorageError, TypeConfig};
+use crate::codec;
+use crate::command::{CommandOutput, CommandResult};
+use crate::state::{ClusterState, StateImage};
+
+const SNAPSHOT_FILE: &str = "snapshot.bin";
+
+#[derive(Serialize, Deserialize, Clone)]
+struct StoredSnapshot {
+    meta: SnapshotMeta,
+    /// bincode of a [`StateImage`].
+    data: Vec<u8>,
+}
+
+pub struct StateMachineStore {
+    state: Arc<ClusterState>,
+    last_applied: Option<LogId>,
+    membership: Membership,
+    dir: PathBuf,
+    current: Arc<Mutex<Option<StoredSnapshot>>>,
+    /// Distinguishes snapshots built at the same log id.
+    built: u64,
+}
+
+impl StateMachineStore {
+    /// Opens the state machine in `dir`, restoring `state` from the latest
+    /// snapshot if there is one.
+    pub fn open(dir: &Path, state: Arc<ClusterState>) -> std::io::Result<Self> {
+        let mut sm = Self {
+            state,
+            last_applied: None,
+            membership: StoredMembership::default(),
+            dir: dir.to_path_buf(),
+            current: Arc::new(Mutex::new(None)),
+            built: 0,
+        };
+        let path = dir.join(SNAPSHOT_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let snap: StoredSnapshot = codec::decode_trusted(&bytes)
+                    .map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))?;
+                let image: StateImage = codec::decode_trusted(&snap.data)
+                    .map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))?;
+                sm.state.restore(image);
+                sm.last_applied = snap.meta.last_log_id;
+                sm.membership = snap.meta.last_membership.clone();
+                *sm.current.lock() = Some(snap);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        Ok(sm)
+    }
+
+    pub fn state(&self) -> &Arc<ClusterState> {
+        &self.state
+    }
+}
+
+/// Atomically replaces the snapshot file in `dir`. Blocking.
+fn persist(dir: &Path, snap: &StoredSnapshot) -> std::io::Result<()> {
+    let bytes = codec::encode(snap).map_err(std::io::Error::other)?;
+    let tmp = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, dir.join(SNAPSHOT_FILE))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+fn to_snapshot(s: &StoredSnapshot) -> Snapshot<TypeConfig> {
+    Snapshot { meta: s.meta.clone(), snapshot: Box::new(Cursor::new(s.data.clone())) }
+}
+
+/// Built on the state machine task (so the image is consistent with
+/// `last_applied`); persisted later on openraft's snapshot task.
+pub struct SnapshotBuilder {
+    snap: Option<StoredSnapshot>,
+    dir: PathBuf,
+    current: Arc<Mutex<Option<StoredSnapshot>>>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let snap = self
+            .snap
+            .take()
+            .ok_or_else(|| StorageIOError::write_snapshot(None, AnyError::error("snapshot already built")))?;
+        let sig = snap.meta.signature();
+        let dir = self.dir.clone();
+        let to_write = snap.clone();
+        blocking(move || persist(&dir, &to_write))
+            .await
+            .and_then(|r| r)
+            .map_err(|e| StorageIOError::write_snapshot(Some(sig), AnyError::new(&e)))?;
+        let out = to_snapshot(&snap);
+        *self.current.lock() = Some(snap);
+        Ok(out)
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, Membership), StorageError> {
+        Ok((self.last_applied, self.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandResult>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries = entries.into_iter();
+        let mut out = Vec::with_capacity(entries.size_hint().0);
+        for e in entries {
+            self.last_applied = Some(e.log_id);
+            out.push(match e.payload {
+                EntryPayload::Blank => Ok(CommandOutput::Internal),
+                EntryPayload::Normal(p) => self.state.apply(&p, e.log_id.index),
+                EntryPayload::Membership(m) => {
+                    self.membership = StoredMembership::new(Some(e.log_id), m);
+                    Ok(CommandOutput::Internal)
+                }
+            });
+        }
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.built += 1;
+        let data = codec::encode(&self.state.image()).unwrap_or_default();
+        let snapshot_id = match self.last_applied {
+            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, self.built),
+            None => format!("none-{}", self.built),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: self.last_applied,
+            last_membership: self.membership.clone(),
+            snapshot_id,
+        };
+        SnapshotBuilder {
+            snap: Some(StoredSnapshot { meta, data }),
+            dir: self.dir.clone(),
+            current: self.current.clone(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let sig = meta.signature();
+        let snap = StoredSnapshot { meta: meta.clone(), data: snapshot.into_inner() };
+        let image: StateImage = codec::decode_trusted(&snap.data)
+            .map_err(|e| StorageIOError::read_snapshot(Some(sig.clone()), AnyError::new(&e)))?;
+        // Durable first: if we crash after restoring but before persisting,
+        // the restart must not come back with a log that starts past an
+        // older snapshot.
+        let dir = self.dir.clone();
+        let to_write = snap.clone();
+        blocking(move || persist(&dir, &to_write))
+            .await
+            .and_then(|r| r)
+            .map_err(|e| StorageIOError::write_snapshot(Some(sig), AnyError::new(&e)))?;
+        self.state.restore(image);
+        self.last_applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
+        *self.current.lock() = Some(snap);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        Ok(self.current.lock().as_ref().map(to_snapshot))
+    }
+}
