@@ -1,1 +1,229 @@
-fn main() {}
+//! `blixard`: run a node (`node start`), a local cluster (`up`), or talk to
+//! a cluster through its gRPC API (everything else).
+mod bench;
+mod client;
+mod local;
+mod output;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// The default node address: what `node start` binds and clients dial.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:7420";
+pub const DEFAULT_PORT: u16 = 7420;
+
+#[derive(Parser)]
+#[command(name = "blixard", version, about = "Blixard: a Raft-replicated microVM control plane")]
+struct Cli {
+    /// Node to talk to (any member; writes are forwarded to the leader).
+    #[arg(long, global = true, env = "BLIXARD_ADDR", default_value = DEFAULT_ADDR)]
+    addr: String,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a node.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Run a local N-node cluster on loopback (Ctrl-C stops it).
+    Up(local::UpArgs),
+    /// Cluster membership and status.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Virtual machines.
+    #[command(subcommand)]
+    Vm(VmCmd),
+    /// Load generator: concurrent clients writing to a running cluster.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Start a node: bootstrap a new cluster, join one, or resume from --data-dir.
+    Start(local::StartArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum, Default, PartialEq, Eq)]
+pub enum Format {
+    #[default]
+    Table,
+    Json,
+}
+
+#[derive(Args, Clone, Copy)]
+pub struct ReadOpts {
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+    pub format: Format,
+    /// Read this node's local state without confirming with the leader (may lag).
+    #[arg(long)]
+    pub stale: bool,
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Raft status of the contacted node and the cluster's members.
+    Status {
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        format: Format,
+        /// Include a fingerprint of the replicated state (compare across nodes).
+        #[arg(long)]
+        digest: bool,
+    },
+    /// Members and their roles.
+    Members {
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Add a running node as learner, then voter (what `node start --join` does).
+    Join {
+        /// The new node's id.
+        node_id: u64,
+        /// The new node's address (HOST:PORT).
+        node_addr: String,
+    },
+    /// Remove the contacted node (--addr) from the cluster.
+    Leave,
+    /// Remove a node by id.
+    Remove { node_id: u64 },
+}
+
+#[derive(Subcommand)]
+enum VmCmd {
+    /// Create a VM; the cluster places it on the node with the most free memory.
+    Create {
+        name: String,
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        /// Memory in MiB.
+        #[arg(long, default_value_t = 128)]
+        memory: u64,
+        /// Disk in GiB.
+        #[arg(long, default_value_t = 1)]
+        disk: u64,
+        /// Label KEY=VALUE (repeatable).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        #[arg(long, default_value = "")]
+        tenant: String,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Show one VM.
+    Get {
+        name: String,
+        #[command(flatten)]
+        read: ReadOpts,
+    },
+    /// List VMs.
+    List {
+        /// Only VMs placed on this node.
+        #[arg(long)]
+        node: Option<u64>,
+        #[command(flatten)]
+        read: ReadOpts,
+    },
+    /// Delete a VM and release its resources.
+    Delete { name: String },
+}
+
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
+pub fn labels_map(labels: Vec<(String, String)>) -> BTreeMap<String, String> {
+    labels.into_iter().collect()
+}
+
+/// A failure that ends the command: printed as one line on stderr.
+pub struct Failure {
+    pub message: String,
+    pub code: u8,
+}
+
+impl Failure {
+    pub fn new(message: impl Into<String>) -> Self {
+        Self { message: message.into(), code: 1 }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Node(NodeCmd::Start(args)) => local::node_start(args).await,
+        Cmd::Up(args) => local::up(args).await,
+        Cmd::Cluster(c) => cluster(&cli.addr, c).await,
+        Cmd::Vm(c) => vm(&cli.addr, c).await,
+        Cmd::Bench(args) => bench::run(&cli.addr, args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("error: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+async fn cluster(addr: &str, cmd: ClusterCmd) -> Result<(), Failure> {
+    let mut c = client::Client::connect(addr).await?;
+    match cmd {
+        ClusterCmd::Status { format, digest } => output::status(&c.status(digest).await?, format),
+        ClusterCmd::Members { format } => output::members(&c.status(false).await?.members, format),
+        ClusterCmd::Join { node_id, node_addr } => {
+            let r = c.join(node_id, node_addr).await?;
+            println!("node {node_id} joined cluster {}", r.cluster_id);
+            output::members(&r.members, Format::Table)
+        }
+        ClusterCmd::Leave => {
+            let id = c.status(false).await?.node_id;
+            let r = c.leave().await?;
+            println!("node {id} left the cluster");
+            output::members(&r.members, Format::Table)
+        }
+        ClusterCmd::Remove { node_id } => {
+            let r = c.remove(node_id).await?;
+            println!("node {node_id} removed");
+            output::members(&r.members, Format::Table)
+        }
+    }
+}
+
+async fn vm(addr: &str, cmd: VmCmd) -> Result<(), Failure> {
+    let mut c = client::Client::connect(addr).await?;
+    match cmd {
+        VmCmd::Create { name, vcpus, memory, disk, labels, tenant, format } => {
+            let spec = blixard_proto::VmSpec {
+                vcpus,
+                memory_mb: memory,
+                disk_gb: disk,
+                labels: labels.into_iter().collect(),
+                tenant,
+            };
+            let vm = c.create_vm(name, spec).await?;
+            output::vm(&vm, format)
+        }
+        VmCmd::Get { name, read } => output::vm(&c.get_vm(name, read.stale).await?, read.format),
+        VmCmd::List { node, read } => {
+            output::vms(&c.list_vms(node.unwrap_or(0), read.stale).await?, read.format)
+        }
+        VmCmd::Delete { name } => {
+            c.delete_vm(name.clone()).await?;
+            println!("deleted VM {name}");
+            Ok(())
+        }
+    }
+}
+
+/// `--data-dir` default for node `id`.
+pub fn default_data_dir(id: u64) -> PathBuf {
+    PathBuf::from("blixard-data").join(format!("node-{id}"))
+}

@@ -77,7 +77,7 @@ impl Command {
     }
 }
 
-/// One Raft entry's application payload.
+/// One client's write: a command and the time its proposer stamped on it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Proposal {
     /// Milliseconds since the Unix epoch, stamped by the proposing node.
@@ -88,6 +88,18 @@ pub struct Proposal {
 impl std::fmt::Display for Proposal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{:?}@{}", self.command, self.at_ms)
+    }
+}
+
+/// One Raft entry's payload: proposals from concurrent clients, coalesced
+/// so they share one append, one fsync and one replication round. Each is
+/// applied on its own and gets its own result.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ProposalBatch(pub Vec<Proposal>);
+
+impl std::fmt::Display for ProposalBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} proposals", self.0.len())
     }
 }
 

@@ -35,12 +35,12 @@ pub fn place(
     } else {
         match best_free {
             Some((id, free)) => format!(
-                "{} active nodes; nodes with enough memory lack vCPUs or disk (e.g. node {id} has {free} free)",
+                "{} active node(s); nodes with enough memory lack vCPUs or disk (e.g. node {id} has {free} free)",
                 index.len()
             ),
             None => {
                 let (Reverse(mem), id) = index.first().copied().unwrap_or((Reverse(0), 0));
-                format!("{} active nodes; the most free memory is {mem} MiB on node {id}", index.len())
+                format!("{} active node(s); the most free memory is {mem} MiB on node {id}", index.len())
             }
         }
     };

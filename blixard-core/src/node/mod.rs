@@ -5,6 +5,7 @@
 //! joins an existing one, or simply resumes. The same type runs in
 //! production, in the integration tests and inside the madsim simulator.
 pub mod api;
+pub mod batcher;
 pub mod identity;
 pub mod raft_service;
 
@@ -14,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::error::{ChangeMembershipError, CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -28,6 +29,7 @@ use crate::raft::state_machine::StateMachineStore;
 use crate::raft::{Raft, RaftTuning};
 use crate::state::ClusterState;
 use crate::types::{NodeId, Resources};
+use batcher::{Batcher, SubmitError};
 use identity::{Identity, IdentityError};
 
 /// How long a write may wait for a leader before the caller is told.
@@ -171,12 +173,19 @@ pub struct NodeShared {
     pub state: Arc<ClusterState>,
     pub channels: PeerChannels,
     pub log_stats: Arc<WriterStats>,
+    /// openraft runs one membership change at a time and rejects a second
+    /// one outright; joins and removals queue here instead.
+    membership_lock: tokio::sync::Mutex<()>,
+    /// Coalesces concurrent proposals into one Raft entry (group commit).
+    pub batcher: Batcher,
 }
 
 pub struct Node {
     shared: Arc<NodeShared>,
     stop_server: Mutex<Option<oneshot::Sender<()>>>,
     server: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The log writer; it exits once openraft drops the log store.
+    log_writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// Milliseconds since the Unix epoch (virtual under madsim). Stamped into
@@ -225,9 +234,10 @@ impl Node {
         };
 
         let log_path = cfg.data_dir.join(identity::LOG_FILE);
-        let log = LogStore::open(&log_path)
+        let mut log = LogStore::open(&log_path)
             .map_err(|e| NodeError::Log { path: log_path.clone(), reason: e.to_string() })?;
         let has_raft_state = log.has_state();
+        let log_writer = log.take_writer();
         let log_stats = log.stats();
         let state = Arc::new(ClusterState::new());
         let sm = StateMachineStore::open(&cfg.data_dir, state.clone())
@@ -238,6 +248,7 @@ impl Node {
         let config = cfg.tuning.to_config(&ident.cluster_id).map_err(|e| NodeError::Config(e.to_string()))?;
         let raft =
             Raft::new(cfg.id, config, network, log, sm).await.map_err(|e| NodeError::Raft(e.to_string()))?;
+        let batcher = Batcher::start(raft.clone());
 
         let shared = Arc::new(NodeShared {
             id: cfg.id,
@@ -248,6 +259,8 @@ impl Node {
             state,
             channels,
             log_stats,
+            membership_lock: tokio::sync::Mutex::new(()),
+            batcher,
         });
         let (stop_tx, stop_rx) = oneshot::channel();
         let server = api::serve(shared.clone(), cfg.bind, stop_rx).await?;
@@ -255,6 +268,7 @@ impl Node {
             shared: shared.clone(),
             stop_server: Mutex::new(Some(stop_tx)),
             server: Mutex::new(Some(server)),
+            log_writer: Mutex::new(log_writer),
         };
 
         if !has_raft_state {
@@ -279,7 +293,8 @@ impl Node {
         self.shared.id
     }
 
-    /// Stops serving and shuts Raft down. Durable state stays as it is.
+    /// Stops serving and shuts Raft down. Returns once the log is closed, so
+    /// the data dir can be opened again at once. Durable state stays as it is.
     pub async fn shutdown(&self) {
         if let Some(tx) = self.stop_server.lock().take() {
             let _ = tx.send(());
@@ -289,6 +304,12 @@ impl Node {
             let _ = h.await;
         }
         let _ = self.shared.raft.shutdown().await;
+        let writer = self.log_writer.lock().take();
+        if let Some(h) = writer {
+            if tokio::time::timeout(Duration::from_secs(10), h).await.is_err() {
+                tracing::warn!("raft log writer did not finish within 10s of shutdown");
+            }
+        }
     }
 }
 
@@ -406,15 +427,10 @@ impl NodeShared {
         let deadline = tokio::time::Instant::now() + PROPOSE_TIMEOUT;
         let mut last_err;
         loop {
-            let leader = match self.raft.client_write(proposal.clone()).await {
-                Ok(resp) => return self.finish(resp.log_id.index, resp.data).await,
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                    f.leader_id.zip(f.leader_node.map(|n| n.addr))
-                }
-                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
-                    return Err(ApiError::FailedPrecondition(e.to_string()))
-                }
-                Err(RaftError::Fatal(e)) => return Err(ApiError::Unavailable(format!("raft stopped: {e}"))),
+            let leader = match self.batcher.submit(proposal.clone()).await {
+                Ok((index, result)) => return self.finish(index, result).await,
+                Err(SubmitError::NotLeader(leader)) => leader,
+                Err(SubmitError::Unavailable(why)) => return Err(ApiError::Unavailable(why)),
             };
             match leader {
                 None => last_err = "no leader elected yet".to_string(),
@@ -515,6 +531,7 @@ impl NodeShared {
             return Err(ApiError::Invalid("node id must be a positive integer".into()));
         }
         crate::validate::addr(addr)?;
+        let _serial = self.membership_lock.lock().await;
         let (known, is_voter) = {
             let m = self.raft.metrics();
             let m = m.borrow();
@@ -552,6 +569,7 @@ impl NodeShared {
     /// Removes `id` from the cluster (joint consensus) and takes it out of
     /// placement. Must run on the leader.
     pub async fn remove_member(&self, id: NodeId) -> Result<(), ApiError> {
+        let _serial = self.membership_lock.lock().await;
         let (is_member, voters) = {
             let m = self.raft.metrics();
             let m = m.borrow();
@@ -584,6 +602,9 @@ fn membership_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -
         RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
             ApiError::Unavailable("leadership changed during the membership change; retry".into())
         }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(ChangeMembershipError::InProgress(
+            e,
+        ))) => ApiError::Unavailable(format!("another membership change is in progress ({e}); retry")),
         RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
             ApiError::FailedPrecondition(e.to_string())
         }

@@ -7,12 +7,13 @@ use std::sync::Arc;
 
 use blixard_proto::raft_service_server::RaftService;
 use blixard_proto::{RaftReply, RaftRequest};
-use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::error::{CheckIsLeaderError, RaftError};
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::{Request, Response, Status};
 
+use super::batcher::SubmitError;
 use super::{ForwardError, NodeShared, ProposeReply, ReadIndexReply};
 use crate::codec;
 use crate::command::Proposal;
@@ -68,16 +69,11 @@ impl RaftService for RaftGrpc {
 
     async fn propose(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let p: Proposal = self.open(request)?;
-        let out: ProposeReply = match self.node.raft.client_write(p).await {
-            Ok(resp) => Ok((resp.log_id.index, resp.data)),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(not_leader(f.leader_id, f.leader_node))
-            }
-            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
-                Err(ForwardError::Unavailable(e.to_string()))
-            }
-            Err(RaftError::Fatal(e)) => Err(ForwardError::Unavailable(format!("raft stopped: {e}"))),
-        };
+        // Forwarded writes join the leader's batches like local ones.
+        let out: ProposeReply = self.node.batcher.submit(p).await.map_err(|e| match e {
+            SubmitError::NotLeader(leader) => ForwardError::NotLeader { leader },
+            SubmitError::Unavailable(why) => ForwardError::Unavailable(why),
+        });
         reply(&out)
     }
 

@@ -61,6 +61,7 @@ pub struct LogStore {
     cache: Arc<RwLock<Cache>>,
     tx: mpsc::UnboundedSender<Op>,
     stats: Arc<WriterStats>,
+    writer: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Read-only view used by openraft's replication tasks.
@@ -76,8 +77,14 @@ impl LogStore {
         let cache = load(&db)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(WriterStats::default());
-        tokio::spawn(writer(Arc::new(db), rx, stats.clone()));
-        Ok(Self { cache: Arc::new(RwLock::new(cache)), tx, stats })
+        let writer = tokio::spawn(writer(db, rx, stats.clone()));
+        Ok(Self { cache: Arc::new(RwLock::new(cache)), tx, stats, writer: Some(writer) })
+    }
+
+    /// The writer task. It ends (closing the database file) once this store
+    /// is dropped and its queue drained; await it before reopening the log.
+    pub fn take_writer(&mut self) -> Option<tokio::task::JoinHandle<()>> {
+        self.writer.take()
     }
 
     /// True when this log has ever voted or held an entry: the node has Raft
@@ -140,7 +147,8 @@ enum Done {
     Vote(oneshot::Sender<std::io::Result<()>>),
 }
 
-async fn writer(db: Arc<Database>, mut rx: mpsc::UnboundedReceiver<Op>, stats: Arc<WriterStats>) {
+async fn writer(db: Database, mut rx: mpsc::UnboundedReceiver<Op>, stats: Arc<WriterStats>) {
+    let db = Arc::new(db);
     let mut failed: Option<String> = None;
     let mut ops = Vec::new();
     while let Some(first) = rx.recv().await {
@@ -182,8 +190,8 @@ async fn writer(db: Arc<Database>, mut rx: mpsc::UnboundedReceiver<Op>, stats: A
         let result = match &failed {
             Some(why) => Err(why.clone()),
             None => {
-                let db = db.clone();
-                match blocking(move || commit_group(&db, raw, needs_fsync)).await {
+                let db2 = db.clone();
+                match blocking(move || commit_group(&db2, raw, needs_fsync)).await {
                     Ok(r) => r,
                     Err(e) => Err(e.to_string()),
                 }

@@ -8,15 +8,15 @@ use std::io::Cursor;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::command::{CommandResult, Proposal};
+use crate::command::{CommandResult, ProposalBatch};
 use crate::types::NodeId;
 
 openraft::declare_raft_types!(
-    /// Blixard's openraft types: entries carry a [`Proposal`], apply yields a
-    /// [`CommandResult`], nodes are addressed by `host:port`.
+    /// Blixard's openraft types: an entry carries a batch of proposals, apply
+    /// yields one result per proposal, nodes are addressed by `host:port`.
     pub TypeConfig:
-        D = Proposal,
-        R = CommandResult,
+        D = ProposalBatch,
+        R = Vec<CommandResult>,
         NodeId = NodeId,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
@@ -74,7 +74,7 @@ impl RaftTuning {
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every),
             max_in_snapshot_log_to_keep: self.keep_behind_snapshot,
             snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
-            max_payload_entries: 256,
+            max_payload_entries: 64,
             ..Default::default()
         };
         Ok(Arc::new(cfg.validate()?))

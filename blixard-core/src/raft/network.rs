@@ -12,7 +12,9 @@ use std::time::Duration;
 use blixard_proto::raft_service_client::RaftServiceClient;
 use blixard_proto::{RaftReply, RaftRequest};
 use dashmap::DashMap;
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
@@ -53,6 +55,8 @@ pub enum RpcFailure {
     Timeout { addr: String, after: Duration },
     #[error("peer {addr} sent a bad reply: {reason}")]
     BadReply { addr: String, reason: String },
+    #[error("request of {bytes} bytes exceeds the {MAX_MESSAGE_BYTES}-byte message limit")]
+    TooLarge { bytes: usize },
 }
 
 /// Channels to peers, one per address, created on first use and reused.
@@ -86,6 +90,10 @@ impl PeerChannels {
     ) -> Result<Resp, RpcFailure> {
         let payload = codec::encode(req)
             .map_err(|e| RpcFailure::BadReply { addr: addr.to_string(), reason: e.to_string() })?;
+        // Leave room for the envelope; the peer would refuse the message anyway.
+        if payload.len() > MAX_MESSAGE_BYTES - 4096 {
+            return Err(RpcFailure::TooLarge { bytes: payload.len() });
+        }
         let request = RaftRequest { cluster_id: cluster_id.to_string(), from, payload };
         let mut client = RaftServiceClient::new(self.channel(addr)?)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -150,11 +158,14 @@ pub struct PeerClient {
 }
 
 impl PeerClient {
+    /// `entries` is the number of log entries in an AppendEntries request: a
+    /// request too large to send asks openraft to retry with half as many.
     async fn raft_call<Req, Resp, E>(
         &self,
         rpc: RaftRpc,
         req: &Req,
         option: &RPCOption,
+        entries: Option<usize>,
     ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
     where
         Req: Serialize,
@@ -166,7 +177,11 @@ impl PeerClient {
             .call(&self.addr, rpc, &self.cluster_id, self.from, req, option.hard_ttl())
             .await
             .map_err(|f| match f {
-                RpcFailure::BadReply { .. } | RpcFailure::BadAddress { .. } => {
+                RpcFailure::TooLarge { .. } if entries.is_some_and(|n| n > 1) => {
+                    let half = entries.unwrap_or(2) as u64 / 2;
+                    RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(half))
+                }
+                RpcFailure::BadReply { .. } | RpcFailure::BadAddress { .. } | RpcFailure::TooLarge { .. } => {
                     RPCError::Network(NetworkError::new(&f))
                 }
                 RpcFailure::Unreachable { .. } | RpcFailure::Timeout { .. } => {
@@ -183,7 +198,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.raft_call(RaftRpc::AppendEntries, &rpc, &option).await
+        let entries = rpc.entries.len();
+        self.raft_call(RaftRpc::AppendEntries, &rpc, &option, Some(entries)).await
     }
 
     async fn install_snapshot(
@@ -194,7 +210,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        self.raft_call(RaftRpc::InstallSnapshot, &rpc, &option).await
+        self.raft_call(RaftRpc::InstallSnapshot, &rpc, &option, None).await
     }
 
     async fn vote(
@@ -202,6 +218,6 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.raft_call(RaftRpc::Vote, &rpc, &option).await
+        self.raft_call(RaftRpc::Vote, &rpc, &option, None).await
     }
 }

@@ -126,7 +126,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok((self.last_applied, self.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandResult>, StorageError>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Vec<CommandResult>>, StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -136,11 +136,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         for e in entries {
             self.last_applied = Some(e.log_id);
             out.push(match e.payload {
-                EntryPayload::Blank => Ok(CommandOutput::Internal),
-                EntryPayload::Normal(p) => self.state.apply(&p, e.log_id.index),
+                EntryPayload::Blank => vec![Ok(CommandOutput::Internal)],
+                EntryPayload::Normal(batch) => {
+                    batch.0.iter().map(|p| self.state.apply(p, e.log_id.index)).collect()
+                }
                 EntryPayload::Membership(m) => {
                     self.membership = StoredMembership::new(Some(e.log_id), m);
-                    Ok(CommandOutput::Internal)
+                    vec![Ok(CommandOutput::Internal)]
                 }
             });
         }

@@ -1,0 +1,283 @@
+//! Commands that run nodes on this machine: `node start` and `up`.
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use blixard_core::node::{Node, NodeConfig};
+use blixard_core::raft::RaftTuning;
+use blixard_core::types::Resources;
+use clap::Args;
+
+use crate::{default_data_dir, labels_map, parse_label, Failure, DEFAULT_PORT};
+
+#[derive(Args, Clone)]
+pub struct CapacityArgs {
+    /// vCPUs this node offers to VMs (default: the host's CPUs).
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    /// Memory in MiB this node offers to VMs (default: the host's memory).
+    #[arg(long)]
+    pub memory_mb: Option<u64>,
+    /// Disk in GiB this node offers to VMs (default: free space under --data-dir).
+    #[arg(long)]
+    pub disk_gb: Option<u64>,
+}
+
+#[derive(Args)]
+pub struct StartArgs {
+    /// This node's id (positive, unique in the cluster; kept in --data-dir).
+    #[arg(long, default_value_t = 1)]
+    pub id: u64,
+    /// Address to listen on for the control API and Raft traffic.
+    #[arg(long, default_value = "127.0.0.1:7420")]
+    pub bind: SocketAddr,
+    /// Address other nodes use to reach this one (default: --bind).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Where Raft log, snapshots and identity live (default: blixard-data/node-<id>).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Any member of an existing cluster to join (HOST:PORT).
+    #[arg(long)]
+    pub join: Option<String>,
+    #[command(flatten)]
+    pub capacity: CapacityArgs,
+    /// Node label KEY=VALUE (repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Log filter (tracing EnvFilter syntax), also read from RUST_LOG.
+    #[arg(long, env = "RUST_LOG", default_value = "info,openraft=warn")]
+    pub log: String,
+}
+
+#[derive(Args)]
+pub struct UpArgs {
+    /// Number of nodes.
+    #[arg(long, default_value_t = 3)]
+    pub nodes: u16,
+    /// Node i listens on 127.0.0.1:(base-port + i - 1).
+    #[arg(long, default_value_t = DEFAULT_PORT)]
+    pub base_port: u16,
+    /// Parent of the nodes' data dirs (node-1, node-2, ...) and logs.
+    #[arg(long, default_value = "blixard-data")]
+    pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub capacity: CapacityArgs,
+}
+
+/// The host's CPUs, memory and the free disk under `dir`.
+fn host_capacity(dir: &Path, over: &CapacityArgs) -> Resources {
+    let vcpus = over
+        .vcpus
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1));
+    let memory_mb = over.memory_mb.unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find(|l| l.starts_with("MemTotal:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            })
+            .map(|kb| kb / 1024)
+            .unwrap_or(1024)
+    });
+    let disk_gb = over.disk_gb.unwrap_or_else(|| free_disk_gb(dir).unwrap_or(10).max(1));
+    Resources::new(vcpus, memory_mb, disk_gb)
+}
+
+fn free_disk_gb(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a valid NUL-terminated string and `st` a valid out pointer.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut st) };
+    (rc == 0).then(|| (st.f_bavail as u64 * st.f_frsize as u64) >> 30)
+}
+
+pub async fn node_start(args: StartArgs) -> Result<(), Failure> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
+        .map_err(|e| Failure::new(format!("invalid --log filter {:?}: {e}", args.log)))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let data_dir = args.data_dir.clone().unwrap_or_else(|| default_data_dir(args.id));
+    std::fs::create_dir_all(&data_dir)
+        .map_err(|e| Failure::new(format!("cannot create data dir {}: {e}", data_dir.display())))?;
+    let capacity = host_capacity(&data_dir, &args.capacity);
+    let cfg = NodeConfig {
+        id: args.id,
+        bind: args.bind,
+        advertise: args.advertise.clone(),
+        data_dir: data_dir.clone(),
+        join: args.join.clone(),
+        capacity,
+        labels: labels_map(args.labels.clone()),
+        tuning: RaftTuning::default(),
+    };
+    let addr = cfg.advertised();
+    let node = Node::start(cfg).await.map_err(|e| Failure::new(e.to_string()))?;
+    println!("blixard node {} serving at {addr}", args.id);
+    println!("  data dir: {}", data_dir.display());
+    println!("  cluster:  {}", node.shared().cluster_id);
+    println!("  capacity: {capacity}");
+    println!("  try:      blixard --addr {addr} cluster status");
+    wait_for_signal().await;
+    eprintln!("shutting down node {}", args.id);
+    node.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+struct NodeProcess {
+    id: u64,
+    addr: String,
+    child: Child,
+}
+
+/// `up`: N child `node start` processes on loopback. Node 1 bootstraps,
+/// the rest join it. Logs go to DATA_DIR/node-<i>.log.
+pub async fn up(args: UpArgs) -> Result<(), Failure> {
+    if args.nodes == 0 {
+        return Err(Failure::new("--nodes must be at least 1"));
+    }
+    if args.base_port as u32 + args.nodes as u32 > 65536 {
+        return Err(Failure::new("--base-port + --nodes exceeds the port range"));
+    }
+    let exe =
+        std::env::current_exe().map_err(|e| Failure::new(format!("cannot find own executable: {e}")))?;
+    std::fs::create_dir_all(&args.data_dir)
+        .map_err(|e| Failure::new(format!("cannot create {}: {e}", args.data_dir.display())))?;
+    let seed = format!("127.0.0.1:{}", args.base_port);
+    let mut children: Vec<NodeProcess> = Vec::new();
+    for i in 0..args.nodes {
+        let id = i as u64 + 1;
+        let addr = format!("127.0.0.1:{}", args.base_port + i);
+        let dir = args.data_dir.join(format!("node-{id}"));
+        let log_path = args.data_dir.join(format!("node-{id}.log"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| Failure::new(format!("cannot open {}: {e}", log_path.display())))?;
+        let mut cmd = Command::new(&exe);
+        cmd.args(["node", "start", "--id", &id.to_string(), "--bind", &addr, "--data-dir"])
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| Failure::new(e.to_string()))?)
+            .stderr(log);
+        if i > 0 {
+            cmd.args(["--join", &seed]);
+        }
+        if let Some(v) = args.capacity.vcpus {
+            cmd.args(["--vcpus", &v.to_string()]);
+        }
+        if let Some(m) = args.capacity.memory_mb {
+            cmd.args(["--memory-mb", &m.to_string()]);
+        }
+        if let Some(d) = args.capacity.disk_gb {
+            cmd.args(["--disk-gb", &d.to_string()]);
+        }
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                stop_all(&mut children);
+                return Err(Failure::new(format!("cannot start node {id}: {e}")));
+            }
+        };
+        println!("node {id}: {addr}  pid {}  data {}  log {}", child.id(), dir.display(), log_path.display());
+        children.push(NodeProcess { id, addr, child });
+    }
+    match wait_until_formed(&children, args.nodes as usize).await {
+        Ok(leader) => println!(
+            "cluster of {} nodes is up (leader: node {leader}). Try: blixard --addr {} cluster status. Ctrl-C stops it.",
+            args.nodes, children[0].addr
+        ),
+        Err(e) => {
+            stop_all(&mut children);
+            return Err(e);
+        }
+    }
+    // Supervise until Ctrl-C: report nodes that exit, keep the rest running.
+    let mut reported = vec![false; children.len()];
+    loop {
+        tokio::select! {
+            _ = wait_for_signal() => break,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                for (i, c) in children.iter_mut().enumerate() {
+                    if !reported[i] {
+                        if let Ok(Some(status)) = c.child.try_wait() {
+                            eprintln!("node {} exited ({status}); the others keep running", c.id);
+                            reported[i] = true;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("stopping {} nodes", children.len());
+    stop_all(&mut children);
+    Ok(())
+}
+
+/// Waits until every node answers and the first node sees all members as voters.
+async fn wait_until_formed(children: &[NodeProcess], n: usize) -> Result<u64, Failure> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let mut last = String::from("no answer yet");
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if let Ok(mut c) = crate::client::Client::connect(&children[0].addr).await {
+            match c.status(false).await {
+                Ok(s) => {
+                    let voters = s.members.iter().filter(|m| m.role != "learner").count();
+                    if voters == n && s.leader_id != 0 && s.nodes.len() == n {
+                        return Ok(s.leader_id);
+                    }
+                    last =
+                        format!("{voters}/{n} voters, {} registered, leader {}", s.nodes.len(), s.leader_id);
+                }
+                Err(f) => last = f.message,
+            }
+        }
+    }
+    Err(Failure::new(format!("cluster did not form within 120s ({last}); see the node logs")))
+}
+
+fn stop_all(children: &mut [NodeProcess]) {
+    for c in children.iter() {
+        // SAFETY: sending a signal to our own child process.
+        unsafe {
+            libc::kill(c.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+    }
+    for c in children.iter_mut() {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match c.child.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if std::time::Instant::now() > deadline => {
+                    let _ = c.child.kill();
+                    let _ = c.child.wait();
+                    break;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+}

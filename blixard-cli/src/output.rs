@@ -1,0 +1,163 @@
+//! Table and JSON rendering. JSON field names are a contract for scripts.
+use blixard_proto as pb;
+use comfy_table::{presets::NOTHING, Table};
+use serde_json::{json, Value};
+
+use crate::{Failure, Format};
+
+fn print_json(v: &Value) -> Result<(), Failure> {
+    println!("{}", serde_json::to_string_pretty(v).map_err(|e| Failure::new(e.to_string()))?);
+    Ok(())
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_style(NOTHING).set_header(header.to_vec());
+    t
+}
+
+pub fn member_json(m: &pb::Member) -> Value {
+    json!({ "id": m.id, "addr": m.addr, "role": m.role })
+}
+
+fn res_json(r: &Option<pb::Resources>) -> Value {
+    let r = r.clone().unwrap_or_default();
+    json!({ "vcpus": r.vcpus, "memory_mb": r.memory_mb, "disk_gb": r.disk_gb })
+}
+
+pub fn status(s: &pb::StatusResponse, format: Format) -> Result<(), Failure> {
+    if format == Format::Json {
+        let nodes: Vec<Value> = s
+            .nodes
+            .iter()
+            .map(|n| {
+                json!({
+                    "id": n.id, "addr": n.addr, "status": n.status, "vm_count": n.vm_count,
+                    "capacity": res_json(&n.capacity), "allocated": res_json(&n.allocated),
+                })
+            })
+            .collect();
+        let mut v = json!({
+            "node_id": s.node_id,
+            "cluster_id": s.cluster_id,
+            "addr": s.addr,
+            "data_dir": s.data_dir,
+            "state": s.state,
+            "leader_id": if s.leader_id == 0 { Value::Null } else { json!(s.leader_id) },
+            "term": s.term,
+            "commit_index": s.commit_index,
+            "applied_index": s.applied_index,
+            "last_log_index": s.last_log_index,
+            "snapshot_index": s.snapshot_index,
+            "members": s.members.iter().map(member_json).collect::<Vec<_>>(),
+            "nodes": nodes,
+            "vm_count": s.vm_count,
+        });
+        if s.state_digest != 0 {
+            v["state_digest"] = json!(format!("{:016x}", s.state_digest));
+        }
+        return print_json(&v);
+    }
+    let leader = if s.leader_id == 0 { "none".to_string() } else { s.leader_id.to_string() };
+    println!("node {} ({}) at {}  cluster {}", s.node_id, s.state, s.addr, s.cluster_id);
+    println!(
+        "leader {leader}  term {}  commit {}  applied {}  log {}  snapshot {}  vms {}",
+        s.term, s.commit_index, s.applied_index, s.last_log_index, s.snapshot_index, s.vm_count
+    );
+    if s.state_digest != 0 {
+        println!("state digest {:016x}", s.state_digest);
+    }
+    let mut t = table(&["ID", "ADDR", "ROLE", "STATUS", "VCPUS", "MEMORY MiB", "DISK GiB", "VMS"]);
+    for m in &s.members {
+        let n = s.nodes.iter().find(|n| n.id == m.id);
+        let used = |f: fn(&pb::Resources) -> u64| -> String {
+            match n {
+                Some(n) => format!(
+                    "{}/{}",
+                    n.allocated.as_ref().map(f).unwrap_or(0),
+                    n.capacity.as_ref().map(f).unwrap_or(0)
+                ),
+                None => "-".into(),
+            }
+        };
+        t.add_row(vec![
+            m.id.to_string(),
+            m.addr.clone(),
+            m.role.clone(),
+            n.map(|n| n.status.clone()).unwrap_or_else(|| "unregistered".into()),
+            used(|r| r.vcpus as u64),
+            used(|r| r.memory_mb),
+            used(|r| r.disk_gb),
+            n.map(|n| n.vm_count.to_string()).unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+pub fn members(members: &[pb::Member], format: Format) -> Result<(), Failure> {
+    if format == Format::Json {
+        return print_json(&Value::Array(members.iter().map(member_json).collect()));
+    }
+    let mut t = table(&["ID", "ADDR", "ROLE"]);
+    for m in members {
+        t.add_row(vec![m.id.to_string(), m.addr.clone(), m.role.clone()]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+pub fn vm_json(v: &pb::Vm) -> Value {
+    let spec = v.spec.clone().unwrap_or_default();
+    json!({
+        "name": v.name,
+        "node_id": v.node_id,
+        "vcpus": spec.vcpus,
+        "memory_mb": spec.memory_mb,
+        "disk_gb": spec.disk_gb,
+        "tenant": spec.tenant,
+        "labels": spec.labels,
+        "desired": v.desired,
+        "observed": v.observed,
+        "created_at_ms": v.created_at_ms,
+        "updated_at_ms": v.updated_at_ms,
+        "revision": v.revision,
+    })
+}
+
+fn vm_row(v: &pb::Vm) -> Vec<String> {
+    let spec = v.spec.clone().unwrap_or_default();
+    vec![
+        v.name.clone(),
+        v.node_id.to_string(),
+        spec.vcpus.to_string(),
+        spec.memory_mb.to_string(),
+        spec.disk_gb.to_string(),
+        v.desired.clone(),
+        v.observed.clone(),
+    ]
+}
+
+const VM_HEADER: [&str; 7] = ["NAME", "NODE", "VCPUS", "MEMORY MiB", "DISK GiB", "DESIRED", "OBSERVED"];
+
+pub fn vm(v: &pb::Vm, format: Format) -> Result<(), Failure> {
+    if format == Format::Json {
+        return print_json(&vm_json(v));
+    }
+    let mut t = table(&VM_HEADER);
+    t.add_row(vm_row(v));
+    println!("{t}");
+    Ok(())
+}
+
+pub fn vms(list: &[pb::Vm], format: Format) -> Result<(), Failure> {
+    if format == Format::Json {
+        return print_json(&Value::Array(list.iter().map(vm_json).collect()));
+    }
+    let mut t = table(&VM_HEADER);
+    for v in list {
+        t.add_row(vm_row(v));
+    }
+    println!("{t}");
+    Ok(())
+}

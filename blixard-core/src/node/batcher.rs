@@ -1,0 +1,105 @@
+//! Group commit at the proposal level.
+//!
+//! openraft 0.9's core appends one client write at a time and waits for its
+//! fsync before taking the next, so N concurrent writes would cost N fsyncs
+//! and N replication rounds. The batcher turns concurrent proposals into one
+//! Raft entry: it collects whatever has queued while the previous batches
+//! were in flight (at most `MAX_BATCH`), submits them as one entry, and hands
+//! each caller its own result. Each proposal in an entry is applied on its
+//! own: batching changes cost, never meaning.
+use std::sync::Arc;
+
+use openraft::error::{ClientWriteError, RaftError};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::command::{CommandResult, Proposal, ProposalBatch};
+use crate::raft::Raft;
+use crate::types::NodeId;
+
+/// Most proposals in one entry.
+pub const MAX_BATCH: usize = 128;
+/// Batches submitted to Raft but not yet applied. While all are in flight,
+/// new proposals accumulate into the next batch.
+const MAX_IN_FLIGHT: usize = 2;
+/// Proposals waiting for a batch; beyond this, callers wait (backpressure).
+const QUEUE: usize = 16 * 1024;
+
+#[derive(Debug, Clone)]
+pub enum SubmitError {
+    /// This node does not lead; the leader it knows of, if any.
+    NotLeader(Option<(NodeId, String)>),
+    Unavailable(String),
+}
+
+type Reply = oneshot::Sender<Result<(u64, CommandResult), SubmitError>>;
+
+pub struct Batcher {
+    tx: mpsc::Sender<(Proposal, Reply)>,
+}
+
+impl Batcher {
+    pub fn start(raft: Raft) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(run(raft, rx));
+        Self { tx }
+    }
+
+    /// Submits one proposal; resolves once its entry is committed and applied
+    /// on this node, with the entry's log index and the proposal's result.
+    pub async fn submit(&self, p: Proposal) -> Result<(u64, CommandResult), SubmitError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send((p, reply))
+            .await
+            .map_err(|_| SubmitError::Unavailable("node is shutting down".into()))?;
+        rx.await.map_err(|_| SubmitError::Unavailable("node is shutting down".into()))?
+    }
+}
+
+async fn run(raft: Raft, mut rx: mpsc::Receiver<(Proposal, Reply)>) {
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    loop {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
+        let Some(first) = rx.recv().await else { return };
+        let mut proposals = Vec::with_capacity(8);
+        let mut replies = Vec::with_capacity(8);
+        proposals.push(first.0);
+        replies.push(first.1);
+        while proposals.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok((p, r)) => {
+                    proposals.push(p);
+                    replies.push(r);
+                }
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let outcome = raft.client_write(ProposalBatch(proposals)).await;
+            drop(permit);
+            match outcome {
+                Ok(resp) => {
+                    let index = resp.log_id.index;
+                    for (reply, result) in replies.into_iter().zip(resp.data) {
+                        let _ = reply.send(Ok((index, result)));
+                    }
+                }
+                Err(e) => {
+                    let err = match e {
+                        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+                            SubmitError::NotLeader(f.leader_id.zip(f.leader_node.map(|n| n.addr)))
+                        }
+                        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+                            SubmitError::Unavailable(e.to_string())
+                        }
+                        RaftError::Fatal(e) => SubmitError::Unavailable(format!("raft stopped: {e}")),
+                    };
+                    for reply in replies {
+                        let _ = reply.send(Err(err.clone()));
+                    }
+                }
+            }
+        });
+    }
+}
