@@ -21,7 +21,7 @@ pub fn member_json(m: &pb::Member) -> Value {
 }
 
 fn res_json(r: &Option<pb::Resources>) -> Value {
-    let r = r.clone().unwrap_or_default();
+    let r = r.unwrap_or_default();
     json!({ "vcpus": r.vcpus, "memory_mb": r.memory_mb, "disk_gb": r.disk_gb })
 }
 

@@ -164,11 +164,9 @@ fn three_processes_survive_leader_kill_and_converge() {
     // unknown (Unavailable) is retried under a new name, never counted.
     for i in 0..10 {
         let name = format!("after-{i}");
-        let done = eventually("a write accepted by the new leader", 60, || {
-            let out = create(survivor, &name);
-            out.status.success().then_some(())
+        eventually("a write accepted by the new leader", 60, || {
+            create(survivor, &name).status.success().then_some(())
         });
-        let _ = done;
         acked.insert(name);
     }
     let s = status(survivor).unwrap();

@@ -26,7 +26,7 @@ const BACKGROUND_VMS: u64 = 10_000;
 const RING: u64 = 4_096;
 
 fn p(command: Command) -> Proposal {
-    Proposal { at_ms: 1_700_000_000_000, command }
+    Proposal { at_ms: 1_700_000_000_000, request: None, command }
 }
 
 fn state_with_nodes() -> ClusterState {

@@ -89,12 +89,12 @@ fn cluster_state(names: &[String]) -> ClusterState {
             capacity: Resources::new(4096, 1 << 24, 1 << 20),
             labels: BTreeMap::new(),
         };
-        s.apply(&Proposal { at_ms: 1, command: cmd }, index).expect("register");
+        s.apply(&Proposal { at_ms: 1, request: None, command: cmd }, index).expect("register");
         index += 1;
     }
     for name in names {
         let cmd = Command::CreateVm { name: name.clone(), spec: spec() };
-        s.apply(&Proposal { at_ms: 2, command: cmd }, index).expect("create");
+        s.apply(&Proposal { at_ms: 2, request: None, command: cmd }, index).expect("create");
         index += 1;
     }
     s

@@ -60,7 +60,7 @@ mod tests {
 
     #[test]
     fn corrupt_input_is_an_error_not_a_panic() {
-        let p = Proposal { at_ms: 1, command: Command::DeleteVm { name: "a".into() } };
+        let p = Proposal { at_ms: 1, request: None, command: Command::DeleteVm { name: "a".into() } };
         let bytes = encode(&p).unwrap();
         assert_eq!(decode::<Proposal>(&bytes).unwrap(), p);
         for cut in 0..bytes.len() {

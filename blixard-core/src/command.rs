@@ -77,11 +77,23 @@ impl Command {
     }
 }
 
+/// Identifies one client write across retries, so that a write retried
+/// after a lost reply is applied once. `session` is random per node process,
+/// `seq` counts that process's writes.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestId {
+    pub session: u64,
+    pub seq: u64,
+}
+
 /// One client's write: a command and the time its proposer stamped on it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Proposal {
     /// Milliseconds since the Unix epoch, stamped by the proposing node.
     pub at_ms: u64,
+    /// Set by nodes for client writes: a retry with the same id returns the
+    /// first attempt's result instead of applying again.
+    pub request: Option<RequestId>,
     pub command: Command,
 }
 

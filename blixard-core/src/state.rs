@@ -7,14 +7,14 @@
 //! what they return: VMs by node, and active nodes by free memory (the
 //! scheduler's index).
 use std::cmp::Reverse;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use dashmap::DashMap;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use crate::command::{Command, CommandOutput, CommandResult, Proposal};
+use crate::command::{Command, CommandOutput, CommandResult, Proposal, RequestId};
 use crate::error::CommandError;
 use crate::scheduler::{self, FreeIndex};
 use crate::types::{
@@ -29,12 +29,25 @@ pub struct ApplyCtx {
     pub at_ms: u64,
 }
 
+/// How many recent request results are remembered for deduplication. A
+/// retry arrives within seconds; this covers far more writes than that.
+pub const DEDUP_WINDOW: usize = 65_536;
+
 #[derive(Default)]
 pub struct ClusterState {
     nodes: DashMap<NodeId, NodeRecord>,
     vms: DashMap<Arc<str>, VmRecord>,
     vms_by_node: DashMap<NodeId, BTreeSet<Arc<str>>>,
     free_index: Mutex<FreeIndex>,
+    requests: Mutex<Dedup>,
+}
+
+/// Results of the last [`DEDUP_WINDOW`] identified requests, evicted in
+/// apply order (deterministic: the same log gives the same table).
+#[derive(Default)]
+struct Dedup {
+    results: HashMap<RequestId, CommandResult>,
+    order: VecDeque<RequestId>,
 }
 
 /// A serialisable, canonically ordered image of the state (snapshots, digests).
@@ -42,6 +55,8 @@ pub struct ClusterState {
 pub struct StateImage {
     pub nodes: Vec<NodeRecord>,
     pub vms: Vec<VmRecord>,
+    /// The dedup window, oldest first.
+    pub requests: Vec<(RequestId, CommandResult)>,
 }
 
 /// How to undo one mutation; recorded only while applying a batch.
@@ -104,9 +119,27 @@ impl ClusterState {
 
     // ------------------------------------------------------------ apply
 
-    /// Applies one entry. A rejected command (or batch) leaves the state
-    /// exactly as it was.
+    /// Applies one proposal. A rejected command (or batch) leaves the state
+    /// exactly as it was. A proposal whose request id was already applied
+    /// returns the first result and changes nothing.
     pub fn apply(&self, proposal: &Proposal, index: u64) -> CommandResult {
+        let Some(id) = proposal.request else { return self.apply_command(proposal, index) };
+        if let Some(first) = self.requests.lock().results.get(&id) {
+            return first.clone();
+        }
+        let result = self.apply_command(proposal, index);
+        let mut dedup = self.requests.lock();
+        dedup.results.insert(id, result.clone());
+        dedup.order.push_back(id);
+        if dedup.order.len() > DEDUP_WINDOW {
+            if let Some(old) = dedup.order.pop_front() {
+                dedup.results.remove(&old);
+            }
+        }
+        result
+    }
+
+    fn apply_command(&self, proposal: &Proposal, index: u64) -> CommandResult {
         let ctx = ApplyCtx { index, at_ms: proposal.at_ms };
         proposal.command.validate()?;
         match &proposal.command {
@@ -323,7 +356,10 @@ impl ClusterState {
         let mut vms: Vec<VmRecord> = Vec::with_capacity(self.vms.len());
         self.for_each_vm(|v| vms.push(v.clone()));
         vms.sort_unstable_by(|a, b| a.name.cmp(&b.name));
-        StateImage { nodes, vms }
+        let dedup = self.requests.lock();
+        let requests =
+            dedup.order.iter().filter_map(|id| Some((*id, dedup.results.get(id)?.clone()))).collect();
+        StateImage { nodes, vms, requests }
     }
 
     /// Replaces the whole state with `image`, rebuilding every index.
@@ -343,6 +379,13 @@ impl ClusterState {
         for v in image.vms {
             self.index_vm(&v);
             self.vms.insert(v.name.clone(), v);
+        }
+        let mut dedup = self.requests.lock();
+        dedup.results.clear();
+        dedup.order.clear();
+        for (id, result) in image.requests {
+            dedup.order.push_back(id);
+            dedup.results.insert(id, result);
         }
     }
 
@@ -397,6 +440,14 @@ impl ClusterState {
         if let Some((id, _)) = sums.into_iter().next() {
             return Err(format!("VMs placed on unknown node {id}"));
         }
+        let dedup = self.requests.lock();
+        if dedup.order.len() != dedup.results.len() || dedup.order.len() > DEDUP_WINDOW {
+            return Err(format!(
+                "dedup window holds {} ids for {} results",
+                dedup.order.len(),
+                dedup.results.len()
+            ));
+        }
         Ok(())
     }
 }
@@ -408,7 +459,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn p(command: Command) -> Proposal {
-        Proposal { at_ms: 1_000, command }
+        Proposal { at_ms: 1_000, request: None, command }
     }
 
     fn register(id: NodeId, vcpus: u32, mem: u64) -> Command {
@@ -539,6 +590,45 @@ mod tests {
         // New VMs avoid the departed node.
         let out = s.apply(&p(create("c", 1, 128)), 7).unwrap();
         assert_eq!(out, CommandOutput::VmCreated { name: "c".into(), node_id: 1 });
+        s.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn a_retried_request_applies_once() {
+        let s = state_with_nodes();
+        let id = RequestId { session: 7, seq: 1 };
+        let first = Proposal { at_ms: 5, request: Some(id), command: create("a", 1, 128) };
+        let out = s.apply(&first, 3).unwrap();
+        let before = s.image();
+        // The same request again (a retry after a lost reply): same answer, no change.
+        assert_eq!(s.apply(&first, 4).unwrap(), out);
+        assert_eq!(s.image(), before);
+        // A different request for the same name is a real duplicate.
+        let other = Proposal { request: Some(RequestId { session: 7, seq: 2 }), ..first.clone() };
+        assert!(matches!(s.apply(&other, 5), Err(CommandError::VmExists { .. })));
+        // Rejections are remembered too: a retry sees the same rejection.
+        assert!(matches!(s.apply(&other, 6), Err(CommandError::VmExists { .. })));
+        // The window survives a snapshot round trip.
+        let t = ClusterState::new();
+        t.restore(s.image());
+        assert_eq!(t.apply(&first, 7).unwrap(), out);
+        assert_eq!(t.digest(), s.digest());
+        t.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn dedup_window_is_bounded() {
+        let s = state_with_nodes();
+        for i in 0..(DEDUP_WINDOW as u64 + 10) {
+            let p = Proposal {
+                at_ms: 1,
+                request: Some(RequestId { session: 1, seq: i }),
+                command: Command::DeleteVm { name: "nope".into() },
+            };
+            assert!(s.apply(&p, 3 + i).is_err());
+        }
+        assert_eq!(s.image().requests.len(), DEDUP_WINDOW);
+        assert_eq!(s.image().requests[0].0.seq, 10, "oldest ids are evicted first");
         s.check_invariants().unwrap();
     }
 

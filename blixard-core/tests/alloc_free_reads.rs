@@ -66,7 +66,7 @@ fn populated() -> (ClusterState, Vec<String>) {
             capacity: Resources::new(4096, 1 << 24, 1 << 20),
             labels: BTreeMap::from([("zone".to_string(), format!("z{id}"))]),
         };
-        s.apply(&Proposal { at_ms: 1, command: cmd }, index).unwrap();
+        s.apply(&Proposal { at_ms: 1, request: None, command: cmd }, index).unwrap();
         index += 1;
     }
     let names: Vec<String> = (0..VMS).map(|i| format!("vm-{i:06}")).collect();
@@ -80,7 +80,7 @@ fn populated() -> (ClusterState, Vec<String>) {
             tenant: "team-a".to_string(),
         };
         let cmd = Command::CreateVm { name: name.clone(), spec };
-        s.apply(&Proposal { at_ms: 2, command: cmd }, index).unwrap();
+        s.apply(&Proposal { at_ms: 2, request: None, command: cmd }, index).unwrap();
         index += 1;
     }
     (s, names)

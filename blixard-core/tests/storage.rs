@@ -190,7 +190,8 @@ async fn restart_and_check(
     })
     .await;
     // The node re-registers on every start, which only bumps its record's
-    // `updated_at_ms`. Wait for that, so the state is settled, then compare.
+    // `updated_at_ms` and appends one request to the dedup window. Wait for
+    // that, so the state is settled, then compare.
     let old_updated = before.image.nodes.iter().find(|n| n.id == cfg.id).expect("node record").updated_at_ms;
     wait_for("re-registration", || {
         shared.state.with_node(cfg.id, |n| n.updated_at_ms).filter(|t| *t > old_updated)
@@ -210,7 +211,11 @@ async fn restart_and_check(
         let old = before.image.nodes.iter().find(|o| o.id == n.id).expect("no new nodes appear");
         n.updated_at_ms = old.updated_at_ms;
     }
-    assert_eq!(image, before.image, "state differs after restart (beyond the re-registration time)");
+    let n = before.image.requests.len();
+    assert_eq!(image.requests.len(), n + 1, "only the re-registration joins the dedup window");
+    assert_eq!(image.requests[..n], before.image.requests[..], "dedup window differs after restart");
+    image.requests.truncate(n);
+    assert_eq!(image, before.image, "state differs after restart (beyond the re-registration)");
     let normalised = ClusterState::new();
     normalised.restore(image);
     assert_eq!(normalised.digest(), before.digest, "state digest differs after restart");
@@ -370,7 +375,11 @@ fn log_id(term: u64, index: u64) -> LogId {
 fn normal(term: u64, index: u64, command: Command) -> Entry {
     Entry {
         log_id: log_id(term, index),
-        payload: EntryPayload::Normal(ProposalBatch(vec![Proposal { at_ms: 1_000 + index, command }])),
+        payload: EntryPayload::Normal(ProposalBatch(vec![Proposal {
+            at_ms: 1_000 + index,
+            request: None,
+            command,
+        }])),
     }
 }
 
@@ -447,7 +456,7 @@ async fn snapshot_install_round_trip() {
     }
 
     // The restored scheduler index decides like the original.
-    let next = Proposal { at_ms: 99_999, command: small_vm("vm-next") };
+    let next = Proposal { at_ms: 99_999, request: None, command: small_vm("vm-next") };
     assert_eq!(state_a.apply(&next, index + 1), state_b.apply(&next, index + 1));
     assert_eq!(state_a.digest(), state_b.digest());
 }

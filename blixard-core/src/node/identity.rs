@@ -99,19 +99,19 @@ pub fn check_node(dir: &Path, stored: &Identity, requested: Option<NodeId>) -> R
     }
 }
 
-/// A new cluster id: 128 bits from the process's random hasher keys (seeded
-/// by the OS; deterministic under madsim) mixed with the node id and time.
-pub fn new_cluster_id(node_id: NodeId, now_ms: u64) -> String {
+/// 64 random bits from the process's random hasher keys (seeded by the OS;
+/// deterministic under madsim) mixed with `a` and `b`.
+pub fn random_u64(a: u64, b: u64) -> u64 {
     use std::hash::{BuildHasher, Hasher};
-    let mut parts = [0u64; 2];
-    for (i, p) in parts.iter_mut().enumerate() {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u64(node_id);
-        h.write_u64(now_ms);
-        h.write_usize(i);
-        *p = h.finish();
-    }
-    format!("{:016x}{:016x}", parts[0], parts[1])
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(a);
+    h.write_u64(b);
+    h.finish()
+}
+
+/// A new 128-bit cluster id.
+pub fn new_cluster_id(node_id: NodeId, now_ms: u64) -> String {
+    format!("{:016x}{:016x}", random_u64(node_id, now_ms), random_u64(now_ms, node_id))
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use crate::command::{Command, CommandOutput, CommandResult, Proposal};
+use crate::command::{Command, CommandOutput, CommandResult, Proposal, RequestId};
 use crate::error::CommandError;
 use crate::raft::log_store::{LogStore, WriterStats};
 use crate::raft::network::{NetworkFactory, PeerChannels, RaftRpc, RpcFailure};
@@ -178,6 +178,9 @@ pub struct NodeShared {
     membership_lock: tokio::sync::Mutex<()>,
     /// Coalesces concurrent proposals into one Raft entry (group commit).
     pub batcher: Batcher,
+    /// Random per process: with `next_seq`, gives each write a request id.
+    session: u64,
+    next_seq: std::sync::atomic::AtomicU64,
 }
 
 pub struct Node {
@@ -261,6 +264,8 @@ impl Node {
             log_stats,
             membership_lock: tokio::sync::Mutex::new(()),
             batcher,
+            session: identity::random_u64(cfg.id, now_ms()),
+            next_seq: std::sync::atomic::AtomicU64::new(1),
         });
         let (stop_tx, stop_rx) = oneshot::channel();
         let server = api::serve(shared.clone(), cfg.bind, stop_rx).await?;
@@ -419,11 +424,13 @@ impl NodeShared {
 
     /// Commits `command` through Raft (forwarding to the leader when this node
     /// is not it) and returns once it is applied on this node too, so the
-    /// caller reads its own write here. Retries only what certainly did not
-    /// reach a leader; a request whose fate is unknown is reported as such.
+    /// caller reads its own write here. Every attempt carries the same
+    /// request id, so retrying after a lost reply can never apply twice.
     pub async fn propose(&self, command: Command) -> Result<Applied, ApiError> {
         command.validate()?;
-        let proposal = Proposal { at_ms: now_ms(), command };
+        let seq = self.next_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let request = Some(RequestId { session: self.session, seq });
+        let proposal = Proposal { at_ms: now_ms(), request, command };
         let deadline = tokio::time::Instant::now() + PROPOSE_TIMEOUT;
         let mut last_err;
         loop {
@@ -445,13 +452,10 @@ impl NodeShared {
                             last_err = format!("node {id} is no longer the leader")
                         }
                         Ok(Err(ForwardError::Unavailable(why))) => last_err = why,
-                        Err(RpcFailure::Unreachable { reason, .. }) => {
-                            last_err = format!("leader {id} at {addr} unreachable: {reason}")
-                        }
-                        Err(e @ RpcFailure::Timeout { .. }) => {
-                            return Err(ApiError::Unavailable(format!(
-                                "{e}; the write may or may not have been applied"
-                            )))
+                        // The leader may have died after committing: retrying
+                        // is safe because the request id deduplicates it.
+                        Err(e @ (RpcFailure::Unreachable { .. } | RpcFailure::Timeout { .. })) => {
+                            last_err = format!("leader {id}: {e}")
                         }
                         Err(e) => return Err(ApiError::Unavailable(e.to_string())),
                     }

@@ -98,6 +98,9 @@ impl LogStore {
         self.stats.clone()
     }
 
+    /// Queues `op` for the writer. The error type is openraft's (large, but
+    /// only ever built once, when the writer is gone).
+    #[allow(clippy::result_large_err)]
     fn send(&self, op: Op) -> Result<(), StorageError> {
         self.tx.send(op).map_err(|_| StorageIOError::write_logs(AnyError::error("log writer stopped")).into())
     }

@@ -64,6 +64,9 @@ impl Default for RaftTuning {
 }
 
 impl RaftTuning {
+    /// The openraft configuration, validated. (openraft's error type is
+    /// large; it is returned once, at start-up.)
+    #[allow(clippy::result_large_err)]
     pub fn to_config(&self, cluster_name: &str) -> Result<Arc<openraft::Config>, openraft::ConfigError> {
         let cfg = openraft::Config {
             cluster_name: cluster_name.to_string(),
@@ -88,5 +91,12 @@ where
     F: FnOnce() -> R + Send + 'static,
     R: Send + 'static,
 {
-    tokio::task::spawn_blocking(f).await.map_err(|e| std::io::Error::other(e.to_string()))
+    #[cfg(madsim)]
+    {
+        Ok(f())
+    }
+    #[cfg(not(madsim))]
+    {
+        tokio::task::spawn_blocking(f).await.map_err(|e| std::io::Error::other(e.to_string()))
+    }
 }

@@ -1,0 +1,28 @@
+# Shared helpers for scripts/run and scripts/test.
+
+step() { printf '\n==> %s\n' "$*"; }
+
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# Installs Debian packages that are missing (as root, or through sudo).
+ensure_apt() {
+  local missing=()
+  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  step "installing ${missing[*]}"
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq || die "apt-get update failed; cannot install ${missing[*]}"
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" \
+    || die "cannot install ${missing[*]}"
+}
+
+# Rust comes from rustup; a C compiler is needed by a few -sys crates.
+ensure_toolchain() {
+  if ! command -v cargo >/dev/null 2>&1; then
+    [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+  fi
+  command -v cargo >/dev/null 2>&1 \
+    || die "cargo not found: install Rust 1.85 or newer (https://rustup.rs) and retry"
+  command -v cc >/dev/null 2>&1 || ensure_apt build-essential
+}

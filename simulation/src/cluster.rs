@@ -1,0 +1,518 @@
+//! A simulated Blixard cluster: real nodes on madsim nodes, a client node that
+//! talks to them through the public gRPC API, and fault injection.
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use blixard_core::node::{Node, NodeConfig, NodeShared};
+use blixard_core::raft::RaftTuning;
+use blixard_core::types::{NodeId, Resources};
+use blixard_proto as pb;
+use blixard_proto::cluster_service_client::ClusterServiceClient;
+use blixard_proto::vm_service_client::VmServiceClient;
+use madsim::runtime::{Handle, NodeHandle};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+
+use crate::model::{Model, Outcome, Trace};
+
+/// Every node listens on this port of its own virtual IP 10.0.0.<id>.
+pub const PORT: u16 = 7420;
+/// The client node's virtual IP.
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 1);
+/// A client write waits longer than the node's own write deadline (10 s), so
+/// the node's verdict, not the client's impatience, decides the outcome.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Status and stale reads answer from local state: quick or not at all.
+const READ_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often waits re-poll the cluster.
+const POLL: Duration = Duration::from_millis(200);
+
+pub fn node_addr(id: NodeId) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, id as u8)), PORT)
+}
+
+/// Production Raft timing, but snapshots every 50 entries and only 10 kept
+/// behind: a node that is down for a while finds the log it needs purged on
+/// the leader and must catch up by installing a snapshot.
+pub fn sim_tuning() -> RaftTuning {
+    RaftTuning { snapshot_every: 50, keep_behind_snapshot: 10, ..RaftTuning::default() }
+}
+
+/// Shape of the simulated cluster.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    pub nodes: u64,
+    /// What every node offers to placement.
+    pub capacity: Resources,
+    /// Start node k+1 only once node k is a voter. Off by default: all nodes
+    /// start at once, as with `blixard up`, and their joins race.
+    pub staggered_start: bool,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self { nodes: 3, capacity: Resources::new(256, 512 * 1024, 20_000), staggered_start: false }
+    }
+}
+
+/// How long a staggered start waits for each join.
+const JOIN_WAIT: Duration = Duration::from_secs(120);
+
+/// One simulated Blixard node.
+struct SimNode {
+    id: NodeId,
+    handle: NodeHandle,
+    /// The running node's shared state, published by its init task. Weak, so
+    /// that a kill really drops the node (and closes its redb files) and the
+    /// restart can open them again.
+    live: Arc<Mutex<Weak<NodeShared>>>,
+    up: bool,
+}
+
+/// Aggregate view of the cluster at one moment.
+pub struct Converged {
+    pub leader: NodeId,
+    pub statuses: Vec<pb::StatusResponse>,
+}
+
+pub struct SimCluster {
+    nodes: Vec<SimNode>,
+    client: NodeHandle,
+    pub trace: Trace,
+}
+
+async fn connect(id: NodeId) -> Result<Channel, Status> {
+    Endpoint::from_shared(format!("http://{}", node_addr(id)))
+        .map_err(|e| Status::invalid_argument(e.to_string()))?
+        .connect_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .map_err(|e| Status::unavailable(format!("connect to n{id}: {e}")))
+}
+
+/// Waits until node 1 sees `count` voters (staggered start).
+async fn wait_voters(client: &NodeHandle, count: NodeId) {
+    let deadline = madsim::time::Instant::now() + JOIN_WAIT;
+    loop {
+        let voters = client
+            .spawn(async move {
+                let mut c = ClusterServiceClient::new(connect(1).await?);
+                let s = c.status(request(pb::StatusRequest { include_digest: false }, READ_TIMEOUT)).await?;
+                let s = s.into_inner();
+                let leading = s.leader_id != 0;
+                Ok::<_, Status>(s.members.iter().filter(|m| leading && m.role != "learner").count())
+            })
+            .await
+            .expect("client task failed");
+        if matches!(voters, Ok(v) if v as NodeId >= count) {
+            return;
+        }
+        assert!(madsim::time::Instant::now() < deadline, "n1 does not see {count} voters: {voters:?}");
+        madsim::time::sleep(POLL).await;
+    }
+}
+
+fn request<T>(msg: T, timeout: Duration) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.set_timeout(timeout);
+    r
+}
+
+impl SimCluster {
+    /// Starts `config.nodes` real Blixard nodes, node 1 bootstrapping and the
+    /// others joining through it, plus a client node. Returns at once; use
+    /// [`SimCluster::wait_ready`] to wait for the cluster to form.
+    pub async fn start(config: SimConfig, data_dirs: Vec<PathBuf>) -> SimCluster {
+        assert_eq!(data_dirs.len() as u64, config.nodes, "one data dir per node");
+        let handle = Handle::current();
+        let client = handle.create_node().name("client").ip(IpAddr::V4(CLIENT_IP)).build();
+        let mut nodes = Vec::new();
+        for (i, dir) in data_dirs.into_iter().enumerate() {
+            let id = i as NodeId + 1;
+            if config.staggered_start && id > 1 {
+                wait_voters(&client, id - 1).await;
+            }
+            let cfg = NodeConfig {
+                id,
+                bind: node_addr(id),
+                advertise: None,
+                data_dir: dir,
+                join: (id != 1).then(|| node_addr(1).to_string()),
+                capacity: config.capacity,
+                labels: BTreeMap::new(),
+                tuning: sim_tuning(),
+            };
+            let live = Arc::new(Mutex::new(Weak::new()));
+            let slot = live.clone();
+            // The init task runs at build and again on every restart: the
+            // same config and data dir, like a process started by systemd.
+            let node_handle = handle
+                .create_node()
+                .name(format!("n{id}"))
+                .ip(node_addr(id).ip())
+                .init(move || {
+                    let cfg = cfg.clone();
+                    let slot = slot.clone();
+                    async move {
+                        let node =
+                            Node::start(cfg).await.unwrap_or_else(|e| panic!("n{id} failed to start: {e}"));
+                        *slot.lock().unwrap() = Arc::downgrade(node.shared());
+                        // Keep the node alive until madsim kills this task.
+                        std::future::pending::<()>().await;
+                        drop(node);
+                    }
+                })
+                .build();
+            nodes.push(SimNode { id, handle: node_handle, live, up: true });
+        }
+        SimCluster { nodes, client, trace: Trace::new() }
+    }
+
+    pub fn ids(&self) -> Vec<NodeId> {
+        self.nodes.iter().map(|n| n.id).collect()
+    }
+
+    pub fn up_nodes(&self) -> Vec<NodeId> {
+        self.nodes.iter().filter(|n| n.up).map(|n| n.id).collect()
+    }
+
+    pub fn down_nodes(&self) -> Vec<NodeId> {
+        self.nodes.iter().filter(|n| !n.up).map(|n| n.id).collect()
+    }
+
+    fn node(&self, id: NodeId) -> &SimNode {
+        &self.nodes[(id - 1) as usize]
+    }
+
+    fn node_mut(&mut self, id: NodeId) -> &mut SimNode {
+        &mut self.nodes[(id - 1) as usize]
+    }
+
+    /// Up to which log index node `id` has purged its log (read from the
+    /// running node itself: the API does not expose it).
+    pub fn purged_index(&self, id: NodeId) -> Option<u64> {
+        let shared = self.node(id).live.lock().unwrap().upgrade()?;
+        let purged = shared.raft.metrics().borrow().purged;
+        purged.map(|l| l.index)
+    }
+
+    // ------------------------------------------------------------ faults
+
+    /// Kills node `id` like a power cut: every task is dropped mid-flight;
+    /// what reached its data dir stays.
+    pub fn kill(&mut self, id: NodeId) {
+        assert!(self.node(id).up, "n{id} is already down");
+        Handle::current().kill(self.node(id).handle.id());
+        self.node_mut(id).up = false;
+        self.trace.push(format_args!("kill n{id}"));
+    }
+
+    /// Starts node `id` again from its own data dir.
+    pub async fn restart(&mut self, id: NodeId) {
+        assert!(!self.node(id).up, "n{id} is running");
+        // madsim drops a killed node's tasks when the executor next runs
+        // them, not inside `kill`. Until then the old node still holds its
+        // redb files (a real process would have released them on death). The
+        // executor drains every ready task before it advances the clock, so
+        // one virtual millisecond is enough for them all to go.
+        madsim::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(
+            self.node(id).live.lock().unwrap().strong_count(),
+            0,
+            "n{id} outlived its killed tasks: something outside the node holds it"
+        );
+        Handle::current().restart(self.node(id).handle.id());
+        self.node_mut(id).up = true;
+        self.trace.push(format_args!("restart n{id}"));
+    }
+
+    // ------------------------------------------------------------ client API
+
+    /// Runs one client call on the client node, so that it reaches the nodes
+    /// over the simulated network from the client's own address.
+    async fn on_client<T: Send + 'static>(&self, call: impl Future<Output = T> + Send + 'static) -> T {
+        self.client.spawn(call).await.expect("client task failed")
+    }
+
+    pub async fn status(&self, id: NodeId, include_digest: bool) -> Result<pb::StatusResponse, Status> {
+        self.on_client(async move {
+            let mut c = ClusterServiceClient::new(connect(id).await?);
+            let req = request(pb::StatusRequest { include_digest }, READ_TIMEOUT);
+            Ok(c.status(req).await?.into_inner())
+        })
+        .await
+    }
+
+    /// Every VM as node `id` has applied it (no read barrier): what that
+    /// replica holds, not what the leader would answer.
+    pub async fn list_vms_stale(&self, id: NodeId) -> Result<Vec<pb::Vm>, Status> {
+        self.on_client(async move {
+            let mut c = VmServiceClient::new(connect(id).await?);
+            let req = request(
+                pb::ListVmsRequest { consistency: pb::Consistency::Stale as i32, node_id: 0 },
+                READ_TIMEOUT,
+            );
+            Ok(c.list_vms(req).await?.into_inner().vms)
+        })
+        .await
+    }
+
+    /// One create request, as the client node runs it.
+    async fn create_call(via: NodeId, name: String, spec: pb::VmSpec) -> Outcome<pb::Vm> {
+        let r: Result<pb::Vm, Status> = async {
+            let mut c = VmServiceClient::new(connect(via).await?);
+            let req = request(pb::CreateVmRequest { name, spec: Some(spec) }, WRITE_TIMEOUT);
+            c.create_vm(req).await?.into_inner().vm.ok_or_else(|| Status::internal("reply without a VM"))
+        }
+        .await;
+        Outcome::from_result(r)
+    }
+
+    /// Creates VMs concurrently, each through the node named with it, then
+    /// records every outcome in `model` and the trace, in request order.
+    /// With `fault = Some((after, id))`, node `id` is killed `after` into the
+    /// flight of the requests, so some of them lose their answer.
+    pub async fn create_vms(
+        &mut self,
+        model: &mut Model,
+        reqs: Vec<(NodeId, String, pb::VmSpec)>,
+        fault: Option<(Duration, NodeId)>,
+    ) -> usize {
+        let calls: Vec<_> = reqs
+            .iter()
+            .map(|(via, name, spec)| self.client.spawn(Self::create_call(*via, name.clone(), spec.clone())))
+            .collect();
+        if let Some((after, id)) = fault {
+            madsim::time::sleep(after).await;
+            self.kill(id);
+        }
+        let mut acked = 0;
+        for ((via, name, _), call) in reqs.iter().zip(calls) {
+            let outcome = call.await.expect("client task failed");
+            let detail = match &outcome {
+                Outcome::Acked(vm) => format!(" on n{} rev {}", vm.node_id, vm.revision),
+                _ => String::new(),
+            };
+            self.trace.push(format_args!("create {name} via n{via} -> {}{detail}", outcome.label()));
+            model.record_create(name, &outcome);
+            acked += outcome.is_acked() as usize;
+        }
+        acked
+    }
+
+    /// Creates one VM through `via`; returns whether it was acknowledged.
+    pub async fn create_vm(
+        &mut self,
+        model: &mut Model,
+        via: NodeId,
+        name: String,
+        spec: pb::VmSpec,
+    ) -> bool {
+        self.create_vms(model, vec![(via, name, spec)], None).await == 1
+    }
+
+    /// Deletes the live VM `name` through `via` and records the outcome.
+    pub async fn delete_vm(&mut self, model: &mut Model, via: NodeId, name: String) {
+        let n = name.clone();
+        let outcome = self
+            .on_client(async move {
+                let r = async {
+                    let mut c = VmServiceClient::new(connect(via).await?);
+                    c.delete_vm(request(pb::DeleteVmRequest { name: n }, WRITE_TIMEOUT)).await.map(|_| ())
+                }
+                .await;
+                Outcome::from_result(r)
+            })
+            .await;
+        self.trace.push(format_args!("delete {name} via n{via} -> {}", outcome.label()));
+        model.record_delete(&name, &outcome);
+    }
+
+    // ------------------------------------------------------------ waits
+
+    /// The node that reports itself leader with the highest term, among the
+    /// running nodes.
+    pub async fn leader(&self) -> Option<(NodeId, u64)> {
+        let mut best: Option<(NodeId, u64)> = None;
+        for id in self.up_nodes() {
+            if let Ok(s) = self.status(id, false).await {
+                if s.state == "leader" && best.is_none_or(|(_, term)| s.term > term) {
+                    best = Some((id, s.term));
+                }
+            }
+        }
+        best
+    }
+
+    /// Waits until every node is a voter under one leader and every node has
+    /// registered its capacity, i.e. the cluster is ready for VMs.
+    pub async fn wait_ready(&mut self, timeout: Duration) -> NodeId {
+        let deadline = madsim::time::Instant::now() + timeout;
+        let n = self.nodes.len();
+        loop {
+            let mut why = String::new();
+            match self.leader().await {
+                None => why.push_str("no leader"),
+                Some((leader, term)) => match self.status(leader, false).await {
+                    Err(e) => why = format!("leader n{leader} unreachable: {e}"),
+                    Ok(s) => {
+                        let voters = s.members.iter().filter(|m| m.role != "learner").count();
+                        let active = s.nodes.iter().filter(|x| x.status == "active").count();
+                        if voters == n && active == n {
+                            self.trace.push(format_args!("ready: leader n{leader} term {term}"));
+                            return leader;
+                        }
+                        why = format!("leader n{leader}: {voters} voters, {active} registered nodes");
+                    }
+                },
+            }
+            assert!(madsim::time::Instant::now() < deadline, "cluster not ready after {timeout:?}: {why}");
+            madsim::time::sleep(POLL).await;
+        }
+    }
+
+    /// Waits until all nodes run, agree on one leader and have applied
+    /// everything the leader committed.
+    pub async fn wait_converged(&mut self, timeout: Duration) -> Converged {
+        assert!(self.down_nodes().is_empty(), "restart every node before waiting for convergence");
+        let deadline = madsim::time::Instant::now() + timeout;
+        loop {
+            let why = match self.converged_once().await {
+                Ok(c) => {
+                    let leader = c.statuses.iter().find(|s| s.node_id == c.leader).expect("leader status");
+                    self.trace.push(format_args!(
+                        "converged: leader n{} term {} commit {}",
+                        c.leader, leader.term, leader.commit_index
+                    ));
+                    return c;
+                }
+                Err(why) => why,
+            };
+            assert!(
+                madsim::time::Instant::now() < deadline,
+                "cluster did not converge within {timeout:?}: {why}"
+            );
+            madsim::time::sleep(POLL).await;
+        }
+    }
+
+    async fn converged_once(&self) -> Result<Converged, String> {
+        let mut statuses = Vec::new();
+        for id in self.ids() {
+            statuses.push(self.status(id, true).await.map_err(|e| format!("n{id}: {e}"))?);
+        }
+        let leaders: Vec<&pb::StatusResponse> = statuses.iter().filter(|s| s.state == "leader").collect();
+        let [leader] = leaders.as_slice() else {
+            return Err(format!("{} nodes think they lead", leaders.len()));
+        };
+        let commit = leader.commit_index;
+        for s in &statuses {
+            if s.leader_id != leader.node_id {
+                return Err(format!("n{} follows n{}, not n{}", s.node_id, s.leader_id, leader.node_id));
+            }
+            if s.applied_index != commit {
+                return Err(format!("n{} applied {} of {commit}", s.node_id, s.applied_index));
+            }
+        }
+        Ok(Converged { leader: leader.node_id, statuses })
+    }
+
+    // ------------------------------------------------------------ checks
+
+    /// Restarts every stopped node, waits for convergence and asserts that
+    /// all replicas hold the same state, that it matches what the client was
+    /// told, and that the state's invariants hold on every node. Returns the
+    /// common state digest.
+    pub async fn check_final_state(&mut self, model: &Model, timeout: Duration) -> u64 {
+        for id in self.down_nodes() {
+            self.restart(id).await;
+        }
+        let converged = self.wait_converged(timeout).await;
+
+        // (1) Identical state everywhere: digests over the canonical state
+        // image, and the full VM lists (which say *what* differs if not).
+        let digests: Vec<(u64, u64)> =
+            converged.statuses.iter().map(|s| (s.node_id, s.state_digest)).collect();
+        let mut lists = Vec::new();
+        for id in self.ids() {
+            let vms = self.list_vms_stale(id).await.unwrap_or_else(|e| panic!("list VMs on n{id}: {e}"));
+            lists.push((id, vms));
+        }
+        let (first, reference) = &lists[0];
+        for (id, vms) in &lists[1..] {
+            if vms != reference {
+                let names =
+                    |v: &[pb::Vm]| v.iter().map(|x| format!("{}@{}", x.name, x.revision)).collect::<Vec<_>>();
+                panic!(
+                    "n{id} and n{first} hold different VMs:\n  n{first}: {:?}\n  n{id}: {:?}",
+                    names(reference),
+                    names(vms)
+                );
+            }
+        }
+        assert!(
+            digests.iter().all(|(_, d)| *d == digests[0].1),
+            "state digests differ at equal applied index: {digests:?}"
+        );
+
+        // (2) The client's view: acknowledged writes are all there.
+        for (id, vms) in &lists {
+            if let Err(e) = model.check(*id, vms) {
+                panic!("{e}");
+            }
+        }
+
+        // (3) Invariants, checked inside each node on its real state
+        // (indices consistent with the tables, no over-commitment) ...
+        for node in &self.nodes {
+            let shared = node.live.lock().unwrap().upgrade();
+            let shared = shared.unwrap_or_else(|| panic!("n{} is up but its node is not running", node.id));
+            if let Err(e) = shared.state.check_invariants() {
+                panic!("n{}: state invariant violated: {e}", node.id);
+            }
+        }
+        // ... and as a client sees them: each node's reserved resources are
+        // exactly the sum of its VMs and within its capacity.
+        let status = &converged.statuses[0];
+        for n in &status.nodes {
+            let allocated = n.allocated.unwrap_or_default();
+            let capacity = n.capacity.unwrap_or_default();
+            let mut sum = pb::Resources::default();
+            for vm in reference.iter().filter(|v| v.node_id == n.id) {
+                let spec = vm.spec.clone().unwrap_or_default();
+                sum.vcpus += spec.vcpus;
+                sum.memory_mb += spec.memory_mb;
+                sum.disk_gb += spec.disk_gb;
+            }
+            assert_eq!(allocated, sum, "n{}: allocated resources differ from the sum of its VMs", n.id);
+            assert!(
+                allocated.vcpus <= capacity.vcpus
+                    && allocated.memory_mb <= capacity.memory_mb
+                    && allocated.disk_gb <= capacity.disk_gb,
+                "n{} over-committed: {allocated:?} of {capacity:?}",
+                n.id
+            );
+        }
+
+        let digest = digests[0].1;
+        for s in &converged.statuses {
+            self.trace.push(format_args!(
+                "n{}: {} term {} applied {} snapshot {} vms {}",
+                s.node_id, s.state, s.term, s.applied_index, s.snapshot_index, s.vm_count
+            ));
+        }
+        self.trace.push(format_args!(
+            "final: {} live, {} deleted, {} uncertain, {} refused for capacity, digest {digest:016x}",
+            model.live.len(),
+            model.deleted.len(),
+            model.uncertain.len(),
+            model.full,
+        ));
+        self.trace.final_digest = Some(digest);
+        digest
+    }
+}
