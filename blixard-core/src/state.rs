@@ -121,13 +121,18 @@ impl ClusterState {
 
     /// Applies one proposal. A rejected command (or batch) leaves the state
     /// exactly as it was. A proposal whose request id was already applied
-    /// returns the first result and changes nothing.
+    /// successfully returns that first result and changes nothing. Rejections
+    /// are not remembered: they had no effect, so evaluating a retried one
+    /// again is as safe as the client asking again.
     pub fn apply(&self, proposal: &Proposal, index: u64) -> CommandResult {
         let Some(id) = proposal.request else { return self.apply_command(proposal, index) };
         if let Some(first) = self.requests.lock().results.get(&id) {
             return first.clone();
         }
         let result = self.apply_command(proposal, index);
+        if result.is_err() {
+            return result;
+        }
         let mut dedup = self.requests.lock();
         dedup.results.insert(id, result.clone());
         dedup.order.push_back(id);
@@ -606,8 +611,8 @@ mod tests {
         // A different request for the same name is a real duplicate.
         let other = Proposal { request: Some(RequestId { session: 7, seq: 2 }), ..first.clone() };
         assert!(matches!(s.apply(&other, 5), Err(CommandError::VmExists { .. })));
-        // Rejections are remembered too: a retry sees the same rejection.
-        assert!(matches!(s.apply(&other, 6), Err(CommandError::VmExists { .. })));
+        // A rejection is not remembered: it changed nothing, not even the window.
+        assert_eq!(s.image(), before);
         // The window survives a snapshot round trip.
         let t = ClusterState::new();
         t.restore(s.image());
@@ -623,9 +628,9 @@ mod tests {
             let p = Proposal {
                 at_ms: 1,
                 request: Some(RequestId { session: 1, seq: i }),
-                command: Command::DeleteVm { name: "nope".into() },
+                command: register(1, 4, 1024),
             };
-            assert!(s.apply(&p, 3 + i).is_err());
+            assert!(s.apply(&p, 3 + i).is_ok());
         }
         assert_eq!(s.image().requests.len(), DEDUP_WINDOW);
         assert_eq!(s.image().requests[0].0.seq, 10, "oldest ids are evicted first");

@@ -53,7 +53,9 @@ pub async fn serve(
         let listener = tokio::net::TcpListener::bind(bind)
             .await
             .map_err(|source| NodeError::Bind { addr: bind, source })?;
-        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        // Raft is request/response over small messages: Nagle's algorithm
+        // with delayed ACKs would add up to 40 ms to a round trip.
+        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         Ok(tokio::spawn(async move {
             if let Err(e) = router.serve_with_incoming_shutdown(incoming, signal).await {
                 tracing::error!(error = %e, "gRPC server stopped");
