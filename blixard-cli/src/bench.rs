@@ -1,6 +1,7 @@
 //! `blixard bench`: a closed-loop load generator against a running cluster.
 //!
-//! For each concurrency level, C clients (one connection each) repeatedly
+//! VMs are created stopped, so no guest launches: this measures the control
+//! plane. For each concurrency level, C clients (one connection each) repeatedly
 //! create a tiny VM and delete it again, so the state stays small and no
 //! node runs out of capacity. Every create and every delete is one committed
 //! Raft write; the figure reported is committed writes per second with
@@ -95,8 +96,13 @@ async fn run_level(addr: &str, clients: usize, dur: Duration, run_id: u32) -> Re
                 let name = format!("bench-{run_id}-{clients}-{c}-{seq}");
                 seq += 1;
                 let t = Instant::now();
-                let created =
-                    vms.create_vm(pb::CreateVmRequest { name: name.clone(), spec: Some(spec.clone()) }).await;
+                let created = vms
+                    .create_vm(pb::CreateVmRequest {
+                        name: name.clone(),
+                        spec: Some(spec.clone()),
+                        no_start: true,
+                    })
+                    .await;
                 match created {
                     Ok(_) => lat.push(t.elapsed()),
                     Err(s) if s.code() == tonic::Code::ResourceExhausted => {

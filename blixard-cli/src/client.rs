@@ -84,9 +84,15 @@ impl Client {
         Ok(self.cluster.remove(req(pb::RemoveRequest { node_id })).await.map_err(self.fail())?.into_inner())
     }
 
-    pub async fn create_vm(&mut self, name: String, spec: pb::VmSpec) -> Result<pb::Vm, Failure> {
-        let r = self.vms.create_vm(req(pb::CreateVmRequest { name, spec: Some(spec) })).await;
-        r.map_err(self.fail())?.into_inner().vm.ok_or_else(|| Failure::new("server returned no VM"))
+    /// Creates a VM; returns it with the write's log index.
+    pub async fn create_vm(
+        &mut self,
+        name: String,
+        spec: pb::VmSpec,
+        no_start: bool,
+    ) -> Result<(pb::Vm, u64), Failure> {
+        let r = self.vms.create_vm(req(pb::CreateVmRequest { name, spec: Some(spec), no_start })).await;
+        written(r.map_err(self.fail())?.into_inner())
     }
 
     pub async fn get_vm(&mut self, name: String, stale: bool) -> Result<pb::Vm, Failure> {
@@ -99,10 +105,40 @@ impl Client {
         Ok(r.map_err(self.fail())?.into_inner().vms)
     }
 
+    pub async fn start_vm(&mut self, name: String) -> Result<(pb::Vm, u64), Failure> {
+        let r = self.vms.start_vm(req(pb::VmNameRequest { name })).await;
+        written(r.map_err(self.fail())?.into_inner())
+    }
+
+    pub async fn stop_vm(&mut self, name: String) -> Result<(pb::Vm, u64), Failure> {
+        let r = self.vms.stop_vm(req(pb::VmNameRequest { name })).await;
+        written(r.map_err(self.fail())?.into_inner())
+    }
+
+    pub async fn restart_vm(&mut self, name: String) -> Result<(pb::Vm, u64), Failure> {
+        let r = self.vms.restart_vm(req(pb::VmNameRequest { name })).await;
+        written(r.map_err(self.fail())?.into_inner())
+    }
+
+    pub async fn vm_logs(&mut self, name: String, offset: u64) -> Result<pb::VmLogsResponse, Failure> {
+        let r = self.vms.vm_logs(req(pb::VmLogsRequest { name, offset, max_bytes: 0 })).await;
+        Ok(r.map_err(self.fail())?.into_inner())
+    }
+
+    /// Asks this client's node (no forwarding) what its backend sees.
+    pub async fn local_vm(&mut self, name: String) -> Result<pb::LocalVmResponse, Failure> {
+        let r = self.vms.local_vm(req(pb::VmNameRequest { name })).await;
+        Ok(r.map_err(self.fail())?.into_inner())
+    }
+
     pub async fn delete_vm(&mut self, name: String) -> Result<(), Failure> {
         self.vms.delete_vm(req(pb::DeleteVmRequest { name })).await.map_err(self.fail())?;
         Ok(())
     }
+}
+
+fn written(r: pb::VmResponse) -> Result<(pb::Vm, u64), Failure> {
+    Ok((r.vm.ok_or_else(|| Failure::new("server returned no VM"))?, r.index))
 }
 
 /// Connects to `addr` (HOST:PORT), failing with a clear message.

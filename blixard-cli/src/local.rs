@@ -7,7 +7,11 @@ use std::time::Duration;
 use blixard_core::node::{Node, NodeConfig};
 use blixard_core::raft::RaftTuning;
 use blixard_core::types::Resources;
+use blixard_vm::process::ProcessBackend;
+use blixard_vm::qemu::QemuBackend;
+use blixard_vm::{image, VmBackend, VmError};
 use clap::Args;
+use std::sync::Arc;
 
 use crate::{default_data_dir, labels_map, parse_label, Failure, DEFAULT_PORT};
 
@@ -49,6 +53,19 @@ pub struct StartArgs {
     /// Log filter (tracing EnvFilter syntax), also read from RUST_LOG.
     #[arg(long, env = "RUST_LOG", default_value = "info,openraft=warn")]
     pub log: String,
+    #[command(flatten)]
+    pub vms: VmArgs,
+}
+
+#[derive(Args, Clone)]
+pub struct VmArgs {
+    /// How this node runs VMs: auto (qemu when QEMU and a guest image are
+    /// available, else process), qemu, process, or none.
+    #[arg(long, default_value = "auto")]
+    pub vm_backend: String,
+    /// Guest image cache (default: $XDG_CACHE_HOME/blixard or ~/.cache/blixard).
+    #[arg(long)]
+    pub image_cache: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -64,6 +81,8 @@ pub struct UpArgs {
     pub data_dir: PathBuf,
     #[command(flatten)]
     pub capacity: CapacityArgs,
+    #[command(flatten)]
+    pub vms: VmArgs,
 }
 
 /// The host's CPUs, memory and the free disk under `dir`.
@@ -96,6 +115,7 @@ fn free_disk_gb(dir: &Path) -> Option<u64> {
 }
 
 pub async fn node_start(args: StartArgs) -> Result<(), Failure> {
+    let mut signals = Signals::install()?;
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
         .map_err(|e| Failure::new(format!("invalid --log filter {:?}: {e}", args.log)))?;
     tracing_subscriber::fmt()
@@ -107,6 +127,7 @@ pub async fn node_start(args: StartArgs) -> Result<(), Failure> {
     std::fs::create_dir_all(&data_dir)
         .map_err(|e| Failure::new(format!("cannot create data dir {}: {e}", data_dir.display())))?;
     let capacity = host_capacity(&data_dir, &args.capacity);
+    let vm_backend = choose_backend(&args.vms, &data_dir).await?;
     let cfg = NodeConfig {
         id: args.id,
         bind: args.bind,
@@ -116,6 +137,8 @@ pub async fn node_start(args: StartArgs) -> Result<(), Failure> {
         capacity,
         labels: labels_map(args.labels.clone()),
         tuning: RaftTuning::default(),
+        vm_backend: vm_backend.clone(),
+        reconciler: Default::default(),
     };
     let addr = cfg.advertised();
     let node = Node::start(cfg).await.map_err(|e| Failure::new(e.to_string()))?;
@@ -123,24 +146,89 @@ pub async fn node_start(args: StartArgs) -> Result<(), Failure> {
     println!("  data dir: {}", data_dir.display());
     println!("  cluster:  {}", node.shared().cluster_id);
     println!("  capacity: {capacity}");
+    match &vm_backend {
+        Some(b) => println!("  vms:      {}", b.describe()),
+        None => println!("  vms:      none (--vm-backend none): VMs placed here stay pending"),
+    }
     println!("  try:      blixard --addr {addr} cluster status");
-    wait_for_signal().await;
+    signals.recv().await;
     eprintln!("shutting down node {}", args.id);
     node.shutdown().await;
     Ok(())
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
+/// Picks the VM backend. `auto` prefers real microVMs and says plainly why
+/// it falls back to processes.
+async fn choose_backend(args: &VmArgs, data_dir: &Path) -> Result<Option<Arc<dyn VmBackend>>, Failure> {
+    let root = data_dir.join("vms");
+    let cache = args.image_cache.clone().unwrap_or_else(image::default_cache_dir);
+    let qemu = || async {
+        let backend = QemuBackend::new(root.clone(), cache.clone())?;
+        // Build (or find) the default guest image now, so the first VM does
+        // not pay for it and a missing package shows up at start.
+        let c = cache.clone();
+        tokio::task::spawn_blocking(move || image::ensure_default_image(&c))
+            .await
+            .map_err(|e| VmError::Failed(format!("image build task: {e}")))??;
+        Ok::<_, VmError>(backend)
+    };
+    let process = || ProcessBackend::new(root.clone(), ProcessBackend::default_command());
+    let backend: Arc<dyn VmBackend> = match args.vm_backend.as_str() {
+        "none" => return Ok(None),
+        "qemu" => Arc::new(qemu().await.map_err(|e| Failure::new(format!("--vm-backend qemu: {e}")))?),
+        "process" => Arc::new(process()),
+        "auto" => match qemu().await {
+            Ok(b) => Arc::new(b),
+            Err(e) => {
+                eprintln!("note: running VMs as processes, not QEMU microVMs: {e}");
+                Arc::new(process())
             }
+        },
+        other => {
+            return Err(Failure::new(format!(
+                "unknown --vm-backend {other:?}: one of auto, qemu, process, none"
+            )))
         }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+    };
+    Ok(Some(backend))
+}
+
+/// `blixard image build`.
+pub async fn image_build(cache_dir: Option<PathBuf>) -> Result<(), Failure> {
+    let cache = cache_dir.unwrap_or_else(image::default_cache_dir);
+    let c = cache.clone();
+    let img = tokio::task::spawn_blocking(move || image::ensure_default_image(&c))
+        .await
+        .map_err(|e| Failure::new(format!("image build task: {e}")))?
+        .map_err(|e| Failure::new(e.to_string()))?;
+    println!("default guest image ready in {}", cache.display());
+    println!("  kernel: {}", img.kernel.display());
+    println!("  initrd: {}", img.initrd.display());
+    Ok(())
+}
+
+/// SIGINT and SIGTERM, registered once, early: a signal that arrives while
+/// a node is still starting is held until we look, instead of killing the
+/// process with the default disposition (and orphaning child nodes).
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self, Failure> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let err = |e: std::io::Error| Failure::new(format!("cannot install signal handlers: {e}"));
+        Ok(Self {
+            int: signal(SignalKind::interrupt()).map_err(err)?,
+            term: signal(SignalKind::terminate()).map_err(err)?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
         }
     }
 }
@@ -154,6 +242,7 @@ struct NodeProcess {
 /// `up`: N child `node start` processes on loopback. Node 1 bootstraps,
 /// the rest join it. Logs go to DATA_DIR/node-<i>.log.
 pub async fn up(args: UpArgs) -> Result<(), Failure> {
+    let mut signals = Signals::install()?;
     if args.nodes == 0 {
         return Err(Failure::new("--nodes must be at least 1"));
     }
@@ -194,6 +283,10 @@ pub async fn up(args: UpArgs) -> Result<(), Failure> {
         if let Some(d) = args.capacity.disk_gb {
             cmd.args(["--disk-gb", &d.to_string()]);
         }
+        cmd.args(["--vm-backend", &args.vms.vm_backend]);
+        if let Some(c) = &args.vms.image_cache {
+            cmd.arg("--image-cache").arg(c);
+        }
         let child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
@@ -204,7 +297,15 @@ pub async fn up(args: UpArgs) -> Result<(), Failure> {
         println!("node {id}: {addr}  pid {}  data {}  log {}", child.id(), dir.display(), log_path.display());
         children.push(NodeProcess { id, addr, child });
     }
-    match wait_until_formed(&children, args.nodes as usize).await {
+    let formed = tokio::select! {
+        r = wait_until_formed(&children, args.nodes as usize) => r,
+        _ = signals.recv() => {
+            eprintln!("interrupted while the cluster was forming; stopping {} nodes", children.len());
+            stop_all(&mut children);
+            return Ok(());
+        }
+    };
+    match formed {
         Ok(leader) => println!(
             "cluster of {} nodes is up (leader: node {leader}). Try: blixard --addr {} cluster status. Ctrl-C stops it.",
             args.nodes, children[0].addr
@@ -218,7 +319,7 @@ pub async fn up(args: UpArgs) -> Result<(), Failure> {
     let mut reported = vec![false; children.len()];
     loop {
         tokio::select! {
-            _ = wait_for_signal() => break,
+            _ = signals.recv() => break,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
                 for (i, c) in children.iter_mut().enumerate() {
                     if !reported[i] {

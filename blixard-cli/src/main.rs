@@ -2,6 +2,7 @@
 //! a cluster through its gRPC API (everything else).
 mod bench;
 mod client;
+mod lifecycle;
 mod local;
 mod output;
 
@@ -40,6 +41,9 @@ enum Cmd {
     Vm(VmCmd),
     /// Load generator: concurrent clients writing to a running cluster.
     Bench(bench::BenchArgs),
+    /// The default guest image.
+    #[command(subcommand)]
+    Image(ImageCmd),
 }
 
 #[derive(Subcommand)]
@@ -93,6 +97,17 @@ enum ClusterCmd {
     Remove { node_id: u64 },
 }
 
+#[derive(Args, Clone, Copy)]
+pub struct WaitOpts {
+    /// Block until the VM's observed state matches what was asked (shows
+    /// progress on a terminal; fails with the reason if the VM fails).
+    #[arg(long)]
+    pub wait: bool,
+    /// Give up waiting after this many seconds.
+    #[arg(long, default_value_t = 180)]
+    pub timeout: u64,
+}
+
 #[derive(Subcommand)]
 enum VmCmd {
     /// Create a VM; the cluster places it on the node with the most free memory.
@@ -100,7 +115,7 @@ enum VmCmd {
         name: String,
         #[arg(long, default_value_t = 1)]
         vcpus: u32,
-        /// Memory in MiB.
+        /// Memory in MiB (the default guest image needs at least 80).
         #[arg(long, default_value_t = 128)]
         memory: u64,
         /// Disk in GiB.
@@ -111,11 +126,37 @@ enum VmCmd {
         labels: Vec<(String, String)>,
         #[arg(long, default_value = "")]
         tenant: String,
+        /// Start it right away (the default).
+        #[arg(long, overrides_with = "no_start")]
+        start: bool,
+        /// Create it stopped.
+        #[arg(long)]
+        no_start: bool,
+        /// What the node does when it stops running: never, on-failure, always.
+        #[arg(long, default_value = "on-failure")]
+        restart: String,
+        /// Guest kernel (absolute path on the node; default: the built-in image).
+        #[arg(long, default_value = "")]
+        kernel: String,
+        /// Guest initrd (absolute path on the node; needs --kernel).
+        #[arg(long, default_value = "")]
+        initrd: String,
+        /// Extra kernel command line.
+        #[arg(long, default_value = "")]
+        cmdline: String,
+        #[command(flatten)]
+        wait: WaitOpts,
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         format: Format,
     },
     /// Show one VM.
     Get {
+        name: String,
+        #[command(flatten)]
+        read: ReadOpts,
+    },
+    /// Everything about one VM, including what its node sees right now.
+    Status {
         name: String,
         #[command(flatten)]
         read: ReadOpts,
@@ -128,8 +169,48 @@ enum VmCmd {
         #[command(flatten)]
         read: ReadOpts,
     },
-    /// Delete a VM and release its resources.
-    Delete { name: String },
+    /// Start a stopped VM.
+    Start {
+        name: String,
+        #[command(flatten)]
+        wait: WaitOpts,
+    },
+    /// Stop a VM (ACPI power-off, forced after a grace period).
+    Stop {
+        name: String,
+        #[command(flatten)]
+        wait: WaitOpts,
+    },
+    /// Stop and start a VM.
+    Restart {
+        name: String,
+        #[command(flatten)]
+        wait: WaitOpts,
+    },
+    /// Delete a VM: its node stops it and removes its files.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        wait: WaitOpts,
+    },
+    /// The VM's serial console, from whichever node runs it.
+    Logs {
+        name: String,
+        /// Keep following new output (Ctrl-C stops).
+        #[arg(short = 'f', long)]
+        follow: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Build (or rebuild if stale) the default guest image into the cache now,
+    /// instead of on first use.
+    Build {
+        /// Cache directory (default: $XDG_CACHE_HOME/blixard or ~/.cache/blixard).
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+    },
 }
 
 pub fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -163,6 +244,7 @@ async fn main() -> ExitCode {
         Cmd::Cluster(c) => cluster(&cli.addr, c).await,
         Cmd::Vm(c) => vm(&cli.addr, c).await,
         Cmd::Bench(args) => bench::run(&cli.addr, args).await,
+        Cmd::Image(ImageCmd::Build { cache_dir }) => local::image_build(cache_dir).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -200,26 +282,55 @@ async fn cluster(addr: &str, cmd: ClusterCmd) -> Result<(), Failure> {
 async fn vm(addr: &str, cmd: VmCmd) -> Result<(), Failure> {
     let mut c = client::Client::connect(addr).await?;
     match cmd {
-        VmCmd::Create { name, vcpus, memory, disk, labels, tenant, format } => {
+        VmCmd::Create {
+            name,
+            vcpus,
+            memory,
+            disk,
+            labels,
+            tenant,
+            start: _,
+            no_start,
+            restart,
+            kernel,
+            initrd,
+            cmdline,
+            wait,
+            format,
+        } => {
             let spec = blixard_proto::VmSpec {
                 vcpus,
                 memory_mb: memory,
                 disk_gb: disk,
                 labels: labels.into_iter().collect(),
                 tenant,
+                restart_policy: restart,
+                kernel,
+                initrd,
+                cmdline,
             };
-            let vm = c.create_vm(name, spec).await?;
+            let (vm, index) = c.create_vm(name.clone(), spec, no_start).await?;
+            let vm = if wait.wait {
+                lifecycle::wait_for(&mut c, &name, lifecycle::Goal::of(&vm), wait, index).await?
+            } else {
+                vm
+            };
             output::vm(&vm, format)
         }
         VmCmd::Get { name, read } => output::vm(&c.get_vm(name, read.stale).await?, read.format),
+        VmCmd::Status { name, read } => {
+            let vm = c.get_vm(name.clone(), read.stale).await?;
+            let local = lifecycle::local_view(&mut c, &vm).await;
+            output::vm_status(&vm, local.as_ref(), read.format)
+        }
         VmCmd::List { node, read } => {
             output::vms(&c.list_vms(node.unwrap_or(0), read.stale).await?, read.format)
         }
-        VmCmd::Delete { name } => {
-            c.delete_vm(name.clone()).await?;
-            println!("deleted VM {name}");
-            Ok(())
-        }
+        VmCmd::Start { name, wait } => lifecycle::start(&mut c, name, wait).await,
+        VmCmd::Stop { name, wait } => lifecycle::stop(&mut c, name, wait).await,
+        VmCmd::Restart { name, wait } => lifecycle::restart(&mut c, name, wait).await,
+        VmCmd::Delete { name, wait } => lifecycle::delete(&mut c, name, wait).await,
+        VmCmd::Logs { name, follow } => lifecycle::logs(&mut c, name, follow).await,
     }
 }
 

@@ -52,6 +52,7 @@ pub fn status(s: &pb::StatusResponse, format: Format) -> Result<(), Failure> {
             "members": s.members.iter().map(member_json).collect::<Vec<_>>(),
             "nodes": nodes,
             "vm_count": s.vm_count,
+            "vm_backend": s.vm_backend,
         });
         if s.state_digest != 0 {
             v["state_digest"] = json!(format!("{:016x}", s.state_digest));
@@ -66,6 +67,9 @@ pub fn status(s: &pb::StatusResponse, format: Format) -> Result<(), Failure> {
     );
     if s.state_digest != 0 {
         println!("state digest {:016x}", s.state_digest);
+    }
+    if !s.vm_backend.is_empty() {
+        println!("vm backend {}", s.vm_backend);
     }
     let mut t = table(&["ID", "ADDR", "ROLE", "STATUS", "VCPUS", "MEMORY MiB", "DISK GiB", "VMS"]);
     for m in &s.members {
@@ -122,7 +126,85 @@ pub fn vm_json(v: &pb::Vm) -> Value {
         "created_at_ms": v.created_at_ms,
         "updated_at_ms": v.updated_at_ms,
         "revision": v.revision,
+        "restart_policy": spec.restart_policy,
+        "kernel": spec.kernel,
+        "initrd": spec.initrd,
+        "cmdline": spec.cmdline,
+        "pid": if v.pid == 0 { Value::Null } else { json!(v.pid) },
+        "started_at_ms": if v.started_at_ms == 0 { Value::Null } else { json!(v.started_at_ms) },
+        "uptime_s": uptime(v).map(|d| json!(d.as_secs())).unwrap_or(Value::Null),
+        "boot_ms": if v.boot_ms == 0 { Value::Null } else { json!(v.boot_ms) },
+        "restarts": v.restarts,
+        "reason": v.reason,
+        "generation": v.generation,
     })
+}
+
+/// How long the VM has been running, if it is.
+fn uptime(v: &pb::Vm) -> Option<std::time::Duration> {
+    if v.observed != "running" || v.started_at_ms == 0 {
+        return None;
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.as_millis() as u64;
+    Some(std::time::Duration::from_millis(now.saturating_sub(v.started_at_ms)))
+}
+
+fn human(d: std::time::Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{}s", s / 60, s % 60),
+        3600..=86399 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+/// `vm status`: the record, the node's last report, and what the owning
+/// node's backend sees right now.
+pub fn vm_status(v: &pb::Vm, local: Option<&pb::LocalVmResponse>, format: Format) -> Result<(), Failure> {
+    if format == Format::Json {
+        let mut j = vm_json(v);
+        j["local"] = match local {
+            Some(l) => {
+                json!({ "found": l.found, "state": l.state, "pid": l.pid, "reason": l.reason, "node_id": l.node_id })
+            }
+            None => Value::Null,
+        };
+        return print_json(&j);
+    }
+    let spec = v.spec.clone().unwrap_or_default();
+    println!("name:      {}", v.name);
+    println!("node:      {}", v.node_id);
+    println!("desired:   {}", v.desired);
+    println!("observed:  {}", v.observed);
+    if !v.reason.is_empty() {
+        println!("reason:    {}", v.reason);
+    }
+    println!("resources: {} vCPUs, {} MiB, {} GiB", spec.vcpus, spec.memory_mb, spec.disk_gb);
+    println!("restart:   {} (restarts so far: {})", spec.restart_policy, v.restarts);
+    if v.pid != 0 {
+        println!("pid:       {}", v.pid);
+    }
+    if let Some(u) = uptime(v) {
+        println!("uptime:    {}", human(u));
+    }
+    if v.boot_ms != 0 {
+        println!("boot:      {:.2}s to the guest's ready marker", v.boot_ms as f64 / 1000.0);
+    }
+    let image = if spec.kernel.is_empty() { "default guest image".to_string() } else { spec.kernel.clone() };
+    println!("image:     {image}");
+    match local {
+        Some(l) if l.found => println!(
+            "on node {}: {} (pid {}){}",
+            l.node_id,
+            l.state,
+            l.pid,
+            if l.reason.is_empty() { String::new() } else { format!(": {}", l.reason) }
+        ),
+        Some(l) => println!("on node {}: no trace of it", l.node_id),
+        None => println!("on node {}: unreachable", v.node_id),
+    }
+    Ok(())
 }
 
 fn vm_row(v: &pb::Vm) -> Vec<String> {
@@ -135,10 +217,13 @@ fn vm_row(v: &pb::Vm) -> Vec<String> {
         spec.disk_gb.to_string(),
         v.desired.clone(),
         v.observed.clone(),
+        uptime(v).map(human).unwrap_or_else(|| "-".into()),
+        v.restarts.to_string(),
     ]
 }
 
-const VM_HEADER: [&str; 7] = ["NAME", "NODE", "VCPUS", "MEMORY MiB", "DISK GiB", "DESIRED", "OBSERVED"];
+const VM_HEADER: [&str; 9] =
+    ["NAME", "NODE", "VCPUS", "MEMORY MiB", "DISK GiB", "DESIRED", "OBSERVED", "UPTIME", "RESTARTS"];
 
 pub fn vm(v: &pb::Vm, format: Format) -> Result<(), Failure> {
     if format == Format::Json {

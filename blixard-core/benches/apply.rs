@@ -58,11 +58,12 @@ fn labelled_spec() -> VmSpec {
             ("tier".to_string(), "web".to_string()),
         ]),
         tenant: "team-a".to_string(),
+        ..Default::default()
     }
 }
 
 fn create(name: String, spec: &VmSpec) -> Proposal {
-    p(Command::CreateVm { name, spec: spec.clone() })
+    p(Command::CreateVm { name, spec: spec.clone(), start: true })
 }
 
 fn vm_name(i: u64) -> String {

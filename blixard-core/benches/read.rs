@@ -72,6 +72,7 @@ fn spec() -> VmSpec {
             ("tier".to_string(), "web".to_string()),
         ]),
         tenant: "team-a".to_string(),
+        ..Default::default()
     }
 }
 
@@ -93,7 +94,7 @@ fn cluster_state(names: &[String]) -> ClusterState {
         index += 1;
     }
     for name in names {
-        let cmd = Command::CreateVm { name: name.clone(), spec: spec() };
+        let cmd = Command::CreateVm { name: name.clone(), spec: spec(), start: true };
         s.apply(&Proposal { at_ms: 2, request: None, command: cmd }, index).expect("create");
         index += 1;
     }

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::error::CommandError;
-use crate::types::{NodeId, Resources, VmSpec};
+use crate::types::{DesiredState, NodeId, ObservedState, Resources, VmRuntime, VmSpec};
 use crate::validate;
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -20,10 +20,21 @@ pub enum Command {
     /// VMs placed on it become `Lost`.
     DecommissionNode { id: NodeId },
     /// Create a VM and place it: on the active node with the most free memory
-    /// that fits it (lowest id on ties), reserving its resources there.
-    CreateVm { name: String, spec: VmSpec },
-    /// Delete a VM and release what it reserved.
+    /// that fits it (lowest id on ties), reserving its resources there. It
+    /// starts right away unless `start` is false.
+    CreateVm { name: String, spec: VmSpec, start: bool },
+    /// Delete a VM and release what it reserved. Its node stops it and removes
+    /// its files.
     DeleteVm { name: String },
+    /// Set a VM's desired state to running.
+    StartVm { name: String },
+    /// Set a VM's desired state to stopped.
+    StopVm { name: String },
+    /// Stop and start a VM again (and start it if it was stopped).
+    RestartVm { name: String },
+    /// A node reports what its VMs are doing. Entries for VMs that are gone
+    /// or placed on another node are ignored (the report raced a change).
+    ReportVms { node: NodeId, reports: Vec<VmReport> },
     /// Several commands applied all-or-nothing, in order.
     Batch(Vec<Command>),
 }
@@ -48,11 +59,37 @@ impl Command {
                 }
                 Ok(())
             }
-            Command::CreateVm { name, spec } => {
+            Command::CreateVm { name, spec, .. } => {
                 validate::vm_name(name)?;
                 validate::vm_spec(spec)
             }
-            Command::DeleteVm { name } => validate::vm_name(name),
+            Command::DeleteVm { name }
+            | Command::StartVm { name }
+            | Command::StopVm { name }
+            | Command::RestartVm { name } => validate::vm_name(name),
+            Command::ReportVms { node, reports } => {
+                if *node == 0 {
+                    return Err(CommandError::invalid("node id", node, "a positive integer"));
+                }
+                if reports.is_empty() || reports.len() > validate::MAX_BATCH {
+                    return Err(CommandError::invalid(
+                        "report count",
+                        reports.len(),
+                        format!("between 1 and {}", validate::MAX_BATCH),
+                    ));
+                }
+                for r in reports {
+                    validate::vm_name(&r.name)?;
+                    if r.runtime.reason.len() > validate::MAX_REASON_LEN {
+                        return Err(CommandError::invalid(
+                            "failure reason length",
+                            r.runtime.reason.len(),
+                            format!("at most {} bytes", validate::MAX_REASON_LEN),
+                        ));
+                    }
+                }
+                Ok(())
+            }
             Command::Batch(cmds) => {
                 if cmds.is_empty() || cmds.len() > validate::MAX_BATCH {
                     return Err(CommandError::invalid(
@@ -84,6 +121,14 @@ impl Command {
 pub struct RequestId {
     pub session: u64,
     pub seq: u64,
+}
+
+/// What a node saw of one of its VMs.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct VmReport {
+    pub name: String,
+    pub observed: ObservedState,
+    pub runtime: VmRuntime,
 }
 
 /// One client's write: a command and the time its proposer stamped on it.
@@ -132,6 +177,16 @@ pub enum CommandOutput {
     VmDeleted {
         name: String,
         node_id: NodeId,
+    },
+    /// Start, stop or restart recorded.
+    VmDesired {
+        name: String,
+        desired: DesiredState,
+        generation: u64,
+    },
+    /// How many reports changed a VM (the rest were stale or unchanged).
+    VmsReported {
+        applied: u32,
     },
     Batch(Vec<CommandOutput>),
     /// A Raft-internal entry (blank or membership) with no application effect.

@@ -5,6 +5,7 @@ pub mod command;
 pub mod error;
 pub mod node;
 pub mod raft;
+pub mod reconciler;
 pub mod scheduler;
 pub mod state;
 pub mod types;

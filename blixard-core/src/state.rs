@@ -231,7 +231,31 @@ impl ClusterState {
                 }
                 Ok(CommandOutput::NodeDecommissioned { id: *id, lost_vms: lost })
             }
-            Command::CreateVm { name, spec } => self.create_vm(name, spec, ctx, journal),
+            Command::CreateVm { name, spec, start } => self.create_vm(name, spec, *start, ctx, journal),
+            Command::StartVm { name } => self.set_desired(name, DesiredState::Running, false, ctx, journal),
+            Command::StopVm { name } => self.set_desired(name, DesiredState::Stopped, false, ctx, journal),
+            Command::RestartVm { name } => self.set_desired(name, DesiredState::Running, true, ctx, journal),
+            Command::ReportVms { node, reports } => {
+                let mut applied = 0;
+                let mut journal = journal;
+                for r in reports {
+                    let Some(mut vm) = self.vms.get_mut(r.name.as_str()) else { continue };
+                    // A report that raced a delete-and-recreate elsewhere, or
+                    // that says nothing new, changes nothing.
+                    if vm.node_id != *node || (vm.observed == r.observed && vm.runtime == r.runtime) {
+                        continue;
+                    }
+                    if let Some(j) = journal.as_deref_mut() {
+                        j.push(Undo::Vm(vm.name.clone(), Some(vm.clone())));
+                    }
+                    vm.observed = r.observed;
+                    vm.runtime = r.runtime.clone();
+                    vm.updated_at_ms = ctx.at_ms;
+                    vm.revision = ctx.index;
+                    applied += 1;
+                }
+                Ok(CommandOutput::VmsReported { applied })
+            }
             Command::DeleteVm { name } => {
                 let Some((_, vm)) = self.vms.remove(name.as_str()) else {
                     return Err(CommandError::VmNotFound { name: name.clone() });
@@ -250,7 +274,45 @@ impl ClusterState {
         }
     }
 
-    fn create_vm(&self, name: &str, spec: &VmSpec, ctx: ApplyCtx, journal: Journal<'_>) -> CommandResult {
+    /// Start (`Running`), stop (`Stopped`) or, with `restart`, bump the
+    /// generation so the node restarts the VM.
+    fn set_desired(
+        &self,
+        name: &str,
+        desired: DesiredState,
+        restart: bool,
+        ctx: ApplyCtx,
+        journal: Journal<'_>,
+    ) -> CommandResult {
+        let Some(mut vm) = self.vms.get_mut(name) else {
+            return Err(CommandError::VmNotFound { name: name.to_string() });
+        };
+        if let Some(j) = journal {
+            j.push(Undo::Vm(vm.name.clone(), Some(vm.clone())));
+        }
+        // Starting a VM that should already run but has failed or powered
+        // off means "try again now": a new generation makes its node start
+        // it regardless of restart policy and backoff.
+        let retry = desired == DesiredState::Running
+            && vm.desired == DesiredState::Running
+            && matches!(vm.observed, ObservedState::Failed | ObservedState::Stopped);
+        vm.desired = desired;
+        if restart || retry {
+            vm.generation += 1;
+        }
+        vm.updated_at_ms = ctx.at_ms;
+        vm.revision = ctx.index;
+        Ok(CommandOutput::VmDesired { name: name.to_string(), desired, generation: vm.generation })
+    }
+
+    fn create_vm(
+        &self,
+        name: &str,
+        spec: &VmSpec,
+        start: bool,
+        ctx: ApplyCtx,
+        journal: Journal<'_>,
+    ) -> CommandResult {
         if self.vms.contains_key(name) {
             return Err(CommandError::VmExists { name: name.to_string() });
         }
@@ -271,11 +333,13 @@ impl ClusterState {
             name: name.clone(),
             spec: spec.clone(),
             node_id,
-            desired: DesiredState::Running,
+            desired: if start { DesiredState::Running } else { DesiredState::Stopped },
             observed: ObservedState::Pending,
             created_at_ms: ctx.at_ms,
             updated_at_ms: ctx.at_ms,
             revision: ctx.index,
+            generation: 0,
+            runtime: Default::default(),
         };
         self.index_vm(&vm);
         self.vms.insert(name.clone(), vm);
@@ -480,6 +544,7 @@ mod tests {
         Command::CreateVm {
             name: name.into(),
             spec: VmSpec { vcpus, memory_mb: mem, disk_gb: 1, ..Default::default() },
+            start: true,
         }
     }
 
@@ -595,6 +660,74 @@ mod tests {
         // New VMs avoid the departed node.
         let out = s.apply(&p(create("c", 1, 128)), 7).unwrap();
         assert_eq!(out, CommandOutput::VmCreated { name: "c".into(), node_id: 1 });
+        s.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn lifecycle_commands_and_reports() {
+        use crate::command::VmReport;
+        use crate::types::VmRuntime;
+        let s = state_with_nodes();
+        let out = s.apply(&p(create("a", 1, 128)), 3).unwrap();
+        let node = match out {
+            CommandOutput::VmCreated { node_id, .. } => node_id,
+            o => panic!("{o:?}"),
+        };
+        s.apply(&p(Command::StopVm { name: "a".into() }), 4).unwrap();
+        assert_eq!(s.with_vm("a", |v| v.desired), Some(DesiredState::Stopped));
+        let out = s.apply(&p(Command::RestartVm { name: "a".into() }), 5).unwrap();
+        assert_eq!(
+            out,
+            CommandOutput::VmDesired { name: "a".into(), desired: DesiredState::Running, generation: 1 }
+        );
+        let running = VmReport {
+            name: "a".into(),
+            observed: ObservedState::Running,
+            runtime: VmRuntime { pid: Some(42), boot_ms: Some(1800), generation: 1, ..Default::default() },
+        };
+        let report = |node, r: &VmReport| p(Command::ReportVms { node, reports: vec![r.clone()] });
+        assert_eq!(s.apply(&report(node, &running), 6).unwrap(), CommandOutput::VmsReported { applied: 1 });
+        assert_eq!(
+            s.with_vm("a", |v| (v.observed, v.runtime.pid, v.revision)),
+            Some((ObservedState::Running, Some(42), 6))
+        );
+        // The same report again, and a report from a node that does not own
+        // the VM, change nothing.
+        let before = s.image();
+        assert_eq!(s.apply(&report(node, &running), 7).unwrap(), CommandOutput::VmsReported { applied: 0 });
+        let other = if node == 1 { 2 } else { 1 };
+        assert_eq!(s.apply(&report(other, &running), 8).unwrap(), CommandOutput::VmsReported { applied: 0 });
+        let ghost = VmReport { name: "ghost".into(), ..running.clone() };
+        assert_eq!(s.apply(&report(node, &ghost), 9).unwrap(), CommandOutput::VmsReported { applied: 0 });
+        assert_eq!(s.image(), before);
+        assert!(matches!(
+            s.apply(&p(Command::StartVm { name: "nope".into() }), 10),
+            Err(CommandError::VmNotFound { .. })
+        ));
+        // Starting a failed VM that should run retries it (new generation).
+        let failed = VmReport { observed: ObservedState::Failed, ..running.clone() };
+        s.apply(&report(node, &failed), 20).unwrap();
+        let out = s.apply(&p(Command::StartVm { name: "a".into() }), 21).unwrap();
+        assert_eq!(
+            out,
+            CommandOutput::VmDesired { name: "a".into(), desired: DesiredState::Running, generation: 2 }
+        );
+        // Created stopped.
+        let stopped = Command::CreateVm {
+            name: "b".into(),
+            spec: VmSpec { vcpus: 1, memory_mb: 128, disk_gb: 1, ..Default::default() },
+            start: false,
+        };
+        s.apply(&p(stopped), 11).unwrap();
+        assert_eq!(s.with_vm("b", |v| v.desired), Some(DesiredState::Stopped));
+        // Lifecycle commands roll back inside a failed batch.
+        let before = s.image();
+        let batch = Command::Batch(vec![
+            Command::StopVm { name: "a".into() },
+            Command::StartVm { name: "zz".into() },
+        ]);
+        assert!(s.apply(&p(batch), 12).is_err());
+        assert_eq!(s.image(), before);
         s.check_invariants().unwrap();
     }
 

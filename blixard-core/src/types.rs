@@ -66,6 +66,66 @@ pub struct VmSpec {
     pub labels: BTreeMap<String, String>,
     /// Owning tenant; empty means the default tenant.
     pub tenant: String,
+    pub restart: RestartPolicy,
+    /// Kernel, initrd and extra kernel arguments; all empty = the default
+    /// guest image. Paths are on the node that runs the VM.
+    pub boot: BootSpec,
+}
+
+/// What the owning node does when a VM that should run stops running.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum RestartPolicy {
+    /// Leave it as it ended (Failed or Stopped).
+    Never,
+    /// Restart it when it fails (crash, non-zero exit), with exponential backoff.
+    #[default]
+    OnFailure,
+    /// Restart it whenever it is not running, even after a clean power-off.
+    Always,
+}
+
+impl RestartPolicy {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RestartPolicy::Never => "never",
+            RestartPolicy::OnFailure => "on-failure",
+            RestartPolicy::Always => "always",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "never" => Some(RestartPolicy::Never),
+            "on-failure" => Some(RestartPolicy::OnFailure),
+            "always" => Some(RestartPolicy::Always),
+            _ => None,
+        }
+    }
+}
+
+/// How a VM boots. Empty strings mean "the default guest image".
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct BootSpec {
+    pub kernel: String,
+    pub initrd: String,
+    pub cmdline: String,
+}
+
+/// What the owning node last reported about a VM, beyond its state.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct VmRuntime {
+    /// The VMM process, while it runs.
+    pub pid: Option<u32>,
+    /// When the current (or last) run was launched, ms since the Unix epoch.
+    pub started_at_ms: Option<u64>,
+    /// Launch until the guest's readiness marker.
+    pub boot_ms: Option<u64>,
+    /// Restarts the node made after failures (not operator restarts).
+    pub restarts: u32,
+    /// Why it failed: the VMM's stderr tail, exit code or signal.
+    pub reason: String,
+    /// The VM generation (see `VmRecord::generation`) the node last acted on.
+    pub generation: u64,
 }
 
 impl VmSpec {
@@ -131,6 +191,10 @@ pub struct VmRecord {
     pub updated_at_ms: u64,
     /// Raft log index of the command that last changed this VM.
     pub revision: u64,
+    /// Bumped by every operator restart; the node restarts the VM when the
+    /// generation it last acted on is older.
+    pub generation: u64,
+    pub runtime: VmRuntime,
 }
 
 /// Whether a node takes part in placement.

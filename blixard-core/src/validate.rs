@@ -14,6 +14,10 @@ pub const MAX_LABELS: usize = 32;
 pub const MAX_LABEL_VALUE_LEN: usize = 255;
 pub const MAX_ADDR_LEN: usize = 255;
 pub const MAX_BATCH: usize = 1024;
+pub const MAX_PATH_LEN: usize = 4096;
+pub const MAX_CMDLINE_LEN: usize = 2048;
+/// Failure reasons carry a stderr tail; longer ones are cut by the node.
+pub const MAX_REASON_LEN: usize = 4096;
 /// A node may offer at most this much; far above any real host, low enough
 /// that sums of VMs never overflow.
 pub const MAX_NODE_VCPUS: u32 = 1 << 16;
@@ -48,6 +52,32 @@ pub fn vm_spec(spec: &VmSpec) -> Result<(), CommandError> {
     labels(&spec.labels)?;
     if !spec.tenant.is_empty() {
         dns_label("tenant", &spec.tenant)?;
+    }
+    boot(&spec.boot)
+}
+
+/// Kernel and initrd are absolute paths on the node; an initrd needs a
+/// kernel; the command line is printable and bounded.
+pub fn boot(b: &crate::types::BootSpec) -> Result<(), CommandError> {
+    for (what, p) in [("kernel path", &b.kernel), ("initrd path", &b.initrd)] {
+        if !p.is_empty() && (!p.starts_with('/') || p.len() > MAX_PATH_LEN || p.chars().any(char::is_control))
+        {
+            return Err(CommandError::invalid(
+                what,
+                p,
+                "an absolute path on the node, at most 4096 characters",
+            ));
+        }
+    }
+    if b.kernel.is_empty() && !b.initrd.is_empty() {
+        return Err(CommandError::invalid("initrd path", &b.initrd, "only together with a kernel"));
+    }
+    if b.cmdline.len() > MAX_CMDLINE_LEN || b.cmdline.chars().any(char::is_control) {
+        return Err(CommandError::invalid(
+            "kernel command line",
+            &b.cmdline,
+            "at most 2048 printable characters",
+        ));
     }
     Ok(())
 }

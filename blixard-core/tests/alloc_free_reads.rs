@@ -78,8 +78,9 @@ fn populated() -> (ClusterState, Vec<String>) {
             disk_gb: 1,
             labels: BTreeMap::from([("env".to_string(), "prod".to_string())]),
             tenant: "team-a".to_string(),
+            ..Default::default()
         };
-        let cmd = Command::CreateVm { name: name.clone(), spec };
+        let cmd = Command::CreateVm { name: name.clone(), spec, start: true };
         s.apply(&Proposal { at_ms: 2, request: None, command: cmd }, index).unwrap();
         index += 1;
     }

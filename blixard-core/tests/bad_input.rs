@@ -24,6 +24,8 @@ async fn start() -> (Node, Channel, tempfile::TempDir) {
         capacity: Resources::new(4, 4096, 100),
         labels: Default::default(),
         tuning: RaftTuning::default(),
+        vm_backend: None,
+        reconciler: Default::default(),
     };
     let node = Node::start(cfg).await.expect("node starts");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -47,47 +49,49 @@ fn spec(vcpus: u32, memory_mb: u64) -> Option<pb::VmSpec> {
 async fn bad_client_requests_are_typed_errors_and_change_nothing() {
     let (node, ch, _dir) = start().await;
     let mut vms = VmServiceClient::new(ch.clone());
-    vms.create_vm(pb::CreateVmRequest { name: "keep".into(), spec: spec(1, 128) }).await.unwrap();
+    vms.create_vm(pb::CreateVmRequest { name: "keep".into(), spec: spec(1, 128), no_start: false })
+        .await
+        .unwrap();
     let before = node.shared().state.digest();
 
     let cases: Vec<(pb::CreateVmRequest, Code, &str)> = vec![
         (
-            pb::CreateVmRequest { name: "".into(), spec: spec(1, 128) },
+            pb::CreateVmRequest { name: "".into(), spec: spec(1, 128), no_start: false },
             Code::InvalidArgument,
             "1-63 characters",
         ),
         (
-            pb::CreateVmRequest { name: "UPPER".into(), spec: spec(1, 128) },
+            pb::CreateVmRequest { name: "UPPER".into(), spec: spec(1, 128), no_start: false },
             Code::InvalidArgument,
             "1-63 characters",
         ),
         (
-            pb::CreateVmRequest { name: "x".repeat(64), spec: spec(1, 128) },
+            pb::CreateVmRequest { name: "x".repeat(64), spec: spec(1, 128), no_start: false },
             Code::InvalidArgument,
             "1-63 characters",
         ),
         (
-            pb::CreateVmRequest { name: "zero".into(), spec: spec(0, 128) },
+            pb::CreateVmRequest { name: "zero".into(), spec: spec(0, 128), no_start: false },
             Code::InvalidArgument,
             "between 1 and 64",
         ),
         (
-            pb::CreateVmRequest { name: "nospec".into(), spec: None },
+            pb::CreateVmRequest { name: "nospec".into(), spec: None, no_start: false },
             Code::InvalidArgument,
             "between 1 and 64",
         ),
         (
-            pb::CreateVmRequest { name: "huge".into(), spec: spec(1, u64::MAX) },
+            pb::CreateVmRequest { name: "huge".into(), spec: spec(1, u64::MAX), no_start: false },
             Code::InvalidArgument,
             "between 16 and",
         ),
         (
-            pb::CreateVmRequest { name: "toobig".into(), spec: spec(8, 128) },
+            pb::CreateVmRequest { name: "toobig".into(), spec: spec(8, 128), no_start: false },
             Code::ResourceExhausted,
             "no node can fit",
         ),
         (
-            pb::CreateVmRequest { name: "keep".into(), spec: spec(1, 128) },
+            pb::CreateVmRequest { name: "keep".into(), spec: spec(1, 128), no_start: false },
             Code::AlreadyExists,
             "already exists",
         ),
@@ -116,7 +120,8 @@ async fn bad_client_requests_are_typed_errors_and_change_nothing() {
     labels.insert("k".to_string(), "v".repeat(2 * 1024 * 1024));
     let big = pb::CreateVmRequest {
         name: "big".into(),
-        spec: Some(pb::VmSpec { vcpus: 1, memory_mb: 128, disk_gb: 1, labels, tenant: String::new() }),
+        spec: Some(pb::VmSpec { vcpus: 1, memory_mb: 128, disk_gb: 1, labels, ..Default::default() }),
+        no_start: false,
     };
     let e = vms.create_vm(big).await.unwrap_err();
     assert_eq!(e.code(), Code::OutOfRange, "{}", e.message());

@@ -51,6 +51,8 @@ fn config(id: NodeId, port: u16, dir: &Path, tuning: RaftTuning) -> NodeConfig {
         capacity: Resources::new(1024, 1 << 20, 10_000),
         labels: BTreeMap::new(),
         tuning,
+        vm_backend: None,
+        reconciler: Default::default(),
     }
 }
 
@@ -58,6 +60,7 @@ fn small_vm(name: &str) -> Command {
     Command::CreateVm {
         name: name.to_string(),
         spec: VmSpec { vcpus: 1, memory_mb: 64, disk_gb: 1, ..Default::default() },
+        start: true,
     }
 }
 

@@ -145,6 +145,8 @@ impl SimCluster {
                 capacity: config.capacity,
                 labels: BTreeMap::new(),
                 tuning: sim_tuning(),
+                vm_backend: None,
+                reconciler: Default::default(),
             };
             let live = Arc::new(Mutex::new(Weak::new()));
             let slot = live.clone();
@@ -265,7 +267,7 @@ impl SimCluster {
     async fn create_call(via: NodeId, name: String, spec: pb::VmSpec) -> Outcome<pb::Vm> {
         let r: Result<pb::Vm, Status> = async {
             let mut c = VmServiceClient::new(connect(via).await?);
-            let req = request(pb::CreateVmRequest { name, spec: Some(spec) }, WRITE_TIMEOUT);
+            let req = request(pb::CreateVmRequest { name, spec: Some(spec), no_start: false }, WRITE_TIMEOUT);
             c.create_vm(req).await?.into_inner().vm.ok_or_else(|| Status::internal("reply without a VM"))
         }
         .await;

@@ -20,7 +20,7 @@ use super::raft_service::RaftGrpc;
 use super::{ApiError, NodeError, NodeShared};
 use crate::command::{Command, CommandOutput};
 use crate::raft::network::{PeerChannels, MAX_MESSAGE_BYTES};
-use crate::types::{NodeId, NodeRecord, Resources, VmRecord, VmSpec};
+use crate::types::{BootSpec, NodeId, NodeRecord, Resources, RestartPolicy, VmRecord, VmSpec};
 
 /// Marks a request a follower already forwarded to the leader.
 const FORWARDED: &str = "x-blixard-forwarded";
@@ -127,6 +127,10 @@ pub fn vm_pb(v: &VmRecord) -> pb::Vm {
             disk_gb: v.spec.disk_gb,
             labels: v.spec.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             tenant: v.spec.tenant.clone(),
+            restart_policy: v.spec.restart.as_str().to_string(),
+            kernel: v.spec.boot.kernel.clone(),
+            initrd: v.spec.boot.initrd.clone(),
+            cmdline: v.spec.boot.cmdline.clone(),
         }),
         node_id: v.node_id,
         desired: v.desired.as_str().to_string(),
@@ -134,6 +138,12 @@ pub fn vm_pb(v: &VmRecord) -> pb::Vm {
         created_at_ms: v.created_at_ms,
         updated_at_ms: v.updated_at_ms,
         revision: v.revision,
+        pid: v.runtime.pid.unwrap_or(0),
+        started_at_ms: v.runtime.started_at_ms.unwrap_or(0),
+        boot_ms: v.runtime.boot_ms.unwrap_or(0),
+        restarts: v.runtime.restarts,
+        reason: v.runtime.reason.clone(),
+        generation: v.generation,
     }
 }
 
@@ -176,6 +186,14 @@ impl ClusterApi {
         };
         let mut client = cluster_client(&self.node.channels, &addr)?;
         remote(&mut client).await
+    }
+}
+
+fn vm_status(e: blixard_vm::VmError) -> Status {
+    match e {
+        blixard_vm::VmError::NotFound(_) => Status::not_found(e.to_string()),
+        blixard_vm::VmError::Config(_) => Status::invalid_argument(e.to_string()),
+        _ => Status::unavailable(e.to_string()),
     }
 }
 
@@ -232,6 +250,7 @@ impl ClusterService for ClusterApi {
             state_digest: digest,
             nodes,
             vm_count: n.state.vm_count() as u64,
+            vm_backend: n.vm_backend.as_ref().map(|b| b.describe()).unwrap_or_default(),
         }))
     }
 
@@ -300,21 +319,44 @@ impl VmApi {
         self.node.linearize().await.map_err(Status::from)
     }
 
+    fn backend(&self) -> Result<&Arc<dyn blixard_vm::VmBackend>, Status> {
+        self.node
+            .vm_backend
+            .as_ref()
+            .ok_or_else(|| Status::failed_precondition(format!("node {} runs no VM backend", self.node.id)))
+    }
+
     fn get_local(&self, name: &str) -> Result<pb::Vm, Status> {
         self.node.state.with_vm(name, vm_pb).ok_or_else(|| Status::not_found(format!("no VM named {name:?}")))
     }
 }
 
-pub fn spec_from_pb(spec: Option<pb::VmSpec>) -> VmSpec {
+pub fn spec_from_pb(spec: Option<pb::VmSpec>) -> Result<VmSpec, ApiError> {
     let s = spec.unwrap_or_default();
-    VmSpec {
+    let restart = if s.restart_policy.is_empty() {
+        RestartPolicy::default()
+    } else {
+        RestartPolicy::parse(&s.restart_policy).ok_or_else(|| {
+            ApiError::Invalid(format!(
+                "invalid restart policy {:?}: one of never, on-failure, always",
+                s.restart_policy
+            ))
+        })?
+    };
+    Ok(VmSpec {
         vcpus: s.vcpus,
         memory_mb: s.memory_mb,
         disk_gb: s.disk_gb,
         labels: s.labels.into_iter().collect(),
         tenant: s.tenant,
-    }
+        restart,
+        boot: BootSpec { kernel: s.kernel, initrd: s.initrd, cmdline: s.cmdline },
+    })
 }
+
+/// Largest console chunk one `VmLogs` call returns.
+const MAX_LOG_CHUNK: usize = 1024 * 1024;
+const DEFAULT_LOG_CHUNK: usize = 64 * 1024;
 
 #[tonic::async_trait]
 impl VmService for VmApi {
@@ -323,18 +365,19 @@ impl VmService for VmApi {
         request: Request<pb::CreateVmRequest>,
     ) -> Result<Response<pb::VmResponse>, Status> {
         let req = request.into_inner();
-        let cmd = Command::CreateVm { name: req.name.clone(), spec: spec_from_pb(req.spec) };
+        let cmd =
+            Command::CreateVm { name: req.name.clone(), spec: spec_from_pb(req.spec)?, start: !req.no_start };
         let applied = self.node.propose(cmd).await?;
         debug_assert!(matches!(applied.output, CommandOutput::VmCreated { .. }));
         // `propose` returned after this node applied the write: read it back.
-        Ok(Response::new(pb::VmResponse { vm: Some(self.get_local(&req.name)?) }))
+        Ok(Response::new(pb::VmResponse { vm: Some(self.get_local(&req.name)?), index: applied.index }))
     }
 
     async fn get_vm(&self, request: Request<pb::GetVmRequest>) -> Result<Response<pb::VmResponse>, Status> {
         let req = request.into_inner();
         crate::validate::vm_name(&req.name).map_err(ApiError::from)?;
         self.read_barrier(req.consistency).await?;
-        Ok(Response::new(pb::VmResponse { vm: Some(self.get_local(&req.name)?) }))
+        Ok(Response::new(pb::VmResponse { vm: Some(self.get_local(&req.name)?), index: 0 }))
     }
 
     async fn list_vms(
@@ -365,5 +408,91 @@ impl VmService for VmApi {
         let req = request.into_inner();
         self.node.propose(Command::DeleteVm { name: req.name }).await?;
         Ok(Response::new(pb::DeleteVmResponse {}))
+    }
+
+    async fn start_vm(
+        &self,
+        request: Request<pb::VmNameRequest>,
+    ) -> Result<Response<pb::VmResponse>, Status> {
+        let name = request.into_inner().name;
+        let applied = self.node.propose(Command::StartVm { name: name.clone() }).await?;
+        Ok(Response::new(pb::VmResponse { vm: Some(self.get_local(&name)?), index: applied.index }))
+    }
+
+    async fn stop_vm(&self, request: Request<pb::VmNameRequest>) -> Result<Response<pb::VmResponse>, Status> {
+        let name = request.into_inner().name;
+        let applied = self.node.propose(Command::StopVm { name: name.clone() }).await?;
+        Ok(Response::new(pb::VmResponse { vm: Some(self.get_local(&name)?), index: applied.index }))
+    }
+
+    async fn restart_vm(
+        &self,
+        request: Request<pb::VmNameRequest>,
+    ) -> Result<Response<pb::VmResponse>, Status> {
+        let name = request.into_inner().name;
+        let applied = self.node.propose(Command::RestartVm { name: name.clone() }).await?;
+        Ok(Response::new(pb::VmResponse { vm: Some(self.get_local(&name)?), index: applied.index }))
+    }
+
+    async fn vm_logs(
+        &self,
+        request: Request<pb::VmLogsRequest>,
+    ) -> Result<Response<pb::VmLogsResponse>, Status> {
+        let fwd = forwarded(&request);
+        let req = request.into_inner();
+        crate::validate::vm_name(&req.name).map_err(ApiError::from)?;
+        let max = match req.max_bytes as usize {
+            0 => DEFAULT_LOG_CHUNK,
+            n => n.min(MAX_LOG_CHUNK),
+        };
+        let owner = self.node.state.with_vm(&req.name, |v| v.node_id);
+        let Some(owner) = owner else { return Err(Status::not_found(format!("no VM named {:?}", req.name))) };
+        if owner != self.node.id {
+            // The console lives on the node that runs the VM.
+            if fwd {
+                return Err(Status::failed_precondition(format!(
+                    "node {} does not run VM {:?} (node {owner} does)",
+                    self.node.id, req.name
+                )));
+            }
+            let addr = self.node.state.with_node(owner, |n| n.addr.clone()).ok_or_else(|| {
+                Status::unavailable(format!("VM {:?} is on unknown node {owner}", req.name))
+            })?;
+            let ch = self.node.channels.channel(&addr).map_err(|e| Status::unavailable(e.to_string()))?;
+            let mut c = blixard_proto::vm_service_client::VmServiceClient::new(ch);
+            return c.vm_logs(forward_req(req)).await;
+        }
+        let backend = self.backend()?;
+        let chunk = backend.logs(&req.name, req.offset, max).await.map_err(vm_status)?;
+        Ok(Response::new(pb::VmLogsResponse {
+            data: chunk.data,
+            next_offset: chunk.next_offset,
+            node_id: owner,
+        }))
+    }
+
+    async fn local_vm(
+        &self,
+        request: Request<pb::VmNameRequest>,
+    ) -> Result<Response<pb::LocalVmResponse>, Status> {
+        let name = request.into_inner().name;
+        crate::validate::vm_name(&name).map_err(ApiError::from)?;
+        let backend = self.backend()?;
+        let status = backend.status(&name).await.map_err(vm_status)?;
+        let mut out = pb::LocalVmResponse { node_id: self.node.id, ..Default::default() };
+        if let Some(s) = status {
+            out.found = true;
+            out.pid = s.pid.unwrap_or(0);
+            out.state = match s.state {
+                blixard_vm::RunState::Starting => "starting".into(),
+                blixard_vm::RunState::Running => "running".into(),
+                blixard_vm::RunState::Stopped => "stopped".into(),
+                blixard_vm::RunState::Failed { reason } => {
+                    out.reason = reason;
+                    "failed".into()
+                }
+            };
+        }
+        Ok(Response::new(out))
     }
 }

@@ -27,9 +27,11 @@ use crate::raft::log_store::{LogStore, WriterStats};
 use crate::raft::network::{NetworkFactory, PeerChannels, RaftRpc, RpcFailure};
 use crate::raft::state_machine::StateMachineStore;
 use crate::raft::{Raft, RaftTuning};
+use crate::reconciler::ReconcilerConfig;
 use crate::state::ClusterState;
 use crate::types::{NodeId, Resources};
 use batcher::{Batcher, SubmitError};
+use blixard_vm::VmBackend;
 use identity::{Identity, IdentityError};
 
 /// How long a write may wait for a leader before the caller is told.
@@ -41,7 +43,7 @@ const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a joining node keeps trying to reach its seed.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(90);
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct NodeConfig {
     pub id: NodeId,
     /// Address the gRPC server listens on.
@@ -55,6 +57,27 @@ pub struct NodeConfig {
     pub capacity: Resources,
     pub labels: BTreeMap<String, String>,
     pub tuning: RaftTuning,
+    /// Runs the VMs placed on this node; `None` runs none (a control-plane
+    /// only node: VMs placed here stay pending).
+    pub vm_backend: Option<Arc<dyn VmBackend>>,
+    pub reconciler: ReconcilerConfig,
+}
+
+impl std::fmt::Debug for NodeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeConfig")
+            .field("id", &self.id)
+            .field("bind", &self.bind)
+            .field("advertise", &self.advertise)
+            .field("data_dir", &self.data_dir)
+            .field("join", &self.join)
+            .field("capacity", &self.capacity)
+            .field("labels", &self.labels)
+            .field("tuning", &self.tuning)
+            .field("vm_backend", &self.vm_backend.as_ref().map(|b| b.describe()))
+            .field("reconciler", &self.reconciler)
+            .finish()
+    }
 }
 
 impl NodeConfig {
@@ -180,6 +203,7 @@ pub struct NodeShared {
     pub batcher: Batcher,
     /// Random per process: with `next_seq`, gives each write a request id.
     session: u64,
+    pub vm_backend: Option<Arc<dyn VmBackend>>,
     next_seq: std::sync::atomic::AtomicU64,
 }
 
@@ -189,6 +213,7 @@ pub struct Node {
     server: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The log writer; it exits once openraft drops the log store.
     log_writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    reconciler: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// Milliseconds since the Unix epoch (virtual under madsim). Stamped into
@@ -265,6 +290,7 @@ impl Node {
             membership_lock: tokio::sync::Mutex::new(()),
             batcher,
             session: identity::random_u64(cfg.id, now_ms()),
+            vm_backend: cfg.vm_backend.clone(),
             next_seq: std::sync::atomic::AtomicU64::new(1),
         });
         let (stop_tx, stop_rx) = oneshot::channel();
@@ -274,6 +300,7 @@ impl Node {
             stop_server: Mutex::new(Some(stop_tx)),
             server: Mutex::new(Some(server)),
             log_writer: Mutex::new(log_writer),
+            reconciler: Mutex::new(None),
         };
 
         if !has_raft_state {
@@ -287,6 +314,11 @@ impl Node {
             }
         }
         tokio::spawn(register_loop(shared.clone(), cfg.capacity, cfg.labels.clone()));
+        if let Some(backend) = &cfg.vm_backend {
+            tracing::info!(backend = %backend.describe(), "VM backend ready");
+            let h = crate::reconciler::spawn(shared.clone(), backend.clone(), cfg.reconciler.clone());
+            *node.reconciler.lock() = Some(h);
+        }
         Ok(node)
     }
 
@@ -301,6 +333,10 @@ impl Node {
     /// Stops serving and shuts Raft down. Returns once the log is closed, so
     /// the data dir can be opened again at once. Durable state stays as it is.
     pub async fn shutdown(&self) {
+        // VMs keep running: a node that comes back adopts them.
+        if let Some(h) = self.reconciler.lock().take() {
+            h.abort();
+        }
         if let Some(tx) = self.stop_server.lock().take() {
             let _ = tx.send(());
         }

@@ -1,0 +1,181 @@
+//! VM lifecycle commands and `--wait`: poll the VM until what the owning
+//! node reports matches what was asked, showing the transitions on a
+//! terminal, and fail with the node's reason if the VM fails.
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
+
+use blixard_proto as pb;
+
+use crate::client::Client;
+use crate::{Failure, WaitOpts};
+
+const POLL: Duration = Duration::from_millis(250);
+
+/// What `--wait` waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Goal {
+    Running,
+    Stopped,
+    /// Running again, in a run launched after this time (ms since epoch).
+    RunningSince(u64),
+}
+
+impl Goal {
+    /// The goal that matches a VM's desired state.
+    pub fn of(vm: &pb::Vm) -> Goal {
+        if vm.desired == "stopped" {
+            Goal::Stopped
+        } else {
+            Goal::Running
+        }
+    }
+
+    fn reached(&self, vm: &pb::Vm) -> bool {
+        match self {
+            Goal::Running => vm.observed == "running",
+            Goal::Stopped => vm.observed == "stopped",
+            Goal::RunningSince(t) => vm.observed == "running" && vm.started_at_ms >= *t,
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Polls `name` until `goal`; fails on timeout, or when the node reports the
+/// VM failed after the request (a revision newer than `asked`, so an old
+/// failure that a start is about to replace does not count).
+pub async fn wait_for(
+    c: &mut Client,
+    name: &str,
+    goal: Goal,
+    opts: WaitOpts,
+    asked: u64,
+) -> Result<pb::Vm, Failure> {
+    let tty = std::io::stderr().is_terminal();
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(opts.timeout);
+    let mut last = String::new();
+    loop {
+        let vm = c.get_vm(name.to_string(), false).await?;
+        if vm.observed != last {
+            if tty {
+                eprintln!(
+                    "{name}: {} (node {}, {:.1}s)",
+                    vm.observed,
+                    vm.node_id,
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            last = vm.observed.clone();
+        }
+        if goal.reached(&vm) {
+            if tty && vm.boot_ms > 0 && goal != Goal::Stopped {
+                eprintln!("{name}: guest ready, boot took {:.2}s", vm.boot_ms as f64 / 1000.0);
+            }
+            return Ok(vm);
+        }
+        if vm.observed == "failed" && goal != Goal::Stopped && vm.revision > asked {
+            return Err(Failure::new(format!(
+                "VM {name} failed on node {}: {}",
+                vm.node_id,
+                if vm.reason.is_empty() { "no reason reported" } else { vm.reason.as_str() }
+            )));
+        }
+        if Instant::now() > deadline {
+            return Err(Failure::new(format!(
+                "VM {name} is {} after {}s (wanted {goal:?}); see `blixard vm status {name}`",
+                vm.observed, opts.timeout
+            )));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+fn done(vm: &pb::Vm, what: &str) -> Result<(), Failure> {
+    println!("VM {} {what} (node {}, observed: {})", vm.name, vm.node_id, vm.observed);
+    Ok(())
+}
+
+pub async fn start(c: &mut Client, name: String, wait: WaitOpts) -> Result<(), Failure> {
+    let (vm, index) = c.start_vm(name.clone()).await?;
+    let vm = if wait.wait { wait_for(c, &name, Goal::Running, wait, index).await? } else { vm };
+    done(&vm, if wait.wait { "started" } else { "start requested" })
+}
+
+pub async fn stop(c: &mut Client, name: String, wait: WaitOpts) -> Result<(), Failure> {
+    let (vm, index) = c.stop_vm(name.clone()).await?;
+    let vm = if wait.wait { wait_for(c, &name, Goal::Stopped, wait, index).await? } else { vm };
+    done(&vm, if wait.wait { "stopped" } else { "stop requested" })
+}
+
+pub async fn restart(c: &mut Client, name: String, wait: WaitOpts) -> Result<(), Failure> {
+    let asked = now_ms();
+    let (vm, index) = c.restart_vm(name.clone()).await?;
+    let vm = if wait.wait { wait_for(c, &name, Goal::RunningSince(asked), wait, index).await? } else { vm };
+    done(&vm, if wait.wait { "restarted" } else { "restart requested" })
+}
+
+/// The owning node's own view of a VM (what its backend sees right now).
+pub async fn local_view(c: &mut Client, vm: &pb::Vm) -> Option<pb::LocalVmResponse> {
+    let status = c.status(false).await.ok()?;
+    let addr = status.nodes.iter().find(|n| n.id == vm.node_id)?.addr.clone();
+    let mut owner = Client::connect(&addr).await.ok()?;
+    owner.local_vm(vm.name.clone()).await.ok()
+}
+
+pub async fn delete(c: &mut Client, name: String, wait: WaitOpts) -> Result<(), Failure> {
+    // Learn where it runs before the record disappears.
+    let owner = if wait.wait {
+        let vm = c.get_vm(name.clone(), false).await?;
+        let status = c.status(false).await?;
+        status.nodes.iter().find(|n| n.id == vm.node_id).map(|n| (n.id, n.addr.clone()))
+    } else {
+        None
+    };
+    c.delete_vm(name.clone()).await?;
+    if let Some((id, addr)) = owner {
+        let deadline = Instant::now() + Duration::from_secs(wait.timeout);
+        let mut node = Client::connect(&addr).await?;
+        loop {
+            let local = node.local_vm(name.clone()).await?;
+            if !local.found {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(Failure::new(format!(
+                    "VM {name} deleted from the cluster, but node {id} still has it ({}) after {}s",
+                    local.state, wait.timeout
+                )));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        println!("deleted VM {name}; node {id} stopped it and removed its files");
+    } else {
+        println!("deleted VM {name}");
+    }
+    Ok(())
+}
+
+pub async fn logs(c: &mut Client, name: String, follow: bool) -> Result<(), Failure> {
+    let mut offset = 0;
+    let mut out = std::io::stdout();
+    loop {
+        let chunk = c.vm_logs(name.clone(), offset).await?;
+        if !chunk.data.is_empty() {
+            out.write_all(&chunk.data).and_then(|_| out.flush()).map_err(|e| Failure::new(e.to_string()))?;
+        }
+        let more = chunk.next_offset > offset;
+        offset = chunk.next_offset;
+        if !more {
+            if !follow {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}

@@ -1,0 +1,405 @@
+//! The reconciler: makes the VMs the replicated state places on this node
+//! real, and reports what they actually do back through Raft.
+//!
+//! Every tick it compares three things: what the state wants (desired state,
+//! generation, spec), what the backend sees (running, stopped, failed), and
+//! what it is itself doing (a start or stop in flight). It then starts,
+//! stops, restarts (per the VM's restart policy, with exponential backoff)
+//! or deletes, and proposes one `ReportVms` command with every VM whose
+//! observed state changed. Actions run as tasks so a slow stop never holds up
+//! the others; a VM with an action in flight is left alone until it ends.
+//! After the node restarts, the backend still lists the guests that kept
+//! running, so they are adopted, not started twice; local VMs the state no
+//! longer places here are stopped and their files removed.
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use blixard_vm::{BootSource, RunState, VmBackend, VmConfig, VmError, VmStatus};
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+use crate::command::{Command, VmReport};
+use crate::node::{ApiError, NodeShared};
+use crate::types::{DesiredState, ObservedState, RestartPolicy, VmRecord, VmRuntime};
+use crate::validate::{MAX_BATCH, MAX_REASON_LEN};
+
+#[derive(Clone, Debug)]
+pub struct ReconcilerConfig {
+    /// How often desired and actual state are compared.
+    pub tick: Duration,
+    /// How long a guest gets to power off before it is forced.
+    pub stop_grace: Duration,
+    /// First restart delay after a failure; doubles per failure.
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// A VM running this long has its failure count (and backoff) reset.
+    pub stable_after: Duration,
+}
+
+impl Default for ReconcilerConfig {
+    fn default() -> Self {
+        Self {
+            tick: Duration::from_millis(500),
+            stop_grace: blixard_vm::DEFAULT_STOP_GRACE,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            stable_after: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What the reconciler remembers about one VM between ticks.
+#[derive(Default)]
+struct Tracked {
+    /// Restarts after failures (survives node restarts through the state).
+    restarts: u32,
+    /// Consecutive failures, for the backoff.
+    failures: u32,
+    next_attempt: Option<Instant>,
+    /// The VM generation last acted on.
+    generation: u64,
+    /// The desired state last acted on: a change means "do it now", no
+    /// restart policy involved.
+    desired: Option<DesiredState>,
+    /// Why the last start failed, if it did (kept until the next start).
+    start_error: Option<String>,
+    /// A start error that retrying cannot fix (bad configuration).
+    permanent: bool,
+    running_since: Option<Instant>,
+    /// The last report proposed, to avoid proposing the same one again.
+    reported: Option<(ObservedState, VmRuntime)>,
+}
+
+/// An action in flight for a VM.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Busy {
+    Starting,
+    Stopping,
+    Deleting,
+}
+
+pub struct Reconciler {
+    node: Arc<NodeShared>,
+    backend: Arc<dyn VmBackend>,
+    cfg: ReconcilerConfig,
+    tracked: HashMap<Arc<str>, Tracked>,
+    busy: Arc<Mutex<HashMap<String, Busy>>>,
+    /// Outcomes of finished starts, collected at the next tick.
+    start_results: Arc<Mutex<Vec<(String, Result<(), VmError>)>>>,
+}
+
+/// Spawns the reconciler loop for `node`.
+pub fn spawn(
+    node: Arc<NodeShared>,
+    backend: Arc<dyn VmBackend>,
+    cfg: ReconcilerConfig,
+) -> tokio::task::JoinHandle<()> {
+    let mut r = Reconciler {
+        node,
+        backend,
+        cfg,
+        tracked: HashMap::new(),
+        busy: Arc::new(Mutex::new(HashMap::new())),
+        start_results: Arc::new(Mutex::new(Vec::new())),
+    };
+    tokio::spawn(async move {
+        loop {
+            r.tick().await;
+            tokio::time::sleep(r.cfg.tick).await;
+        }
+    })
+}
+
+/// A VM this node should run, as read from the state.
+struct Want {
+    name: Arc<str>,
+    config: VmConfig,
+    desired: DesiredState,
+    generation: u64,
+    policy: RestartPolicy,
+    observed: ObservedState,
+    runtime: VmRuntime,
+}
+
+fn want(vm: &VmRecord) -> Want {
+    let b = &vm.spec.boot;
+    let path = |s: &str| (!s.is_empty()).then(|| s.into());
+    Want {
+        name: vm.name.clone(),
+        config: VmConfig {
+            name: vm.name.to_string(),
+            vcpus: vm.spec.vcpus,
+            memory_mb: vm.spec.memory_mb,
+            boot: BootSource {
+                kernel: path(&b.kernel),
+                initrd: path(&b.initrd),
+                cmdline: (!b.cmdline.is_empty()).then(|| b.cmdline.clone()),
+            },
+        },
+        desired: vm.desired,
+        generation: vm.generation,
+        policy: vm.spec.restart,
+        observed: vm.observed,
+        runtime: vm.runtime.clone(),
+    }
+}
+
+/// Delay before restart attempt number `failures`: base, 2×base, 4×base, …
+/// capped at the maximum.
+fn backoff(cfg: &ReconcilerConfig, failures: u32) -> Duration {
+    let factor = 1u32 << failures.saturating_sub(1).min(16);
+    cfg.backoff_base.saturating_mul(factor).min(cfg.backoff_max)
+}
+
+fn cut(mut s: String) -> String {
+    if s.len() > MAX_REASON_LEN {
+        let mut at = MAX_REASON_LEN;
+        while !s.is_char_boundary(at) {
+            at -= 1;
+        }
+        s.truncate(at);
+    }
+    s
+}
+
+impl Reconciler {
+    async fn tick(&mut self) {
+        let me = self.node.id;
+        let mut wants = Vec::new();
+        self.node.state.for_each_vm_on(me, |vm| wants.push(want(vm)));
+        // VMs busy before the listing count as busy for this whole tick: an
+        // action that ends while we list would otherwise look "not started"
+        // against a listing taken before it, and be started twice.
+        let busy_before: HashSet<String> = self.busy.lock().keys().cloned().collect();
+        let actual: HashMap<String, VmStatus> = match self.backend.list().await {
+            Ok(list) => list.into_iter().map(|s| (s.name.clone(), s)).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "VM backend cannot list its VMs; skipping this round");
+                return;
+            }
+        };
+        for (name, result) in std::mem::take(&mut *self.start_results.lock()) {
+            if let Some(t) = self.tracked.get_mut(name.as_str()) {
+                match result {
+                    Ok(()) => {
+                        t.start_error = None;
+                        t.permanent = false;
+                    }
+                    Err(e) => {
+                        t.permanent = matches!(e, VmError::Config(_) | VmError::Unavailable(_));
+                        t.start_error = Some(cut(e.to_string()));
+                        t.failures += 1;
+                        t.next_attempt = Some(Instant::now() + backoff(&self.cfg, t.failures));
+                    }
+                }
+            }
+        }
+
+        // Local VMs the state no longer places here: stop them, remove files.
+        let wanted: HashSet<&str> = wants.iter().map(|w| &*w.name).collect();
+        for name in actual.keys() {
+            if !wanted.contains(name.as_str()) && !self.busy.lock().contains_key(name) {
+                self.act(name.clone(), Busy::Deleting, None);
+            }
+        }
+        self.tracked.retain(|name, _| wanted.contains(&**name));
+
+        let mut reports = Vec::new();
+        for w in &wants {
+            let local = actual.get(&*w.name);
+            self.decide(w, local, busy_before.contains(&*w.name));
+            let report = self.observe(w, local);
+            let t = self.tracked.get_mut(&w.name).expect("tracked by decide");
+            let current = (w.observed, w.runtime.clone());
+            let new = (report.observed, report.runtime.clone());
+            if new != current && t.reported.as_ref() != Some(&new) {
+                t.reported = Some(new);
+                reports.push(report);
+            } else if new == current {
+                t.reported = None;
+            }
+        }
+        for chunk in reports.chunks(MAX_BATCH) {
+            let cmd = Command::ReportVms { node: me, reports: chunk.to_vec() };
+            match self.node.propose(cmd).await {
+                Ok(_) => {}
+                Err(ApiError::Unavailable(why)) => {
+                    // No leader right now: forget what was "sent" so the next
+                    // tick proposes it again.
+                    tracing::debug!(error = %why, "VM status report not committed; retrying next tick");
+                    for r in chunk {
+                        if let Some(t) = self.tracked.get_mut(r.name.as_str()) {
+                            t.reported = None;
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "VM status report rejected"),
+            }
+        }
+    }
+
+    /// Chooses and launches the action for one VM, if any.
+    fn decide(&mut self, w: &Want, local: Option<&VmStatus>, was_busy: bool) {
+        let now = Instant::now();
+        let t = self.tracked.entry(w.name.clone()).or_insert_with(|| Tracked {
+            restarts: w.runtime.restarts,
+            generation: w.runtime.generation,
+            ..Default::default()
+        });
+        if was_busy || self.busy.lock().contains_key(&*w.name) {
+            return;
+        }
+        let running = matches!(local.map(|s| &s.state), Some(RunState::Starting | RunState::Running));
+        match local.map(|s| &s.state) {
+            Some(RunState::Running) => {
+                let since = *t.running_since.get_or_insert(now);
+                if now.duration_since(since) >= self.cfg.stable_after {
+                    t.failures = 0;
+                }
+            }
+            _ => t.running_since = None,
+        }
+        let desired_changed = t.desired != Some(w.desired);
+        t.desired = Some(w.desired);
+        if desired_changed && w.desired == DesiredState::Running {
+            // An operator (re)started it: earlier failures and backoff no
+            // longer apply.
+            t.start_error = None;
+            t.permanent = false;
+            t.failures = 0;
+            t.next_attempt = None;
+        }
+        match w.desired {
+            DesiredState::Stopped => {
+                if running {
+                    self.act(w.name.to_string(), Busy::Stopping, None);
+                }
+            }
+            DesiredState::Running => {
+                let restart_requested = w.generation > t.generation;
+                if restart_requested {
+                    // An operator restart: do it now, whatever the backoff.
+                    t.generation = w.generation;
+                    t.failures = 0;
+                    t.next_attempt = None;
+                    t.permanent = false;
+                    t.start_error = None;
+                    self.act(w.name.to_string(), Busy::Starting, Some((w.config.clone(), running)));
+                    return;
+                }
+                if running {
+                    return;
+                }
+                if desired_changed && local.is_none_or(|s| !matches!(s.state, RunState::Failed { .. })) {
+                    // Newly wanted (created, started, or first seen after a
+                    // node restart with nothing running): start it.
+                    self.act(w.name.to_string(), Busy::Starting, Some((w.config.clone(), false)));
+                    return;
+                }
+                let failed = matches!(local.map(|s| &s.state), Some(RunState::Failed { .. }))
+                    || t.start_error.is_some();
+                let clean_exit = matches!(local.map(|s| &s.state), Some(RunState::Stopped));
+                let never_started = local.is_none() && t.start_error.is_none();
+                let restart = match w.policy {
+                    _ if never_started => true,
+                    _ if t.permanent => false,
+                    RestartPolicy::Never => false,
+                    RestartPolicy::OnFailure => failed,
+                    RestartPolicy::Always => failed || clean_exit,
+                };
+                if !restart || t.next_attempt.is_some_and(|at| now < at) {
+                    return;
+                }
+                if !never_started {
+                    t.restarts += 1;
+                    if t.start_error.is_none() {
+                        // A crash (not a failed start, which already counted).
+                        t.failures += 1;
+                    }
+                    t.next_attempt = Some(now + backoff(&self.cfg, t.failures));
+                }
+                t.start_error = None;
+                self.act(w.name.to_string(), Busy::Starting, Some((w.config.clone(), false)));
+            }
+        }
+    }
+
+    /// Runs an action as its own task; the VM stays busy until it ends.
+    /// `start` carries the config and whether to stop a running VM first.
+    fn act(&self, name: String, kind: Busy, start: Option<(VmConfig, bool)>) {
+        self.busy.lock().insert(name.clone(), kind);
+        let backend = self.backend.clone();
+        let busy = self.busy.clone();
+        let results = self.start_results.clone();
+        let grace = self.cfg.stop_grace;
+        tokio::spawn(async move {
+            match (kind, start) {
+                (Busy::Starting, Some((config, stop_first))) => {
+                    if stop_first {
+                        if let Err(e) = backend.stop(&name, grace).await {
+                            tracing::warn!(vm = %name, error = %e, "stop before restart failed");
+                        }
+                    }
+                    let r = backend.start(&config).await.map(|_| ());
+                    if let Err(e) = &r {
+                        tracing::warn!(vm = %name, error = %e, "VM failed to start");
+                        // Leave nothing behind of a VM that could not start
+                        // because of its configuration.
+                        if matches!(e, VmError::Config(_) | VmError::Unavailable(_)) {
+                            let _ = backend.delete(&name).await;
+                        }
+                    } else {
+                        tracing::info!(vm = %name, "VM started");
+                    }
+                    results.lock().push((name.clone(), r));
+                }
+                (Busy::Stopping, _) => match backend.stop(&name, grace).await {
+                    Ok(()) => tracing::info!(vm = %name, "VM stopped"),
+                    Err(e) => tracing::warn!(vm = %name, error = %e, "VM stop failed"),
+                },
+                (Busy::Deleting, _) => match backend.delete(&name).await {
+                    Ok(()) => tracing::info!(vm = %name, "VM deleted from this node"),
+                    Err(e) => tracing::warn!(vm = %name, error = %e, "VM delete failed"),
+                },
+                (Busy::Starting, None) => {}
+            }
+            busy.lock().remove(&name);
+        });
+    }
+
+    /// What to report for one VM.
+    fn observe(&self, w: &Want, local: Option<&VmStatus>) -> VmReport {
+        let t = &self.tracked[&w.name];
+        let busy = self.busy.lock().get(&*w.name).copied();
+        let mut runtime = VmRuntime { restarts: t.restarts, generation: t.generation, ..Default::default() };
+        if let Some(s) = local {
+            runtime.pid = s.pid;
+            runtime.started_at_ms = s.started_at_ms;
+            runtime.boot_ms = s.boot_ms;
+        }
+        let observed = match (busy, local.map(|s| &s.state)) {
+            (Some(Busy::Stopping | Busy::Deleting), _) => ObservedState::Stopping,
+            (Some(Busy::Starting), _) => ObservedState::Starting,
+            (None, Some(RunState::Starting)) => ObservedState::Starting,
+            (None, Some(RunState::Running)) => ObservedState::Running,
+            (None, Some(RunState::Failed { reason })) => {
+                runtime.reason = cut(reason.clone());
+                ObservedState::Failed
+            }
+            (None, Some(RunState::Stopped)) if t.start_error.is_none() => ObservedState::Stopped,
+            (None, _) => match (&t.start_error, w.desired) {
+                (Some(e), _) => {
+                    runtime.reason = e.clone();
+                    ObservedState::Failed
+                }
+                (None, DesiredState::Stopped) => ObservedState::Stopped,
+                (None, DesiredState::Running) => ObservedState::Pending,
+            },
+        };
+        if !matches!(observed, ObservedState::Starting | ObservedState::Running | ObservedState::Stopping) {
+            runtime.pid = None;
+        }
+        VmReport { name: w.name.to_string(), observed, runtime }
+    }
+}

@@ -1,0 +1,764 @@
+//! Real microVMs: one `qemu-system-x86_64 -M microvm` process per VM.
+//!
+//! Every VM lives in `<root>/<name>/` (see [`VmDirs`]): `meta.json` (config
+//! and launch time), `pid`, `console.log` (serial console), `vmm.stderr`,
+//! `qmp.sock`, and small state files this backend writes:
+//! - `ready_at`: ms timestamp when the readiness marker was first seen, so
+//!   `boot_ms` survives a restart of the node process;
+//! - `stopped`: the VM was stopped on request, so its end is not a failure;
+//! - `exit.json`: the exit status of the last run, once known.
+//!
+//! QEMU runs in its own session (setsid), not as a daemon: it stays our child
+//! while this process lives (so we get its real exit status) but survives a
+//! restart of the node, after which a new `QemuBackend` adopts it from the
+//! files and the pid (checked against the command line, see
+//! [`host::pid_alive`]).
+use std::collections::HashMap;
+use std::fs;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+use crate::backend::{
+    BackendKind, ExitInfo, LogChunk, RunState, VmBackend, VmConfig, VmError, VmStatus, READY_MARKER,
+};
+use crate::host::{self, VmDirs};
+use crate::image;
+
+const QEMU: &str = "qemu-system-x86_64";
+
+/// The Debian cloud kernel does not boot in less (STACK.md: 64 MiB fails).
+pub const MIN_MEMORY_MB: u64 = 80;
+
+/// How long `start` waits for QEMU to answer on QMP, the sign that it
+/// accepted its arguments and runs the guest. Past it, `start` returns
+/// Starting anyway (a very busy host) and `status` tells the rest.
+const LAUNCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often `stop` presses the power button again during the grace time.
+const POWERDOWN_REPEAT: Duration = Duration::from_secs(3);
+/// After QMP `quit`, before SIGKILL.
+const QUIT_TIMEOUT: Duration = Duration::from_secs(2);
+/// One QMP exchange (connect, handshake, command).
+const QMP_TIMEOUT: Duration = Duration::from_secs(2);
+/// Grace `delete` gives a running guest before forcing it.
+const DELETE_GRACE: Duration = Duration::from_secs(3);
+const POLL: Duration = Duration::from_millis(25);
+
+/// Longest unix socket path (sun_path is 108 bytes with the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Accel {
+    Kvm,
+    Tcg,
+}
+
+/// What `meta.json` holds.
+#[derive(Serialize, Deserialize)]
+struct Meta {
+    config: VmConfig,
+    started_at_ms: Option<u64>,
+}
+
+pub struct QemuBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dirs: VmDirs,
+    image_cache: PathBuf,
+    version: String,
+    accel: Accel,
+    /// Why this acceleration was chosen, for `describe`.
+    accel_reason: String,
+    /// Host TSC frequency, passed to TCG guests as `tsc_early_khz`.
+    tsc_khz: Option<u64>,
+    /// QEMU processes launched by this instance, by VM name: the only ones
+    /// whose exit status we can collect (and must reap).
+    children: Mutex<HashMap<String, Child>>,
+}
+
+impl QemuBackend {
+    /// `root` holds the VM directories; `image_cache` the default guest
+    /// image (see [`image::default_cache_dir`]).
+    pub fn new(root: PathBuf, image_cache: PathBuf) -> Result<Self, VmError> {
+        let out = Command::new(QEMU).arg("--version").output().map_err(|e| {
+            VmError::Unavailable(format!("{QEMU} could not run ({e}): install the qemu-system-x86 package"))
+        })?;
+        if !out.status.success() {
+            return Err(VmError::Unavailable(format!(
+                "`{QEMU} --version` failed ({}): {}; reinstall the qemu-system-x86 package",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        // "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)"
+        let version = text
+            .split_whitespace()
+            .skip_while(|w| *w != "version")
+            .nth(1)
+            .unwrap_or("(unknown version)")
+            .to_string();
+        let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let (accel, accel_reason) = choose_accel(&cpuinfo);
+        fs::create_dir_all(&root).map_err(VmError::io(format!("creating VM root {}", root.display())))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                dirs: VmDirs::new(root),
+                image_cache,
+                version,
+                accel,
+                accel_reason,
+                tsc_khz: tsc_khz(&cpuinfo),
+                children: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// "kvm" or "tcg".
+    pub fn accel(&self) -> &str {
+        match self.inner.accel {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        self.inner.dirs.root()
+    }
+
+    /// Runs blocking status/file work off the async threads.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner) -> Result<T, VmError> + Send + 'static,
+    ) -> Result<T, VmError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| VmError::Failed(format!("internal error: blocking task failed: {e}")))?
+    }
+
+    /// Validates `vm` and resolves its kernel and initrd (building the
+    /// default image if needed). Creates nothing in the VM root.
+    async fn resolve(&self, vm: &VmConfig) -> Result<Boot, VmError> {
+        check_name(&vm.name)?;
+        if vm.vcpus < 1 {
+            return Err(VmError::Config(format!(
+                "vcpus {} is invalid: a VM needs at least 1 vCPU",
+                vm.vcpus
+            )));
+        }
+        if vm.memory_mb < MIN_MEMORY_MB {
+            return Err(VmError::Config(format!(
+                "memory {} MiB is below the guest minimum of {MIN_MEMORY_MB} MiB",
+                vm.memory_mb
+            )));
+        }
+        let socket = self.inner.dirs.qmp_socket(&vm.name);
+        if socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(VmError::Config(format!(
+                "the QMP socket path {} is longer than {MAX_SOCKET_PATH} bytes: use a shorter VM root or name",
+                socket.display()
+            )));
+        }
+        // A missing kernel means the default image; a kernel without an
+        // initrd boots as given (its own initramfs or root= on the cmdline);
+        // an initrd without a kernel goes with the default kernel.
+        let (kernel, initrd, default_kernel) = match (&vm.boot.kernel, &vm.boot.initrd) {
+            (Some(k), i) => (k.clone(), i.clone(), false),
+            (None, i) => {
+                let cache = self.inner.image_cache.clone();
+                let img = self.blocking(move |_| image::ensure_default_image(&cache)).await?;
+                (img.kernel, Some(i.clone().unwrap_or(img.initrd)), true)
+            }
+        };
+        check_readable(&kernel, "kernel")?;
+        if let Some(i) = &initrd {
+            check_readable(i, "initrd")?;
+        }
+        Ok(Boot { kernel, initrd, default_kernel })
+    }
+}
+
+/// What `resolve` found to boot.
+struct Boot {
+    kernel: PathBuf,
+    initrd: Option<PathBuf>,
+    /// The project's default kernel (not one the user chose).
+    default_kernel: bool,
+}
+
+/// Hardware KVM only with vmx/svm in the CPU flags and a usable /dev/kvm:
+/// some hosts expose a software /dev/kvm (kvm_pvm) on which stock guests hang.
+fn choose_accel(cpuinfo: &str) -> (Accel, String) {
+    let has_virt = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    if !has_virt {
+        return (Accel::Tcg, "TCG (no vmx/svm in /proc/cpuinfo)".into());
+    }
+    match fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(_) => (Accel::Kvm, "KVM".into()),
+        Err(e) => (Accel::Tcg, format!("TCG (/dev/kvm not usable: {e})")),
+    }
+}
+
+/// The host TSC frequency in kHz, from the first "cpu MHz" line. Under TCG
+/// the guest TSC ticks at the host's rate; telling the guest kernel
+/// (`tsc_early_khz`) skips its calibration, which hangs ~1 boot in 3 when
+/// the emulated PIT is slow.
+fn tsc_khz(cpuinfo: &str) -> Option<u64> {
+    let mhz: f64 =
+        cpuinfo.lines().find(|l| l.starts_with("cpu MHz"))?.split(':').nth(1)?.trim().parse().ok()?;
+    (mhz > 0.0).then(|| (mhz * 1000.0).round() as u64)
+}
+
+/// VM names become directory names: only DNS labels, so no name can reach
+/// outside the VM root ("..", "/").
+fn check_name(name: &str) -> Result<(), VmError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(VmError::Config(format!(
+            "VM name {name:?} is not a DNS label (1-63 of a-z, 0-9, '-', not starting or ending with '-')"
+        )))
+    }
+}
+
+fn check_readable(path: &Path, what: &str) -> Result<(), VmError> {
+    match fs::File::open(path) {
+        Ok(f) if f.metadata().map(|m| m.is_file()).unwrap_or(false) => Ok(()),
+        Ok(_) => Err(VmError::Config(format!("{what} {} is not a regular file", path.display()))),
+        Err(e) => Err(VmError::Config(format!("{what} {} is not readable: {e}", path.display()))),
+    }
+}
+
+fn read_meta(path: &Path) -> Option<Meta> {
+    serde_json::from_slice(&fs::read(path).ok()?).ok()
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), VmError> {
+    let bytes = serde_json::to_vec_pretty(value)
+        .map_err(|e| VmError::Failed(format!("encoding {}: {e}", path.display())))?;
+    fs::write(path, bytes).map_err(VmError::io(format!("writing {}", path.display())))
+}
+
+fn describe_exit(exit: &ExitInfo) -> String {
+    match (exit.code, exit.signal) {
+        (Some(c), _) => format!("qemu exited with code {c}"),
+        (None, Some(9)) => "qemu was killed by signal 9 (SIGKILL)".into(),
+        (None, Some(s)) => format!("qemu was killed by signal {s}"),
+        (None, None) => "qemu ended with an unknown status".into(),
+    }
+}
+
+fn with_stderr(msg: String, stderr_tail: &str) -> String {
+    if stderr_tail.is_empty() {
+        msg
+    } else {
+        format!("{msg}: {stderr_tail}")
+    }
+}
+
+impl Inner {
+    fn exit_file(&self, name: &str) -> PathBuf {
+        self.dirs.dir(name).join("exit.json")
+    }
+    fn stopped_file(&self, name: &str) -> PathBuf {
+        self.dirs.dir(name).join("stopped")
+    }
+    fn ready_file(&self, name: &str) -> PathBuf {
+        self.dirs.dir(name).join("ready_at")
+    }
+    /// What `pid_alive` looks for in /proc/<pid>/cmdline: the VM directory
+    /// (with a trailing slash so VM "a" does not match "ab").
+    fn needle(&self, name: &str) -> String {
+        format!("{}/", self.dirs.dir(name).display())
+    }
+
+    /// Reaps our child for `name` if it has ended, persisting the exit
+    /// status. Returns `Some(alive)` for our own children, `None` for VMs we
+    /// did not launch (adopted after a restart).
+    fn poll_child(&self, name: &str) -> Option<bool> {
+        let mut children = self.children.lock();
+        let child = children.get_mut(name)?;
+        match child.try_wait() {
+            Ok(None) => Some(true),
+            Ok(Some(st)) => {
+                let exit = ExitInfo { code: st.code(), signal: st.signal() };
+                children.remove(name);
+                drop(children);
+                if let Err(e) = write_json(&self.exit_file(name), &exit) {
+                    tracing::warn!(vm = name, "could not record the exit status: {e}");
+                }
+                Some(false)
+            }
+            Err(e) => {
+                tracing::warn!(vm = name, "waiting for qemu failed: {e}");
+                children.remove(name);
+                Some(false)
+            }
+        }
+    }
+
+    /// True while the VMM process of `name` (pid from its pidfile) runs.
+    fn is_running(&self, name: &str, pid: u32) -> bool {
+        match self.poll_child(name) {
+            Some(alive) => alive,
+            None => host::pid_alive(pid, &self.needle(name)),
+        }
+    }
+
+    fn status(&self, name: &str) -> Result<Option<VmStatus>, VmError> {
+        let dir = self.dirs.dir(name);
+        if check_name(name).is_err() || !dir.is_dir() {
+            return Ok(None);
+        }
+        let started_at_ms = read_meta(&self.dirs.meta(name)).and_then(|m| m.started_at_ms);
+        let mut st = VmStatus {
+            name: name.to_string(),
+            state: RunState::Stopped,
+            pid: None,
+            started_at_ms,
+            boot_ms: None,
+            exit: None,
+        };
+        // Prepared but never launched.
+        let Some(pid) = host::read_pidfile(&self.dirs.pidfile(name)) else { return Ok(Some(st)) };
+        let alive = self.is_running(name, pid);
+        let mut ready_at: Option<u64> =
+            fs::read_to_string(self.ready_file(name)).ok().and_then(|s| s.trim().parse().ok());
+        if alive && ready_at.is_none() && host::file_contains(&self.dirs.console(name), READY_MARKER) {
+            // The guest prints the marker last, so the console's mtime is
+            // when it was written, closer than "now" (we poll).
+            let now = host::now_ms();
+            let mtime = fs::metadata(self.dirs.console(name))
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(now);
+            let at = mtime.min(now).max(started_at_ms.unwrap_or(0));
+            fs::write(self.ready_file(name), at.to_string())
+                .map_err(VmError::io(format!("writing {}", self.ready_file(name).display())))?;
+            ready_at = Some(at);
+        }
+        st.boot_ms = match (ready_at, started_at_ms) {
+            (Some(r), Some(s)) => Some(r.saturating_sub(s)),
+            _ => None,
+        };
+        if alive {
+            st.pid = Some(pid);
+            st.state = if ready_at.is_some() { RunState::Running } else { RunState::Starting };
+            return Ok(Some(st));
+        }
+        let exit: Option<ExitInfo> =
+            fs::read(self.exit_file(name)).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        let stopped = self.stopped_file(name).exists();
+        let stderr_tail = || host::tail(&self.dirs.stderr(name), 400);
+        st.state = match (&exit, stopped) {
+            (_, true) => RunState::Stopped,
+            (Some(e), false) if e.code == Some(0) => match panic_line(&self.dirs.console(name)) {
+                // QEMU runs with -no-reboot and the guest with panic=-1, so
+                // a guest kernel panic ends QEMU with code 0, like a poweroff.
+                Some(line) => RunState::Failed { reason: format!("guest kernel panicked: {line}") },
+                None => RunState::Stopped,
+            },
+            (Some(e), false) => RunState::Failed { reason: with_stderr(describe_exit(e), &stderr_tail()) },
+            (None, false) => RunState::Failed {
+                reason: format!("VMM process {pid} is gone (exit status unknown: node restarted)"),
+            },
+        };
+        st.exit = exit;
+        Ok(Some(st))
+    }
+
+    /// Launches QEMU for `vm` and waits until it has opened its QMP socket
+    /// (or died). Blocking: runs under spawn_blocking.
+    fn launch(&self, vm: &VmConfig, boot: &Boot) -> Result<(u32, u64), VmError> {
+        let name = vm.name.as_str();
+        let dir = self.dirs.dir(name);
+        if let Some(pid) = host::read_pidfile(&self.dirs.pidfile(name)) {
+            if self.is_running(name, pid) {
+                return Err(VmError::Failed(format!("VM {name} is already running (qemu pid {pid})")));
+            }
+        }
+        // A fresh run: forget everything about the previous one (its marker
+        // in the old console log must not make the new run look ready).
+        for f in [
+            self.dirs.pidfile(name),
+            self.dirs.console(name),
+            self.dirs.stderr(name),
+            self.dirs.qmp_socket(name),
+            self.exit_file(name),
+            self.stopped_file(name),
+            self.ready_file(name),
+        ] {
+            match fs::remove_file(&f) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(VmError::io(format!("removing {}", f.display()))(e)),
+            }
+        }
+
+        let mut append = String::from("console=ttyS0");
+        if self.accel == Accel::Tcg {
+            if let Some(khz) = self.tsc_khz {
+                append.push_str(&format!(" tsc_early_khz={khz}"));
+            }
+        }
+        // Reboot on panic at once; with -no-reboot that ends QEMU instead of
+        // leaving a hung guest that looks "Starting" forever.
+        append.push_str(" panic=-1");
+        // Printing ~250 kernel lines through the emulated UART costs ~0.6 s
+        // of a ~3 s TCG boot; warnings, errors and panics still show.
+        // `loglevel=7` in the VM's cmdline (later arguments win) restores them.
+        if boot.default_kernel {
+            append.push_str(" quiet");
+        }
+        if let Some(extra) = vm.boot.cmdline.as_deref().filter(|s| !s.trim().is_empty()) {
+            append.push(' ');
+            append.push_str(extra.trim());
+        }
+
+        let mut cmd = Command::new(QEMU);
+        cmd.args(["-M", "microvm,pit=on,pic=on,rtc=on"]);
+        match self.accel {
+            Accel::Kvm => cmd.args(["-accel", "kvm", "-cpu", "host"]),
+            Accel::Tcg => cmd.args(["-accel", "tcg", "-cpu", "max"]),
+        };
+        cmd.args(["-m", &vm.memory_mb.to_string(), "-smp", &vm.vcpus.to_string()]);
+        cmd.arg("-kernel").arg(&boot.kernel);
+        if let Some(i) = &boot.initrd {
+            cmd.arg("-initrd").arg(i);
+        }
+        cmd.args(["-append", &append]);
+        cmd.args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+        cmd.arg("-serial").arg(format!("file:{}", self.dirs.console(name).display()));
+        cmd.arg("-qmp").arg(format!("unix:{},server=on,wait=off", self.dirs.qmp_socket(name).display()));
+        cmd.arg("-name").arg(format!("blixard-{name}"));
+
+        let stderr_path = self.dirs.stderr(name);
+        let stderr = fs::File::create(&stderr_path)
+            .map_err(VmError::io(format!("creating {}", stderr_path.display())))?;
+        let stdout =
+            stderr.try_clone().map_err(VmError::io(format!("duplicating {}", stderr_path.display())))?;
+        cmd.stdin(Stdio::null()).stdout(stdout).stderr(stderr).current_dir(&dir);
+        // SAFETY: setsid(2) is async-signal-safe and touches no memory. A new
+        // session keeps the guest alive when the node process (or its
+        // terminal's process group) is killed: guests outlive node restarts.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let started_at_ms = host::now_ms();
+        let child = cmd.spawn().map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                VmError::Unavailable(format!("{QEMU} not found: install the qemu-system-x86 package"))
+            }
+            _ => VmError::io(format!("launching {QEMU} for VM {name}"))(e),
+        })?;
+        let pid = child.id();
+        self.children.lock().insert(name.to_string(), child);
+        let recorded = host::write_pidfile(&self.dirs.pidfile(name), pid).and_then(|_| {
+            write_json(
+                &self.dirs.meta(name),
+                &Meta { config: vm.clone(), started_at_ms: Some(started_at_ms) },
+            )
+        });
+        if let Err(e) = recorded {
+            // Without a pidfile nobody could find this VM again: don't leave
+            // it running.
+            self.kill_and_reap(name, pid);
+            return Err(e);
+        }
+        Ok((pid, started_at_ms))
+    }
+
+    fn kill_and_reap(&self, name: &str, pid: u32) {
+        if let Some(mut child) = self.children.lock().remove(name) {
+            let _ = child.kill();
+            let _ = child.wait();
+        } else {
+            host::signal(pid, libc::SIGKILL);
+        }
+    }
+}
+
+/// The "Kernel panic - not syncing: ..." line of a console log, if any.
+fn panic_line(console: &Path) -> Option<String> {
+    let tail = host::tail(console, 16 * 1024);
+    tail.lines().find(|l| l.contains("Kernel panic")).map(|l| l.trim().to_string())
+}
+
+/// One QMP exchange: greeting, capabilities negotiation, `command`. Returns
+/// the reply's "return" value. For `quit`, QEMU may close the socket before
+/// answering; that counts as success.
+async fn qmp(socket: &Path, command: &str) -> Result<serde_json::Value, String> {
+    let exchange = async {
+        let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| format!("connecting: {e}"))?;
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        let greeting = lines.next_line().await.map_err(|e| format!("reading the greeting: {e}"))?;
+        if !greeting.as_deref().is_some_and(|g| g.contains("\"QMP\"")) {
+            return Err(format!("unexpected greeting {greeting:?}"));
+        }
+        let mut reply = serde_json::Value::Null;
+        for (i, cmd) in ["qmp_capabilities", command].iter().enumerate() {
+            let msg = format!("{{\"execute\":\"{cmd}\"}}\n");
+            write.write_all(msg.as_bytes()).await.map_err(|e| format!("sending {cmd}: {e}"))?;
+            // Skip asynchronous events until the command's answer.
+            reply = loop {
+                let line = match lines.next_line().await {
+                    Ok(Some(l)) => l,
+                    Ok(None) | Err(_) if *cmd == "quit" && i == 1 => break serde_json::Value::Null,
+                    Ok(None) => return Err(format!("QEMU closed QMP before answering {cmd}")),
+                    Err(e) => return Err(format!("reading the answer to {cmd}: {e}")),
+                };
+                let v: serde_json::Value =
+                    serde_json::from_str(&line).map_err(|e| format!("bad QMP answer {line:?}: {e}"))?;
+                if let Some(err) = v.get("error") {
+                    return Err(format!("{cmd} failed: {err}"));
+                }
+                if let Some(ret) = v.get("return") {
+                    break ret.clone();
+                }
+            };
+        }
+        Ok(reply)
+    };
+    tokio::time::timeout(QMP_TIMEOUT, exchange)
+        .await
+        .map_err(|_| format!("no answer within {QMP_TIMEOUT:?}"))?
+        .map_err(|e| format!("QMP {command} on {}: {e}", socket.display()))
+}
+
+impl QemuBackend {
+    /// `prepare`, returning the kernel and initrd to boot. Validation comes
+    /// first, so a bad config leaves no directory behind.
+    async fn prepare_resolved(&self, vm: &VmConfig) -> Result<Boot, VmError> {
+        let boot = self.resolve(vm).await?;
+        let vm = vm.clone();
+        self.blocking(move |inner| {
+            let dir = inner.dirs.dir(&vm.name);
+            fs::create_dir_all(&dir).map_err(VmError::io(format!("creating {}", dir.display())))?;
+            // Keep the launch time of an existing run; record the config so
+            // `list` sees the VM before its first start.
+            let started_at_ms = read_meta(&inner.dirs.meta(&vm.name)).and_then(|m| m.started_at_ms);
+            write_json(&inner.dirs.meta(&vm.name), &Meta { config: vm, started_at_ms })
+        })
+        .await?;
+        Ok(boot)
+    }
+
+    /// Polls until the VMM of `name` is gone or `within` has passed.
+    async fn wait_exit(&self, name: &str, pid: u32, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            if !self.inner.is_running(name, pid) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl VmBackend for QemuBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Qemu
+    }
+
+    fn describe(&self) -> String {
+        format!("qemu {}, {}", self.inner.version, self.inner.accel_reason)
+    }
+
+    async fn prepare(&self, vm: &VmConfig) -> Result<(), VmError> {
+        self.prepare_resolved(vm).await.map(|_| ())
+    }
+
+    async fn start(&self, vm: &VmConfig) -> Result<VmStatus, VmError> {
+        let boot = self.prepare_resolved(vm).await?;
+        let name = vm.name.clone();
+        let vm2 = vm.clone();
+        let (pid, started_at_ms) = self.blocking(move |inner| inner.launch(&vm2, &boot)).await?;
+
+        // QEMU creates the QMP socket early, before it builds the machine
+        // (where e.g. a memory allocation can still fail), but only answers
+        // on it from its main loop: a QMP answer means the guest runs.
+        let socket = self.inner.dirs.qmp_socket(&name);
+        let deadline = Instant::now() + LAUNCH_TIMEOUT;
+        while self.inner.is_running(&name, pid) && Instant::now() < deadline {
+            if socket.exists() && qmp(&socket, "query-status").await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        if !self.inner.is_running(&name, pid) {
+            let status = self.status(&name).await?;
+            let exit = status.as_ref().and_then(|s| s.exit.clone());
+            let what = exit.as_ref().map(describe_exit).unwrap_or_else(|| "qemu exited".into());
+            let tail = host::tail(&self.inner.dirs.stderr(&name), 1000);
+            return Err(VmError::Failed(with_stderr(format!("{what} right after launch"), &tail)));
+        }
+        Ok(VmStatus {
+            name,
+            state: RunState::Starting,
+            pid: Some(pid),
+            started_at_ms: Some(started_at_ms),
+            boot_ms: None,
+            exit: None,
+        })
+    }
+
+    async fn stop(&self, name: &str, grace: Duration) -> Result<(), VmError> {
+        check_name(name)?;
+        let inner = &self.inner;
+        if !inner.dirs.dir(name).is_dir() {
+            return Err(VmError::NotFound(name.to_string()));
+        }
+        let Some(pid) = host::read_pidfile(&inner.dirs.pidfile(name)) else { return Ok(()) };
+        if !inner.is_running(name, pid) {
+            return Ok(());
+        }
+        // First, so whatever ends the process below reads as "stopped on
+        // request", not as a failure.
+        let marker = inner.stopped_file(name);
+        fs::write(&marker, host::now_ms().to_string())
+            .map_err(VmError::io(format!("writing {}", marker.display())))?;
+
+        let socket = inner.dirs.qmp_socket(name);
+        // Press the power button, again every POWERDOWN_REPEAT: a guest
+        // still booting (or not yet listening) loses a press, and a second
+        // press to a guest already shutting down is harmless.
+        let deadline = Instant::now() + grace;
+        loop {
+            if let Err(e) = qmp(&socket, "system_powerdown").await {
+                tracing::warn!(vm = name, "graceful stop impossible: {e}");
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self.wait_exit(name, pid, left.min(POWERDOWN_REPEAT)).await {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                tracing::info!(vm = name, "guest did not power off within {grace:?}: forcing it");
+                break;
+            }
+        }
+        if let Err(e) = qmp(&socket, "quit").await {
+            tracing::warn!(vm = name, "{e}");
+        }
+        if self.wait_exit(name, pid, QUIT_TIMEOUT).await {
+            return Ok(());
+        }
+        host::signal(pid, libc::SIGKILL);
+        if self.wait_exit(name, pid, QUIT_TIMEOUT).await {
+            return Ok(());
+        }
+        Err(VmError::Failed(format!("qemu pid {pid} of VM {name} survived SIGKILL")))
+    }
+
+    async fn delete(&self, name: &str) -> Result<(), VmError> {
+        check_name(name)?;
+        if !self.inner.dirs.dir(name).is_dir() {
+            return Ok(());
+        }
+        self.stop(name, DELETE_GRACE).await?;
+        let name = name.to_string();
+        self.blocking(move |inner| {
+            // Reap (a stopped child is already gone from the map; this only
+            // drops a stale entry) and remove every file.
+            inner.poll_child(&name);
+            inner.children.lock().remove(&name);
+            inner.dirs.remove(&name)
+        })
+        .await
+    }
+
+    async fn status(&self, name: &str) -> Result<Option<VmStatus>, VmError> {
+        let name = name.to_string();
+        self.blocking(move |inner| inner.status(&name)).await
+    }
+
+    async fn list(&self) -> Result<Vec<VmStatus>, VmError> {
+        self.blocking(|inner| {
+            let mut out = Vec::new();
+            for name in inner.dirs.names()? {
+                if let Some(s) = inner.status(&name)? {
+                    out.push(s);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn logs(&self, name: &str, offset: u64, max: usize) -> Result<LogChunk, VmError> {
+        check_name(name)?;
+        let name = name.to_string();
+        self.blocking(move |inner| {
+            if !inner.dirs.dir(&name).is_dir() {
+                return Err(VmError::NotFound(name));
+            }
+            host::read_log(&inner.dirs.console(&name), offset, max)
+        })
+        .await
+    }
+}
+
+impl Drop for Inner {
+    /// Reaps children that already ended, so none lingers as a zombie. Live
+    /// guests are left running on purpose (they outlive the node process).
+    fn drop(&mut self) {
+        for (_, child) in self.children.get_mut().iter_mut() {
+            let _ = child.try_wait();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accel_needs_cpu_virtualisation() {
+        let (a, why) = choose_accel("flags\t\t: fpu vme de pse tsc\n");
+        assert_eq!(a, Accel::Tcg);
+        assert!(why.contains("no vmx/svm"), "{why}");
+    }
+
+    #[test]
+    fn tsc_from_cpuinfo() {
+        assert_eq!(tsc_khz("processor : 0\ncpu MHz\t\t: 2596.138\n"), Some(2_596_138));
+        assert_eq!(tsc_khz("processor : 0\n"), None);
+    }
+
+    #[test]
+    fn names_are_dns_labels() {
+        assert!(check_name("web-1").is_ok());
+        for bad in ["", "../x", "a/b", "-a", "A", "a_b"] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! The sim backend. On plain tokio the durations are real (and short); with
+//! `--cfg madsim` the same tests run on madsim's virtual clock.
+use std::time::Duration;
+
+use blixard_vm::sim::{Faults, SimHost, SimWorld, CRASH_REASON};
+use blixard_vm::{BackendKind, BootSource, RunState, VmBackend, VmConfig, VmError, VmStatus, READY_MARKER};
+
+fn vm(name: &str) -> VmConfig {
+    VmConfig { name: name.into(), vcpus: 1, memory_mb: 128, boot: BootSource::default() }
+}
+
+fn fast() -> Faults {
+    Faults { boot_delay: Duration::from_millis(30), ..Faults::default() }
+}
+
+async fn state(b: &dyn VmBackend, name: &str) -> RunState {
+    b.status(name).await.unwrap().expect("known VM").state
+}
+
+/// Polls until `pred` holds (generous deadline; no timing assertions).
+async fn wait_for(b: &dyn VmBackend, name: &str, pred: impl Fn(&VmStatus) -> bool) -> VmStatus {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = b.status(name).await.unwrap().expect("known VM");
+        if pred(&s) {
+            return s;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out; last status {s:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn console(b: &dyn VmBackend, name: &str) -> String {
+    String::from_utf8(b.logs(name, 0, 1 << 20).await.unwrap().data).unwrap()
+}
+
+#[tokio::test]
+async fn boots_after_the_delay_and_logs_the_marker() {
+    let world = SimWorld::new();
+    let host = SimHost::new(world.clone(), 1);
+    let b = host.backend();
+    assert_eq!((b.kind(), b.describe().as_str()), (BackendKind::Sim, "sim"));
+    host.set_default_faults(Faults { boot_delay: Duration::from_millis(200), ..Faults::default() });
+
+    let s = b.start(&vm("a")).await.unwrap();
+    assert_eq!(s.state, RunState::Starting);
+    assert!(s.pid.is_some() && s.started_at_ms.is_some() && s.boot_ms.is_none());
+    assert!(!console(&b, "a").await.contains(READY_MARKER), "no marker while starting");
+    assert_eq!(world.running_hosts("a"), vec![1]);
+
+    let s = wait_for(&b, "a", |s| s.state == RunState::Running).await;
+    assert_eq!(s.boot_ms, Some(200));
+    let log = console(&b, "a").await;
+    assert!(log.contains(READY_MARKER), "{log}");
+
+    // Offsets work like a file.
+    let first = b.logs("a", 0, 5).await.unwrap();
+    assert_eq!(first.data, log.as_bytes()[..5]);
+    assert_eq!(first.next_offset, 5);
+    let rest = b.logs("a", first.next_offset, 1 << 20).await.unwrap();
+    assert_eq!(rest.data, log.as_bytes()[5..]);
+    let end = b.logs("a", rest.next_offset, 10).await.unwrap();
+    assert!(end.data.is_empty());
+    assert_eq!(end.next_offset, log.len() as u64);
+
+    assert!(matches!(b.start(&vm("a")).await, Err(VmError::Failed(_))), "starting a running VM is an error");
+    assert!(world.violations().is_empty());
+}
+
+#[tokio::test]
+async fn boot_failure_fails_the_start() {
+    let world = SimWorld::new();
+    let host = SimHost::new(world.clone(), 1);
+    let b = host.backend();
+    host.set_faults("bad", Faults { boot_failure: Some("no bootable device".into()), ..fast() });
+    match b.start(&vm("bad")).await {
+        Err(VmError::Failed(r)) => assert_eq!(r, "no bootable device"),
+        other => panic!("expected a failed start, got {other:?}"),
+    }
+    let s = b.status("bad").await.unwrap().unwrap();
+    assert_eq!(s.state, RunState::Failed { reason: "no bootable device".into() });
+    assert_eq!(s.pid, None);
+    assert!(world.running_hosts("bad").is_empty());
+    let log = console(&b, "bad").await;
+    assert!(log.contains("no bootable device") && !log.contains(READY_MARKER), "{log}");
+
+    // Faults are per VM: another VM boots fine.
+    host.set_default_faults(fast());
+    b.start(&vm("good")).await.unwrap();
+    wait_for(&b, "good", |s| s.state == RunState::Running).await;
+
+    // Cleared faults: the next start works.
+    host.clear_faults("bad");
+    b.start(&vm("bad")).await.unwrap();
+    wait_for(&b, "bad", |s| s.state == RunState::Running).await;
+}
+
+#[tokio::test]
+async fn injected_crashes() {
+    let world = SimWorld::new();
+    let host = SimHost::new(world.clone(), 7);
+    let b = host.backend();
+    host.set_default_faults(fast());
+    host.set_faults("c", Faults { crash_after: Some(Duration::from_millis(50)), ..fast() });
+
+    b.start(&vm("c")).await.unwrap();
+    let s = wait_for(&b, "c", |s| s.state != RunState::Starting).await;
+    assert!(matches!(s.state, RunState::Running | RunState::Failed { .. }), "{s:?}");
+    let s = wait_for(&b, "c", |s| matches!(s.state, RunState::Failed { .. })).await;
+    assert_eq!(s.state, RunState::Failed { reason: CRASH_REASON.into() });
+    assert_eq!(s.boot_ms, Some(30), "it had booted before it crashed");
+    assert!(s.pid.is_none() && s.exit.is_some());
+    // The world saw it stop running without anyone touching the host.
+    assert!(world.running_hosts("c").is_empty());
+
+    // Explicit crash of a running VM.
+    b.start(&vm("d")).await.unwrap();
+    wait_for(&b, "d", |s| s.state == RunState::Running).await;
+    assert!(host.crash("d"));
+    assert_eq!(state(&b, "d").await, RunState::Failed { reason: CRASH_REASON.into() });
+    assert!(!host.crash("d"), "already dead");
+    assert!(world.running_hosts("d").is_empty());
+    let log = console(&b, "d").await;
+    assert!(log.contains(READY_MARKER) && log.contains(CRASH_REASON), "{log}");
+
+    // Restart after a crash: a new run, the old console kept before it.
+    b.start(&vm("d")).await.unwrap();
+    assert_eq!(state(&b, "d").await, RunState::Starting);
+    assert!(console(&b, "d").await.starts_with(&log));
+    assert!(world.violations().is_empty());
+}
+
+#[tokio::test]
+async fn a_vm_on_two_hosts_is_a_violation() {
+    let world = SimWorld::new();
+    let (h1, h2) = (SimHost::new(world.clone(), 1), SimHost::new(world.clone(), 2));
+    h1.set_default_faults(fast());
+    h2.set_default_faults(fast());
+    let (b1, b2) = (h1.backend(), h2.backend());
+
+    b1.start(&vm("x")).await.unwrap();
+    wait_for(&b1, "x", |s| s.state == RunState::Running).await;
+    assert!(world.violations().is_empty());
+    b2.start(&vm("x")).await.unwrap();
+    assert_eq!(world.running_hosts("x"), vec![1, 2]);
+    let v = world.violations();
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert!(v[0].contains("\"x\"") && v[0].contains("host 2") && v[0].contains("[1]"), "{v:?}");
+
+    // Moving it properly (stop, then start elsewhere) is fine.
+    b2.stop("x", Duration::from_secs(1)).await.unwrap();
+    b1.stop("x", Duration::from_secs(1)).await.unwrap();
+    assert!(world.running_hosts("x").is_empty());
+    b2.start(&vm("x")).await.unwrap();
+    assert_eq!(world.running_hosts("x"), vec![2]);
+    // A crashed run does not count either.
+    h2.crash("x");
+    b1.start(&vm("x")).await.unwrap();
+    assert_eq!(world.violations().len(), 1);
+    assert_eq!(world.running().get("x"), Some(&vec![1]));
+}
+
+#[tokio::test]
+async fn stop_delete_and_survival_of_the_node() {
+    let world = SimWorld::new();
+    let host = SimHost::new(world.clone(), 1);
+    host.set_default_faults(fast());
+    let b = host.backend();
+
+    assert!(matches!(b.prepare(&VmConfig { vcpus: 0, ..vm("z") }).await, Err(VmError::Config(_))));
+    assert!(matches!(b.prepare(&VmConfig { memory_mb: 0, ..vm("z") }).await, Err(VmError::Config(_))));
+    assert!(b.status("z").await.unwrap().is_none(), "bad input creates nothing");
+
+    b.prepare(&vm("p")).await.unwrap();
+    let s = b.status("p").await.unwrap().unwrap();
+    assert_eq!((s.state, s.pid), (RunState::Stopped, None));
+
+    b.start(&vm("a")).await.unwrap();
+    wait_for(&b, "a", |s| s.state == RunState::Running).await;
+    b.stop("a", Duration::from_secs(1)).await.unwrap();
+    let s = b.status("a").await.unwrap().unwrap();
+    assert_eq!(s.state, RunState::Stopped);
+    assert_eq!(s.pid, None);
+    assert_eq!(s.exit.and_then(|e| e.code), Some(0));
+    b.stop("a", Duration::from_secs(1)).await.unwrap(); // no-op
+    assert!(matches!(b.stop("nope", Duration::from_secs(1)).await, Err(VmError::NotFound(_))));
+
+    // A restarted node gets a fresh handle on the same host: the guest is
+    // still there and keeps running.
+    b.start(&vm("a")).await.unwrap();
+    drop(b);
+    let b = host.backend();
+    wait_for(&b, "a", |s| s.state == RunState::Running).await;
+    let names: Vec<String> = b.list().await.unwrap().into_iter().map(|s| s.name).collect();
+    assert_eq!(names, ["a", "p"]);
+
+    b.delete("a").await.unwrap();
+    assert!(b.status("a").await.unwrap().is_none());
+    assert!(world.running_hosts("a").is_empty());
+    assert!(matches!(b.logs("a", 0, 10).await, Err(VmError::NotFound(_))));
+    b.delete("a").await.unwrap(); // unknown: no-op
+    assert_eq!(b.list().await.unwrap().len(), 1);
+    assert!(world.violations().is_empty());
+}
