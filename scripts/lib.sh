@@ -26,3 +26,9 @@ ensure_toolchain() {
     || die "cargo not found: install Rust 1.85 or newer (https://rustup.rs) and retry"
   command -v cc >/dev/null 2>&1 || ensure_apt build-essential
 }
+
+# What real microVMs need: QEMU, the guest kernel the default image is built
+# from, and a static busybox for its initramfs.
+ensure_vm_packages() {
+  ensure_apt qemu-system-x86 linux-image-cloud-amd64 busybox-static
+}

@@ -52,6 +52,8 @@ fn start_node(id: u64, port: u16, dir: &Path, join: Option<u16>) -> Child {
         .arg("--data-dir")
         .arg(dir)
         .args(["--vcpus", "16", "--memory-mb", "8192", "--disk-gb", "100"])
+        // Control-plane tests: VMs are records only (tests/vms.rs runs guests).
+        .args(["--vm-backend", "none"])
         .env("RUST_LOG", "info,openraft=warn")
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
@@ -269,6 +271,7 @@ fn up_starts_a_cluster_and_ctrl_c_stops_it() {
     });
     let mut up = Command::new(BIN)
         .args(["up", "--nodes", "3", "--base-port", &base.to_string(), "--vcpus", "4", "--memory-mb", "4096"])
+        .args(["--vm-backend", "none"])
         .arg("--data-dir")
         .arg(tmp.path())
         .stdout(Stdio::piped())

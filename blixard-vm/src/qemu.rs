@@ -322,6 +322,15 @@ impl Inner {
         }
     }
 
+    fn ensure_not_running(&self, name: &str) -> Result<(), VmError> {
+        match host::read_pidfile(&self.dirs.pidfile(name)) {
+            Some(pid) if self.is_running(name, pid) => {
+                Err(VmError::Failed(format!("VM {name} is already running (qemu pid {pid})")))
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn status(&self, name: &str) -> Result<Option<VmStatus>, VmError> {
         let dir = self.dirs.dir(name);
         if check_name(name).is_err() || !dir.is_dir() {
@@ -391,11 +400,7 @@ impl Inner {
     fn launch(&self, vm: &VmConfig, boot: &Boot) -> Result<(u32, u64), VmError> {
         let name = vm.name.as_str();
         let dir = self.dirs.dir(name);
-        if let Some(pid) = host::read_pidfile(&self.dirs.pidfile(name)) {
-            if self.is_running(name, pid) {
-                return Err(VmError::Failed(format!("VM {name} is already running (qemu pid {pid})")));
-            }
-        }
+        self.ensure_not_running(name)?;
         // A fresh run: forget everything about the previous one (its marker
         // in the old console log must not make the new run look ready).
         for f in [
@@ -598,6 +603,11 @@ impl VmBackend for QemuBackend {
     }
 
     async fn start(&self, vm: &VmConfig) -> Result<VmStatus, VmError> {
+        // Before `prepare`, so a rejected start does not rewrite the running
+        // VM's meta.json (`launch` checks again, right before spawning).
+        check_name(&vm.name)?;
+        let name = vm.name.clone();
+        self.blocking(move |inner| inner.ensure_not_running(&name)).await?;
         let boot = self.prepare_resolved(vm).await?;
         let name = vm.name.clone();
         let vm2 = vm.clone();

@@ -9,10 +9,13 @@ use std::time::Duration;
 
 use blixard_core::node::{Node, NodeConfig, NodeShared};
 use blixard_core::raft::RaftTuning;
+use blixard_core::reconciler::ReconcilerConfig;
 use blixard_core::types::{NodeId, Resources};
 use blixard_proto as pb;
 use blixard_proto::cluster_service_client::ClusterServiceClient;
 use blixard_proto::vm_service_client::VmServiceClient;
+use blixard_vm::sim::{SimHost, SimWorld};
+use blixard_vm::VmBackend;
 use madsim::runtime::{Handle, NodeHandle};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
@@ -42,6 +45,18 @@ pub fn sim_tuning() -> RaftTuning {
     RaftTuning { snapshot_every: 50, keep_behind_snapshot: 10, ..RaftTuning::default() }
 }
 
+/// The reconciler, sped up so VM scenarios converge in little virtual time:
+/// a short tick and a short, low-capped backoff.
+pub fn sim_reconciler() -> ReconcilerConfig {
+    ReconcilerConfig {
+        tick: Duration::from_millis(200),
+        stop_grace: Duration::from_secs(1),
+        backoff_base: Duration::from_millis(200),
+        backoff_max: Duration::from_secs(2),
+        stable_after: Duration::from_secs(5),
+    }
+}
+
 /// Shape of the simulated cluster.
 #[derive(Clone, Debug)]
 pub struct SimConfig {
@@ -51,11 +66,20 @@ pub struct SimConfig {
     /// Start node k+1 only once node k is a voter. Off by default: all nodes
     /// start at once, as with `blixard up`, and their joins race.
     pub staggered_start: bool,
+    /// Give every node a [`blixard_vm::sim::SimBackend`] on its own
+    /// [`SimHost`] (all hosts sharing one [`SimWorld`]), so the real
+    /// reconciler runs the VMs placed there. On by default.
+    pub vm_backends: bool,
 }
 
 impl Default for SimConfig {
     fn default() -> Self {
-        Self { nodes: 3, capacity: Resources::new(256, 512 * 1024, 20_000), staggered_start: false }
+        Self {
+            nodes: 3,
+            capacity: Resources::new(256, 512 * 1024, 20_000),
+            staggered_start: false,
+            vm_backends: true,
+        }
     }
 }
 
@@ -71,6 +95,10 @@ struct SimNode {
     /// restart can open them again.
     live: Arc<Mutex<Weak<NodeShared>>>,
     up: bool,
+    /// The node's hypervisor. Created once, outside the node, so it outlives
+    /// kills and restarts of the node process: guests keep running and the
+    /// restarted node must adopt them.
+    host: Arc<SimHost>,
 }
 
 /// Aggregate view of the cluster at one moment.
@@ -82,7 +110,28 @@ pub struct Converged {
 pub struct SimCluster {
     nodes: Vec<SimNode>,
     client: NodeHandle,
+    /// What all simulated hosts share: who runs what, double runs.
+    world: Arc<SimWorld>,
+    vm_backends: bool,
     pub trace: Trace,
+}
+
+/// A VM lifecycle request through the public API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmOp {
+    Start,
+    Stop,
+    Restart,
+}
+
+impl VmOp {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            VmOp::Start => "start",
+            VmOp::Stop => "stop",
+            VmOp::Restart => "restart",
+        }
+    }
 }
 
 async fn connect(id: NodeId) -> Result<Channel, Status> {
@@ -130,9 +179,12 @@ impl SimCluster {
         assert_eq!(data_dirs.len() as u64, config.nodes, "one data dir per node");
         let handle = Handle::current();
         let client = handle.create_node().name("client").ip(IpAddr::V4(CLIENT_IP)).build();
+        let world = SimWorld::new();
         let mut nodes = Vec::new();
         for (i, dir) in data_dirs.into_iter().enumerate() {
             let id = i as NodeId + 1;
+            let host = SimHost::new(world.clone(), id);
+            let vm_backend = config.vm_backends.then(|| Arc::new(host.backend()) as Arc<dyn VmBackend>);
             if config.staggered_start && id > 1 {
                 wait_voters(&client, id - 1).await;
             }
@@ -145,8 +197,8 @@ impl SimCluster {
                 capacity: config.capacity,
                 labels: BTreeMap::new(),
                 tuning: sim_tuning(),
-                vm_backend: None,
-                reconciler: Default::default(),
+                vm_backend,
+                reconciler: sim_reconciler(),
             };
             let live = Arc::new(Mutex::new(Weak::new()));
             let slot = live.clone();
@@ -169,9 +221,9 @@ impl SimCluster {
                     }
                 })
                 .build();
-            nodes.push(SimNode { id, handle: node_handle, live, up: true });
+            nodes.push(SimNode { id, handle: node_handle, live, up: true, host });
         }
-        SimCluster { nodes, client, trace: Trace::new() }
+        SimCluster { nodes, client, world, vm_backends: config.vm_backends, trace: Trace::new() }
     }
 
     pub fn ids(&self) -> Vec<NodeId> {
@@ -184,6 +236,15 @@ impl SimCluster {
 
     pub fn down_nodes(&self) -> Vec<NodeId> {
         self.nodes.iter().filter(|n| !n.up).map(|n| n.id).collect()
+    }
+
+    /// Node `id`'s simulated hypervisor (faults, crashes, what it runs).
+    pub fn host(&self, id: NodeId) -> &Arc<SimHost> {
+        &self.node(id).host
+    }
+
+    pub fn world(&self) -> &Arc<SimWorld> {
+        &self.world
     }
 
     fn node(&self, id: NodeId) -> &SimNode {
@@ -334,6 +395,43 @@ impl SimCluster {
         model.record_delete(&name, &outcome);
     }
 
+    /// Starts, stops or restarts `name` through `via`; records the request
+    /// and its verdict in the trace.
+    pub async fn vm_op(&mut self, via: NodeId, name: String, op: VmOp) -> Outcome<pb::Vm> {
+        let n = name.clone();
+        let outcome = self
+            .on_client(async move {
+                let r: Result<pb::Vm, Status> = async {
+                    let mut c = VmServiceClient::new(connect(via).await?);
+                    let req = request(pb::VmNameRequest { name: n }, WRITE_TIMEOUT);
+                    let reply = match op {
+                        VmOp::Start => c.start_vm(req).await?,
+                        VmOp::Stop => c.stop_vm(req).await?,
+                        VmOp::Restart => c.restart_vm(req).await?,
+                    };
+                    reply.into_inner().vm.ok_or_else(|| Status::internal("reply without a VM"))
+                }
+                .await;
+                Outcome::from_result(r)
+            })
+            .await;
+        self.trace.push(format_args!("{} {name} via n{via} -> {}", op.as_str(), outcome.label()));
+        outcome
+    }
+
+    /// One VM, read linearizably through `via`.
+    pub async fn get_vm(&self, via: NodeId, name: String) -> Result<pb::Vm, Status> {
+        self.on_client(async move {
+            let mut c = VmServiceClient::new(connect(via).await?);
+            let req = request(
+                pb::GetVmRequest { name, consistency: pb::Consistency::Linearizable as i32 },
+                READ_TIMEOUT,
+            );
+            c.get_vm(req).await?.into_inner().vm.ok_or_else(|| Status::internal("reply without a VM"))
+        })
+        .await
+    }
+
     // ------------------------------------------------------------ waits
 
     /// The node that reports itself leader with the highest term, among the
@@ -425,6 +523,39 @@ impl SimCluster {
 
     // ------------------------------------------------------------ checks
 
+    /// Waits for convergence and reads every node's VM list. With VM
+    /// backends, the reconcilers keep committing status reports while VMs
+    /// start or stop, so this also waits until no VM is in a transitional
+    /// state and every node lists the same VMs (at one applied index).
+    async fn wait_settled(&mut self, timeout: Duration) -> (Converged, Vec<(NodeId, Vec<pb::Vm>)>) {
+        let deadline = madsim::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(madsim::time::Instant::now());
+            let converged = self.wait_converged(left.max(POLL)).await;
+            let mut lists = Vec::new();
+            for id in self.ids() {
+                let vms = self.list_vms_stale(id).await.unwrap_or_else(|e| panic!("list VMs on n{id}: {e}"));
+                lists.push((id, vms));
+            }
+            if !self.vm_backends {
+                return (converged, lists);
+            }
+            let moving: Vec<String> = lists[0]
+                .1
+                .iter()
+                .filter(|v| matches!(v.observed.as_str(), "pending" | "starting" | "stopping"))
+                .map(|v| format!("{} {}", v.name, v.observed))
+                .collect();
+            let why = match lists_differ(&lists) {
+                Some(why) => why,
+                None if moving.is_empty() => return (converged, lists),
+                None => format!("VMs still moving: {moving:?}"),
+            };
+            assert!(madsim::time::Instant::now() < deadline, "VMs did not settle within {timeout:?}: {why}");
+            madsim::time::sleep(POLL).await;
+        }
+    }
+
     /// Restarts every stopped node, waits for convergence and asserts that
     /// all replicas hold the same state, that it matches what the client was
     /// told, and that the state's invariants hold on every node. Returns the
@@ -433,28 +564,15 @@ impl SimCluster {
         for id in self.down_nodes() {
             self.restart(id).await;
         }
-        let converged = self.wait_converged(timeout).await;
+        let (converged, lists) = self.wait_settled(timeout).await;
 
         // (1) Identical state everywhere: digests over the canonical state
         // image, and the full VM lists (which say *what* differs if not).
         let digests: Vec<(u64, u64)> =
             converged.statuses.iter().map(|s| (s.node_id, s.state_digest)).collect();
-        let mut lists = Vec::new();
-        for id in self.ids() {
-            let vms = self.list_vms_stale(id).await.unwrap_or_else(|e| panic!("list VMs on n{id}: {e}"));
-            lists.push((id, vms));
-        }
-        let (first, reference) = &lists[0];
-        for (id, vms) in &lists[1..] {
-            if vms != reference {
-                let names =
-                    |v: &[pb::Vm]| v.iter().map(|x| format!("{}@{}", x.name, x.revision)).collect::<Vec<_>>();
-                panic!(
-                    "n{id} and n{first} hold different VMs:\n  n{first}: {:?}\n  n{id}: {:?}",
-                    names(reference),
-                    names(vms)
-                );
-            }
+        let reference = &lists[0].1;
+        if let Some(why) = lists_differ(&lists) {
+            panic!("{why}");
         }
         assert!(
             digests.iter().all(|(_, d)| *d == digests[0].1),
@@ -477,6 +595,9 @@ impl SimCluster {
                 panic!("n{}: state invariant violated: {e}", node.id);
             }
         }
+        // ... and no VM ever ran on two hosts at once.
+        let violations = self.world.violations();
+        assert!(violations.is_empty(), "a VM ran on two hosts at once: {violations:#?}");
         // ... and as a client sees them: each node's reserved resources are
         // exactly the sum of its VMs and within its capacity.
         let status = &converged.statuses[0];
@@ -517,4 +638,17 @@ impl SimCluster {
         self.trace.final_digest = Some(digest);
         digest
     }
+}
+
+/// Says how the first list that differs from node 1's differs, if one does.
+fn lists_differ(lists: &[(NodeId, Vec<pb::Vm>)]) -> Option<String> {
+    let (first, reference) = &lists[0];
+    let names = |v: &[pb::Vm]| v.iter().map(|x| format!("{}@{}", x.name, x.revision)).collect::<Vec<_>>();
+    lists[1..].iter().find(|(_, vms)| vms != reference).map(|(id, vms)| {
+        format!(
+            "n{id} and n{first} hold different VMs:\n  n{first}: {:?}\n  n{id}: {:?}",
+            names(reference),
+            names(vms)
+        )
+    })
 }

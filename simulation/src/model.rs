@@ -165,7 +165,9 @@ impl Model {
         for (name, acked) in &self.live {
             match by_name.get(name.as_str()) {
                 None => return Err(format!("n{node}: acknowledged VM {name} is missing")),
-                Some(vm) if vm.node_id != acked.node_id || vm.revision != acked.revision => {
+                // Later writes to the VM (start/stop requests, its node's
+                // status reports) raise its revision; none may lower it.
+                Some(vm) if vm.node_id != acked.node_id || vm.revision < acked.revision => {
                     return Err(format!(
                         "n{node}: VM {name} is on n{} at revision {}, but was acknowledged on n{} at revision {}",
                         vm.node_id, vm.revision, acked.node_id, acked.revision

@@ -5,13 +5,16 @@
 //! Without `--cfg madsim` this file compiles to nothing.
 #![cfg(madsim)]
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use blixard_core::types::{NodeId, Resources};
 use blixard_proto as pb;
-use blixard_simulation::cluster::{SimCluster, SimConfig};
-use blixard_simulation::model::{Model, Trace};
+use blixard_simulation::cluster::{SimCluster, SimConfig, VmOp};
+use blixard_simulation::model::{Model, Outcome, Trace};
 use blixard_simulation::seeds::{replay_command, run_in_child, run_seeds, seeds, simulate};
+use blixard_vm::sim::Faults;
+use blixard_vm::VmBackend;
 use madsim::rand::Rng;
 
 /// Forming a cluster takes elections, joins and registrations: generous.
@@ -138,7 +141,11 @@ fn same_seed_same_trace() {
     // 42 by default; BLIXARD_SIM_SEED picks another.
     let seed = if std::env::var("BLIXARD_SIM_SEED").is_ok() { seeds(1)[0] } else { 42 };
     let replay = replay_command("same_seed_same_trace", seed);
-    for test in ["cluster_survives_leader_kill", "random_operations_keep_replicas_identical"] {
+    for test in [
+        "cluster_survives_leader_kill",
+        "random_operations_keep_replicas_identical",
+        "vms_converge_despite_crashes_and_node_kills",
+    ] {
         let run = || {
             run_in_child(test, seed)
                 .unwrap_or_else(|e| panic!("{test}, seed {seed} failed: {e}\n  replay with: {replay}"))
@@ -276,5 +283,373 @@ fn concurrent_joins_form_a_cluster() {
             c.check_final_state(&model, CONVERGE_TIMEOUT).await;
             c.trace
         })
+    });
+}
+
+// ---------------------------------------------------------------- VMs
+
+/// Convergence of VMs includes restarts with backoff and node restarts.
+const VM_CONVERGE_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// What the client knows about one VM it asked for.
+#[derive(Clone, Debug)]
+struct VmFacts {
+    policy: &'static str,
+    /// Where the create placed it (0 until known).
+    node: NodeId,
+    /// The desired state as last acknowledged (true = running); `None`
+    /// after a request whose outcome is unknown.
+    running: Option<bool>,
+    /// Whether the guest's last run failed: `Some(true)` known failed,
+    /// `Some(false)` known not failed, `None` either.
+    failed: Option<bool>,
+    /// Faults are set for it on every host.
+    faulty: bool,
+    /// Crashes injected while it ran.
+    crashes: u32,
+    /// The final crash round expects exactly this restart count.
+    restarts_exactly: Option<u32>,
+}
+
+impl VmFacts {
+    /// The observed states allowed once everything has settled, for a VM
+    /// whose replicated desired state is `desired`.
+    fn allowed(&self, desired: &str) -> &'static [&'static str] {
+        match (desired, self.policy, self.failed) {
+            // Restarted by policy (faults are cleared by then).
+            ("running", "on-failure" | "always", _) => &["running"],
+            ("running", _, Some(false)) => &["running"],
+            ("running", _, Some(true)) => &["failed"],
+            ("running", _, None) => &["running", "failed"],
+            // A stopped VM whose last run failed keeps reporting "failed".
+            ("stopped", _, Some(false)) => &["stopped"],
+            ("stopped", _, _) => &["stopped", "failed"],
+            _ => &[],
+        }
+    }
+}
+
+fn vm_spec(policy: &str) -> pb::VmSpec {
+    pb::VmSpec { restart_policy: policy.to_string(), ..small_spec() }
+}
+
+/// Creates `count` VMs with random restart policies; some on-failure and
+/// always VMs get faults first (on every host, as placement is not known
+/// yet): boot failures or crashes shortly after boot, each run.
+async fn create_vms_with_faults(
+    c: &mut SimCluster,
+    model: &mut Model,
+    facts: &mut BTreeMap<String, VmFacts>,
+    next: &mut u32,
+    count: usize,
+) {
+    let up = c.up_nodes();
+    let mut reqs = Vec::new();
+    for _ in 0..count {
+        *next += 1;
+        let name = format!("vm-{:04}", *next);
+        let mut rng = madsim::rand::thread_rng();
+        let policy = ["on-failure", "on-failure", "always", "never"][rng.gen_range(0..4)];
+        let faults = (policy != "never" && rng.gen_bool(0.3)).then(|| {
+            if rng.gen_bool(0.5) {
+                Faults { boot_failure: Some("injected boot failure".into()), ..Faults::default() }
+            } else {
+                Faults {
+                    crash_after: Some(Duration::from_millis(rng.gen_range(300..3000))),
+                    ..Faults::default()
+                }
+            }
+        });
+        let faulty = faults.is_some();
+        if let Some(f) = faults {
+            c.trace.push(format_args!("faults for {name}: {f:?}"));
+            for id in c.ids() {
+                c.host(id).set_faults(&name, f.clone());
+            }
+        }
+        facts.insert(
+            name.clone(),
+            VmFacts {
+                policy,
+                node: 0,
+                running: Some(true),
+                failed: if faulty { None } else { Some(false) },
+                faulty,
+                crashes: 0,
+                restarts_exactly: None,
+            },
+        );
+        reqs.push((pick(&up), name, vm_spec(policy)));
+    }
+    c.create_vms(model, reqs.clone(), None).await;
+    for (_, name, _) in reqs {
+        let f = facts.get_mut(&name).unwrap();
+        match model.live.get(&name) {
+            Some(acked) => f.node = acked.node_id,
+            None => {
+                f.running = None;
+                f.failed = None;
+            }
+        }
+    }
+}
+
+fn clear_faults(c: &mut SimCluster, facts: &mut BTreeMap<String, VmFacts>, name: &str) {
+    for id in c.ids() {
+        c.host(id).clear_faults(name);
+    }
+    facts.get_mut(name).unwrap().faulty = false;
+    c.trace.push(format_args!("clear faults of {name}"));
+}
+
+/// One check of every VM against the client's knowledge and the hosts:
+/// observed state allowed for its desired state, running exactly on its
+/// placed node (or nowhere), no trace on any other host; VMs deleted (or
+/// never created) gone from every host.
+async fn vms_settled(
+    c: &SimCluster,
+    model: &Model,
+    facts: &BTreeMap<String, VmFacts>,
+) -> Result<Vec<pb::Vm>, String> {
+    let Some((leader, _)) = c.leader().await else { return Err("no leader".into()) };
+    let vms = c.list_vms_stale(leader).await.map_err(|e| format!("list on n{leader}: {e}"))?;
+    let mut listed = BTreeMap::new();
+    for vm in &vms {
+        listed.insert(vm.name.clone(), vm);
+        let f = facts.get(&vm.name).ok_or_else(|| format!("{} exists but was never requested", vm.name))?;
+        if let Some(running) = f.running {
+            let want = if running { "running" } else { "stopped" };
+            if vm.desired != want {
+                return Err(format!("{} is desired {} but the client was told {want}", vm.name, vm.desired));
+            }
+        }
+        let allowed = f.allowed(&vm.desired);
+        if !allowed.contains(&vm.observed.as_str()) {
+            return Err(format!(
+                "{} ({}, desired {}, on n{}) is {} (reason {:?}, restarts {}), expected one of {allowed:?}",
+                vm.name, f.policy, vm.desired, vm.node_id, vm.observed, vm.reason, vm.restarts
+            ));
+        }
+        if let Some(r) = f.restarts_exactly {
+            if vm.restarts != r {
+                return Err(format!("{} has restarted {} times, expected {r}", vm.name, vm.restarts));
+            }
+        }
+        let hosts = c.world().running_hosts(&vm.name);
+        let want_hosts = if vm.observed == "running" { vec![vm.node_id] } else { vec![] };
+        if hosts != want_hosts {
+            return Err(format!(
+                "{} is {} on n{} but runs on hosts {hosts:?}",
+                vm.name, vm.observed, vm.node_id
+            ));
+        }
+        for id in c.ids().into_iter().filter(|&id| id != vm.node_id) {
+            if let Ok(Some(s)) = c.host(id).backend().status(&vm.name).await {
+                return Err(format!(
+                    "{} (placed on n{}) has a trace on host {id}: {s:?}",
+                    vm.name, vm.node_id
+                ));
+            }
+        }
+    }
+    for name in model.deleted.iter().chain(&model.uncertain).filter(|n| !listed.contains_key(*n)) {
+        for id in c.ids() {
+            if let Ok(Some(s)) = c.host(id).backend().status(name).await {
+                return Err(format!("{name} is gone from the state but host {id} still has it: {s:?}"));
+            }
+        }
+    }
+    Ok(vms)
+}
+
+async fn wait_vms_settled(
+    c: &mut SimCluster,
+    model: &Model,
+    facts: &BTreeMap<String, VmFacts>,
+) -> Vec<pb::Vm> {
+    let deadline = madsim::time::Instant::now() + VM_CONVERGE_TIMEOUT;
+    loop {
+        match vms_settled(c, model, facts).await {
+            Ok(vms) => {
+                let count = |s: &str| vms.iter().filter(|v| v.observed == s).count();
+                c.trace.push(format_args!(
+                    "VMs settled: {} running, {} stopped, {} failed",
+                    count("running"),
+                    count("stopped"),
+                    count("failed")
+                ));
+                return vms;
+            }
+            Err(why) => {
+                assert!(
+                    madsim::time::Instant::now() < deadline,
+                    "VMs did not converge within {VM_CONVERGE_TIMEOUT:?}: {why}"
+                );
+                madsim::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// VMs under the real reconciler: creates VMs with mixed restart policies
+/// and injected faults (boot failures, crash loops), then a seeded random mix
+/// of guest crashes, stop/start/restart requests, deletes, more creates and
+/// node kills and restarts (the leader half the time; guests keep running on
+/// a killed node's host and must be adopted, not started twice). At the end
+/// every fault is cleared and every node restarted; every VM must converge to
+/// its desired state on exactly its placed host, deleted VMs must be gone
+/// from every host, no VM may ever have run on two hosts at once, and a
+/// final crash of each running VM must be restarted (exactly one restart
+/// more) by on-failure/always and left failed by never.
+async fn vm_chaos(mut c: SimCluster) -> Trace {
+    let mut model = Model::default();
+    let mut facts: BTreeMap<String, VmFacts> = BTreeMap::new();
+    let mut next = 0u32;
+    const STEPS: usize = 50;
+    c.wait_ready(READY_TIMEOUT).await;
+    create_vms_with_faults(&mut c, &mut model, &mut facts, &mut next, 10).await;
+
+    for _ in 0..STEPS {
+        let roll = madsim::rand::thread_rng().gen_range(0..100);
+        let up = c.up_nodes();
+        let live: Vec<String> = model.live.keys().cloned().collect();
+        let some_live =
+            (!live.is_empty()).then(|| live[madsim::rand::thread_rng().gen_range(0..live.len())].clone());
+        match (roll, some_live) {
+            (0..=9, _) => {
+                let count = madsim::rand::thread_rng().gen_range(1..=3);
+                create_vms_with_faults(&mut c, &mut model, &mut facts, &mut next, count).await;
+            }
+            // A guest dies under its host, whatever the node process does.
+            (10..=29, Some(name)) => {
+                let node = facts[&name].node;
+                let crashed = c.host(node).crash(&name);
+                c.trace.push(format_args!("crash {name} on host {node} -> {crashed}"));
+                if crashed {
+                    let f = facts.get_mut(&name).unwrap();
+                    f.crashes += 1;
+                    f.failed = if f.policy == "never" { Some(true) } else { None };
+                }
+            }
+            (30..=49, Some(name)) => {
+                let f = facts[&name].clone();
+                let mut rng = madsim::rand::thread_rng();
+                let op = match f.running {
+                    _ if rng.gen_bool(0.2) => VmOp::Restart,
+                    Some(true) if f.policy == "never" && f.failed == Some(true) => VmOp::Start,
+                    Some(true) => VmOp::Stop,
+                    Some(false) => VmOp::Start,
+                    None => [VmOp::Start, VmOp::Stop][rng.gen_range(0..2)],
+                };
+                // Retrying a failed never-VM: only once the state says it
+                // failed (a start of a VM that seems to run changes nothing).
+                if op == VmOp::Start && f.running == Some(true) {
+                    let seen = c.get_vm(pick(&up), name.clone()).await.map(|v| v.observed);
+                    c.trace.push(format_args!("get {name} -> {seen:?}"));
+                    if seen.as_deref() != Ok("failed") {
+                        continue;
+                    }
+                }
+                let outcome = c.vm_op(pick(&up), name.clone(), op).await;
+                let f = facts.get_mut(&name).unwrap();
+                match outcome {
+                    Outcome::Acked(_) => match op {
+                        VmOp::Stop => f.running = Some(false),
+                        VmOp::Start | VmOp::Restart => {
+                            // Unknown earlier state: whether a never-VM runs
+                            // again depends on what the start found.
+                            let fresh = f.running.is_some() || op == VmOp::Restart;
+                            f.running = Some(true);
+                            f.failed = match (f.faulty, fresh) {
+                                (false, true) => Some(false),
+                                _ => None,
+                            };
+                        }
+                    },
+                    Outcome::Unknown(_) => {
+                        f.running = None;
+                        f.failed = None;
+                    }
+                    Outcome::Rejected(s) => {
+                        panic!("{} {name}: rejected {:?}: {}", op.as_str(), s.code(), s.message())
+                    }
+                }
+            }
+            (50..=59, Some(name)) => c.delete_vm(&mut model, pick(&up), name).await,
+            (60..=69, _) if up.len() == c.ids().len() => {
+                let victim: NodeId = match c.leader().await {
+                    Some((leader, _)) if madsim::rand::thread_rng().gen_bool(0.5) => leader,
+                    _ => pick(&up),
+                };
+                c.kill(victim);
+            }
+            (70..=79, _) => {
+                if let Some(&id) = c.down_nodes().first() {
+                    c.restart(id).await;
+                }
+            }
+            (80..=84, _) => {
+                let faulty: Vec<String> =
+                    facts.iter().filter(|(_, f)| f.faulty).map(|(n, _)| n.clone()).collect();
+                if !faulty.is_empty() {
+                    let name = faulty[madsim::rand::thread_rng().gen_range(0..faulty.len())].clone();
+                    clear_faults(&mut c, &mut facts, &name);
+                }
+            }
+            _ => {
+                let pause = Duration::from_millis(madsim::rand::thread_rng().gen_range(100..3000));
+                c.trace.push(format_args!("sleep {}ms", pause.as_millis()));
+                madsim::time::sleep(pause).await;
+            }
+        }
+    }
+
+    // Heal: no more faults, every node back.
+    let faulty: Vec<String> = facts.iter().filter(|(_, f)| f.faulty).map(|(n, _)| n.clone()).collect();
+    for name in faulty {
+        clear_faults(&mut c, &mut facts, &name);
+    }
+    for id in c.down_nodes() {
+        c.restart(id).await;
+    }
+    c.wait_converged(CONVERGE_TIMEOUT).await;
+    let vms = wait_vms_settled(&mut c, &model, &facts).await;
+
+    // One more crash of every running VM, with no other fault around: the
+    // restart policy must act exactly once.
+    let mut never_crashed = false;
+    for vm in &vms {
+        if vm.observed != "running" {
+            continue;
+        }
+        let f = facts.get_mut(&vm.name).unwrap();
+        if f.policy == "never" && never_crashed {
+            continue;
+        }
+        assert!(c.host(vm.node_id).crash(&vm.name), "{} is reported running but does not run", vm.name);
+        c.trace.push(format_args!("final crash {} ({}, {} restarts)", vm.name, f.policy, vm.restarts));
+        f.crashes += 1;
+        if f.policy == "never" {
+            never_crashed = true;
+            f.failed = Some(true);
+            f.restarts_exactly = Some(vm.restarts);
+        } else {
+            f.restarts_exactly = Some(vm.restarts + 1);
+        }
+    }
+    wait_vms_settled(&mut c, &model, &facts).await;
+    let violations = c.world().violations();
+    assert!(violations.is_empty(), "a VM ran on two hosts at once: {violations:#?}");
+    let crashed = facts.values().filter(|f| f.crashes > 0).count();
+    c.trace.push(format_args!("{crashed} VMs crashed at least once"));
+    c.check_final_state(&model, CONVERGE_TIMEOUT).await;
+    c.trace
+}
+
+#[test]
+fn vms_converge_despite_crashes_and_node_kills() {
+    init_logging();
+    run_seeds("vms_converge_despite_crashes_and_node_kills", 30, |seed| {
+        simulate(seed, SimConfig::default(), vm_chaos)
     });
 }
