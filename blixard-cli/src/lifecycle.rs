@@ -9,7 +9,7 @@ use blixard_proto as pb;
 use crate::client::Client;
 use crate::{Failure, WaitOpts};
 
-const POLL: Duration = Duration::from_millis(250);
+const POLL: Duration = Duration::from_millis(100);
 
 /// What `--wait` waits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

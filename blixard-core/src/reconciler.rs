@@ -24,9 +24,16 @@ use crate::node::{ApiError, NodeShared};
 use crate::types::{DesiredState, ObservedState, RestartPolicy, VmRecord, VmRuntime};
 use crate::validate::{MAX_BATCH, MAX_REASON_LEN};
 
+/// Longest a status report may take to commit before the tick gives up on
+/// it (and proposes it again next time): longer than a proposal's own
+/// deadline, so this only cuts attempts that would never end.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(15);
+
 #[derive(Clone, Debug)]
 pub struct ReconcilerConfig {
-    /// How often desired and actual state are compared.
+    /// How often desired and actual state are compared when nothing changes
+    /// in the state (a change wakes the reconciler at once); bounds how long
+    /// a crash or a guest becoming ready goes unnoticed.
     pub tick: Duration,
     /// How long a guest gets to power off before it is forced.
     pub stop_grace: Duration,
@@ -40,7 +47,7 @@ pub struct ReconcilerConfig {
 impl Default for ReconcilerConfig {
     fn default() -> Self {
         Self {
-            tick: Duration::from_millis(500),
+            tick: Duration::from_millis(250),
             stop_grace: blixard_vm::DEFAULT_STOP_GRACE,
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
@@ -86,8 +93,10 @@ pub struct Reconciler {
     tracked: HashMap<Arc<str>, Tracked>,
     busy: Arc<Mutex<HashMap<String, Busy>>>,
     /// Outcomes of finished starts, collected at the next tick.
-    start_results: Arc<Mutex<Vec<(String, Result<(), VmError>)>>>,
+    start_results: StartResults,
 }
+
+type StartResults = Arc<Mutex<Vec<(String, Result<(), VmError>)>>>;
 
 /// Spawns the reconciler loop for `node`.
 pub fn spawn(
@@ -104,9 +113,18 @@ pub fn spawn(
         start_results: Arc::new(Mutex::new(Vec::new())),
     };
     tokio::spawn(async move {
+        let node = r.node.clone();
         loop {
+            // Registered before the tick reads the state, so a change applied
+            // while the tick runs still wakes the next one.
+            let changed = node.state.changed().notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
             r.tick().await;
-            tokio::time::sleep(r.cfg.tick).await;
+            tokio::select! {
+                _ = changed => {}
+                _ = tokio::time::sleep(r.cfg.tick) => {}
+            }
         }
     })
 }
@@ -222,7 +240,16 @@ impl Reconciler {
         }
         for chunk in reports.chunks(MAX_BATCH) {
             let cmd = Command::ReportVms { node: me, reports: chunk.to_vec() };
-            match self.node.propose(cmd).await {
+            // Bounded: `propose` checks its own deadline only between
+            // attempts, and an attempt can wait forever (a write accepted by
+            // a node that restarted as a stale leader and whose entry was
+            // then replaced by a snapshot is never answered). A reconciler
+            // stuck here would never report or act again.
+            let outcome =
+                tokio::time::timeout(REPORT_TIMEOUT, self.node.propose(cmd)).await.unwrap_or_else(|_| {
+                    Err(ApiError::Unavailable(format!("no answer within {REPORT_TIMEOUT:?}")))
+                });
+            match outcome {
                 Ok(_) => {}
                 Err(ApiError::Unavailable(why)) => {
                     // No leader right now: forget what was "sent" so the next
@@ -261,6 +288,11 @@ impl Reconciler {
             _ => t.running_since = None,
         }
         let desired_changed = t.desired != Some(w.desired);
+        // Seen stopped, now wanted running: an operator started it. That
+        // starts it even if its last run failed and its policy is `never`
+        // (after a node restart `t.desired` is unknown, so a failed guest
+        // found then is left to its policy).
+        let started_by_operator = desired_changed && t.desired == Some(DesiredState::Stopped);
         t.desired = Some(w.desired);
         if desired_changed && w.desired == DesiredState::Running {
             // An operator (re)started it: earlier failures and backoff no
@@ -291,7 +323,9 @@ impl Reconciler {
                 if running {
                     return;
                 }
-                if desired_changed && local.is_none_or(|s| !matches!(s.state, RunState::Failed { .. })) {
+                if started_by_operator
+                    || desired_changed && local.is_none_or(|s| !matches!(s.state, RunState::Failed { .. }))
+                {
                     // Newly wanted (created, started, or first seen after a
                     // node restart with nothing running): start it.
                     self.act(w.name.to_string(), Busy::Starting, Some((w.config.clone(), false)));

@@ -40,6 +40,9 @@ pub struct ClusterState {
     vms_by_node: DashMap<NodeId, BTreeSet<Arc<str>>>,
     free_index: Mutex<FreeIndex>,
     requests: Mutex<Dedup>,
+    /// Signalled after every applied change, so that watchers (the
+    /// reconciler) react at once instead of at their next poll.
+    changed: tokio::sync::Notify,
 }
 
 /// Results of the last [`DEDUP_WINDOW`] identified requests, evicted in
@@ -113,6 +116,12 @@ impl ClusterState {
         self.vms.len()
     }
 
+    /// Resolves after the next applied change (register a waiter with
+    /// `notified()` before reading the state, then await it).
+    pub fn changed(&self) -> &tokio::sync::Notify {
+        &self.changed
+    }
+
     pub fn node_count(&self) -> usize {
         self.nodes.len()
     }
@@ -125,20 +134,27 @@ impl ClusterState {
     /// are not remembered: they had no effect, so evaluating a retried one
     /// again is as safe as the client asking again.
     pub fn apply(&self, proposal: &Proposal, index: u64) -> CommandResult {
+        let result = self.apply_deduplicated(proposal, index);
+        if result.is_ok() {
+            self.changed.notify_waiters();
+        }
+        result
+    }
+
+    fn apply_deduplicated(&self, proposal: &Proposal, index: u64) -> CommandResult {
         let Some(id) = proposal.request else { return self.apply_command(proposal, index) };
         if let Some(first) = self.requests.lock().results.get(&id) {
             return first.clone();
         }
         let result = self.apply_command(proposal, index);
-        if result.is_err() {
-            return result;
-        }
-        let mut dedup = self.requests.lock();
-        dedup.results.insert(id, result.clone());
-        dedup.order.push_back(id);
-        if dedup.order.len() > DEDUP_WINDOW {
-            if let Some(old) = dedup.order.pop_front() {
-                dedup.results.remove(&old);
+        if result.is_ok() {
+            let mut dedup = self.requests.lock();
+            dedup.results.insert(id, result.clone());
+            dedup.order.push_back(id);
+            if dedup.order.len() > DEDUP_WINDOW {
+                if let Some(old) = dedup.order.pop_front() {
+                    dedup.results.remove(&old);
+                }
             }
         }
         result

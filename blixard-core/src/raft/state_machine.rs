@@ -88,6 +88,17 @@ fn persist(dir: &Path, snap: &StoredSnapshot) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// [`persist`] on the blocking pool, with openraft's error type.
+async fn persist_off_executor(dir: &Path, snap: &StoredSnapshot) -> Result<(), StorageError> {
+    let sig = snap.meta.signature();
+    let dir = dir.to_path_buf();
+    let to_write = snap.clone();
+    blocking(move || persist(&dir, &to_write))
+        .await
+        .and_then(|r| r)
+        .map_err(|e| StorageIOError::write_snapshot(Some(sig), AnyError::new(&e)).into())
+}
+
 fn to_snapshot(s: &StoredSnapshot) -> Snapshot<TypeConfig> {
     Snapshot { meta: s.meta.clone(), snapshot: Box::new(Cursor::new(s.data.clone())) }
 }
@@ -106,13 +117,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             .snap
             .take()
             .ok_or_else(|| StorageIOError::write_snapshot(None, AnyError::error("snapshot already built")))?;
-        let sig = snap.meta.signature();
-        let dir = self.dir.clone();
-        let to_write = snap.clone();
-        blocking(move || persist(&dir, &to_write))
-            .await
-            .and_then(|r| r)
-            .map_err(|e| StorageIOError::write_snapshot(Some(sig), AnyError::new(&e)))?;
+        persist_off_executor(&self.dir, &snap).await?;
         let out = to_snapshot(&snap);
         *self.current.lock() = Some(snap);
         Ok(out)
@@ -180,16 +185,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let sig = meta.signature();
         let snap = StoredSnapshot { meta: meta.clone(), data: snapshot.into_inner() };
         let image: StateImage = codec::decode_trusted(&snap.data)
-            .map_err(|e| StorageIOError::read_snapshot(Some(sig.clone()), AnyError::new(&e)))?;
+            .map_err(|e| StorageIOError::read_snapshot(Some(sig), AnyError::new(&e)))?;
         // Durable first: if we crash after restoring but before persisting,
         // the restart must not come back with a log that starts past an
         // older snapshot.
-        let dir = self.dir.clone();
-        let to_write = snap.clone();
-        blocking(move || persist(&dir, &to_write))
-            .await
-            .and_then(|r| r)
-            .map_err(|e| StorageIOError::write_snapshot(Some(sig), AnyError::new(&e)))?;
+        persist_off_executor(&self.dir, &snap).await?;
         self.state.restore(image);
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
