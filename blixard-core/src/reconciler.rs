@@ -218,7 +218,7 @@ impl Reconciler {
         let wanted: HashSet<&str> = wants.iter().map(|w| &*w.name).collect();
         for name in actual.keys() {
             if !wanted.contains(name.as_str()) && !self.busy.lock().contains_key(name) {
-                self.act(name.clone(), Busy::Deleting, None);
+                self.act(name.clone(), Busy::Deleting, None, "no longer placed here");
             }
         }
         self.tracked.retain(|name, _| wanted.contains(&**name));
@@ -305,7 +305,7 @@ impl Reconciler {
         match w.desired {
             DesiredState::Stopped => {
                 if running {
-                    self.act(w.name.to_string(), Busy::Stopping, None);
+                    self.act(w.name.to_string(), Busy::Stopping, None, "desired stopped");
                 }
             }
             DesiredState::Running => {
@@ -317,7 +317,12 @@ impl Reconciler {
                     t.next_attempt = None;
                     t.permanent = false;
                     t.start_error = None;
-                    self.act(w.name.to_string(), Busy::Starting, Some((w.config.clone(), running)));
+                    self.act(
+                        w.name.to_string(),
+                        Busy::Starting,
+                        Some((w.config.clone(), running)),
+                        "new generation",
+                    );
                     return;
                 }
                 if running {
@@ -328,7 +333,12 @@ impl Reconciler {
                 {
                     // Newly wanted (created, started, or first seen after a
                     // node restart with nothing running): start it.
-                    self.act(w.name.to_string(), Busy::Starting, Some((w.config.clone(), false)));
+                    self.act(
+                        w.name.to_string(),
+                        Busy::Starting,
+                        Some((w.config.clone(), false)),
+                        "newly wanted",
+                    );
                     return;
                 }
                 let failed = matches!(local.map(|s| &s.state), Some(RunState::Failed { .. }))
@@ -353,15 +363,18 @@ impl Reconciler {
                     }
                     t.next_attempt = Some(now + backoff(&self.cfg, t.failures));
                 }
+                tracing::debug!(vm = %w.name, local = ?local.map(|s| &s.state), restarts = t.restarts, failures = t.failures, start_error = ?t.start_error, "restart decision");
                 t.start_error = None;
-                self.act(w.name.to_string(), Busy::Starting, Some((w.config.clone(), false)));
+                let why = if never_started { "not running" } else { "restart policy" };
+                self.act(w.name.to_string(), Busy::Starting, Some((w.config.clone(), false)), why);
             }
         }
     }
 
     /// Runs an action as its own task; the VM stays busy until it ends.
     /// `start` carries the config and whether to stop a running VM first.
-    fn act(&self, name: String, kind: Busy, start: Option<(VmConfig, bool)>) {
+    fn act(&self, name: String, kind: Busy, start: Option<(VmConfig, bool)>, why: &'static str) {
+        tracing::info!(vm = %name, action = ?kind, why, "reconciling");
         self.busy.lock().insert(name.clone(), kind);
         let backend = self.backend.clone();
         let busy = self.busy.clone();

@@ -309,9 +309,12 @@ impl ClusterState {
         // Starting a VM that should already run but has failed or powered
         // off means "try again now": a new generation makes its node start
         // it regardless of restart policy and backoff.
+        // So does starting a stopped VM: the node must start it even if it
+        // restarts before acting and cannot tell "stopped, then started"
+        // from "still running as before".
         let retry = desired == DesiredState::Running
-            && vm.desired == DesiredState::Running
-            && matches!(vm.observed, ObservedState::Failed | ObservedState::Stopped);
+            && (vm.desired == DesiredState::Stopped
+                || matches!(vm.observed, ObservedState::Failed | ObservedState::Stopped));
         vm.desired = desired;
         if restart || retry {
             vm.generation += 1;

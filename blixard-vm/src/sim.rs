@@ -276,8 +276,22 @@ impl SimHost {
     }
 
     /// Back to the host's default faults for `name`.
+    /// Removes `name`'s faults for its future runs. Its current run keeps
+    /// the faults it started with (see [`SimHost::crash_pending`]).
     pub fn clear_faults(&self, name: &str) {
         self.inner.lock().faults.remove(name);
+    }
+
+    /// True if `name`'s current run is live and still due to crash from a
+    /// `crash_after` fault it started with.
+    pub fn crash_pending(&self, name: &str) -> bool {
+        let now = Instant::now();
+        let inner = self.inner.lock();
+        inner
+            .vms
+            .get(name)
+            .and_then(|v| v.run.as_ref())
+            .is_some_and(|r| r.live(now) && r.crash_at().is_some())
     }
 
     /// Faults for every VM without faults of its own.

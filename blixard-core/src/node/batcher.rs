@@ -23,11 +23,21 @@ pub const MAX_BATCH: usize = 128;
 const MAX_IN_FLIGHT: usize = 2;
 /// Proposals waiting for a batch; beyond this, callers wait (backpressure).
 const QUEUE: usize = 16 * 1024;
+/// How long one batch may wait for commit. openraft 0.9 never answers a
+/// write whose entry was replaced by a snapshot install after this node lost
+/// leadership (it only answers entries truncated by a log conflict); without
+/// a bound such a batch would hold its in-flight slot, and with it every
+/// later write through this node, forever. A healthy commit takes
+/// milliseconds; retrying after the bound is safe because request ids
+/// deduplicate.
+const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub enum SubmitError {
     /// This node does not lead; the leader it knows of, if any.
     NotLeader(Option<(NodeId, String)>),
+    /// The batch was not confirmed in time; it may or may not commit later.
+    Timeout,
     Unavailable(String),
 }
 
@@ -76,8 +86,19 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<(Proposal, Reply)>) {
         }
         let raft = raft.clone();
         tokio::spawn(async move {
-            let outcome = raft.client_write(ProposalBatch(proposals)).await;
+            let outcome =
+                tokio::time::timeout(WRITE_TIMEOUT, raft.client_write(ProposalBatch(proposals))).await;
             drop(permit);
+            let Ok(outcome) = outcome else {
+                tracing::warn!(
+                    proposals = replies.len(),
+                    "write batch not confirmed within {WRITE_TIMEOUT:?}"
+                );
+                for reply in replies {
+                    let _ = reply.send(Err(SubmitError::Timeout));
+                }
+                return;
+            };
             match outcome {
                 Ok(resp) => {
                     let index = resp.log_id.index;

@@ -470,13 +470,20 @@ impl NodeShared {
         let deadline = tokio::time::Instant::now() + PROPOSE_TIMEOUT;
         let mut last_err;
         loop {
+            last_err = String::new();
             let leader = match self.batcher.submit(proposal.clone()).await {
                 Ok((index, result)) => return self.finish(index, result).await,
                 Err(SubmitError::NotLeader(leader)) => leader,
+                Err(SubmitError::Timeout) => {
+                    // Unknown outcome: retry with the same request id.
+                    last_err = "the write was not confirmed in time".to_string();
+                    None
+                }
                 Err(SubmitError::Unavailable(why)) => return Err(ApiError::Unavailable(why)),
             };
             match leader {
-                None => last_err = "no leader elected yet".to_string(),
+                None if last_err.is_empty() => last_err = "no leader elected yet".to_string(),
+                None => {}
                 Some((id, addr)) => {
                     let reply: Result<ProposeReply, RpcFailure> = self
                         .channels

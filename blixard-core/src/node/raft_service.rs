@@ -72,6 +72,7 @@ impl RaftService for RaftGrpc {
         // Forwarded writes join the leader's batches like local ones.
         let out: ProposeReply = self.node.batcher.submit(p).await.map_err(|e| match e {
             SubmitError::NotLeader(leader) => ForwardError::NotLeader { leader },
+            SubmitError::Timeout => ForwardError::Unavailable("the write was not confirmed in time".into()),
             SubmitError::Unavailable(why) => ForwardError::Unavailable(why),
         });
         reply(&out)
