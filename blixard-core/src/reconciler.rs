@@ -42,6 +42,9 @@ pub struct ReconcilerConfig {
     pub backoff_max: Duration,
     /// A VM running this long has its failure count (and backoff) reset.
     pub stable_after: Duration,
+    /// Minimum time between two status report proposals from this node;
+    /// changes seen meanwhile go out together in the next report.
+    pub report_every: Duration,
 }
 
 impl Default for ReconcilerConfig {
@@ -52,6 +55,7 @@ impl Default for ReconcilerConfig {
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
             stable_after: Duration::from_secs(30),
+            report_every: Duration::from_millis(200),
         }
     }
 }
@@ -94,6 +98,7 @@ pub struct Reconciler {
     busy: Arc<Mutex<HashMap<String, Busy>>>,
     /// Outcomes of finished starts, collected at the next tick.
     start_results: StartResults,
+    last_report: Option<Instant>,
 }
 
 type StartResults = Arc<Mutex<Vec<(String, Result<(), VmError>)>>>;
@@ -111,6 +116,7 @@ pub fn spawn(
         tracked: HashMap::new(),
         busy: Arc::new(Mutex::new(HashMap::new())),
         start_results: Arc::new(Mutex::new(Vec::new())),
+        last_report: None,
     };
     tokio::spawn(async move {
         let node = r.node.clone();
@@ -223,6 +229,9 @@ impl Reconciler {
         }
         self.tracked.retain(|name, _| wanted.contains(&**name));
 
+        // Rate limit: within `report_every` of the last report, act but do
+        // not report; what changed is reported by a later round.
+        let may_report = self.last_report.is_none_or(|at| at.elapsed() >= self.cfg.report_every);
         let mut reports = Vec::new();
         for w in &wants {
             let local = actual.get(&*w.name);
@@ -231,12 +240,15 @@ impl Reconciler {
             let t = self.tracked.get_mut(&w.name).expect("tracked by decide");
             let current = (w.observed, w.runtime.clone());
             let new = (report.observed, report.runtime.clone());
-            if new != current && t.reported.as_ref() != Some(&new) {
+            if may_report && new != current && t.reported.as_ref() != Some(&new) {
                 t.reported = Some(new);
                 reports.push(report);
             } else if new == current {
                 t.reported = None;
             }
+        }
+        if !reports.is_empty() {
+            self.last_report = Some(Instant::now());
         }
         for chunk in reports.chunks(MAX_BATCH) {
             let cmd = Command::ReportVms { node: me, reports: chunk.to_vec() };
