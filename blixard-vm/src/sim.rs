@@ -302,7 +302,9 @@ impl SimHost {
     /// Kills `name` now if it is `Starting` or `Running` (it becomes
     /// `Failed` with [`CRASH_REASON`]). False if it was not running.
     pub fn crash(&self, name: &str) -> bool {
-        self.end_run(name, End::Crashed)
+        let crashed = self.end_run(name, End::Crashed);
+        tracing::info!(vm = name, host = self.host, crashed, "injected crash");
+        crashed
     }
 
     /// Ends the current run of `name` if it is live. False if it was not.
