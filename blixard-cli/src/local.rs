@@ -126,6 +126,10 @@ pub async fn node_start(args: StartArgs) -> Result<(), Failure> {
     let data_dir = args.data_dir.clone().unwrap_or_else(|| default_data_dir(args.id));
     std::fs::create_dir_all(&data_dir)
         .map_err(|e| Failure::new(format!("cannot create data dir {}: {e}", data_dir.display())))?;
+    // Absolute, so status output and every file handed to a VMM stay valid
+    // whatever a child process's working directory is.
+    let data_dir = std::path::absolute(&data_dir)
+        .map_err(|e| Failure::new(format!("cannot resolve data dir {}: {e}", data_dir.display())))?;
     let capacity = host_capacity(&data_dir, &args.capacity);
     let vm_backend = choose_backend(&args.vms, &data_dir).await?;
     let cfg = NodeConfig {

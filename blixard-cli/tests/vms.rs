@@ -93,24 +93,28 @@ impl Cluster {
             .append(true)
             .open(self.dirs[i].with_extension("log"))
             .unwrap();
+        // A relative --data-dir, as `scripts/run` uses: every path handed to
+        // QEMU must still resolve (it runs in the VM's own directory).
+        let (parent, leaf) = (self.dirs[i].parent().unwrap(), self.dirs[i].file_name().unwrap());
         let mut cmd = Command::new(BIN);
-        cmd.args([
-            "node",
-            "start",
-            "--id",
-            &id.to_string(),
-            "--bind",
-            &format!("127.0.0.1:{}", self.ports[i]),
-        ])
-        .arg("--data-dir")
-        .arg(&self.dirs[i])
-        .args(["--vcpus", "4", "--memory-mb", "2048", "--disk-gb", "50", "--vm-backend", "qemu"])
-        .arg("--image-cache")
-        .arg(&self.cache)
-        .env("RUST_LOG", "info,openraft=warn")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log);
+        cmd.current_dir(parent)
+            .args([
+                "node",
+                "start",
+                "--id",
+                &id.to_string(),
+                "--bind",
+                &format!("127.0.0.1:{}", self.ports[i]),
+            ])
+            .arg("--data-dir")
+            .arg(leaf)
+            .args(["--vcpus", "4", "--memory-mb", "2048", "--disk-gb", "50", "--vm-backend", "qemu"])
+            .arg("--image-cache")
+            .arg(&self.cache)
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
         if i > 0 {
             cmd.args(["--join", &format!("127.0.0.1:{}", self.ports[0])]);
         }

@@ -88,6 +88,12 @@ impl QemuBackend {
     /// `root` holds the VM directories; `image_cache` the default guest
     /// image (see [`image::default_cache_dir`]).
     pub fn new(root: PathBuf, image_cache: PathBuf) -> Result<Self, VmError> {
+        // QEMU runs with the VM's directory as its working directory, so every
+        // path handed to it (console, QMP socket, image) must be absolute.
+        let root =
+            std::path::absolute(&root).map_err(VmError::io(format!("resolving {}", root.display())))?;
+        let image_cache = std::path::absolute(&image_cache)
+            .map_err(VmError::io(format!("resolving {}", image_cache.display())))?;
         let out = Command::new(QEMU).arg("--version").output().map_err(|e| {
             VmError::Unavailable(format!("{QEMU} could not run ({e}): install the qemu-system-x86 package"))
         })?;
