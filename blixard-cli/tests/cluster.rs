@@ -113,15 +113,21 @@ fn node_dirs(root: &Path) -> Vec<PathBuf> {
     (1..=3).map(|i| root.join(format!("node-{i}"))).collect()
 }
 
-#[test]
-fn three_processes_survive_leader_kill_and_converge() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dirs = node_dirs(tmp.path());
+/// Node 1 bootstraps under `root`, nodes 2 and 3 join it; all at once.
+fn start_three(root: &Path) -> (Vec<PathBuf>, Vec<u16>, Procs) {
+    let dirs = node_dirs(root);
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let mut procs = Procs(vec![(1, start_node(1, ports[0], &dirs[0], None))], logs(&dirs));
     for i in 1..3 {
         procs.0.push((i as u64 + 1, start_node(i as u64 + 1, ports[i], &dirs[i], Some(ports[0]))));
     }
+    (dirs, ports, procs)
+}
+
+#[test]
+fn three_processes_survive_leader_kill_and_converge() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dirs, ports, mut procs) = start_three(tmp.path());
 
     // Formed: three voters, a leader, three registered nodes.
     let s = eventually("3 voters and 3 registered nodes", 90, || {
@@ -222,12 +228,7 @@ fn three_processes_survive_leader_kill_and_converge() {
 #[test]
 fn cluster_remove_and_leave_shrink_membership() {
     let tmp = tempfile::tempdir().unwrap();
-    let dirs = node_dirs(tmp.path());
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let mut procs = Procs(vec![(1, start_node(1, ports[0], &dirs[0], None))], logs(&dirs));
-    for i in 1..3 {
-        procs.0.push((i as u64 + 1, start_node(i as u64 + 1, ports[i], &dirs[i], Some(ports[0]))));
-    }
+    let (_dirs, ports, _procs) = start_three(tmp.path());
     eventually("3 voters", 90, || status(ports[0]).filter(|s| voters(s) == 3 && registered(s) == 3));
 
     // Remove node 3 by id through node 1; node 2 leaves by itself.

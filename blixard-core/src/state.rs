@@ -342,11 +342,7 @@ impl ClusterState {
         };
         // Checks are done; from here on nothing fails.
         let mut journal = journal;
-        let old = self.nodes.get(&node_id).map(|n| n.value().clone());
-        if let Some(old) = old {
-            let rec = NodeRecord { allocated: old.allocated.saturating_add(&need), ..old.clone() };
-            self.put_node(node_id, Some(rec), Some(old), journal.as_deref_mut());
-        }
+        self.adjust_allocated(node_id, journal.as_deref_mut(), |a| a.saturating_add(&need));
         let name: Arc<str> = Arc::from(name);
         let vm = VmRecord {
             name: name.clone(),
@@ -369,11 +365,29 @@ impl ClusterState {
     }
 
     fn release(&self, node_id: NodeId, res: &Resources, journal: Journal<'_>) {
-        let Some(old) = self.nodes.get(&node_id).map(|n| n.value().clone()) else {
-            return;
+        self.adjust_allocated(node_id, journal, |a| a.saturating_sub(res));
+    }
+
+    /// Changes what node `id` has allocated, keeping the free index in step.
+    /// In place: the record (address, labels) is cloned only when a batch
+    /// needs it for its undo journal.
+    fn adjust_allocated(&self, id: NodeId, journal: Journal<'_>, f: impl FnOnce(&Resources) -> Resources) {
+        let (old_free, new_free, active) = {
+            let Some(mut node) = self.nodes.get_mut(&id) else { return };
+            if let Some(j) = journal {
+                j.push(Undo::Node(id, Some(node.clone())));
+            }
+            let old_free = node.free().memory_mb;
+            node.allocated = f(&node.allocated);
+            (old_free, node.free().memory_mb, node.status == NodeStatus::Active)
         };
-        let rec = NodeRecord { allocated: old.allocated.saturating_sub(res), ..old.clone() };
-        self.put_node(node_id, Some(rec), Some(old), journal);
+        // The shard guard is gone before the index lock is taken: placement
+        // locks the index first and then reads nodes, so never the reverse.
+        if active {
+            let mut index = self.free_index.lock();
+            index.remove(&(Reverse(old_free), id));
+            index.insert((Reverse(new_free), id));
+        }
     }
 
     /// Replaces node `id` (`old` is its current value), keeping the free
