@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use blixard_core::command::{Command, Proposal};
+use blixard_core::command::{Command, Proposal, RequestId};
 use blixard_core::state::ClusterState;
 use blixard_core::types::{Resources, VmSpec};
 use blixard_core::validate::{MAX_NODE_DISK_GB, MAX_NODE_MEMORY_MB, MAX_NODE_VCPUS};
@@ -71,14 +71,23 @@ fn vm_name(i: u64) -> String {
 }
 
 /// `iters` creates, in fresh states of at most CHUNK VMs each; only the
-/// apply loop is timed.
-fn time_creates(iters: u64, spec: &VmSpec) -> Duration {
+/// apply loop is timed. With `ids`, every proposal carries a request id, as
+/// client writes through a node do (the dedup lookup and record are timed).
+fn time_creates(iters: u64, spec: &VmSpec, ids: bool) -> Duration {
     let mut total = Duration::ZERO;
     let mut done = 0;
     while done < iters {
         let n = (iters - done).min(CHUNK);
         let state = state_with_nodes();
-        let proposals: Vec<Proposal> = (0..n).map(|i| create(vm_name(i), spec)).collect();
+        let proposals: Vec<Proposal> = (0..n)
+            .map(|i| {
+                let mut p = create(vm_name(i), spec);
+                if ids {
+                    p.request = Some(RequestId { session: 7, seq: done + i });
+                }
+                p
+            })
+            .collect();
         let first_index = NODES + 1;
         let start = Instant::now();
         for (i, prop) in proposals.iter().enumerate() {
@@ -99,9 +108,12 @@ fn bench_create(c: &mut Criterion) {
     g.measurement_time(Duration::from_secs(5));
     g.sample_size(30);
     let plain = plain_spec();
-    g.bench_function("create_vm", |b| b.iter_custom(|iters| time_creates(iters, &plain)));
+    g.bench_function("create_vm", |b| b.iter_custom(|iters| time_creates(iters, &plain, false)));
+    g.bench_function("create_vm_with_request_id", |b| {
+        b.iter_custom(|iters| time_creates(iters, &plain, true))
+    });
     let labelled = labelled_spec();
-    g.bench_function("create_vm_labelled", |b| b.iter_custom(|iters| time_creates(iters, &labelled)));
+    g.bench_function("create_vm_labelled", |b| b.iter_custom(|iters| time_creates(iters, &labelled, false)));
 
     // Create then delete the same VM (one iteration = the pair), against a
     // state that already holds BACKGROUND_VMS VMs; the state does not grow.
