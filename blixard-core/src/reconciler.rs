@@ -300,11 +300,6 @@ impl Reconciler {
             _ => t.running_since = None,
         }
         let desired_changed = t.desired != Some(w.desired);
-        // Seen stopped, now wanted running: an operator started it. That
-        // starts it even if its last run failed and its policy is `never`
-        // (after a node restart `t.desired` is unknown, so a failed guest
-        // found then is left to its policy).
-        let started_by_operator = desired_changed && t.desired == Some(DesiredState::Stopped);
         t.desired = Some(w.desired);
         if desired_changed && w.desired == DesiredState::Running {
             // An operator (re)started it: earlier failures and backoff no
@@ -340,9 +335,9 @@ impl Reconciler {
                 if running {
                     return;
                 }
-                if started_by_operator
-                    || desired_changed && local.is_none_or(|s| !matches!(s.state, RunState::Failed { .. }))
-                {
+                // (Stopped → running by an operator bumps the generation in
+                // the state, so it was handled as a restart above.)
+                if desired_changed && local.is_none_or(|s| !matches!(s.state, RunState::Failed { .. })) {
                     // Newly wanted (created, started, or first seen after a
                     // node restart with nothing running): start it.
                     self.act(

@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 
 use super::raft_service::RaftGrpc;
 use super::{ApiError, NodeError, NodeShared};
-use crate::command::{Command, CommandOutput};
+use crate::command::Command;
 use crate::raft::network::{PeerChannels, MAX_MESSAGE_BYTES};
 use crate::types::{BootSpec, NodeId, NodeRecord, Resources, RestartPolicy, VmRecord, VmSpec};
 
@@ -319,6 +319,14 @@ impl VmApi {
         self.node.linearize().await.map_err(Status::from)
     }
 
+    /// Commits a write about VM `name` and answers with the VM as this node
+    /// now has it (`propose` returns once this node applied the write), plus
+    /// the write's log index.
+    async fn write_vm(&self, cmd: Command, name: &str) -> Result<Response<pb::VmResponse>, Status> {
+        let applied = self.node.propose(cmd).await?;
+        Ok(Response::new(pb::VmResponse { vm: Some(self.get_local(name)?), index: applied.index }))
+    }
+
     fn backend(&self) -> Result<&Arc<dyn blixard_vm::VmBackend>, Status> {
         self.node
             .vm_backend
@@ -367,10 +375,7 @@ impl VmService for VmApi {
         let req = request.into_inner();
         let cmd =
             Command::CreateVm { name: req.name.clone(), spec: spec_from_pb(req.spec)?, start: !req.no_start };
-        let applied = self.node.propose(cmd).await?;
-        debug_assert!(matches!(applied.output, CommandOutput::VmCreated { .. }));
-        // `propose` returned after this node applied the write: read it back.
-        Ok(Response::new(pb::VmResponse { vm: Some(self.get_local(&req.name)?), index: applied.index }))
+        self.write_vm(cmd, &req.name).await
     }
 
     async fn get_vm(&self, request: Request<pb::GetVmRequest>) -> Result<Response<pb::VmResponse>, Status> {
@@ -415,14 +420,12 @@ impl VmService for VmApi {
         request: Request<pb::VmNameRequest>,
     ) -> Result<Response<pb::VmResponse>, Status> {
         let name = request.into_inner().name;
-        let applied = self.node.propose(Command::StartVm { name: name.clone() }).await?;
-        Ok(Response::new(pb::VmResponse { vm: Some(self.get_local(&name)?), index: applied.index }))
+        self.write_vm(Command::StartVm { name: name.clone() }, &name).await
     }
 
     async fn stop_vm(&self, request: Request<pb::VmNameRequest>) -> Result<Response<pb::VmResponse>, Status> {
         let name = request.into_inner().name;
-        let applied = self.node.propose(Command::StopVm { name: name.clone() }).await?;
-        Ok(Response::new(pb::VmResponse { vm: Some(self.get_local(&name)?), index: applied.index }))
+        self.write_vm(Command::StopVm { name: name.clone() }, &name).await
     }
 
     async fn restart_vm(
@@ -430,8 +433,7 @@ impl VmService for VmApi {
         request: Request<pb::VmNameRequest>,
     ) -> Result<Response<pb::VmResponse>, Status> {
         let name = request.into_inner().name;
-        let applied = self.node.propose(Command::RestartVm { name: name.clone() }).await?;
-        Ok(Response::new(pb::VmResponse { vm: Some(self.get_local(&name)?), index: applied.index }))
+        self.write_vm(Command::RestartVm { name: name.clone() }, &name).await
     }
 
     async fn vm_logs(
