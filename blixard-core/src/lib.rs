@@ -10,3 +10,4 @@ pub mod scheduler;
 pub mod state;
 pub mod types;
 pub mod validate;
+pub mod vm_table;

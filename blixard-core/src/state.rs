@@ -1,13 +1,15 @@
 //! The replicated cluster state and its deterministic `apply`.
 //!
-//! Tables are `DashMap`s read through closures (`with_vm`, `for_each_vm_on`,
-//! ...): readers never clone a collection and never block each other. Only the
-//! Raft state machine task writes, one entry at a time, so apply itself needs
-//! no cross-table locking. Two secondary indices keep queries proportional to
-//! what they return: VMs by node, and active nodes by free memory (the
-//! scheduler's index).
+//! Tables are read through closures (`with_vm`, `for_each_vm_on`, ...):
+//! readers never clone a collection and never block each other. Nodes live
+//! in a `DashMap`; VMs, the hot table, in a published [`VmTables`] that
+//! readers load without any lock (see `vm_table`). Only the Raft state
+//! machine task writes, through one [`ApplyRun`] at a time, so apply itself
+//! needs no cross-table locking. Two secondary indices keep queries
+//! proportional to what they return: VMs by node (inside the VM table), and
+//! active nodes by free memory (the scheduler's index).
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -20,6 +22,7 @@ use crate::scheduler::{self, FreeIndex};
 use crate::types::{
     DesiredState, NodeId, NodeRecord, NodeStatus, ObservedState, Resources, VmRecord, VmSpec,
 };
+use crate::vm_table::{VmTables, VmWriter};
 
 /// Everything apply may depend on besides the state: the entry's position and
 /// the proposer's timestamp. No clock, no randomness.
@@ -36,8 +39,8 @@ pub const DEDUP_WINDOW: usize = 65_536;
 #[derive(Default)]
 pub struct ClusterState {
     nodes: DashMap<NodeId, NodeRecord>,
-    vms: DashMap<Arc<str>, VmRecord>,
-    vms_by_node: DashMap<NodeId, BTreeSet<Arc<str>>>,
+    /// Read without locks; see [`crate::vm_table`].
+    vms: VmTables,
     free_index: Mutex<FreeIndex>,
     requests: Mutex<Dedup>,
     /// Signalled after every applied change, so that watchers (the
@@ -64,7 +67,7 @@ pub struct StateImage {
 
 /// How to undo one mutation; recorded only while applying a batch.
 enum Undo {
-    Vm(Arc<str>, Option<VmRecord>),
+    Vm(Arc<str>, Option<Arc<VmRecord>>),
     Node(NodeId, Option<NodeRecord>),
 }
 
@@ -77,9 +80,11 @@ impl ClusterState {
 
     // ------------------------------------------------------------ reads
 
-    /// Runs `f` on the VM named `name`, if it exists.
+    /// Runs `f` on the VM named `name`, if it exists. Lock-free and
+    /// allocation-free.
+    #[inline]
     pub fn with_vm<R>(&self, name: &str, f: impl FnOnce(&VmRecord) -> R) -> Option<R> {
-        self.vms.get(name).map(|v| f(v.value()))
+        self.vms.load().get(name).map(|v| f(v))
     }
 
     /// Runs `f` on the node `id`, if it is known.
@@ -87,21 +92,17 @@ impl ClusterState {
         self.nodes.get(&id).map(|n| f(n.value()))
     }
 
-    /// Visits every VM, in no particular order.
+    /// Visits every VM of one published version, in no particular order.
     pub fn for_each_vm(&self, mut f: impl FnMut(&VmRecord)) {
-        for v in self.vms.iter() {
-            f(v.value());
+        for v in self.vms.load().iter() {
+            f(v);
         }
     }
 
     /// Visits the VMs placed on `node`, in name order, via the index.
     pub fn for_each_vm_on(&self, node: NodeId, mut f: impl FnMut(&VmRecord)) {
-        if let Some(names) = self.vms_by_node.get(&node) {
-            for name in names.iter() {
-                if let Some(v) = self.vms.get(name) {
-                    f(v.value());
-                }
-            }
+        for v in self.vms.load().on_node(node) {
+            f(v);
         }
     }
 
@@ -113,7 +114,7 @@ impl ClusterState {
     }
 
     pub fn vm_count(&self) -> usize {
-        self.vms.len()
+        self.vms.load().len()
     }
 
     /// Resolves after the next applied change (register a waiter with
@@ -128,244 +129,18 @@ impl ClusterState {
 
     // ------------------------------------------------------------ apply
 
-    /// Applies one proposal. A rejected command (or batch) leaves the state
-    /// exactly as it was. A proposal whose request id was already applied
-    /// successfully returns that first result and changes nothing. Rejections
-    /// are not remembered: they had no effect, so evaluating a retried one
-    /// again is as safe as the client asking again.
+    /// Applies one proposal and publishes the result. See [`ApplyRun::apply`].
     pub fn apply(&self, proposal: &Proposal, index: u64) -> CommandResult {
-        let result = self.apply_deduplicated(proposal, index);
-        if result.is_ok() {
-            self.changed.notify_waiters();
-        }
-        result
+        let mut run = self.begin_apply();
+        run.apply(proposal, index)
     }
 
-    fn apply_deduplicated(&self, proposal: &Proposal, index: u64) -> CommandResult {
-        let Some(id) = proposal.request else { return self.apply_command(proposal, index) };
-        if let Some(first) = self.requests.lock().results.get(&id) {
-            return first.clone();
-        }
-        let result = self.apply_command(proposal, index);
-        if result.is_ok() {
-            let mut dedup = self.requests.lock();
-            dedup.results.insert(id, result.clone());
-            dedup.order.push_back(id);
-            if dedup.order.len() > DEDUP_WINDOW {
-                if let Some(old) = dedup.order.pop_front() {
-                    dedup.results.remove(&old);
-                }
-            }
-        }
-        result
-    }
-
-    fn apply_command(&self, proposal: &Proposal, index: u64) -> CommandResult {
-        let ctx = ApplyCtx { index, at_ms: proposal.at_ms };
-        proposal.command.validate()?;
-        match &proposal.command {
-            Command::Batch(cmds) => {
-                let mut journal = Vec::new();
-                let mut outputs = Vec::with_capacity(cmds.len());
-                for (i, cmd) in cmds.iter().enumerate() {
-                    match self.apply_one(cmd, ctx, Some(&mut journal)) {
-                        Ok(out) => outputs.push(out),
-                        Err(e) => {
-                            self.rollback(journal);
-                            return Err(CommandError::BatchFailed { index: i, source: Box::new(e) });
-                        }
-                    }
-                }
-                Ok(CommandOutput::Batch(outputs))
-            }
-            cmd => self.apply_one(cmd, ctx, None),
-        }
-    }
-
-    /// Every arm checks everything before its first mutation, so a single
-    /// command that fails has changed nothing; inside a batch, the journal
-    /// undoes the commands before it.
-    fn apply_one(&self, cmd: &Command, ctx: ApplyCtx, mut journal: Journal<'_>) -> CommandResult {
-        match cmd {
-            Command::RegisterNode { id, addr, capacity, labels } => {
-                let old = self.nodes.get(id).map(|n| n.value().clone());
-                let rec = match &old {
-                    Some(old) => {
-                        if !old.allocated.fits_in(capacity) {
-                            return Err(CommandError::CapacityBelowAllocated {
-                                id: *id,
-                                capacity: *capacity,
-                                allocated: old.allocated,
-                            });
-                        }
-                        NodeRecord {
-                            addr: addr.clone(),
-                            capacity: *capacity,
-                            labels: labels.clone(),
-                            status: NodeStatus::Active,
-                            updated_at_ms: ctx.at_ms,
-                            ..old.clone()
-                        }
-                    }
-                    None => NodeRecord {
-                        id: *id,
-                        addr: addr.clone(),
-                        capacity: *capacity,
-                        allocated: Resources::ZERO,
-                        labels: labels.clone(),
-                        status: NodeStatus::Active,
-                        registered_at_ms: ctx.at_ms,
-                        updated_at_ms: ctx.at_ms,
-                    },
-                };
-                self.put_node(*id, Some(rec), old, journal);
-                Ok(CommandOutput::NodeRegistered { id: *id })
-            }
-            Command::DecommissionNode { id } => {
-                let Some(old) = self.nodes.get(id).map(|n| n.value().clone()) else {
-                    return Err(CommandError::UnknownNode { id: *id });
-                };
-                let rec = NodeRecord { status: NodeStatus::Left, updated_at_ms: ctx.at_ms, ..old.clone() };
-                self.put_node(*id, Some(rec), Some(old), journal.as_deref_mut());
-                let names: Vec<Arc<str>> =
-                    self.vms_by_node.get(id).map(|s| s.iter().cloned().collect()).unwrap_or_default();
-                let mut lost = 0;
-                for name in names {
-                    let Some(mut vm) = self.vms.get_mut(&name) else {
-                        continue;
-                    };
-                    if vm.observed == ObservedState::Lost {
-                        continue;
-                    }
-                    if let Some(j) = journal.as_deref_mut() {
-                        j.push(Undo::Vm(name.clone(), Some(vm.clone())));
-                    }
-                    vm.observed = ObservedState::Lost;
-                    vm.updated_at_ms = ctx.at_ms;
-                    vm.revision = ctx.index;
-                    lost += 1;
-                }
-                Ok(CommandOutput::NodeDecommissioned { id: *id, lost_vms: lost })
-            }
-            Command::CreateVm { name, spec, start } => self.create_vm(name, spec, *start, ctx, journal),
-            Command::StartVm { name } => self.set_desired(name, DesiredState::Running, false, ctx, journal),
-            Command::StopVm { name } => self.set_desired(name, DesiredState::Stopped, false, ctx, journal),
-            Command::RestartVm { name } => self.set_desired(name, DesiredState::Running, true, ctx, journal),
-            Command::ReportVms { node, reports } => {
-                let mut applied = 0;
-                let mut journal = journal;
-                for r in reports {
-                    let Some(mut vm) = self.vms.get_mut(r.name.as_str()) else { continue };
-                    // A report that raced a delete-and-recreate elsewhere, or
-                    // that says nothing new, changes nothing.
-                    if vm.node_id != *node || (vm.observed == r.observed && vm.runtime == r.runtime) {
-                        continue;
-                    }
-                    if let Some(j) = journal.as_deref_mut() {
-                        j.push(Undo::Vm(vm.name.clone(), Some(vm.clone())));
-                    }
-                    vm.observed = r.observed;
-                    vm.runtime = r.runtime.clone();
-                    vm.updated_at_ms = ctx.at_ms;
-                    vm.revision = ctx.index;
-                    applied += 1;
-                }
-                Ok(CommandOutput::VmsReported { applied })
-            }
-            Command::DeleteVm { name } => {
-                let Some((_, vm)) = self.vms.remove(name.as_str()) else {
-                    return Err(CommandError::VmNotFound { name: name.clone() });
-                };
-                self.unindex_vm(&vm);
-                let node_id = vm.node_id;
-                self.release(node_id, &vm.spec.resources(), journal.as_deref_mut());
-                if let Some(j) = journal {
-                    j.push(Undo::Vm(vm.name.clone(), Some(vm)));
-                }
-                Ok(CommandOutput::VmDeleted { name: name.clone(), node_id })
-            }
-            Command::Batch(_) => {
-                Err(CommandError::invalid("batch", "nested batch", "a flat list of commands"))
-            }
-        }
-    }
-
-    /// Start (`Running`), stop (`Stopped`) or, with `restart`, bump the
-    /// generation so the node restarts the VM.
-    fn set_desired(
-        &self,
-        name: &str,
-        desired: DesiredState,
-        restart: bool,
-        ctx: ApplyCtx,
-        journal: Journal<'_>,
-    ) -> CommandResult {
-        let Some(mut vm) = self.vms.get_mut(name) else {
-            return Err(CommandError::VmNotFound { name: name.to_string() });
-        };
-        if let Some(j) = journal {
-            j.push(Undo::Vm(vm.name.clone(), Some(vm.clone())));
-        }
-        // Starting a VM that should already run but has failed or powered
-        // off means "try again now": a new generation makes its node start
-        // it regardless of restart policy and backoff.
-        // So does starting a stopped VM: the node must start it even if it
-        // restarts before acting and cannot tell "stopped, then started"
-        // from "still running as before".
-        let retry = desired == DesiredState::Running
-            && (vm.desired == DesiredState::Stopped
-                || matches!(vm.observed, ObservedState::Failed | ObservedState::Stopped));
-        vm.desired = desired;
-        if restart || retry {
-            vm.generation += 1;
-        }
-        vm.updated_at_ms = ctx.at_ms;
-        vm.revision = ctx.index;
-        Ok(CommandOutput::VmDesired { name: name.to_string(), desired, generation: vm.generation })
-    }
-
-    fn create_vm(
-        &self,
-        name: &str,
-        spec: &VmSpec,
-        start: bool,
-        ctx: ApplyCtx,
-        journal: Journal<'_>,
-    ) -> CommandResult {
-        if self.vms.contains_key(name) {
-            return Err(CommandError::VmExists { name: name.to_string() });
-        }
-        let need = spec.resources();
-        let node_id = {
-            let index = self.free_index.lock();
-            scheduler::place(&index, &need, |id| self.nodes.get(&id).map(|n| n.free()))?
-        };
-        // Checks are done; from here on nothing fails.
-        let mut journal = journal;
-        self.adjust_allocated(node_id, journal.as_deref_mut(), |a| a.saturating_add(&need));
-        let name: Arc<str> = Arc::from(name);
-        let vm = VmRecord {
-            name: name.clone(),
-            spec: spec.clone(),
-            node_id,
-            desired: if start { DesiredState::Running } else { DesiredState::Stopped },
-            observed: ObservedState::Pending,
-            created_at_ms: ctx.at_ms,
-            updated_at_ms: ctx.at_ms,
-            revision: ctx.index,
-            generation: 0,
-            runtime: Default::default(),
-        };
-        self.index_vm(&vm);
-        self.vms.insert(name.clone(), vm);
-        if let Some(j) = journal {
-            j.push(Undo::Vm(name.clone(), None));
-        }
-        Ok(CommandOutput::VmCreated { name: name.to_string(), node_id })
-    }
-
-    fn release(&self, node_id: NodeId, res: &Resources, journal: Journal<'_>) {
-        self.adjust_allocated(node_id, journal, |a| a.saturating_sub(res));
+    /// Starts a run of applies whose VM changes readers see together, when
+    /// the run ends (it is dropped): the Raft state machine applies each
+    /// batch of log entries as one run, so publishing costs once per batch.
+    /// Only one run exists at a time (the state machine is the only writer).
+    pub fn begin_apply(&self) -> ApplyRun<'_> {
+        ApplyRun { state: self, vms: self.vms.write(), changed: false }
     }
 
     /// Changes what node `id` has allocated, keeping the free index in step.
@@ -413,40 +188,6 @@ impl ClusterState {
         }
     }
 
-    fn index_vm(&self, vm: &VmRecord) {
-        self.vms_by_node.entry(vm.node_id).or_default().insert(vm.name.clone());
-    }
-
-    fn unindex_vm(&self, vm: &VmRecord) {
-        let now_empty = self.vms_by_node.get_mut(&vm.node_id).map(|mut set| {
-            set.remove(&vm.name);
-            set.is_empty()
-        });
-        if now_empty == Some(true) {
-            self.vms_by_node.remove_if(&vm.node_id, |_, set| set.is_empty());
-        }
-    }
-
-    fn rollback(&self, journal: Vec<Undo>) {
-        for undo in journal.into_iter().rev() {
-            match undo {
-                Undo::Vm(name, old) => {
-                    if let Some((_, cur)) = self.vms.remove(&name) {
-                        self.unindex_vm(&cur);
-                    }
-                    if let Some(old) = old {
-                        self.index_vm(&old);
-                        self.vms.insert(name, old);
-                    }
-                }
-                Undo::Node(id, old) => {
-                    let cur = self.nodes.get(&id).map(|n| n.value().clone());
-                    self.put_node(id, old, cur, None);
-                }
-            }
-        }
-    }
-
     // ------------------------------------------------------------ snapshots
 
     /// A canonical image: nodes by id, VMs by name. O(state); used for
@@ -455,8 +196,9 @@ impl ClusterState {
         let mut nodes: Vec<NodeRecord> = Vec::with_capacity(self.nodes.len());
         self.for_each_node(|n| nodes.push(n.clone()));
         nodes.sort_unstable_by_key(|n| n.id);
-        let mut vms: Vec<VmRecord> = Vec::with_capacity(self.vms.len());
-        self.for_each_vm(|v| vms.push(v.clone()));
+        let table = self.vms.load();
+        let mut vms: Vec<VmRecord> = table.iter().cloned().collect();
+        drop(table);
         vms.sort_unstable_by(|a, b| a.name.cmp(&b.name));
         let dedup = self.requests.lock();
         let requests =
@@ -466,8 +208,7 @@ impl ClusterState {
 
     /// Replaces the whole state with `image`, rebuilding every index.
     pub fn restore(&self, image: StateImage) {
-        self.vms.clear();
-        self.vms_by_node.clear();
+        let mut vms = self.vms.write();
         self.nodes.clear();
         let mut index = self.free_index.lock();
         index.clear();
@@ -478,10 +219,7 @@ impl ClusterState {
             self.nodes.insert(n.id, n);
         }
         drop(index);
-        for v in image.vms {
-            self.index_vm(&v);
-            self.vms.insert(v.name.clone(), v);
-        }
+        vms.replace_all(image.vms.into_iter().map(Arc::new));
         let mut dedup = self.requests.lock();
         dedup.results.clear();
         dedup.order.clear();
@@ -489,6 +227,9 @@ impl ClusterState {
             dedup.order.push_back(id);
             dedup.results.insert(id, result);
         }
+        drop(dedup);
+        vms.publish();
+        self.changed.notify_waiters();
     }
 
     /// A stable 64-bit fingerprint of the state (FNV-1a over the canonical
@@ -507,18 +248,18 @@ impl ClusterState {
     /// is over-committed. Used by tests and the simulator.
     pub fn check_invariants(&self) -> Result<(), String> {
         let mut sums: std::collections::HashMap<NodeId, Resources> = Default::default();
-        for v in self.vms.iter() {
+        let table = self.vms.load();
+        for v in table.iter() {
             let s = sums.entry(v.node_id).or_default();
             *s = s.saturating_add(&v.spec.resources());
-            let indexed = self.vms_by_node.get(&v.node_id).is_some_and(|set| set.contains(&v.name));
-            if !indexed {
+            if !table.is_indexed(v) {
                 return Err(format!("VM {} missing from node {} index", v.name, v.node_id));
             }
         }
-        let indexed_vms: usize = self.vms_by_node.iter().map(|s| s.len()).sum();
-        if indexed_vms != self.vms.len() {
-            return Err(format!("index holds {indexed_vms} VMs, table {}", self.vms.len()));
+        if table.indexed_len() != table.len() {
+            return Err(format!("index holds {} VMs, table {}", table.indexed_len(), table.len()));
         }
+        drop(table);
         let index = self.free_index.lock();
         let mut active = 0;
         for n in self.nodes.iter() {
@@ -551,6 +292,285 @@ impl ClusterState {
             ));
         }
         Ok(())
+    }
+}
+
+/// A run of applies: exclusive write access to the state until dropped,
+/// when its VM changes are published to readers at once and watchers are
+/// woken. Apply is deterministic: no clock, randomness or IO.
+pub struct ApplyRun<'a> {
+    state: &'a ClusterState,
+    vms: VmWriter<'a>,
+    changed: bool,
+}
+
+impl Drop for ApplyRun<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        self.vms.publish_in_place();
+        if self.changed {
+            self.state.changed.notify_waiters();
+        }
+    }
+}
+
+impl ApplyRun<'_> {
+    /// Applies one proposal. A rejected command (or batch) leaves the state
+    /// exactly as it was. A proposal whose request id was already applied
+    /// successfully returns that first result and changes nothing. Rejections
+    /// are not remembered: they had no effect, so evaluating a retried one
+    /// again is as safe as the client asking again.
+    pub fn apply(&mut self, proposal: &Proposal, index: u64) -> CommandResult {
+        let result = self.apply_deduplicated(proposal, index);
+        self.changed |= result.is_ok();
+        result
+    }
+
+    fn apply_deduplicated(&mut self, proposal: &Proposal, index: u64) -> CommandResult {
+        let Some(id) = proposal.request else { return self.apply_command(proposal, index) };
+        if let Some(first) = self.state.requests.lock().results.get(&id) {
+            return first.clone();
+        }
+        let result = self.apply_command(proposal, index);
+        if result.is_ok() {
+            let mut dedup = self.state.requests.lock();
+            dedup.results.insert(id, result.clone());
+            dedup.order.push_back(id);
+            if dedup.order.len() > DEDUP_WINDOW {
+                if let Some(old) = dedup.order.pop_front() {
+                    dedup.results.remove(&old);
+                }
+            }
+        }
+        result
+    }
+
+    fn apply_command(&mut self, proposal: &Proposal, index: u64) -> CommandResult {
+        let ctx = ApplyCtx { index, at_ms: proposal.at_ms };
+        proposal.command.validate()?;
+        match &proposal.command {
+            Command::Batch(cmds) => {
+                let mut journal = Vec::new();
+                let mut outputs = Vec::with_capacity(cmds.len());
+                for (i, cmd) in cmds.iter().enumerate() {
+                    match self.apply_one(cmd, ctx, Some(&mut journal)) {
+                        Ok(out) => outputs.push(out),
+                        Err(e) => {
+                            self.rollback(journal);
+                            return Err(CommandError::BatchFailed { index: i, source: Box::new(e) });
+                        }
+                    }
+                }
+                Ok(CommandOutput::Batch(outputs))
+            }
+            cmd => self.apply_one(cmd, ctx, None),
+        }
+    }
+
+    /// Every arm checks everything before its first mutation, so a single
+    /// command that fails has changed nothing; inside a batch, the journal
+    /// undoes the commands before it.
+    fn apply_one(&mut self, cmd: &Command, ctx: ApplyCtx, mut journal: Journal<'_>) -> CommandResult {
+        let nodes = &self.state.nodes;
+        match cmd {
+            Command::RegisterNode { id, addr, capacity, labels } => {
+                let old = nodes.get(id).map(|n| n.value().clone());
+                let rec = match &old {
+                    Some(old) => {
+                        if !old.allocated.fits_in(capacity) {
+                            return Err(CommandError::CapacityBelowAllocated {
+                                id: *id,
+                                capacity: *capacity,
+                                allocated: old.allocated,
+                            });
+                        }
+                        NodeRecord {
+                            addr: addr.clone(),
+                            capacity: *capacity,
+                            labels: labels.clone(),
+                            status: NodeStatus::Active,
+                            updated_at_ms: ctx.at_ms,
+                            ..old.clone()
+                        }
+                    }
+                    None => NodeRecord {
+                        id: *id,
+                        addr: addr.clone(),
+                        capacity: *capacity,
+                        allocated: Resources::ZERO,
+                        labels: labels.clone(),
+                        status: NodeStatus::Active,
+                        registered_at_ms: ctx.at_ms,
+                        updated_at_ms: ctx.at_ms,
+                    },
+                };
+                self.state.put_node(*id, Some(rec), old, journal);
+                Ok(CommandOutput::NodeRegistered { id: *id })
+            }
+            Command::DecommissionNode { id } => {
+                let Some(old) = nodes.get(id).map(|n| n.value().clone()) else {
+                    return Err(CommandError::UnknownNode { id: *id });
+                };
+                let rec = NodeRecord { status: NodeStatus::Left, updated_at_ms: ctx.at_ms, ..old.clone() };
+                self.state.put_node(*id, Some(rec), Some(old), journal.as_deref_mut());
+                let names: Vec<Arc<str>> = self.vms.table().names_on(*id).cloned().collect();
+                let mut lost = 0;
+                for name in names {
+                    let Some(vm) = self.vms.get(&name) else { continue };
+                    if vm.observed == ObservedState::Lost {
+                        continue;
+                    }
+                    if let Some(j) = journal.as_deref_mut() {
+                        j.push(Undo::Vm(name.clone(), Some(vm.clone())));
+                    }
+                    self.vms.update(&name, |vm| {
+                        vm.observed = ObservedState::Lost;
+                        vm.updated_at_ms = ctx.at_ms;
+                        vm.revision = ctx.index;
+                    });
+                    lost += 1;
+                }
+                Ok(CommandOutput::NodeDecommissioned { id: *id, lost_vms: lost })
+            }
+            Command::CreateVm { name, spec, start } => self.create_vm(name, spec, *start, ctx, journal),
+            Command::StartVm { name } => self.set_desired(name, DesiredState::Running, false, ctx, journal),
+            Command::StopVm { name } => self.set_desired(name, DesiredState::Stopped, false, ctx, journal),
+            Command::RestartVm { name } => self.set_desired(name, DesiredState::Running, true, ctx, journal),
+            Command::ReportVms { node, reports } => {
+                let mut applied = 0;
+                for r in reports {
+                    let Some(vm) = self.vms.get(r.name.as_str()) else { continue };
+                    // A report that raced a delete-and-recreate elsewhere, or
+                    // that says nothing new, changes nothing.
+                    if vm.node_id != *node || (vm.observed == r.observed && vm.runtime == r.runtime) {
+                        continue;
+                    }
+                    if let Some(j) = journal.as_deref_mut() {
+                        j.push(Undo::Vm(vm.name.clone(), Some(vm.clone())));
+                    }
+                    self.vms.update(&r.name, |vm| {
+                        vm.observed = r.observed;
+                        vm.runtime = r.runtime.clone();
+                        vm.updated_at_ms = ctx.at_ms;
+                        vm.revision = ctx.index;
+                    });
+                    applied += 1;
+                }
+                Ok(CommandOutput::VmsReported { applied })
+            }
+            Command::DeleteVm { name } => {
+                let Some(vm) = self.vms.remove(name) else {
+                    return Err(CommandError::VmNotFound { name: name.clone() });
+                };
+                let node_id = vm.node_id;
+                self.state.adjust_allocated(node_id, journal.as_deref_mut(), |a| {
+                    a.saturating_sub(&vm.spec.resources())
+                });
+                if let Some(j) = journal {
+                    j.push(Undo::Vm(vm.name.clone(), Some(vm)));
+                }
+                Ok(CommandOutput::VmDeleted { name: name.clone(), node_id })
+            }
+            Command::Batch(_) => {
+                Err(CommandError::invalid("batch", "nested batch", "a flat list of commands"))
+            }
+        }
+    }
+
+    /// Start (`Running`), stop (`Stopped`) or, with `restart`, bump the
+    /// generation so the node restarts the VM.
+    fn set_desired(
+        &mut self,
+        name: &str,
+        desired: DesiredState,
+        restart: bool,
+        ctx: ApplyCtx,
+        journal: Journal<'_>,
+    ) -> CommandResult {
+        let Some(vm) = self.vms.get(name) else {
+            return Err(CommandError::VmNotFound { name: name.to_string() });
+        };
+        if let Some(j) = journal {
+            j.push(Undo::Vm(vm.name.clone(), Some(vm.clone())));
+        }
+        // Starting a VM that should already run but has failed or powered
+        // off means "try again now": a new generation makes its node start
+        // it regardless of restart policy and backoff.
+        // So does starting a stopped VM: the node must start it even if it
+        // restarts before acting and cannot tell "stopped, then started"
+        // from "still running as before".
+        let retry = desired == DesiredState::Running
+            && (vm.desired == DesiredState::Stopped
+                || matches!(vm.observed, ObservedState::Failed | ObservedState::Stopped));
+        let generation = self.vms.update(name, |vm| {
+            vm.desired = desired;
+            if restart || retry {
+                vm.generation += 1;
+            }
+            vm.updated_at_ms = ctx.at_ms;
+            vm.revision = ctx.index;
+            vm.generation
+        });
+        let generation = generation.unwrap_or_default();
+        Ok(CommandOutput::VmDesired { name: name.to_string(), desired, generation })
+    }
+
+    fn create_vm(
+        &mut self,
+        name: &str,
+        spec: &VmSpec,
+        start: bool,
+        ctx: ApplyCtx,
+        journal: Journal<'_>,
+    ) -> CommandResult {
+        if self.vms.table().contains(name) {
+            return Err(CommandError::VmExists { name: name.to_string() });
+        }
+        let need = spec.resources();
+        let node_id = {
+            let index = self.state.free_index.lock();
+            scheduler::place(&index, &need, |id| self.state.nodes.get(&id).map(|n| n.free()))?
+        };
+        // Checks are done; from here on nothing fails.
+        let mut journal = journal;
+        self.state.adjust_allocated(node_id, journal.as_deref_mut(), |a| a.saturating_add(&need));
+        let name: Arc<str> = Arc::from(name);
+        let vm = VmRecord {
+            name: name.clone(),
+            spec: spec.clone(),
+            node_id,
+            desired: if start { DesiredState::Running } else { DesiredState::Stopped },
+            observed: ObservedState::Pending,
+            created_at_ms: ctx.at_ms,
+            updated_at_ms: ctx.at_ms,
+            revision: ctx.index,
+            generation: 0,
+            runtime: Default::default(),
+        };
+        self.vms.put(Arc::new(vm));
+        if let Some(j) = journal {
+            j.push(Undo::Vm(name.clone(), None));
+        }
+        Ok(CommandOutput::VmCreated { name: name.to_string(), node_id })
+    }
+
+    fn rollback(&mut self, journal: Vec<Undo>) {
+        for undo in journal.into_iter().rev() {
+            match undo {
+                Undo::Vm(name, old) => {
+                    self.vms.remove(&name);
+                    if let Some(old) = old {
+                        self.vms.put(old);
+                    }
+                }
+                Undo::Node(id, old) => {
+                    let cur = self.state.nodes.get(&id).map(|n| n.value().clone());
+                    self.state.put_node(id, old, cur, None);
+                }
+            }
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! The closure read path of `ClusterState` must not allocate: a read is a
-//! shard read-lock, a lookup and the caller's projection, nothing more.
+//! lock-free load of the published VM table, a lookup and the caller's
+//! projection, nothing more.
 //!
 //! Counted per thread (a const thread-local), so allocations of other test
 //! threads or of the harness cannot leak into the measurement.
@@ -96,7 +97,7 @@ fn closure_reads_allocate_nothing() {
     assert!(rec.is_some());
     assert!(n > 0 && bytes > 0, "the counting allocator saw no allocation for a clone");
 
-    // Warm up (first touch of every shard / thread-local).
+    // Warm up (the first load on a thread registers its thread-local slot).
     for name in &names {
         black_box(state.with_vm(name, |v| v.observed));
     }

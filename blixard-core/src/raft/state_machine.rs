@@ -138,19 +138,21 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     {
         let entries = entries.into_iter();
         let mut out = Vec::with_capacity(entries.size_hint().0);
+        // One run for the whole batch of entries: readers see its VM changes
+        // together when it ends, before openraft reports them applied.
+        let mut run = self.state.begin_apply();
         for e in entries {
             self.last_applied = Some(e.log_id);
             out.push(match e.payload {
                 EntryPayload::Blank => vec![Ok(CommandOutput::Internal)],
-                EntryPayload::Normal(batch) => {
-                    batch.0.iter().map(|p| self.state.apply(p, e.log_id.index)).collect()
-                }
+                EntryPayload::Normal(batch) => batch.0.iter().map(|p| run.apply(p, e.log_id.index)).collect(),
                 EntryPayload::Membership(m) => {
                     self.membership = StoredMembership::new(Some(e.log_id), m);
                     vec![Ok(CommandOutput::Internal)]
                 }
             });
         }
+        drop(run);
         Ok(out)
     }
 
