@@ -1,7 +1,7 @@
 //! The VM table: read by many threads at once without locks, written by one.
 //!
 //! VM reads are the hottest path in a node (API handlers, every reconciler
-//! tick, metrics), and a lock, even a sharded read lock, makes every read
+//! tick), and a lock, even a sharded read lock, makes every read
 //! write its lock word: two cores reading the same shard keep stealing that
 //! cache line from each other, so reads stop scaling with cores. Here a
 //! reader loads the published [`VmTable`] (`ArcSwap::load` writes only
