@@ -12,11 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_blixard");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+mod common;
+use common::{cli, eventually, free_port, BIN};
 
 /// Kills every process it started, even when the test panics; on a panic it
 /// prints the tail of each node's log so the failure explains itself.
@@ -64,10 +61,6 @@ fn start_node(id: u64, port: u16, dir: &Path, join: Option<u16>) -> Child {
     cmd.spawn().expect("spawn blixard node")
 }
 
-fn cli(port: u16, args: &[&str]) -> Output {
-    Command::new(BIN).arg("--addr").arg(format!("127.0.0.1:{port}")).args(args).output().unwrap()
-}
-
 fn json(port: u16, args: &[&str]) -> Option<Value> {
     let out = cli(port, args);
     if !out.status.success() {
@@ -78,18 +71,6 @@ fn json(port: u16, args: &[&str]) -> Option<Value> {
 
 fn status(port: u16) -> Option<Value> {
     json(port, &["cluster", "status", "--digest", "-o", "json"])
-}
-
-/// Polls `f` until it returns Some, or fails the test after `secs`.
-fn eventually<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {secs}s waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 fn registered(s: &Value) -> usize {

@@ -3,18 +3,14 @@
 //! adoption of running guests after a node restart, and bad input. Needs
 //! qemu-system-x86, linux-image-cloud-amd64 and busybox-static (the README
 //! test command installs them); without them this fails, it never skips.
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_blixard");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+mod common;
+use common::{cli, eventually, free_port, BIN};
 
 /// The cluster's node processes; killed on drop, logs printed on panic.
 /// Guests are stopped through the cluster at the end of the test; on a
@@ -136,12 +132,7 @@ impl Cluster {
     }
 
     fn cli(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .arg("--addr")
-            .arg(format!("127.0.0.1:{}", self.ports[0]))
-            .args(args)
-            .output()
-            .unwrap()
+        cli(self.ports[0], args)
     }
 
     fn ok(&self, args: &[&str]) -> String {
@@ -156,17 +147,6 @@ impl Cluster {
 
     fn vm_dir(&self, node: u64, name: &str) -> PathBuf {
         self.dirs[(node - 1) as usize].join("vms").join(name)
-    }
-}
-
-fn eventually<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {secs}s waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(250));
     }
 }
 
