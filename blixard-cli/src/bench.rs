@@ -101,6 +101,7 @@ async fn run_level(addr: &str, clients: usize, dur: Duration, run_id: u32) -> Re
                         name: name.clone(),
                         spec: Some(spec.clone()),
                         no_start: true,
+                        request_id: String::new(),
                     })
                     .await;
                 match created {
@@ -114,7 +115,7 @@ async fn run_level(addr: &str, clients: usize, dur: Duration, run_id: u32) -> Re
                     }
                 }
                 let t = Instant::now();
-                match vms.delete_vm(pb::DeleteVmRequest { name }).await {
+                match vms.delete_vm(pb::DeleteVmRequest { name, request_id: String::new() }).await {
                     Ok(_) => lat.push(t.elapsed()),
                     Err(_) => errors += 1,
                 }

@@ -91,7 +91,15 @@ impl Client {
         spec: pb::VmSpec,
         no_start: bool,
     ) -> Result<(pb::Vm, u64), Failure> {
-        let r = self.vms.create_vm(req(pb::CreateVmRequest { name, spec: Some(spec), no_start })).await;
+        let r = self
+            .vms
+            .create_vm(req(pb::CreateVmRequest {
+                name,
+                spec: Some(spec),
+                no_start,
+                request_id: String::new(),
+            }))
+            .await;
         written(r.map_err(self.fail())?.into_inner())
     }
 
@@ -106,17 +114,17 @@ impl Client {
     }
 
     pub async fn start_vm(&mut self, name: String) -> Result<(pb::Vm, u64), Failure> {
-        let r = self.vms.start_vm(req(pb::VmNameRequest { name })).await;
+        let r = self.vms.start_vm(req(pb::VmNameRequest { name, request_id: String::new() })).await;
         written(r.map_err(self.fail())?.into_inner())
     }
 
     pub async fn stop_vm(&mut self, name: String) -> Result<(pb::Vm, u64), Failure> {
-        let r = self.vms.stop_vm(req(pb::VmNameRequest { name })).await;
+        let r = self.vms.stop_vm(req(pb::VmNameRequest { name, request_id: String::new() })).await;
         written(r.map_err(self.fail())?.into_inner())
     }
 
     pub async fn restart_vm(&mut self, name: String) -> Result<(pb::Vm, u64), Failure> {
-        let r = self.vms.restart_vm(req(pb::VmNameRequest { name })).await;
+        let r = self.vms.restart_vm(req(pb::VmNameRequest { name, request_id: String::new() })).await;
         written(r.map_err(self.fail())?.into_inner())
     }
 
@@ -127,12 +135,15 @@ impl Client {
 
     /// Asks this client's node (no forwarding) what its backend sees.
     pub async fn local_vm(&mut self, name: String) -> Result<pb::LocalVmResponse, Failure> {
-        let r = self.vms.local_vm(req(pb::VmNameRequest { name })).await;
+        let r = self.vms.local_vm(req(pb::VmNameRequest { name, request_id: String::new() })).await;
         Ok(r.map_err(self.fail())?.into_inner())
     }
 
     pub async fn delete_vm(&mut self, name: String) -> Result<(), Failure> {
-        self.vms.delete_vm(req(pb::DeleteVmRequest { name })).await.map_err(self.fail())?;
+        self.vms
+            .delete_vm(req(pb::DeleteVmRequest { name, request_id: String::new() }))
+            .await
+            .map_err(self.fail())?;
         Ok(())
     }
 }

@@ -49,49 +49,94 @@ fn spec(vcpus: u32, memory_mb: u64) -> Option<pb::VmSpec> {
 async fn bad_client_requests_are_typed_errors_and_change_nothing() {
     let (node, ch, _dir) = start().await;
     let mut vms = VmServiceClient::new(ch.clone());
-    vms.create_vm(pb::CreateVmRequest { name: "keep".into(), spec: spec(1, 128), no_start: false })
-        .await
-        .unwrap();
+    vms.create_vm(pb::CreateVmRequest {
+        name: "keep".into(),
+        spec: spec(1, 128),
+        no_start: false,
+        request_id: String::new(),
+    })
+    .await
+    .unwrap();
     let before = node.shared().state.digest();
 
     let cases: Vec<(pb::CreateVmRequest, Code, &str)> = vec![
         (
-            pb::CreateVmRequest { name: "".into(), spec: spec(1, 128), no_start: false },
+            pb::CreateVmRequest {
+                name: "".into(),
+                spec: spec(1, 128),
+                no_start: false,
+                request_id: String::new(),
+            },
             Code::InvalidArgument,
             "1-63 characters",
         ),
         (
-            pb::CreateVmRequest { name: "UPPER".into(), spec: spec(1, 128), no_start: false },
+            pb::CreateVmRequest {
+                name: "UPPER".into(),
+                spec: spec(1, 128),
+                no_start: false,
+                request_id: String::new(),
+            },
             Code::InvalidArgument,
             "1-63 characters",
         ),
         (
-            pb::CreateVmRequest { name: "x".repeat(64), spec: spec(1, 128), no_start: false },
+            pb::CreateVmRequest {
+                name: "x".repeat(64),
+                spec: spec(1, 128),
+                no_start: false,
+                request_id: String::new(),
+            },
             Code::InvalidArgument,
             "1-63 characters",
         ),
         (
-            pb::CreateVmRequest { name: "zero".into(), spec: spec(0, 128), no_start: false },
+            pb::CreateVmRequest {
+                name: "zero".into(),
+                spec: spec(0, 128),
+                no_start: false,
+                request_id: String::new(),
+            },
             Code::InvalidArgument,
             "between 1 and 64",
         ),
         (
-            pb::CreateVmRequest { name: "nospec".into(), spec: None, no_start: false },
+            pb::CreateVmRequest {
+                name: "nospec".into(),
+                spec: None,
+                no_start: false,
+                request_id: String::new(),
+            },
             Code::InvalidArgument,
             "between 1 and 64",
         ),
         (
-            pb::CreateVmRequest { name: "huge".into(), spec: spec(1, u64::MAX), no_start: false },
+            pb::CreateVmRequest {
+                name: "huge".into(),
+                spec: spec(1, u64::MAX),
+                no_start: false,
+                request_id: String::new(),
+            },
             Code::InvalidArgument,
             "between 16 and",
         ),
         (
-            pb::CreateVmRequest { name: "toobig".into(), spec: spec(8, 128), no_start: false },
+            pb::CreateVmRequest {
+                name: "toobig".into(),
+                spec: spec(8, 128),
+                no_start: false,
+                request_id: String::new(),
+            },
             Code::ResourceExhausted,
             "no node can fit",
         ),
         (
-            pb::CreateVmRequest { name: "keep".into(), spec: spec(1, 128), no_start: false },
+            pb::CreateVmRequest {
+                name: "keep".into(),
+                spec: spec(1, 128),
+                no_start: false,
+                request_id: String::new(),
+            },
             Code::AlreadyExists,
             "already exists",
         ),
@@ -102,7 +147,10 @@ async fn bad_client_requests_are_typed_errors_and_change_nothing() {
         assert_eq!(e.code(), code, "{name:?}: {}", e.message());
         assert!(e.message().contains(text), "{name:?}: {:?} lacks {text:?}", e.message());
     }
-    let e = vms.delete_vm(pb::DeleteVmRequest { name: "ghost".into() }).await.unwrap_err();
+    let e = vms
+        .delete_vm(pb::DeleteVmRequest { name: "ghost".into(), request_id: String::new() })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     let e = vms.list_vms(pb::ListVmsRequest { consistency: 0, node_id: 99 }).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
@@ -122,6 +170,7 @@ async fn bad_client_requests_are_typed_errors_and_change_nothing() {
         name: "big".into(),
         spec: Some(pb::VmSpec { vcpus: 1, memory_mb: 128, disk_gb: 1, labels, ..Default::default() }),
         no_start: false,
+        request_id: String::new(),
     };
     let e = vms.create_vm(big).await.unwrap_err();
     assert_eq!(e.code(), Code::OutOfRange, "{}", e.message());

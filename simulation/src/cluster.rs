@@ -329,7 +329,10 @@ impl SimCluster {
     async fn create_call(via: NodeId, name: String, spec: pb::VmSpec) -> Outcome<pb::Vm> {
         let r: Result<pb::Vm, Status> = async {
             let mut c = VmServiceClient::new(connect(via).await?);
-            let req = request(pb::CreateVmRequest { name, spec: Some(spec), no_start: false }, WRITE_TIMEOUT);
+            let req = request(
+                pb::CreateVmRequest { name, spec: Some(spec), no_start: false, request_id: String::new() },
+                WRITE_TIMEOUT,
+            );
             c.create_vm(req).await?.into_inner().vm.ok_or_else(|| Status::internal("reply without a VM"))
         }
         .await;
@@ -386,7 +389,12 @@ impl SimCluster {
             .on_client(async move {
                 let r = async {
                     let mut c = VmServiceClient::new(connect(via).await?);
-                    c.delete_vm(request(pb::DeleteVmRequest { name: n }, WRITE_TIMEOUT)).await.map(|_| ())
+                    c.delete_vm(request(
+                        pb::DeleteVmRequest { name: n, request_id: String::new() },
+                        WRITE_TIMEOUT,
+                    ))
+                    .await
+                    .map(|_| ())
                 }
                 .await;
                 Outcome::from_result(r)
@@ -404,7 +412,8 @@ impl SimCluster {
             .on_client(async move {
                 let r: Result<pb::Vm, Status> = async {
                     let mut c = VmServiceClient::new(connect(via).await?);
-                    let req = request(pb::VmNameRequest { name: n }, WRITE_TIMEOUT);
+                    let req =
+                        request(pb::VmNameRequest { name: n, request_id: String::new() }, WRITE_TIMEOUT);
                     let reply = match op {
                         VmOp::Start => c.start_vm(req).await?,
                         VmOp::Stop => c.stop_vm(req).await?,

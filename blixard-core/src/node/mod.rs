@@ -6,6 +6,7 @@
 //! production, in the integration tests and inside the madsim simulator.
 pub mod api;
 pub mod batcher;
+pub mod election;
 pub mod identity;
 pub mod raft_service;
 
@@ -205,6 +206,9 @@ pub struct NodeShared {
     session: u64,
     pub vm_backend: Option<Arc<dyn VmBackend>>,
     next_seq: std::sync::atomic::AtomicU64,
+    /// When this node last heard from a leader (drives pre-votes).
+    pub contact: election::LeaderContact,
+    pub tuning: RaftTuning,
 }
 
 pub struct Node {
@@ -214,6 +218,7 @@ pub struct Node {
     /// The log writer; it exits once openraft drops the log store.
     log_writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
     reconciler: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    election: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// Milliseconds since the Unix epoch (virtual under madsim). Stamped into
@@ -292,6 +297,8 @@ impl Node {
             session: identity::random_u64(cfg.id, now_ms()),
             vm_backend: cfg.vm_backend.clone(),
             next_seq: std::sync::atomic::AtomicU64::new(1),
+            contact: election::LeaderContact::new(),
+            tuning: cfg.tuning.clone(),
         });
         let (stop_tx, stop_rx) = oneshot::channel();
         let server = api::serve(shared.clone(), cfg.bind, stop_rx).await?;
@@ -301,6 +308,7 @@ impl Node {
             server: Mutex::new(Some(server)),
             log_writer: Mutex::new(log_writer),
             reconciler: Mutex::new(None),
+            election: Mutex::new(Some(tokio::spawn(election::run(shared.clone())))),
         };
 
         if !has_raft_state {
@@ -335,6 +343,9 @@ impl Node {
     pub async fn shutdown(&self) {
         // VMs keep running: a node that comes back adopts them.
         if let Some(h) = self.reconciler.lock().take() {
+            h.abort();
+        }
+        if let Some(h) = self.election.lock().take() {
             h.abort();
         }
         if let Some(tx) = self.stop_server.lock().take() {

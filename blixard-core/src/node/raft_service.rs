@@ -8,12 +8,13 @@ use std::sync::Arc;
 use blixard_proto::raft_service_server::RaftService;
 use blixard_proto::{RaftReply, RaftRequest};
 use openraft::error::{CheckIsLeaderError, RaftError};
-use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, VoteRequest};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::{Request, Response, Status};
 
 use super::batcher::SubmitError;
+use super::election::{self, PreVoteRequest};
 use super::{ForwardError, NodeShared, ProposeReply, ReadIndexReply};
 use crate::codec;
 use crate::command::Proposal;
@@ -54,7 +55,12 @@ fn not_leader(leader_id: Option<NodeId>, node: Option<openraft::BasicNode>) -> F
 impl RaftService for RaftGrpc {
     async fn append_entries(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let rpc: AppendEntriesRequest<TypeConfig> = self.open(request)?;
-        reply(&self.node.raft.append_entries(rpc).await)
+        let resp = self.node.raft.append_entries(rpc).await;
+        // Anything but "your term is stale" came from a current leader.
+        if matches!(&resp, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
+            self.node.contact.touch();
+        }
+        reply(&resp)
     }
 
     async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
@@ -64,7 +70,17 @@ impl RaftService for RaftGrpc {
 
     async fn install_snapshot(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let rpc: InstallSnapshotRequest<TypeConfig> = self.open(request)?;
-        reply(&self.node.raft.install_snapshot(rpc).await)
+        let vote = rpc.vote;
+        let resp = self.node.raft.install_snapshot(rpc).await;
+        if matches!(&resp, Ok(r) if r.vote <= vote) {
+            self.node.contact.touch();
+        }
+        reply(&resp)
+    }
+
+    async fn pre_vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let req: PreVoteRequest = self.open(request)?;
+        reply(&election::answer(&self.node, &req))
     }
 
     async fn propose(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {

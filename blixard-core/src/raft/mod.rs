@@ -36,10 +36,22 @@ pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, openraft::BasicNode>;
 pub const SNAPSHOT_CHUNK_BYTES: u64 = 1024 * 1024;
 
 /// Raft timing and log-compaction knobs.
+///
+/// Timing (see `node::election` and docs/ARCHITECTURE.md): the leader sends a
+/// heartbeat every `heartbeat`; a voter that has heard nothing from a leader
+/// for the lease (`election_timeout_max`) plus a random part of
+/// `election_timeout_min` asks for pre-votes and, with a quorum, campaigns.
+/// Safety does not depend on these values (votes and ReadIndex rounds do
+/// not trust clocks); they trade failover time against spurious elections
+/// on a loaded machine: the lease is eight heartbeats.
 #[derive(Clone, Debug)]
 pub struct RaftTuning {
     pub heartbeat: Duration,
+    /// The random part of a voter's wait before campaigning, and the pause
+    /// between tries that did not elect anyone.
     pub election_timeout_min: Duration,
+    /// The leader lease: how long a voter that heard from a leader refuses
+    /// to vote for anyone else (openraft's lease is this value too).
     pub election_timeout_max: Duration,
     /// Build a snapshot after this many applied entries.
     pub snapshot_every: u64,
@@ -53,9 +65,9 @@ pub struct RaftTuning {
 impl Default for RaftTuning {
     fn default() -> Self {
         Self {
-            heartbeat: Duration::from_millis(150),
-            election_timeout_min: Duration::from_millis(1000),
-            election_timeout_max: Duration::from_millis(2000),
+            heartbeat: Duration::from_millis(100),
+            election_timeout_min: Duration::from_millis(400),
+            election_timeout_max: Duration::from_millis(800),
             snapshot_every: 5000,
             keep_behind_snapshot: 1000,
             snapshot_rpc_timeout: Duration::from_secs(10),
@@ -64,6 +76,13 @@ impl Default for RaftTuning {
 }
 
 impl RaftTuning {
+    /// How long a voter that heard from a leader refuses to vote for (or
+    /// pre-vote for) anyone else. openraft derives its own lease from
+    /// `election_timeout_max` the same way.
+    pub fn leader_lease(&self) -> Duration {
+        self.election_timeout_max
+    }
+
     /// The openraft configuration, validated. (openraft's error type is
     /// large; it is returned once, at start-up.)
     #[allow(clippy::result_large_err)]
@@ -78,6 +97,8 @@ impl RaftTuning {
             max_in_snapshot_log_to_keep: self.keep_behind_snapshot,
             snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
             max_payload_entries: 64,
+            // Elections are started by `node::election` after a pre-vote.
+            enable_elect: false,
             ..Default::default()
         };
         Ok(Arc::new(cfg.validate()?))

@@ -1,0 +1,199 @@
+//! When to campaign: pre-vote with leader stickiness.
+//!
+//! openraft 0.9 has no pre-vote. A voter that cannot hear the leader (cut off
+//! by a partition, paused, overloaded) starts an election at every timeout
+//! and raises its term each time; once it can talk again, its higher term in
+//! an AppendEntries reply makes a perfectly healthy leader step down, and
+//! the cluster has no leader for an election's time. So openraft's own
+//! election timer is off (`enable_elect = false`) and this driver decides
+//! when a voter campaigns:
+//!
+//! 1. Only after it has heard nothing from a leader for the leader lease
+//!    (`election_timeout_max`, which is also openraft's lease) plus a random
+//!    part of `election_timeout_min`, so voters rarely campaign at once.
+//! 2. Only if a quorum answers a pre-vote: a voter grants one only if it has
+//!    not heard from a leader for the whole lease itself, is not the leader,
+//!    and the candidate's log is at least as up to date as its own. The term
+//!    is not raised by asking, so a node that cannot win changes nothing.
+//!
+//! Then it calls openraft's election (`trigger().elect()`), whose vote the
+//! voters grant because their own leases expired too (a voter's contact time
+//! is taken after openraft handled the leader's message, so ours expires no
+//! earlier than openraft's). Safety never depends on this module: openraft's
+//! vote rules still decide who wins; pre-vote only decides who may try.
+//!
+//! Clocks: each node measures only its own elapsed time (the runtime's
+//! monotonic clock, virtual under madsim); nothing compares clocks across
+//! nodes.
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::ServerState;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use super::NodeShared;
+use crate::raft::network::{RaftRpc, RpcFailure};
+use crate::raft::LogId;
+use crate::types::NodeId;
+
+/// When this node last heard from a leader of the current (or a newer)
+/// term: an AppendEntries or snapshot chunk it accepted.
+pub struct LeaderContact {
+    last: Mutex<Instant>,
+}
+
+impl LeaderContact {
+    /// A node starts as if it had just heard from a leader: it waits a full
+    /// lease before campaigning or granting a pre-vote, as a restarted
+    /// follower of a healthy cluster should.
+    pub fn new() -> Self {
+        Self { last: Mutex::new(Instant::now()) }
+    }
+
+    pub fn touch(&self) {
+        *self.last.lock() = Instant::now();
+    }
+
+    pub fn since(&self) -> Duration {
+        self.last.lock().elapsed()
+    }
+
+    pub fn last(&self) -> Instant {
+        *self.last.lock()
+    }
+}
+
+impl Default for LeaderContact {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// "Would you vote for me now?" Asking does not change the receiver.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct PreVoteRequest {
+    pub candidate: NodeId,
+    /// The candidate's last log id: a voter refuses a candidate whose log is
+    /// behind its own, as its real vote would.
+    pub last_log_id: Option<LogId>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct PreVoteReply {
+    pub granted: bool,
+}
+
+/// Answers a pre-vote: granted only if this node is not the leader, has not
+/// heard from one for the whole lease, and the candidate's log is at least
+/// as up to date as its own.
+pub fn answer(node: &NodeShared, req: &PreVoteRequest) -> PreVoteReply {
+    let leading = node.raft.metrics().borrow().state == ServerState::Leader;
+    let heard = node.contact.since() < node.tuning.leader_lease();
+    let mine = node.raft.data_metrics().borrow().last_log;
+    let granted = !leading && !heard && req.last_log_id >= mine;
+    tracing::debug!(candidate = req.candidate, granted, leading, heard, "pre-vote");
+    PreVoteReply { granted }
+}
+
+/// Runs until aborted: campaigns when the leader has been silent for long
+/// enough and a quorum agrees that it has.
+pub async fn run(node: Arc<NodeShared>) {
+    let tuning = node.tuning.clone();
+    let tick = (tuning.heartbeat / 2).max(Duration::from_millis(10));
+    let mut rng = Jitter::new(node.id);
+    let mut wait = tuning.leader_lease() + rng.below(tuning.election_timeout_min);
+    let mut last_try: Option<Instant> = None;
+    loop {
+        tokio::time::sleep(tick).await;
+        let (state, joint) = {
+            let m = node.raft.metrics();
+            let m = m.borrow();
+            if m.running_state.is_err() {
+                return;
+            }
+            (m.state, m.membership_config.membership().get_joint_config().clone())
+        };
+        let voter = joint.iter().any(|c| c.contains(&node.id));
+        if state == ServerState::Leader || state == ServerState::Shutdown || !voter {
+            continue;
+        }
+        if last_try.is_some_and(|t| node.contact.last() > t) {
+            // A leader emerged since our last try: back to a full lease.
+            last_try = None;
+            wait = tuning.leader_lease() + rng.below(tuning.election_timeout_min);
+        }
+        // A sole voter needs nobody's agreement: it elects itself at once
+        // (and again after a while if that did not make it leader).
+        let alone = joint.iter().all(|c| c.len() == 1);
+        let due = match last_try {
+            _ if alone => last_try.is_none_or(|t| t.elapsed() >= tuning.election_timeout_min),
+            None => node.contact.since() >= wait,
+            Some(t) => node.contact.since() >= wait && t.elapsed() >= wait,
+        };
+        if !due {
+            continue;
+        }
+        last_try = Some(Instant::now());
+        // After a failed try (split vote, no quorum) the next one comes
+        // after a fresh random wait.
+        wait = tuning.election_timeout_min + rng.below(tuning.election_timeout_min);
+        if alone || pre_vote(&node, &joint, tuning.election_timeout_min / 2).await {
+            tracing::info!(node = node.id, "starting an election (pre-vote granted)");
+            if node.raft.trigger().elect().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Asks every other voter for a pre-vote; true if a quorum of every
+/// configuration (both halves of a joint one) grants, counting this node.
+async fn pre_vote(node: &Arc<NodeShared>, joint: &[BTreeSet<NodeId>], deadline: Duration) -> bool {
+    let req = PreVoteRequest { candidate: node.id, last_log_id: node.raft.data_metrics().borrow().last_log };
+    let peers: Vec<(NodeId, String)> = {
+        let m = node.raft.metrics();
+        let m = m.borrow();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = joint.iter().flatten().copied().collect();
+        voters
+            .into_iter()
+            .filter(|id| *id != node.id)
+            .filter_map(|id| Some((id, membership.get_node(&id)?.addr.clone())))
+            .collect()
+    };
+    let asks = peers.iter().map(|(id, addr)| {
+        let req = &req;
+        async move {
+            let r: Result<PreVoteReply, RpcFailure> =
+                node.channels.call(addr, RaftRpc::PreVote, &node.cluster_id, node.id, req, deadline).await;
+            (*id, r.map(|r| r.granted).unwrap_or(false))
+        }
+    });
+    let mut granted: BTreeSet<NodeId> =
+        futures::future::join_all(asks).await.into_iter().filter_map(|(id, ok)| ok.then_some(id)).collect();
+    granted.insert(node.id);
+    let won = joint.iter().all(|c| c.iter().filter(|id| granted.contains(id)).count() * 2 > c.len());
+    tracing::debug!(node = node.id, ?granted, won, "pre-vote round");
+    won
+}
+
+/// A small deterministic generator (xorshift) for election jitter, seeded
+/// per node; under madsim the seed comes from the simulation's RNG.
+struct Jitter(u64);
+
+impl Jitter {
+    fn new(id: NodeId) -> Self {
+        Self(super::identity::random_u64(id, super::now_ms()) | 1)
+    }
+
+    fn below(&mut self, max: Duration) -> Duration {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        let ms = max.as_millis().max(1) as u64;
+        Duration::from_millis(self.0 % ms)
+    }
+}
