@@ -115,12 +115,37 @@ impl Command {
 }
 
 /// Identifies one client write across retries, so that a write retried
-/// after a lost reply is applied once. `session` is random per node process,
-/// `seq` counts that process's writes.
+/// after a lost reply is applied once. Minted by a node (`session` random
+/// per node process, `seq` counting its writes) or derived from the
+/// client's own request id ([`RequestId::from_client`]).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RequestId {
     pub session: u64,
     pub seq: u64,
+}
+
+impl RequestId {
+    /// The id of a client-chosen request id string (validated first): its
+    /// 128-bit xxh3 hash under a domain tag, so it never meets the ids nodes
+    /// mint (random session, counting seq) except by a 2^-64 chance. The
+    /// replicated format is unchanged: two u64s, whoever chose them.
+    pub fn from_client(id: &str) -> Result<RequestId, CommandError> {
+        validate::request_id(id)?;
+        let mut tagged = Vec::with_capacity(id.len() + 16);
+        tagged.extend_from_slice(b"blixard-client:");
+        tagged.extend_from_slice(id.as_bytes());
+        let h = xxhash_rust::xxh3::xxh3_128(&tagged);
+        Ok(RequestId { session: (h >> 64) as u64, seq: h as u64 })
+    }
+
+    /// `from_client` for an optional id: empty means "let the node choose".
+    pub fn from_client_opt(id: &str) -> Result<Option<RequestId>, CommandError> {
+        if id.is_empty() {
+            Ok(None)
+        } else {
+            Self::from_client(id).map(Some)
+        }
+    }
 }
 
 /// What a node saw of one of its VMs.

@@ -32,8 +32,12 @@ pub struct ApplyCtx {
     pub at_ms: u64,
 }
 
-/// How many recent request results are remembered for deduplication. A
-/// retry arrives within seconds; this covers far more writes than that.
+/// How many recent request results are remembered for deduplication: the
+/// last 65,536 identified writes (successes and rejections), in log order.
+/// A retry arrives within seconds; at the highest write rates measured
+/// (about 10,000 writes/s) the window spans several seconds, at a control
+/// plane's usual rates hours. Evicting by count keeps memory bounded and
+/// apply deterministic (no clock).
 pub const DEDUP_WINDOW: usize = 65_536;
 
 #[derive(Default)]
@@ -318,10 +322,11 @@ impl Drop for ApplyRun<'_> {
 
 impl ApplyRun<'_> {
     /// Applies one proposal. A rejected command (or batch) leaves the state
-    /// exactly as it was. A proposal whose request id was already applied
-    /// successfully returns that first result and changes nothing. Rejections
-    /// are not remembered: they had no effect, so evaluating a retried one
-    /// again is as safe as the client asking again.
+    /// exactly as it was. A proposal whose request id is in the dedup window
+    /// returns that request's first result, success or rejection, and
+    /// changes nothing: a request id has exactly one outcome, so a client
+    /// that retries after an unknown outcome learns what really happened
+    /// (a rejection retried later could otherwise apply after all).
     pub fn apply(&mut self, proposal: &Proposal, index: u64) -> CommandResult {
         let result = self.apply_deduplicated(proposal, index);
         self.changed |= result.is_ok();
@@ -334,14 +339,12 @@ impl ApplyRun<'_> {
             return first.clone();
         }
         let result = self.apply_command(proposal, index);
-        if result.is_ok() {
-            let mut dedup = self.state.requests.lock();
-            dedup.results.insert(id, result.clone());
-            dedup.order.push_back(id);
-            if dedup.order.len() > DEDUP_WINDOW {
-                if let Some(old) = dedup.order.pop_front() {
-                    dedup.results.remove(&old);
-                }
+        let mut dedup = self.state.requests.lock();
+        dedup.results.insert(id, result.clone());
+        dedup.order.push_back(id);
+        if dedup.order.len() > DEDUP_WINDOW {
+            if let Some(old) = dedup.order.pop_front() {
+                dedup.results.remove(&old);
             }
         }
         result
@@ -797,12 +800,22 @@ mod tests {
         // A different request for the same name is a real duplicate.
         let other = Proposal { request: Some(RequestId { session: 7, seq: 2 }), ..first.clone() };
         assert!(matches!(s.apply(&other, 5), Err(CommandError::VmExists { .. })));
-        // A rejection is not remembered: it changed nothing, not even the window.
-        assert_eq!(s.image(), before);
+        // The rejection changed no VM or node, only the window: the request
+        // id now has its outcome, and keeps it even once the name is free.
+        let after = s.image();
+        assert_eq!((&after.nodes, &after.vms), (&before.nodes, &before.vms));
+        assert_eq!(after.requests.len(), before.requests.len() + 1);
+        let delete = Proposal { at_ms: 6, request: None, command: Command::DeleteVm { name: "a".into() } };
+        s.apply(&delete, 6).unwrap();
+        assert!(matches!(s.apply(&other, 7), Err(CommandError::VmExists { .. })), "first outcome kept");
+        assert_eq!(s.vm_count(), 0, "the retried rejection did not apply after all");
+        let before = s.image();
         // The window survives a snapshot round trip.
         let t = ClusterState::new();
         t.restore(s.image());
-        assert_eq!(t.apply(&first, 7).unwrap(), out);
+        assert_eq!(t.apply(&first, 8).unwrap(), out);
+        assert_eq!(t.vm_count(), 0, "the window survived the snapshot: no second create");
+        assert_eq!(t.image(), before);
         assert_eq!(t.digest(), s.digest());
         t.check_invariants().unwrap();
     }

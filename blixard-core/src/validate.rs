@@ -26,6 +26,23 @@ pub const MAX_NODE_DISK_GB: u64 = 1 << 32;
 
 const NAME_RULE: &str = "1-63 characters of a-z, 0-9 and '-', starting with a letter, not ending with '-'";
 
+/// Longest client-chosen request id.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// A client's request id: 1-128 printable ASCII characters, no spaces.
+pub fn request_id(id: &str) -> Result<(), CommandError> {
+    let ok = !id.is_empty() && id.len() <= MAX_REQUEST_ID_LEN && id.bytes().all(|c| c.is_ascii_graphic());
+    if ok {
+        Ok(())
+    } else {
+        Err(CommandError::invalid(
+            "request id",
+            id,
+            format!("1-{MAX_REQUEST_ID_LEN} printable ASCII characters without spaces"),
+        ))
+    }
+}
+
 /// VM names (and tenants) are DNS labels, so they can name files, taps and hosts.
 pub fn vm_name(name: &str) -> Result<(), CommandError> {
     dns_label("VM name", name)

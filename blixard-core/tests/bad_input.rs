@@ -41,6 +41,18 @@ async fn start() -> (Node, Channel, tempfile::TempDir) {
     (node, ch, dir)
 }
 
+/// The VMs and nodes, without the dedup window (which records rejected
+/// requests' outcomes too, by design).
+fn cluster_state(node: &Node) -> blixard_core::state::StateImage {
+    let mut image = node.shared().state.image();
+    image.requests.clear();
+    image
+}
+
+fn outcome(e: &tonic::Status) -> &str {
+    e.metadata().get("blixard-outcome").and_then(|v| v.to_str().ok()).unwrap_or("<none>")
+}
+
 fn spec(vcpus: u32, memory_mb: u64) -> Option<pb::VmSpec> {
     Some(pb::VmSpec { vcpus, memory_mb, disk_gb: 1, ..Default::default() })
 }
@@ -57,7 +69,7 @@ async fn bad_client_requests_are_typed_errors_and_change_nothing() {
     })
     .await
     .unwrap();
-    let before = node.shared().state.digest();
+    let before = cluster_state(&node);
 
     let cases: Vec<(pb::CreateVmRequest, Code, &str)> = vec![
         (
@@ -146,12 +158,14 @@ async fn bad_client_requests_are_typed_errors_and_change_nothing() {
         let e = vms.create_vm(req).await.expect_err(&format!("{name:?} accepted"));
         assert_eq!(e.code(), code, "{name:?}: {}", e.message());
         assert!(e.message().contains(text), "{name:?}: {:?} lacks {text:?}", e.message());
+        assert_eq!(outcome(&e), "rejected", "{name:?}: a rejected write says so");
     }
     let e = vms
         .delete_vm(pb::DeleteVmRequest { name: "ghost".into(), request_id: String::new() })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
+    assert_eq!(outcome(&e), "rejected");
     let e = vms.list_vms(pb::ListVmsRequest { consistency: 0, node_id: 99 }).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     assert!(e.message().contains("unknown node id 99"));
@@ -175,7 +189,7 @@ async fn bad_client_requests_are_typed_errors_and_change_nothing() {
     let e = vms.create_vm(big).await.unwrap_err();
     assert_eq!(e.code(), Code::OutOfRange, "{}", e.message());
 
-    assert_eq!(node.shared().state.digest(), before, "a rejected request changed the state");
+    assert_eq!(cluster_state(&node), before, "a rejected request changed the state");
     node.shared().state.check_invariants().unwrap();
     node.shutdown().await;
 }
@@ -184,7 +198,7 @@ async fn bad_client_requests_are_typed_errors_and_change_nothing() {
 async fn corrupt_or_foreign_raft_traffic_is_refused() {
     let (node, ch, _dir) = start().await;
     let cluster_id = node.shared().cluster_id.to_string();
-    let before = node.shared().state.digest();
+    let before = cluster_state(&node);
     let mut raft = RaftServiceClient::new(ch);
 
     // Another cluster's traffic is refused before decoding.
@@ -211,7 +225,48 @@ async fn corrupt_or_foreign_raft_traffic_is_refused() {
             assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
         }
     }
-    assert_eq!(node.shared().state.digest(), before);
+    assert_eq!(cluster_state(&node), before);
     assert!(node.shared().is_leader(), "bad traffic disturbed the leader");
     node.shutdown().await;
+}
+
+/// A client's request id makes a write exactly-once: a retry returns the
+/// first outcome, success or rejection, and never applies again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_request_ids_return_the_first_outcome() {
+    let (node, ch, _dir) = start().await;
+    let mut vms = VmServiceClient::new(ch.clone());
+    let create = |name: &str, id: &str| pb::CreateVmRequest {
+        name: name.into(),
+        spec: spec(1, 128),
+        no_start: true,
+        request_id: id.into(),
+    };
+    let first = vms.create_vm(create("web", "req-1")).await.unwrap().into_inner();
+    let again = vms.create_vm(create("web", "req-1")).await.unwrap().into_inner();
+    assert_eq!(first.vm, again.vm, "the retry shows the VM the first write created, unchanged");
+    assert_eq!(node.shared().state.vm_count(), 1);
+    // Another id for the same name is a new request: rejected.
+    let e = vms.create_vm(create("web", "req-2")).await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+    assert_eq!(outcome(&e), "rejected");
+    // Delete, twice under one id: the retry succeeds too (first outcome),
+    // instead of failing with "no VM named".
+    let del = |id: &str| pb::DeleteVmRequest { name: "web".into(), request_id: id.into() };
+    vms.delete_vm(del("req-3")).await.unwrap();
+    vms.delete_vm(del("req-3")).await.unwrap();
+    assert_eq!(node.shared().state.vm_count(), 0);
+    // req-2 was rejected; now that the name is free, retrying it still
+    // answers with its one outcome and creates nothing.
+    let e = vms.create_vm(create("web", "req-2")).await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{}", e.message());
+    assert_eq!(node.shared().state.vm_count(), 0);
+    // A bad request id is refused at the edge.
+    for bad in ["has space", &"x".repeat(129), "tab\t"] {
+        let e = vms.create_vm(create("other", bad)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{bad:?}");
+        assert!(e.message().contains("request id"), "{}", e.message());
+        assert_eq!(outcome(&e), "rejected");
+    }
+    assert_eq!(node.shared().state.vm_count(), 0);
 }

@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 
 use super::raft_service::RaftGrpc;
 use super::{ApiError, NodeError, NodeShared};
-use crate::command::Command;
+use crate::command::{Command, CommandOutput, RequestId};
 use crate::raft::network::{PeerChannels, MAX_MESSAGE_BYTES};
 use crate::types::{BootSpec, NodeId, NodeRecord, Resources, RestartPolicy, VmRecord, VmSpec};
 
@@ -322,9 +322,25 @@ impl VmApi {
     /// Commits a write about VM `name` and answers with the VM as this node
     /// now has it (`propose` returns once this node applied the write), plus
     /// the write's log index.
-    async fn write_vm(&self, cmd: Command, name: &str) -> Result<Response<pb::VmResponse>, Status> {
-        let applied = self.node.propose(cmd).await?;
+    ///
+    /// Every write error carries its outcome (`rejected`, `unknown` or
+    /// `applied`) in the [`super::OUTCOME_KEY`] metadata.
+    async fn write_vm(&self, cmd: Command, request_id: &str) -> Result<Response<pb::VmResponse>, Status> {
+        let applied = self.write(cmd, request_id).await?;
+        let name = match &applied.output {
+            CommandOutput::VmCreated { name, .. }
+            | CommandOutput::VmDeleted { name, .. }
+            | CommandOutput::VmDesired { name, .. } => name.as_str(),
+            _ => return Err(Status::internal("a VM write produced no VM")),
+        };
         Ok(Response::new(pb::VmResponse { vm: Some(self.get_local(name)?), index: applied.index }))
+    }
+
+    /// Proposes a client write under its request id.
+    async fn write(&self, cmd: Command, request_id: &str) -> Result<super::Applied, Status> {
+        let request =
+            RequestId::from_client_opt(request_id).map_err(|e| ApiError::from(e).into_write_status())?;
+        self.node.propose_with(cmd, request).await.map_err(ApiError::into_write_status)
     }
 
     fn backend(&self) -> Result<&Arc<dyn blixard_vm::VmBackend>, Status> {
@@ -373,9 +389,9 @@ impl VmService for VmApi {
         request: Request<pb::CreateVmRequest>,
     ) -> Result<Response<pb::VmResponse>, Status> {
         let req = request.into_inner();
-        let cmd =
-            Command::CreateVm { name: req.name.clone(), spec: spec_from_pb(req.spec)?, start: !req.no_start };
-        self.write_vm(cmd, &req.name).await
+        let spec = spec_from_pb(req.spec).map_err(ApiError::into_write_status)?;
+        let cmd = Command::CreateVm { name: req.name, spec, start: !req.no_start };
+        self.write_vm(cmd, &req.request_id).await
     }
 
     async fn get_vm(&self, request: Request<pb::GetVmRequest>) -> Result<Response<pb::VmResponse>, Status> {
@@ -411,7 +427,7 @@ impl VmService for VmApi {
         request: Request<pb::DeleteVmRequest>,
     ) -> Result<Response<pb::DeleteVmResponse>, Status> {
         let req = request.into_inner();
-        self.node.propose(Command::DeleteVm { name: req.name }).await?;
+        self.write(Command::DeleteVm { name: req.name }, &req.request_id).await?;
         Ok(Response::new(pb::DeleteVmResponse {}))
     }
 
@@ -419,21 +435,21 @@ impl VmService for VmApi {
         &self,
         request: Request<pb::VmNameRequest>,
     ) -> Result<Response<pb::VmResponse>, Status> {
-        let name = request.into_inner().name;
-        self.write_vm(Command::StartVm { name: name.clone() }, &name).await
+        let req = request.into_inner();
+        self.write_vm(Command::StartVm { name: req.name }, &req.request_id).await
     }
 
     async fn stop_vm(&self, request: Request<pb::VmNameRequest>) -> Result<Response<pb::VmResponse>, Status> {
-        let name = request.into_inner().name;
-        self.write_vm(Command::StopVm { name: name.clone() }, &name).await
+        let req = request.into_inner();
+        self.write_vm(Command::StopVm { name: req.name }, &req.request_id).await
     }
 
     async fn restart_vm(
         &self,
         request: Request<pb::VmNameRequest>,
     ) -> Result<Response<pb::VmResponse>, Status> {
-        let name = request.into_inner().name;
-        self.write_vm(Command::RestartVm { name: name.clone() }, &name).await
+        let req = request.into_inner();
+        self.write_vm(Command::RestartVm { name: req.name }, &req.request_id).await
     }
 
     async fn vm_logs(

@@ -32,13 +32,21 @@ const QUEUE: usize = 16 * 1024;
 /// deduplicate.
 const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Why a proposal got no result. The variants split on one question: could
+/// the proposal still be committed? Clients are told the truth about it.
 #[derive(Debug, Clone)]
 pub enum SubmitError {
-    /// This node does not lead; the leader it knows of, if any.
+    /// This node does not lead, and the proposal was never handed to Raft:
+    /// it did not and will never apply (through this attempt). The leader
+    /// this node knows of, if any.
     NotLeader(Option<(NodeId, String)>),
-    /// The batch was not confirmed in time; it may or may not commit later.
-    Timeout,
-    Unavailable(String),
+    /// The proposal reached this node's log (or may have) but its fate is
+    /// not known: the commit was not confirmed in time, or leadership moved
+    /// while it was in flight. It may still commit; a retry with the same
+    /// request id is answered with the first outcome.
+    Unknown { why: &'static str, leader: Option<(NodeId, String)> },
+    /// The node is shutting down; the proposal was not handed to Raft.
+    Closed,
 }
 
 type Reply = oneshot::Sender<Result<(u64, CommandResult), SubmitError>>;
@@ -58,11 +66,9 @@ impl Batcher {
     /// on this node, with the entry's log index and the proposal's result.
     pub async fn submit(&self, p: Proposal) -> Result<(u64, CommandResult), SubmitError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send((p, reply))
-            .await
-            .map_err(|_| SubmitError::Unavailable("node is shutting down".into()))?;
-        rx.await.map_err(|_| SubmitError::Unavailable("node is shutting down".into()))?
+        self.tx.send((p, reply)).await.map_err(|_| SubmitError::Closed)?;
+        // The batcher dropped the reply only if it stopped before submitting.
+        rx.await.map_err(|_| SubmitError::Closed)?
     }
 }
 
@@ -84,6 +90,30 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<(Proposal, Reply)>) {
                 Err(_) => break,
             }
         }
+        // Only a leader hands proposals to Raft. openraft answers "forward
+        // to leader" both for a write it refused up front and for one it
+        // appended and later lost to a log conflict (which another leader may
+        // still commit), so that answer cannot tell "never applied" from
+        // "unknown". Checking first keeps the definite case definite.
+        let leader = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            if m.state != openraft::ServerState::Leader {
+                let known = m
+                    .current_leader
+                    .and_then(|id| Some((id, m.membership_config.membership().get_node(&id)?.addr.clone())));
+                Some(known)
+            } else {
+                None
+            }
+        };
+        if let Some(known) = leader {
+            drop(permit);
+            for reply in replies {
+                let _ = reply.send(Err(SubmitError::NotLeader(known.clone())));
+            }
+            continue;
+        }
         let raft = raft.clone();
         tokio::spawn(async move {
             let outcome =
@@ -95,7 +125,10 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<(Proposal, Reply)>) {
                     "write batch not confirmed within {WRITE_TIMEOUT:?}"
                 );
                 for reply in replies {
-                    let _ = reply.send(Err(SubmitError::Timeout));
+                    let _ = reply.send(Err(SubmitError::Unknown {
+                        why: "the write was not confirmed in time",
+                        leader: None,
+                    }));
                 }
                 return;
             };
@@ -108,13 +141,19 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<(Proposal, Reply)>) {
                 }
                 Err(e) => {
                     let err = match e {
-                        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
-                            SubmitError::NotLeader(f.leader_id.zip(f.leader_node.map(|n| n.addr)))
+                        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => SubmitError::Unknown {
+                            why: "leadership moved while the write was in flight",
+                            leader: f.leader_id.zip(f.leader_node.map(|n| n.addr)),
+                        },
+                        // Not produced for normal entries; treated as unknown
+                        // because the entry was handed to Raft.
+                        RaftError::APIError(ClientWriteError::ChangeMembershipError(_)) => {
+                            SubmitError::Unknown { why: "the write raced a membership change", leader: None }
                         }
-                        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
-                            SubmitError::Unavailable(e.to_string())
-                        }
-                        RaftError::Fatal(e) => SubmitError::Unavailable(format!("raft stopped: {e}")),
+                        RaftError::Fatal(_) => SubmitError::Unknown {
+                            why: "raft stopped while the write was in flight",
+                            leader: None,
+                        },
                     };
                     for reply in replies {
                         let _ = reply.send(Err(err.clone()));

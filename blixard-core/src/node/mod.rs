@@ -134,6 +134,45 @@ pub enum ApiError {
     FailedPrecondition(String),
     #[error("{0}")]
     Unavailable(String),
+    /// A write that did not and will never apply: no leader took it. Safe
+    /// to retry as it is.
+    #[error("{0}")]
+    NotApplied(String),
+    /// A write that may still apply: it reached a log (or may have) but its
+    /// commit was not confirmed. A retry with the same request id is
+    /// answered with its real outcome.
+    #[error("outcome unknown: {0}")]
+    OutcomeUnknown(String),
+    /// A write that was committed and applied by the leader, but this node
+    /// has not applied it yet, so it cannot show the result. A retry with the
+    /// same request id (on any member) returns the outcome.
+    #[error("the write was applied at log index {index}, but node {node} has not caught up to show it; retry with the same request id or read from another member")]
+    AppliedNotVisible { index: u64, node: NodeId },
+}
+
+/// The gRPC metadata key that tells a client what a failed write did.
+pub const OUTCOME_KEY: &str = "blixard-outcome";
+
+impl ApiError {
+    /// What a failed write did, as told to clients in [`OUTCOME_KEY`]:
+    /// `rejected` (did not and will never apply), `unknown` (may still
+    /// apply) or `applied`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            ApiError::OutcomeUnknown(_) => "unknown",
+            ApiError::AppliedNotVisible { .. } => "applied",
+            _ => "rejected",
+        }
+    }
+
+    /// The gRPC status of a failed write: the code, plus the outcome in
+    /// metadata.
+    pub fn into_write_status(self) -> tonic::Status {
+        let outcome = self.outcome();
+        let mut status = tonic::Status::from(self);
+        status.metadata_mut().insert(OUTCOME_KEY, tonic::metadata::MetadataValue::from_static(outcome));
+        status
+    }
 }
 
 impl From<ApiError> for tonic::Status {
@@ -153,20 +192,41 @@ impl From<ApiError> for tonic::Status {
             ApiError::NotFound(_) => Code::NotFound,
             ApiError::AlreadyExists(_) => Code::AlreadyExists,
             ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
-            ApiError::Unavailable(_) => Code::Unavailable,
+            ApiError::Unavailable(_) | ApiError::NotApplied(_) | ApiError::AppliedNotVisible { .. } => {
+                Code::Unavailable
+            }
+            // gRPC's own meaning: "the operation may have completed".
+            ApiError::OutcomeUnknown(_) => Code::DeadlineExceeded,
         };
         tonic::Status::new(code, e.to_string())
     }
 }
 
-/// Replies of the internal forwarding RPCs.
+/// Replies of the internal forwarding RPCs. Replicated between nodes:
+/// append variants only, never reorder.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub enum ForwardError {
-    /// The receiver is not the leader (any more); here is who it thinks is.
-    NotLeader {
-        leader: Option<(NodeId, String)>,
-    },
+    /// The receiver is not the leader (any more), and did not hand the write
+    /// to Raft; here is who it thinks leads.
+    NotLeader { leader: Option<(NodeId, String)> },
+    /// The receiver could not take the request (shutting down, or for reads:
+    /// no quorum); nothing was handed to Raft.
     Unavailable(String),
+    /// The write reached the receiver's log (or may have) but its commit was
+    /// not confirmed: it may still apply.
+    Unknown(String),
+}
+
+impl std::fmt::Display for ForwardError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ForwardError::NotLeader { leader: Some((id, addr)) } => {
+                write!(f, "it is not the leader (node {id} at {addr} is)")
+            }
+            ForwardError::NotLeader { leader: None } => f.write_str("it is not the leader and knows of none"),
+            ForwardError::Unavailable(why) | ForwardError::Unknown(why) => f.write_str(why),
+        }
+    }
 }
 
 pub type ProposeReply = Result<(u64, CommandResult), ForwardError>;
@@ -471,62 +531,92 @@ impl NodeShared {
 
     /// Commits `command` through Raft (forwarding to the leader when this node
     /// is not it) and returns once it is applied on this node too, so the
-    /// caller reads its own write here. Every attempt carries the same
-    /// request id, so retrying after a lost reply can never apply twice.
+    /// caller reads its own write here. The node makes the request id.
     pub async fn propose(&self, command: Command) -> Result<Applied, ApiError> {
+        self.propose_with(command, None).await
+    }
+
+    /// [`propose`](Self::propose) under the client's request id, if it chose
+    /// one. Every attempt carries the same id, so retrying after a lost reply
+    /// can never apply twice, and a client retrying with the same id gets the
+    /// first outcome.
+    ///
+    /// A failure is either definite (the command was rejected, or no leader
+    /// ever took it: [`ApiError::NotApplied`]) or
+    /// [`ApiError::OutcomeUnknown`], once any attempt may have reached a log
+    /// without its commit being confirmed. Later attempts that learn the
+    /// outcome (the same id, deduplicated) replace the doubt with the truth.
+    pub async fn propose_with(
+        &self,
+        command: Command,
+        request: Option<RequestId>,
+    ) -> Result<Applied, ApiError> {
         command.validate()?;
-        let seq = self.next_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let request = Some(RequestId { session: self.session, seq });
+        let request = request.or_else(|| {
+            let seq = self.next_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Some(RequestId { session: self.session, seq })
+        });
         let proposal = Proposal { at_ms: now_ms(), request, command };
         let deadline = tokio::time::Instant::now() + PROPOSE_TIMEOUT;
-        let mut last_err;
+        // Why the write may have reached a log, once some attempt may have.
+        let mut in_doubt: Option<String> = None;
+        let mut last: String;
         loop {
-            last_err = String::new();
             let leader = match self.batcher.submit(proposal.clone()).await {
                 Ok((index, result)) => return self.finish(index, result).await,
-                Err(SubmitError::NotLeader(leader)) => leader,
-                Err(SubmitError::Timeout) => {
-                    // Unknown outcome: retry with the same request id.
-                    last_err = "the write was not confirmed in time".to_string();
-                    None
+                Err(SubmitError::NotLeader(leader)) => {
+                    last = "no leader elected yet".to_string();
+                    leader
                 }
-                Err(SubmitError::Unavailable(why)) => return Err(ApiError::Unavailable(why)),
+                Err(SubmitError::Unknown { why, leader }) => {
+                    last = why.to_string();
+                    in_doubt = Some(format!("node {}: {why}", self.id));
+                    leader
+                }
+                Err(SubmitError::Closed) => {
+                    return Err(undecided(in_doubt, format!("node {} is shutting down", self.id)))
+                }
             };
-            match leader {
-                None if last_err.is_empty() => last_err = "no leader elected yet".to_string(),
-                None => {}
-                Some((id, addr)) => {
-                    let reply: Result<ProposeReply, RpcFailure> = self
-                        .channels
-                        .call(&addr, RaftRpc::Propose, &self.cluster_id, self.id, &proposal, FORWARD_TIMEOUT)
-                        .await;
-                    match reply {
-                        Ok(Ok((index, result))) => return self.finish(index, result).await,
-                        Ok(Err(ForwardError::NotLeader { .. })) => {
-                            last_err = format!("node {id} is no longer the leader")
-                        }
-                        Ok(Err(ForwardError::Unavailable(why))) => last_err = why,
-                        // The leader may have died after committing: retrying
-                        // is safe because the request id deduplicates it.
-                        Err(e @ (RpcFailure::Unreachable { .. } | RpcFailure::Timeout { .. })) => {
-                            last_err = format!("leader {id}: {e}")
-                        }
-                        Err(e) => return Err(ApiError::Unavailable(e.to_string())),
+            if let Some((id, addr)) = leader.filter(|(id, _)| *id != self.id) {
+                let reply: Result<ProposeReply, RpcFailure> = self
+                    .channels
+                    .call(&addr, RaftRpc::Propose, &self.cluster_id, self.id, &proposal, FORWARD_TIMEOUT)
+                    .await;
+                match reply {
+                    Ok(Ok((index, result))) => return self.finish(index, result).await,
+                    Ok(Err(e @ (ForwardError::NotLeader { .. } | ForwardError::Unavailable(_)))) => {
+                        last = format!("node {id} at {addr} refused it: {e}")
+                    }
+                    Ok(Err(ForwardError::Unknown(why))) => {
+                        last = format!("leader {id} at {addr}: {why}");
+                        in_doubt = Some(last.clone());
+                    }
+                    // Never sent: nothing can apply.
+                    Err(e @ (RpcFailure::BadAddress { .. } | RpcFailure::TooLarge { .. })) => {
+                        return Err(undecided(in_doubt, e.to_string()))
+                    }
+                    // The request may have reached the leader (and the
+                    // leader may have died after committing it): in doubt,
+                    // and retried under the same request id.
+                    Err(e) => {
+                        last = format!("leader {id}: {e}");
+                        in_doubt = Some(last.clone());
                     }
                 }
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(ApiError::Unavailable(format!(
-                    "write not accepted within {PROPOSE_TIMEOUT:?}: {last_err}"
-                )));
+                return Err(undecided(
+                    in_doubt,
+                    format!("no leader accepted the write within {}s: {last}", PROPOSE_TIMEOUT.as_secs()),
+                ));
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
     async fn finish(&self, index: u64, result: CommandResult) -> Result<Applied, ApiError> {
         let output = result?;
-        self.wait_applied(index).await?;
+        self.wait_applied(index).await.map_err(|_| ApiError::AppliedNotVisible { index, node: self.id })?;
         Ok(Applied { index, output })
     }
 
@@ -537,12 +627,18 @@ impl NodeShared {
             .applied_index_at_least(Some(index), "read your writes")
             .await
             .map(|_| ())
-            .map_err(|e| ApiError::Unavailable(format!("waiting to apply index {index}: {e}")))
+            .map_err(|_| {
+                ApiError::Unavailable(format!(
+                    "node {} has not applied log index {index} within {}s (it is behind the leader)",
+                    self.id,
+                    PROPOSE_TIMEOUT.as_secs()
+                ))
+            })
     }
 
     /// Makes the next local read linearizable: the leader confirms it still
     /// leads (ReadIndex) and this node applies up to the leader's commit
-    /// index before reading.
+    /// index before reading. A failure names the hop that failed.
     pub async fn linearize(&self) -> Result<(), ApiError> {
         let deadline = tokio::time::Instant::now() + PROPOSE_TIMEOUT;
         loop {
@@ -550,8 +646,8 @@ impl NodeShared {
                 Ok(_) => return Ok(()),
                 Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
                     match f.leader_id.zip(f.leader_node.map(|n| n.addr)) {
-                        None => "no leader elected yet".to_string(),
-                        Some((_, addr)) => {
+                        None => format!("node {} knows of no leader (an election may be under way)", self.id),
+                        Some((id, addr)) => {
                             let r: Result<ReadIndexReply, RpcFailure> = self
                                 .channels
                                 .call(
@@ -565,19 +661,23 @@ impl NodeShared {
                                 .await;
                             match r {
                                 Ok(Ok(index)) => return self.wait_applied(index).await,
-                                Ok(Err(e)) => format!("{e:?}"),
-                                Err(e) => e.to_string(),
+                                Ok(Err(e)) => format!("leader {id} at {addr} could not confirm it: {e}"),
+                                Err(e) => format!("the hop from node {} to leader {id} failed: {e}", self.id),
                             }
                         }
                     }
                 }
-                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => e.to_string(),
-                Err(RaftError::Fatal(e)) => return Err(ApiError::Unavailable(format!("raft stopped: {e}"))),
+                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => {
+                    format!("node {} leads but cannot reach a quorum of voters", self.id)
+                }
+                Err(RaftError::Fatal(_)) => {
+                    return Err(ApiError::Unavailable(format!("node {} is shutting down", self.id)))
+                }
             };
             if tokio::time::Instant::now() >= deadline {
                 return Err(ApiError::Unavailable(format!("cannot confirm a linearizable read: {why}")));
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -655,17 +755,29 @@ impl NodeShared {
     }
 }
 
+/// The error of a write that got no definite outcome: unknown if any
+/// attempt may have reached a log, otherwise not applied.
+fn undecided(in_doubt: Option<String>, last: String) -> ApiError {
+    match in_doubt {
+        Some(why) if why == last => ApiError::OutcomeUnknown(why),
+        Some(why) => ApiError::OutcomeUnknown(format!("{why}; then: {last}")),
+        None => ApiError::NotApplied(format!("not applied: {last}")),
+    }
+}
+
 fn membership_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> ApiError {
     match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
-            ApiError::Unavailable("leadership changed during the membership change; retry".into())
-        }
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => ApiError::OutcomeUnknown(
+            "leadership changed during the membership change; check `cluster members`".into(),
+        ),
         RaftError::APIError(ClientWriteError::ChangeMembershipError(ChangeMembershipError::InProgress(
             e,
         ))) => ApiError::Unavailable(format!("another membership change is in progress ({e}); retry")),
         RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
             ApiError::FailedPrecondition(e.to_string())
         }
-        RaftError::Fatal(e) => ApiError::Unavailable(format!("raft stopped: {e}")),
+        RaftError::Fatal(_) => ApiError::OutcomeUnknown(
+            "the node stopped during the membership change; check `cluster members`".into(),
+        ),
     }
 }

@@ -88,8 +88,10 @@ impl RaftService for RaftGrpc {
         // Forwarded writes join the leader's batches like local ones.
         let out: ProposeReply = self.node.batcher.submit(p).await.map_err(|e| match e {
             SubmitError::NotLeader(leader) => ForwardError::NotLeader { leader },
-            SubmitError::Timeout => ForwardError::Unavailable("the write was not confirmed in time".into()),
-            SubmitError::Unavailable(why) => ForwardError::Unavailable(why),
+            SubmitError::Unknown { why, .. } => ForwardError::Unknown(why.to_string()),
+            SubmitError::Closed => {
+                ForwardError::Unavailable(format!("node {} is shutting down", self.node.id))
+            }
         });
         reply(&out)
     }
@@ -101,10 +103,10 @@ impl RaftService for RaftGrpc {
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
                 Err(not_leader(f.leader_id, f.leader_node))
             }
-            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => {
-                Err(ForwardError::Unavailable(e.to_string()))
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => {
+                Err(ForwardError::Unavailable("it leads but cannot reach a quorum of voters".into()))
             }
-            Err(RaftError::Fatal(e)) => Err(ForwardError::Unavailable(format!("raft stopped: {e}"))),
+            Err(RaftError::Fatal(_)) => Err(ForwardError::Unavailable("it is shutting down".into())),
         };
         reply(&out)
     }

@@ -133,7 +133,7 @@ impl PeerChannels {
                     tonic::Code::InvalidArgument | tonic::Code::PermissionDenied => {
                         RpcFailure::BadReply { addr: addr.to_string(), reason }
                     }
-                    _ => RpcFailure::Unreachable { addr: addr.to_string(), reason: format!("{status}") },
+                    _ => RpcFailure::Unreachable { addr: addr.to_string(), reason: status_reason(&status) },
                 });
             }
             Ok(Ok(r)) => r.into_inner(),
@@ -141,6 +141,24 @@ impl PeerChannels {
         codec::decode(&reply.payload)
             .map_err(|e| RpcFailure::BadReply { addr: addr.to_string(), reason: e.to_string() })
     }
+}
+
+/// One line for a failed call: the status message, or the code when the
+/// message is empty (never tonic's `Debug` of the metadata).
+fn status_reason(status: &tonic::Status) -> String {
+    let mut reason = if status.message().is_empty() {
+        status.code().description().to_string()
+    } else {
+        status.message().to_string()
+    };
+    // A transport error's cause ("Connection refused") sits in its source.
+    let mut cur = std::error::Error::source(status);
+    while let Some(c) = cur {
+        reason.push_str(": ");
+        reason.push_str(&c.to_string());
+        cur = c.source();
+    }
+    reason
 }
 
 /// openraft's factory: hands out a client per target.
