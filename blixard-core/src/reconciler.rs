@@ -263,10 +263,10 @@ impl Reconciler {
                 });
             match outcome {
                 Ok(_) => {}
-                Err(ApiError::Unavailable(why)) => {
+                Err(e) if e.is_transient() => {
                     // No leader right now: forget what was "sent" so the next
                     // tick proposes it again.
-                    tracing::debug!(error = %why, "VM status report not committed; retrying next tick");
+                    tracing::debug!(error = %e, "VM status report not committed; retrying next tick");
                     for r in chunk {
                         if let Some(t) = self.tracked.get_mut(r.name.as_str()) {
                             t.reported = None;

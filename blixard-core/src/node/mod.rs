@@ -165,6 +165,19 @@ impl ApiError {
         }
     }
 
+    /// True when a write failed for want of a leader or a confirmation
+    /// (not applied, outcome unknown, or not yet visible here), not
+    /// because the command was refused: worth proposing again.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            ApiError::Unavailable(_)
+                | ApiError::NotApplied(_)
+                | ApiError::OutcomeUnknown(_)
+                | ApiError::AppliedNotVisible { .. }
+        )
+    }
+
     /// The gRPC status of a failed write: the code, plus the outcome in
     /// metadata.
     pub fn into_write_status(self) -> tonic::Status {
@@ -480,8 +493,8 @@ async fn register_loop(shared: Arc<NodeShared>, capacity: Resources, labels: BTr
                 tracing::info!(node = shared.id, %capacity, "registered node capacity");
                 return;
             }
-            Err(ApiError::Unavailable(why)) => {
-                tracing::debug!(error = %why, "registration waits for a leader");
+            Err(e) if e.is_transient() => {
+                tracing::debug!(error = %e, "registration waits for a leader");
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }
             Err(e) => {
@@ -578,9 +591,13 @@ impl NodeShared {
                 }
             };
             if let Some((id, addr)) = leader.filter(|(id, _)| *id != self.id) {
+                // Bounded by what is left of the write's own deadline (with a
+                // floor, so a late attempt can still succeed).
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let wait = FORWARD_TIMEOUT.min(left.max(Duration::from_millis(500)));
                 let reply: Result<ProposeReply, RpcFailure> = self
                     .channels
-                    .call(&addr, RaftRpc::Propose, &self.cluster_id, self.id, &proposal, FORWARD_TIMEOUT)
+                    .call(&addr, RaftRpc::Propose, &self.cluster_id, self.id, &proposal, wait)
                     .await;
                 match reply {
                     Ok(Ok((index, result))) => return self.finish(index, result).await,
