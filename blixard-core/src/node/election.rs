@@ -175,9 +175,15 @@ async fn pre_vote(node: &Arc<NodeShared>, joint: &[BTreeSet<NodeId>], deadline: 
     let mut granted: BTreeSet<NodeId> =
         futures::future::join_all(asks).await.into_iter().filter_map(|(id, ok)| ok.then_some(id)).collect();
     granted.insert(node.id);
-    let won = joint.iter().all(|c| c.iter().filter(|id| granted.contains(id)).count() * 2 > c.len());
+    let won = quorum_of_each(joint, &granted);
     tracing::debug!(node = node.id, ?granted, won, "pre-vote round");
     won
+}
+
+/// Whether `granted` holds a majority of every configuration in `joint`
+/// (one configuration normally, two during a joint-consensus change).
+fn quorum_of_each(joint: &[BTreeSet<NodeId>], granted: &BTreeSet<NodeId>) -> bool {
+    joint.iter().all(|c| c.iter().filter(|id| granted.contains(id)).count() * 2 > c.len())
 }
 
 /// A small deterministic generator (xorshift) for election jitter, seeded
@@ -195,5 +201,39 @@ impl Jitter {
         self.0 ^= self.0 << 17;
         let ms = max.as_millis().max(1) as u64;
         Duration::from_millis(self.0 % ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(ids: &[NodeId]) -> BTreeSet<NodeId> {
+        ids.iter().copied().collect()
+    }
+
+    #[test]
+    fn a_pre_vote_needs_a_majority_of_every_configuration() {
+        let one = [set(&[1, 2, 3])];
+        assert!(quorum_of_each(&one, &set(&[1, 2])));
+        assert!(!quorum_of_each(&one, &set(&[1])), "self alone is not a quorum of three");
+        assert!(!quorum_of_each(&one, &set(&[1, 4, 5])), "non-members do not count");
+        let four = [set(&[1, 2, 3, 4])];
+        assert!(!quorum_of_each(&four, &set(&[1, 2])), "half is not a majority");
+        // Joint consensus: {1,2,3} -> {3,4,5} needs both majorities.
+        let joint = [set(&[1, 2, 3]), set(&[3, 4, 5])];
+        assert!(!quorum_of_each(&joint, &set(&[1, 2, 3])));
+        assert!(quorum_of_each(&joint, &set(&[2, 3, 4])));
+        assert!(quorum_of_each(&[set(&[7])], &set(&[7])), "a sole voter is its own quorum");
+    }
+
+    #[test]
+    fn jitter_stays_below_its_bound() {
+        let mut j = Jitter(0x9e37_79b9_7f4a_7c15);
+        let max = Duration::from_millis(400);
+        let draws: Vec<Duration> = (0..1000).map(|_| j.below(max)).collect();
+        assert!(draws.iter().all(|d| *d < max));
+        let distinct: BTreeSet<_> = draws.iter().collect();
+        assert!(distinct.len() > 300, "jitter should spread: {} distinct values", distinct.len());
     }
 }
