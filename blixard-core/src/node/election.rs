@@ -140,12 +140,45 @@ pub async fn run(node: Arc<NodeShared>) {
         // After a failed try (split vote, no quorum) the next one comes
         // after a fresh random wait.
         wait = tuning.election_timeout_min + rng.below(tuning.election_timeout_min);
-        if alone || pre_vote(&node, &joint, tuning.election_timeout_min / 2).await {
-            tracing::info!(node = node.id, "starting an election (pre-vote granted)");
-            if node.raft.trigger().elect().await.is_err() {
-                return;
-            }
+        let before = Round::now(&node);
+        if !alone && !pre_vote(&node, &joint, tuning.election_timeout_min / 2).await {
+            continue;
         }
+        // The round took time: if a leader appeared or another candidate's
+        // election moved the term meanwhile, campaigning now would depose
+        // it (openraft's elect raises the term unconditionally).
+        if !alone && !before.still_current(&node) {
+            tracing::debug!(node = node.id, "pre-vote granted but overtaken by a newer term or leader");
+            continue;
+        }
+        tracing::info!(node = node.id, "starting an election (pre-vote granted)");
+        if node.raft.trigger().elect().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// What a pre-vote round started from; campaigning is only right if none
+/// of it changed while the round was out.
+struct Round {
+    term: u64,
+    contact: Instant,
+}
+
+impl Round {
+    fn now(node: &NodeShared) -> Self {
+        Self { term: node.raft.metrics().borrow().current_term, contact: node.contact.last() }
+    }
+
+    /// No newer term (our vote for another candidate raises it), no leader
+    /// known, and no leader heard since the round began.
+    fn still_current(&self, node: &NodeShared) -> bool {
+        let m = node.raft.metrics();
+        let m = m.borrow();
+        m.current_term == self.term
+            && m.current_leader.is_none()
+            && m.state != ServerState::Leader
+            && node.contact.last() <= self.contact
     }
 }
 
@@ -172,10 +205,22 @@ async fn pre_vote(node: &Arc<NodeShared>, joint: &[BTreeSet<NodeId>], deadline: 
             (*id, r.map(|r| r.granted).unwrap_or(false))
         }
     });
-    let mut granted: BTreeSet<NodeId> =
-        futures::future::join_all(asks).await.into_iter().filter_map(|(id, ok)| ok.then_some(id)).collect();
-    granted.insert(node.id);
-    let won = quorum_of_each(joint, &granted);
+    // Decide as soon as a quorum has granted: waiting for a slow or
+    // unreachable voter's deadline would only widen the window in which a
+    // leader can emerge and be deposed by our election.
+    let mut granted = BTreeSet::from([node.id]);
+    let mut pending: futures::stream::FuturesUnordered<_> = asks.collect();
+    let mut won = quorum_of_each(joint, &granted);
+    while !won {
+        match futures::StreamExt::next(&mut pending).await {
+            Some((id, true)) => {
+                granted.insert(id);
+                won = quorum_of_each(joint, &granted);
+            }
+            Some((_, false)) => {}
+            None => break,
+        }
+    }
     tracing::debug!(node = node.id, ?granted, won, "pre-vote round");
     won
 }
