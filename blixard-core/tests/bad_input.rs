@@ -261,6 +261,19 @@ async fn client_request_ids_return_the_first_outcome() {
     let e = vms.create_vm(create("web", "req-2")).await.unwrap_err();
     assert_eq!(e.code(), Code::AlreadyExists, "{}", e.message());
     assert_eq!(node.shared().state.vm_count(), 0);
+    // req-1 created "web", which is gone now: its retry still succeeds (the
+    // first outcome), shows no VM, and creates nothing.
+    let late = vms.create_vm(create("web", "req-1")).await.unwrap().into_inner();
+    assert_eq!(late.vm, None);
+    assert!(late.index > first.index, "the retry's own (no-op) entry, after the first write");
+    assert_eq!(node.shared().state.vm_count(), 0);
+    // The same for start/stop/restart under an id whose VM is gone.
+    vms.create_vm(create("db", "req-4")).await.unwrap();
+    let stop = pb::VmNameRequest { name: "db".into(), request_id: "req-5".into() };
+    vms.stop_vm(stop.clone()).await.unwrap();
+    vms.delete_vm(pb::DeleteVmRequest { name: "db".into(), request_id: "req-6".into() }).await.unwrap();
+    let again = vms.stop_vm(stop).await.unwrap().into_inner();
+    assert_eq!(again.vm, None);
     // A bad request id is refused at the edge.
     for bad in ["has space", &"x".repeat(129), "tab\t"] {
         let e = vms.create_vm(create("other", bad)).await.unwrap_err();

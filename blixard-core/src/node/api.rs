@@ -333,7 +333,10 @@ impl VmApi {
             | CommandOutput::VmDesired { name, .. } => name.as_str(),
             _ => return Err(Status::internal("a VM write produced no VM")),
         };
-        Ok(Response::new(pb::VmResponse { vm: Some(self.get_local(name)?), index: applied.index }))
+        // The write succeeded. A retry under the same request id returns
+        // that first outcome even if the VM has been deleted since: then
+        // there is no VM to show, which is not an error.
+        Ok(Response::new(pb::VmResponse { vm: self.node.state.with_vm(name, vm_pb), index: applied.index }))
     }
 
     /// Proposes a client write under its request id.
