@@ -193,7 +193,15 @@ pub struct PeerClient {
 
 impl PeerClient {
     /// `entries` is the number of log entries in an AppendEntries request: a
-    /// request too large to send asks openraft to retry with half as many.
+    /// request too large to send, or one that a slow follower did not answer
+    /// in time, asks openraft to retry at once with half as many.
+    ///
+    /// openraft gives an AppendEntries only a heartbeat interval and, on a
+    /// timeout, resends the same range: a follower that needs longer for a
+    /// full batch (a busy disk, a long catch-up) would fail every attempt and
+    /// stall until a snapshot. So a multi-entry request gets the soft
+    /// deadline (ending before openraft's own), and a timeout shrinks the
+    /// batch (openraft keeps the smaller size for the next few requests).
     async fn raft_call<Req, Resp, E>(
         &self,
         rpc: RaftRpc,
@@ -206,12 +214,15 @@ impl PeerClient {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
+        let batch = entries.is_some_and(|n| n > 1);
+        let deadline = if batch { option.soft_ttl() } else { option.hard_ttl() };
         let reply: Result<Resp, RaftError<NodeId, E>> = self
             .channels
-            .call(&self.addr, rpc, &self.cluster_id, self.from, req, option.hard_ttl())
+            .call(&self.addr, rpc, &self.cluster_id, self.from, req, deadline)
             .await
             .map_err(|f| match f {
-                RpcFailure::TooLarge { .. } if entries.is_some_and(|n| n > 1) => {
+                RpcFailure::TooLarge { .. } | RpcFailure::Timeout { .. } if batch => {
+                    tracing::debug!(target = self.target, entries, reason = %f, "halving the AppendEntries batch");
                     let half = entries.unwrap_or(2) as u64 / 2;
                     RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(half))
                 }
