@@ -202,10 +202,19 @@ async fn corrupt_or_foreign_raft_traffic_is_refused() {
     let mut raft = RaftServiceClient::new(ch);
 
     // Another cluster's traffic is refused before decoding.
-    let foreign = pb::RaftRequest { cluster_id: "someone-else".into(), from: 9, payload: vec![1, 2, 3] };
+    let foreign =
+        pb::RaftRequest { cluster_id: "someone-else".into(), from: 9, payload: vec![1, 2, 3], format: 1 };
     let e = raft.append_entries(foreign).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     assert!(e.message().contains("belongs to cluster"), "{}", e.message());
+
+    // A message in a format newer than this node reads is refused, naming
+    // both versions, before its payload is decoded.
+    let newer =
+        pb::RaftRequest { cluster_id: cluster_id.clone(), from: 2, payload: vec![1, 2, 3], format: 99 };
+    let e = raft.append_entries(newer).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("version 99") && e.message().contains("0 to 1"), "{}", e.message());
 
     // Garbage, truncated and absurd-length payloads are InvalidArgument.
     let payloads: Vec<Vec<u8>> = vec![
@@ -215,7 +224,9 @@ async fn corrupt_or_foreign_raft_traffic_is_refused() {
         (0..4096u32).map(|i| (i * 131 % 251) as u8).collect(),
     ];
     for p in payloads {
-        let req = || pb::RaftRequest { cluster_id: cluster_id.clone(), from: 2, payload: p.clone() };
+        // format 0: what nodes from before format versions send.
+        let req =
+            || pb::RaftRequest { cluster_id: cluster_id.clone(), from: 2, payload: p.clone(), format: 0 };
         for e in [
             raft.append_entries(req()).await.unwrap_err(),
             raft.vote(req()).await.unwrap_err(),

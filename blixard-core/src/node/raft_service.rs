@@ -2,7 +2,9 @@
 //!
 //! Every request carries the sender's cluster id; a mismatch is refused with
 //! `PermissionDenied` before anything is decoded. Payloads are decoded with
-//! a size limit; a corrupt payload is `InvalidArgument`, never a panic.
+//! a size limit; a corrupt payload is `InvalidArgument`, never a panic. A
+//! message in a format version newer than this node reads is
+//! `FailedPrecondition`, naming both versions.
 use std::sync::Arc;
 
 use blixard_proto::raft_service_server::RaftService;
@@ -18,6 +20,7 @@ use super::election::{self, PreVoteRequest};
 use super::{ForwardError, NodeShared, ProposeReply, ReadIndexReply};
 use crate::codec;
 use crate::command::Proposal;
+use crate::format;
 use crate::raft::TypeConfig;
 use crate::types::NodeId;
 
@@ -38,13 +41,16 @@ impl RaftGrpc {
                 self.node.id, self.node.cluster_id, req.from, req.cluster_id
             )));
         }
+        let what = format!("a Raft message from node {}", req.from);
+        format::check(&what, format::wire(req.format))
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
         codec::decode(&req.payload).map_err(|e| Status::invalid_argument(format!("bad payload: {e}")))
     }
 }
 
 fn reply<T: Serialize>(v: &T) -> Result<Response<RaftReply>, Status> {
     let payload = codec::encode(v).map_err(|e| Status::internal(e.to_string()))?;
-    Ok(Response::new(RaftReply { payload }))
+    Ok(Response::new(RaftReply { payload, format: u32::from(format::CURRENT) }))
 }
 
 fn not_leader(leader_id: Option<NodeId>, node: Option<openraft::BasicNode>) -> ForwardError {

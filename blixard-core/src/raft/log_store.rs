@@ -10,6 +10,11 @@
 //! Nothing is acknowledged before its commit returns, and after a failed
 //! commit the writer refuses everything (a hole in the log is worse than a
 //! stopped node).
+//!
+//! The `meta` table's `format` key holds the database's format version
+//! ([`crate::format`]); a database from before versions has none and is
+//! version 0. Opening migrates an older database in one transaction and
+//! refuses a newer one.
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::RangeBounds;
@@ -24,12 +29,14 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{blocking, Entry, LogId, StorageError, TypeConfig, Vote};
 use crate::codec;
+use crate::format::{self, FormatError};
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const KEY_VOTE: &str = "vote";
 const KEY_COMMITTED: &str = "committed";
 const KEY_PURGED: &str = "last_purged";
+const KEY_FORMAT: &str = "format";
 /// Upper bound on operations folded into one transaction.
 const MAX_GROUP: usize = 4096;
 
@@ -72,7 +79,7 @@ pub struct LogReader {
 
 impl LogStore {
     /// Opens (or creates) the log at `path` and starts its writer task.
-    pub fn open(path: &Path) -> Result<Self, redb::Error> {
+    pub fn open(path: &Path) -> Result<Self, OpenError> {
         let db = Database::create(path)?;
         let cache = load(&db)?;
         let (tx, rx) = mpsc::unbounded_channel();
@@ -106,10 +113,72 @@ impl LogStore {
     }
 }
 
-fn load(db: &Database) -> Result<Cache, redb::Error> {
+/// Why the log could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Db(#[from] redb::Error),
+    #[error(transparent)]
+    Format(#[from] FormatError),
+}
+
+macro_rules! redb_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for OpenError {
+            fn from(e: $t) -> Self {
+                OpenError::Db(e.into())
+            }
+        }
+    )*};
+}
+redb_from!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+type Step = fn(&redb::WriteTransaction) -> Result<(), OpenError>;
+
+/// `STEPS[v]` converts a database of version `v` to `v + 1`; one per
+/// version below [`format::CURRENT`], or this does not compile.
+const STEPS: [Step; format::CURRENT as usize] = [v0_to_v1];
+
+/// Version 1 only records the version: entries, vote, committed and purge
+/// marks keep version 0's encoding.
+fn v0_to_v1(_: &redb::WriteTransaction) -> Result<(), OpenError> {
+    Ok(())
+}
+
+/// Brings the database to [`format::CURRENT`] inside `w`, or refuses a
+/// newer one. Each step converts one version to the next.
+fn migrate(w: &redb::WriteTransaction) -> Result<(), OpenError> {
+    let found = match w.open_table(META)?.get(KEY_FORMAT)? {
+        None => 0,
+        Some(v) => {
+            let b = v.value();
+            let b: [u8; 2] = b.try_into().map_err(|_| {
+                redb::Error::Corrupted(format!("format key holds {} bytes, expected 2", b.len()))
+            })?;
+            format::check("raft log database", u16::from_le_bytes(b))?
+        }
+    };
+    if found == format::CURRENT {
+        return Ok(());
+    }
+    for step in &STEPS[usize::from(found)..] {
+        step(w)?;
+    }
+    w.open_table(META)?.insert(KEY_FORMAT, &format::CURRENT.to_le_bytes()[..])?;
+    tracing::info!(from = found, to = format::CURRENT, "raft log migrated");
+    Ok(())
+}
+
+fn load(db: &Database) -> Result<Cache, OpenError> {
     let w = db.begin_write()?;
     w.open_table(LOG)?;
-    w.open_table(META)?;
+    migrate(&w)?;
     w.commit()?;
     let r = db.begin_read()?;
     let log = r.open_table(LOG)?;

@@ -27,6 +27,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::TypeConfig;
 use crate::codec;
+use crate::format;
 use crate::types::NodeId;
 
 /// Largest gRPC message a node sends or accepts: a snapshot chunk, or a
@@ -74,9 +75,17 @@ pub enum RpcFailure {
 #[derive(Clone, Default)]
 pub struct PeerChannels {
     channels: Arc<DashMap<String, Channel>>,
+    /// The format version each peer last replied in (see
+    /// [`PeerClient::install_snapshot`]).
+    formats: Arc<DashMap<String, u16>>,
 }
 
 impl PeerChannels {
+    /// The format version `addr` last answered in, if it ever answered.
+    pub fn peer_format(&self, addr: &str) -> Option<u16> {
+        self.formats.get(addr).map(|f| *f)
+    }
+
     pub fn channel(&self, addr: &str) -> Result<Channel, RpcFailure> {
         if let Some(c) = self.channels.get(addr) {
             return Ok(c.clone());
@@ -109,7 +118,12 @@ impl PeerChannels {
         if payload.len() > MAX_MESSAGE_BYTES - 4096 {
             return Err(RpcFailure::TooLarge { bytes: payload.len() });
         }
-        let request = RaftRequest { cluster_id: cluster_id.to_string(), from, payload };
+        let request = RaftRequest {
+            cluster_id: cluster_id.to_string(),
+            from,
+            payload,
+            format: u32::from(format::CURRENT),
+        };
         let mut client = RaftServiceClient::new(self.channel(addr)?)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -130,7 +144,9 @@ impl PeerChannels {
                 // is not a connectivity problem: report it as a bad reply.
                 let reason = status.message().to_string();
                 return Err(match status.code() {
-                    tonic::Code::InvalidArgument | tonic::Code::PermissionDenied => {
+                    tonic::Code::InvalidArgument
+                    | tonic::Code::PermissionDenied
+                    | tonic::Code::FailedPrecondition => {
                         RpcFailure::BadReply { addr: addr.to_string(), reason }
                     }
                     _ => RpcFailure::Unreachable { addr: addr.to_string(), reason: status_reason(&status) },
@@ -138,6 +154,12 @@ impl PeerChannels {
             }
             Ok(Ok(r)) => r.into_inner(),
         };
+        let what = format!("the reply of {addr}");
+        let version = format::check(&what, format::wire(reply.format))
+            .map_err(|e| RpcFailure::BadReply { addr: addr.to_string(), reason: e.to_string() })?;
+        if self.peer_format(addr) != Some(version) {
+            self.formats.insert(addr.to_string(), version);
+        }
         codec::decode(&reply.payload)
             .map_err(|e| RpcFailure::BadReply { addr: addr.to_string(), reason: e.to_string() })
     }
@@ -259,6 +281,10 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
+        let rpc = match self.channels.peer_format(&self.addr) {
+            Some(0) => for_unversioned_peer(rpc),
+            _ => rpc,
+        };
         self.raft_call(RaftRpc::InstallSnapshot, &rpc, &option, None).await
     }
 
@@ -268,5 +294,55 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         self.raft_call(RaftRpc::Vote, &rpc, &option, None).await
+    }
+}
+
+/// A node from before format versions reads a state image only without its
+/// header; version 1's body is version 0's encoding, so for such a peer the
+/// header is cut out of the chunked image and later offsets move back.
+fn for_unversioned_peer(mut rpc: InstallSnapshotRequest<TypeConfig>) -> InstallSnapshotRequest<TypeConfig> {
+    let header = format::HEADER_LEN as u64;
+    if rpc.offset < header {
+        let cut = ((header - rpc.offset) as usize).min(rpc.data.len());
+        rpc.data.drain(..cut);
+        rpc.offset = 0;
+    } else {
+        rpc.offset -= header;
+    }
+    rpc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::state_machine::encode_image;
+    use crate::state::StateImage;
+
+    fn chunk(offset: u64, data: &[u8]) -> InstallSnapshotRequest<TypeConfig> {
+        InstallSnapshotRequest {
+            vote: Default::default(),
+            meta: Default::default(),
+            offset,
+            data: data.to_vec(),
+            done: false,
+        }
+    }
+
+    #[test]
+    fn an_unversioned_peer_gets_the_image_without_its_header() {
+        let image = StateImage { nodes: Vec::new(), vms: Vec::new(), requests: Vec::new() };
+        let framed = encode_image(&image).unwrap();
+        let legacy = codec::encode(&image).unwrap();
+        // Any chunking: concatenating the rewritten chunks at their offsets
+        // gives exactly the unversioned encoding.
+        for size in [1, 2, 5, format::HEADER_LEN, framed.len()] {
+            let mut out = Vec::new();
+            for (i, part) in framed.chunks(size).enumerate() {
+                let c = for_unversioned_peer(chunk((i * size) as u64, part));
+                assert_eq!(c.offset as usize, out.len(), "chunk {i} of size {size}");
+                out.extend_from_slice(&c.data);
+            }
+            assert_eq!(out, legacy, "chunk size {size}");
+        }
     }
 }

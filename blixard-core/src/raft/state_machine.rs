@@ -7,6 +7,11 @@
 //! previous one, so a crash leaves either the old or the new snapshot, never
 //! a torn one. Restart = load the snapshot, then openraft replays the log
 //! from the snapshot's last index up to the persisted commit index.
+//!
+//! Both the snapshot file and the state image inside it (which is also what
+//! `InstallSnapshot` carries) start with a format header
+//! ([`crate::format`]); files and images from before versions are read as
+//! version 0.
 use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use super::{blocking, Entry, LogId, Membership, SnapshotMeta, StorageError, TypeConfig};
 use crate::codec;
 use crate::command::{CommandOutput, CommandResult};
+use crate::format::{self, FormatError};
 use crate::state::{ClusterState, StateImage};
 
 const SNAPSHOT_FILE: &str = "snapshot.bin";
@@ -26,7 +32,7 @@ const SNAPSHOT_FILE: &str = "snapshot.bin";
 #[derive(Serialize, Deserialize, Clone)]
 struct StoredSnapshot {
     meta: SnapshotMeta,
-    /// bincode of a [`StateImage`].
+    /// A [`StateImage`] as [`encode_image`] writes it.
     data: Vec<u8>,
 }
 
@@ -55,10 +61,11 @@ impl StateMachineStore {
         let path = dir.join(SNAPSHOT_FILE);
         match std::fs::read(&path) {
             Ok(bytes) => {
-                let snap: StoredSnapshot = codec::decode_trusted(&bytes)
-                    .map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))?;
-                let image: StateImage = codec::decode_trusted(&snap.data)
-                    .map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))?;
+                let what = format!("snapshot file {}", path.display());
+                let (_version, body) = format::split_header(&what, &bytes).map_err(std::io::Error::other)?;
+                let snap: StoredSnapshot =
+                    codec::decode_trusted(body).map_err(|e| std::io::Error::other(format!("{what}: {e}")))?;
+                let image = decode_image(&what, &snap.data).map_err(std::io::Error::other)?;
                 sm.state.restore(image);
                 sm.last_applied = snap.meta.last_log_id;
                 sm.membership = snap.meta.last_membership.clone();
@@ -77,7 +84,7 @@ impl StateMachineStore {
 
 /// Atomically replaces the snapshot file in `dir`. Blocking.
 fn persist(dir: &Path, snap: &StoredSnapshot) -> std::io::Result<()> {
-    let bytes = codec::encode(snap).map_err(std::io::Error::other)?;
+    let bytes = format::with_header(&codec::encode(snap).map_err(std::io::Error::other)?);
     let tmp = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
     {
         let mut f = std::fs::File::create(&tmp)?;
@@ -97,6 +104,28 @@ async fn persist_off_executor(dir: &Path, snap: &StoredSnapshot) -> Result<(), S
         .await
         .and_then(|r| r)
         .map_err(|e| StorageIOError::write_snapshot(Some(sig), AnyError::new(&e)).into())
+}
+
+/// The state image in the current format: header, then bincode.
+pub fn encode_image(image: &StateImage) -> Result<Vec<u8>, codec::CodecError> {
+    Ok(format::with_header(&codec::encode(image)?))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    #[error("{what}: {reason}")]
+    Decode { what: String, reason: String },
+}
+
+/// Decodes a state image of any version this build reads. Version 0 (no
+/// header) and version 1 share the bincode layout; a later version that
+/// changes it converts older images here.
+pub fn decode_image(what: &str, bytes: &[u8]) -> Result<StateImage, ImageError> {
+    let (_version, body) = format::split_header(what, bytes)?;
+    codec::decode_trusted(body)
+        .map_err(|e| ImageError::Decode { what: what.to_string(), reason: e.to_string() })
 }
 
 fn to_snapshot(s: &StoredSnapshot) -> Snapshot<TypeConfig> {
@@ -158,7 +187,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         self.built += 1;
-        let data = codec::encode(&self.state.image()).unwrap_or_default();
+        // Encoding a StateImage cannot fail (no maps with non-string keys,
+        // no size limit on encode); an empty image would only be refused by
+        // whoever decodes it, never misread.
+        let data = encode_image(&self.state.image()).unwrap_or_default();
         let snapshot_id = match self.last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id, l.index, self.built),
             None => format!("none-{}", self.built),
@@ -186,8 +218,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     ) -> Result<(), StorageError> {
         let sig = meta.signature();
         let snap = StoredSnapshot { meta: meta.clone(), data: snapshot.into_inner() };
-        let image: StateImage = codec::decode_trusted(&snap.data)
-            .map_err(|e| StorageIOError::read_snapshot(Some(sig), AnyError::new(&e)))?;
+        let image = decode_image("received snapshot", &snap.data)
+            .map_err(|e| StorageIOError::read_snapshot(Some(sig.clone()), AnyError::new(&e)))?;
         // Durable first: if we crash after restoring but before persisting,
         // the restart must not come back with a log that starts past an
         // older snapshot.

@@ -1,0 +1,211 @@
+//! Upgrade safety: today's code starts on a data dir written by an older
+//! Blixard (tests/fixtures), keeps its VMs, nodes and request ids, accepts
+//! writes, and starts again afterwards.
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use blixard_core::node::{Node, NodeConfig};
+use blixard_core::raft::RaftTuning;
+use blixard_core::types::{DesiredState, Resources};
+use blixard_proto as pb;
+use blixard_proto::vm_service_client::VmServiceClient;
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+fn fixture(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    copy_dir(&src, dir.path());
+    dir
+}
+
+fn config(dir: &Path, port: u16) -> NodeConfig {
+    NodeConfig {
+        id: 1,
+        bind: format!("127.0.0.1:{port}").parse().unwrap(),
+        advertise: None,
+        data_dir: dir.to_path_buf(),
+        join: None,
+        capacity: Resources::new(16, 32768, 500),
+        labels: [("zone".to_string(), "a".to_string())].into_iter().collect(),
+        tuning: RaftTuning::default(),
+        vm_backend: None,
+        reconciler: Default::default(),
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Starts a node on `dir` and waits until it leads its one-node cluster.
+async fn start(dir: &Path) -> (Node, VmServiceClient<tonic::transport::Channel>) {
+    let port = free_port();
+    let node = Node::start(config(dir, port)).await.expect("node starts on the old data dir");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !node.shared().is_leader() {
+        assert!(tokio::time::Instant::now() < deadline, "the node never led its cluster again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    (node, VmServiceClient::new(ch))
+}
+
+/// name -> (vcpus, memory, tenant, tier label, desired, generation)
+fn vms(node: &Node) -> BTreeMap<String, (u32, u64, String, String, DesiredState, u64)> {
+    let mut out = BTreeMap::new();
+    node.shared().state.for_each_vm(|v| {
+        let tier = v.spec.labels.get("tier").cloned().unwrap_or_default();
+        out.insert(
+            v.name.to_string(),
+            (v.spec.vcpus, v.spec.memory_mb, v.spec.tenant.clone(), tier, v.desired, v.generation),
+        );
+    });
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_v0_data_dir_keeps_its_state_and_accepts_writes() {
+    let dir = fixture("datadir-v0");
+    let (node, mut client) = start(dir.path()).await;
+
+    let before = vms(&node);
+    let names: Vec<&str> = before.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        ["batch-1", "cache-1", "db-1", "web-1", "web-2", "web-3", "web-4", "web-5", "web-6"],
+        "every VM of the old data dir, and not the deleted batch-2"
+    );
+    let s = |x: &str| x.to_string();
+    assert_eq!(before["db-1"], (4, 4096, s("acme"), s("db"), DesiredState::Stopped, 0));
+    assert_eq!(before["web-6"], (1, 256, s("acme"), s("web"), DesiredState::Stopped, 0));
+    assert_eq!(before["web-5"], (1, 256, s("acme"), s("web"), DesiredState::Running, 1), "restarted once");
+    assert_eq!(before["batch-1"], (2, 1024, s("beta"), s("batch"), DesiredState::Running, 0));
+    assert_eq!(before["cache-1"], (1, 512, s(""), s("cache"), DesiredState::Running, 0));
+    let zone = node.shared().state.with_node(1, |n| n.labels.get("zone").cloned());
+    assert_eq!(zone, Some(Some(s("a"))), "the node record and its labels");
+
+    // The old dedup window still answers: a retry of an old create returns
+    // its first outcome and creates nothing.
+    let again = client
+        .create_vm(pb::CreateVmRequest {
+            name: "web-1".into(),
+            spec: Some(pb::VmSpec {
+                vcpus: 1,
+                memory_mb: 256,
+                disk_gb: 1,
+                labels: [(s("tier"), s("web"))].into_iter().collect(),
+                tenant: s("acme"),
+                restart_policy: s("on-failure"),
+                ..Default::default()
+            }),
+            no_start: false,
+            request_id: "gen-web-1".into(),
+        })
+        .await
+        .expect("a retried old request returns its first outcome")
+        .into_inner();
+    assert_eq!(again.vm.map(|v| v.name), Some(s("web-1")));
+
+    // New writes are accepted.
+    let spec = pb::VmSpec { vcpus: 1, memory_mb: 128, disk_gb: 1, ..Default::default() };
+    client
+        .create_vm(pb::CreateVmRequest {
+            name: "after-upgrade".into(),
+            spec: Some(spec),
+            no_start: true,
+            request_id: "up-1".into(),
+        })
+        .await
+        .expect("the upgraded node accepts writes");
+    client
+        .delete_vm(pb::DeleteVmRequest { name: "batch-1".into(), request_id: "up-2".into() })
+        .await
+        .expect("and deletes");
+    let after = vms(&node);
+    assert_eq!(after.len(), 9);
+    assert!(after.contains_key("after-upgrade") && !after.contains_key("batch-1"));
+    node.shutdown().await;
+
+    // It starts again on what it wrote itself.
+    let (node, _client) = start(dir.path()).await;
+    assert_eq!(vms(&node), after, "the same state after a second start");
+    node.shutdown().await;
+}
+
+const META: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("meta");
+
+fn log_format(dir: &Path) -> Option<u16> {
+    let db = redb::Database::open(dir.join("raft.redb")).unwrap();
+    let r = redb::ReadableDatabase::begin_read(&db).unwrap();
+    let meta = r.open_table(META).unwrap();
+    let v = redb::ReadableTable::get(&meta, "format").unwrap()?;
+    Some(u16::from_le_bytes(v.value().try_into().unwrap()))
+}
+
+async fn start_err(dir: &Path) -> String {
+    match Node::start(config(dir, free_port())).await {
+        Ok(node) => {
+            node.shutdown().await;
+            panic!("a node started on data it cannot read")
+        }
+        Err(e) => e.to_string(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_log_is_migrated_and_a_newer_format_is_refused_by_name() {
+    let dir = fixture("datadir-v0");
+    assert_eq!(log_format(dir.path()), None, "the fixture predates versions");
+    let (node, _client) = start(dir.path()).await;
+    node.shutdown().await;
+    drop(node);
+    // The writer task closes the database asynchronously after shutdown.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let found = loop {
+        match std::panic::catch_unwind(|| log_format(dir.path())) {
+            Ok(v) => break v,
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(_) => panic!("raft.redb stayed locked"),
+        }
+    };
+    assert_eq!(found, Some(blixard_core::format::CURRENT), "migrated to the current version");
+
+    // A log database from a newer Blixard: a clear error naming both
+    // versions, and the data left as it was.
+    {
+        let db = redb::Database::open(dir.path().join("raft.redb")).unwrap();
+        let w = db.begin_write().unwrap();
+        w.open_table(META).unwrap().insert("format", &99u16.to_le_bytes()[..]).unwrap();
+        w.commit().unwrap();
+    }
+    let msg = start_err(dir.path()).await;
+    assert!(msg.contains("version 99") && msg.contains("0 to 1"), "{msg}");
+    assert!(msg.contains("raft.redb"), "names the file: {msg}");
+    assert_eq!(log_format(dir.path()), Some(99), "refusing migrates nothing");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_snapshot_from_a_newer_format_is_refused_by_name() {
+    let dir = fixture("datadir-v0");
+    let path = dir.path().join("snapshot.bin");
+    let mut bytes = vec![0xFF, b'B', b'X', b'F'];
+    bytes.extend_from_slice(&7u16.to_le_bytes());
+    bytes.extend_from_slice(&std::fs::read(&path).unwrap());
+    std::fs::write(&path, &bytes).unwrap();
+    let msg = start_err(dir.path()).await;
+    assert!(msg.contains("snapshot") && msg.contains("version 7") && msg.contains("0 to 1"), "{msg}");
+}
