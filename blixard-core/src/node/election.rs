@@ -170,15 +170,14 @@ impl Round {
         Self { term: node.raft.metrics().borrow().current_term, contact: node.contact.last() }
     }
 
-    /// No newer term (our vote for another candidate raises it), no leader
-    /// known, and no leader heard since the round began.
+    /// No newer term (a new leader's, or our vote for another candidate)
+    /// and no leader heard since the round began. (Not "no leader known":
+    /// with openraft's timer off, a follower keeps naming its dead leader
+    /// until a new term begins.)
     fn still_current(&self, node: &NodeShared) -> bool {
         let m = node.raft.metrics();
         let m = m.borrow();
-        m.current_term == self.term
-            && m.current_leader.is_none()
-            && m.state != ServerState::Leader
-            && node.contact.last() <= self.contact
+        m.current_term == self.term && m.state != ServerState::Leader && node.contact.last() <= self.contact
     }
 }
 
