@@ -38,10 +38,13 @@ struct Level {
     max: Duration,
 }
 
-pub async fn run(addr: &str, args: BenchArgs) -> Result<(), Failure> {
+pub async fn run(addrs: &str, args: BenchArgs) -> Result<(), Failure> {
     if args.clients.is_empty() || args.clients.contains(&0) || args.seconds == 0 {
         return Err(Failure::new("--clients needs positive counts and --seconds must be positive"));
     }
+    // Every client talks to the first member that answers.
+    let addr = crate::client::answering(&crate::client::parse_members(addrs)?).await?;
+    let addr = addr.as_str();
     let run_id = std::process::id();
     if !args.json {
         println!("target {addr}; each level runs {}s; writes = VM create + delete", args.seconds);
@@ -85,7 +88,6 @@ async fn run_level(addr: &str, clients: usize, dur: Duration, run_id: u32) -> Re
     let stop_at = start + dur;
     for c in 0..clients {
         let ch = channel(addr).await?;
-        let addr = addr.to_string();
         tasks.push(tokio::spawn(async move {
             let mut vms = VmServiceClient::new(ch);
             let mut lat = Vec::with_capacity(4096);
@@ -106,9 +108,7 @@ async fn run_level(addr: &str, clients: usize, dur: Duration, run_id: u32) -> Re
                     .await;
                 match created {
                     Ok(_) => lat.push(t.elapsed()),
-                    Err(s) if s.code() == tonic::Code::ResourceExhausted => {
-                        return Err(status_failure(&addr, s))
-                    }
+                    Err(s) if s.code() == tonic::Code::ResourceExhausted => return Err(status_failure(&s)),
                     Err(_) => {
                         errors += 1;
                         continue;

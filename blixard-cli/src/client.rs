@@ -1,45 +1,131 @@
-//! A thin client over the gRPC control API that turns every failure into
-//! one clear line and an exit code (2 when a VM fits nowhere).
+//! The client side of the gRPC control API: a list of members to talk to,
+//! failover between them, request ids that make write retries safe, and
+//! every failure turned into one plain line and an honest exit code.
+//!
+//! How a call moves between members (see docs/OPERATIONS.md, "Client
+//! commands"):
+//! - A member counts as up only once its server speaks: the TCP handshake
+//!   alone proves nothing, since the kernel of a stopped (SIGSTOP) process
+//!   still accepts connections. An HTTP/2 server sends its SETTINGS first,
+//!   so the connector waits for that first byte, at most [`CONNECT_TIMEOUT`].
+//! - HTTP/2 keepalive pings notice a member that stops answering during a
+//!   call within a few seconds, whatever the call's own deadline.
+//! - Reads, and writes that never reached a server, move on to the next
+//!   member. A write that reached one is retried on the next member only
+//!   under the same request id, which the cluster deduplicates: a retry can
+//!   never apply twice and is answered with the first outcome.
+//! - The member that answered is remembered: later calls of the same
+//!   command start there.
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use blixard_proto as pb;
 use blixard_proto::cluster_service_client::ClusterServiceClient;
 use blixard_proto::vm_service_client::VmServiceClient;
+use tonic::codegen::http::Uri;
+use tonic::codegen::Service;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Request, Status};
+use tonic::{Code, Request, Response, Status};
 
 use crate::Failure;
 
-/// Exit code for "no node can fit this VM".
+/// Exit codes. A script can act on each without reading the message.
+pub const EXIT_ERROR: u8 = 1;
+/// No node can fit the VM.
 pub const EXIT_NO_CAPACITY: u8 = 2;
-const DEADLINE: Duration = Duration::from_secs(30);
+/// A write may or may not have applied: retry with the same request id to
+/// learn which.
+pub const EXIT_UNKNOWN: u8 = 3;
+/// A write did not apply and never will (no leader took it, or no member
+/// could be reached to send it): safe to retry.
+pub const EXIT_NOT_APPLIED: u8 = 4;
 
-pub struct Client {
-    addr: String,
+/// How long a member may take to accept a connection and speak first.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// HTTP/2 pings: a member that stops answering mid-call (paused, cut off)
+/// fails the call after about `KEEPALIVE + KEEPALIVE_TIMEOUT`.
+const KEEPALIVE: Duration = Duration::from_secs(1);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// One read attempt. Above the node's own 10 s bound on confirming a
+/// linearizable read with the leader, so its message (naming the hop that
+/// failed) reaches the user instead of a client timeout.
+const READ_DEADLINE: Duration = Duration::from_secs(15);
+/// One write attempt: above the node's bounds (10 s to commit, then up to
+/// 10 s to apply locally), so it answers with the write's outcome.
+const WRITE_DEADLINE: Duration = Duration::from_secs(30);
+/// One membership change (join waits for the new node to catch up).
+const JOIN_DEADLINE: Duration = Duration::from_secs(120);
+
+/// The gRPC metadata key with a failed write's outcome.
+const OUTCOME_KEY: &str = blixard_core::node::OUTCOME_KEY;
+
+/// Parses `--addr`: one or more members, `HOST:PORT,HOST:PORT,...`.
+/// Duplicates are dropped, the order is kept (it is the order tried).
+pub fn parse_members(list: &str) -> Result<Vec<String>, Failure> {
+    let mut members: Vec<String> = Vec::new();
+    for a in list.split(',').map(str::trim) {
+        check_addr(a)?;
+        if !members.iter().any(|m| m == a) {
+            members.push(a.to_string());
+        }
+    }
+    Ok(members)
+}
+
+fn check_addr(a: &str) -> Result<(), Failure> {
+    let ok = match a.rsplit_once(':') {
+        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0),
+        None => false,
+    };
+    if !ok || Endpoint::from_shared(format!("http://{a}")).is_err() {
+        return Err(Failure::new(format!(
+            "invalid address {a:?} in --addr / BLIXARD_ADDR: expected HOST:PORT (port 1-65535), several separated by commas"
+        )));
+    }
+    Ok(())
+}
+
+/// A request id for one write command: `cli-` and 32 random hex digits.
+pub fn new_request_id() -> String {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+    if read.is_err() {
+        // std's hasher keys come from the OS's random source too.
+        use std::hash::{BuildHasher, RandomState};
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let seed = (std::process::id(), t.as_nanos());
+        bytes[..8].copy_from_slice(&RandomState::new().hash_one(seed).to_le_bytes());
+        bytes[8..].copy_from_slice(&RandomState::new().hash_one(seed).to_le_bytes());
+    }
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("cli-{hex}")
+}
+
+/// Checks a user-given `--request-id` with the cluster's own rule.
+pub fn check_request_id(id: &str) -> Result<(), Failure> {
+    blixard_core::validate::request_id(id).map_err(|e| Failure::new(e.to_string()))
+}
+
+#[derive(Clone)]
+struct Conn {
     cluster: ClusterServiceClient<Channel>,
     vms: VmServiceClient<Channel>,
 }
 
-pub fn status_failure(addr: &str, s: Status) -> Failure {
-    let code = if s.code() == Code::ResourceExhausted { EXIT_NO_CAPACITY } else { 1 };
-    let message = match s.code() {
-        Code::Unavailable
-            if s.message().contains("tcp connect") || s.message().contains("onnection refused") =>
-        {
-            format!(
-                "cannot reach a blixard node at {addr}: {} (is it running? see --addr / BLIXARD_ADDR)",
-                s.message()
-            )
-        }
-        Code::DeadlineExceeded => format!("{addr} did not answer in time: {}", s.message()),
-        _ => s.message().to_string(),
-    };
-    Failure { message, code }
+pub struct Client {
+    members: Vec<String>,
+    /// The member calls start at: the last one that answered.
+    current: usize,
+    /// The open connection to `members[current]`, if any.
+    conn: Option<Conn>,
 }
 
-fn req<T>(msg: T) -> Request<T> {
+fn req<T>(msg: T, deadline: Duration) -> Request<T> {
     let mut r = Request::new(msg);
-    r.set_timeout(DEADLINE);
+    r.set_timeout(deadline);
     r
 }
 
@@ -51,37 +137,357 @@ fn consistency(stale: bool) -> i32 {
     }
 }
 
+/// What a failed write attempt says about the write.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Did not apply and never will.
+    Rejected,
+    /// May still apply.
+    Unknown,
+    /// Applied, but the member that answered cannot show it yet.
+    Applied,
+}
+
+/// Why a write did not succeed.
+enum WriteError {
+    /// A server refused it for good (its answer, as a failure).
+    Refused(Failure),
+    /// No member gave a definite outcome.
+    Undecided(Undecided),
+}
+
+struct Undecided {
+    /// Some server answered (else nothing was sent).
+    answered: bool,
+    /// Some attempt may still apply.
+    in_doubt: bool,
+    /// Some member said the write applied.
+    applied: bool,
+    /// What each member said, in order.
+    notes: Vec<String>,
+}
+
+impl WriteError {
+    /// The failure to report for the write under request id `id`.
+    fn into_failure(self, id: &str) -> Failure {
+        let u = match self {
+            WriteError::Refused(f) => return f,
+            WriteError::Undecided(u) => u,
+        };
+        let notes = u.notes.join("; ");
+        if u.applied {
+            Failure {
+                message: format!(
+                    "the write applied, but no member that answered has caught up to show it; retry with --request-id {id} to see its result ({notes})"
+                ),
+                code: EXIT_ERROR,
+            }
+        } else if u.in_doubt {
+            Failure {
+                message: format!(
+                    "outcome unknown: the write may still apply; retry with --request-id {id} to learn its outcome ({notes})"
+                ),
+                code: EXIT_UNKNOWN,
+            }
+        } else if !u.answered {
+            Failure {
+                message: format!(
+                    "not applied: no member answered, so the write was not sent; safe to retry ({notes}; is the cluster running? see --addr / BLIXARD_ADDR)"
+                ),
+                code: EXIT_NOT_APPLIED,
+            }
+        } else {
+            Failure {
+                message: format!(
+                    "not applied: the write did not apply and never will; safe to retry ({notes})"
+                ),
+                code: EXIT_NOT_APPLIED,
+            }
+        }
+    }
+}
+
+/// True when `s` was made on this side (the connection failed or was lost,
+/// or the deadline passed) rather than sent by a server.
+fn local_failure(s: &Status) -> bool {
+    std::error::Error::source(s).is_some() || s.code() == Code::Cancelled
+}
+
+/// What a server's answer to a write says about it: the outcome metadata
+/// the node sets on every failed write.
+fn outcome(s: &Status) -> Outcome {
+    match s.metadata().get(OUTCOME_KEY).and_then(|v| v.to_str().ok()) {
+        Some("rejected") => Outcome::Rejected,
+        Some("applied") => Outcome::Applied,
+        // "unknown", and any value this client does not know yet.
+        Some(_) => Outcome::Unknown,
+        // No metadata: an answer from outside the node's write path. Codes
+        // that say nothing of the write leave it in doubt.
+        None if matches!(
+            s.code(),
+            Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Internal | Code::Aborted
+        ) =>
+        {
+            Outcome::Unknown
+        }
+        // Refused before reaching the write path (e.g. a message size limit).
+        None => Outcome::Rejected,
+    }
+}
+
+/// What went wrong with a call this side gave up on, as a phrase after the
+/// member's address.
+fn lost(s: &Status, deadline: Duration) -> String {
+    if s.code() == Code::Cancelled && s.message().contains("Timeout expired") {
+        return format!("did not answer within {}s", deadline.as_secs());
+    }
+    let detail = std::error::Error::source(s).map(source_chain).unwrap_or_else(|| s.message().to_string());
+    if detail.contains("keep-alive timed out") {
+        return "stopped answering (keepalive pings timed out)".to_string();
+    }
+    format!("lost the connection ({detail})")
+}
+
+/// The exit code of a server's definite answer.
+fn code_of(s: &Status) -> u8 {
+    if s.code() == Code::ResourceExhausted {
+        EXIT_NO_CAPACITY
+    } else {
+        EXIT_ERROR
+    }
+}
+
+/// " (answer from A; tried before it: B refused the connection)", for the
+/// end of a message; empty when the first member tried answered.
+fn tried_note(answered: &str, skipped: &[String]) -> String {
+    if skipped.is_empty() {
+        return String::new();
+    }
+    format!(" (answer from {answered}; tried before it: {})", skipped.join("; "))
+}
+
+/// A server's answer as a failure.
+pub fn status_failure(s: &Status) -> Failure {
+    Failure { message: one_line(s.message()), code: code_of(s) }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn no_member(skipped: &[String]) -> String {
+    format!("no member answered: {} (is the cluster running? see --addr / BLIXARD_ADDR)", skipped.join("; "))
+}
+
 impl Client {
-    pub async fn connect(addr: &str) -> Result<Client, Failure> {
-        let channel = channel(addr).await?;
-        Ok(Client {
-            addr: addr.to_string(),
-            cluster: ClusterServiceClient::new(channel.clone()),
-            vms: VmServiceClient::new(channel),
+    /// A client for these members, tried in this order. Connects on the
+    /// first call.
+    pub fn new(members: Vec<String>) -> Client {
+        assert!(!members.is_empty(), "a client needs at least one member");
+        Client { members, current: 0, conn: None }
+    }
+
+    /// A client for exactly one node (no failover), e.g. for a node's own
+    /// view of its VMs.
+    pub fn one(addr: &str) -> Result<Client, Failure> {
+        check_addr(addr)?;
+        Ok(Client::new(vec![addr.to_string()]))
+    }
+
+    /// The connection to member `i`, dialled if needed; makes it current.
+    async fn conn(&mut self, i: usize) -> Result<Conn, String> {
+        if i == self.current {
+            if let Some(c) = &self.conn {
+                return Ok(c.clone());
+            }
+        }
+        let channel = dial(&self.members[i]).await?;
+        let c =
+            Conn { cluster: ClusterServiceClient::new(channel.clone()), vms: VmServiceClient::new(channel) };
+        self.current = i;
+        self.conn = Some(c.clone());
+        Ok(c)
+    }
+
+    fn drop_conn(&mut self, i: usize) {
+        if i == self.current {
+            self.conn = None;
+        }
+    }
+
+    /// The members in the order to try them: the current one first.
+    fn order(&self) -> Vec<usize> {
+        let n = self.members.len();
+        (0..n).map(|k| (self.current + k) % n).collect()
+    }
+
+    /// A call that is safe to repeat anywhere: moves on to the next member
+    /// when one cannot be reached or does not answer; a server's answer,
+    /// success or error, is final.
+    async fn read<T, F, Fut>(&mut self, deadline: Duration, mut call: F) -> Result<T, Failure>
+    where
+        F: FnMut(Conn) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let mut skipped = Vec::new();
+        for i in self.order() {
+            let addr = self.members[i].clone();
+            let conn = match self.conn(i).await {
+                Ok(c) => c,
+                Err(why) => {
+                    skipped.push(format!("{addr} {why}"));
+                    continue;
+                }
+            };
+            match call(conn).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) if local_failure(&s) => {
+                    skipped.push(format!("{addr} {}", lost(&s, deadline)));
+                    self.drop_conn(i);
+                }
+                Err(s) => {
+                    let mut f = status_failure(&s);
+                    f.message.push_str(&tried_note(&addr, &skipped));
+                    return Err(f);
+                }
+            }
+        }
+        Err(Failure::new(no_member(&skipped)))
+    }
+
+    /// A VM write under request id `id`, tried on each member at most once
+    /// until one gives a definite outcome. Every attempt carries the same
+    /// id, so however many reach the cluster, the write applies at most
+    /// once, and a retry is answered with the first attempt's outcome.
+    async fn write<T, F, Fut>(&mut self, mut call: F) -> Result<T, WriteError>
+    where
+        F: FnMut(Conn) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let mut u = Undecided { answered: false, in_doubt: false, applied: false, notes: Vec::new() };
+        for i in self.order() {
+            let addr = self.members[i].clone();
+            let conn = match self.conn(i).await {
+                Ok(c) => c,
+                // Never sent: nothing to doubt.
+                Err(why) => {
+                    u.notes.push(format!("{addr} {why}"));
+                    continue;
+                }
+            };
+            let s = match call(conn).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) => s,
+            };
+            if local_failure(&s) {
+                // Sent, and then the connection or the deadline failed.
+                u.in_doubt = true;
+                u.notes.push(format!("{addr} {}", lost(&s, WRITE_DEADLINE)));
+                self.drop_conn(i);
+                continue;
+            }
+            u.answered = true;
+            match outcome(&s) {
+                // A definite refusal (invalid, not found, no capacity, ...):
+                // the same from any member, and final for this request id.
+                Outcome::Rejected if s.code() != Code::Unavailable => {
+                    let mut f = status_failure(&s);
+                    f.message.push_str(&tried_note(&addr, &u.notes));
+                    return Err(WriteError::Refused(f));
+                }
+                // No leader took this attempt; another member may reach one.
+                Outcome::Rejected => {}
+                Outcome::Unknown => u.in_doubt = true,
+                // Committed; another member (same id) can show the result.
+                Outcome::Applied => u.applied = true,
+            }
+            u.notes.push(format!("{addr}: {}", one_line(s.message())));
+        }
+        Err(WriteError::Undecided(u))
+    }
+
+    /// A membership change (no request ids): moves on only from members
+    /// that could not be reached; once sent, a lost answer is reported as
+    /// unknown.
+    async fn change<T, F, Fut>(&mut self, deadline: Duration, mut call: F) -> Result<T, Failure>
+    where
+        F: FnMut(Conn) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let check = "check `blixard cluster members`";
+        let mut skipped = Vec::new();
+        for i in self.order() {
+            let addr = self.members[i].clone();
+            let conn = match self.conn(i).await {
+                Ok(c) => c,
+                Err(why) => {
+                    skipped.push(format!("{addr} {why}"));
+                    continue;
+                }
+            };
+            let s = match call(conn).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) => s,
+            };
+            let note = tried_note(&addr, &skipped);
+            return Err(if local_failure(&s) {
+                self.drop_conn(i);
+                skipped.push(format!("{addr} {} after it was sent", lost(&s, deadline)));
+                Failure {
+                    message: format!(
+                        "outcome unknown: the change may still apply; {check} ({})",
+                        skipped.join("; ")
+                    ),
+                    code: EXIT_UNKNOWN,
+                }
+            } else if s.code() == Code::DeadlineExceeded {
+                Failure { message: format!("{}; {check}{note}", one_line(s.message())), code: EXIT_UNKNOWN }
+            } else {
+                let mut f = status_failure(&s);
+                f.message.push_str(&note);
+                f
+            });
+        }
+        Err(Failure {
+            message: format!("not applied: the change was not sent; {}", no_member(&skipped)),
+            code: EXIT_NOT_APPLIED,
         })
     }
 
-    fn fail(&self) -> impl Fn(Status) -> Failure + '_ {
-        move |s| status_failure(&self.addr, s)
-    }
-
+    /// The contacted node's status.
     pub async fn status(&mut self, digest: bool) -> Result<pb::StatusResponse, Failure> {
-        let r = self.cluster.status(req(pb::StatusRequest { include_digest: digest })).await;
-        Ok(r.map_err(self.fail())?.into_inner())
+        self.read(READ_DEADLINE, |mut c| async move {
+            c.cluster.status(req(pb::StatusRequest { include_digest: digest }, READ_DEADLINE)).await
+        })
+        .await
     }
 
     pub async fn join(&mut self, node_id: u64, addr: String) -> Result<pb::JoinResponse, Failure> {
-        let mut r = req(pb::JoinRequest { node_id, addr });
-        r.set_timeout(Duration::from_secs(120));
-        Ok(self.cluster.join(r).await.map_err(self.fail())?.into_inner())
+        self.change(JOIN_DEADLINE, |mut c| {
+            let r = req(pb::JoinRequest { node_id, addr: addr.clone() }, JOIN_DEADLINE);
+            async move { c.cluster.join(r).await }
+        })
+        .await
     }
 
+    /// Removes the contacted node: meant for a client of [`one`](Self::one)
+    /// node.
     pub async fn leave(&mut self) -> Result<pb::MembershipResponse, Failure> {
-        Ok(self.cluster.leave(req(pb::LeaveRequest {})).await.map_err(self.fail())?.into_inner())
+        self.change(WRITE_DEADLINE, |mut c| async move {
+            c.cluster.leave(req(pb::LeaveRequest {}, WRITE_DEADLINE)).await
+        })
+        .await
     }
 
     pub async fn remove(&mut self, node_id: u64) -> Result<pb::MembershipResponse, Failure> {
-        Ok(self.cluster.remove(req(pb::RemoveRequest { node_id })).await.map_err(self.fail())?.into_inner())
+        self.change(WRITE_DEADLINE, |mut c| async move {
+            c.cluster.remove(req(pb::RemoveRequest { node_id }, WRITE_DEADLINE)).await
+        })
+        .await
+    }
+
+    pub fn is_single(&self) -> bool {
+        self.members.len() == 1
     }
 
     /// Creates a VM; returns it with the write's log index.
@@ -90,88 +496,227 @@ impl Client {
         name: String,
         spec: pb::VmSpec,
         no_start: bool,
+        request_id: &str,
     ) -> Result<(pb::Vm, u64), Failure> {
         let r = self
-            .vms
-            .create_vm(req(pb::CreateVmRequest {
-                name,
-                spec: Some(spec),
-                no_start,
-                request_id: String::new(),
-            }))
-            .await;
-        written(r.map_err(self.fail())?.into_inner())
+            .write(|mut c| {
+                let r = req(
+                    pb::CreateVmRequest {
+                        name: name.clone(),
+                        spec: Some(spec.clone()),
+                        no_start,
+                        request_id: request_id.to_string(),
+                    },
+                    WRITE_DEADLINE,
+                );
+                async move { c.vms.create_vm(r).await }
+            })
+            .await
+            .map_err(|e| e.into_failure(request_id))?;
+        written(r)
     }
 
     pub async fn get_vm(&mut self, name: String, stale: bool) -> Result<pb::Vm, Failure> {
-        let r = self.vms.get_vm(req(pb::GetVmRequest { name, consistency: consistency(stale) })).await;
-        r.map_err(self.fail())?.into_inner().vm.ok_or_else(|| Failure::new("server returned no VM"))
+        let r = self
+            .read(READ_DEADLINE, |mut c| {
+                let r = req(
+                    pb::GetVmRequest { name: name.clone(), consistency: consistency(stale) },
+                    READ_DEADLINE,
+                );
+                async move { c.vms.get_vm(r).await }
+            })
+            .await?;
+        r.vm.ok_or_else(|| Failure::new("server returned no VM"))
     }
 
     pub async fn list_vms(&mut self, node_id: u64, stale: bool) -> Result<Vec<pb::Vm>, Failure> {
-        let r = self.vms.list_vms(req(pb::ListVmsRequest { consistency: consistency(stale), node_id })).await;
-        Ok(r.map_err(self.fail())?.into_inner().vms)
+        let r = self
+            .read(READ_DEADLINE, |mut c| async move {
+                c.vms
+                    .list_vms(req(
+                        pb::ListVmsRequest { consistency: consistency(stale), node_id },
+                        READ_DEADLINE,
+                    ))
+                    .await
+            })
+            .await?;
+        Ok(r.vms)
     }
 
-    pub async fn start_vm(&mut self, name: String) -> Result<(pb::Vm, u64), Failure> {
-        let r = self.vms.start_vm(req(pb::VmNameRequest { name, request_id: String::new() })).await;
-        written(r.map_err(self.fail())?.into_inner())
+    pub async fn start_vm(&mut self, name: String, request_id: &str) -> Result<(pb::Vm, u64), Failure> {
+        let r = self
+            .write(|mut c| {
+                let r = req(name_req(&name, request_id), WRITE_DEADLINE);
+                async move { c.vms.start_vm(r).await }
+            })
+            .await
+            .map_err(|e| e.into_failure(request_id))?;
+        written(r)
     }
 
-    pub async fn stop_vm(&mut self, name: String) -> Result<(pb::Vm, u64), Failure> {
-        let r = self.vms.stop_vm(req(pb::VmNameRequest { name, request_id: String::new() })).await;
-        written(r.map_err(self.fail())?.into_inner())
+    pub async fn stop_vm(&mut self, name: String, request_id: &str) -> Result<(pb::Vm, u64), Failure> {
+        let r = self
+            .write(|mut c| {
+                let r = req(name_req(&name, request_id), WRITE_DEADLINE);
+                async move { c.vms.stop_vm(r).await }
+            })
+            .await
+            .map_err(|e| e.into_failure(request_id))?;
+        written(r)
     }
 
-    pub async fn restart_vm(&mut self, name: String) -> Result<(pb::Vm, u64), Failure> {
-        let r = self.vms.restart_vm(req(pb::VmNameRequest { name, request_id: String::new() })).await;
-        written(r.map_err(self.fail())?.into_inner())
+    pub async fn restart_vm(&mut self, name: String, request_id: &str) -> Result<(pb::Vm, u64), Failure> {
+        let r = self
+            .write(|mut c| {
+                let r = req(name_req(&name, request_id), WRITE_DEADLINE);
+                async move { c.vms.restart_vm(r).await }
+            })
+            .await
+            .map_err(|e| e.into_failure(request_id))?;
+        written(r)
     }
 
     pub async fn vm_logs(&mut self, name: String, offset: u64) -> Result<pb::VmLogsResponse, Failure> {
-        let r = self.vms.vm_logs(req(pb::VmLogsRequest { name, offset, max_bytes: 0 })).await;
-        Ok(r.map_err(self.fail())?.into_inner())
+        self.read(READ_DEADLINE, |mut c| {
+            let r = req(pb::VmLogsRequest { name: name.clone(), offset, max_bytes: 0 }, READ_DEADLINE);
+            async move { c.vms.vm_logs(r).await }
+        })
+        .await
     }
 
-    /// Asks this client's node (no forwarding) what its backend sees.
+    /// Asks the node what its backend sees (no forwarding): meant for a
+    /// client of [`one`](Self::one) node.
     pub async fn local_vm(&mut self, name: String) -> Result<pb::LocalVmResponse, Failure> {
-        let r = self.vms.local_vm(req(pb::VmNameRequest { name, request_id: String::new() })).await;
-        Ok(r.map_err(self.fail())?.into_inner())
+        self.read(READ_DEADLINE, |mut c| {
+            let r = req(name_req(&name, ""), READ_DEADLINE);
+            async move { c.vms.local_vm(r).await }
+        })
+        .await
     }
 
-    pub async fn delete_vm(&mut self, name: String) -> Result<(), Failure> {
-        self.vms
-            .delete_vm(req(pb::DeleteVmRequest { name, request_id: String::new() }))
-            .await
-            .map_err(self.fail())?;
-        Ok(())
+    pub async fn delete_vm(&mut self, name: String, request_id: &str) -> Result<(), Failure> {
+        let deleted = self
+            .write(|mut c| {
+                let r = req(
+                    pb::DeleteVmRequest { name: name.clone(), request_id: request_id.to_string() },
+                    WRITE_DEADLINE,
+                );
+                async move { c.vms.delete_vm(r).await }
+            })
+            .await;
+        match deleted {
+            Ok(_) => Ok(()),
+            // A delete has no result to show: applied is done.
+            Err(WriteError::Undecided(Undecided { applied: true, .. })) => Ok(()),
+            Err(e) => Err(e.into_failure(request_id)),
+        }
     }
+}
+
+fn name_req(name: &str, request_id: &str) -> pb::VmNameRequest {
+    pb::VmNameRequest { name: name.to_string(), request_id: request_id.to_string() }
 }
 
 fn written(r: pb::VmResponse) -> Result<(pb::Vm, u64), Failure> {
     Ok((r.vm.ok_or_else(|| Failure::new("server returned no VM"))?, r.index))
 }
 
-/// Connects to `addr` (HOST:PORT), failing with a clear message.
+/// The first of `members` that answers, for commands that hold their own
+/// connections (bench).
+pub async fn answering(members: &[String]) -> Result<String, Failure> {
+    let mut skipped = Vec::new();
+    for m in members {
+        match dial(m).await {
+            Ok(_) => return Ok(m.clone()),
+            Err(why) => skipped.push(format!("{m} {why}")),
+        }
+    }
+    Err(Failure::new(no_member(&skipped)))
+}
+
+/// Connects to `addr` (HOST:PORT), failing with one plain line.
 pub async fn channel(addr: &str) -> Result<Channel, Failure> {
+    dial(addr).await.map_err(|why| Failure::new(no_member(&[format!("{addr} {why}")])))
+}
+
+/// Opens a connection to `addr` that a server has answered on; the error is
+/// a phrase to follow the address ("refused the connection").
+async fn dial(addr: &str) -> Result<Channel, String> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| Failure::new(format!("invalid address {addr:?}: {e} (expected HOST:PORT)")))?
-        .connect_timeout(Duration::from_secs(3));
-    endpoint.connect().await.map_err(|e| {
-        Failure::new(format!(
-            "cannot reach a blixard node at {addr}: {} (is it running? see --addr / BLIXARD_ADDR)",
-            source_chain(&e)
-        ))
+        .map_err(|e| format!("is not a valid address: {e}"))?
+        .http2_keep_alive_interval(KEEPALIVE)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
+    endpoint.connect_with_connector(Answering).await.map_err(|e| {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(err) = cur {
+            if let Some(io) = err.downcast_ref::<std::io::Error>() {
+                return match io.kind() {
+                    std::io::ErrorKind::ConnectionRefused => "refused the connection".to_string(),
+                    _ => io.to_string(),
+                };
+            }
+            cur = err.source();
+        }
+        format!("could not be reached ({})", source_chain(&e))
     })
 }
 
+/// Dials TCP and waits, at most [`CONNECT_TIMEOUT`] in all, until the
+/// server sends its first byte (an HTTP/2 server's SETTINGS frame), without
+/// consuming it.
+#[derive(Clone, Copy)]
+struct Answering;
+
+impl Service<Uri> for Answering {
+    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        Box::pin(async move {
+            use std::io::{Error, ErrorKind};
+            let authority = uri
+                .authority()
+                .map(|a| a.to_string())
+                .ok_or_else(|| Error::new(ErrorKind::InvalidInput, "address without HOST:PORT"))?;
+            let answered = async {
+                let stream = tokio::net::TcpStream::connect(&authority).await?;
+                stream.set_nodelay(true)?;
+                let mut first = [0u8; 1];
+                if stream.peek(&mut first).await? == 0 {
+                    return Err(Error::new(
+                        ErrorKind::ConnectionAborted,
+                        "closed the connection without answering",
+                    ));
+                }
+                Ok(stream)
+            };
+            match tokio::time::timeout(CONNECT_TIMEOUT, answered).await {
+                Ok(stream) => Ok(hyper_util::rt::TokioIo::new(stream?)),
+                Err(_) => Err(Error::new(
+                    ErrorKind::TimedOut,
+                    format!("did not answer within {}s", CONNECT_TIMEOUT.as_secs()),
+                )),
+            }
+        })
+    }
+}
+
 fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
+    let mut parts = vec![e.to_string()];
     let mut cur = e.source();
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let s = c.to_string();
+        // Wrappers often repeat their source's text.
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
         cur = c.source();
     }
-    s
+    parts.join(": ")
 }

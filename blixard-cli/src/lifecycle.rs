@@ -101,21 +101,21 @@ fn done(vm: &pb::Vm, what: &str) -> Result<(), Failure> {
     Ok(())
 }
 
-pub async fn start(c: &mut Client, name: String, wait: WaitOpts) -> Result<(), Failure> {
-    let (vm, index) = c.start_vm(name.clone()).await?;
+pub async fn start(c: &mut Client, name: String, wait: WaitOpts, id: &str) -> Result<(), Failure> {
+    let (vm, index) = c.start_vm(name.clone(), id).await?;
     let vm = if wait.wait { wait_for(c, &name, Goal::Running, wait, index).await? } else { vm };
     done(&vm, if wait.wait { "started" } else { "start requested" })
 }
 
-pub async fn stop(c: &mut Client, name: String, wait: WaitOpts) -> Result<(), Failure> {
-    let (vm, index) = c.stop_vm(name.clone()).await?;
+pub async fn stop(c: &mut Client, name: String, wait: WaitOpts, id: &str) -> Result<(), Failure> {
+    let (vm, index) = c.stop_vm(name.clone(), id).await?;
     let vm = if wait.wait { wait_for(c, &name, Goal::Stopped, wait, index).await? } else { vm };
     done(&vm, if wait.wait { "stopped" } else { "stop requested" })
 }
 
-pub async fn restart(c: &mut Client, name: String, wait: WaitOpts) -> Result<(), Failure> {
+pub async fn restart(c: &mut Client, name: String, wait: WaitOpts, id: &str) -> Result<(), Failure> {
     let asked = now_ms();
-    let (vm, index) = c.restart_vm(name.clone()).await?;
+    let (vm, index) = c.restart_vm(name.clone(), id).await?;
     let vm = if wait.wait { wait_for(c, &name, Goal::RunningSince(asked), wait, index).await? } else { vm };
     done(&vm, if wait.wait { "restarted" } else { "restart requested" })
 }
@@ -124,11 +124,11 @@ pub async fn restart(c: &mut Client, name: String, wait: WaitOpts) -> Result<(),
 pub async fn local_view(c: &mut Client, vm: &pb::Vm) -> Option<pb::LocalVmResponse> {
     let status = c.status(false).await.ok()?;
     let addr = status.nodes.iter().find(|n| n.id == vm.node_id)?.addr.clone();
-    let mut owner = Client::connect(&addr).await.ok()?;
+    let mut owner = Client::one(&addr).ok()?;
     owner.local_vm(vm.name.clone()).await.ok()
 }
 
-pub async fn delete(c: &mut Client, name: String, wait: WaitOpts) -> Result<(), Failure> {
+pub async fn delete(c: &mut Client, name: String, wait: WaitOpts, id: &str) -> Result<(), Failure> {
     // Learn where it runs before the record disappears.
     let owner = if wait.wait {
         let vm = c.get_vm(name.clone(), false).await?;
@@ -137,10 +137,10 @@ pub async fn delete(c: &mut Client, name: String, wait: WaitOpts) -> Result<(), 
     } else {
         None
     };
-    c.delete_vm(name.clone()).await?;
+    c.delete_vm(name.clone(), id).await?;
     if let Some((id, addr)) = owner {
         let deadline = Instant::now() + Duration::from_secs(wait.timeout);
-        let mut node = Client::connect(&addr).await?;
+        let mut node = Client::one(&addr)?;
         loop {
             let local = node.local_vm(name.clone()).await?;
             if !local.found {

@@ -347,7 +347,7 @@ async fn wait_until_formed(children: &[NodeProcess], n: usize) -> Result<u64, Fa
     let mut last = String::from("no answer yet");
     while tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        if let Ok(mut c) = crate::client::Client::connect(&children[0].addr).await {
+        if let Ok(mut c) = crate::client::Client::one(&children[0].addr) {
             match c.status(false).await {
                 Ok(s) => {
                     let voters = s.members.iter().filter(|m| m.role != "learner").count();

@@ -19,8 +19,10 @@ pub const DEFAULT_PORT: u16 = 7420;
 #[derive(Parser)]
 #[command(name = "blixard", version, about = "Blixard: a Raft-replicated microVM control plane")]
 struct Cli {
-    /// Node to talk to (any member; writes are forwarded to the leader).
-    #[arg(long, global = true, env = "BLIXARD_ADDR", default_value = DEFAULT_ADDR)]
+    /// Members to talk to, HOST:PORT[,HOST:PORT...]: tried in order, moving
+    /// on from one that does not answer (any member works; writes are
+    /// forwarded to the leader).
+    #[arg(long, global = true, env = "BLIXARD_ADDR", default_value = DEFAULT_ADDR, value_name = "ADDRS")]
     addr: String,
     #[command(subcommand)]
     command: Cmd,
@@ -108,6 +110,28 @@ pub struct WaitOpts {
     pub timeout: u64,
 }
 
+#[derive(Args, Clone)]
+pub struct WriteOpts {
+    /// Request id for this write (1-128 printable ASCII characters, no
+    /// spaces; default: a random one). Running the command again with the
+    /// same id never applies it twice and reports the first outcome.
+    #[arg(long, value_name = "ID")]
+    pub request_id: Option<String>,
+}
+
+impl WriteOpts {
+    /// The id all attempts of this write carry.
+    pub fn id(&self) -> Result<String, Failure> {
+        match &self.request_id {
+            Some(id) => {
+                client::check_request_id(id)?;
+                Ok(id.clone())
+            }
+            None => Ok(client::new_request_id()),
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum VmCmd {
     /// Create a VM; the cluster places it on the node with the most free memory.
@@ -146,6 +170,8 @@ enum VmCmd {
         cmdline: String,
         #[command(flatten)]
         wait: WaitOpts,
+        #[command(flatten)]
+        write: WriteOpts,
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         format: Format,
     },
@@ -174,24 +200,32 @@ enum VmCmd {
         name: String,
         #[command(flatten)]
         wait: WaitOpts,
+        #[command(flatten)]
+        write: WriteOpts,
     },
     /// Stop a VM (ACPI power-off, forced after a grace period).
     Stop {
         name: String,
         #[command(flatten)]
         wait: WaitOpts,
+        #[command(flatten)]
+        write: WriteOpts,
     },
     /// Stop and start a VM.
     Restart {
         name: String,
         #[command(flatten)]
         wait: WaitOpts,
+        #[command(flatten)]
+        write: WriteOpts,
     },
     /// Delete a VM: its node stops it and removes its files.
     Delete {
         name: String,
         #[command(flatten)]
         wait: WaitOpts,
+        #[command(flatten)]
+        write: WriteOpts,
     },
     /// The VM's serial console, from whichever node runs it.
     Logs {
@@ -223,7 +257,8 @@ pub fn labels_map(labels: Vec<(String, String)>) -> BTreeMap<String, String> {
     labels.into_iter().collect()
 }
 
-/// A failure that ends the command: printed as one line on stderr.
+/// A failure that ends the command: printed as one line on stderr; `code`
+/// is the exit code (see `client::EXIT_*`).
 pub struct Failure {
     pub message: String,
     pub code: u8,
@@ -237,7 +272,15 @@ impl Failure {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // clap exits 2 on a usage error, which here means "no capacity".
+            let code = if e.use_stderr() { client::EXIT_ERROR } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
     let result = match cli.command {
         Cmd::Node(NodeCmd::Start(args)) => local::node_start(args).await,
         Cmd::Up(args) => local::up(args).await,
@@ -256,7 +299,7 @@ async fn main() -> ExitCode {
 }
 
 async fn cluster(addr: &str, cmd: ClusterCmd) -> Result<(), Failure> {
-    let mut c = client::Client::connect(addr).await?;
+    let mut c = client::Client::new(client::parse_members(addr)?);
     match cmd {
         ClusterCmd::Status { format, digest } => output::status(&c.status(digest).await?, format),
         ClusterCmd::Members { format } => output::members(&c.status(false).await?.members, format),
@@ -266,6 +309,12 @@ async fn cluster(addr: &str, cmd: ClusterCmd) -> Result<(), Failure> {
             output::members(&r.members, Format::Table)
         }
         ClusterCmd::Leave => {
+            // Which node leaves must not depend on which member answers.
+            if !c.is_single() {
+                return Err(Failure::new(
+                    "cluster leave removes the node at --addr: give that one address, not a list",
+                ));
+            }
             let id = c.status(false).await?.node_id;
             let r = c.leave().await?;
             println!("node {id} left the cluster");
@@ -280,7 +329,7 @@ async fn cluster(addr: &str, cmd: ClusterCmd) -> Result<(), Failure> {
 }
 
 async fn vm(addr: &str, cmd: VmCmd) -> Result<(), Failure> {
-    let mut c = client::Client::connect(addr).await?;
+    let mut c = client::Client::new(client::parse_members(addr)?);
     match cmd {
         VmCmd::Create {
             name,
@@ -296,8 +345,10 @@ async fn vm(addr: &str, cmd: VmCmd) -> Result<(), Failure> {
             initrd,
             cmdline,
             wait,
+            write,
             format,
         } => {
+            let id = write.id()?;
             let spec = blixard_proto::VmSpec {
                 vcpus,
                 memory_mb: memory,
@@ -309,7 +360,7 @@ async fn vm(addr: &str, cmd: VmCmd) -> Result<(), Failure> {
                 initrd,
                 cmdline,
             };
-            let (vm, index) = c.create_vm(name.clone(), spec, no_start).await?;
+            let (vm, index) = c.create_vm(name.clone(), spec, no_start, &id).await?;
             let vm = if wait.wait {
                 lifecycle::wait_for(&mut c, &name, lifecycle::Goal::of(&vm), wait, index).await?
             } else {
@@ -326,10 +377,10 @@ async fn vm(addr: &str, cmd: VmCmd) -> Result<(), Failure> {
         VmCmd::List { node, read } => {
             output::vms(&c.list_vms(node.unwrap_or(0), read.stale).await?, read.format)
         }
-        VmCmd::Start { name, wait } => lifecycle::start(&mut c, name, wait).await,
-        VmCmd::Stop { name, wait } => lifecycle::stop(&mut c, name, wait).await,
-        VmCmd::Restart { name, wait } => lifecycle::restart(&mut c, name, wait).await,
-        VmCmd::Delete { name, wait } => lifecycle::delete(&mut c, name, wait).await,
+        VmCmd::Start { name, wait, write } => lifecycle::start(&mut c, name, wait, &write.id()?).await,
+        VmCmd::Stop { name, wait, write } => lifecycle::stop(&mut c, name, wait, &write.id()?).await,
+        VmCmd::Restart { name, wait, write } => lifecycle::restart(&mut c, name, wait, &write.id()?).await,
+        VmCmd::Delete { name, wait, write } => lifecycle::delete(&mut c, name, wait, &write.id()?).await,
         VmCmd::Logs { name, follow } => lifecycle::logs(&mut c, name, follow).await,
     }
 }

@@ -2,7 +2,8 @@
 #![allow(dead_code)] // each test crate uses its own subset
 
 use std::net::TcpListener;
-use std::process::{Command, Output};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_blixard");
@@ -12,9 +13,20 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// `127.0.0.1:PORT`.
+pub fn loopback(port: u16) -> String {
+    format!("127.0.0.1:{port}")
+}
+
 /// Runs `blixard --addr 127.0.0.1:PORT ARGS...` and returns its output.
 pub fn cli(port: u16, args: &[&str]) -> Output {
-    Command::new(BIN).arg("--addr").arg(format!("127.0.0.1:{port}")).args(args).output().unwrap()
+    cli_at(&loopback(port), args)
+}
+
+/// Runs `blixard --addr ADDRS ARGS...`; ADDRS is one member or a
+/// comma-separated list.
+pub fn cli_at(addrs: &str, args: &[&str]) -> Output {
+    Command::new(BIN).arg("--addr").arg(addrs).args(args).output().unwrap()
 }
 
 /// Polls `f` until it returns Some, or fails the test after `secs`.
@@ -26,5 +38,106 @@ pub fn eventually<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) ->
         }
         assert!(Instant::now() < deadline, "timed out after {secs}s waiting for: {what}");
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Starts node `id` on 127.0.0.1:`port` with its data in `dir` and its log
+/// in `dir.log`; joins through the node at `join` if given. VMs are records
+/// only (`--vm-backend none`).
+pub fn start_node(id: u64, port: u16, dir: &Path, join: Option<u16>) -> Child {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.with_extension("log")).unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["node", "start", "--id", &id.to_string(), "--bind", &loopback(port)])
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--vcpus", "16", "--memory-mb", "8192", "--disk-gb", "100"])
+        .args(["--vm-backend", "none"])
+        .env("RUST_LOG", "info,openraft=warn")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    if let Some(p) = join {
+        cmd.args(["--join", &loopback(p)]);
+    }
+    cmd.spawn().expect("spawn blixard node")
+}
+
+/// Node processes a test started, by node id. Dropping it (also when the
+/// test panics) resumes and kills them all; on a panic it prints the tail of
+/// each node's log so the failure explains itself.
+pub struct Nodes {
+    pub procs: Vec<(u64, Child)>,
+    pub dirs: Vec<PathBuf>,
+    pub ports: Vec<u16>,
+}
+
+impl Nodes {
+    /// Node 1 bootstraps under `root`, nodes 2 and 3 join it; all at once.
+    pub fn three(root: &Path) -> Nodes {
+        let dirs: Vec<PathBuf> = (1..=3).map(|i| root.join(format!("node-{i}"))).collect();
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut procs = vec![(1, start_node(1, ports[0], &dirs[0], None))];
+        for i in 1..3 {
+            procs.push((i as u64 + 1, start_node(i as u64 + 1, ports[i], &dirs[i], Some(ports[0]))));
+        }
+        Nodes { procs, dirs, ports }
+    }
+
+    pub fn port(&self, id: u64) -> u16 {
+        self.ports[(id - 1) as usize]
+    }
+
+    pub fn addr(&self, id: u64) -> String {
+        loopback(self.port(id))
+    }
+
+    /// The process id of node `id`.
+    pub fn pid(&self, id: u64) -> libc::pid_t {
+        self.procs.iter().find(|(i, _)| *i == id).expect("a running node").1.id() as libc::pid_t
+    }
+
+    /// Sends `signal` to node `id` (a process this test started).
+    pub fn signal(&self, id: u64, signal: libc::c_int) {
+        // SAFETY: signalling a child process of this test.
+        let r = unsafe { libc::kill(self.pid(id), signal) };
+        assert_eq!(r, 0, "signal {signal} to node {id}");
+    }
+
+    /// SIGKILLs node `id` and reaps it.
+    pub fn kill(&mut self, id: u64) {
+        let pos = self.procs.iter().position(|(i, _)| *i == id).expect("a running node");
+        let (_, mut child) = self.procs.remove(pos);
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// Starts node `id` again from its own data dir.
+    pub fn restart(&mut self, id: u64) {
+        let i = (id - 1) as usize;
+        self.procs.push((id, start_node(id, self.ports[i], &self.dirs[i], None)));
+    }
+}
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.procs {
+            // SAFETY: resuming a child process of this test (a no-op unless stopped).
+            unsafe {
+                libc::kill(c.id() as libc::pid_t, libc::SIGCONT);
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            for dir in &self.dirs {
+                let log = dir.with_extension("log");
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                eprintln!("---- {} (last 40 lines)", log.display());
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
     }
 }
