@@ -497,7 +497,7 @@ impl Client {
         spec: pb::VmSpec,
         no_start: bool,
         request_id: &str,
-    ) -> Result<(pb::Vm, u64), Failure> {
+    ) -> Result<(Option<pb::Vm>, u64), Failure> {
         let r = self
             .write(|mut c| {
                 let r = req(
@@ -543,7 +543,7 @@ impl Client {
         Ok(r.vms)
     }
 
-    pub async fn start_vm(&mut self, name: String, request_id: &str) -> Result<(pb::Vm, u64), Failure> {
+    pub async fn start_vm(&mut self, name: String, request_id: &str) -> Result<(Option<pb::Vm>, u64), Failure> {
         let r = self
             .write(|mut c| {
                 let r = req(name_req(&name, request_id), WRITE_DEADLINE);
@@ -554,7 +554,7 @@ impl Client {
         written(r)
     }
 
-    pub async fn stop_vm(&mut self, name: String, request_id: &str) -> Result<(pb::Vm, u64), Failure> {
+    pub async fn stop_vm(&mut self, name: String, request_id: &str) -> Result<(Option<pb::Vm>, u64), Failure> {
         let r = self
             .write(|mut c| {
                 let r = req(name_req(&name, request_id), WRITE_DEADLINE);
@@ -565,7 +565,7 @@ impl Client {
         written(r)
     }
 
-    pub async fn restart_vm(&mut self, name: String, request_id: &str) -> Result<(pb::Vm, u64), Failure> {
+    pub async fn restart_vm(&mut self, name: String, request_id: &str) -> Result<(Option<pb::Vm>, u64), Failure> {
         let r = self
             .write(|mut c| {
                 let r = req(name_req(&name, request_id), WRITE_DEADLINE);
@@ -617,8 +617,11 @@ fn name_req(name: &str, request_id: &str) -> pb::VmNameRequest {
     pb::VmNameRequest { name: name.to_string(), request_id: request_id.to_string() }
 }
 
-fn written(r: pb::VmResponse) -> Result<(pb::Vm, u64), Failure> {
-    Ok((r.vm.ok_or_else(|| Failure::new("server returned no VM"))?, r.index))
+/// A successful write's VM and log index. The VM is absent only when this
+/// was a retry of a request id whose write succeeded earlier and the VM has
+/// been deleted since.
+fn written(r: pb::VmResponse) -> Result<(Option<pb::Vm>, u64), Failure> {
+    Ok((r.vm, r.index))
 }
 
 /// The first of `members` that answers, for commands that hold their own

@@ -96,6 +96,12 @@ pub async fn wait_for(
     }
 }
 
+/// A retried request whose write succeeded earlier, for a VM deleted since.
+pub fn gone(name: &str, what: &str, id: &str) -> Result<(), Failure> {
+    println!("VM {name}: the {what} under request id {id} succeeded earlier; the VM has since been deleted");
+    Ok(())
+}
+
 fn done(vm: &pb::Vm, what: &str) -> Result<(), Failure> {
     println!("VM {} {what} (node {}, observed: {})", vm.name, vm.node_id, vm.observed);
     Ok(())
@@ -103,12 +109,14 @@ fn done(vm: &pb::Vm, what: &str) -> Result<(), Failure> {
 
 pub async fn start(c: &mut Client, name: String, wait: WaitOpts, id: &str) -> Result<(), Failure> {
     let (vm, index) = c.start_vm(name.clone(), id).await?;
+    let Some(vm) = vm else { return gone(&name, "start", id) };
     let vm = if wait.wait { wait_for(c, &name, Goal::Running, wait, index).await? } else { vm };
     done(&vm, if wait.wait { "started" } else { "start requested" })
 }
 
 pub async fn stop(c: &mut Client, name: String, wait: WaitOpts, id: &str) -> Result<(), Failure> {
     let (vm, index) = c.stop_vm(name.clone(), id).await?;
+    let Some(vm) = vm else { return gone(&name, "stop", id) };
     let vm = if wait.wait { wait_for(c, &name, Goal::Stopped, wait, index).await? } else { vm };
     done(&vm, if wait.wait { "stopped" } else { "stop requested" })
 }
@@ -116,6 +124,7 @@ pub async fn stop(c: &mut Client, name: String, wait: WaitOpts, id: &str) -> Res
 pub async fn restart(c: &mut Client, name: String, wait: WaitOpts, id: &str) -> Result<(), Failure> {
     let asked = now_ms();
     let (vm, index) = c.restart_vm(name.clone(), id).await?;
+    let Some(vm) = vm else { return gone(&name, "restart", id) };
     let vm = if wait.wait { wait_for(c, &name, Goal::RunningSince(asked), wait, index).await? } else { vm };
     done(&vm, if wait.wait { "restarted" } else { "restart requested" })
 }

@@ -361,6 +361,7 @@ async fn vm(addr: &str, cmd: VmCmd) -> Result<(), Failure> {
                 cmdline,
             };
             let (vm, index) = c.create_vm(name.clone(), spec, no_start, &id).await?;
+            let Some(vm) = vm else { return lifecycle::gone(&name, "create", &id) };
             let vm = if wait.wait {
                 lifecycle::wait_for(&mut c, &name, lifecycle::Goal::of(&vm), wait, index).await?
             } else {

@@ -143,6 +143,14 @@ fn clients_fail_over_and_writes_apply_once() {
     assert_eq!(dup.status.code(), Some(1));
     assert_plain(&dup);
     assert!(stderr(&dup).contains("already exists"), "{}", stderr(&dup));
+    // Once the VM is deleted, the first request id still has its one
+    // outcome: success, creating nothing, and saying so.
+    let del = cli_at(&all, &["vm", "delete", "once"]);
+    assert!(del.status.success(), "delete: {}", stderr(&del));
+    let late = create(&all, "once", &["--request-id", "test-once-1"]);
+    assert!(late.status.success(), "late retry ({:?}): {}", late.status.code(), stderr(&late));
+    assert!(String::from_utf8_lossy(&late.stdout).contains("succeeded earlier"), "{late:?}");
+    assert_eq!(vm_count(&all), before, "the late retry created the VM again");
 
     // Invalid input and not-found are errors (1), no capacity is 2.
     let bad = create(&all, "Not_Valid", &[]);
@@ -218,5 +226,5 @@ fn clients_fail_over_and_writes_apply_once() {
         .iter()
         .map(|v| v["name"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(names, BTreeSet::from(["in-doubt", "once", "past-paused", "via-list"].map(String::from)));
+    assert_eq!(names, BTreeSet::from(["in-doubt", "past-paused", "via-list"].map(String::from)));
 }
