@@ -543,7 +543,11 @@ impl Client {
         Ok(r.vms)
     }
 
-    pub async fn start_vm(&mut self, name: String, request_id: &str) -> Result<(Option<pb::Vm>, u64), Failure> {
+    pub async fn start_vm(
+        &mut self,
+        name: String,
+        request_id: &str,
+    ) -> Result<(Option<pb::Vm>, u64), Failure> {
         let r = self
             .write(|mut c| {
                 let r = req(name_req(&name, request_id), WRITE_DEADLINE);
@@ -554,7 +558,11 @@ impl Client {
         written(r)
     }
 
-    pub async fn stop_vm(&mut self, name: String, request_id: &str) -> Result<(Option<pb::Vm>, u64), Failure> {
+    pub async fn stop_vm(
+        &mut self,
+        name: String,
+        request_id: &str,
+    ) -> Result<(Option<pb::Vm>, u64), Failure> {
         let r = self
             .write(|mut c| {
                 let r = req(name_req(&name, request_id), WRITE_DEADLINE);
@@ -565,7 +573,11 @@ impl Client {
         written(r)
     }
 
-    pub async fn restart_vm(&mut self, name: String, request_id: &str) -> Result<(Option<pb::Vm>, u64), Failure> {
+    pub async fn restart_vm(
+        &mut self,
+        name: String,
+        request_id: &str,
+    ) -> Result<(Option<pb::Vm>, u64), Failure> {
         let r = self
             .write(|mut c| {
                 let r = req(name_req(&name, request_id), WRITE_DEADLINE);

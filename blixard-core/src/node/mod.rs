@@ -612,6 +612,9 @@ impl NodeShared {
                     Err(e @ (RpcFailure::BadAddress { .. } | RpcFailure::TooLarge { .. })) => {
                         return Err(undecided(in_doubt, e.to_string()))
                     }
+                    // Never sent either, but a leader may come back or
+                    // another be elected: try again.
+                    Err(e @ RpcFailure::Refused { .. }) => last = format!("leader {id}: {e}"),
                     // The request may have reached the leader (and the
                     // leader may have died after committing it): in doubt,
                     // and retried under the same request id.

@@ -63,6 +63,9 @@ pub enum RpcFailure {
     BadAddress { addr: String, reason: String },
     #[error("peer {addr} unreachable: {reason}")]
     Unreachable { addr: String, reason: String },
+    /// The peer refused the connection: the request was never sent.
+    #[error("peer {addr} refused the connection")]
+    Refused { addr: String },
     #[error("peer {addr} did not answer within {after:?}")]
     Timeout { addr: String, after: Duration },
     #[error("peer {addr} sent a bad reply: {reason}")]
@@ -149,6 +152,7 @@ impl PeerChannels {
                     | tonic::Code::FailedPrecondition => {
                         RpcFailure::BadReply { addr: addr.to_string(), reason }
                     }
+                    _ if connection_refused(&status) => RpcFailure::Refused { addr: addr.to_string() },
                     _ => RpcFailure::Unreachable { addr: addr.to_string(), reason: status_reason(&status) },
                 });
             }
@@ -163,6 +167,22 @@ impl PeerChannels {
         codec::decode(&reply.payload)
             .map_err(|e| RpcFailure::BadReply { addr: addr.to_string(), reason: e.to_string() })
     }
+}
+
+/// True when the call failed because the peer refused the TCP connection,
+/// so nothing was sent. Only that: a timeout or a reset may come after the
+/// request left.
+fn connection_refused(status: &tonic::Status) -> bool {
+    let mut cur = std::error::Error::source(status);
+    while let Some(e) = cur {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
 }
 
 /// One line for a failed call: the status message, or the code when the
@@ -251,7 +271,7 @@ impl PeerClient {
                 RpcFailure::BadReply { .. } | RpcFailure::BadAddress { .. } | RpcFailure::TooLarge { .. } => {
                     RPCError::Network(NetworkError::new(&f))
                 }
-                RpcFailure::Unreachable { .. } | RpcFailure::Timeout { .. } => {
+                RpcFailure::Unreachable { .. } | RpcFailure::Refused { .. } | RpcFailure::Timeout { .. } => {
                     RPCError::Unreachable(Unreachable::new(&f))
                 }
             })?;
