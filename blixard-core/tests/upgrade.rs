@@ -77,7 +77,16 @@ fn vms(node: &Node) -> BTreeMap<String, (u32, u64, String, String, DesiredState,
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_v0_data_dir_keeps_its_state_and_accepts_writes() {
-    let dir = fixture("datadir-v0");
+    old_data_dir_keeps_its_state_and_accepts_writes("datadir-v0").await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_v1_data_dir_keeps_its_state_and_accepts_writes() {
+    old_data_dir_keeps_its_state_and_accepts_writes("datadir-v1").await
+}
+
+async fn old_data_dir_keeps_its_state_and_accepts_writes(name: &str) {
+    let dir = fixture(name);
     let (node, mut client) = start(dir.path()).await;
 
     let before = vms(&node);

@@ -1,0 +1,77 @@
+//! Writes a fixture data dir with the current code, for the upgrade tests:
+//! `cargo run -p blixard-core --example make_fixture -- DIR`. Run it before
+//! bumping `format::CURRENT`, and commit DIR as
+//! `blixard-core/tests/fixtures/datadir-v<CURRENT>` (see
+//! blixard-core/tests/fixtures/README.md for what it holds).
+use std::time::Duration;
+
+use blixard_core::node::{Node, NodeConfig};
+use blixard_core::raft::RaftTuning;
+use blixard_core::types::Resources;
+use blixard_proto as pb;
+use blixard_proto::vm_service_client::VmServiceClient;
+
+fn spec(vcpus: u32, mem: u64, tenant: &str, tier: &str) -> Option<pb::VmSpec> {
+    Some(pb::VmSpec {
+        vcpus,
+        memory_mb: mem,
+        disk_gb: 1,
+        labels: [("tier".to_string(), tier.to_string())].into_iter().collect(),
+        tenant: tenant.into(),
+        restart_policy: "on-failure".into(),
+        ..Default::default()
+    })
+}
+
+#[tokio::main]
+async fn main() {
+    let dir = std::path::PathBuf::from(std::env::args().nth(1).expect("usage: make_fixture DIR"));
+    assert!(!dir.exists(), "{} exists; pick a new directory", dir.display());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let tuning = RaftTuning { snapshot_every: 10, keep_behind_snapshot: 3, ..RaftTuning::default() };
+    let cfg = NodeConfig {
+        id: 1,
+        bind: format!("127.0.0.1:{port}").parse().unwrap(),
+        advertise: None,
+        data_dir: dir.clone(),
+        join: None,
+        capacity: Resources::new(16, 32768, 500),
+        labels: [("zone".to_string(), "a".to_string())].into_iter().collect(),
+        tuning,
+        vm_backend: None,
+        reconciler: Default::default(),
+    };
+    let node = Node::start(cfg).await.expect("node starts");
+    while node.shared().state.with_node(1, |_| ()).is_none() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut vms = VmServiceClient::new(ch);
+    let mk = |name: &str, s, no_start, id: &str| pb::CreateVmRequest {
+        name: name.into(),
+        spec: s,
+        no_start,
+        request_id: id.into(),
+    };
+    for i in 1..=6 {
+        vms.create_vm(mk(&format!("web-{i}"), spec(1, 256, "acme", "web"), false, &format!("gen-web-{i}")))
+            .await
+            .unwrap();
+    }
+    vms.create_vm(mk("db-1", spec(4, 4096, "acme", "db"), true, "gen-db-1")).await.unwrap();
+    vms.create_vm(mk("batch-1", spec(2, 1024, "beta", "batch"), false, "")).await.unwrap();
+    vms.create_vm(mk("batch-2", spec(2, 1024, "beta", "batch"), false, "")).await.unwrap();
+    vms.delete_vm(pb::DeleteVmRequest { name: "batch-2".into(), request_id: "gen-del".into() })
+        .await
+        .unwrap();
+    vms.stop_vm(pb::VmNameRequest { name: "web-6".into(), request_id: "gen-stop".into() }).await.unwrap();
+    vms.restart_vm(pb::VmNameRequest { name: "web-5".into(), request_id: "".into() }).await.unwrap();
+    vms.create_vm(mk("cache-1", spec(1, 512, "", "cache"), false, "")).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(dir.join("snapshot.bin").exists(), "a snapshot was built");
+    node.shutdown().await;
+}
