@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use blixard_core::command::{Command, Proposal, RequestId};
 use blixard_core::state::ClusterState;
-use blixard_core::types::{Resources, VmSpec};
+use blixard_core::types::{NodeResources, Resources, VmSpec};
 use blixard_core::validate::{MAX_NODE_DISK_GB, MAX_NODE_MEMORY_MB, MAX_NODE_VCPUS};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
@@ -35,7 +35,11 @@ fn state_with_nodes() -> ClusterState {
         let cmd = Command::RegisterNode {
             id,
             addr: format!("10.0.{}.{}:7000", id / 256, id % 256),
-            capacity: Resources::new(MAX_NODE_VCPUS, MAX_NODE_MEMORY_MB, MAX_NODE_DISK_GB),
+            resources: NodeResources::plain(Resources::new(
+                MAX_NODE_VCPUS,
+                MAX_NODE_MEMORY_MB,
+                MAX_NODE_DISK_GB,
+            )),
             labels: BTreeMap::from([("rack".to_string(), format!("r{}", id % 8))]),
         };
         s.apply(&p(cmd), id).expect("register");

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use blixard_core::command::{Command, Proposal};
 use blixard_core::state::ClusterState;
-use blixard_core::types::{ObservedState, Resources, VmRecord, VmSpec};
+use blixard_core::types::{NodeResources, ObservedState, Resources, VmRecord, VmSpec};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use parking_lot::RwLock;
 
@@ -87,7 +87,7 @@ fn cluster_state(names: &[String]) -> ClusterState {
         let cmd = Command::RegisterNode {
             id,
             addr: format!("10.0.0.{id}:7000"),
-            capacity: Resources::new(4096, 1 << 24, 1 << 20),
+            resources: NodeResources::plain(Resources::new(4096, 1 << 24, 1 << 20)),
             labels: BTreeMap::new(),
         };
         s.apply(&Proposal { at_ms: 1, request: None, command: cmd }, index).expect("register");

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use blixard_core::node::{Node, NodeConfig};
 use blixard_core::raft::RaftTuning;
-use blixard_core::types::Resources;
+use blixard_core::types::{NodeResources, Resources};
 use blixard_proto as pb;
 use blixard_proto::vm_service_client::VmServiceClient;
 
@@ -35,7 +35,7 @@ async fn main() {
         advertise: None,
         data_dir: dir.clone(),
         join: None,
-        capacity: Resources::new(16, 32768, 500),
+        resources: NodeResources::plain(Resources::new(16, 32768, 500)),
         labels: [("zone".to_string(), "a".to_string())].into_iter().collect(),
         tuning,
         vm_backend: None,

@@ -3,19 +3,21 @@
 //! A [`Proposal`] is what goes into one Raft entry: a [`Command`] plus the
 //! wall-clock time the proposer stamped on it. Apply never reads a clock, so
 //! every replica (and every simulation run) computes the same state.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::CommandError;
-use crate::types::{DesiredState, NodeId, ObservedState, Resources, VmRuntime, VmSpec};
+use crate::types::{DesiredState, NodeId, NodeResources, ObservedState, Ratio, Resources, VmRuntime, VmSpec};
 use crate::validate;
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum Command {
-    /// Add a node to the placement pool, or update its address, capacity and
-    /// labels (a node re-registers on every start).
-    RegisterNode { id: NodeId, addr: String, capacity: Resources, labels: BTreeMap<String, String> },
+    /// Format 1's registration: capacity only (no reservation, no
+    /// overcommit). Still applied for entries written before format 2;
+    /// never proposed any more. (Variants are encoded by position: new ones
+    /// go at the end, old ones are renamed, never removed or reordered.)
+    RegisterNodeV1 { id: NodeId, addr: String, capacity: Resources, labels: BTreeMap<String, String> },
     /// Take a node out of placement: it left or was removed from the cluster.
     /// VMs placed on it become `Lost`.
     DecommissionNode { id: NodeId },
@@ -37,6 +39,19 @@ pub enum Command {
     ReportVms { node: NodeId, reports: Vec<VmReport> },
     /// Several commands applied all-or-nothing, in order.
     Batch(Vec<Command>),
+    /// Add a node to the placement pool, or update its address, resources
+    /// and labels (a node re-registers on every start). The operator's
+    /// `node set` overrides stay in force.
+    RegisterNode { id: NodeId, addr: String, resources: NodeResources, labels: BTreeMap<String, String> },
+    /// `node set`: label and overcommit overrides. Refused if it would leave
+    /// the node's allocated resources above its allocatable ones.
+    SetNode {
+        id: NodeId,
+        set_labels: BTreeMap<String, String>,
+        remove_labels: BTreeSet<String>,
+        cpu_overcommit: Option<Ratio>,
+        memory_overcommit: Option<Ratio>,
+    },
 }
 
 impl Command {
@@ -45,13 +60,42 @@ impl Command {
     /// apply (so a malformed entry is rejected the same way everywhere).
     pub fn validate(&self) -> Result<(), CommandError> {
         match self {
-            Command::RegisterNode { id, addr, capacity, labels } => {
-                if *id == 0 {
-                    return Err(CommandError::invalid("node id", id, "a positive integer"));
-                }
+            Command::RegisterNodeV1 { id, addr, capacity, labels } => {
+                validate::node_id(*id)?;
                 validate::addr(addr)?;
                 validate::node_capacity(capacity)?;
                 validate::labels(labels)
+            }
+            Command::RegisterNode { id, addr, resources, labels } => {
+                validate::node_id(*id)?;
+                validate::addr(addr)?;
+                validate::node_resources(resources)?;
+                validate::labels(labels)
+            }
+            Command::SetNode { id, set_labels, remove_labels, cpu_overcommit, memory_overcommit } => {
+                validate::node_id(*id)?;
+                validate::labels(set_labels)?;
+                for key in remove_labels {
+                    validate::label_key(key)?;
+                    if set_labels.contains_key(key) {
+                        return Err(CommandError::invalid("label", key, "either set or removed, not both"));
+                    }
+                }
+                for r in cpu_overcommit.iter().chain(memory_overcommit) {
+                    validate::ratio(*r)?;
+                }
+                if set_labels.is_empty()
+                    && remove_labels.is_empty()
+                    && cpu_overcommit.is_none()
+                    && memory_overcommit.is_none()
+                {
+                    return Err(CommandError::invalid(
+                        "node change",
+                        "nothing",
+                        "at least one label or overcommit change",
+                    ));
+                }
+                Ok(())
             }
             Command::DecommissionNode { id } => {
                 if *id == 0 {
@@ -216,6 +260,10 @@ pub enum CommandOutput {
     Batch(Vec<CommandOutput>),
     /// A Raft-internal entry (blank or membership) with no application effect.
     Internal,
+    /// `node set` applied.
+    NodeUpdated {
+        id: NodeId,
+    },
 }
 
 /// The response of applying one Raft entry.

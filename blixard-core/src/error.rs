@@ -24,7 +24,8 @@ pub enum CommandError {
     #[error("no node can fit {needed}: {reason}")]
     NoCapacity { needed: Resources, reason: String },
 
-    #[error("node {id} capacity {capacity} is below what its VMs already reserve ({allocated})")]
+    /// `capacity` is the allocatable part: (capacity - reserved) x ratio.
+    #[error("node {id} would offer {capacity} allocatable, less than its VMs already hold ({allocated})")]
     CapacityBelowAllocated { id: NodeId, capacity: Resources, allocated: Resources },
 
     #[error("batch command {index} failed: {source}")]

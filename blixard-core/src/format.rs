@@ -17,14 +17,18 @@
 //!   it).
 //!
 //! Version 0 is the unversioned encoding used before this module; version 1
-//! encodes the same bytes with the version recorded. Reading a version newer
+//! encodes the same bytes with the version recorded; version 2 adds node
+//! reservations, overcommit ratios and operator overrides to node records
+//! (state image), and the `RegisterNode`/`SetNode` commands (appended
+//! variants: older entries decode unchanged). Older types live in
+//! [`crate::legacy`]. Reading a version newer
 //! than [`CURRENT`] is a [`FormatError::Newer`] naming both versions, never a
 //! misread. How to change a format: see "Format versions" in
 //! docs/ARCHITECTURE.md (a new version, a migration from the previous one,
 //! and a fixture data dir written by the previous version).
 
 /// The format version this build writes.
-pub const CURRENT: u16 = 1;
+pub const CURRENT: u16 = 2;
 
 /// The oldest version this build still reads (and migrates).
 pub const OLDEST: u16 = 0;

@@ -4,6 +4,7 @@ pub mod codec;
 pub mod command;
 pub mod error;
 pub mod format;
+pub mod legacy;
 pub mod node;
 pub mod raft;
 pub mod reconciler;

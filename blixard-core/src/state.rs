@@ -20,7 +20,8 @@ use crate::command::{Command, CommandOutput, CommandResult, Proposal, RequestId}
 use crate::error::CommandError;
 use crate::scheduler::{self, FreeIndex};
 use crate::types::{
-    DesiredState, NodeId, NodeRecord, NodeStatus, ObservedState, Resources, VmRecord, VmSpec,
+    DesiredState, NodeId, NodeOverrides, NodeRecord, NodeResources, NodeStatus, ObservedState, Registration,
+    Resources, VmRecord, VmSpec,
 };
 use crate::vm_table::{VmTables, VmWriter};
 
@@ -72,7 +73,7 @@ pub struct StateImage {
 /// How to undo one mutation; recorded only while applying a batch.
 enum Undo {
     Vm(Arc<str>, Option<Arc<VmRecord>>),
-    Node(NodeId, Option<NodeRecord>),
+    Node(NodeId, Option<Box<NodeRecord>>),
 }
 
 type Journal<'a> = Option<&'a mut Vec<Undo>>;
@@ -154,7 +155,7 @@ impl ClusterState {
         let (old_free, new_free, active) = {
             let Some(mut node) = self.nodes.get_mut(&id) else { return };
             if let Some(j) = journal {
-                j.push(Undo::Node(id, Some(node.clone())));
+                j.push(Undo::Node(id, Some(Box::new(node.clone()))));
             }
             let old_free = node.free().memory_mb;
             node.allocated = f(&node.allocated);
@@ -188,7 +189,7 @@ impl ClusterState {
             }
         }
         if let Some(j) = journal {
-            j.push(Undo::Node(id, old));
+            j.push(Undo::Node(id, old.map(Box::new)));
         }
     }
 
@@ -271,8 +272,21 @@ impl ClusterState {
             if sum != n.allocated {
                 return Err(format!("node {} allocated {} but its VMs sum to {}", n.id, n.allocated, sum));
             }
-            if !n.allocated.fits_in(&n.capacity) {
-                return Err(format!("node {} over-committed: {} of {}", n.id, n.allocated, n.capacity));
+            if !n.allocated.fits_in(&n.allocatable()) {
+                return Err(format!(
+                    "node {} over-committed: {} of {} allocatable",
+                    n.id,
+                    n.allocated,
+                    n.allocatable()
+                ));
+            }
+            if (n.resources, &n.labels)
+                != (n.registered.apply(&n.overrides).0, &n.registered.apply(&n.overrides).1)
+            {
+                return Err(format!(
+                    "node {} effective resources or labels disagree with its flags and overrides",
+                    n.id
+                ));
             }
             if n.status == NodeStatus::Active {
                 active += 1;
@@ -372,45 +386,87 @@ impl ApplyRun<'_> {
         }
     }
 
+    /// A node's (re-)registration: its flags replace the previous ones, the
+    /// operator's overrides stay.
+    fn register_node(
+        &mut self,
+        id: NodeId,
+        addr: &str,
+        registered: Registration,
+        ctx: ApplyCtx,
+        journal: Journal<'_>,
+    ) -> CommandResult {
+        let old = self.state.nodes.get(&id).map(|n| n.value().clone());
+        let rec = match &old {
+            Some(old) => {
+                let (resources, labels) = registered.apply(&old.overrides);
+                check_allocatable(id, &resources, &old.allocated)?;
+                NodeRecord {
+                    addr: addr.to_string(),
+                    resources,
+                    labels,
+                    registered,
+                    status: NodeStatus::Active,
+                    updated_at_ms: ctx.at_ms,
+                    ..old.clone()
+                }
+            }
+            None => NodeRecord {
+                id,
+                addr: addr.to_string(),
+                resources: registered.resources,
+                allocated: Resources::ZERO,
+                labels: registered.labels.clone(),
+                status: NodeStatus::Active,
+                registered_at_ms: ctx.at_ms,
+                updated_at_ms: ctx.at_ms,
+                registered,
+                overrides: NodeOverrides::default(),
+            },
+        };
+        self.state.put_node(id, Some(rec), old, journal);
+        Ok(CommandOutput::NodeRegistered { id })
+    }
+
     /// Every arm checks everything before its first mutation, so a single
     /// command that fails has changed nothing; inside a batch, the journal
     /// undoes the commands before it.
     fn apply_one(&mut self, cmd: &Command, ctx: ApplyCtx, mut journal: Journal<'_>) -> CommandResult {
         let nodes = &self.state.nodes;
         match cmd {
-            Command::RegisterNode { id, addr, capacity, labels } => {
-                let old = nodes.get(id).map(|n| n.value().clone());
-                let rec = match &old {
-                    Some(old) => {
-                        if !old.allocated.fits_in(capacity) {
-                            return Err(CommandError::CapacityBelowAllocated {
-                                id: *id,
-                                capacity: *capacity,
-                                allocated: old.allocated,
-                            });
-                        }
-                        NodeRecord {
-                            addr: addr.clone(),
-                            capacity: *capacity,
-                            labels: labels.clone(),
-                            status: NodeStatus::Active,
-                            updated_at_ms: ctx.at_ms,
-                            ..old.clone()
-                        }
-                    }
-                    None => NodeRecord {
-                        id: *id,
-                        addr: addr.clone(),
-                        capacity: *capacity,
-                        allocated: Resources::ZERO,
-                        labels: labels.clone(),
-                        status: NodeStatus::Active,
-                        registered_at_ms: ctx.at_ms,
-                        updated_at_ms: ctx.at_ms,
-                    },
+            Command::RegisterNodeV1 { id, addr, capacity, labels } => {
+                let reg = Registration { resources: NodeResources::plain(*capacity), labels: labels.clone() };
+                self.register_node(*id, addr, reg, ctx, journal)
+            }
+            Command::RegisterNode { id, addr, resources, labels } => {
+                let reg = Registration { resources: *resources, labels: labels.clone() };
+                self.register_node(*id, addr, reg, ctx, journal)
+            }
+            Command::SetNode { id, set_labels, remove_labels, cpu_overcommit, memory_overcommit } => {
+                let Some(old) = nodes.get(id).map(|n| n.value().clone()) else {
+                    return Err(CommandError::UnknownNode { id: *id });
                 };
-                self.state.put_node(*id, Some(rec), old, journal);
-                Ok(CommandOutput::NodeRegistered { id: *id })
+                let mut overrides = old.overrides.clone();
+                for k in remove_labels {
+                    overrides.labels.remove(k);
+                    overrides.removed_labels.insert(k.clone());
+                }
+                for (k, v) in set_labels {
+                    overrides.removed_labels.remove(k);
+                    overrides.labels.insert(k.clone(), v.clone());
+                }
+                if cpu_overcommit.is_some() {
+                    overrides.cpu_overcommit = *cpu_overcommit;
+                }
+                if memory_overcommit.is_some() {
+                    overrides.memory_overcommit = *memory_overcommit;
+                }
+                let (resources, labels) = old.registered.apply(&overrides);
+                check_allocatable(*id, &resources, &old.allocated)?;
+                let rec =
+                    NodeRecord { resources, labels, overrides, updated_at_ms: ctx.at_ms, ..old.clone() };
+                self.state.put_node(*id, Some(rec), Some(old), journal);
+                Ok(CommandOutput::NodeUpdated { id: *id })
             }
             Command::DecommissionNode { id } => {
                 let Some(old) = nodes.get(id).map(|n| n.value().clone()) else {
@@ -570,11 +626,29 @@ impl ApplyRun<'_> {
                 }
                 Undo::Node(id, old) => {
                     let cur = self.state.nodes.get(&id).map(|n| n.value().clone());
-                    self.state.put_node(id, old, cur, None);
+                    self.state.put_node(id, old.map(|b| *b), cur, None);
                 }
             }
         }
     }
+}
+
+/// Refuses resources whose allocatable part is below what the node's VMs
+/// already hold, in any dimension.
+fn check_allocatable(
+    id: NodeId,
+    resources: &NodeResources,
+    allocated: &Resources,
+) -> Result<(), CommandError> {
+    let allocatable = resources.allocatable();
+    if !allocated.fits_in(&allocatable) {
+        return Err(CommandError::CapacityBelowAllocated {
+            id,
+            capacity: allocatable,
+            allocated: *allocated,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -591,7 +665,7 @@ mod tests {
         Command::RegisterNode {
             id,
             addr: format!("127.0.0.1:{}", 7000 + id),
-            capacity: Resources::new(vcpus, mem, 100),
+            resources: NodeResources::plain(Resources::new(vcpus, mem, 100)),
             labels: BTreeMap::new(),
         }
     }
@@ -630,6 +704,96 @@ mod tests {
         s.check_invariants().unwrap();
     }
 
+    fn set_node(id: NodeId, cpu: Option<&str>, set: &[(&str, &str)], remove: &[&str]) -> Command {
+        Command::SetNode {
+            id,
+            set_labels: set.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            remove_labels: remove.iter().map(|k| k.to_string()).collect(),
+            cpu_overcommit: cpu.map(|r| crate::types::Ratio::parse(r).unwrap()),
+            memory_overcommit: None,
+        }
+    }
+
+    #[test]
+    fn reservation_and_overcommit_set_what_placement_may_use() {
+        let s = ClusterState::new();
+        let resources = NodeResources {
+            capacity: Resources::new(8, 4096, 100),
+            reserved: Resources::new(2, 1024, 10),
+            cpu_overcommit: crate::types::Ratio::parse("2").unwrap(),
+            memory_overcommit: crate::types::Ratio::parse("1.5").unwrap(),
+        };
+        let reg = Command::RegisterNode {
+            id: 1,
+            addr: "127.0.0.1:7001".into(),
+            resources,
+            labels: BTreeMap::from([("zone".to_string(), "a".to_string())]),
+        };
+        s.apply(&p(reg.clone()), 1).unwrap();
+        // (8 - 2) x 2 vCPUs, (4096 - 1024) x 1.5 MiB, 100 - 10 GiB.
+        assert_eq!(s.with_node(1, |n| n.allocatable()), Some(Resources::new(12, 4608, 90)));
+        let mut placed = 0;
+        for i in 0..20 {
+            if s.apply(&p(create(&format!("v{i}"), 1, 256)), 2 + i).is_ok() {
+                placed += 1;
+            }
+            s.check_invariants().unwrap();
+        }
+        assert_eq!(placed, 12, "allocatable vCPUs bound the count");
+        // Lowering the ratio below what is allocated is refused, and
+        // changes nothing.
+        let before = s.image();
+        let e = s.apply(&p(set_node(1, Some("1.5"), &[], &[])), 30).unwrap_err();
+        assert!(matches!(e, CommandError::CapacityBelowAllocated { id: 1, .. }), "{e}");
+        assert!(e.to_string().contains("allocatable"), "{e}");
+        assert_eq!(s.image(), before);
+        // Raising it makes room at once.
+        s.apply(&p(set_node(1, Some("3"), &[("tier", "gold")], &["zone"])), 31).unwrap();
+        assert!(s.apply(&p(create("more", 1, 256)), 32).is_ok());
+        s.check_invariants().unwrap();
+        // The node re-registers with its flags (as on every start): the
+        // operator's overrides stay in force.
+        s.apply(&p(reg), 33).unwrap();
+        let (labels, cpu) = s.with_node(1, |n| (n.labels.clone(), n.resources.cpu_overcommit)).unwrap();
+        assert_eq!(labels, BTreeMap::from([("tier".to_string(), "gold".to_string())]));
+        assert_eq!(cpu.to_string(), "3");
+        s.check_invariants().unwrap();
+        // Unknown nodes and empty changes are refused.
+        assert!(matches!(
+            s.apply(&p(set_node(9, Some("2"), &[], &[])), 34),
+            Err(CommandError::UnknownNode { id: 9 })
+        ));
+        assert!(matches!(s.apply(&p(set_node(1, None, &[], &[])), 35), Err(CommandError::Invalid { .. })));
+    }
+
+    #[test]
+    fn format_1_registrations_still_apply() {
+        let s = ClusterState::new();
+        let old = Command::RegisterNodeV1 {
+            id: 4,
+            addr: "127.0.0.1:7004".into(),
+            capacity: Resources::new(4, 1024, 10),
+            labels: BTreeMap::new(),
+        };
+        s.apply(&p(old), 1).unwrap();
+        assert_eq!(s.with_node(4, |n| n.allocatable()), Some(Resources::new(4, 1024, 10)));
+        s.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn ratios_parse_and_print_as_decimals() {
+        use crate::types::Ratio;
+        for (text, milli) in [("1", 1000), ("1.5", 1500), ("0.25", 250), ("2.125", 2125), ("64", 64_000)] {
+            let r = Ratio::parse(text).unwrap();
+            assert_eq!(r, Ratio(milli));
+            assert_eq!(r.to_string(), text);
+        }
+        for bad in ["", "0", "0.05", "64.001", "1.2345", "-1", "1e3", ".5", "abc", "1.5x"] {
+            assert_eq!(Ratio::parse(bad), None, "{bad:?}");
+        }
+        assert_eq!(Ratio(1500).scale(3), 4, "rounded down");
+    }
+
     #[test]
     fn never_over_commits() {
         let s = state_with_nodes();
@@ -665,7 +829,7 @@ mod tests {
                 // shrink below use
                 id: 2,
                 addr: "127.0.0.1:7002".into(),
-                capacity: Resources::new(4, 64, 100),
+                resources: NodeResources::plain(Resources::new(4, 64, 100)),
                 labels: BTreeMap::new(),
             },
             Command::Batch(vec![]), // empty batch

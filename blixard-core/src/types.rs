@@ -214,22 +214,154 @@ impl NodeStatus {
     }
 }
 
+/// An overcommit ratio in thousandths (1000 = 1.0): an integer, so every
+/// replica computes exactly the same allocatable resources.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ratio(pub u32);
+
+impl Ratio {
+    pub const ONE: Ratio = Ratio(1000);
+    /// The accepted range: 0.1 to 64.
+    pub const MIN: Ratio = Ratio(100);
+    pub const MAX: Ratio = Ratio(64_000);
+
+    /// Parses a decimal such as `1`, `1.5` or `2.125` (at most three
+    /// decimals) within [`Ratio::MIN`]..=[`Ratio::MAX`].
+    pub fn parse(s: &str) -> Option<Ratio> {
+        let (int, frac) = s.split_once('.').unwrap_or((s, ""));
+        if int.is_empty()
+            || int.len() > 3
+            || frac.len() > 3
+            || !(int.chars().chain(frac.chars())).all(|c| c.is_ascii_digit())
+        {
+            return None;
+        }
+        let int: u32 = int.parse().ok()?;
+        let frac: u32 = if frac.is_empty() { 0 } else { format!("{frac:0<3}").parse().ok()? };
+        let r = Ratio(int * 1000 + frac);
+        (Ratio::MIN..=Ratio::MAX).contains(&r).then_some(r)
+    }
+
+    /// `v` times this ratio, rounded down.
+    pub fn scale(self, v: u64) -> u64 {
+        u64::try_from(u128::from(v) * u128::from(self.0) / 1000).unwrap_or(u64::MAX)
+    }
+
+    pub fn as_f64(self) -> f64 {
+        f64::from(self.0) / 1000.0
+    }
+}
+
+impl fmt::Display for Ratio {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (int, frac) = (self.0 / 1000, self.0 % 1000);
+        if frac == 0 {
+            write!(f, "{int}")
+        } else {
+            let frac = format!("{frac:03}");
+            write!(f, "{int}.{}", frac.trim_end_matches('0'))
+        }
+    }
+}
+
+/// What a node offers for placement: its capacity, the part reserved for
+/// the host, and how far CPU and memory may be overcommitted. Allocatable =
+/// (capacity - reserved) x ratio per dimension (disk is never overcommitted).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeResources {
+    pub capacity: Resources,
+    pub reserved: Resources,
+    pub cpu_overcommit: Ratio,
+    pub memory_overcommit: Ratio,
+}
+
+impl NodeResources {
+    /// The whole capacity, nothing reserved, no overcommit.
+    pub fn plain(capacity: Resources) -> Self {
+        Self {
+            capacity,
+            reserved: Resources::ZERO,
+            cpu_overcommit: Ratio::ONE,
+            memory_overcommit: Ratio::ONE,
+        }
+    }
+
+    pub fn allocatable(&self) -> Resources {
+        let base = self.capacity.saturating_sub(&self.reserved);
+        Resources {
+            vcpus: u32::try_from(self.cpu_overcommit.scale(u64::from(base.vcpus))).unwrap_or(u32::MAX),
+            memory_mb: self.memory_overcommit.scale(base.memory_mb),
+            disk_gb: base.disk_gb,
+        }
+    }
+}
+
+/// Changes an operator made with `node set`. They outlive the node's own
+/// re-registrations (which carry its start flags) until changed again.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeOverrides {
+    /// Labels set (added or replaced) by the operator.
+    pub labels: BTreeMap<String, String>,
+    /// Labels removed by the operator, even if the node's flags set them.
+    pub removed_labels: std::collections::BTreeSet<String>,
+    pub cpu_overcommit: Option<Ratio>,
+    pub memory_overcommit: Option<Ratio>,
+}
+
 /// A node as the cluster state knows it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct NodeRecord {
     pub id: NodeId,
     pub addr: String,
-    pub capacity: Resources,
+    /// Effective: the node's flags with the operator's overrides applied.
+    pub resources: NodeResources,
     /// Sum of the resources of the VMs placed on this node.
     pub allocated: Resources,
+    /// Effective labels: the node's own, with the operator's overrides.
     pub labels: BTreeMap<String, String>,
     pub status: NodeStatus,
     pub registered_at_ms: u64,
     pub updated_at_ms: u64,
+    /// What the node registered with (its start flags).
+    pub registered: Registration,
+    pub overrides: NodeOverrides,
+}
+
+/// What a node says about itself when it (re-)registers.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Registration {
+    pub resources: NodeResources,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Registration {
+    /// The effective resources and labels under `overrides`.
+    pub fn apply(&self, overrides: &NodeOverrides) -> (NodeResources, BTreeMap<String, String>) {
+        let mut resources = self.resources;
+        if let Some(r) = overrides.cpu_overcommit {
+            resources.cpu_overcommit = r;
+        }
+        if let Some(r) = overrides.memory_overcommit {
+            resources.memory_overcommit = r;
+        }
+        let mut labels = self.labels.clone();
+        labels.retain(|k, _| !overrides.removed_labels.contains(k));
+        labels.extend(overrides.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+        (resources, labels)
+    }
 }
 
 impl NodeRecord {
+    pub fn capacity(&self) -> Resources {
+        self.resources.capacity
+    }
+
+    pub fn allocatable(&self) -> Resources {
+        self.resources.allocatable()
+    }
+
+    /// Allocatable minus allocated: what placement may still use.
     pub fn free(&self) -> Resources {
-        self.capacity.saturating_sub(&self.allocated)
+        self.allocatable().saturating_sub(&self.allocated)
     }
 }

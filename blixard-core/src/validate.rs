@@ -130,17 +130,7 @@ pub fn labels(labels: &BTreeMap<String, String>) -> Result<(), CommandError> {
         ));
     }
     for (k, v) in labels {
-        let kb = k.as_bytes();
-        let key_ok = !kb.is_empty()
-            && kb.len() <= MAX_NAME_LEN
-            && kb.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b'/'));
-        if !key_ok {
-            return Err(CommandError::invalid(
-                "label key",
-                k,
-                "1-63 characters of A-Z, a-z, 0-9, '-', '_', '.', '/'",
-            ));
-        }
+        label_key(k)?;
         if v.len() > MAX_LABEL_VALUE_LEN || v.chars().any(char::is_control) {
             return Err(CommandError::invalid(
                 "label value",
@@ -150,6 +140,71 @@ pub fn labels(labels: &BTreeMap<String, String>) -> Result<(), CommandError> {
         }
     }
     Ok(())
+}
+
+pub fn label_key(k: &str) -> Result<(), CommandError> {
+    let kb = k.as_bytes();
+    let key_ok = !kb.is_empty()
+        && kb.len() <= MAX_NAME_LEN
+        && kb.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b'/'));
+    if !key_ok {
+        return Err(CommandError::invalid(
+            "label key",
+            k,
+            "1-63 characters of A-Z, a-z, 0-9, '-', '_', '.', '/'",
+        ));
+    }
+    Ok(())
+}
+
+pub fn node_id(id: crate::types::NodeId) -> Result<(), CommandError> {
+    if id == 0 {
+        return Err(CommandError::invalid("node id", id, "a positive integer"));
+    }
+    Ok(())
+}
+
+pub fn ratio(r: crate::types::Ratio) -> Result<(), CommandError> {
+    use crate::types::Ratio;
+    if !(Ratio::MIN..=Ratio::MAX).contains(&r) {
+        return Err(CommandError::invalid(
+            "overcommit ratio",
+            r,
+            format!("between {} and {}", Ratio::MIN, Ratio::MAX),
+        ));
+    }
+    Ok(())
+}
+
+/// Capacity in range, the reservation within the capacity (some of every
+/// dimension left to allocate), ratios in range.
+pub fn node_resources(r: &crate::types::NodeResources) -> Result<(), CommandError> {
+    node_capacity(&r.capacity)?;
+    let c = &r.capacity;
+    let v = &r.reserved;
+    if v.vcpus >= c.vcpus {
+        return Err(CommandError::invalid(
+            "reserved vcpus",
+            v.vcpus,
+            format!("below the node's {} vCPUs", c.vcpus),
+        ));
+    }
+    if v.memory_mb >= c.memory_mb {
+        return Err(CommandError::invalid(
+            "reserved memory_mb",
+            v.memory_mb,
+            format!("below the node's {} MiB", c.memory_mb),
+        ));
+    }
+    if v.disk_gb >= c.disk_gb {
+        return Err(CommandError::invalid(
+            "reserved disk_gb",
+            v.disk_gb,
+            format!("below the node's {} GiB", c.disk_gb),
+        ));
+    }
+    ratio(r.cpu_overcommit)?;
+    ratio(r.memory_overcommit)
 }
 
 fn range(what: &str, v: u64, min: u64, max: u64) -> Result<(), CommandError> {

@@ -11,7 +11,7 @@ use std::hint::black_box;
 
 use blixard_core::command::{Command, Proposal};
 use blixard_core::state::ClusterState;
-use blixard_core::types::{NodeId, ObservedState, Resources, VmSpec};
+use blixard_core::types::{NodeId, NodeResources, ObservedState, Resources, VmSpec};
 
 struct Counting;
 
@@ -64,7 +64,7 @@ fn populated() -> (ClusterState, Vec<String>) {
         let cmd = Command::RegisterNode {
             id,
             addr: format!("127.0.0.1:{}", 7000 + id),
-            capacity: Resources::new(4096, 1 << 24, 1 << 20),
+            resources: NodeResources::plain(Resources::new(4096, 1 << 24, 1 << 20)),
             labels: BTreeMap::from([("zone".to_string(), format!("z{id}"))]),
         };
         s.apply(&Proposal { at_ms: 1, request: None, command: cmd }, index).unwrap();

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use blixard_core::node::{Node, NodeConfig};
 use blixard_core::raft::RaftTuning;
-use blixard_core::types::Resources;
+use blixard_core::types::{NodeResources, Resources};
 use blixard_proto as pb;
 use blixard_proto::cluster_service_client::ClusterServiceClient;
 use blixard_proto::raft_service_client::RaftServiceClient;
@@ -21,7 +21,7 @@ async fn start() -> (Node, Channel, tempfile::TempDir) {
         advertise: None,
         data_dir: dir.path().to_path_buf(),
         join: None,
-        capacity: Resources::new(4, 4096, 100),
+        resources: NodeResources::plain(Resources::new(4, 4096, 100)),
         labels: Default::default(),
         tuning: RaftTuning::default(),
         vm_backend: None,
@@ -214,7 +214,12 @@ async fn corrupt_or_foreign_raft_traffic_is_refused() {
         pb::RaftRequest { cluster_id: cluster_id.clone(), from: 2, payload: vec![1, 2, 3], format: 99 };
     let e = raft.append_entries(newer).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
-    assert!(e.message().contains("version 99") && e.message().contains("0 to 1"), "{}", e.message());
+    assert!(
+        e.message().contains("version 99")
+            && e.message().contains(&format!("0 to {}", blixard_core::format::CURRENT)),
+        "{}",
+        e.message()
+    );
 
     // Garbage, truncated and absurd-length payloads are InvalidArgument.
     let payloads: Vec<Vec<u8>> = vec![

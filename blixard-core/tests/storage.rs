@@ -19,7 +19,7 @@ use blixard_core::raft::log_store::LogStore;
 use blixard_core::raft::state_machine::StateMachineStore;
 use blixard_core::raft::{Entry, LogId, RaftTuning, Vote};
 use blixard_core::state::{ClusterState, StateImage};
-use blixard_core::types::{NodeId, Resources, VmSpec};
+use blixard_core::types::{NodeId, NodeResources, Resources, VmSpec};
 use openraft::storage::{RaftLogStorage, RaftStateMachine};
 use openraft::{CommittedLeaderId, EntryPayload, Membership, RaftSnapshotBuilder};
 
@@ -48,7 +48,7 @@ fn config(id: NodeId, port: u16, dir: &Path, tuning: RaftTuning) -> NodeConfig {
         advertise: None,
         data_dir: dir.to_path_buf(),
         join: None,
-        capacity: Resources::new(1024, 1 << 20, 10_000),
+        resources: NodeResources::plain(Resources::new(1024, 1 << 20, 10_000)),
         labels: BTreeMap::new(),
         tuning,
         vm_backend: None,
@@ -409,7 +409,7 @@ async fn snapshot_install_round_trip() {
             Command::RegisterNode {
                 id,
                 addr: format!("127.0.0.1:{}", 7000 + id),
-                capacity: Resources::new(16, 32_768, 500),
+                resources: NodeResources::plain(Resources::new(16, 32_768, 500)),
                 labels: BTreeMap::from([("rack".to_string(), format!("r{id}"))]),
             },
         ));

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use blixard_core::node::{Node, NodeConfig};
 use blixard_core::raft::RaftTuning;
-use blixard_core::types::{DesiredState, Resources};
+use blixard_core::types::{DesiredState, NodeResources, Resources};
 use blixard_proto as pb;
 use blixard_proto::vm_service_client::VmServiceClient;
 
@@ -33,7 +33,7 @@ fn config(dir: &Path, port: u16) -> NodeConfig {
         advertise: None,
         data_dir: dir.to_path_buf(),
         join: None,
-        capacity: Resources::new(16, 32768, 500),
+        resources: NodeResources::plain(Resources::new(16, 32768, 500)),
         labels: [("zone".to_string(), "a".to_string())].into_iter().collect(),
         tuning: RaftTuning::default(),
         vm_backend: None,
@@ -202,7 +202,10 @@ async fn the_log_is_migrated_and_a_newer_format_is_refused_by_name() {
         w.commit().unwrap();
     }
     let msg = start_err(dir.path()).await;
-    assert!(msg.contains("version 99") && msg.contains("0 to 1"), "{msg}");
+    assert!(
+        msg.contains("version 99") && msg.contains(&format!("0 to {}", blixard_core::format::CURRENT)),
+        "{msg}"
+    );
     assert!(msg.contains("raft.redb"), "names the file: {msg}");
     assert_eq!(log_format(dir.path()), Some(99), "refusing migrates nothing");
 }
@@ -216,5 +219,10 @@ async fn a_snapshot_from_a_newer_format_is_refused_by_name() {
     bytes.extend_from_slice(&std::fs::read(&path).unwrap());
     std::fs::write(&path, &bytes).unwrap();
     let msg = start_err(dir.path()).await;
-    assert!(msg.contains("snapshot") && msg.contains("version 7") && msg.contains("0 to 1"), "{msg}");
+    assert!(
+        msg.contains("snapshot")
+            && msg.contains("version 7")
+            && msg.contains(&format!("0 to {}", blixard_core::format::CURRENT)),
+        "{msg}"
+    );
 }

@@ -195,7 +195,7 @@ impl SimCluster {
                 advertise: None,
                 data_dir: dir,
                 join: (id != 1).then(|| node_addr(1).to_string()),
-                capacity: config.capacity,
+                resources: blixard_core::types::NodeResources::plain(config.capacity),
                 labels: BTreeMap::new(),
                 tuning: sim_tuning(),
                 vm_backend,

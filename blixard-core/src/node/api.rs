@@ -20,7 +20,7 @@ use super::raft_service::RaftGrpc;
 use super::{ApiError, NodeError, NodeShared};
 use crate::command::{Command, CommandOutput, RequestId};
 use crate::raft::network::{PeerChannels, MAX_MESSAGE_BYTES};
-use crate::types::{BootSpec, NodeId, NodeRecord, Resources, RestartPolicy, VmRecord, VmSpec};
+use crate::types::{BootSpec, NodeId, NodeRecord, Ratio, Resources, RestartPolicy, VmRecord, VmSpec};
 
 /// Marks a request a follower already forwarded to the leader.
 const FORWARDED: &str = "x-blixard-forwarded";
@@ -147,15 +147,45 @@ pub fn vm_pb(v: &VmRecord) -> pb::Vm {
     }
 }
 
-fn node_pb(n: &NodeRecord, vm_count: u64) -> pb::NodeInfo {
+pub fn node_pb(n: &NodeRecord, vm_count: u64) -> pb::NodeInfo {
     pb::NodeInfo {
         id: n.id,
         addr: n.addr.clone(),
-        capacity: Some(resources_pb(&n.capacity)),
+        capacity: Some(resources_pb(&n.capacity())),
         allocated: Some(resources_pb(&n.allocated)),
         status: n.status.as_str().to_string(),
         vm_count,
+        labels: n.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        reserved: Some(resources_pb(&n.resources.reserved)),
+        allocatable: Some(resources_pb(&n.allocatable())),
+        cpu_overcommit: n.resources.cpu_overcommit.to_string(),
+        memory_overcommit: n.resources.memory_overcommit.to_string(),
+        registered_at_ms: n.registered_at_ms,
+        updated_at_ms: n.updated_at_ms,
     }
+}
+
+/// `SetNodeRequest` as a command; a bad ratio is refused at the edge.
+fn set_node_command(req: pb::SetNodeRequest) -> Result<Command, ApiError> {
+    let ratio = |what: &str, s: &str| -> Result<Option<Ratio>, ApiError> {
+        if s.is_empty() {
+            return Ok(None);
+        }
+        Ratio::parse(s).map(Some).ok_or_else(|| {
+            ApiError::Invalid(format!(
+                "invalid {what} {s:?}: a decimal between {} and {} with at most 3 decimals",
+                Ratio::MIN,
+                Ratio::MAX
+            ))
+        })
+    };
+    Ok(Command::SetNode {
+        id: req.node_id,
+        cpu_overcommit: ratio("cpu overcommit", &req.cpu_overcommit)?,
+        memory_overcommit: ratio("memory overcommit", &req.memory_overcommit)?,
+        set_labels: req.set_labels.into_iter().collect(),
+        remove_labels: req.remove_labels.into_iter().collect(),
+    })
 }
 
 pub struct ClusterApi {
@@ -304,6 +334,22 @@ impl ClusterService for ClusterApi {
         )
         .await
         .map(Response::new)
+    }
+
+    async fn set_node(&self, request: Request<pb::SetNodeRequest>) -> Result<Response<pb::NodeInfo>, Status> {
+        let req = request.into_inner();
+        let request_id =
+            RequestId::from_client_opt(&req.request_id).map_err(|e| ApiError::from(e).into_write_status())?;
+        let id = req.node_id;
+        let cmd = set_node_command(req).map_err(ApiError::into_write_status)?;
+        self.node.propose_with(cmd, request_id).await.map_err(ApiError::into_write_status)?;
+        let n = &self.node;
+        let mut count = 0;
+        n.state.for_each_vm_on(id, |_| count += 1);
+        n.state
+            .with_node(id, |rec| node_pb(rec, count))
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("unknown node id {id}")))
     }
 }
 

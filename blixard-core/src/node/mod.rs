@@ -30,7 +30,7 @@ use crate::raft::state_machine::StateMachineStore;
 use crate::raft::{Raft, RaftTuning};
 use crate::reconciler::ReconcilerConfig;
 use crate::state::ClusterState;
-use crate::types::{NodeId, Resources};
+use crate::types::{NodeId, NodeResources};
 use batcher::{Batcher, SubmitError};
 use blixard_vm::VmBackend;
 use identity::{Identity, IdentityError};
@@ -55,7 +55,9 @@ pub struct NodeConfig {
     /// Any member of the cluster to join; `None` bootstraps a new cluster
     /// when the data dir is empty.
     pub join: Option<String>,
-    pub capacity: Resources,
+    /// Capacity, host reservation and overcommit ratios, registered on
+    /// every start.
+    pub resources: NodeResources,
     pub labels: BTreeMap<String, String>,
     pub tuning: RaftTuning,
     /// Runs the VMs placed on this node; `None` runs none (a control-plane
@@ -72,7 +74,7 @@ impl std::fmt::Debug for NodeConfig {
             .field("advertise", &self.advertise)
             .field("data_dir", &self.data_dir)
             .field("join", &self.join)
-            .field("capacity", &self.capacity)
+            .field("resources", &self.resources)
             .field("labels", &self.labels)
             .field("tuning", &self.tuning)
             .field("vm_backend", &self.vm_backend.as_ref().map(|b| b.describe()))
@@ -312,7 +314,7 @@ impl Node {
         }
         let addr = cfg.advertised();
         crate::validate::addr(&addr).map_err(|e| NodeError::Config(e.to_string()))?;
-        crate::validate::node_capacity(&cfg.capacity).map_err(|e| NodeError::Config(e.to_string()))?;
+        crate::validate::node_resources(&cfg.resources).map_err(|e| NodeError::Config(e.to_string()))?;
         std::fs::create_dir_all(&cfg.data_dir)
             .map_err(|source| NodeError::DataDir { dir: cfg.data_dir.clone(), source })?;
         let channels = PeerChannels::default();
@@ -394,7 +396,7 @@ impl Node {
                 }
             }
         }
-        tokio::spawn(register_loop(shared.clone(), cfg.capacity, cfg.labels.clone()));
+        tokio::spawn(register_loop(shared.clone(), cfg.resources, cfg.labels.clone()));
         if let Some(backend) = &cfg.vm_backend {
             tracing::info!(backend = %backend.describe(), "VM backend ready");
             let h = crate::reconciler::spawn(shared.clone(), backend.clone(), cfg.reconciler.clone());
@@ -485,8 +487,17 @@ async fn join_via(shared: &Arc<NodeShared>, seed: &str) -> Result<(), NodeError>
 
 /// Registers (or updates) this node's capacity in the replicated state once
 /// the cluster can take writes. Runs on every start.
-async fn register_loop(shared: Arc<NodeShared>, capacity: Resources, labels: BTreeMap<String, String>) {
-    let cmd = Command::RegisterNode { id: shared.id, addr: shared.addr.clone(), capacity, labels };
+async fn register_loop(shared: Arc<NodeShared>, resources: NodeResources, labels: BTreeMap<String, String>) {
+    let capacity = resources.capacity;
+    let (id, addr) = (shared.id, shared.addr.clone());
+    // Default resources go in format 1's command, which a leader still on
+    // format 1 understands during a rolling upgrade (apply treats both the
+    // same). Only a reservation or overcommit needs the newer command.
+    let cmd = if resources == NodeResources::plain(capacity) {
+        Command::RegisterNodeV1 { id, addr, capacity, labels }
+    } else {
+        Command::RegisterNode { id, addr, resources, labels }
+    };
     loop {
         match shared.propose(cmd.clone()).await {
             Ok(_) => {

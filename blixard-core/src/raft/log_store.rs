@@ -143,11 +143,17 @@ type Step = fn(&redb::WriteTransaction) -> Result<(), OpenError>;
 
 /// `STEPS[v]` converts a database of version `v` to `v + 1`; one per
 /// version below [`format::CURRENT`], or this does not compile.
-const STEPS: [Step; format::CURRENT as usize] = [v0_to_v1];
+const STEPS: [Step; format::CURRENT as usize] = [v0_to_v1, v1_to_v2];
 
 /// Version 1 only records the version: entries, vote, committed and purge
 /// marks keep version 0's encoding.
 fn v0_to_v1(_: &redb::WriteTransaction) -> Result<(), OpenError> {
+    Ok(())
+}
+
+/// Version 2 only appended command variants: every version-1 entry is a
+/// valid version-2 entry.
+fn v1_to_v2(_: &redb::WriteTransaction) -> Result<(), OpenError> {
     Ok(())
 }
 

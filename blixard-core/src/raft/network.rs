@@ -301,10 +301,16 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        let rpc = match self.channels.peer_format(&self.addr) {
-            Some(0) => for_unversioned_peer(rpc),
-            _ => rpc,
-        };
+        if let Some(v) = self.channels.peer_format(&self.addr).filter(|v| *v < format::CURRENT) {
+            if rpc.offset == 0 {
+                tracing::warn!(
+                    target = self.target,
+                    peer_format = v,
+                    format = format::CURRENT,
+                    "sending a snapshot to a node of an older format version: it cannot install it until it is upgraded"
+                );
+            }
+        }
         self.raft_call(RaftRpc::InstallSnapshot, &rpc, &option, None).await
     }
 
@@ -314,55 +320,5 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         self.raft_call(RaftRpc::Vote, &rpc, &option, None).await
-    }
-}
-
-/// A node from before format versions reads a state image only without its
-/// header; version 1's body is version 0's encoding, so for such a peer the
-/// header is cut out of the chunked image and later offsets move back.
-fn for_unversioned_peer(mut rpc: InstallSnapshotRequest<TypeConfig>) -> InstallSnapshotRequest<TypeConfig> {
-    let header = format::HEADER_LEN as u64;
-    if rpc.offset < header {
-        let cut = ((header - rpc.offset) as usize).min(rpc.data.len());
-        rpc.data.drain(..cut);
-        rpc.offset = 0;
-    } else {
-        rpc.offset -= header;
-    }
-    rpc
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::raft::state_machine::encode_image;
-    use crate::state::StateImage;
-
-    fn chunk(offset: u64, data: &[u8]) -> InstallSnapshotRequest<TypeConfig> {
-        InstallSnapshotRequest {
-            vote: Default::default(),
-            meta: Default::default(),
-            offset,
-            data: data.to_vec(),
-            done: false,
-        }
-    }
-
-    #[test]
-    fn an_unversioned_peer_gets_the_image_without_its_header() {
-        let image = StateImage { nodes: Vec::new(), vms: Vec::new(), requests: Vec::new() };
-        let framed = encode_image(&image).unwrap();
-        let legacy = codec::encode(&image).unwrap();
-        // Any chunking: concatenating the rewritten chunks at their offsets
-        // gives exactly the unversioned encoding.
-        for size in [1, 2, 5, format::HEADER_LEN, framed.len()] {
-            let mut out = Vec::new();
-            for (i, part) in framed.chunks(size).enumerate() {
-                let c = for_unversioned_peer(chunk((i * size) as u64, part));
-                assert_eq!(c.offset as usize, out.len(), "chunk {i} of size {size}");
-                out.extend_from_slice(&c.data);
-            }
-            assert_eq!(out, legacy, "chunk size {size}");
-        }
     }
 }

@@ -25,6 +25,7 @@ use super::{blocking, Entry, LogId, Membership, SnapshotMeta, StorageError, Type
 use crate::codec;
 use crate::command::{CommandOutput, CommandResult};
 use crate::format::{self, FormatError};
+use crate::legacy;
 use crate::state::{ClusterState, StateImage};
 
 const SNAPSHOT_FILE: &str = "snapshot.bin";
@@ -119,13 +120,16 @@ pub enum ImageError {
     Decode { what: String, reason: String },
 }
 
-/// Decodes a state image of any version this build reads. Version 0 (no
-/// header) and version 1 share the bincode layout; a later version that
-/// changes it converts older images here.
+/// Decodes a state image of any version this build reads, converting older
+/// ones: versions 0 (no header) and 1 share a layout whose node records
+/// predate reservations and overcommit.
 pub fn decode_image(what: &str, bytes: &[u8]) -> Result<StateImage, ImageError> {
-    let (_version, body) = format::split_header(what, bytes)?;
-    codec::decode_trusted(body)
-        .map_err(|e| ImageError::Decode { what: what.to_string(), reason: e.to_string() })
+    let (version, body) = format::split_header(what, bytes)?;
+    let bad = |e: codec::CodecError| ImageError::Decode { what: what.to_string(), reason: e.to_string() };
+    match version {
+        0 | 1 => Ok(codec::decode_trusted::<legacy::StateImageV1>(body).map_err(bad)?.into()),
+        _ => codec::decode_trusted(body).map_err(bad),
+    }
 }
 
 fn to_snapshot(s: &StoredSnapshot) -> Snapshot<TypeConfig> {
