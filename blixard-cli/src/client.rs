@@ -486,6 +486,17 @@ impl Client {
         .await
     }
 
+    /// `node set`, under the request's id like a VM write.
+    pub async fn set_node(&mut self, r: pb::SetNodeRequest) -> Result<pb::NodeInfo, Failure> {
+        let id = r.request_id.clone();
+        self.write(|mut c| {
+            let r = req(r.clone(), WRITE_DEADLINE);
+            async move { c.cluster.set_node(r).await }
+        })
+        .await
+        .map_err(|e| e.into_failure(&id))
+    }
+
     pub fn is_single(&self) -> bool {
         self.members.len() == 1
     }

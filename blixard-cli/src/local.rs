@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use blixard_core::node::{Node, NodeConfig};
 use blixard_core::raft::RaftTuning;
-use blixard_core::types::Resources;
+use blixard_core::types::{NodeResources, Ratio, Resources};
 use blixard_vm::process::ProcessBackend;
 use blixard_vm::qemu::QemuBackend;
 use blixard_vm::{image, VmBackend, VmError};
@@ -26,6 +26,63 @@ pub struct CapacityArgs {
     /// Disk in GiB this node offers to VMs (default: free space under --data-dir).
     #[arg(long)]
     pub disk_gb: Option<u64>,
+    /// vCPUs held back for the host (not allocatable to VMs).
+    #[arg(long, default_value_t = 0)]
+    pub reserve_vcpus: u32,
+    /// Memory in MiB held back for the host.
+    #[arg(long, default_value_t = 0)]
+    pub reserve_memory_mb: u64,
+    /// Disk in GiB held back for the host.
+    #[arg(long, default_value_t = 0)]
+    pub reserve_disk_gb: u64,
+    /// Allocatable vCPUs = (vCPUs - reserved) x R (0.1-64, up to 3 decimals).
+    #[arg(long, default_value = "1", value_parser = parse_ratio)]
+    pub cpu_overcommit: Ratio,
+    /// Allocatable memory = (memory - reserved) x R (0.1-64).
+    #[arg(long, default_value = "1", value_parser = parse_ratio)]
+    pub memory_overcommit: Ratio,
+}
+
+pub fn parse_ratio(s: &str) -> Result<Ratio, String> {
+    Ratio::parse(s).ok_or_else(|| {
+        format!("expected a decimal between {} and {} with at most 3 decimals", Ratio::MIN, Ratio::MAX)
+    })
+}
+
+impl CapacityArgs {
+    /// The node's resources: `capacity` with these reservations and ratios.
+    fn resources(&self, capacity: Resources) -> NodeResources {
+        NodeResources {
+            capacity,
+            reserved: Resources::new(self.reserve_vcpus, self.reserve_memory_mb, self.reserve_disk_gb),
+            cpu_overcommit: self.cpu_overcommit,
+            memory_overcommit: self.memory_overcommit,
+        }
+    }
+
+    /// The same flags for a child `node start`.
+    fn to_args(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut push = |k: &str, v: String| {
+            out.push(k.to_string());
+            out.push(v);
+        };
+        if let Some(v) = self.vcpus {
+            push("--vcpus", v.to_string());
+        }
+        if let Some(m) = self.memory_mb {
+            push("--memory-mb", m.to_string());
+        }
+        if let Some(d) = self.disk_gb {
+            push("--disk-gb", d.to_string());
+        }
+        push("--reserve-vcpus", self.reserve_vcpus.to_string());
+        push("--reserve-memory-mb", self.reserve_memory_mb.to_string());
+        push("--reserve-disk-gb", self.reserve_disk_gb.to_string());
+        push("--cpu-overcommit", self.cpu_overcommit.to_string());
+        push("--memory-overcommit", self.memory_overcommit.to_string());
+        out
+    }
 }
 
 #[derive(Args)]
@@ -138,7 +195,7 @@ pub async fn node_start(args: StartArgs) -> Result<(), Failure> {
         advertise: args.advertise.clone(),
         data_dir: data_dir.clone(),
         join: args.join.clone(),
-        capacity,
+        resources: args.capacity.resources(capacity),
         labels: labels_map(args.labels.clone()),
         tuning: RaftTuning::default(),
         vm_backend: vm_backend.clone(),
@@ -149,7 +206,17 @@ pub async fn node_start(args: StartArgs) -> Result<(), Failure> {
     println!("blixard node {} serving at {addr}", args.id);
     println!("  data dir: {}", data_dir.display());
     println!("  cluster:  {}", node.shared().cluster_id);
+    let resources = args.capacity.resources(capacity);
     println!("  capacity: {capacity}");
+    if resources != NodeResources::plain(capacity) {
+        println!(
+            "  allocatable: {} (reserved {}; overcommit cpu x{}, memory x{})",
+            resources.allocatable(),
+            resources.reserved,
+            resources.cpu_overcommit,
+            resources.memory_overcommit
+        );
+    }
     match &vm_backend {
         Some(b) => println!("  vms:      {}", b.describe()),
         None => println!("  vms:      none (--vm-backend none): VMs placed here stay pending"),
@@ -278,15 +345,7 @@ pub async fn up(args: UpArgs) -> Result<(), Failure> {
         if i > 0 {
             cmd.args(["--join", &seed]);
         }
-        if let Some(v) = args.capacity.vcpus {
-            cmd.args(["--vcpus", &v.to_string()]);
-        }
-        if let Some(m) = args.capacity.memory_mb {
-            cmd.args(["--memory-mb", &m.to_string()]);
-        }
-        if let Some(d) = args.capacity.disk_gb {
-            cmd.args(["--disk-gb", &d.to_string()]);
-        }
+        cmd.args(args.capacity.to_args());
         cmd.args(["--vm-backend", &args.vms.vm_backend]);
         if let Some(c) = &args.vms.image_cache {
             cmd.arg("--image-cache").arg(c);

@@ -52,6 +52,45 @@ enum Cmd {
 enum NodeCmd {
     /// Start a node: bootstrap a new cluster, join one, or resume from --data-dir.
     Start(local::StartArgs),
+    #[command(flatten)]
+    Client(NodeClientCmd),
+}
+
+/// Node commands that talk to a running cluster.
+#[derive(Subcommand)]
+enum NodeClientCmd {
+    /// The nodes registered in the cluster: resources, labels, VM counts.
+    List {
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// One node.
+    Get {
+        id: u64,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Change a node's labels or overcommit ratios (replicated; kept across
+    /// the node's restarts; refused if its VMs would no longer fit).
+    Set {
+        id: u64,
+        /// Set label KEY=VALUE (repeatable).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Remove label KEY (repeatable), also one the node's flags set.
+        #[arg(long = "remove-label", value_name = "KEY")]
+        remove_labels: Vec<String>,
+        /// New CPU overcommit ratio (0.1-64).
+        #[arg(long, value_parser = local::parse_ratio)]
+        cpu_overcommit: Option<blixard_core::types::Ratio>,
+        /// New memory overcommit ratio (0.1-64).
+        #[arg(long, value_parser = local::parse_ratio)]
+        memory_overcommit: Option<blixard_core::types::Ratio>,
+        #[command(flatten)]
+        write: WriteOpts,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        format: Format,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum, Default, PartialEq, Eq)]
@@ -283,6 +322,7 @@ async fn main() -> ExitCode {
     };
     let result = match cli.command {
         Cmd::Node(NodeCmd::Start(args)) => local::node_start(args).await,
+        Cmd::Node(NodeCmd::Client(c)) => node(&cli.addr, c).await,
         Cmd::Up(args) => local::up(args).await,
         Cmd::Cluster(c) => cluster(&cli.addr, c).await,
         Cmd::Vm(c) => vm(&cli.addr, c).await,
@@ -294,6 +334,49 @@ async fn main() -> ExitCode {
         Err(f) => {
             eprintln!("error: {}", f.message);
             ExitCode::from(f.code)
+        }
+    }
+}
+
+async fn node(addr: &str, cmd: NodeClientCmd) -> Result<(), Failure> {
+    let mut c = client::Client::new(client::parse_members(addr)?);
+    match cmd {
+        NodeClientCmd::List { format } => output::nodes(&c.status(false).await?.nodes, format),
+        NodeClientCmd::Get { id, format } => {
+            let nodes = c.status(false).await?.nodes;
+            let n = nodes.iter().find(|n| n.id == id).ok_or_else(|| {
+                let known: Vec<String> = nodes.iter().map(|n| n.id.to_string()).collect();
+                Failure::new(format!("unknown node id {id} (registered: {})", known.join(", ")))
+            })?;
+            output::node(n, format)
+        }
+        NodeClientCmd::Set {
+            id,
+            labels,
+            remove_labels,
+            cpu_overcommit,
+            memory_overcommit,
+            write,
+            format,
+        } => {
+            if labels.is_empty()
+                && remove_labels.is_empty()
+                && cpu_overcommit.is_none()
+                && memory_overcommit.is_none()
+            {
+                return Err(Failure::new(
+                    "nothing to change: give --label, --remove-label, --cpu-overcommit or --memory-overcommit",
+                ));
+            }
+            let req = blixard_proto::SetNodeRequest {
+                node_id: id,
+                set_labels: labels.into_iter().collect(),
+                remove_labels,
+                cpu_overcommit: cpu_overcommit.map(|r| r.to_string()).unwrap_or_default(),
+                memory_overcommit: memory_overcommit.map(|r| r.to_string()).unwrap_or_default(),
+                request_id: write.id()?,
+            };
+            output::node(&c.set_node(req).await?, format)
         }
     }
 }

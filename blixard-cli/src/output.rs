@@ -27,16 +27,7 @@ fn res_json(r: &Option<pb::Resources>) -> Value {
 
 pub fn status(s: &pb::StatusResponse, format: Format) -> Result<(), Failure> {
     if format == Format::Json {
-        let nodes: Vec<Value> = s
-            .nodes
-            .iter()
-            .map(|n| {
-                json!({
-                    "id": n.id, "addr": n.addr, "status": n.status, "vm_count": n.vm_count,
-                    "capacity": res_json(&n.capacity), "allocated": res_json(&n.allocated),
-                })
-            })
-            .collect();
+        let nodes: Vec<Value> = s.nodes.iter().map(node_json).collect();
         let mut v = json!({
             "node_id": s.node_id,
             "cluster_id": s.cluster_id,
@@ -79,7 +70,7 @@ pub fn status(s: &pb::StatusResponse, format: Format) -> Result<(), Failure> {
                 Some(n) => format!(
                     "{}/{}",
                     n.allocated.as_ref().map(f).unwrap_or(0),
-                    n.capacity.as_ref().map(f).unwrap_or(0)
+                    n.allocatable.or(n.capacity).as_ref().map(f).unwrap_or(0)
                 ),
                 None => "-".into(),
             }
@@ -96,6 +87,85 @@ pub fn status(s: &pb::StatusResponse, format: Format) -> Result<(), Failure> {
         ]);
     }
     println!("{t}");
+    Ok(())
+}
+
+/// A node as `node get -o json` (and `node list`, `cluster status`) print it.
+pub fn node_json(n: &pb::NodeInfo) -> Value {
+    let ratio = |r: &str| r.parse::<f64>().map(Value::from).unwrap_or(json!(1.0));
+    let labels: std::collections::BTreeMap<&String, &String> = n.labels.iter().collect();
+    json!({
+        "id": n.id,
+        "addr": n.addr,
+        "status": n.status,
+        "labels": labels,
+        "capacity": res_json(&n.capacity),
+        "reserved": res_json(&n.reserved),
+        "allocatable": res_json(&n.allocatable.or(n.capacity)),
+        "allocated": res_json(&n.allocated),
+        "cpu_overcommit": ratio(&n.cpu_overcommit),
+        "memory_overcommit": ratio(&n.memory_overcommit),
+        "vm_count": n.vm_count,
+        "registered_at_ms": n.registered_at_ms,
+        "updated_at_ms": n.updated_at_ms,
+    })
+}
+
+fn labels_text(n: &pb::NodeInfo) -> String {
+    let labels: std::collections::BTreeMap<&String, &String> = n.labels.iter().collect();
+    let text: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    if text.is_empty() {
+        "-".into()
+    } else {
+        text.join(",")
+    }
+}
+
+pub fn nodes(nodes: &[pb::NodeInfo], format: Format) -> Result<(), Failure> {
+    if format == Format::Json {
+        return print_json(&Value::Array(nodes.iter().map(node_json).collect()));
+    }
+    let mut t =
+        table(&["ID", "ADDR", "STATUS", "VMS", "VCPUS", "MEMORY MiB", "DISK GiB", "OVERCOMMIT", "LABELS"]);
+    for n in nodes {
+        let used = |f: fn(&pb::Resources) -> u64| {
+            format!(
+                "{}/{}",
+                n.allocated.as_ref().map(f).unwrap_or(0),
+                n.allocatable.or(n.capacity).as_ref().map(f).unwrap_or(0)
+            )
+        };
+        t.add_row(vec![
+            n.id.to_string(),
+            n.addr.clone(),
+            n.status.clone(),
+            n.vm_count.to_string(),
+            used(|r| r.vcpus as u64),
+            used(|r| r.memory_mb),
+            used(|r| r.disk_gb),
+            format!("cpu x{} mem x{}", n.cpu_overcommit, n.memory_overcommit),
+            labels_text(n),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+pub fn node(n: &pb::NodeInfo, format: Format) -> Result<(), Failure> {
+    if format == Format::Json {
+        return print_json(&node_json(n));
+    }
+    let r = |x: &Option<pb::Resources>| {
+        let x = x.unwrap_or_default();
+        format!("{} vCPUs, {} MiB, {} GiB", x.vcpus, x.memory_mb, x.disk_gb)
+    };
+    println!("node {} at {} ({}), {} VMs", n.id, n.addr, n.status, n.vm_count);
+    println!("  capacity:    {}", r(&n.capacity));
+    println!("  reserved:    {}", r(&n.reserved));
+    println!("  overcommit:  cpu x{}, memory x{}", n.cpu_overcommit, n.memory_overcommit);
+    println!("  allocatable: {}", r(&n.allocatable.or(n.capacity)));
+    println!("  allocated:   {}", r(&n.allocated));
+    println!("  labels:      {}", labels_text(n));
     Ok(())
 }
 

@@ -45,6 +45,11 @@ pub fn eventually<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) ->
 /// in `dir.log`; joins through the node at `join` if given. VMs are records
 /// only (`--vm-backend none`).
 pub fn start_node(id: u64, port: u16, dir: &Path, join: Option<u16>) -> Child {
+    start_node_with(id, port, dir, join, &[])
+}
+
+/// [`start_node`] with more `node start` flags.
+pub fn start_node_with(id: u64, port: u16, dir: &Path, join: Option<u16>, extra: &[&str]) -> Child {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.with_extension("log")).unwrap();
     let mut cmd = Command::new(BIN);
     cmd.args(["node", "start", "--id", &id.to_string(), "--bind", &loopback(port)])
@@ -52,6 +57,7 @@ pub fn start_node(id: u64, port: u16, dir: &Path, join: Option<u16>) -> Child {
         .arg(dir)
         .args(["--vcpus", "16", "--memory-mb", "8192", "--disk-gb", "100"])
         .args(["--vm-backend", "none"])
+        .args(extra)
         .env("RUST_LOG", "info,openraft=warn")
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
