@@ -35,12 +35,14 @@ use crate::Failure;
 pub const EXIT_ERROR: u8 = 1;
 /// No node can fit the VM.
 pub const EXIT_NO_CAPACITY: u8 = 2;
+/// The VM's tenant is over its quota.
+pub const EXIT_QUOTA: u8 = 3;
 /// A write may or may not have applied: retry with the same request id to
 /// learn which.
-pub const EXIT_UNKNOWN: u8 = 3;
+pub const EXIT_UNKNOWN: u8 = 4;
 /// A write did not apply and never will (no leader took it, or no member
 /// could be reached to send it): safe to retry.
-pub const EXIT_NOT_APPLIED: u8 = 4;
+pub const EXIT_NOT_APPLIED: u8 = 5;
 
 /// How long a member may take to accept a connection and speak first.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -250,10 +252,12 @@ fn lost(s: &Status, deadline: Duration) -> String {
 
 /// The exit code of a server's definite answer.
 fn code_of(s: &Status) -> u8 {
-    if s.code() == Code::ResourceExhausted {
-        EXIT_NO_CAPACITY
-    } else {
-        EXIT_ERROR
+    if s.code() != Code::ResourceExhausted {
+        return EXIT_ERROR;
+    }
+    match s.metadata().get(blixard_core::node::REASON_KEY).and_then(|v| v.to_str().ok()) {
+        Some("quota") => EXIT_QUOTA,
+        _ => EXIT_NO_CAPACITY,
     }
 }
 
@@ -495,6 +499,49 @@ impl Client {
         })
         .await
         .map_err(|e| e.into_failure(&id))
+    }
+
+    pub async fn set_quota(&mut self, r: pb::SetQuotaRequest) -> Result<pb::Quota, Failure> {
+        let id = r.request_id.clone();
+        self.write(|mut c| {
+            let r = req(r.clone(), WRITE_DEADLINE);
+            async move { c.cluster.set_quota(r).await }
+        })
+        .await
+        .map_err(|e| e.into_failure(&id))
+    }
+
+    pub async fn delete_quota(&mut self, tenant: String, request_id: &str) -> Result<(), Failure> {
+        let deleted = self
+            .write(|mut c| {
+                let r = req(
+                    pb::DeleteQuotaRequest { tenant: tenant.clone(), request_id: request_id.to_string() },
+                    WRITE_DEADLINE,
+                );
+                async move { c.cluster.delete_quota(r).await }
+            })
+            .await;
+        match deleted {
+            Ok(_) | Err(WriteError::Undecided(Undecided { applied: true, .. })) => Ok(()),
+            Err(e) => Err(e.into_failure(request_id)),
+        }
+    }
+
+    pub async fn get_quota(&mut self, tenant: String) -> Result<pb::Quota, Failure> {
+        self.read(READ_DEADLINE, |mut c| {
+            let r = req(pb::QuotaRequest { tenant: tenant.clone() }, READ_DEADLINE);
+            async move { c.cluster.get_quota(r).await }
+        })
+        .await
+    }
+
+    pub async fn list_quotas(&mut self) -> Result<Vec<pb::Quota>, Failure> {
+        let r = self
+            .read(READ_DEADLINE, |mut c| async move {
+                c.cluster.list_quotas(req(pb::ListQuotasRequest {}, READ_DEADLINE)).await
+            })
+            .await?;
+        Ok(r.quotas)
     }
 
     pub fn is_single(&self) -> bool {

@@ -46,6 +46,47 @@ enum Cmd {
     /// The default guest image.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Tenant quotas: limits on what a tenant's VMs may hold.
+    #[command(subcommand)]
+    Quota(QuotaCmd),
+}
+
+#[derive(Subcommand)]
+enum QuotaCmd {
+    /// Set (replace) a tenant's limits; a limit left out is unlimited.
+    Set {
+        tenant: String,
+        #[arg(long)]
+        vcpus: Option<u64>,
+        #[arg(long)]
+        memory_mb: Option<u64>,
+        #[arg(long)]
+        disk_gb: Option<u64>,
+        /// Number of VMs.
+        #[arg(long)]
+        vms: Option<u64>,
+        #[command(flatten)]
+        write: WriteOpts,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// A tenant's limits and current usage.
+    Get {
+        tenant: String,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Every quota with its tenant's usage.
+    List {
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Remove a tenant's quota (its VMs stay; new ones are unlimited).
+    Delete {
+        tenant: String,
+        #[command(flatten)]
+        write: WriteOpts,
+    },
 }
 
 #[derive(Subcommand)]
@@ -328,6 +369,7 @@ async fn main() -> ExitCode {
         Cmd::Vm(c) => vm(&cli.addr, c).await,
         Cmd::Bench(args) => bench::run(&cli.addr, args).await,
         Cmd::Image(ImageCmd::Build { cache_dir }) => local::image_build(cache_dir).await,
+        Cmd::Quota(c) => quota(&cli.addr, c).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -377,6 +419,30 @@ async fn node(addr: &str, cmd: NodeClientCmd) -> Result<(), Failure> {
                 request_id: write.id()?,
             };
             output::node(&c.set_node(req).await?, format)
+        }
+    }
+}
+
+async fn quota(addr: &str, cmd: QuotaCmd) -> Result<(), Failure> {
+    let mut c = client::Client::new(client::parse_members(addr)?);
+    match cmd {
+        QuotaCmd::Set { tenant, vcpus, memory_mb, disk_gb, vms, write, format } => {
+            if vcpus.is_none() && memory_mb.is_none() && disk_gb.is_none() && vms.is_none() {
+                return Err(Failure::new(
+                    "no limit given: use --vcpus, --memory-mb, --disk-gb or --vms (quota delete removes a quota)",
+                ));
+            }
+            let limits = blixard_proto::QuotaLimits { vcpus, memory_mb, disk_gb, vms };
+            let req =
+                blixard_proto::SetQuotaRequest { tenant, limits: Some(limits), request_id: write.id()? };
+            output::quota(&c.set_quota(req).await?, format)
+        }
+        QuotaCmd::Get { tenant, format } => output::quota(&c.get_quota(tenant).await?, format),
+        QuotaCmd::List { format } => output::quotas(&c.list_quotas().await?, format),
+        QuotaCmd::Delete { tenant, write } => {
+            c.delete_quota(tenant.clone(), &write.id()?).await?;
+            println!("quota of tenant {tenant} deleted");
+            Ok(())
         }
     }
 }

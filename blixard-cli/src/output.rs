@@ -169,6 +169,56 @@ pub fn node(n: &pb::NodeInfo, format: Format) -> Result<(), Failure> {
     Ok(())
 }
 
+pub fn quota_json(q: &pb::Quota) -> Value {
+    let l = q.limits.unwrap_or_default();
+    let u = q.usage.unwrap_or_default();
+    json!({
+        "tenant": q.tenant,
+        "limits": { "vcpus": l.vcpus, "memory_mb": l.memory_mb, "disk_gb": l.disk_gb, "vms": l.vms },
+        "usage": { "vcpus": u.vcpus, "memory_mb": u.memory_mb, "disk_gb": u.disk_gb, "vms": u.vms },
+    })
+}
+
+fn quota_row(q: &pb::Quota) -> Vec<String> {
+    let l = q.limits.unwrap_or_default();
+    let u = q.usage.unwrap_or_default();
+    let cell = |used: u64, limit: Option<u64>| match limit {
+        Some(l) => format!("{used}/{l}"),
+        None => format!("{used}/-"),
+    };
+    vec![
+        q.tenant.clone(),
+        cell(u.vcpus, l.vcpus),
+        cell(u.memory_mb, l.memory_mb),
+        cell(u.disk_gb, l.disk_gb),
+        cell(u.vms, l.vms),
+    ]
+}
+
+const QUOTA_HEADER: [&str; 5] = ["TENANT", "VCPUS", "MEMORY MiB", "DISK GiB", "VMS"];
+
+pub fn quota(q: &pb::Quota, format: Format) -> Result<(), Failure> {
+    if format == Format::Json {
+        return print_json(&quota_json(q));
+    }
+    let mut t = table(&QUOTA_HEADER);
+    t.add_row(quota_row(q));
+    println!("{t}");
+    Ok(())
+}
+
+pub fn quotas(quotas: &[pb::Quota], format: Format) -> Result<(), Failure> {
+    if format == Format::Json {
+        return print_json(&Value::Array(quotas.iter().map(quota_json).collect()));
+    }
+    let mut t = table(&QUOTA_HEADER);
+    for q in quotas {
+        t.add_row(quota_row(q));
+    }
+    println!("{t}");
+    Ok(())
+}
+
 pub fn members(members: &[pb::Member], format: Format) -> Result<(), Failure> {
     if format == Format::Json {
         return print_json(&Value::Array(members.iter().map(member_json).collect()));

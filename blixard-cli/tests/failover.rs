@@ -4,8 +4,8 @@
 //! `--addr` and `BLIXARD_ADDR` take a list; a member nobody listens on, or
 //! one whose process is stopped (SIGSTOP: its kernel still accepts TCP), is
 //! skipped; a write repeated under the same `--request-id` applies once; exit
-//! codes say what happened (1 error, 2 no capacity, 3 outcome unknown, 4 not
-//! applied), with one plain line on stderr.
+//! codes say what happened (1 error, 2 no capacity, 3 over quota, 4 outcome
+//! unknown, 5 not applied), with one plain line on stderr.
 use std::collections::BTreeSet;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -73,7 +73,7 @@ fn formed(addrs: &str) -> u64 {
 }
 
 #[test]
-fn client_errors_exit_1_and_unsent_writes_exit_4() {
+fn client_errors_exit_1_and_unsent_writes_exit_5() {
     // A usage error is 1, not clap's 2 (which means "no capacity").
     let out = Command::new(BIN).args(["vm", "create"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
@@ -101,7 +101,7 @@ fn client_errors_exit_1_and_unsent_writes_exit_4() {
     assert_plain(&out);
     assert!(stderr(&out).contains(&a) && stderr(&out).contains(&b), "{}", stderr(&out));
     let out = create(&list, "x", &[]);
-    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
     assert_plain(&out);
     assert!(stderr(&out).contains("not applied") && stderr(&out).contains(&b), "{}", stderr(&out));
 }
@@ -180,9 +180,8 @@ fn clients_fail_over_and_writes_apply_once() {
     assert!(t.elapsed() < Duration::from_secs(60), "took {:?}", t.elapsed());
     nodes.signal(paused, libc::SIGCONT);
 
-    // Two of three nodes gone: no write can commit. The create exits 3
-    // (may still apply) or 4 (did not apply), whichever the server saw, and
-    // says so in one line.
+    // Two of three nodes gone: no write can commit. The create exits 5 (did
+    // not apply) and says so in one line.
     let survivor = (1..=3).find(|&id| id != leader).unwrap();
     let killed: Vec<u64> = (1..=3).filter(|&id| id != survivor).collect();
     for &id in &killed {
@@ -194,7 +193,7 @@ fn clients_fail_over_and_writes_apply_once() {
     assert_plain(&out);
     // The survivor cannot lead (no quorum) and the leader refuses
     // connections: the write was provably never sent, so it is definite.
-    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert_eq!(out.status.code(), Some(5), "{err}");
     assert!(err.contains("did not apply"), "{err}");
     for id in 1..=3 {
         assert!(err.contains(&nodes.addr(id)), "names every member tried: {err}");

@@ -8,7 +8,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::error::CommandError;
-use crate::types::{DesiredState, NodeId, NodeResources, ObservedState, Ratio, Resources, VmRuntime, VmSpec};
+use crate::types::{
+    DesiredState, NodeId, NodeResources, ObservedState, QuotaLimits, Ratio, Resources, VmRuntime, VmSpec,
+};
 use crate::validate;
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -17,32 +19,59 @@ pub enum Command {
     /// overcommit). Still applied for entries written before format 2;
     /// never proposed any more. (Variants are encoded by position: new ones
     /// go at the end, old ones are renamed, never removed or reordered.)
-    RegisterNodeV1 { id: NodeId, addr: String, capacity: Resources, labels: BTreeMap<String, String> },
+    RegisterNodeV1 {
+        id: NodeId,
+        addr: String,
+        capacity: Resources,
+        labels: BTreeMap<String, String>,
+    },
     /// Take a node out of placement: it left or was removed from the cluster.
     /// VMs placed on it become `Lost`.
-    DecommissionNode { id: NodeId },
+    DecommissionNode {
+        id: NodeId,
+    },
     /// Create a VM and place it: on the active node with the most free memory
     /// that fits it (lowest id on ties), reserving its resources there. It
     /// starts right away unless `start` is false.
-    CreateVm { name: String, spec: VmSpec, start: bool },
+    CreateVm {
+        name: String,
+        spec: VmSpec,
+        start: bool,
+    },
     /// Delete a VM and release what it reserved. Its node stops it and removes
     /// its files.
-    DeleteVm { name: String },
+    DeleteVm {
+        name: String,
+    },
     /// Set a VM's desired state to running.
-    StartVm { name: String },
+    StartVm {
+        name: String,
+    },
     /// Set a VM's desired state to stopped.
-    StopVm { name: String },
+    StopVm {
+        name: String,
+    },
     /// Stop and start a VM again (and start it if it was stopped).
-    RestartVm { name: String },
+    RestartVm {
+        name: String,
+    },
     /// A node reports what its VMs are doing. Entries for VMs that are gone
     /// or placed on another node are ignored (the report raced a change).
-    ReportVms { node: NodeId, reports: Vec<VmReport> },
+    ReportVms {
+        node: NodeId,
+        reports: Vec<VmReport>,
+    },
     /// Several commands applied all-or-nothing, in order.
     Batch(Vec<Command>),
     /// Add a node to the placement pool, or update its address, resources
     /// and labels (a node re-registers on every start). The operator's
     /// `node set` overrides stay in force.
-    RegisterNode { id: NodeId, addr: String, resources: NodeResources, labels: BTreeMap<String, String> },
+    RegisterNode {
+        id: NodeId,
+        addr: String,
+        resources: NodeResources,
+        labels: BTreeMap<String, String>,
+    },
     /// `node set`: label and overcommit overrides. Refused if it would leave
     /// the node's allocated resources above its allocatable ones.
     SetNode {
@@ -51,6 +80,16 @@ pub enum Command {
         remove_labels: BTreeSet<String>,
         cpu_overcommit: Option<Ratio>,
         memory_overcommit: Option<Ratio>,
+    },
+    /// Set (replace) a tenant's limits; a dimension without a limit is
+    /// unlimited. A limit below current use is allowed: it stops new VMs,
+    /// running ones stay.
+    SetQuota {
+        tenant: String,
+        limits: QuotaLimits,
+    },
+    DeleteQuota {
+        tenant: String,
     },
 }
 
@@ -72,6 +111,14 @@ impl Command {
                 validate::node_resources(resources)?;
                 validate::labels(labels)
             }
+            Command::SetQuota { tenant, limits } => {
+                validate::tenant(tenant)?;
+                if *limits == QuotaLimits::default() {
+                    return Err(CommandError::invalid("quota", "nothing", "at least one limit"));
+                }
+                Ok(())
+            }
+            Command::DeleteQuota { tenant } => validate::tenant(tenant),
             Command::SetNode { id, set_labels, remove_labels, cpu_overcommit, memory_overcommit } => {
                 validate::node_id(*id)?;
                 validate::labels(set_labels)?;
@@ -263,6 +310,12 @@ pub enum CommandOutput {
     /// `node set` applied.
     NodeUpdated {
         id: NodeId,
+    },
+    QuotaSet {
+        tenant: String,
+    },
+    QuotaDeleted {
+        tenant: String,
     },
 }
 

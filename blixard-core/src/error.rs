@@ -34,6 +34,13 @@ pub enum CommandError {
         #[source]
         source: Box<CommandError>,
     },
+
+    /// Appended in format 2 (variants are encoded by position).
+    #[error("tenant {tenant:?} is over its quota: {reason}")]
+    QuotaExceeded { tenant: String, reason: String },
+
+    #[error("tenant {tenant:?} has no quota")]
+    NoQuota { tenant: String },
 }
 
 impl CommandError {

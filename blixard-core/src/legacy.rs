@@ -59,6 +59,7 @@ impl From<StateImageV1> for StateImage {
             nodes: i.nodes.into_iter().map(NodeRecord::from).collect(),
             vms: i.vms,
             requests: i.requests,
+            quotas: Vec::new(),
         }
     }
 }

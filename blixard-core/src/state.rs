@@ -9,7 +9,7 @@
 //! proportional to what they return: VMs by node (inside the VM table), and
 //! active nodes by free memory (the scheduler's index).
 use std::cmp::Reverse;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -20,8 +20,8 @@ use crate::command::{Command, CommandOutput, CommandResult, Proposal, RequestId}
 use crate::error::CommandError;
 use crate::scheduler::{self, FreeIndex};
 use crate::types::{
-    DesiredState, NodeId, NodeOverrides, NodeRecord, NodeResources, NodeStatus, ObservedState, Registration,
-    Resources, VmRecord, VmSpec,
+    DesiredState, NodeId, NodeOverrides, NodeRecord, NodeResources, NodeStatus, ObservedState, QuotaLimits,
+    Registration, Resources, TenantUsage, VmRecord, VmSpec,
 };
 use crate::vm_table::{VmTables, VmWriter};
 
@@ -48,6 +48,10 @@ pub struct ClusterState {
     vms: VmTables,
     free_index: Mutex<FreeIndex>,
     requests: Mutex<Dedup>,
+    /// Tenant limits (replicated) and what each tenant's VMs hold (derived
+    /// from the VM table, kept in step by apply).
+    quotas: Mutex<BTreeMap<String, QuotaLimits>>,
+    usage: Mutex<HashMap<String, TenantUsage>>,
     /// Signalled after every applied change, so that watchers (the
     /// reconciler) react at once instead of at their next poll.
     changed: tokio::sync::Notify,
@@ -68,12 +72,15 @@ pub struct StateImage {
     pub vms: Vec<VmRecord>,
     /// The dedup window, oldest first.
     pub requests: Vec<(RequestId, CommandResult)>,
+    /// Tenant quotas by tenant (format 2).
+    pub quotas: Vec<(String, QuotaLimits)>,
 }
 
 /// How to undo one mutation; recorded only while applying a batch.
 enum Undo {
     Vm(Arc<str>, Option<Arc<VmRecord>>),
     Node(NodeId, Option<Box<NodeRecord>>),
+    Quota(String, Option<QuotaLimits>),
 }
 
 type Journal<'a> = Option<&'a mut Vec<Undo>>;
@@ -193,6 +200,36 @@ impl ClusterState {
         }
     }
 
+    /// Counts a VM of `spec` in (or out of) its tenant's usage.
+    fn count_usage(&self, spec: &VmSpec, add: bool) {
+        if spec.tenant.is_empty() {
+            return;
+        }
+        let mut usage = self.usage.lock();
+        let u = usage.entry(spec.tenant.clone()).or_default();
+        if add {
+            u.add(&spec.resources());
+        } else {
+            u.sub(&spec.resources());
+            if u.is_zero() {
+                usage.remove(&spec.tenant);
+            }
+        }
+    }
+
+    /// Every quota with its tenant's usage, by tenant.
+    pub fn quotas(&self) -> Vec<(String, QuotaLimits, TenantUsage)> {
+        let quotas = self.quotas.lock().clone();
+        let usage = self.usage.lock();
+        quotas
+            .into_iter()
+            .map(|(t, q)| {
+                let u = usage.get(&t).copied().unwrap_or_default();
+                (t, q, u)
+            })
+            .collect()
+    }
+
     // ------------------------------------------------------------ snapshots
 
     /// A canonical image: nodes by id, VMs by name. O(state); used for
@@ -208,7 +245,9 @@ impl ClusterState {
         let dedup = self.requests.lock();
         let requests =
             dedup.order.iter().filter_map(|id| Some((*id, dedup.results.get(id)?.clone()))).collect();
-        StateImage { nodes, vms, requests }
+        drop(dedup);
+        let quotas = self.quotas.lock().iter().map(|(t, q)| (t.clone(), *q)).collect();
+        StateImage { nodes, vms, requests, quotas }
     }
 
     /// Replaces the whole state with `image`, rebuilding every index.
@@ -224,6 +263,14 @@ impl ClusterState {
             self.nodes.insert(n.id, n);
         }
         drop(index);
+        let mut usage: HashMap<String, TenantUsage> = HashMap::new();
+        for v in &image.vms {
+            if !v.spec.tenant.is_empty() {
+                usage.entry(v.spec.tenant.clone()).or_default().add(&v.spec.resources());
+            }
+        }
+        *self.usage.lock() = usage;
+        *self.quotas.lock() = image.quotas.into_iter().collect();
         vms.replace_all(image.vms.into_iter().map(Arc::new));
         let mut dedup = self.requests.lock();
         dedup.results.clear();
@@ -300,6 +347,15 @@ impl ClusterState {
         }
         if let Some((id, _)) = sums.into_iter().next() {
             return Err(format!("VMs placed on unknown node {id}"));
+        }
+        let mut usage: HashMap<String, TenantUsage> = HashMap::new();
+        self.for_each_vm(|v| {
+            if !v.spec.tenant.is_empty() {
+                usage.entry(v.spec.tenant.clone()).or_default().add(&v.spec.resources());
+            }
+        });
+        if usage != *self.usage.lock() {
+            return Err("tenant usage disagrees with the VMs".to_string());
         }
         let dedup = self.requests.lock();
         if dedup.order.len() != dedup.results.len() || dedup.order.len() > DEDUP_WINDOW {
@@ -442,6 +498,22 @@ impl ApplyRun<'_> {
                 let reg = Registration { resources: *resources, labels: labels.clone() };
                 self.register_node(*id, addr, reg, ctx, journal)
             }
+            Command::SetQuota { tenant, limits } => {
+                let old = self.state.quotas.lock().insert(tenant.clone(), *limits);
+                if let Some(j) = journal {
+                    j.push(Undo::Quota(tenant.clone(), old));
+                }
+                Ok(CommandOutput::QuotaSet { tenant: tenant.clone() })
+            }
+            Command::DeleteQuota { tenant } => {
+                let Some(old) = self.state.quotas.lock().remove(tenant) else {
+                    return Err(CommandError::NoQuota { tenant: tenant.clone() });
+                };
+                if let Some(j) = journal {
+                    j.push(Undo::Quota(tenant.clone(), Some(old)));
+                }
+                Ok(CommandOutput::QuotaDeleted { tenant: tenant.clone() })
+            }
             Command::SetNode { id, set_labels, remove_labels, cpu_overcommit, memory_overcommit } => {
                 let Some(old) = nodes.get(id).map(|n| n.value().clone()) else {
                     return Err(CommandError::UnknownNode { id: *id });
@@ -524,6 +596,7 @@ impl ApplyRun<'_> {
                     return Err(CommandError::VmNotFound { name: name.clone() });
                 };
                 let node_id = vm.node_id;
+                self.state.count_usage(&vm.spec, false);
                 self.state.adjust_allocated(node_id, journal.as_deref_mut(), |a| {
                     a.saturating_sub(&vm.spec.resources())
                 });
@@ -588,6 +661,12 @@ impl ApplyRun<'_> {
             return Err(CommandError::VmExists { name: name.to_string() });
         }
         let need = spec.resources();
+        if let Some(limits) = self.state.quotas.lock().get(&spec.tenant) {
+            let usage = self.state.usage.lock().get(&spec.tenant).copied().unwrap_or_default();
+            if let Some(reason) = limits.exceeded_by(&usage, &need) {
+                return Err(CommandError::QuotaExceeded { tenant: spec.tenant.clone(), reason });
+            }
+        }
         let node_id = {
             let index = self.state.free_index.lock();
             scheduler::place(&index, &need, |id| self.state.nodes.get(&id).map(|n| n.free()))?
@@ -608,6 +687,7 @@ impl ApplyRun<'_> {
             generation: 0,
             runtime: Default::default(),
         };
+        self.state.count_usage(spec, true);
         self.vms.put(Arc::new(vm));
         if let Some(j) = journal {
             j.push(Undo::Vm(name.clone(), None));
@@ -619,10 +699,20 @@ impl ApplyRun<'_> {
         for undo in journal.into_iter().rev() {
             match undo {
                 Undo::Vm(name, old) => {
-                    self.vms.remove(&name);
+                    if let Some(cur) = self.vms.remove(&name) {
+                        self.state.count_usage(&cur.spec, false);
+                    }
                     if let Some(old) = old {
+                        self.state.count_usage(&old.spec, true);
                         self.vms.put(old);
                     }
+                }
+                Undo::Quota(tenant, old) => {
+                    let mut quotas = self.state.quotas.lock();
+                    match old {
+                        Some(q) => quotas.insert(tenant, q),
+                        None => quotas.remove(&tenant),
+                    };
                 }
                 Undo::Node(id, old) => {
                     let cur = self.state.nodes.get(&id).map(|n| n.value().clone());
@@ -654,7 +744,7 @@ fn check_allocatable(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::VmSpec;
+    use crate::types::{QuotaLimits, VmSpec};
     use std::collections::BTreeMap;
 
     fn p(command: Command) -> Proposal {
@@ -777,6 +867,50 @@ mod tests {
         };
         s.apply(&p(old), 1).unwrap();
         assert_eq!(s.with_node(4, |n| n.allocatable()), Some(Resources::new(4, 1024, 10)));
+        s.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn quotas_cap_a_tenant_and_survive_snapshots() {
+        let s = ClusterState::new();
+        s.apply(&p(register(1, 64, 65_536)), 1).unwrap();
+        let tenant_vm = |name: &str, tenant: &str, vcpus: u32| Command::CreateVm {
+            name: name.into(),
+            spec: VmSpec { vcpus, memory_mb: 256, disk_gb: 1, tenant: tenant.into(), ..Default::default() },
+            start: true,
+        };
+        let limits = QuotaLimits { vcpus: Some(4), vms: Some(3), ..Default::default() };
+        s.apply(&p(Command::SetQuota { tenant: "acme".into(), limits }), 2).unwrap();
+        s.apply(&p(tenant_vm("a1", "acme", 2)), 3).unwrap();
+        s.apply(&p(tenant_vm("a2", "acme", 2)), 4).unwrap();
+        let before = s.image();
+        let e = s.apply(&p(tenant_vm("a3", "acme", 1)), 5).unwrap_err();
+        assert!(matches!(&e, CommandError::QuotaExceeded { tenant, .. } if tenant == "acme"), "{e}");
+        assert!(e.to_string().contains("vCPUs: 4 used + 1 asked > 4 allowed"), "{e}");
+        assert_eq!(s.image(), before, "a refusal changes nothing");
+        // Other tenants and untenanted VMs are not limited by acme's quota.
+        s.apply(&p(tenant_vm("b1", "beta", 8)), 6).unwrap();
+        s.apply(&p(tenant_vm("free", "", 8)), 7).unwrap();
+        // A delete frees quota; a batch that fails gives back what it took.
+        s.apply(&p(Command::DeleteVm { name: "a1".into() }), 8).unwrap();
+        let batch = Command::Batch(vec![tenant_vm("a3", "acme", 1), tenant_vm("a4", "acme", 2)]);
+        assert!(s.apply(&p(batch), 9).is_err());
+        s.check_invariants().unwrap();
+        let q = s.quotas();
+        assert_eq!(q.len(), 1);
+        assert_eq!((q[0].2.vcpus, q[0].2.vms), (2, 1), "usage after the delete and the failed batch");
+        // Snapshot round trip keeps quotas and rebuilds usage.
+        let other = ClusterState::new();
+        other.restore(s.image());
+        other.check_invariants().unwrap();
+        assert_eq!(other.quotas(), s.quotas());
+        // Deleting the quota lifts the limit; deleting it twice is an error.
+        s.apply(&p(Command::DeleteQuota { tenant: "acme".into() }), 10).unwrap();
+        assert!(matches!(
+            s.apply(&p(Command::DeleteQuota { tenant: "acme".into() }), 11),
+            Err(CommandError::NoQuota { .. })
+        ));
+        s.apply(&p(tenant_vm("a5", "acme", 16)), 12).unwrap();
         s.check_invariants().unwrap();
     }
 

@@ -365,3 +365,62 @@ impl NodeRecord {
         self.allocatable().saturating_sub(&self.allocated)
     }
 }
+
+/// A tenant's limits; `None` is unlimited in that dimension.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QuotaLimits {
+    pub vcpus: Option<u64>,
+    pub memory_mb: Option<u64>,
+    pub disk_gb: Option<u64>,
+    pub vms: Option<u64>,
+}
+
+/// What a tenant's VMs hold (all of them, whatever their state).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TenantUsage {
+    pub vcpus: u64,
+    pub memory_mb: u64,
+    pub disk_gb: u64,
+    pub vms: u64,
+}
+
+impl TenantUsage {
+    pub fn add(&mut self, r: &Resources) {
+        self.vcpus += u64::from(r.vcpus);
+        self.memory_mb += r.memory_mb;
+        self.disk_gb += r.disk_gb;
+        self.vms += 1;
+    }
+
+    pub fn sub(&mut self, r: &Resources) {
+        self.vcpus = self.vcpus.saturating_sub(u64::from(r.vcpus));
+        self.memory_mb = self.memory_mb.saturating_sub(r.memory_mb);
+        self.disk_gb = self.disk_gb.saturating_sub(r.disk_gb);
+        self.vms = self.vms.saturating_sub(1);
+    }
+
+    pub fn is_zero(&self) -> bool {
+        *self == TenantUsage::default()
+    }
+}
+
+impl QuotaLimits {
+    /// Why adding `need` (one more VM) to `usage` would exceed these
+    /// limits, naming each dimension over; `None` if it fits.
+    pub fn exceeded_by(&self, usage: &TenantUsage, need: &Resources) -> Option<String> {
+        let dims = [
+            ("vCPUs", self.vcpus, usage.vcpus, u64::from(need.vcpus)),
+            ("MiB of memory", self.memory_mb, usage.memory_mb, need.memory_mb),
+            ("GiB of disk", self.disk_gb, usage.disk_gb, need.disk_gb),
+            ("VMs", self.vms, usage.vms, 1),
+        ];
+        let over: Vec<String> = dims
+            .iter()
+            .filter_map(|(what, limit, used, more)| {
+                let limit = (*limit)?;
+                (used + more > limit).then(|| format!("{what}: {used} used + {more} asked > {limit} allowed"))
+            })
+            .collect();
+        (!over.is_empty()).then(|| over.join("; "))
+    }
+}

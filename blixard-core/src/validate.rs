@@ -157,6 +157,11 @@ pub fn label_key(k: &str) -> Result<(), CommandError> {
     Ok(())
 }
 
+/// A named tenant (a DNS label, like a VM's `tenant`).
+pub fn tenant(t: &str) -> Result<(), CommandError> {
+    dns_label("tenant", t)
+}
+
 pub fn node_id(id: crate::types::NodeId) -> Result<(), CommandError> {
     if id == 0 {
         return Err(CommandError::invalid("node id", id, "a positive integer"));

@@ -20,7 +20,9 @@ use super::raft_service::RaftGrpc;
 use super::{ApiError, NodeError, NodeShared};
 use crate::command::{Command, CommandOutput, RequestId};
 use crate::raft::network::{PeerChannels, MAX_MESSAGE_BYTES};
-use crate::types::{BootSpec, NodeId, NodeRecord, Ratio, Resources, RestartPolicy, VmRecord, VmSpec};
+use crate::types::{
+    BootSpec, NodeId, NodeRecord, QuotaLimits, Ratio, Resources, RestartPolicy, TenantUsage, VmRecord, VmSpec,
+};
 
 /// Marks a request a follower already forwarded to the leader.
 const FORWARDED: &str = "x-blixard-forwarded";
@@ -192,7 +194,41 @@ pub struct ClusterApi {
     node: Arc<NodeShared>,
 }
 
+fn quota_pb(tenant: &str, l: &QuotaLimits, u: &TenantUsage) -> pb::Quota {
+    pb::Quota {
+        tenant: tenant.to_string(),
+        limits: Some(pb::QuotaLimits {
+            vcpus: l.vcpus,
+            memory_mb: l.memory_mb,
+            disk_gb: l.disk_gb,
+            vms: l.vms,
+        }),
+        usage: Some(pb::TenantUsage {
+            vcpus: u.vcpus,
+            memory_mb: u.memory_mb,
+            disk_gb: u.disk_gb,
+            vms: u.vms,
+        }),
+    }
+}
+
 impl ClusterApi {
+    /// A replicated write under the client's request id.
+    async fn write(&self, cmd: Command, request_id: &str) -> Result<super::Applied, Status> {
+        write(&self.node, cmd, request_id).await
+    }
+
+    fn quota(&self, tenant: &str) -> Result<pb::Quota, Status> {
+        crate::validate::tenant(tenant).map_err(|e| Status::from(ApiError::from(e)))?;
+        self.node
+            .state
+            .quotas()
+            .iter()
+            .find(|(t, _, _)| t == tenant)
+            .map(|(t, l, u)| quota_pb(t, l, u))
+            .ok_or_else(|| Status::not_found(format!("tenant {tenant:?} has no quota")))
+    }
+
     /// Runs a membership change here if this node leads; otherwise forwards
     /// the request to the leader once.
     async fn on_leader<T, F, Fut>(
@@ -336,13 +372,44 @@ impl ClusterService for ClusterApi {
         .map(Response::new)
     }
 
+    async fn set_quota(&self, request: Request<pb::SetQuotaRequest>) -> Result<Response<pb::Quota>, Status> {
+        let req = request.into_inner();
+        let l = req.limits.unwrap_or_default();
+        let limits = QuotaLimits { vcpus: l.vcpus, memory_mb: l.memory_mb, disk_gb: l.disk_gb, vms: l.vms };
+        let cmd = Command::SetQuota { tenant: req.tenant.clone(), limits };
+        self.write(cmd, &req.request_id).await?;
+        self.quota(&req.tenant).map(Response::new)
+    }
+
+    async fn get_quota(&self, request: Request<pb::QuotaRequest>) -> Result<Response<pb::Quota>, Status> {
+        self.node.linearize().await?;
+        self.quota(&request.get_ref().tenant).map(Response::new)
+    }
+
+    async fn list_quotas(
+        &self,
+        _request: Request<pb::ListQuotasRequest>,
+    ) -> Result<Response<pb::ListQuotasResponse>, Status> {
+        self.node.linearize().await?;
+        let quotas = self.node.state.quotas().iter().map(|(t, l, u)| quota_pb(t, l, u)).collect();
+        Ok(Response::new(pb::ListQuotasResponse { quotas }))
+    }
+
+    async fn delete_quota(
+        &self,
+        request: Request<pb::DeleteQuotaRequest>,
+    ) -> Result<Response<pb::DeleteQuotaResponse>, Status> {
+        let req = request.into_inner();
+        self.write(Command::DeleteQuota { tenant: req.tenant }, &req.request_id).await?;
+        Ok(Response::new(pb::DeleteQuotaResponse {}))
+    }
+
     async fn set_node(&self, request: Request<pb::SetNodeRequest>) -> Result<Response<pb::NodeInfo>, Status> {
         let req = request.into_inner();
-        let request_id =
-            RequestId::from_client_opt(&req.request_id).map_err(|e| ApiError::from(e).into_write_status())?;
+        let request_id = req.request_id.clone();
         let id = req.node_id;
         let cmd = set_node_command(req).map_err(ApiError::into_write_status)?;
-        self.node.propose_with(cmd, request_id).await.map_err(ApiError::into_write_status)?;
+        self.write(cmd, &request_id).await?;
         let n = &self.node;
         let mut count = 0;
         n.state.for_each_vm_on(id, |_| count += 1);
@@ -387,9 +454,7 @@ impl VmApi {
 
     /// Proposes a client write under its request id.
     async fn write(&self, cmd: Command, request_id: &str) -> Result<super::Applied, Status> {
-        let request =
-            RequestId::from_client_opt(request_id).map_err(|e| ApiError::from(e).into_write_status())?;
-        self.node.propose_with(cmd, request).await.map_err(ApiError::into_write_status)
+        write(&self.node, cmd, request_id).await
     }
 
     fn backend(&self) -> Result<&Arc<dyn blixard_vm::VmBackend>, Status> {
@@ -402,6 +467,14 @@ impl VmApi {
     fn get_local(&self, name: &str) -> Result<pb::Vm, Status> {
         self.node.state.with_vm(name, vm_pb).ok_or_else(|| Status::not_found(format!("no VM named {name:?}")))
     }
+}
+
+/// Proposes a client write under its request id; failures carry the
+/// write's outcome (`blixard-outcome`).
+async fn write(node: &NodeShared, cmd: Command, request_id: &str) -> Result<super::Applied, Status> {
+    let request =
+        RequestId::from_client_opt(request_id).map_err(|e| ApiError::from(e).into_write_status())?;
+    node.propose_with(cmd, request).await.map_err(ApiError::into_write_status)
 }
 
 pub fn spec_from_pb(spec: Option<pb::VmSpec>) -> Result<VmSpec, ApiError> {

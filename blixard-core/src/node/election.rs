@@ -162,22 +162,28 @@ pub async fn run(node: Arc<NodeShared>) {
 /// of it changed while the round was out.
 struct Round {
     term: u64,
+    leader: Option<NodeId>,
     contact: Instant,
 }
 
 impl Round {
     fn now(node: &NodeShared) -> Self {
-        Self { term: node.raft.metrics().borrow().current_term, contact: node.contact.last() }
+        let m = node.raft.metrics();
+        let m = m.borrow();
+        Self { term: m.current_term, leader: m.current_leader, contact: node.contact.last() }
     }
 
-    /// No newer term (a new leader's, or our vote for another candidate)
-    /// and no leader heard since the round began. (Not "no leader known":
-    /// with openraft's timer off, a follower keeps naming its dead leader
-    /// until a new term begins.)
+    /// No newer term (a new leader's, or our vote for another candidate),
+    /// the same leader known, and no leader heard since the round began.
+    /// (Not "no leader known": with openraft's timer off, a follower keeps
+    /// naming its dead leader until a new term begins.)
     fn still_current(&self, node: &NodeShared) -> bool {
         let m = node.raft.metrics();
         let m = m.borrow();
-        m.current_term == self.term && m.state != ServerState::Leader && node.contact.last() <= self.contact
+        m.current_term == self.term
+            && m.current_leader == self.leader
+            && m.state != ServerState::Leader
+            && node.contact.last() <= self.contact
     }
 }
 

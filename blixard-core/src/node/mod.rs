@@ -155,6 +155,10 @@ pub enum ApiError {
 /// The gRPC metadata key that tells a client what a failed write did.
 pub const OUTCOME_KEY: &str = "blixard-outcome";
 
+/// The gRPC metadata key that says which limit a `ResourceExhausted`
+/// refusal hit: `capacity` (no node fits) or `quota` (the tenant's quota).
+pub const REASON_KEY: &str = "blixard-reason";
+
 impl ApiError {
     /// What a failed write did, as told to clients in [`OUTCOME_KEY`]:
     /// `rejected` (did not and will never apply), `unknown` (may still
@@ -197,8 +201,12 @@ impl From<ApiError> for tonic::Status {
             ApiError::Command(c) => match c.root() {
                 CommandError::Invalid { .. } => Code::InvalidArgument,
                 CommandError::VmExists { .. } => Code::AlreadyExists,
-                CommandError::VmNotFound { .. } | CommandError::UnknownNode { .. } => Code::NotFound,
-                CommandError::NoCapacity { .. } => Code::ResourceExhausted,
+                CommandError::VmNotFound { .. }
+                | CommandError::UnknownNode { .. }
+                | CommandError::NoQuota { .. } => Code::NotFound,
+                CommandError::NoCapacity { .. } | CommandError::QuotaExceeded { .. } => {
+                    Code::ResourceExhausted
+                }
                 CommandError::CapacityBelowAllocated { .. } | CommandError::BatchFailed { .. } => {
                     Code::FailedPrecondition
                 }
@@ -213,7 +221,19 @@ impl From<ApiError> for tonic::Status {
             // gRPC's own meaning: "the operation may have completed".
             ApiError::OutcomeUnknown(_) => Code::DeadlineExceeded,
         };
-        tonic::Status::new(code, e.to_string())
+        let reason = match &e {
+            ApiError::Command(c) => match c.root() {
+                CommandError::NoCapacity { .. } => Some("capacity"),
+                CommandError::QuotaExceeded { .. } => Some("quota"),
+                _ => None,
+            },
+            _ => None,
+        };
+        let mut status = tonic::Status::new(code, e.to_string());
+        if let Some(r) = reason {
+            status.metadata_mut().insert(REASON_KEY, tonic::metadata::MetadataValue::from_static(r));
+        }
+        status
     }
 }
 
