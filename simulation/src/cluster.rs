@@ -1,6 +1,6 @@
 //! A simulated Blixard cluster: real nodes on madsim nodes, a client node that
 //! talks to them through the public gRPC API, and fault injection.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -16,11 +16,12 @@ use blixard_proto::cluster_service_client::ClusterServiceClient;
 use blixard_proto::vm_service_client::VmServiceClient;
 use blixard_vm::sim::{SimHost, SimWorld};
 use blixard_vm::VmBackend;
+use madsim::net::NetSim;
 use madsim::runtime::{Handle, NodeHandle};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 
-use crate::model::{Model, Outcome, Trace};
+use crate::model::{Model, Outcome, Told, Trace};
 
 /// Every node listens on this port of its own virtual IP 10.0.0.<id>.
 pub const PORT: u16 = 7420;
@@ -114,7 +115,231 @@ pub struct SimCluster {
     /// What all simulated hosts share: who runs what, double runs.
     world: Arc<SimWorld>,
     vm_backends: bool,
+    /// Network faults in force: links clogged (from, to), nodes cut off
+    /// from everyone (the client included), nodes paused.
+    clogged_links: BTreeSet<(NodeId, NodeId)>,
+    isolated: BTreeSet<NodeId>,
+    paused: BTreeSet<NodeId>,
     pub trace: Trace,
+}
+
+/// A client write that carries a request id, as the public API takes it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Write {
+    Create { name: String, spec: pb::VmSpec },
+    Delete { name: String },
+    Start { name: String },
+    Stop { name: String },
+    Restart { name: String },
+}
+
+impl Write {
+    pub fn name(&self) -> &str {
+        match self {
+            Write::Create { name, .. }
+            | Write::Delete { name }
+            | Write::Start { name }
+            | Write::Stop { name }
+            | Write::Restart { name } => name,
+        }
+    }
+
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Write::Create { .. } => "create",
+            Write::Delete { .. } => "delete",
+            Write::Start { .. } => "start",
+            Write::Stop { .. } => "stop",
+            Write::Restart { .. } => "restart",
+        }
+    }
+}
+
+/// One client write under `request_id` through node `via`, with the
+/// client's own deadline `timeout`; the raw reply (a delete answers with no
+/// VM). Runs on whatever madsim node calls it: spawn it on the client node
+/// (see [`SimCluster::client`]).
+pub async fn write_call(
+    via: NodeId,
+    write: Write,
+    request_id: String,
+    timeout: Duration,
+) -> Result<Option<pb::Vm>, Status> {
+    let mut c = VmServiceClient::new(connect(via).await?);
+    let reply = match write {
+        Write::Create { name, spec } => {
+            let req = pb::CreateVmRequest { name, spec: Some(spec), no_start: false, request_id };
+            c.create_vm(request(req, timeout)).await?.into_inner().vm
+        }
+        Write::Delete { name } => {
+            c.delete_vm(request(pb::DeleteVmRequest { name, request_id }, timeout)).await?;
+            None
+        }
+        Write::Start { name } => {
+            c.start_vm(request(pb::VmNameRequest { name, request_id }, timeout)).await?.into_inner().vm
+        }
+        Write::Stop { name } => {
+            c.stop_vm(request(pb::VmNameRequest { name, request_id }, timeout)).await?.into_inner().vm
+        }
+        Write::Restart { name } => {
+            c.restart_vm(request(pb::VmNameRequest { name, request_id }, timeout)).await?.into_inner().vm
+        }
+    };
+    Ok(reply)
+}
+
+/// Sends one write under `request_id` through a random node of `nodes`
+/// until the answer is definite (applied or rejected), trying another random
+/// node 50-500 ms after each unknown answer; gives up after `give_up` of
+/// virtual time. Returns the last answer and the number of tries. An
+/// unlabelled answer (a bug) is returned at once. Spawn it on the client
+/// node.
+pub async fn write_until_definite(
+    nodes: Vec<NodeId>,
+    write: Write,
+    request_id: String,
+    timeout: Duration,
+    give_up: Duration,
+) -> (Told, u32) {
+    use madsim::rand::Rng;
+    let start = madsim::time::Instant::now();
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let via = nodes[madsim::rand::thread_rng().gen_range(0..nodes.len())];
+        let told = Told::from_reply(write_call(via, write.clone(), request_id.clone(), timeout).await);
+        if !matches!(told, Told::Unknown(_)) || start.elapsed() >= give_up {
+            return (told, tries);
+        }
+        let pause = madsim::rand::thread_rng().gen_range(50..500);
+        madsim::time::sleep(Duration::from_millis(pause)).await;
+    }
+}
+
+/// What one running node's Raft says about itself, read from its memory (so
+/// it also works for a node that is cut off or paused).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RaftView {
+    pub state: &'static str,
+    pub term: u64,
+    pub leader: Option<NodeId>,
+    pub last_log: u64,
+    pub applied: u64,
+    pub snapshot: u64,
+    pub purged: u64,
+    /// On a leader: the last log index each follower is known to match.
+    pub matched: BTreeMap<NodeId, u64>,
+}
+
+fn raft_view(shared: &NodeShared) -> RaftView {
+    let m = shared.raft.metrics().borrow().clone();
+    // (openraft is not a dependency of this crate: name the state by its Debug.)
+    let state = match format!("{:?}", m.state).as_str() {
+        "Leader" => "leader",
+        "Follower" => "follower",
+        "Candidate" => "candidate",
+        "Learner" => "learner",
+        _ => "shutdown",
+    };
+    RaftView {
+        state,
+        term: m.current_term,
+        leader: m.current_leader,
+        last_log: m.last_log_index.unwrap_or(0),
+        applied: m.last_applied.map(|l| l.index).unwrap_or(0),
+        snapshot: m.snapshot.map(|l| l.index).unwrap_or(0),
+        purged: m.purged.map(|l| l.index).unwrap_or(0),
+        matched: m
+            .replication
+            .map(|r| r.into_iter().map(|(id, l)| (id, l.map(|l| l.index).unwrap_or(0))).collect())
+            .unwrap_or_default(),
+    }
+}
+
+/// One change of a node's role, term or known leader, as the watch saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoleChange {
+    /// Virtual time since the watch started.
+    pub at: Duration,
+    pub node: NodeId,
+    /// `None` while the node is down.
+    pub state: Option<&'static str>,
+    pub term: u64,
+    pub leader: Option<NodeId>,
+}
+
+/// Samples every node's role, term and leader every [`RoleWatch::EVERY`]
+/// from the nodes' memory and keeps each change. Stops when dropped.
+pub struct RoleWatch {
+    start: madsim::time::Instant,
+    changes: Arc<Mutex<Vec<RoleChange>>>,
+    task: madsim::task::JoinHandle<()>,
+}
+
+impl RoleWatch {
+    pub const EVERY: Duration = Duration::from_millis(10);
+
+    /// Everything seen so far, in order.
+    pub fn changes(&self) -> Vec<RoleChange> {
+        self.changes.lock().unwrap().clone()
+    }
+
+    /// Virtual time since the watch started.
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    /// The (node, term) pairs that were seen leading, in order of first sight.
+    pub fn leaders(&self) -> Vec<(NodeId, u64)> {
+        let mut out: Vec<(NodeId, u64)> = Vec::new();
+        for c in self.changes.lock().unwrap().iter() {
+            if c.state == Some("leader") && !out.contains(&(c.node, c.term)) {
+                out.push((c.node, c.term));
+            }
+        }
+        out
+    }
+
+    /// The highest term any node held.
+    pub fn max_term(&self) -> u64 {
+        self.changes.lock().unwrap().iter().map(|c| c.term).max().unwrap_or(0)
+    }
+
+    /// When (since the watch started) a node other than `not` was first seen
+    /// leading at a term above `above`.
+    pub fn new_leader_at(&self, not: NodeId, above: u64) -> Option<(Duration, NodeId, u64)> {
+        self.changes
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|c| c.state == Some("leader") && c.node != not && c.term > above)
+            .map(|c| (c.at, c.node, c.term))
+    }
+
+    /// The changes as short lines, for failure messages.
+    pub fn describe(&self) -> String {
+        let lines: Vec<String> = self
+            .changes()
+            .iter()
+            .map(|c| {
+                format!(
+                    "{:>7}ms n{} {} term {} leader {:?}",
+                    c.at.as_millis(),
+                    c.node,
+                    c.state.unwrap_or("down"),
+                    c.term,
+                    c.leader
+                )
+            })
+            .collect();
+        lines.join("\n")
+    }
+}
+
+impl Drop for RoleWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// A VM lifecycle request through the public API.
@@ -224,7 +449,16 @@ impl SimCluster {
                 .build();
             nodes.push(SimNode { id, handle: node_handle, live, up: true, host });
         }
-        SimCluster { nodes, client, world, vm_backends: config.vm_backends, trace: Trace::new() }
+        SimCluster {
+            nodes,
+            client,
+            world,
+            vm_backends: config.vm_backends,
+            clogged_links: BTreeSet::new(),
+            isolated: BTreeSet::new(),
+            paused: BTreeSet::new(),
+            trace: Trace::new(),
+        }
     }
 
     pub fn ids(&self) -> Vec<NodeId> {
@@ -264,7 +498,121 @@ impl SimCluster {
         purged.map(|l| l.index)
     }
 
+    /// Node `id`'s Raft as it sees itself; `None` while it is down.
+    pub fn raft_view(&self, id: NodeId) -> Option<RaftView> {
+        let shared = self.node(id).live.lock().unwrap().upgrade()?;
+        Some(raft_view(&shared))
+    }
+
+    /// The client node, to spawn concurrent client calls on (e.g.
+    /// [`write_call`]).
+    pub fn client(&self) -> &NodeHandle {
+        &self.client
+    }
+
+    /// Starts sampling every node's role, term and leader (see [`RoleWatch`]).
+    pub fn watch_roles(&self) -> RoleWatch {
+        let lives: Vec<(NodeId, Arc<Mutex<Weak<NodeShared>>>)> =
+            self.nodes.iter().map(|n| (n.id, n.live.clone())).collect();
+        let changes = Arc::new(Mutex::new(Vec::new()));
+        let out = changes.clone();
+        let start = madsim::time::Instant::now();
+        let task = madsim::task::spawn(async move {
+            let mut last: BTreeMap<NodeId, (Option<&'static str>, u64, Option<NodeId>)> = BTreeMap::new();
+            loop {
+                for (id, live) in &lives {
+                    let shared = live.lock().unwrap().upgrade();
+                    let now = match shared {
+                        Some(s) => {
+                            let v = raft_view(&s);
+                            (Some(v.state), v.term, v.leader)
+                        }
+                        None => (None, last.get(id).map(|l| l.1).unwrap_or(0), None),
+                    };
+                    if last.get(id) != Some(&now) {
+                        last.insert(*id, now);
+                        out.lock().unwrap().push(RoleChange {
+                            at: start.elapsed(),
+                            node: *id,
+                            state: now.0,
+                            term: now.1,
+                            leader: now.2,
+                        });
+                    }
+                }
+                madsim::time::sleep(RoleWatch::EVERY).await;
+            }
+        });
+        RoleWatch { start, changes, task }
+    }
+
     // ------------------------------------------------------------ faults
+
+    /// Clogs the link from node `from` to node `to` (one direction): what
+    /// is sent on an open connection waits until the link is unclogged (as
+    /// TCP retransmits), new connections are refused.
+    pub fn clog_link(&mut self, from: NodeId, to: NodeId) {
+        NetSim::current().clog_link(self.node(from).handle.id(), self.node(to).handle.id());
+        self.clogged_links.insert((from, to));
+        self.trace.push(format_args!("clog n{from}->n{to}"));
+    }
+
+    pub fn unclog_link(&mut self, from: NodeId, to: NodeId) {
+        NetSim::current().unclog_link(self.node(from).handle.id(), self.node(to).handle.id());
+        self.clogged_links.remove(&(from, to));
+        self.trace.push(format_args!("unclog n{from}->n{to}"));
+    }
+
+    /// Cuts the network between the groups (both directions between every
+    /// pair of nodes in different groups); the client still reaches all.
+    pub fn partition(&mut self, groups: &[Vec<NodeId>]) {
+        self.trace.push(format_args!("partition {groups:?}"));
+        for (i, a) in groups.iter().enumerate() {
+            for b in groups.iter().skip(i + 1) {
+                for &x in a {
+                    for &y in b {
+                        self.clog_link(x, y);
+                        self.clog_link(y, x);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Cuts node `id` off from every other node and the client.
+    pub fn isolate(&mut self, id: NodeId) {
+        NetSim::current().clog_node(self.node(id).handle.id());
+        self.isolated.insert(id);
+        self.trace.push(format_args!("isolate n{id}"));
+    }
+
+    /// Freezes every task of node `id` (a stopped process, a long GC
+    /// pause); the network still accepts connections to it.
+    pub fn pause(&mut self, id: NodeId) {
+        Handle::current().pause(self.node(id).handle.id());
+        self.paused.insert(id);
+        self.trace.push(format_args!("pause n{id}"));
+    }
+
+    pub fn resume(&mut self, id: NodeId) {
+        Handle::current().resume(self.node(id).handle.id());
+        self.paused.remove(&id);
+        self.trace.push(format_args!("resume n{id}"));
+    }
+
+    /// Lifts every network fault and resumes every paused node.
+    pub fn heal(&mut self) {
+        for (from, to) in std::mem::take(&mut self.clogged_links) {
+            NetSim::current().unclog_link(self.node(from).handle.id(), self.node(to).handle.id());
+        }
+        for id in std::mem::take(&mut self.isolated) {
+            NetSim::current().unclog_node(self.node(id).handle.id());
+        }
+        for id in std::mem::take(&mut self.paused) {
+            Handle::current().resume(self.node(id).handle.id());
+        }
+        self.trace.push("heal");
+    }
 
     /// Kills node `id` like a power cut: every task is dropped mid-flight;
     /// what reached its data dir stays.
@@ -429,6 +777,16 @@ impl SimCluster {
         outcome
     }
 
+    /// One write under `request_id` through `via` with the client deadline
+    /// `timeout`; records what the client was told in the trace.
+    pub async fn write_id(&mut self, via: NodeId, write: Write, request_id: &str, timeout: Duration) -> Told {
+        let label = format!("{} {} [{request_id}] via n{via}", write.verb(), write.name());
+        let rid = request_id.to_string();
+        let told = Told::from_reply(self.on_client(write_call(via, write, rid, timeout)).await);
+        self.trace.push(format_args!("{label} -> {}", told.label()));
+        told
+    }
+
     /// One VM, read linearizably through `via`.
     pub async fn get_vm(&self, via: NodeId, name: String) -> Result<pb::Vm, Status> {
         self.on_client(async move {
@@ -456,6 +814,31 @@ impl SimCluster {
             }
         }
         best
+    }
+
+    /// The running node whose Raft says it leads, with the highest term, read
+    /// from the nodes' memory (works while nodes are cut off or paused).
+    pub fn leader_view(&self) -> Option<(NodeId, u64)> {
+        self.up_nodes()
+            .into_iter()
+            .filter_map(|id| self.raft_view(id).filter(|v| v.state == "leader").map(|v| (id, v.term)))
+            .max_by_key(|(_, term)| *term)
+    }
+
+    /// Waits until node `id` has applied log index `index`; returns how long
+    /// that took, or says how far it got by `timeout`.
+    pub async fn wait_applied(&self, id: NodeId, index: u64, timeout: Duration) -> Result<Duration, String> {
+        let start = madsim::time::Instant::now();
+        loop {
+            let applied = self.raft_view(id).map(|v| v.applied).unwrap_or(0);
+            if applied >= index {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() >= timeout {
+                return Err(format!("n{id} applied {applied} of {index} after {timeout:?}"));
+            }
+            madsim::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Waits until every node is a voter under one leader and every node has

@@ -53,6 +53,73 @@ impl<T> Outcome<T> {
     }
 }
 
+/// What a client was told about one write under a request id, read from the
+/// `blixard-outcome` metadata that every write error carries.
+#[derive(Debug)]
+pub enum Told {
+    /// Success, or an error saying `applied` (committed, not yet visible on
+    /// the contacted node). The reply's VM, when it came with one.
+    Applied(Option<Box<pb::Vm>>),
+    /// An error saying `rejected`: it did not and will never apply.
+    Rejected(Status),
+    /// An error saying `unknown`, or no word from the node at all (the
+    /// client's own deadline, a connection that failed): it may apply.
+    Unknown(Status),
+    /// An error from the node without outcome metadata and with a code the
+    /// transport never produces: a write error that does not say what
+    /// happened. Always a bug.
+    Unlabelled(Status),
+}
+
+impl Told {
+    pub fn from_reply(r: Result<Option<pb::Vm>, Status>) -> Told {
+        let s = match r {
+            Ok(vm) => return Told::Applied(vm.map(Box::new)),
+            Err(s) => s,
+        };
+        let outcome =
+            s.metadata().get(blixard_core::node::OUTCOME_KEY).map(|v| v.to_str().unwrap_or("?").to_string());
+        match outcome.as_deref() {
+            Some("applied") => Told::Applied(None),
+            Some("rejected") => Told::Rejected(s),
+            Some("unknown") => Told::Unknown(s),
+            Some(_) => Told::Unlabelled(s),
+            // What a client sees when it never heard from the node: its own
+            // deadline, a refused or broken connection.
+            None if matches!(
+                s.code(),
+                Code::DeadlineExceeded | Code::Unavailable | Code::Cancelled | Code::Unknown
+            ) =>
+            {
+                Told::Unknown(s)
+            }
+            None => Told::Unlabelled(s),
+        }
+    }
+
+    /// Definitely applied or definitely not.
+    pub fn is_definite(&self) -> bool {
+        matches!(self, Told::Applied(_) | Told::Rejected(_))
+    }
+
+    /// A rejection because no leader took the write (`Unavailable`), as
+    /// opposed to the command's own refusal (not found, exists, ...).
+    pub fn is_transient_rejection(&self) -> bool {
+        matches!(self, Told::Rejected(s) if s.code() == Code::Unavailable)
+    }
+
+    /// Short and deterministic, for the trace.
+    pub fn label(&self) -> String {
+        match self {
+            Told::Applied(Some(_)) => "applied".to_string(),
+            Told::Applied(None) => "applied(no VM)".to_string(),
+            Told::Rejected(s) => format!("rejected({:?})", s.code()),
+            Told::Unknown(s) => format!("unknown({:?})", s.code()),
+            Told::Unlabelled(s) => format!("UNLABELLED({:?})", s.code()),
+        }
+    }
+}
+
 /// An ordered log of everything observable in one simulated run: requests
 /// and their fates, faults injected, leaders seen, final digests. Each event
 /// carries the virtual time, so two runs of one seed must produce the very
@@ -62,12 +129,20 @@ pub struct Trace {
     events: Vec<String>,
     /// The state digest all nodes agreed on at the end, once checked.
     pub final_digest: Option<u64>,
+    /// Measurements of this run (name, value), reported per seed and
+    /// summarised over all seeds by [`crate::seeds::run_seeds`].
+    pub figures: Vec<(String, f64)>,
 }
 
 impl Trace {
     /// Starts a trace at the current virtual time. Must run inside madsim.
     pub fn new() -> Self {
-        Self { start: madsim::time::Instant::now(), events: Vec::new(), final_digest: None }
+        Self {
+            start: madsim::time::Instant::now(),
+            events: Vec::new(),
+            final_digest: None,
+            figures: Vec::new(),
+        }
     }
 
     pub fn push(&mut self, event: impl fmt::Display) {
@@ -75,6 +150,12 @@ impl Trace {
         let line = format!("{ms:>8}ms {event}");
         tracing::debug!(target: "blixard_sim::trace", "{line}");
         self.events.push(line);
+    }
+
+    /// Records a measurement (also as an event, so it is in the trace).
+    pub fn figure(&mut self, name: &str, value: f64) {
+        self.push(format_args!("figure {name} = {value}"));
+        self.figures.push((name.to_string(), value));
     }
 
     pub fn events(&self) -> &[String] {

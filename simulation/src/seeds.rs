@@ -90,12 +90,41 @@ const CHILD_ENV: &str = "BLIXARD_SIM_CHILD";
 const EVENT: &str = "BLIXARD-SIM-EVENT ";
 const DIGEST: &str = "BLIXARD-SIM-DIGEST ";
 const FAILURE: &str = "BLIXARD-SIM-FAILURE ";
+const FIGURE: &str = "BLIXARD-SIM-FIGURE ";
 
 /// What a child process reported for one seed.
 #[derive(Debug)]
 pub struct SeedReport {
     pub events: Vec<String>,
     pub final_digest: Option<u64>,
+    /// The run's measurements ([`Trace::figure`]).
+    pub figures: Vec<(String, f64)>,
+}
+
+impl SeedReport {
+    pub fn figure(&self, name: &str) -> Option<f64> {
+        self.figures.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
+    }
+}
+
+/// Max, p99 and median of one figure over the seeds that reported it, as
+/// one line (`None` if no seed did).
+pub fn summarize(name: &str, reports: &[(u64, SeedReport)]) -> Option<String> {
+    let mut values: Vec<(f64, u64)> =
+        reports.iter().filter_map(|(seed, r)| Some((r.figure(name)?, *seed))).collect();
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(|a, b| a.0.total_cmp(&b.0));
+    // Nearest rank.
+    let rank = |p: f64| values[((p * values.len() as f64).ceil() as usize).clamp(1, values.len()) - 1].0;
+    let (max, worst_seed) = values[values.len() - 1];
+    Some(format!(
+        "{name}: n={} median {} p99 {} max {max} (seed {worst_seed})",
+        values.len(),
+        rank(0.5),
+        rank(0.99)
+    ))
 }
 
 /// Runs the simulation test `test` for every selected seed, each seed in a
@@ -111,14 +140,22 @@ pub struct SeedReport {
 /// and in a replay — which is what makes a printed seed worth anything.
 ///
 /// Inside the child (`BLIXARD_SIM_CHILD` set) this runs `run` for the one
-/// seed in `BLIXARD_SIM_SEED` and reports the trace on stdout.
-pub fn run_seeds(test: &str, default_count: u64, run: impl Fn(u64) -> Result<Trace, String>) {
+/// seed in `BLIXARD_SIM_SEED` and reports the trace on stdout (and returns
+/// nothing). In the parent, returns every passing seed's report.
+pub fn run_seeds(
+    test: &str,
+    default_count: u64,
+    run: impl Fn(u64) -> Result<Trace, String>,
+) -> Vec<(u64, SeedReport)> {
     if std::env::var_os(CHILD_ENV).is_some() {
         let seed = seeds(1)[0];
         match run(seed) {
             Ok(trace) => {
                 for e in trace.events() {
                     println!("{EVENT}{e}");
+                }
+                for (name, value) in &trace.figures {
+                    println!("{FIGURE}{name} {value}");
                 }
                 if let Some(d) = trace.final_digest {
                     println!("{DIGEST}{d:016x}");
@@ -130,17 +167,21 @@ pub fn run_seeds(test: &str, default_count: u64, run: impl Fn(u64) -> Result<Tra
                 panic!("{test}: seed {seed} failed: {msg}");
             }
         }
-        return;
+        return Vec::new();
     }
     let seeds = seeds(default_count);
     let mut failed = Vec::new();
+    let mut passed = Vec::new();
     for &seed in &seeds {
         match run_in_child(test, seed) {
-            Ok(report) => eprintln!(
-                "{test}: seed {seed} ok ({} events; {})",
-                report.events.len(),
-                report.events.last().map(|e| e.trim()).unwrap_or("no events")
-            ),
+            Ok(report) => {
+                eprintln!(
+                    "{test}: seed {seed} ok ({} events; {})",
+                    report.events.len(),
+                    report.events.last().map(|e| e.trim()).unwrap_or("no events")
+                );
+                passed.push((seed, report));
+            }
             Err(msg) => {
                 eprintln!("{test}: seed {seed} FAILED: {msg}\n  replay with: {}", replay_command(test, seed));
                 failed.push((seed, msg));
@@ -156,6 +197,7 @@ pub fn run_seeds(test: &str, default_count: u64, run: impl Fn(u64) -> Result<Tra
             .collect();
         panic!("{test}: {} of {} seeds failed:\n{}", failed.len(), seeds.len(), lines.join("\n"));
     }
+    passed
 }
 
 /// Runs one seed of the test named `test` (a test calling [`run_seeds`]) in a
@@ -171,7 +213,7 @@ pub fn run_in_child(test: &str, seed: u64) -> Result<SeedReport, String> {
         .output()
         .map_err(|e| format!("cannot run the test binary: {e}"))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let mut report = SeedReport { events: Vec::new(), final_digest: None };
+    let mut report = SeedReport { events: Vec::new(), final_digest: None, figures: Vec::new() };
     let mut failure = None;
     // A marker may follow other output on its line (libtest prints
     // "test NAME ... " without a newline before the test's own output).
@@ -181,6 +223,11 @@ pub fn run_in_child(test: &str, seed: u64) -> Result<SeedReport, String> {
             report.events.push(e);
         } else if let Some(d) = after(line, DIGEST) {
             report.final_digest = u64::from_str_radix(d.trim(), 16).ok();
+        } else if let Some(f) = after(line, FIGURE) {
+            let (name, value) = f.rsplit_once(' ').unwrap_or((f.as_str(), ""));
+            if let Ok(v) = value.trim().parse() {
+                report.figures.push((name.to_string(), v));
+            }
         } else if let Some(f) = after(line, FAILURE) {
             failure = Some(f.replace("\\n", "\n"));
         }
