@@ -123,6 +123,14 @@ pub struct SimCluster {
     pub trace: Trace,
 }
 
+/// An operator change: `node set` or a tenant quota.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Admin {
+    SetQuota { tenant: String, vcpus: Option<u64>, vms: Option<u64> },
+    DeleteQuota { tenant: String },
+    SetNode { node: NodeId, cpu_overcommit: &'static str, label: (String, String) },
+}
+
 /// A client write that carries a request id, as the public API takes it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Write {
@@ -752,6 +760,48 @@ impl SimCluster {
         model.record_delete(&name, &outcome);
     }
 
+    /// An operator change through `via`; its verdict goes in the trace. A
+    /// refusal (a ratio below what a node's VMs hold, deleting a quota that
+    /// is gone) is a legitimate answer.
+    pub async fn admin(&mut self, via: NodeId, change: Admin) -> Outcome<()> {
+        let what = format!("{change:?}");
+        let outcome = self
+            .on_client(async move {
+                let r = async {
+                    let mut c = ClusterServiceClient::new(connect(via).await?);
+                    match change {
+                        Admin::SetQuota { tenant, vcpus, vms } => {
+                            let limits = pb::QuotaLimits { vcpus, vms, ..Default::default() };
+                            let req = pb::SetQuotaRequest {
+                                tenant,
+                                limits: Some(limits),
+                                request_id: String::new(),
+                            };
+                            c.set_quota(request(req, WRITE_TIMEOUT)).await.map(|_| ())
+                        }
+                        Admin::DeleteQuota { tenant } => {
+                            let req = pb::DeleteQuotaRequest { tenant, request_id: String::new() };
+                            c.delete_quota(request(req, WRITE_TIMEOUT)).await.map(|_| ())
+                        }
+                        Admin::SetNode { node, cpu_overcommit, label } => {
+                            let req = pb::SetNodeRequest {
+                                node_id: node,
+                                set_labels: [label].into_iter().collect(),
+                                cpu_overcommit: cpu_overcommit.to_string(),
+                                ..Default::default()
+                            };
+                            c.set_node(request(req, WRITE_TIMEOUT)).await.map(|_| ())
+                        }
+                    }
+                }
+                .await;
+                Outcome::from_result(r)
+            })
+            .await;
+        self.trace.push(format_args!("{what} via n{via} -> {}", outcome.label()));
+        outcome
+    }
+
     /// Starts, stops or restarts `name` through `via`; records the request
     /// and its verdict in the trace.
     pub async fn vm_op(&mut self, via: NodeId, name: String, op: VmOp) -> Outcome<pb::Vm> {
@@ -992,11 +1042,12 @@ impl SimCluster {
         let violations = self.world.violations();
         assert!(violations.is_empty(), "a VM ran on two hosts at once: {violations:#?}");
         // ... and as a client sees them: each node's reserved resources are
-        // exactly the sum of its VMs and within its capacity.
+        // exactly the sum of its VMs and within its allocatable resources.
         let status = &converged.statuses[0];
         for n in &status.nodes {
             let allocated = n.allocated.unwrap_or_default();
-            let capacity = n.capacity.unwrap_or_default();
+            // Allocatable: (capacity - reserved) x the node's overcommit.
+            let capacity = n.allocatable.or(n.capacity).unwrap_or_default();
             let mut sum = pb::Resources::default();
             for vm in reference.iter().filter(|v| v.node_id == n.id) {
                 let spec = vm.spec.clone().unwrap_or_default();

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use blixard_core::types::{NodeId, Resources};
 use blixard_proto as pb;
-use blixard_simulation::cluster::{SimCluster, SimConfig, VmOp};
+use blixard_simulation::cluster::{Admin, SimCluster, SimConfig, VmOp};
 use blixard_simulation::model::{Model, Outcome, Trace};
 use blixard_simulation::seeds::{replay_command, run_in_child, run_seeds, seeds, simulate};
 use blixard_vm::sim::Faults;
@@ -185,7 +185,28 @@ fn random_spec() -> pb::VmSpec {
         vcpus: rng.gen_range(1..=4),
         memory_mb: [512, 1024, 2048, 4096][rng.gen_range(0..4)],
         disk_gb: rng.gen_range(5..=40),
+        tenant: ["", "acme", "beta"][rng.gen_range(0..3)].to_string(),
         ..Default::default()
+    }
+}
+
+/// A random `node set` or quota change (some are rightly refused: a ratio
+/// below what a node's VMs hold, deleting a quota that is not there).
+fn random_admin(ids: &[NodeId]) -> Admin {
+    let mut rng = madsim::rand::thread_rng();
+    let tenant = ["acme", "beta"][rng.gen_range(0..2)].to_string();
+    match rng.gen_range(0..3) {
+        0 => Admin::SetQuota {
+            tenant,
+            vcpus: rng.gen_bool(0.7).then(|| rng.gen_range(0..24)),
+            vms: rng.gen_bool(0.5).then(|| rng.gen_range(0..8)),
+        },
+        1 => Admin::DeleteQuota { tenant },
+        _ => Admin::SetNode {
+            node: ids[rng.gen_range(0..ids.len())],
+            cpu_overcommit: ["0.5", "1", "1.5", "2"][rng.gen_range(0..4)],
+            label: ("zone".to_string(), ["a", "b"][rng.gen_range(0..2)].to_string()),
+        },
     }
 }
 
@@ -236,6 +257,10 @@ async fn random_operations(mut c: SimCluster) -> Trace {
                 if let Some(&id) = c.down_nodes().first() {
                     c.restart(id).await;
                 }
+            }
+            90..=95 => {
+                let change = random_admin(&c.ids());
+                c.admin(pick(&up), change).await;
             }
             _ => {
                 let pause = Duration::from_millis(madsim::rand::thread_rng().gen_range(100..3000));

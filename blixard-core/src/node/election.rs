@@ -43,6 +43,8 @@ use crate::types::NodeId;
 /// term: an AppendEntries or snapshot chunk it accepted.
 pub struct LeaderContact {
     last: Mutex<Instant>,
+    /// When this node last granted its vote to a candidate.
+    voted: Mutex<Instant>,
 }
 
 impl LeaderContact {
@@ -50,7 +52,25 @@ impl LeaderContact {
     /// lease before campaigning or granting a pre-vote, as a restarted
     /// follower of a healthy cluster should.
     pub fn new() -> Self {
-        Self { last: Mutex::new(Instant::now()) }
+        Self { last: Mutex::new(Instant::now()), voted: Mutex::new(Instant::now()) }
+    }
+
+    /// Granting a vote restarts this node's own wait to campaign, as in
+    /// Raft (campaigning right after voting would depose the candidate the
+    /// moment it wins); it does not count as leader contact for pre-vote
+    /// answers.
+    pub fn voted(&self) {
+        *self.voted.lock() = Instant::now();
+    }
+
+    /// Since the last leader message or granted vote, whichever is later.
+    pub fn quiet(&self) -> Duration {
+        self.since().min(self.voted.lock().elapsed())
+    }
+
+    /// The later of the last leader message and the last granted vote.
+    pub fn last_event(&self) -> Instant {
+        self.last().max(*self.voted.lock())
     }
 
     pub fn touch(&self) {
@@ -130,8 +150,8 @@ pub async fn run(node: Arc<NodeShared>) {
         let alone = joint.iter().all(|c| c.len() == 1);
         let due = match last_try {
             _ if alone => last_try.is_none_or(|t| t.elapsed() >= tuning.election_timeout_min),
-            None => node.contact.since() >= wait,
-            Some(t) => node.contact.since() >= wait && t.elapsed() >= wait,
+            None => node.contact.quiet() >= wait,
+            Some(t) => node.contact.quiet() >= wait && t.elapsed() >= wait,
         };
         if !due {
             continue;
@@ -161,29 +181,24 @@ pub async fn run(node: Arc<NodeShared>) {
 /// What a pre-vote round started from; campaigning is only right if none
 /// of it changed while the round was out.
 struct Round {
-    term: u64,
-    leader: Option<NodeId>,
+    vote: crate::raft::Vote,
     contact: Instant,
 }
 
 impl Round {
     fn now(node: &NodeShared) -> Self {
-        let m = node.raft.metrics();
-        let m = m.borrow();
-        Self { term: m.current_term, leader: m.current_leader, contact: node.contact.last() }
+        Self { vote: node.raft.metrics().borrow().vote, contact: node.contact.last_event() }
     }
 
-    /// No newer term (a new leader's, or our vote for another candidate),
-    /// the same leader known, and no leader heard since the round began.
-    /// (Not "no leader known": with openraft's timer off, a follower keeps
-    /// naming its dead leader until a new term begins.)
+    /// The vote is unchanged (granting another candidate raises its term; a
+    /// leader's election commits it) and no leader was heard nor vote
+    /// granted since the round began. Not "no leader known": openraft
+    /// reports the leader of the committed vote, which stays set after that
+    /// leader died (with its election timer off nothing clears it).
     fn still_current(&self, node: &NodeShared) -> bool {
         let m = node.raft.metrics();
         let m = m.borrow();
-        m.current_term == self.term
-            && m.current_leader == self.leader
-            && m.state != ServerState::Leader
-            && node.contact.last() <= self.contact
+        m.vote == self.vote && m.state != ServerState::Leader && node.contact.last_event() <= self.contact
     }
 }
 

@@ -71,7 +71,13 @@ impl RaftService for RaftGrpc {
 
     async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let rpc: VoteRequest<NodeId> = self.open(request)?;
-        reply(&self.node.raft.vote(rpc).await)
+        let resp = self.node.raft.vote(rpc).await;
+        // Campaigning right after voting for a candidate would depose it
+        // the moment it wins: a granted vote restarts our own wait.
+        if matches!(&resp, Ok(r) if r.vote_granted) {
+            self.node.contact.voted();
+        }
+        reply(&resp)
     }
 
     async fn install_snapshot(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
