@@ -7,7 +7,9 @@
 //! with every election it starts alone, and on healing its higher term would
 //! make the healthy leader step down. So each trial checks, besides the
 //! leader id, that the term never moved: not on the isolated node while it
-//! was cut off, and nowhere after the heal.
+//! was cut off, and nowhere after the heal. Then the leader itself is cut
+//! off, and the other two must elect a new one: stability must not come
+//! from a cluster that never campaigns.
 //!
 //! Needs root, iproute2 and iptables; fails (never skips) without them.
 use std::thread::sleep;
@@ -94,4 +96,31 @@ fn an_isolated_follower_rejoins_without_a_leader_change() {
         assert_eq!(c.agreed(), Some((leader, term)), "trial {trial}: leader or term changed after the write");
         eprintln!("trial {trial}: ok ({written} writes during the cut)");
     }
+
+    // The other side: elections still happen when they should (a cluster
+    // that never campaigns would pass every trial above). Cut off the
+    // leader: the two others elect one of themselves and serve writes.
+    let old = leader;
+    let other = (0..c.len()).find(|i| *i != old).unwrap();
+    c.net.isolate(old);
+    let cut = Instant::now();
+    let out = c.write(other, "leader-cut-off");
+    assert!(
+        out.status.success(),
+        "write through node {} with leader node {} cut off: {}",
+        other + 1,
+        old + 1,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("leader node {} cut off: a write through node {} took {:?}", old + 1, other + 1, cut.elapsed());
+    let (new_leader, new_term) =
+        c.status(other).and_then(|s| Some((s.leader? as usize - 1, s.term))).unwrap();
+    assert!(new_leader != old && new_term > term, "node {} still follows node {}", other + 1, old + 1);
+    // Healed, the old leader learns the newer term and follows.
+    c.net.heal(old);
+    poll(15.0, || (c.agreed()? == (new_leader, new_term)).then_some(()))
+        .unwrap_or_else(|| panic!("node {} did not follow the new leader node {}", old + 1, new_leader + 1));
+    let target = c.status(new_leader).unwrap().applied;
+    poll(10.0, || (c.status(old)?.applied >= target).then_some(()))
+        .unwrap_or_else(|| panic!("node {} did not catch up after its partition", old + 1));
 }

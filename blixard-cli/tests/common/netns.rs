@@ -409,8 +409,14 @@ impl NsCluster {
     /// The leader (host index) and term if every running node reports the
     /// same ones right now.
     pub fn agreed(&self) -> Option<(usize, u64)> {
+        self.agreed_among((0..self.len()).filter(|i| self.pids[*i].is_some()))
+    }
+
+    /// The leader (host index) and term if the nodes on `hosts` all report
+    /// the same ones right now.
+    pub fn agreed_among(&self, hosts: impl IntoIterator<Item = usize>) -> Option<(usize, u64)> {
         let mut seen: Option<(u64, u64)> = None;
-        for i in (0..self.len()).filter(|i| self.pids[*i].is_some()) {
+        for i in hosts {
             let s = self.status(i)?;
             let now = (s.leader?, s.term);
             if seen.is_some_and(|x| x != now) {
