@@ -10,10 +10,15 @@
 //!   heal, let it settle: did the leader or the term change? Every other
 //!   trial writes through the leader during the cut.
 //! - (c) SIGSTOP a follower for the cut length, SIGCONT: the same question.
-//! - (a) SIGKILL the leader; time from the kill until a write sent through
-//!   a surviving node succeeds (a write blocks inside the node while there
-//!   is no leader, and the client retries if it gives up). The killed node
-//!   is restarted from its data dir and caught up before the next trial.
+//! - (a) SIGKILL the leader. From the kill: the time until one survivor
+//!   reports a new leader (its status polled every ~50 ms plus a CLI run),
+//!   and until a write sent at once through the other survivor succeeds (a
+//!   write waits inside the node while there is no leader; the client
+//!   retries if it gives up). The killed node is restarted from its data dir
+//!   and caught up before the next trial.
+//! - (d) the same with the leader cut off (iptables DROP) instead of
+//!   killed, healed after the trial: the forward to the old leader now
+//!   meets silence rather than a refused connection.
 //!
 //! Run: `cargo bench -p blixard-cli --bench failover` as root
 //! (BLIXARD_FAILOVER_TRIALS=N, default 20; BLIXARD_FAILOVER_CUT_MS, default
@@ -100,6 +105,118 @@ fn stability(
     changes
 }
 
+/// Per-trial times of one failover scenario.
+struct Failovers {
+    /// Until the survivor that is not written through reports a new leader.
+    leader_known: Vec<Duration>,
+    /// Until a write sent through the other survivor succeeds.
+    write_ok: Vec<Duration>,
+    /// Trials whose new leader's term is the old one plus one.
+    single_election: usize,
+    /// Trials in which bringing the old leader back changed leader or term.
+    disturbed: usize,
+}
+
+impl Failovers {
+    fn summary(&self) -> String {
+        let mut known = self.leader_known.clone();
+        let mut write = self.write_ok.clone();
+        known.sort();
+        write.sort();
+        format!(
+            "new leader known p50 {} ms, max {} ms; write ok p50 {} ms, p99 {} ms, max {} ms",
+            ms(percentile(&known, 0.5)),
+            ms(known[known.len() - 1]),
+            ms(percentile(&write, 0.5)),
+            ms(percentile(&write, 0.99)),
+            ms(write[write.len() - 1])
+        )
+    }
+}
+
+/// Milliseconds, rounded.
+fn ms(d: Duration) -> String {
+    format!("{:.0}", d.as_secs_f64() * 1000.0)
+}
+
+/// Each trial takes the leader out with `fault`, then at once sends a write
+/// through one survivor (retried if it fails) while polling the other
+/// survivor's status until it names a new leader; both times count from the
+/// fault. Then `repair` brings the old leader back (restart or heal), and it
+/// must follow the new leader and catch up before the next trial.
+fn failovers(
+    c: &mut NsCluster,
+    trials: u64,
+    label: &str,
+    mut fault: impl FnMut(&mut NsCluster, usize),
+    mut repair: impl FnMut(&mut NsCluster, usize),
+) -> Failovers {
+    let mut out =
+        Failovers { leader_known: Vec::new(), write_ok: Vec::new(), single_election: 0, disturbed: 0 };
+    for n in 0..trials {
+        let what = format!("{label} trial {n}");
+        let (leader, term) = agreed(c, 10.0, &what);
+        let survivors: Vec<usize> = (0..c.len()).filter(|i| *i != leader).collect();
+        let (writer, watcher) = (survivors[0], survivors[1]);
+        let start = Instant::now();
+        fault(c, leader);
+        let c2: &NsCluster = c;
+        let (write_ok, leader_known) = std::thread::scope(|s| {
+            let write = s.spawn(|| {
+                let mut attempt = 0;
+                loop {
+                    let out = c2.write(writer, &format!("{label}-{n}-{attempt}"));
+                    if out.status.success() {
+                        return start.elapsed();
+                    }
+                    assert!(
+                        start.elapsed() < Duration::from_secs(30),
+                        "{what}: no write succeeded through node {} within 30s of losing leader node {}: {}",
+                        writer + 1,
+                        leader + 1,
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                    attempt += 1;
+                }
+            });
+            let known = poll(30.0, || {
+                let s = c2.status(watcher)?;
+                s.leader.filter(|l| *l != leader as u64 + 1).map(|_| start.elapsed())
+            })
+            .unwrap_or_else(|| panic!("{what}: node {} named no new leader within 30s", watcher + 1));
+            (write.join().expect("writer thread"), known)
+        });
+        let (new_leader, new_term) = poll(10.0, || c.agreed_among(survivors.iter().copied()))
+            .unwrap_or_else(|| panic!("{what}: the survivors did not agree on a new leader"));
+        eprintln!(
+            "{what}: leader node {} term {term} -> node {} term {new_term}: known after {} ms, write ok after {} ms",
+            leader + 1,
+            new_leader + 1,
+            ms(leader_known),
+            ms(write_ok)
+        );
+        out.leader_known.push(leader_known);
+        out.write_ok.push(write_ok);
+        if new_term == term + 1 {
+            out.single_election += 1;
+        }
+        repair(c, leader);
+        caught_up(c, leader, new_leader, &what);
+        let now = agreed(c, 15.0, &what);
+        if now != (new_leader, new_term) {
+            out.disturbed += 1;
+            eprintln!(
+                "{what}: bringing node {} back moved leader/term from ({}, {new_term}) to ({}, {})",
+                leader + 1,
+                new_leader + 1,
+                now.0 + 1,
+                now.1
+            );
+        }
+    }
+    out
+}
+
 fn main() {
     // `cargo bench` passes --bench; ignore arguments.
     let trials = env_u64("BLIXARD_FAILOVER_TRIALS", 20).max(1);
@@ -146,61 +263,41 @@ fn main() {
     );
 
     let t = Instant::now();
-    let mut took = Vec::new();
-    let mut elections = Vec::new();
-    for n in 0..trials {
-        let what = format!("kill trial {n}");
-        let (leader, term) = agreed(&c, 10.0, &what);
-        let survivor = (0..c.len()).find(|i| *i != leader).unwrap();
-        let start = Instant::now();
-        c.kill(leader);
-        let mut attempt = 0;
-        loop {
-            let out = c.write(survivor, &format!("failover-{n}-{attempt}"));
-            if out.status.success() {
-                break;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "{what}: no write succeeded through node {} within 30s of killing leader node {}: {}",
-                survivor + 1,
-                leader + 1,
-                String::from_utf8_lossy(&out.stderr)
-            );
-            attempt += 1;
-        }
-        took.push(start.elapsed());
-        let (new_leader, new_term) = agreed(&c, 10.0, &what);
-        elections.push(new_term - term);
-        c.start_node(leader, false);
-        caught_up(&c, leader, new_leader, &what);
-        agreed(&c, 10.0, &what);
-    }
-    took.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let one_election = elections.iter().filter(|e| **e == 1).count();
-    println!(
-        "(a) kill -9 the leader -> a write succeeds: p50 {:.0} ms  p90 {:.0} ms  p99 {:.0} ms  min {:.0} ms  max {:.0} ms \
-         ({one_election}/{trials} failovers took one election; {:.0?})",
-        ms(percentile(&took, 0.50)),
-        ms(percentile(&took, 0.90)),
-        ms(percentile(&took, 0.99)),
-        ms(took[0]),
-        ms(took[took.len() - 1]),
-        t.elapsed()
-    );
+    let killed = failovers(&mut c, trials, "kill", |c, l| c.kill(l), |c, l| c.start_node(l, false));
+    println!("(a) kill -9 the leader: {} ({:.0?})", killed.summary(), t.elapsed());
 
+    let t = Instant::now();
+    let cut = failovers(&mut c, trials, "cut", |c, l| c.net.isolate(l), |c, l| c.net.heal(l));
+    println!("(d) cut the leader off: {} ({:.0?})", cut.summary(), t.elapsed());
+
+    let row = |label: &str, v: &mut Vec<Duration>| {
+        v.sort();
+        println!(
+            "| {label} | {} | {} | {} | {} | {} |",
+            ms(percentile(v, 0.50)),
+            ms(percentile(v, 0.90)),
+            ms(percentile(v, 0.99)),
+            ms(v[0]),
+            ms(v[v.len() - 1])
+        );
+    };
+    let (mut killed, mut cut) = (killed, cut);
     println!();
-    println!("| scenario ({trials} trials) | result |");
+    println!("| {trials} trials, ms after the fault | p50 | p90 | p99 | min | max |");
+    println!("|---|---|---|---|---|---|");
+    row("(a) leader `kill -9`: a survivor knows the new leader", &mut killed.leader_known);
+    row("(a) leader `kill -9`: a write through a survivor succeeds", &mut killed.write_ok);
+    row("(d) leader cut off: a survivor knows the new leader", &mut cut.leader_known);
+    row("(d) leader cut off: a write through a survivor succeeds", &mut cut.write_ok);
+    println!();
+    println!("| {trials} trials | leader or term changed |");
     println!("|---|---|");
+    println!("| (b) a follower cut off for {} ms, healed | {isolated} |", cut_len.as_millis());
+    println!("| (c) a follower SIGSTOPped for {} ms, SIGCONT | {paused} |", cut_len.as_millis());
     println!(
-        "| (a) leader `kill -9` → write through a survivor succeeds | p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms, max {:.0} ms |",
-        ms(percentile(&took, 0.50)),
-        ms(percentile(&took, 0.90)),
-        ms(percentile(&took, 0.99)),
-        ms(took[took.len() - 1])
+        "(a) {}/{trials} and (d) {}/{trials} failovers took a single election; bringing the old leader back \
+         changed leader or term in (a) {}/{trials}, (d) {}/{trials} trials",
+        killed.single_election, cut.single_election, killed.disturbed, cut.disturbed
     );
-    println!("| (b) follower isolated {} ms, healed | {isolated} leader/term changes |", cut_len.as_millis());
-    println!("| (c) follower SIGSTOP {} ms, SIGCONT | {paused} leader/term changes |", cut_len.as_millis());
     println!("total {:.0?}", began.elapsed());
 }
