@@ -32,3 +32,11 @@ ensure_toolchain() {
 ensure_vm_packages() {
   ensure_apt qemu-system-x86 linux-image-cloud-amd64 busybox-static
 }
+
+# What the partition test and the failover bench need: network namespaces
+# (iproute2), packet filtering inside them (iptables), and root to use both.
+ensure_net_packages() {
+  ensure_apt iproute2 iptables
+  [ "$(id -u)" -eq 0 ] \
+    || die "the partition test puts nodes in network namespaces and needs root: run this as root"
+}

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests that run real `blixard` processes.
 #![allow(dead_code)] // each test crate uses its own subset
 
+pub mod netns;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
