@@ -626,10 +626,25 @@ impl NodeShared {
                 // floor, so a late attempt can still succeed).
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                 let wait = FORWARD_TIMEOUT.min(left.max(Duration::from_millis(500)));
-                let reply: Result<ProposeReply, RpcFailure> = self
-                    .channels
-                    .call(&addr, RaftRpc::Propose, &self.cluster_id, self.id, &proposal, wait)
-                    .await;
+                let call =
+                    self.channels.call(&addr, RaftRpc::Propose, &self.cluster_id, self.id, &proposal, wait);
+                // A leader that went silent (cut off, paused) holds the
+                // forward until its deadline; once this node learns of a
+                // newer leader, stop waiting and retry there under the same
+                // request id (the retry is answered with the first outcome
+                // if the old leader did commit it).
+                let replaced = self.leader_other_than(id);
+                let reply: Result<ProposeReply, RpcFailure> = tokio::select! {
+                    r = call => r,
+                    new = replaced => {
+                        last = format!("leader {id} was replaced by node {new} while the write was in flight");
+                        in_doubt = Some(last.clone());
+                        if tokio::time::Instant::now() < deadline {
+                            continue;
+                        }
+                        return Err(undecided(in_doubt, last));
+                    }
+                };
                 match reply {
                     Ok(Ok((index, result))) => return self.finish(index, result).await,
                     Ok(Err(e @ (ForwardError::NotLeader { .. } | ForwardError::Unavailable(_)))) => {
@@ -662,6 +677,19 @@ impl NodeShared {
                 ));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Resolves once this node knows of a leader other than `old`.
+    async fn leader_other_than(&self, old: NodeId) -> NodeId {
+        let mut metrics = self.raft.metrics();
+        loop {
+            if let Some(new) = metrics.borrow().current_leader.filter(|l| *l != old) {
+                return new;
+            }
+            if metrics.changed().await.is_err() {
+                return std::future::pending().await;
+            }
         }
     }
 
