@@ -501,6 +501,19 @@ impl Client {
         .map_err(|e| e.into_failure(&id))
     }
 
+    pub async fn set_scheduler(
+        &mut self,
+        r: pb::SetSchedulerRequest,
+    ) -> Result<pb::SetSchedulerResponse, Failure> {
+        let id = r.request_id.clone();
+        self.write(|mut c| {
+            let r = req(r.clone(), WRITE_DEADLINE);
+            async move { c.cluster.set_scheduler(r).await }
+        })
+        .await
+        .map_err(|e| e.into_failure(&id))
+    }
+
     pub async fn set_quota(&mut self, r: pb::SetQuotaRequest) -> Result<pb::Quota, Failure> {
         let id = r.request_id.clone();
         self.write(|mut c| {

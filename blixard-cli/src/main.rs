@@ -177,6 +177,14 @@ enum ClusterCmd {
     Leave,
     /// Remove a node by id.
     Remove { node_id: u64 },
+    /// Placement strategy for VMs placed from now on: spread (most free
+    /// node, the default) or binpack (least free node that fits).
+    SetScheduler {
+        #[arg(value_parser = ["spread", "binpack"])]
+        strategy: String,
+        #[command(flatten)]
+        write: WriteOpts,
+    },
 }
 
 #[derive(Args, Clone, Copy)]
@@ -468,6 +476,12 @@ async fn cluster(addr: &str, cmd: ClusterCmd) -> Result<(), Failure> {
             let r = c.leave().await?;
             println!("node {id} left the cluster");
             output::members(&r.members, Format::Table)
+        }
+        ClusterCmd::SetScheduler { strategy, write } => {
+            let req = blixard_proto::SetSchedulerRequest { strategy, request_id: write.id()? };
+            let set = c.set_scheduler(req).await?;
+            println!("scheduler: {}", set.strategy);
+            Ok(())
         }
         ClusterCmd::Remove { node_id } => {
             let r = c.remove(node_id).await?;

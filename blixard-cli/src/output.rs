@@ -44,6 +44,7 @@ pub fn status(s: &pb::StatusResponse, format: Format) -> Result<(), Failure> {
             "nodes": nodes,
             "vm_count": s.vm_count,
             "vm_backend": s.vm_backend,
+            "scheduler": s.scheduler,
         });
         if s.state_digest != 0 {
             v["state_digest"] = json!(format!("{:016x}", s.state_digest));
@@ -61,6 +62,9 @@ pub fn status(s: &pb::StatusResponse, format: Format) -> Result<(), Failure> {
     }
     if !s.vm_backend.is_empty() {
         println!("vm backend {}", s.vm_backend);
+    }
+    if !s.scheduler.is_empty() {
+        println!("scheduler {}", s.scheduler);
     }
     let mut t = table(&["ID", "ADDR", "ROLE", "STATUS", "VCPUS", "MEMORY MiB", "DISK GiB", "VMS"]);
     for m in &s.members {

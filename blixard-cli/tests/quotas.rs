@@ -1,5 +1,6 @@
 //! Tenant quotas end to end through a real node: set/get/list/delete, JSON
-//! contract, exit code 3 when a create would exceed the tenant's quota.
+//! contract, exit code 3 when a create would exceed the tenant's quota; the
+//! cluster's placement strategy (`cluster set-scheduler`).
 mod common;
 
 use common::*;
@@ -70,4 +71,13 @@ fn quotas_limit_tenants() {
     let out = cli(port, &["quota", "set", "Bad Tenant", "--vms", "1"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("tenant"));
+
+    // The placement strategy is replicated state, shown by cluster status.
+    let scheduler = || json_of(port, &["cluster", "status", "-o", "json"])["scheduler"].clone();
+    assert_eq!(scheduler(), "spread");
+    let out = cli(port, &["cluster", "set-scheduler", "binpack"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(scheduler(), "binpack");
+    assert_eq!(cli(port, &["cluster", "set-scheduler", "random"]).status.code(), Some(1));
+    assert_eq!(scheduler(), "binpack");
 }

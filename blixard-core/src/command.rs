@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::CommandError;
 use crate::types::{
-    DesiredState, NodeId, NodeResources, ObservedState, QuotaLimits, Ratio, Resources, VmRuntime, VmSpec,
+    DesiredState, NodeId, NodeResources, ObservedState, QuotaLimits, Ratio, Resources, Strategy, VmRuntime,
+    VmSpec,
 };
 use crate::validate;
 
@@ -91,6 +92,10 @@ pub enum Command {
     DeleteQuota {
         tenant: String,
     },
+    /// The cluster's placement strategy, for VMs placed from now on.
+    SetScheduler {
+        strategy: Strategy,
+    },
 }
 
 impl Command {
@@ -119,6 +124,7 @@ impl Command {
                 Ok(())
             }
             Command::DeleteQuota { tenant } => validate::tenant(tenant),
+            Command::SetScheduler { .. } => Ok(()),
             Command::SetNode { id, set_labels, remove_labels, cpu_overcommit, memory_overcommit } => {
                 validate::node_id(*id)?;
                 validate::labels(set_labels)?;
@@ -316,6 +322,9 @@ pub enum CommandOutput {
     },
     QuotaDeleted {
         tenant: String,
+    },
+    SchedulerSet {
+        strategy: Strategy,
     },
 }
 

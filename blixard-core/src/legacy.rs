@@ -60,6 +60,7 @@ impl From<StateImageV1> for StateImage {
             vms: i.vms,
             requests: i.requests,
             quotas: Vec::new(),
+            scheduler: Default::default(),
         }
     }
 }

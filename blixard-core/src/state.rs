@@ -21,7 +21,7 @@ use crate::error::CommandError;
 use crate::scheduler::{self, FreeIndex};
 use crate::types::{
     DesiredState, NodeId, NodeOverrides, NodeRecord, NodeResources, NodeStatus, ObservedState, QuotaLimits,
-    Registration, Resources, TenantUsage, VmRecord, VmSpec,
+    Registration, Resources, Strategy, TenantUsage, VmRecord, VmSpec,
 };
 use crate::vm_table::{VmTables, VmWriter};
 
@@ -52,6 +52,7 @@ pub struct ClusterState {
     /// from the VM table, kept in step by apply).
     quotas: Mutex<BTreeMap<String, QuotaLimits>>,
     usage: Mutex<HashMap<String, TenantUsage>>,
+    strategy: Mutex<Strategy>,
     /// Signalled after every applied change, so that watchers (the
     /// reconciler) react at once instead of at their next poll.
     changed: tokio::sync::Notify,
@@ -74,6 +75,8 @@ pub struct StateImage {
     pub requests: Vec<(RequestId, CommandResult)>,
     /// Tenant quotas by tenant (format 2).
     pub quotas: Vec<(String, QuotaLimits)>,
+    /// The placement strategy (format 2).
+    pub scheduler: Strategy,
 }
 
 /// How to undo one mutation; recorded only while applying a batch.
@@ -81,6 +84,7 @@ enum Undo {
     Vm(Arc<str>, Option<Arc<VmRecord>>),
     Node(NodeId, Option<Box<NodeRecord>>),
     Quota(String, Option<QuotaLimits>),
+    Strategy(Strategy),
 }
 
 type Journal<'a> = Option<&'a mut Vec<Undo>>;
@@ -217,6 +221,11 @@ impl ClusterState {
         }
     }
 
+    /// The cluster's placement strategy.
+    pub fn strategy(&self) -> Strategy {
+        *self.strategy.lock()
+    }
+
     /// Every quota with its tenant's usage, by tenant.
     pub fn quotas(&self) -> Vec<(String, QuotaLimits, TenantUsage)> {
         let quotas = self.quotas.lock().clone();
@@ -247,7 +256,7 @@ impl ClusterState {
             dedup.order.iter().filter_map(|id| Some((*id, dedup.results.get(id)?.clone()))).collect();
         drop(dedup);
         let quotas = self.quotas.lock().iter().map(|(t, q)| (t.clone(), *q)).collect();
-        StateImage { nodes, vms, requests, quotas }
+        StateImage { nodes, vms, requests, quotas, scheduler: *self.strategy.lock() }
     }
 
     /// Replaces the whole state with `image`, rebuilding every index.
@@ -271,6 +280,7 @@ impl ClusterState {
         }
         *self.usage.lock() = usage;
         *self.quotas.lock() = image.quotas.into_iter().collect();
+        *self.strategy.lock() = image.scheduler;
         vms.replace_all(image.vms.into_iter().map(Arc::new));
         let mut dedup = self.requests.lock();
         dedup.results.clear();
@@ -498,6 +508,13 @@ impl ApplyRun<'_> {
                 let reg = Registration { resources: *resources, labels: labels.clone() };
                 self.register_node(*id, addr, reg, ctx, journal)
             }
+            Command::SetScheduler { strategy } => {
+                let old = std::mem::replace(&mut *self.state.strategy.lock(), *strategy);
+                if let Some(j) = journal {
+                    j.push(Undo::Strategy(old));
+                }
+                Ok(CommandOutput::SchedulerSet { strategy: *strategy })
+            }
             Command::SetQuota { tenant, limits } => {
                 let old = self.state.quotas.lock().insert(tenant.clone(), *limits);
                 if let Some(j) = journal {
@@ -669,7 +686,8 @@ impl ApplyRun<'_> {
         }
         let node_id = {
             let index = self.state.free_index.lock();
-            scheduler::place(&index, &need, |id| self.state.nodes.get(&id).map(|n| n.free()))?
+            let strategy = *self.state.strategy.lock();
+            scheduler::place(&index, &need, strategy, |id| self.state.nodes.get(&id).map(|n| n.free()))?
         };
         // Checks are done; from here on nothing fails.
         let mut journal = journal;
@@ -707,6 +725,7 @@ impl ApplyRun<'_> {
                         self.vms.put(old);
                     }
                 }
+                Undo::Strategy(old) => *self.state.strategy.lock() = old,
                 Undo::Quota(tenant, old) => {
                     let mut quotas = self.state.quotas.lock();
                     match old {
@@ -911,6 +930,25 @@ mod tests {
             Err(CommandError::NoQuota { .. })
         ));
         s.apply(&p(tenant_vm("a5", "acme", 16)), 12).unwrap();
+        s.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn binpack_fills_the_fullest_node_first_and_is_kept_in_snapshots() {
+        let s = state_with_nodes(); // node 1: 1024 MiB, node 2: 2048 MiB
+        s.apply(&p(Command::SetScheduler { strategy: Strategy::Binpack }), 3).unwrap();
+        let out = s.apply(&p(create("a", 1, 512)), 4).unwrap();
+        assert_eq!(out, CommandOutput::VmCreated { name: "a".into(), node_id: 1 }, "least free that fits");
+        let out = s.apply(&p(create("b", 1, 1024)), 5).unwrap();
+        assert_eq!(out, CommandOutput::VmCreated { name: "b".into(), node_id: 2 }, "node 1 has 512 left");
+        let other = ClusterState::new();
+        other.restore(s.image());
+        assert_eq!(other.strategy(), Strategy::Binpack);
+        // A batch that fails restores the previous strategy.
+        let batch =
+            Command::Batch(vec![Command::SetScheduler { strategy: Strategy::Spread }, create("a", 1, 1)]);
+        assert!(s.apply(&p(batch), 6).is_err());
+        assert_eq!(s.strategy(), Strategy::Binpack);
         s.check_invariants().unwrap();
     }
 

@@ -424,3 +424,30 @@ impl QuotaLimits {
         (!over.is_empty()).then(|| over.join("; "))
     }
 }
+
+/// The cluster's placement strategy.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Strategy {
+    /// The node with the most free memory that fits (spreads load).
+    #[default]
+    Spread,
+    /// The node with the least free memory that fits (packs nodes full).
+    Binpack,
+}
+
+impl Strategy {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Strategy::Spread => "spread",
+            Strategy::Binpack => "binpack",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "spread" => Some(Strategy::Spread),
+            "binpack" => Some(Strategy::Binpack),
+            _ => None,
+        }
+    }
+}

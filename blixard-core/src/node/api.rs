@@ -21,7 +21,8 @@ use super::{ApiError, NodeError, NodeShared};
 use crate::command::{Command, CommandOutput, RequestId};
 use crate::raft::network::{PeerChannels, MAX_MESSAGE_BYTES};
 use crate::types::{
-    BootSpec, NodeId, NodeRecord, QuotaLimits, Ratio, Resources, RestartPolicy, TenantUsage, VmRecord, VmSpec,
+    BootSpec, NodeId, NodeRecord, QuotaLimits, Ratio, Resources, RestartPolicy, Strategy, TenantUsage,
+    VmRecord, VmSpec,
 };
 
 /// Marks a request a follower already forwarded to the leader.
@@ -317,6 +318,7 @@ impl ClusterService for ClusterApi {
             nodes,
             vm_count: n.state.vm_count() as u64,
             vm_backend: n.vm_backend.as_ref().map(|b| b.describe()).unwrap_or_default(),
+            scheduler: n.state.strategy().as_str().to_string(),
         }))
     }
 
@@ -370,6 +372,19 @@ impl ClusterService for ClusterApi {
         )
         .await
         .map(Response::new)
+    }
+
+    async fn set_scheduler(
+        &self,
+        request: Request<pb::SetSchedulerRequest>,
+    ) -> Result<Response<pb::SetSchedulerResponse>, Status> {
+        let req = request.into_inner();
+        let strategy = Strategy::parse(&req.strategy).ok_or_else(|| {
+            ApiError::Invalid(format!("invalid scheduler {:?}: spread or binpack", req.strategy))
+                .into_write_status()
+        })?;
+        self.write(Command::SetScheduler { strategy }, &req.request_id).await?;
+        Ok(Response::new(pb::SetSchedulerResponse { strategy: strategy.as_str().to_string() }))
     }
 
     async fn set_quota(&self, request: Request<pb::SetQuotaRequest>) -> Result<Response<pb::Quota>, Status> {
