@@ -25,14 +25,12 @@ pub fn place(
     mut free_of: impl FnMut(NodeId) -> Option<Resources>,
 ) -> Result<NodeId, CommandError> {
     if strategy == Strategy::Binpack {
-        // Least free memory first: walk the index backwards, skip nodes
-        // with too little memory, and among nodes with the same free memory
-        // take the lowest id (they come in descending id order here).
+        // Least free memory first: walk backwards from the first node with
+        // enough memory (a range, so nearly full nodes cost nothing), and
+        // among nodes with the same free memory take the lowest id (they
+        // come in descending id order here).
         let mut best: Option<(u64, NodeId)> = None;
-        for &(Reverse(free_mem), id) in index.iter().rev() {
-            if free_mem < need.memory_mb {
-                continue;
-            }
+        for &(Reverse(free_mem), id) in index.range(..=(Reverse(need.memory_mb), NodeId::MAX)).rev() {
             if best.is_some_and(|(m, _)| m != free_mem) {
                 break;
             }
