@@ -491,14 +491,23 @@ impl Client {
     }
 
     /// `node set`, under the request's id like a VM write.
+    /// [`write`](Self::write) under `request_id`, any failure reported as
+    /// the write's outcome.
+    async fn write_or_fail<T, F, Fut>(&mut self, request_id: &str, call: F) -> Result<T, Failure>
+    where
+        F: FnMut(Conn) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        self.write(call).await.map_err(|e| e.into_failure(request_id))
+    }
+
     pub async fn set_node(&mut self, r: pb::SetNodeRequest) -> Result<pb::NodeInfo, Failure> {
         let id = r.request_id.clone();
-        self.write(|mut c| {
+        self.write_or_fail(&id, |mut c| {
             let r = req(r.clone(), WRITE_DEADLINE);
             async move { c.cluster.set_node(r).await }
         })
         .await
-        .map_err(|e| e.into_failure(&id))
     }
 
     pub async fn set_scheduler(
@@ -506,22 +515,20 @@ impl Client {
         r: pb::SetSchedulerRequest,
     ) -> Result<pb::SetSchedulerResponse, Failure> {
         let id = r.request_id.clone();
-        self.write(|mut c| {
+        self.write_or_fail(&id, |mut c| {
             let r = req(r.clone(), WRITE_DEADLINE);
             async move { c.cluster.set_scheduler(r).await }
         })
         .await
-        .map_err(|e| e.into_failure(&id))
     }
 
     pub async fn set_quota(&mut self, r: pb::SetQuotaRequest) -> Result<pb::Quota, Failure> {
         let id = r.request_id.clone();
-        self.write(|mut c| {
+        self.write_or_fail(&id, |mut c| {
             let r = req(r.clone(), WRITE_DEADLINE);
             async move { c.cluster.set_quota(r).await }
         })
         .await
-        .map_err(|e| e.into_failure(&id))
     }
 
     pub async fn delete_quota(&mut self, tenant: String, request_id: &str) -> Result<(), Failure> {
@@ -614,48 +621,25 @@ impl Client {
         Ok(r.vms)
     }
 
-    pub async fn start_vm(
+    /// Start, stop or restart `name` under `request_id`.
+    pub async fn set_desired(
         &mut self,
-        name: String,
+        verb: Desire,
+        name: &str,
         request_id: &str,
     ) -> Result<(Option<pb::Vm>, u64), Failure> {
         let r = self
-            .write(|mut c| {
-                let r = req(name_req(&name, request_id), WRITE_DEADLINE);
-                async move { c.vms.start_vm(r).await }
+            .write_or_fail(request_id, |mut c| {
+                let r = req(name_req(name, request_id), WRITE_DEADLINE);
+                async move {
+                    match verb {
+                        Desire::Start => c.vms.start_vm(r).await,
+                        Desire::Stop => c.vms.stop_vm(r).await,
+                        Desire::Restart => c.vms.restart_vm(r).await,
+                    }
+                }
             })
-            .await
-            .map_err(|e| e.into_failure(request_id))?;
-        written(r)
-    }
-
-    pub async fn stop_vm(
-        &mut self,
-        name: String,
-        request_id: &str,
-    ) -> Result<(Option<pb::Vm>, u64), Failure> {
-        let r = self
-            .write(|mut c| {
-                let r = req(name_req(&name, request_id), WRITE_DEADLINE);
-                async move { c.vms.stop_vm(r).await }
-            })
-            .await
-            .map_err(|e| e.into_failure(request_id))?;
-        written(r)
-    }
-
-    pub async fn restart_vm(
-        &mut self,
-        name: String,
-        request_id: &str,
-    ) -> Result<(Option<pb::Vm>, u64), Failure> {
-        let r = self
-            .write(|mut c| {
-                let r = req(name_req(&name, request_id), WRITE_DEADLINE);
-                async move { c.vms.restart_vm(r).await }
-            })
-            .await
-            .map_err(|e| e.into_failure(request_id))?;
+            .await?;
         written(r)
     }
 
@@ -694,6 +678,14 @@ impl Client {
             Err(e) => Err(e.into_failure(request_id)),
         }
     }
+}
+
+/// The VM writes that set what a VM should be doing.
+#[derive(Clone, Copy)]
+pub enum Desire {
+    Start,
+    Stop,
+    Restart,
 }
 
 fn name_req(name: &str, request_id: &str) -> pb::VmNameRequest {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use blixard_proto as pb;
 
-use crate::client::Client;
+use crate::client::{Client, Desire};
 use crate::{Failure, WaitOpts};
 
 const POLL: Duration = Duration::from_millis(100);
@@ -107,26 +107,27 @@ fn done(vm: &pb::Vm, what: &str) -> Result<(), Failure> {
     Ok(())
 }
 
-pub async fn start(c: &mut Client, name: String, wait: WaitOpts, id: &str) -> Result<(), Failure> {
-    let (vm, index) = c.start_vm(name.clone(), id).await?;
-    let Some(vm) = vm else { return gone(&name, "start", id) };
-    let vm = if wait.wait { wait_for(c, &name, Goal::Running, wait, index).await? } else { vm };
-    done(&vm, if wait.wait { "started" } else { "start requested" })
-}
-
-pub async fn stop(c: &mut Client, name: String, wait: WaitOpts, id: &str) -> Result<(), Failure> {
-    let (vm, index) = c.stop_vm(name.clone(), id).await?;
-    let Some(vm) = vm else { return gone(&name, "stop", id) };
-    let vm = if wait.wait { wait_for(c, &name, Goal::Stopped, wait, index).await? } else { vm };
-    done(&vm, if wait.wait { "stopped" } else { "stop requested" })
-}
-
-pub async fn restart(c: &mut Client, name: String, wait: WaitOpts, id: &str) -> Result<(), Failure> {
+/// Start, stop or restart `name`; with `--wait`, until the VM gets there.
+pub async fn set_desired(
+    c: &mut Client,
+    verb: Desire,
+    name: String,
+    wait: WaitOpts,
+    id: &str,
+) -> Result<(), Failure> {
     let asked = now_ms();
-    let (vm, index) = c.restart_vm(name.clone(), id).await?;
-    let Some(vm) = vm else { return gone(&name, "restart", id) };
-    let vm = if wait.wait { wait_for(c, &name, Goal::RunningSince(asked), wait, index).await? } else { vm };
-    done(&vm, if wait.wait { "restarted" } else { "restart requested" })
+    let (what, goal, done_word) = match verb {
+        Desire::Start => ("start", Goal::Running, "started"),
+        Desire::Stop => ("stop", Goal::Stopped, "stopped"),
+        Desire::Restart => ("restart", Goal::RunningSince(asked), "restarted"),
+    };
+    let (vm, index) = c.set_desired(verb, &name, id).await?;
+    let Some(vm) = vm else { return gone(&name, what, id) };
+    if !wait.wait {
+        return done(&vm, &format!("{what} requested"));
+    }
+    let vm = wait_for(c, &name, goal, wait, index).await?;
+    done(&vm, done_word)
 }
 
 /// The owning node's own view of a VM (what its backend sees right now).

@@ -541,9 +541,15 @@ async fn vm(addr: &str, cmd: VmCmd) -> Result<(), Failure> {
         VmCmd::List { node, read } => {
             output::vms(&c.list_vms(node.unwrap_or(0), read.stale).await?, read.format)
         }
-        VmCmd::Start { name, wait, write } => lifecycle::start(&mut c, name, wait, &write.id()?).await,
-        VmCmd::Stop { name, wait, write } => lifecycle::stop(&mut c, name, wait, &write.id()?).await,
-        VmCmd::Restart { name, wait, write } => lifecycle::restart(&mut c, name, wait, &write.id()?).await,
+        VmCmd::Start { name, wait, write } => {
+            lifecycle::set_desired(&mut c, client::Desire::Start, name, wait, &write.id()?).await
+        }
+        VmCmd::Stop { name, wait, write } => {
+            lifecycle::set_desired(&mut c, client::Desire::Stop, name, wait, &write.id()?).await
+        }
+        VmCmd::Restart { name, wait, write } => {
+            lifecycle::set_desired(&mut c, client::Desire::Restart, name, wait, &write.id()?).await
+        }
         VmCmd::Delete { name, wait, write } => lifecycle::delete(&mut c, name, wait, &write.id()?).await,
         VmCmd::Logs { name, follow } => lifecycle::logs(&mut c, name, follow).await,
     }

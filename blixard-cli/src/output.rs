@@ -69,16 +69,7 @@ pub fn status(s: &pb::StatusResponse, format: Format) -> Result<(), Failure> {
     let mut t = table(&["ID", "ADDR", "ROLE", "STATUS", "VCPUS", "MEMORY MiB", "DISK GiB", "VMS"]);
     for m in &s.members {
         let n = s.nodes.iter().find(|n| n.id == m.id);
-        let used = |f: fn(&pb::Resources) -> u64| -> String {
-            match n {
-                Some(n) => format!(
-                    "{}/{}",
-                    n.allocated.as_ref().map(f).unwrap_or(0),
-                    n.allocatable.or(n.capacity).as_ref().map(f).unwrap_or(0)
-                ),
-                None => "-".into(),
-            }
-        };
+        let used = |f: fn(&pb::Resources) -> u64| n.map(|n| used_of(n, f)).unwrap_or_else(|| "-".into());
         t.add_row(vec![
             m.id.to_string(),
             m.addr.clone(),
@@ -92,6 +83,12 @@ pub fn status(s: &pb::StatusResponse, format: Format) -> Result<(), Failure> {
     }
     println!("{t}");
     Ok(())
+}
+
+/// "allocated/allocatable" of one dimension, for tables.
+fn used_of(n: &pb::NodeInfo, f: fn(&pb::Resources) -> u64) -> String {
+    let allocatable = n.allocatable.or(n.capacity);
+    format!("{}/{}", n.allocated.as_ref().map(f).unwrap_or(0), allocatable.as_ref().map(f).unwrap_or(0))
 }
 
 /// A node as `node get -o json` (and `node list`, `cluster status`) print it.
@@ -132,13 +129,7 @@ pub fn nodes(nodes: &[pb::NodeInfo], format: Format) -> Result<(), Failure> {
     let mut t =
         table(&["ID", "ADDR", "STATUS", "VMS", "VCPUS", "MEMORY MiB", "DISK GiB", "OVERCOMMIT", "LABELS"]);
     for n in nodes {
-        let used = |f: fn(&pb::Resources) -> u64| {
-            format!(
-                "{}/{}",
-                n.allocated.as_ref().map(f).unwrap_or(0),
-                n.allocatable.or(n.capacity).as_ref().map(f).unwrap_or(0)
-            )
-        };
+        let used = |f: fn(&pb::Resources) -> u64| used_of(n, f);
         t.add_row(vec![
             n.id.to_string(),
             n.addr.clone(),

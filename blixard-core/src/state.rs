@@ -210,14 +210,17 @@ impl ClusterState {
             return;
         }
         let mut usage = self.usage.lock();
-        let u = usage.entry(spec.tenant.clone()).or_default();
-        if add {
-            u.add(&spec.resources());
-        } else {
-            u.sub(&spec.resources());
-            if u.is_zero() {
-                usage.remove(&spec.tenant);
+        // The tenant's name is cloned only for its first VM.
+        match usage.get_mut(&spec.tenant) {
+            Some(u) if add => u.add(&spec.resources()),
+            Some(u) => {
+                u.sub(&spec.resources());
+                if u.is_zero() {
+                    usage.remove(&spec.tenant);
+                }
             }
+            None if add => usage.entry(spec.tenant.clone()).or_default().add(&spec.resources()),
+            None => {}
         }
     }
 
@@ -337,9 +340,7 @@ impl ClusterState {
                     n.allocatable()
                 ));
             }
-            if (n.resources, &n.labels)
-                != (n.registered.apply(&n.overrides).0, &n.registered.apply(&n.overrides).1)
-            {
+            if (n.resources, n.labels.clone()) != n.registered.apply(&n.overrides) {
                 return Err(format!(
                     "node {} effective resources or labels disagree with its flags and overrides",
                     n.id
