@@ -45,12 +45,7 @@ async fn main() {
     while node.shared().state.with_node(1, |_| ()).is_none() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut vms = VmServiceClient::new(ch);
+    let mut vms = VmServiceClient::new(vms_channel(port).await);
     let mk = |name: &str, s, no_start, id: &str| pb::CreateVmRequest {
         name: name.into(),
         spec: s,
@@ -71,7 +66,36 @@ async fn main() {
     vms.stop_vm(pb::VmNameRequest { name: "web-6".into(), request_id: "gen-stop".into() }).await.unwrap();
     vms.restart_vm(pb::VmNameRequest { name: "web-5".into(), request_id: "".into() }).await.unwrap();
     vms.create_vm(mk("cache-1", spec(1, 512, "", "cache"), false, "")).await.unwrap();
+    // Format 2 state: a quota, the binpack strategy, an operator override.
+    let ch = vms_channel(port).await;
+    let mut cluster = blixard_proto::cluster_service_client::ClusterServiceClient::new(ch);
+    let limits = pb::QuotaLimits { vms: Some(50), vcpus: Some(40), ..Default::default() };
+    cluster
+        .set_quota(pb::SetQuotaRequest { tenant: "acme".into(), limits: Some(limits), request_id: "".into() })
+        .await
+        .unwrap();
+    cluster
+        .set_scheduler(pb::SetSchedulerRequest { strategy: "binpack".into(), request_id: "".into() })
+        .await
+        .unwrap();
+    cluster
+        .set_node(pb::SetNodeRequest {
+            node_id: 1,
+            set_labels: [("rack".to_string(), "r1".to_string())].into_iter().collect(),
+            cpu_overcommit: "2".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(dir.join("snapshot.bin").exists(), "a snapshot was built");
     node.shutdown().await;
+}
+
+async fn vms_channel(port: u16) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
 }

@@ -85,6 +85,20 @@ async fn a_v1_data_dir_keeps_its_state_and_accepts_writes() {
     old_data_dir_keeps_its_state_and_accepts_writes("datadir-v1").await
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_v2_data_dir_keeps_its_state_and_accepts_writes() {
+    old_data_dir_keeps_its_state_and_accepts_writes("datadir-v2").await
+}
+
+/// What format 2 added to the fixture: a quota, binpack, a node override.
+fn format_2_state(node: &Node) -> (Vec<(String, Option<u64>)>, &'static str, Option<String>, u32) {
+    let state = &node.shared().state;
+    let quotas = state.quotas().into_iter().map(|(t, q, _)| (t, q.vms)).collect();
+    let rack = state.with_node(1, |n| n.labels.get("rack").cloned()).flatten();
+    let vcpus = state.with_node(1, |n| n.allocatable().vcpus).unwrap_or_default();
+    (quotas, state.strategy().as_str(), rack, vcpus)
+}
+
 async fn old_data_dir_keeps_its_state_and_accepts_writes(name: &str) {
     let dir = fixture(name);
     let (node, mut client) = start(dir.path()).await;
@@ -104,6 +118,16 @@ async fn old_data_dir_keeps_its_state_and_accepts_writes(name: &str) {
     assert_eq!(before["cache-1"], (1, 512, s(""), s("cache"), DesiredState::Running, 0));
     let zone = node.shared().state.with_node(1, |n| n.labels.get("zone").cloned());
     assert_eq!(zone, Some(Some(s("a"))), "the node record and its labels");
+    let v2 = format_2_state(&node);
+    if name == "datadir-v2" {
+        assert_eq!(
+            v2,
+            (vec![(s("acme"), Some(50))], "binpack", Some(s("r1")), 32),
+            "quota, strategy, override"
+        );
+    } else {
+        assert_eq!(v2, (vec![], "spread", None, 16), "no format 2 state in older data dirs");
+    }
 
     // The old dedup window still answers: a retry of an old create returns
     // its first outcome and creates nothing.
@@ -150,6 +174,7 @@ async fn old_data_dir_keeps_its_state_and_accepts_writes(name: &str) {
     // It starts again on what it wrote itself.
     let (node, _client) = start(dir.path()).await;
     assert_eq!(vms(&node), after, "the same state after a second start");
+    assert_eq!(format_2_state(&node), v2);
     node.shutdown().await;
 }
 
