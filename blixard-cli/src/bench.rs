@@ -104,6 +104,7 @@ async fn run_level(addr: &str, clients: usize, dur: Duration, run_id: u32) -> Re
                         spec: Some(spec.clone()),
                         no_start: true,
                         request_id: String::new(),
+                        ..Default::default()
                     })
                     .await;
                 match created {

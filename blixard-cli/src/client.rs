@@ -584,6 +584,7 @@ impl Client {
                         spec: Some(spec.clone()),
                         no_start,
                         request_id: request_id.to_string(),
+                        ..Default::default()
                     },
                     WRITE_DEADLINE,
                 );

@@ -51,6 +51,7 @@ async fn main() {
         spec: s,
         no_start,
         request_id: id.into(),
+        ..Default::default()
     };
     for i in 1..=6 {
         vms.create_vm(mk(&format!("web-{i}"), spec(1, 256, "acme", "web"), false, &format!("gen-web-{i}")))

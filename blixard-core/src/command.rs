@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::CommandError;
 use crate::types::{
-    DesiredState, NodeId, NodeResources, ObservedState, QuotaLimits, Ratio, Resources, Strategy, VmRuntime,
-    VmSpec,
+    DesiredState, NodeId, NodeResources, ObservedState, Placement, QuotaLimits, Ratio, Resources, Strategy,
+    VmRuntime, VmSpec,
 };
 use crate::validate;
 
@@ -96,6 +96,25 @@ pub enum Command {
     SetScheduler {
         strategy: Strategy,
     },
+    /// Create VMs with their placement rules, each placed in turn (format
+    /// 3; `CreateVm` is its format-2 form, still applied for old entries).
+    /// One that fits nowhere may preempt VMs of lower priority; if it still
+    /// fits nowhere the whole command is rejected, unless `queue`: then it
+    /// waits in the queue. Quota and input errors always reject the whole
+    /// command.
+    CreateVms {
+        vms: Vec<NewVm>,
+        start: bool,
+        queue: bool,
+    },
+}
+
+/// One VM of a [`Command::CreateVms`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct NewVm {
+    pub name: String,
+    pub spec: VmSpec,
+    pub placement: Placement,
 }
 
 impl Command {
@@ -159,6 +178,21 @@ impl Command {
             Command::CreateVm { name, spec, .. } => {
                 validate::vm_name(name)?;
                 validate::vm_spec(spec)
+            }
+            Command::CreateVms { vms, .. } => {
+                if vms.is_empty() || vms.len() > validate::MAX_BATCH {
+                    return Err(CommandError::invalid(
+                        "VM count",
+                        vms.len(),
+                        format!("between 1 and {}", validate::MAX_BATCH),
+                    ));
+                }
+                for v in vms {
+                    validate::vm_name(&v.name)?;
+                    validate::vm_spec(&v.spec)?;
+                    validate::placement(&v.placement)?;
+                }
+                Ok(())
             }
             Command::DeleteVm { name }
             | Command::StartVm { name }
@@ -326,6 +360,21 @@ pub enum CommandOutput {
     SchedulerSet {
         strategy: Strategy,
     },
+    /// `CreateVms`: each VM in order, where it went (0: queued) and whom it
+    /// preempted.
+    VmsCreated {
+        vms: Vec<CreatedVm>,
+    },
+}
+
+/// Where one VM of a `CreateVms` went.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct CreatedVm {
+    pub name: String,
+    /// 0 when it was queued.
+    pub node_id: NodeId,
+    /// VMs evicted to make room for it (now queued or placed elsewhere).
+    pub preempted: Vec<String>,
 }
 
 /// The response of applying one Raft entry.

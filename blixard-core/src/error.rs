@@ -41,11 +41,25 @@ pub enum CommandError {
 
     #[error("tenant {tenant:?} has no quota")]
     NoQuota { tenant: String },
+
+    /// Appended in format 3: a create whose placement rules no node meets,
+    /// with the scheduler's per-filter explanation.
+    #[error("no node fits {name} ({needed}): {explanation}")]
+    NoFit { name: String, needed: Resources, explanation: String },
+
+    /// A `node set` that would break a placed VM's constraint.
+    #[error("node {id} would break VM {vm:?}'s constraint {constraint}")]
+    BreaksConstraint { id: NodeId, vm: String, constraint: String },
 }
 
 impl CommandError {
     pub fn invalid(what: impl Into<String>, value: impl ToString, allowed: impl Into<String>) -> Self {
         CommandError::Invalid { what: what.into(), value: value.to_string(), allowed: allowed.into() }
+    }
+
+    /// Whether it means "nothing has room" (exit code 2 in the CLI).
+    pub fn is_no_capacity(&self) -> bool {
+        matches!(self.root(), CommandError::NoCapacity { .. } | CommandError::NoFit { .. })
     }
 
     /// The innermost error of a failed batch (what the operator needs to see).

@@ -20,7 +20,9 @@
 //! encodes the same bytes with the version recorded; version 2 adds node
 //! reservations, overcommit ratios and operator overrides to node records
 //! (state image), and the `RegisterNode`/`SetNode` commands (appended
-//! variants: older entries decode unchanged). Older types live in
+//! variants: older entries decode unchanged); version 3 adds placement
+//! rules, the queue and preemption to VM records (state image) and the
+//! `CreateVms` command (appended). Older types live in
 //! [`crate::legacy`]. Reading a version newer
 //! than [`CURRENT`] is a [`FormatError::Newer`] naming both versions, never a
 //! misread. How to change a format: see "Format versions" in
@@ -28,7 +30,7 @@
 //! and a fixture data dir written by the previous version).
 
 /// The format version this build writes.
-pub const CURRENT: u16 = 2;
+pub const CURRENT: u16 = 3;
 
 /// The oldest version this build still reads (and migrates).
 pub const OLDEST: u16 = 0;

@@ -2,14 +2,52 @@
 //! convert it (see "Format versions" in docs/ARCHITECTURE.md). Each is the
 //! exact serde shape that version wrote; never change one.
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::Deserialize;
 
 use crate::command::{CommandResult, RequestId};
 use crate::state::StateImage;
 use crate::types::{
-    NodeId, NodeOverrides, NodeRecord, NodeResources, NodeStatus, Registration, Resources, VmRecord,
+    DesiredState, NodeId, NodeOverrides, NodeRecord, NodeResources, NodeStatus, ObservedState, QuotaLimits,
+    Registration, Resources, Strategy, VmRecord, VmRuntime, VmSpec,
 };
+
+/// A VM record in formats 0 to 2: no placement rules, never queued.
+#[derive(Deserialize)]
+pub struct VmRecordV2 {
+    pub name: Arc<str>,
+    pub spec: VmSpec,
+    pub node_id: NodeId,
+    pub desired: DesiredState,
+    pub observed: ObservedState,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+    pub revision: u64,
+    pub generation: u64,
+    pub runtime: VmRuntime,
+}
+
+impl From<VmRecordV2> for VmRecord {
+    /// The default placement (any node, priority 50): what every VM had.
+    fn from(v: VmRecordV2) -> Self {
+        VmRecord {
+            name: v.name,
+            spec: v.spec,
+            node_id: v.node_id,
+            desired: v.desired,
+            observed: v.observed,
+            created_at_ms: v.created_at_ms,
+            updated_at_ms: v.updated_at_ms,
+            revision: v.revision,
+            generation: v.generation,
+            runtime: v.runtime,
+            placement: Default::default(),
+            queued_at: 0,
+            preempted_by: String::new(),
+        }
+    }
+}
 
 /// A node record in formats 0 and 1: capacity only.
 #[derive(Deserialize)]
@@ -44,20 +82,43 @@ impl From<NodeRecordV1> for NodeRecord {
     }
 }
 
-/// The state image in formats 0 and 1. VM records and request results kept
-/// their shape (enums only gained variants at the end).
+/// The state image in formats 0 and 1. Request results kept their shape
+/// (enums only gained variants at the end).
 #[derive(Deserialize)]
 pub struct StateImageV1 {
     pub nodes: Vec<NodeRecordV1>,
-    pub vms: Vec<VmRecord>,
+    pub vms: Vec<VmRecordV2>,
     pub requests: Vec<(RequestId, CommandResult)>,
+}
+
+/// The state image in format 2: format-2 node records, quotas and the
+/// strategy; VM records without placement rules.
+#[derive(Deserialize)]
+pub struct StateImageV2 {
+    pub nodes: Vec<NodeRecord>,
+    pub vms: Vec<VmRecordV2>,
+    pub requests: Vec<(RequestId, CommandResult)>,
+    pub quotas: Vec<(String, QuotaLimits)>,
+    pub scheduler: Strategy,
+}
+
+impl From<StateImageV2> for StateImage {
+    fn from(i: StateImageV2) -> Self {
+        StateImage {
+            nodes: i.nodes,
+            vms: i.vms.into_iter().map(VmRecord::from).collect(),
+            requests: i.requests,
+            quotas: i.quotas,
+            scheduler: i.scheduler,
+        }
+    }
 }
 
 impl From<StateImageV1> for StateImage {
     fn from(i: StateImageV1) -> Self {
         StateImage {
             nodes: i.nodes.into_iter().map(NodeRecord::from).collect(),
-            vms: i.vms,
+            vms: i.vms.into_iter().map(VmRecord::from).collect(),
             requests: i.requests,
             quotas: Vec::new(),
             scheduler: Default::default(),

@@ -5,23 +5,25 @@
 //! in a `DashMap`; VMs, the hot table, in a published [`VmTables`] that
 //! readers load without any lock (see `vm_table`). Only the Raft state
 //! machine task writes, through one [`ApplyRun`] at a time, so apply itself
-//! needs no cross-table locking. Two secondary indices keep queries
+//! needs no cross-table locking. Secondary indices keep queries
 //! proportional to what they return: VMs by node (inside the VM table), and
-//! active nodes by free memory (the scheduler's index).
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+//! the [`Scheduler`]'s own (nodes by free memory, label values, VMs per
+//! anti-affinity group and tenant per node, the queue). Every VM change in
+//! apply goes through one function, [`ApplyRun::set_vm`], which keeps node
+//! allocations, tenant usage and the scheduler's indices in step with it.
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use dashmap::DashMap;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use crate::command::{Command, CommandOutput, CommandResult, Proposal, RequestId};
+use crate::command::{Command, CommandOutput, CommandResult, CreatedVm, NewVm, Proposal, RequestId};
 use crate::error::CommandError;
-use crate::scheduler::{self, FreeIndex};
+use crate::scheduler::{Request, Scheduler, Victim};
 use crate::types::{
-    DesiredState, NodeId, NodeOverrides, NodeRecord, NodeResources, NodeStatus, ObservedState, QuotaLimits,
-    Registration, Resources, Strategy, TenantUsage, VmRecord, VmSpec,
+    DesiredState, NodeId, NodeOverrides, NodeRecord, NodeResources, NodeStatus, ObservedState, Placement,
+    QuotaLimits, Registration, Resources, Strategy, TenantUsage, VmRecord, VmSpec,
 };
 use crate::vm_table::{VmTables, VmWriter};
 
@@ -46,13 +48,14 @@ pub struct ClusterState {
     nodes: DashMap<NodeId, NodeRecord>,
     /// Read without locks; see [`crate::vm_table`].
     vms: VmTables,
-    free_index: Mutex<FreeIndex>,
+    /// Placement: the strategy and the scheduler's indices, derived from
+    /// the node and VM tables (rebuilt on restore, kept in step by apply).
+    sched: Mutex<Scheduler>,
     requests: Mutex<Dedup>,
     /// Tenant limits (replicated) and what each tenant's VMs hold (derived
     /// from the VM table, kept in step by apply).
     quotas: Mutex<BTreeMap<String, QuotaLimits>>,
     usage: Mutex<HashMap<String, TenantUsage>>,
-    strategy: Mutex<Strategy>,
     /// Signalled after every applied change, so that watchers (the
     /// reconciler) react at once instead of at their next poll.
     changed: tokio::sync::Notify,
@@ -79,7 +82,9 @@ pub struct StateImage {
     pub scheduler: Strategy,
 }
 
-/// How to undo one mutation; recorded only while applying a batch.
+/// How to undo one mutation; recorded only while applying a batch. A VM's
+/// undo also restores what derives from it (its node's allocation, usage,
+/// scheduler counts); a node's restores the whole record as it was then.
 enum Undo {
     Vm(Arc<str>, Option<Arc<VmRecord>>),
     Node(NodeId, Option<Box<NodeRecord>>),
@@ -156,43 +161,35 @@ impl ClusterState {
     /// batch of log entries as one run, so publishing costs once per batch.
     /// Only one run exists at a time (the state machine is the only writer).
     pub fn begin_apply(&self) -> ApplyRun<'_> {
-        ApplyRun { state: self, vms: self.vms.write(), changed: false }
+        ApplyRun { state: self, vms: self.vms.write(), changed: false, touched: BTreeSet::new() }
     }
 
-    /// Changes what node `id` has allocated, keeping the free index in step.
-    /// In place: the record (address, labels) is cloned only when a batch
-    /// needs it for its undo journal.
-    fn adjust_allocated(&self, id: NodeId, journal: Journal<'_>, f: impl FnOnce(&Resources) -> Resources) {
-        let (old_free, new_free, active) = {
+    /// Changes what node `id` has allocated, keeping the scheduler in step.
+    /// Not journaled: it derives from a VM change, whose undo reverses it.
+    fn adjust_allocated(&self, id: NodeId, need: &Resources, add: bool) {
+        let free = {
             let Some(mut node) = self.nodes.get_mut(&id) else { return };
-            if let Some(j) = journal {
-                j.push(Undo::Node(id, Some(Box::new(node.clone()))));
-            }
-            let old_free = node.free().memory_mb;
-            node.allocated = f(&node.allocated);
-            (old_free, node.free().memory_mb, node.status == NodeStatus::Active)
+            node.allocated =
+                if add { node.allocated.saturating_add(need) } else { node.allocated.saturating_sub(need) };
+            node.free()
         };
-        // The shard guard is gone before the index lock is taken: placement
-        // locks the index first and then reads nodes, so never the reverse.
-        if active {
-            let mut index = self.free_index.lock();
-            index.remove(&(Reverse(old_free), id));
-            index.insert((Reverse(new_free), id));
-        }
+        // The shard guard is gone before the scheduler lock is taken: never
+        // hold both.
+        self.sched.lock().set_free(id, free);
     }
 
-    /// Replaces node `id` (`old` is its current value), keeping the free
-    /// index in step, and journals the old value when asked to.
+    /// Replaces node `id` (`old` is its current value), keeping the
+    /// scheduler in step, and journals the old value when asked to.
     fn put_node(&self, id: NodeId, new: Option<NodeRecord>, old: Option<NodeRecord>, journal: Journal<'_>) {
-        let mut index = self.free_index.lock();
-        if let Some(o) = &old {
-            index.remove(&(Reverse(o.free().memory_mb), id));
+        {
+            let mut sched = self.sched.lock();
+            match &new {
+                Some(n) => sched.set_node(id, Some((n.free(), &n.labels, n.status == NodeStatus::Active))),
+                None => sched.set_node(id, None),
+            }
         }
         match new {
             Some(n) => {
-                if n.status == NodeStatus::Active {
-                    index.insert((Reverse(n.free().memory_mb), id));
-                }
                 self.nodes.insert(id, n);
             }
             None => {
@@ -201,6 +198,41 @@ impl ClusterState {
         }
         if let Some(j) = journal {
             j.push(Undo::Node(id, old.map(Box::new)));
+        }
+    }
+
+    /// Keeps what derives from the VM table in step with one change from
+    /// `old` to `new` (same name): the node's allocation, tenant usage, the
+    /// scheduler's counts and queue. Cheap when only state or runtime moved.
+    fn derive(&self, old: Option<&VmRecord>, new: Option<&VmRecord>) {
+        let placed_alike = match (old, new) {
+            (Some(o), Some(n)) => {
+                o.node_id == n.node_id
+                    && o.spec.resources() == n.spec.resources()
+                    && o.spec.tenant == n.spec.tenant
+                    && o.placement == n.placement
+            }
+            _ => false,
+        };
+        if !placed_alike {
+            for (vm, add) in [(old, false), (new, true)] {
+                let Some(vm) = vm else { continue };
+                self.count_usage(&vm.spec, add);
+                if vm.node_id != 0 {
+                    self.adjust_allocated(vm.node_id, &vm.spec.resources(), add);
+                }
+                self.sched.lock().count_vm(vm, add);
+            }
+        }
+        let queued = |v: Option<&VmRecord>| v.is_some_and(VmRecord::is_queued);
+        if queued(old) || queued(new) {
+            let mut sched = self.sched.lock();
+            if let Some(o) = old {
+                sched.queue_vm(o, false);
+            }
+            if let Some(n) = new {
+                sched.queue_vm(n, true);
+            }
         }
     }
 
@@ -226,7 +258,33 @@ impl ClusterState {
 
     /// The cluster's placement strategy.
     pub fn strategy(&self) -> Strategy {
-        *self.strategy.lock()
+        self.sched.lock().strategy()
+    }
+
+    /// Runs `f` on the scheduler (reads only: explanations, dry runs).
+    pub fn with_scheduler<R>(&self, f: impl FnOnce(&Scheduler) -> R) -> R {
+        f(&self.sched.lock())
+    }
+
+    /// Why `vm` would (or would not) be placed now: the scheduler's
+    /// per-filter explanation against this replica's state.
+    pub fn explain(&self, vm: &NewVm) -> String {
+        let req = Request {
+            name: &vm.name,
+            need: vm.spec.resources(),
+            tenant: &vm.spec.tenant,
+            placement: &vm.placement,
+        };
+        self.sched.lock().explain(&req)
+    }
+
+    /// Applies `cmd` to a scratch copy of this state and returns what it
+    /// would do: the real apply, on a copy, so it is exact (placement,
+    /// preemption, queueing, quotas) and changes nothing here. O(state).
+    pub fn dry_run(&self, cmd: &Command, at_ms: u64) -> CommandResult {
+        let scratch = ClusterState::new();
+        scratch.restore(self.image());
+        scratch.apply(&Proposal { at_ms, request: None, command: cmd.clone() }, u64::MAX)
     }
 
     /// Every quota with its tenant's usage, by tenant.
@@ -259,31 +317,19 @@ impl ClusterState {
             dedup.order.iter().filter_map(|id| Some((*id, dedup.results.get(id)?.clone()))).collect();
         drop(dedup);
         let quotas = self.quotas.lock().iter().map(|(t, q)| (t.clone(), *q)).collect();
-        StateImage { nodes, vms, requests, quotas, scheduler: *self.strategy.lock() }
+        StateImage { nodes, vms, requests, quotas, scheduler: self.strategy() }
     }
 
     /// Replaces the whole state with `image`, rebuilding every index.
     pub fn restore(&self, image: StateImage) {
         let mut vms = self.vms.write();
         self.nodes.clear();
-        let mut index = self.free_index.lock();
-        index.clear();
+        *self.sched.lock() = scheduler_of(&image);
         for n in image.nodes {
-            if n.status == NodeStatus::Active {
-                index.insert((Reverse(n.free().memory_mb), n.id));
-            }
             self.nodes.insert(n.id, n);
         }
-        drop(index);
-        let mut usage: HashMap<String, TenantUsage> = HashMap::new();
-        for v in &image.vms {
-            if !v.spec.tenant.is_empty() {
-                usage.entry(v.spec.tenant.clone()).or_default().add(&v.spec.resources());
-            }
-        }
-        *self.usage.lock() = usage;
+        *self.usage.lock() = usage_of(&image.vms);
         *self.quotas.lock() = image.quotas.into_iter().collect();
-        *self.strategy.lock() = image.scheduler;
         vms.replace_all(image.vms.into_iter().map(Arc::new));
         let mut dedup = self.requests.lock();
         dedup.results.clear();
@@ -315,8 +361,10 @@ impl ClusterState {
         let mut sums: std::collections::HashMap<NodeId, Resources> = Default::default();
         let table = self.vms.load();
         for v in table.iter() {
-            let s = sums.entry(v.node_id).or_default();
-            *s = s.saturating_add(&v.spec.resources());
+            if v.node_id != 0 {
+                let s = sums.entry(v.node_id).or_default();
+                *s = s.saturating_add(&v.spec.resources());
+            }
             if !table.is_indexed(v) {
                 return Err(format!("VM {} missing from node {} index", v.name, v.node_id));
             }
@@ -325,8 +373,6 @@ impl ClusterState {
             return Err(format!("index holds {} VMs, table {}", table.indexed_len(), table.len()));
         }
         drop(table);
-        let index = self.free_index.lock();
-        let mut active = 0;
         for n in self.nodes.iter() {
             let sum = sums.remove(&n.id).unwrap_or_default();
             if sum != n.allocated {
@@ -346,25 +392,14 @@ impl ClusterState {
                     n.id
                 ));
             }
-            if n.status == NodeStatus::Active {
-                active += 1;
-                if !index.contains(&(Reverse(n.free().memory_mb), n.id)) {
-                    return Err(format!("node {} missing from free index", n.id));
-                }
-            }
-        }
-        if index.len() != active {
-            return Err(format!("free index has {} entries for {active} active nodes", index.len()));
         }
         if let Some((id, _)) = sums.into_iter().next() {
             return Err(format!("VMs placed on unknown node {id}"));
         }
-        let mut usage: HashMap<String, TenantUsage> = HashMap::new();
-        self.for_each_vm(|v| {
-            if !v.spec.tenant.is_empty() {
-                usage.entry(v.spec.tenant.clone()).or_default().add(&v.spec.resources());
-            }
-        });
+        self.check_placements()?;
+        let table = self.vms.load();
+        let usage = usage_of(table.iter());
+        drop(table);
         if usage != *self.usage.lock() {
             return Err("tenant usage disagrees with the VMs".to_string());
         }
@@ -380,6 +415,75 @@ impl ClusterState {
     }
 }
 
+/// The scheduler of an image: every index built from scratch.
+fn scheduler_of(image: &StateImage) -> Scheduler {
+    let mut sched = Scheduler::new(image.scheduler);
+    for n in &image.nodes {
+        sched.set_node(n.id, Some((n.free(), &n.labels, n.status == NodeStatus::Active)));
+    }
+    for v in &image.vms {
+        sched.count_vm(v, true);
+        sched.queue_vm(v, true);
+    }
+    sched
+}
+
+/// What each tenant's VMs hold.
+fn usage_of<'a>(vms: impl IntoIterator<Item = &'a VmRecord>) -> HashMap<String, TenantUsage> {
+    let mut usage: HashMap<String, TenantUsage> = HashMap::new();
+    for v in vms {
+        if !v.spec.tenant.is_empty() {
+            usage.entry(v.spec.tenant.clone()).or_default().add(&v.spec.resources());
+        }
+    }
+    usage
+}
+
+impl ClusterState {
+    /// Placement invariants: the scheduler's indices equal ones rebuilt from
+    /// the tables; every placed VM (on a node that has not left) is on its
+    /// pinned node, meets its constraints there and shares the node with no
+    /// VM of its anti-affinity group; no queued VM fits anywhere.
+    fn check_placements(&self) -> Result<(), String> {
+        let image = self.image();
+        let fresh = scheduler_of(&image);
+        let sched = self.sched.lock();
+        sched.same_indices(&fresh)?;
+        if !sched.same_nodes(&fresh) {
+            return Err("scheduler's node views disagree with the node table".into());
+        }
+        let mut groups: BTreeSet<(&str, NodeId)> = BTreeSet::new();
+        for v in &image.vms {
+            if v.node_id == 0 {
+                if v.is_queued() && sched.place(&Request::of(v)).is_some() {
+                    return Err(format!("queued VM {} fits on a node", v.name));
+                }
+                continue;
+            }
+            let Some(labels) =
+                self.with_node(v.node_id, |n| (n.status == NodeStatus::Active).then(|| n.labels.clone()))
+            else {
+                return Err(format!("VM {} on unknown node {}", v.name, v.node_id));
+            };
+            let Some(labels) = labels else { continue };
+            let p = &v.placement;
+            if p.node != 0 && p.node != v.node_id {
+                return Err(format!("VM {} pinned to node {} runs on node {}", v.name, p.node, v.node_id));
+            }
+            if let Some(c) = p.constraints.iter().find(|c| !c.holds(&labels)) {
+                return Err(format!("VM {} on node {} breaks its constraint {c}", v.name, v.node_id));
+            }
+            if !p.anti_affinity.is_empty() && !groups.insert((&p.anti_affinity, v.node_id)) {
+                return Err(format!(
+                    "two VMs of anti-affinity group {} on node {} (one is {})",
+                    p.anti_affinity, v.node_id, v.name
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A run of applies: exclusive write access to the state until dropped,
 /// when its VM changes are published to readers at once and watchers are
 /// woken. Apply is deterministic: no clock, randomness or IO.
@@ -387,6 +491,9 @@ pub struct ApplyRun<'a> {
     state: &'a ClusterState,
     vms: VmWriter<'a>,
     changed: bool,
+    /// Nodes that gained room or changed labels in the current proposal:
+    /// the only places a queued VM may fit now (see `drain_queue`).
+    touched: BTreeSet<NodeId>,
 }
 
 impl Drop for ApplyRun<'_> {
@@ -433,8 +540,9 @@ impl ApplyRun<'_> {
 
     fn apply_command(&mut self, proposal: &Proposal, index: u64) -> CommandResult {
         let ctx = ApplyCtx { index, at_ms: proposal.at_ms };
+        self.touched.clear();
         proposal.command.validate()?;
-        match &proposal.command {
+        let result = match &proposal.command {
             Command::Batch(cmds) => {
                 let mut journal = Vec::new();
                 let mut outputs = Vec::with_capacity(cmds.len());
@@ -443,6 +551,7 @@ impl ApplyRun<'_> {
                         Ok(out) => outputs.push(out),
                         Err(e) => {
                             self.rollback(journal);
+                            self.touched.clear();
                             return Err(CommandError::BatchFailed { index: i, source: Box::new(e) });
                         }
                     }
@@ -450,6 +559,74 @@ impl ApplyRun<'_> {
                 Ok(CommandOutput::Batch(outputs))
             }
             cmd => self.apply_one(cmd, ctx, None),
+        };
+        if result.is_ok() {
+            self.drain_queue(ctx);
+        }
+        self.touched.clear();
+        result
+    }
+
+    /// The one way apply changes a VM: replaces the VM named `name` with
+    /// `new` (or removes it), keeping everything derived from it in step,
+    /// and journals the old record when asked to. Returns the old record.
+    fn set_vm(&mut self, name: &str, new: Option<VmRecord>, journal: Journal<'_>) -> Option<Arc<VmRecord>> {
+        let old = self.vms.get(name).cloned();
+        let new = new.map(Arc::new);
+        match &new {
+            Some(n) => self.vms.put(n.clone()),
+            None => {
+                self.vms.remove(name);
+            }
+        }
+        self.state.derive(old.as_deref(), new.as_deref());
+        if let Some(o) = &old {
+            if o.node_id != 0 && new.as_ref().is_none_or(|n| n.node_id != o.node_id) {
+                self.touched.insert(o.node_id);
+            }
+        }
+        if let Some(j) = journal {
+            let key = old.as_ref().map(|o| o.name.clone()).or_else(|| new.as_ref().map(|n| n.name.clone()));
+            if let Some(key) = key {
+                j.push(Undo::Vm(key, old.clone()));
+            }
+        }
+        old
+    }
+
+    /// Work conservation: after a change that gave some nodes room (or new
+    /// labels), places queued VMs, highest priority then oldest first. A VM
+    /// that fit nowhere before can now fit only on a touched node, so each
+    /// is checked against those first. Leaves no queued VM that fits.
+    fn drain_queue(&mut self, ctx: ApplyCtx) {
+        if self.touched.is_empty() {
+            return;
+        }
+        let candidates: Vec<Arc<str>> = {
+            let sched = self.state.sched.lock();
+            sched.queue().iter().map(|(_, _, name)| name.clone()).collect()
+        };
+        for name in candidates {
+            let Some(vm) = self.vms.get(&name).cloned() else { continue };
+            let node = {
+                let sched = self.state.sched.lock();
+                let req = Request::of(&vm);
+                if !self.touched.iter().any(|&id| sched.fits_on(id, &req)) {
+                    continue;
+                }
+                sched.place(&req)
+            };
+            if let Some(node) = node {
+                let placed = VmRecord {
+                    node_id: node,
+                    observed: ObservedState::Pending,
+                    queued_at: 0,
+                    updated_at_ms: ctx.at_ms,
+                    revision: ctx.index,
+                    ..(*vm).clone()
+                };
+                self.set_vm(&name, Some(placed), None);
+            }
         }
     }
 
@@ -468,6 +645,7 @@ impl ApplyRun<'_> {
             Some(old) => {
                 let (resources, labels) = registered.apply(&old.overrides);
                 check_allocatable(id, &resources, &old.allocated)?;
+                self.check_constraints(id, &labels)?;
                 NodeRecord {
                     addr: addr.to_string(),
                     resources,
@@ -491,8 +669,24 @@ impl ApplyRun<'_> {
                 overrides: NodeOverrides::default(),
             },
         };
+        self.touched.insert(id);
         self.state.put_node(id, Some(rec), old, journal);
         Ok(CommandOutput::NodeRegistered { id })
+    }
+
+    /// Refuses node labels that would break a constraint of a VM placed on
+    /// node `id`.
+    fn check_constraints(&self, id: NodeId, labels: &BTreeMap<String, String>) -> Result<(), CommandError> {
+        for vm in self.vms.table().on_node(id) {
+            if let Some(c) = vm.placement.constraints.iter().find(|c| !c.holds(labels)) {
+                return Err(CommandError::BreaksConstraint {
+                    id,
+                    vm: vm.name.to_string(),
+                    constraint: c.to_string(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Every arm checks everything before its first mutation, so a single
@@ -510,7 +704,7 @@ impl ApplyRun<'_> {
                 self.register_node(*id, addr, reg, ctx, journal)
             }
             Command::SetScheduler { strategy } => {
-                let old = std::mem::replace(&mut *self.state.strategy.lock(), *strategy);
+                let old = self.state.sched.lock().set_strategy(*strategy);
                 if let Some(j) = journal {
                     j.push(Undo::Strategy(old));
                 }
@@ -553,8 +747,10 @@ impl ApplyRun<'_> {
                 }
                 let (resources, labels) = old.registered.apply(&overrides);
                 check_allocatable(*id, &resources, &old.allocated)?;
+                self.check_constraints(*id, &labels)?;
                 let rec =
                     NodeRecord { resources, labels, overrides, updated_at_ms: ctx.at_ms, ..old.clone() };
+                self.touched.insert(*id);
                 self.state.put_node(*id, Some(rec), Some(old), journal);
                 Ok(CommandOutput::NodeUpdated { id: *id })
             }
@@ -571,19 +767,39 @@ impl ApplyRun<'_> {
                     if vm.observed == ObservedState::Lost {
                         continue;
                     }
-                    if let Some(j) = journal.as_deref_mut() {
-                        j.push(Undo::Vm(name.clone(), Some(vm.clone())));
-                    }
-                    self.vms.update(&name, |vm| {
-                        vm.observed = ObservedState::Lost;
-                        vm.updated_at_ms = ctx.at_ms;
-                        vm.revision = ctx.index;
-                    });
+                    let rec = VmRecord {
+                        observed: ObservedState::Lost,
+                        updated_at_ms: ctx.at_ms,
+                        revision: ctx.index,
+                        ..(**vm).clone()
+                    };
+                    self.set_vm(&name, Some(rec), journal.as_deref_mut());
                     lost += 1;
                 }
                 Ok(CommandOutput::NodeDecommissioned { id: *id, lost_vms: lost })
             }
-            Command::CreateVm { name, spec, start } => self.create_vm(name, spec, *start, ctx, journal),
+            Command::CreateVm { name, spec, start } => {
+                let vm = NewVm { name: name.clone(), spec: spec.clone(), placement: Placement::default() };
+                let created = self.create_vm(&vm, *start, false, ctx, journal)?;
+                Ok(CommandOutput::VmCreated { name: created.name, node_id: created.node_id })
+            }
+            Command::CreateVms { vms, start, queue } => {
+                let mut inner = Vec::new();
+                let mut out = Vec::with_capacity(vms.len());
+                for vm in vms {
+                    match self.create_vm(vm, *start, *queue, ctx, Some(&mut inner)) {
+                        Ok(created) => out.push(created),
+                        Err(e) => {
+                            self.rollback(inner);
+                            return Err(e);
+                        }
+                    }
+                }
+                if let Some(j) = journal {
+                    j.extend(inner);
+                }
+                Ok(CommandOutput::VmsCreated { vms: out })
+            }
             Command::StartVm { name } => self.set_desired(name, DesiredState::Running, false, ctx, journal),
             Command::StopVm { name } => self.set_desired(name, DesiredState::Stopped, false, ctx, journal),
             Command::RestartVm { name } => self.set_desired(name, DesiredState::Running, true, ctx, journal),
@@ -599,6 +815,8 @@ impl ApplyRun<'_> {
                     if let Some(j) = journal.as_deref_mut() {
                         j.push(Undo::Vm(vm.name.clone(), Some(vm.clone())));
                     }
+                    // In place: placement, resources and desired state are
+                    // unchanged, so nothing derived moves.
                     self.vms.update(&r.name, |vm| {
                         vm.observed = r.observed;
                         vm.runtime = r.runtime.clone();
@@ -610,18 +828,10 @@ impl ApplyRun<'_> {
                 Ok(CommandOutput::VmsReported { applied })
             }
             Command::DeleteVm { name } => {
-                let Some(vm) = self.vms.remove(name) else {
+                let Some(vm) = self.set_vm(name, None, journal) else {
                     return Err(CommandError::VmNotFound { name: name.clone() });
                 };
-                let node_id = vm.node_id;
-                self.state.count_usage(&vm.spec, false);
-                self.state.adjust_allocated(node_id, journal.as_deref_mut(), |a| {
-                    a.saturating_sub(&vm.spec.resources())
-                });
-                if let Some(j) = journal {
-                    j.push(Undo::Vm(vm.name.clone(), Some(vm)));
-                }
-                Ok(CommandOutput::VmDeleted { name: name.clone(), node_id })
+                Ok(CommandOutput::VmDeleted { name: name.clone(), node_id: vm.node_id })
             }
             Command::Batch(_) => {
                 Err(CommandError::invalid("batch", "nested batch", "a flat list of commands"))
@@ -630,7 +840,8 @@ impl ApplyRun<'_> {
     }
 
     /// Start (`Running`), stop (`Stopped`) or, with `restart`, bump the
-    /// generation so the node restarts the VM.
+    /// generation so the node restarts the VM. An unplaced VM that is
+    /// started is placed (or queued); one that is stopped leaves the queue.
     fn set_desired(
         &mut self,
         name: &str,
@@ -639,9 +850,39 @@ impl ApplyRun<'_> {
         ctx: ApplyCtx,
         journal: Journal<'_>,
     ) -> CommandResult {
-        let Some(vm) = self.vms.get(name) else {
+        let Some(vm) = self.vms.get(name).cloned() else {
             return Err(CommandError::VmNotFound { name: name.to_string() });
         };
+        if vm.is_unplaced() {
+            let mut rec =
+                VmRecord { desired, updated_at_ms: ctx.at_ms, revision: ctx.index, ..(*vm).clone() };
+            if restart {
+                rec.generation += 1;
+            }
+            match desired {
+                DesiredState::Stopped => {
+                    rec.observed = ObservedState::Stopped;
+                    rec.queued_at = 0;
+                }
+                DesiredState::Running if !vm.is_queued() => {
+                    let node = self.state.sched.lock().place(&Request::of(&vm));
+                    match node {
+                        Some(node) => {
+                            rec.node_id = node;
+                            rec.observed = ObservedState::Pending;
+                        }
+                        None => {
+                            rec.observed = ObservedState::Queued;
+                            rec.queued_at = ctx.index;
+                        }
+                    }
+                }
+                DesiredState::Running => {}
+            }
+            let generation = rec.generation;
+            self.set_vm(name, Some(rec), journal);
+            return Ok(CommandOutput::VmDesired { name: name.to_string(), desired, generation });
+        }
         if let Some(j) = journal {
             j.push(Undo::Vm(vm.name.clone(), Some(vm.clone())));
         }
@@ -654,6 +895,7 @@ impl ApplyRun<'_> {
         let retry = desired == DesiredState::Running
             && (vm.desired == DesiredState::Stopped
                 || matches!(vm.observed, ObservedState::Failed | ObservedState::Stopped));
+        // In place: a placed VM's desired state moves nothing derived.
         let generation = self.vms.update(name, |vm| {
             vm.desired = desired;
             if restart || retry {
@@ -667,14 +909,18 @@ impl ApplyRun<'_> {
         Ok(CommandOutput::VmDesired { name: name.to_string(), desired, generation })
     }
 
+    /// Creates one VM: checks its name and its tenant's quota, then places
+    /// it (preempting lower priorities if it fits nowhere) or, with
+    /// `queue`, queues it; otherwise a `NoFit` naming why, per filter.
     fn create_vm(
         &mut self,
-        name: &str,
-        spec: &VmSpec,
+        new: &NewVm,
         start: bool,
+        queue: bool,
         ctx: ApplyCtx,
-        journal: Journal<'_>,
-    ) -> CommandResult {
+        mut journal: Journal<'_>,
+    ) -> Result<CreatedVm, CommandError> {
+        let NewVm { name, spec, placement } = new;
         if self.vms.table().contains(name) {
             return Err(CommandError::VmExists { name: name.to_string() });
         }
@@ -685,48 +931,107 @@ impl ApplyRun<'_> {
                 return Err(CommandError::QuotaExceeded { tenant: spec.tenant.clone(), reason });
             }
         }
-        let node_id = {
-            let index = self.state.free_index.lock();
-            let strategy = *self.state.strategy.lock();
-            scheduler::place(&index, &need, strategy, |id| self.state.nodes.get(&id).map(|n| n.free()))?
+        if placement.node != 0 && !self.state.nodes.contains_key(&placement.node) {
+            return Err(CommandError::UnknownNode { id: placement.node });
+        }
+        let req = Request { name, need, tenant: &spec.tenant, placement };
+        let mut preempted = Vec::new();
+        let placed = self.state.sched.lock().place(&req);
+        let node_id = match placed {
+            Some(id) => id,
+            None => {
+                let table = self.vms.table();
+                let plan = self.state.sched.lock().plan_preemption(&req, |id| {
+                    table
+                        .on_node(id)
+                        .map(|v| Victim {
+                            name: v.name.clone(),
+                            priority: v.placement.priority,
+                            created_at_ms: v.created_at_ms,
+                            need: v.spec.resources(),
+                        })
+                        .collect()
+                });
+                match plan {
+                    Some((id, victims)) => {
+                        self.evict(&victims, name, ctx, journal.as_deref_mut());
+                        preempted = victims.iter().map(|v| v.to_string()).collect();
+                        id
+                    }
+                    None if queue => 0,
+                    None => {
+                        let explanation = self.state.sched.lock().explain(&req);
+                        return Err(CommandError::NoFit { name: name.clone(), needed: need, explanation });
+                    }
+                }
+            }
         };
         // Checks are done; from here on nothing fails.
-        let mut journal = journal;
-        self.state.adjust_allocated(node_id, journal.as_deref_mut(), |a| a.saturating_add(&need));
-        let name: Arc<str> = Arc::from(name);
+        let desired = if start { DesiredState::Running } else { DesiredState::Stopped };
+        let observed = match (node_id, desired) {
+            (0, DesiredState::Running) => ObservedState::Queued,
+            (0, DesiredState::Stopped) => ObservedState::Stopped,
+            _ => ObservedState::Pending,
+        };
         let vm = VmRecord {
-            name: name.clone(),
+            name: Arc::from(name.as_str()),
             spec: spec.clone(),
             node_id,
-            desired: if start { DesiredState::Running } else { DesiredState::Stopped },
-            observed: ObservedState::Pending,
+            desired,
+            observed,
             created_at_ms: ctx.at_ms,
             updated_at_ms: ctx.at_ms,
             revision: ctx.index,
             generation: 0,
             runtime: Default::default(),
+            placement: placement.clone(),
+            queued_at: if observed == ObservedState::Queued { ctx.index } else { 0 },
+            preempted_by: String::new(),
         };
-        self.state.count_usage(spec, true);
-        self.vms.put(Arc::new(vm));
-        if let Some(j) = journal {
-            j.push(Undo::Vm(name.clone(), None));
+        self.set_vm(name, Some(vm), journal.as_deref_mut());
+        // Evicted VMs that fit elsewhere go there at once (no further
+        // preemption); the rest wait in the queue.
+        for victim in &preempted {
+            let Some(v) = self.vms.get(victim.as_str()).cloned() else { continue };
+            if !v.is_queued() {
+                continue;
+            }
+            let Some(node) = self.state.sched.lock().place(&Request::of(&v)) else { continue };
+            let rec =
+                VmRecord { node_id: node, observed: ObservedState::Pending, queued_at: 0, ..(*v).clone() };
+            self.set_vm(victim, Some(rec), journal.as_deref_mut());
         }
-        Ok(CommandOutput::VmCreated { name: name.to_string(), node_id })
+        Ok(CreatedVm { name: name.clone(), node_id, preempted })
+    }
+
+    /// Takes `victims` off their node for `by`: unplaced, and queued if they
+    /// should run. Never deleted.
+    fn evict(&mut self, victims: &[Arc<str>], by: &str, ctx: ApplyCtx, mut journal: Journal<'_>) {
+        for name in victims {
+            let Some(v) = self.vms.get(name).cloned() else { continue };
+            let queued = v.desired == DesiredState::Running;
+            let rec = VmRecord {
+                node_id: 0,
+                observed: if queued { ObservedState::Queued } else { ObservedState::Stopped },
+                queued_at: if queued { ctx.index } else { 0 },
+                preempted_by: by.to_string(),
+                updated_at_ms: ctx.at_ms,
+                revision: ctx.index,
+                ..(*v).clone()
+            };
+            self.set_vm(name, Some(rec), journal.as_deref_mut());
+        }
     }
 
     fn rollback(&mut self, journal: Vec<Undo>) {
         for undo in journal.into_iter().rev() {
             match undo {
                 Undo::Vm(name, old) => {
-                    if let Some(cur) = self.vms.remove(&name) {
-                        self.state.count_usage(&cur.spec, false);
-                    }
-                    if let Some(old) = old {
-                        self.state.count_usage(&old.spec, true);
-                        self.vms.put(old);
-                    }
+                    self.set_vm(&name, old.map(|o| (*o).clone()), None);
                 }
-                Undo::Strategy(old) => *self.state.strategy.lock() = old,
+                Undo::Strategy(old) => {
+                    self.state.sched.lock().set_strategy(old);
+                }
                 Undo::Quota(tenant, old) => {
                     let mut quotas = self.state.quotas.lock();
                     match old {
@@ -981,7 +1286,7 @@ mod tests {
         assert_eq!(placed, 8);
         let before = s.image();
         let e = s.apply(&p(create("big", 1, 256)), 200).unwrap_err();
-        assert!(matches!(e, CommandError::NoCapacity { .. }), "{e}");
+        assert!(e.is_no_capacity(), "{e}");
         assert_eq!(s.image(), before, "a rejected create changed the state");
     }
 

@@ -162,6 +162,8 @@ pub enum ObservedState {
     Failed,
     /// Its node left the cluster; nobody reports on it.
     Lost,
+    /// Waiting for capacity: should run, placed on no node (format 3).
+    Queued,
 }
 
 impl ObservedState {
@@ -174,6 +176,7 @@ impl ObservedState {
             ObservedState::Stopped => "stopped",
             ObservedState::Failed => "failed",
             ObservedState::Lost => "lost",
+            ObservedState::Queued => "queued",
         }
     }
 }
@@ -195,6 +198,96 @@ pub struct VmRecord {
     /// generation it last acted on is older.
     pub generation: u64,
     pub runtime: VmRuntime,
+    /// Where it may run and how important it is (format 3).
+    pub placement: Placement,
+    /// While it waits in the queue: the log index at which it entered it
+    /// (the queue's "oldest first"); 0 otherwise.
+    pub queued_at: u64,
+    /// The VM whose create evicted it, last time it was preempted; empty if
+    /// it never was.
+    pub preempted_by: String,
+}
+
+impl VmRecord {
+    /// Placed on no node (`node_id` 0): queued, or stopped while queued.
+    pub fn is_unplaced(&self) -> bool {
+        self.node_id == 0
+    }
+
+    /// Waiting in the queue: unplaced and meant to run.
+    pub fn is_queued(&self) -> bool {
+        self.node_id == 0 && self.desired == DesiredState::Running
+    }
+}
+
+/// The default priority of a VM.
+pub const DEFAULT_PRIORITY: u8 = 50;
+/// The highest priority.
+pub const MAX_PRIORITY: u8 = 100;
+
+/// Placement rules of one VM: all hard except `spread_by`, which chooses
+/// among the nodes that pass them.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    /// Only this node; 0 = any.
+    pub node: NodeId,
+    /// All must hold on the node's labels.
+    pub constraints: Vec<Constraint>,
+    /// No two VMs of this group on one node; empty = no group.
+    pub anti_affinity: String,
+    /// Prefer the value of this node label holding the fewest VMs of the
+    /// same anti-affinity group (or tenant, without a group); empty = none.
+    pub spread_by: String,
+    /// 0-100: a create that fits nowhere may preempt VMs of strictly lower
+    /// priority, and the queue places higher priorities first.
+    pub priority: u8,
+}
+
+impl Default for Placement {
+    fn default() -> Self {
+        Self {
+            node: 0,
+            constraints: Vec::new(),
+            anti_affinity: String::new(),
+            spread_by: String::new(),
+            priority: DEFAULT_PRIORITY,
+        }
+    }
+}
+
+/// `key=value` (the node's label equals) or `key!=value` (it is absent or
+/// differs).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Constraint {
+    pub key: String,
+    pub equal: bool,
+    pub value: String,
+}
+
+impl Constraint {
+    /// Parses `K=V` or `K!=V` (checked further by `validate::constraint`).
+    pub fn parse(s: &str) -> Option<Constraint> {
+        let (key, value, equal) = match s.split_once("!=") {
+            Some((k, v)) => (k, v, false),
+            None => {
+                let (k, v) = s.split_once('=')?;
+                (k, v, true)
+            }
+        };
+        Some(Constraint { key: key.to_string(), equal, value: value.to_string() })
+    }
+
+    /// Whether a node with `labels` satisfies it.
+    pub fn holds(&self, labels: &BTreeMap<String, String>) -> bool {
+        (labels.get(&self.key).map(String::as_str) == Some(self.value.as_str())) == self.equal
+    }
+}
+
+impl fmt::Display for Constraint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let op = if self.equal { "=" } else { "!=" };
+        write!(f, "{}{op}{}", self.key, self.value)
+    }
 }
 
 /// Whether a node takes part in placement.

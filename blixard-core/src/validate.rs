@@ -99,6 +99,39 @@ pub fn boot(b: &crate::types::BootSpec) -> Result<(), CommandError> {
     Ok(())
 }
 
+/// At most this many constraints per VM.
+pub const MAX_CONSTRAINTS: usize = 16;
+
+/// A VM's placement rules: a known shape (the node's existence is apply's
+/// business), label keys and values as for labels, a DNS-label group,
+/// priority 0-100.
+pub fn placement(p: &crate::types::Placement) -> Result<(), CommandError> {
+    if p.constraints.len() > MAX_CONSTRAINTS {
+        return Err(CommandError::invalid(
+            "constraint count",
+            p.constraints.len(),
+            format!("at most {MAX_CONSTRAINTS} constraints"),
+        ));
+    }
+    for c in &p.constraints {
+        label_key(&c.key)?;
+        if c.value.len() > MAX_LABEL_VALUE_LEN || c.value.chars().any(char::is_control) {
+            return Err(CommandError::invalid(
+                "constraint value",
+                &c.value,
+                "at most 255 characters, no control characters",
+            ));
+        }
+    }
+    if !p.anti_affinity.is_empty() {
+        dns_label("anti-affinity group", &p.anti_affinity)?;
+    }
+    if !p.spread_by.is_empty() {
+        label_key(&p.spread_by)?;
+    }
+    range("priority", u64::from(p.priority), 0, u64::from(crate::types::MAX_PRIORITY))
+}
+
 pub fn node_capacity(c: &Resources) -> Result<(), CommandError> {
     range("node vcpus", c.vcpus as u64, 1, MAX_NODE_VCPUS as u64)?;
     range("node memory_mb", c.memory_mb, 64, MAX_NODE_MEMORY_MB)?;

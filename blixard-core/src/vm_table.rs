@@ -309,6 +309,9 @@ mod tests {
             revision,
             generation: 0,
             runtime: Default::default(),
+            placement: Default::default(),
+            queued_at: 0,
+            preempted_by: String::new(),
         })
     }
 

@@ -66,6 +66,7 @@ async fn bad_client_requests_are_typed_errors_and_change_nothing() {
         spec: spec(1, 128),
         no_start: false,
         request_id: String::new(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -78,6 +79,7 @@ async fn bad_client_requests_are_typed_errors_and_change_nothing() {
                 spec: spec(1, 128),
                 no_start: false,
                 request_id: String::new(),
+                ..Default::default()
             },
             Code::InvalidArgument,
             "1-63 characters",
@@ -88,6 +90,7 @@ async fn bad_client_requests_are_typed_errors_and_change_nothing() {
                 spec: spec(1, 128),
                 no_start: false,
                 request_id: String::new(),
+                ..Default::default()
             },
             Code::InvalidArgument,
             "1-63 characters",
@@ -98,6 +101,7 @@ async fn bad_client_requests_are_typed_errors_and_change_nothing() {
                 spec: spec(1, 128),
                 no_start: false,
                 request_id: String::new(),
+                ..Default::default()
             },
             Code::InvalidArgument,
             "1-63 characters",
@@ -108,6 +112,7 @@ async fn bad_client_requests_are_typed_errors_and_change_nothing() {
                 spec: spec(0, 128),
                 no_start: false,
                 request_id: String::new(),
+                ..Default::default()
             },
             Code::InvalidArgument,
             "between 1 and 64",
@@ -118,6 +123,7 @@ async fn bad_client_requests_are_typed_errors_and_change_nothing() {
                 spec: None,
                 no_start: false,
                 request_id: String::new(),
+                ..Default::default()
             },
             Code::InvalidArgument,
             "between 1 and 64",
@@ -128,6 +134,7 @@ async fn bad_client_requests_are_typed_errors_and_change_nothing() {
                 spec: spec(1, u64::MAX),
                 no_start: false,
                 request_id: String::new(),
+                ..Default::default()
             },
             Code::InvalidArgument,
             "between 16 and",
@@ -138,6 +145,7 @@ async fn bad_client_requests_are_typed_errors_and_change_nothing() {
                 spec: spec(8, 128),
                 no_start: false,
                 request_id: String::new(),
+                ..Default::default()
             },
             Code::ResourceExhausted,
             "no node can fit",
@@ -148,6 +156,7 @@ async fn bad_client_requests_are_typed_errors_and_change_nothing() {
                 spec: spec(1, 128),
                 no_start: false,
                 request_id: String::new(),
+                ..Default::default()
             },
             Code::AlreadyExists,
             "already exists",
@@ -185,6 +194,7 @@ async fn bad_client_requests_are_typed_errors_and_change_nothing() {
         spec: Some(pb::VmSpec { vcpus: 1, memory_mb: 128, disk_gb: 1, labels, ..Default::default() }),
         no_start: false,
         request_id: String::new(),
+        ..Default::default()
     };
     let e = vms.create_vm(big).await.unwrap_err();
     assert_eq!(e.code(), Code::OutOfRange, "{}", e.message());
@@ -257,6 +267,7 @@ async fn client_request_ids_return_the_first_outcome() {
         spec: spec(1, 128),
         no_start: true,
         request_id: id.into(),
+        ..Default::default()
     };
     let first = vms.create_vm(create("web", "req-1")).await.unwrap().into_inner();
     let again = vms.create_vm(create("web", "req-1")).await.unwrap().into_inner();

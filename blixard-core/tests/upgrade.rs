@@ -145,6 +145,7 @@ async fn old_data_dir_keeps_its_state_and_accepts_writes(name: &str) {
             }),
             no_start: false,
             request_id: "gen-web-1".into(),
+            ..Default::default()
         })
         .await
         .expect("a retried old request returns its first outcome")
@@ -159,6 +160,7 @@ async fn old_data_dir_keeps_its_state_and_accepts_writes(name: &str) {
             spec: Some(spec),
             no_start: true,
             request_id: "up-1".into(),
+            ..Default::default()
         })
         .await
         .expect("the upgraded node accepts writes");

@@ -176,7 +176,13 @@ pub async fn write_call(
     let mut c = VmServiceClient::new(connect(via).await?);
     let reply = match write {
         Write::Create { name, spec } => {
-            let req = pb::CreateVmRequest { name, spec: Some(spec), no_start: false, request_id };
+            let req = pb::CreateVmRequest {
+                name,
+                spec: Some(spec),
+                no_start: false,
+                request_id,
+                ..Default::default()
+            };
             c.create_vm(request(req, timeout)).await?.into_inner().vm
         }
         Write::Delete { name } => {
@@ -686,7 +692,13 @@ impl SimCluster {
         let r: Result<pb::Vm, Status> = async {
             let mut c = VmServiceClient::new(connect(via).await?);
             let req = request(
-                pb::CreateVmRequest { name, spec: Some(spec), no_start: false, request_id: String::new() },
+                pb::CreateVmRequest {
+                    name,
+                    spec: Some(spec),
+                    no_start: false,
+                    request_id: String::new(),
+                    ..Default::default()
+                },
                 WRITE_TIMEOUT,
             );
             c.create_vm(req).await?.into_inner().vm.ok_or_else(|| Status::internal("reply without a VM"))

@@ -18,11 +18,11 @@ use tonic::{Request, Response, Status};
 
 use super::raft_service::RaftGrpc;
 use super::{ApiError, NodeError, NodeShared};
-use crate::command::{Command, CommandOutput, RequestId};
+use crate::command::{Command, CommandOutput, NewVm, RequestId};
 use crate::raft::network::{PeerChannels, MAX_MESSAGE_BYTES};
 use crate::types::{
-    BootSpec, NodeId, NodeRecord, QuotaLimits, Ratio, Resources, RestartPolicy, Strategy, TenantUsage,
-    VmRecord, VmSpec,
+    BootSpec, Constraint, NodeId, NodeRecord, Placement, QuotaLimits, Ratio, Resources, RestartPolicy,
+    Strategy, TenantUsage, VmRecord, VmSpec, DEFAULT_PRIORITY, MAX_PRIORITY,
 };
 
 /// Marks a request a follower already forwarded to the leader.
@@ -147,7 +147,45 @@ pub fn vm_pb(v: &VmRecord) -> pb::Vm {
         restarts: v.runtime.restarts,
         reason: v.runtime.reason.clone(),
         generation: v.generation,
+        placement: Some(placement_pb(&v.placement)),
+        queued_at: v.queued_at,
+        preempted_by: v.preempted_by.clone(),
     }
+}
+
+pub fn placement_pb(p: &Placement) -> pb::Placement {
+    pb::Placement {
+        node_id: p.node,
+        constraints: p.constraints.iter().map(ToString::to_string).collect(),
+        anti_affinity: p.anti_affinity.clone(),
+        spread_by: p.spread_by.clone(),
+        priority: Some(u32::from(p.priority)),
+    }
+}
+
+/// A placement from the API; validated further with the command.
+pub fn placement_from_pb(p: Option<pb::Placement>) -> Result<Placement, ApiError> {
+    let p = p.unwrap_or_default();
+    let mut constraints = Vec::with_capacity(p.constraints.len());
+    for c in &p.constraints {
+        constraints.push(Constraint::parse(c).ok_or_else(|| {
+            ApiError::Invalid(format!("invalid constraint {c:?}: KEY=VALUE or KEY!=VALUE"))
+        })?);
+    }
+    let priority = match p.priority {
+        None => DEFAULT_PRIORITY,
+        Some(n) => u8::try_from(n)
+            .ok()
+            .filter(|n| *n <= MAX_PRIORITY)
+            .ok_or_else(|| ApiError::Invalid(format!("invalid priority {n}: 0-{MAX_PRIORITY}")))?,
+    };
+    Ok(Placement {
+        node: p.node_id,
+        constraints,
+        anti_affinity: p.anti_affinity,
+        spread_by: p.spread_by,
+        priority,
+    })
 }
 
 pub fn node_pb(n: &NodeRecord, vm_count: u64) -> pb::NodeInfo {
@@ -459,6 +497,7 @@ impl VmApi {
             CommandOutput::VmCreated { name, .. }
             | CommandOutput::VmDeleted { name, .. }
             | CommandOutput::VmDesired { name, .. } => name.as_str(),
+            CommandOutput::VmsCreated { vms } if vms.len() == 1 => vms[0].name.as_str(),
             _ => return Err(Status::internal("a VM write produced no VM")),
         };
         // The write succeeded. A retry under the same request id returns
@@ -490,6 +529,22 @@ async fn write(node: &NodeShared, cmd: Command, request_id: &str) -> Result<supe
     let request =
         RequestId::from_client_opt(request_id).map_err(|e| ApiError::from(e).into_write_status())?;
     node.propose_with(cmd, request).await.map_err(ApiError::into_write_status)
+}
+
+/// Where each VM of a `CreateVms` went.
+fn placed_pb(out: CommandOutput) -> Vec<pb::PlacedVm> {
+    match out {
+        CommandOutput::VmsCreated { vms } => vms
+            .into_iter()
+            .map(|v| pb::PlacedVm {
+                queued: v.node_id == 0,
+                name: v.name,
+                node_id: v.node_id,
+                preempted: v.preempted,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 pub fn spec_from_pb(spec: Option<pb::VmSpec>) -> Result<VmSpec, ApiError> {
@@ -527,8 +582,53 @@ impl VmService for VmApi {
     ) -> Result<Response<pb::VmResponse>, Status> {
         let req = request.into_inner();
         let spec = spec_from_pb(req.spec).map_err(ApiError::into_write_status)?;
-        let cmd = Command::CreateVm { name: req.name, spec, start: !req.no_start };
+        let placement = placement_from_pb(req.placement).map_err(ApiError::into_write_status)?;
+        let vm = NewVm { name: req.name, spec, placement };
+        let cmd = Command::CreateVms { vms: vec![vm], start: !req.no_start, queue: req.queue };
         self.write_vm(cmd, &req.request_id).await
+    }
+
+    async fn create_vms(
+        &self,
+        request: Request<pb::CreateVmsRequest>,
+    ) -> Result<Response<pb::CreateVmsResponse>, Status> {
+        let req = request.into_inner();
+        let mut vms = Vec::with_capacity(req.vms.len());
+        for v in req.vms {
+            let spec = spec_from_pb(v.spec).map_err(ApiError::into_write_status)?;
+            let placement = placement_from_pb(v.placement).map_err(ApiError::into_write_status)?;
+            vms.push(NewVm { name: v.name, spec, placement });
+        }
+        let cmd = Command::CreateVms { vms, start: !req.no_start, queue: req.queue };
+        if req.dry_run {
+            // Input errors first, as a real create would report them.
+            cmd.validate().map_err(|e| ApiError::from(e).into_write_status())?;
+            self.read_barrier(pb::Consistency::Linearizable as i32).await?;
+            let state = &self.node.state;
+            let explanation = match &cmd {
+                Command::CreateVms { vms, .. } => state.explain(&vms[0]),
+                _ => String::new(),
+            };
+            let out =
+                state.dry_run(&cmd, super::now_ms()).map_err(|e| ApiError::from(e).into_write_status())?;
+            return Ok(Response::new(pb::CreateVmsResponse {
+                placed: placed_pb(out),
+                dry_run: true,
+                explanation,
+                index: 0,
+            }));
+        }
+        let explanation = match &cmd {
+            Command::CreateVms { vms, .. } if vms.len() == 1 => self.node.state.explain(&vms[0]),
+            _ => String::new(),
+        };
+        let applied = self.write(cmd, &req.request_id).await?;
+        Ok(Response::new(pb::CreateVmsResponse {
+            placed: placed_pb(applied.output),
+            dry_run: false,
+            explanation,
+            index: applied.index,
+        }))
     }
 
     async fn get_vm(&self, request: Request<pb::GetVmRequest>) -> Result<Response<pb::VmResponse>, Status> {

@@ -204,12 +204,12 @@ impl From<ApiError> for tonic::Status {
                 CommandError::VmNotFound { .. }
                 | CommandError::UnknownNode { .. }
                 | CommandError::NoQuota { .. } => Code::NotFound,
-                CommandError::NoCapacity { .. } | CommandError::QuotaExceeded { .. } => {
-                    Code::ResourceExhausted
-                }
-                CommandError::CapacityBelowAllocated { .. } | CommandError::BatchFailed { .. } => {
-                    Code::FailedPrecondition
-                }
+                CommandError::NoCapacity { .. }
+                | CommandError::NoFit { .. }
+                | CommandError::QuotaExceeded { .. } => Code::ResourceExhausted,
+                CommandError::CapacityBelowAllocated { .. }
+                | CommandError::BreaksConstraint { .. }
+                | CommandError::BatchFailed { .. } => Code::FailedPrecondition,
             },
             ApiError::Invalid(_) => Code::InvalidArgument,
             ApiError::NotFound(_) => Code::NotFound,
@@ -223,7 +223,7 @@ impl From<ApiError> for tonic::Status {
         };
         let reason = match &e {
             ApiError::Command(c) => match c.root() {
-                CommandError::NoCapacity { .. } => Some("capacity"),
+                CommandError::NoCapacity { .. } | CommandError::NoFit { .. } => Some("capacity"),
                 CommandError::QuotaExceeded { .. } => Some("quota"),
                 _ => None,
             },

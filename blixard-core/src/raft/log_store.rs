@@ -143,7 +143,7 @@ type Step = fn(&redb::WriteTransaction) -> Result<(), OpenError>;
 
 /// `STEPS[v]` converts a database of version `v` to `v + 1`; one per
 /// version below [`format::CURRENT`], or this does not compile.
-const STEPS: [Step; format::CURRENT as usize] = [v0_to_v1, v1_to_v2];
+const STEPS: [Step; format::CURRENT as usize] = [v0_to_v1, v1_to_v2, v2_to_v3];
 
 /// Version 1 only records the version: entries, vote, committed and purge
 /// marks keep version 0's encoding.
@@ -154,6 +154,13 @@ fn v0_to_v1(_: &redb::WriteTransaction) -> Result<(), OpenError> {
 /// Version 2 only appended command variants: every version-1 entry is a
 /// valid version-2 entry.
 fn v1_to_v2(_: &redb::WriteTransaction) -> Result<(), OpenError> {
+    Ok(())
+}
+
+/// Version 3 changed the state image's VM records (read by
+/// `decode_image`), and appended the `CreateVms` command and new results:
+/// every version-2 entry is a valid version-3 entry.
+fn v2_to_v3(_: &redb::WriteTransaction) -> Result<(), OpenError> {
     Ok(())
 }
 

@@ -122,12 +122,14 @@ pub enum ImageError {
 
 /// Decodes a state image of any version this build reads, converting older
 /// ones: versions 0 (no header) and 1 share a layout whose node records
-/// predate reservations and overcommit.
+/// predate reservations and overcommit; version 2's VM records predate
+/// placement rules.
 pub fn decode_image(what: &str, bytes: &[u8]) -> Result<StateImage, ImageError> {
     let (version, body) = format::split_header(what, bytes)?;
     let bad = |e: codec::CodecError| ImageError::Decode { what: what.to_string(), reason: e.to_string() };
     match version {
         0 | 1 => Ok(codec::decode_trusted::<legacy::StateImageV1>(body).map_err(bad)?.into()),
+        2 => Ok(codec::decode_trusted::<legacy::StateImageV2>(body).map_err(bad)?.into()),
         _ => codec::decode_trusted(body).map_err(bad),
     }
 }
