@@ -128,16 +128,16 @@ fn bump<K: std::hash::Hash + Eq + Clone>(map: &mut HashMap<K, u32>, key: &K, add
 
 /// Adds or removes one placed VM of `key` on `node` in a per-key count.
 fn count_on(map: &mut HashMap<String, HashMap<NodeId, u32>>, key: &str, node: NodeId, add: bool) {
-    match map.get_mut(key) {
-        Some(per_node) => {
-            if bump(per_node, &node, add) && per_node.is_empty() {
-                map.remove(key);
-            }
-        }
+    let emptied = match map.get_mut(key) {
+        Some(per_node) => bump(per_node, &node, add) && per_node.is_empty(),
         None if add => {
             map.entry(key.to_string()).or_default().insert(node, 1);
+            false
         }
-        None => {}
+        None => false,
+    };
+    if emptied {
+        map.remove(key);
     }
 }
 
@@ -380,7 +380,9 @@ impl Scheduler {
         let group = self.group(req);
         let mut ids: Vec<NodeId> = self.free.iter().map(|&(_, id)| id).collect();
         ids.sort_unstable();
-        let mut best: Option<((usize, u64, NodeId), Vec<Arc<str>>)> = None;
+        // ((victims, their priority sum, node), victims)
+        type Ranked = ((usize, u64, NodeId), Vec<Arc<str>>);
+        let mut best: Option<Ranked> = None;
         for id in ids {
             match self.check(id, req, group) {
                 Err(Filter::Memory | Filter::Vcpus | Filter::Disk) => {}

@@ -1129,6 +1129,165 @@ mod tests {
         }
     }
 
+    /// A `CreateVms` of one VM with placement rules.
+    fn create_with(name: &str, mem: u64, placement: Placement, queue: bool) -> Command {
+        let spec = VmSpec { vcpus: 1, memory_mb: mem, disk_gb: 1, ..Default::default() };
+        Command::CreateVms { vms: vec![NewVm { name: name.into(), spec, placement }], start: true, queue }
+    }
+
+    fn prio(priority: u8) -> Placement {
+        Placement { priority, ..Default::default() }
+    }
+
+    fn node_of(s: &ClusterState, name: &str) -> Option<(NodeId, ObservedState)> {
+        s.with_vm(name, |v| (v.node_id, v.observed))
+    }
+
+    #[test]
+    fn the_queue_is_work_conserving_and_ordered() {
+        let s = state_with_nodes(); // node 1: 1024 MiB, node 2: 2048 MiB
+        s.apply(&p(create_with("big", 2048, prio(50), false)), 3).unwrap();
+        s.apply(&p(create_with("mid", 1024, prio(50), false)), 4).unwrap();
+        // Full: without --queue a clear refusal, with it a queued VM.
+        let e = s.apply(&p(create_with("q-low", 512, prio(10), false)), 5).unwrap_err();
+        assert!(matches!(e, CommandError::NoFit { .. }), "{e}");
+        assert!(e.to_string().contains("2 nodes; 2 lack memory"), "{e}");
+        s.apply(&p(create_with("q-low", 512, prio(10), true)), 6).unwrap();
+        s.apply(&p(create_with("q-old", 1024, prio(50), true)), 7).unwrap();
+        s.apply(&p(create_with("q-new", 1024, prio(50), true)), 8).unwrap();
+        assert_eq!(node_of(&s, "q-low"), Some((0, ObservedState::Queued)));
+        s.check_invariants().unwrap();
+        // Capacity appears: highest priority, then oldest, first. 1024 MiB
+        // on node 1 takes q-old; q-new and q-low wait.
+        s.apply(&p(Command::DeleteVm { name: "mid".into() }), 9).unwrap();
+        assert_eq!(node_of(&s, "q-old"), Some((1, ObservedState::Pending)));
+        assert_eq!(node_of(&s, "q-new").map(|n| n.0), Some(0));
+        s.check_invariants().unwrap();
+        // 2048 MiB on node 2: q-new (1024) then q-low (512) both fit.
+        s.apply(&p(Command::DeleteVm { name: "big".into() }), 10).unwrap();
+        assert_eq!(node_of(&s, "q-new").map(|n| n.0), Some(2));
+        assert_eq!(node_of(&s, "q-low").map(|n| n.0), Some(2));
+        s.check_invariants().unwrap();
+        // A node that grows drains the queue too; stopping a queued VM takes
+        // it out of the queue, starting it again puts it back.
+        s.apply(&p(create_with("later", 2048, prio(50), true)), 11).unwrap();
+        s.apply(&p(Command::StopVm { name: "later".into() }), 12).unwrap();
+        assert_eq!(node_of(&s, "later"), Some((0, ObservedState::Stopped)));
+        s.apply(&p(Command::StartVm { name: "later".into() }), 13).unwrap();
+        assert_eq!(node_of(&s, "later"), Some((0, ObservedState::Queued)));
+        s.apply(&p(register(3, 4, 4096)), 14).unwrap();
+        assert_eq!(node_of(&s, "later"), Some((3, ObservedState::Pending)));
+        s.check_invariants().unwrap();
+        let other = ClusterState::new();
+        other.restore(s.image());
+        other.check_invariants().unwrap();
+        assert_eq!(other.digest(), s.digest());
+    }
+
+    #[test]
+    fn preemption_queues_lower_priorities_and_undoes_in_a_failed_batch() {
+        let s = state_with_nodes();
+        s.apply(&p(create_with("low-a", 1024, prio(10), false)), 3).unwrap();
+        s.apply(&p(create_with("low-b", 1024, prio(20), false)), 4).unwrap();
+        s.apply(&p(create_with("low-c", 1024, prio(10), false)), 5).unwrap();
+        let before = s.image();
+        // Equal priority never preempts.
+        let e = s.apply(&p(create_with("peer", 1024, prio(10), false)), 6).unwrap_err();
+        assert!(e.is_no_capacity(), "{e}");
+        // A failed batch gives back the evicted VMs where they were.
+        let batch = Command::Batch(vec![
+            create_with("vip", 1024, prio(90), false),
+            Command::DeleteVm { name: "nope".into() },
+        ]);
+        assert!(s.apply(&p(batch), 7).is_err());
+        assert_eq!(s.image(), before);
+        let out = s.apply(&p(create_with("vip", 1024, prio(90), false)), 8).unwrap();
+        let CommandOutput::VmsCreated { vms } = out else { panic!("{out:?}") };
+        // Node 1 holds low-b (20), node 2 low-a and low-c (10, created at
+        // the same time: by name). One victim either way; the lower priority
+        // wins: low-a, from node 2.
+        assert_eq!(vms[0].preempted, ["low-a"], "{vms:?}");
+        assert_eq!(vms[0].node_id, 2);
+        let victim = "low-a";
+        assert_eq!(
+            s.with_vm(victim, |v| (v.node_id, v.observed, v.preempted_by.clone())),
+            Some((0, ObservedState::Queued, "vip".to_string()))
+        );
+        s.check_invariants().unwrap();
+        // The victim is placed again as soon as room appears.
+        s.apply(&p(Command::DeleteVm { name: "vip".into() }), 9).unwrap();
+        assert_ne!(s.with_vm(victim, |v| v.node_id), Some(0));
+        s.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn node_changes_may_not_break_constraints() {
+        let s = state_with_nodes();
+        s.apply(&p(set_node(1, None, &[("zone", "eu")], &[])), 3).unwrap();
+        let eu = Placement {
+            constraints: vec![crate::types::Constraint::parse("zone=eu").unwrap()],
+            ..Default::default()
+        };
+        let out = s.apply(&p(create_with("e", 128, eu.clone(), false)), 4).unwrap();
+        assert!(matches!(&out, CommandOutput::VmsCreated { vms } if vms[0].node_id == 1), "{out:?}");
+        let before = s.image();
+        let e = s.apply(&p(set_node(1, None, &[], &["zone"])), 5).unwrap_err();
+        assert!(matches!(e, CommandError::BreaksConstraint { id: 1, .. }), "{e}");
+        assert!(e.to_string().contains("zone=eu"), "{e}");
+        let e = s.apply(&p(set_node(1, None, &[("zone", "us")], &[])), 6).unwrap_err();
+        assert!(matches!(e, CommandError::BreaksConstraint { .. }), "{e}");
+        assert_eq!(s.image(), before);
+        // A queued VM waiting for a label is placed when a node gets it.
+        s.apply(&p(create_with("e2", 128, eu.clone(), false)), 7).unwrap();
+        let us = Placement {
+            constraints: vec![crate::types::Constraint::parse("zone=us").unwrap()],
+            ..Default::default()
+        };
+        s.apply(&p(create_with("u", 128, us, true)), 8).unwrap();
+        assert_eq!(node_of(&s, "u").map(|n| n.0), Some(0));
+        s.apply(&p(set_node(2, None, &[("zone", "us")], &[])), 9).unwrap();
+        assert_eq!(node_of(&s, "u").map(|n| n.0), Some(2));
+        // Pinning to an unknown node is an error even with --queue.
+        let pinned = Placement { node: 9, ..Default::default() };
+        let e = s.apply(&p(create_with("pin", 128, pinned, true)), 10).unwrap_err();
+        assert!(matches!(e, CommandError::UnknownNode { id: 9 }), "{e}");
+        s.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn create_vms_is_all_or_nothing_unless_queued_and_dry_runs_change_nothing() {
+        let s = state_with_nodes();
+        let vms = |queue| Command::CreateVms {
+            vms: (1..=4)
+                .map(|i| NewVm {
+                    name: format!("w-{i}"),
+                    spec: VmSpec { vcpus: 1, memory_mb: 128, disk_gb: 1, ..Default::default() },
+                    placement: Placement { anti_affinity: "w".into(), ..Default::default() },
+                })
+                .collect(),
+            start: true,
+            queue,
+        };
+        let before = s.image();
+        let dry = s.dry_run(&vms(false), 1);
+        let e = dry.unwrap_err();
+        assert!(
+            e.to_string().contains("by anti-affinity group w")
+                || e.to_string().contains("excluded by anti-affinity group w"),
+            "{e}"
+        );
+        assert_eq!(s.image(), before, "a dry run changes nothing");
+        assert!(s.apply(&p(vms(false)), 3).is_err());
+        assert_eq!(s.image(), before, "all or nothing");
+        let out = s.dry_run(&vms(true), 1).unwrap();
+        assert_eq!(s.image(), before, "a dry run changes nothing");
+        let CommandOutput::VmsCreated { vms: placed } = out else { panic!() };
+        let nodes: Vec<NodeId> = placed.iter().map(|v| v.node_id).collect();
+        assert_eq!(nodes, [2, 1, 0, 0]);
+        assert_eq!(s.apply(&p(vms(true)), 4).unwrap(), CommandOutput::VmsCreated { vms: placed });
+        s.check_invariants().unwrap();
+    }
+
     #[test]
     fn reservation_and_overcommit_set_what_placement_may_use() {
         let s = ClusterState::new();

@@ -148,7 +148,7 @@ async fn bad_client_requests_are_typed_errors_and_change_nothing() {
                 ..Default::default()
             },
             Code::ResourceExhausted,
-            "no node can fit",
+            "no node fits",
         ),
         (
             pb::CreateVmRequest {

@@ -90,8 +90,12 @@ async fn a_v2_data_dir_keeps_its_state_and_accepts_writes() {
     old_data_dir_keeps_its_state_and_accepts_writes("datadir-v2").await
 }
 
+/// Quotas (tenant, VM limit), strategy, node 1's `rack` label and
+/// allocatable vCPUs.
+type Format2State = (Vec<(String, Option<u64>)>, &'static str, Option<String>, u32);
+
 /// What format 2 added to the fixture: a quota, binpack, a node override.
-fn format_2_state(node: &Node) -> (Vec<(String, Option<u64>)>, &'static str, Option<String>, u32) {
+fn format_2_state(node: &Node) -> Format2State {
     let state = &node.shared().state;
     let quotas = state.quotas().into_iter().map(|(t, q, _)| (t, q.vms)).collect();
     let rack = state.with_node(1, |n| n.labels.get("rack").cloned()).flatten();
@@ -104,6 +108,12 @@ async fn old_data_dir_keeps_its_state_and_accepts_writes(name: &str) {
     let (node, mut client) = start(dir.path()).await;
 
     let before = vms(&node);
+    let mut placements = Vec::new();
+    node.shared().state.for_each_vm(|v| placements.push((v.placement.clone(), v.queued_at)));
+    assert!(
+        placements.iter().all(|p| *p == (Default::default(), 0)),
+        "VMs from before placement rules get the default placement"
+    );
     let names: Vec<&str> = before.keys().map(String::as_str).collect();
     assert_eq!(
         names,
