@@ -568,31 +568,45 @@ impl Client {
         self.members.len() == 1
     }
 
-    /// Creates a VM; returns it with the write's log index.
-    pub async fn create_vm(
+    /// Creates VMs (one without `--count`) under the request's id: where
+    /// each went, and the write's log index.
+    pub async fn create_vms(&mut self, r: pb::CreateVmsRequest) -> Result<pb::CreateVmsResponse, Failure> {
+        let id = r.request_id.clone();
+        self.write_or_fail(&id, |mut c| {
+            let r = req(r.clone(), WRITE_DEADLINE);
+            async move { c.vms.create_vms(r).await }
+        })
+        .await
+    }
+
+    /// What `r` (with `dry_run` set) would do. Changes nothing, so it is
+    /// safe to repeat on any member, like a read.
+    pub async fn create_vms_dry_run(
         &mut self,
-        name: String,
-        spec: pb::VmSpec,
-        no_start: bool,
-        request_id: &str,
-    ) -> Result<(Option<pb::Vm>, u64), Failure> {
-        let r = self
-            .write(|mut c| {
-                let r = req(
-                    pb::CreateVmRequest {
-                        name: name.clone(),
-                        spec: Some(spec.clone()),
-                        no_start,
-                        request_id: request_id.to_string(),
-                        ..Default::default()
-                    },
-                    WRITE_DEADLINE,
-                );
-                async move { c.vms.create_vm(r).await }
-            })
-            .await
-            .map_err(|e| e.into_failure(request_id))?;
-        written(r)
+        r: pb::CreateVmsRequest,
+    ) -> Result<pb::CreateVmsResponse, Failure> {
+        debug_assert!(r.dry_run);
+        self.read(READ_DEADLINE, |mut c| {
+            let r = req(r.clone(), READ_DEADLINE);
+            async move { c.vms.create_vms(r).await }
+        })
+        .await
+    }
+
+    /// The VM named `name`, or `None` if there is none.
+    pub async fn find_vm(&mut self, name: String) -> Result<Option<pb::Vm>, Failure> {
+        self.read(READ_DEADLINE, |mut c| {
+            let r =
+                req(pb::GetVmRequest { name: name.clone(), consistency: consistency(false) }, READ_DEADLINE);
+            async move {
+                match c.vms.get_vm(r).await {
+                    Ok(r) => Ok(Response::new(r.into_inner().vm)),
+                    Err(s) if s.code() == Code::NotFound => Ok(Response::new(None)),
+                    Err(s) => Err(s),
+                }
+            }
+        })
+        .await
     }
 
     pub async fn get_vm(&mut self, name: String, stale: bool) -> Result<pb::Vm, Failure> {

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use blixard_proto as pb;
 
 use crate::client::{Client, Desire};
+use crate::output::node_cell;
 use crate::{Failure, WaitOpts};
 
 const POLL: Duration = Duration::from_millis(100);
@@ -67,7 +68,7 @@ pub async fn wait_for(
                 eprintln!(
                     "{name}: {} (node {}, {:.1}s)",
                     vm.observed,
-                    vm.node_id,
+                    node_cell(vm.node_id),
                     started.elapsed().as_secs_f64()
                 );
             }
@@ -103,7 +104,7 @@ pub fn gone(name: &str, what: &str, id: &str) -> Result<(), Failure> {
 }
 
 fn done(vm: &pb::Vm, what: &str) -> Result<(), Failure> {
-    println!("VM {} {what} (node {}, observed: {})", vm.name, vm.node_id, vm.observed);
+    println!("VM {} {what} (node {}, observed: {})", vm.name, node_cell(vm.node_id), vm.observed);
     Ok(())
 }
 

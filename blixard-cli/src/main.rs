@@ -2,6 +2,7 @@
 //! a cluster through its gRPC API (everything else).
 mod bench;
 mod client;
+mod create;
 mod lifecycle;
 mod local;
 mod output;
@@ -222,47 +223,9 @@ impl WriteOpts {
 
 #[derive(Subcommand)]
 enum VmCmd {
-    /// Create a VM; the cluster places it on the node with the most free memory.
-    Create {
-        name: String,
-        #[arg(long, default_value_t = 1)]
-        vcpus: u32,
-        /// Memory in MiB (the default guest image needs at least 80).
-        #[arg(long, default_value_t = 128)]
-        memory: u64,
-        /// Disk in GiB.
-        #[arg(long, default_value_t = 1)]
-        disk: u64,
-        /// Label KEY=VALUE (repeatable).
-        #[arg(long = "label", value_parser = parse_label)]
-        labels: Vec<(String, String)>,
-        #[arg(long, default_value = "")]
-        tenant: String,
-        /// Start it right away (the default).
-        #[arg(long, overrides_with = "no_start")]
-        start: bool,
-        /// Create it stopped.
-        #[arg(long)]
-        no_start: bool,
-        /// What the node does when it stops running: never, on-failure, always.
-        #[arg(long, default_value = "on-failure")]
-        restart: String,
-        /// Guest kernel (absolute path on the node; default: the built-in image).
-        #[arg(long, default_value = "")]
-        kernel: String,
-        /// Guest initrd (absolute path on the node; needs --kernel).
-        #[arg(long, default_value = "")]
-        initrd: String,
-        /// Extra kernel command line.
-        #[arg(long, default_value = "")]
-        cmdline: String,
-        #[command(flatten)]
-        wait: WaitOpts,
-        #[command(flatten)]
-        write: WriteOpts,
-        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
-        format: Format,
-    },
+    /// Create a VM (or --count N of them); the cluster places each by the
+    /// scheduler's strategy and the VM's placement rules.
+    Create(Box<create::CreateArgs>),
     /// Show one VM.
     Get {
         name: String,
@@ -494,48 +457,12 @@ async fn cluster(addr: &str, cmd: ClusterCmd) -> Result<(), Failure> {
 async fn vm(addr: &str, cmd: VmCmd) -> Result<(), Failure> {
     let mut c = client::Client::new(client::parse_members(addr)?);
     match cmd {
-        VmCmd::Create {
-            name,
-            vcpus,
-            memory,
-            disk,
-            labels,
-            tenant,
-            start: _,
-            no_start,
-            restart,
-            kernel,
-            initrd,
-            cmdline,
-            wait,
-            write,
-            format,
-        } => {
-            let id = write.id()?;
-            let spec = blixard_proto::VmSpec {
-                vcpus,
-                memory_mb: memory,
-                disk_gb: disk,
-                labels: labels.into_iter().collect(),
-                tenant,
-                restart_policy: restart,
-                kernel,
-                initrd,
-                cmdline,
-            };
-            let (vm, index) = c.create_vm(name.clone(), spec, no_start, &id).await?;
-            let Some(vm) = vm else { return lifecycle::gone(&name, "create", &id) };
-            let vm = if wait.wait {
-                lifecycle::wait_for(&mut c, &name, lifecycle::Goal::of(&vm), wait, index).await?
-            } else {
-                vm
-            };
-            output::vm(&vm, format)
-        }
+        VmCmd::Create(args) => create::run(&mut c, *args).await,
         VmCmd::Get { name, read } => output::vm(&c.get_vm(name, read.stale).await?, read.format),
         VmCmd::Status { name, read } => {
             let vm = c.get_vm(name.clone(), read.stale).await?;
-            let local = lifecycle::local_view(&mut c, &vm).await;
+            // An unplaced (queued) VM is on no node to ask.
+            let local = if vm.node_id == 0 { None } else { lifecycle::local_view(&mut c, &vm).await };
             output::vm_status(&vm, local.as_ref(), read.format)
         }
         VmCmd::List { node, read } => {

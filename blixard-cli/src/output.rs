@@ -252,7 +252,64 @@ pub fn vm_json(v: &pb::Vm) -> Value {
         "restarts": v.restarts,
         "reason": v.reason,
         "generation": v.generation,
+        "placement": placement_json(v.placement.as_ref()),
+        "queued_at": if v.queued_at == 0 { Value::Null } else { json!(v.queued_at) },
+        "preempted_by": v.preempted_by,
     })
+}
+
+/// A VM's placement rules: `node_id` null unless pinned, `anti_affinity`
+/// and `spread_by` empty when unset.
+pub fn placement_json(p: Option<&pb::Placement>) -> Value {
+    let p = p.cloned().unwrap_or_default();
+    json!({
+        "node_id": if p.node_id == 0 { Value::Null } else { json!(p.node_id) },
+        "constraints": p.constraints,
+        "anti_affinity": p.anti_affinity,
+        "spread_by": p.spread_by,
+        "priority": priority(&p),
+    })
+}
+
+fn priority(p: &pb::Placement) -> u32 {
+    p.priority.unwrap_or(u32::from(blixard_core::types::DEFAULT_PRIORITY))
+}
+
+/// The placement rules in one line ("-" when there are none besides the
+/// default priority).
+fn placement_text(p: Option<&pb::Placement>) -> String {
+    let p = p.cloned().unwrap_or_default();
+    let mut parts = Vec::new();
+    if p.node_id != 0 {
+        parts.push(format!("node {}", p.node_id));
+    }
+    parts.extend(p.constraints.iter().cloned());
+    if !p.anti_affinity.is_empty() {
+        parts.push(format!("anti-affinity {}", p.anti_affinity));
+    }
+    if !p.spread_by.is_empty() {
+        parts.push(format!("spread by {}", p.spread_by));
+    }
+    parts.push(format!("priority {}", priority(&p)));
+    parts.join(", ")
+}
+
+/// A VM's node for tables: "-" when it is on none (queued or unplaced).
+pub fn node_cell(id: u64) -> String {
+    if id == 0 {
+        "-".into()
+    } else {
+        id.to_string()
+    }
+}
+
+/// The observed state, with the preemptor when it was preempted.
+fn observed_cell(v: &pb::Vm) -> String {
+    if v.preempted_by.is_empty() {
+        v.observed.clone()
+    } else {
+        format!("{} (preempted by {})", v.observed, v.preempted_by)
+    }
 }
 
 /// How long the VM has been running, if it is.
@@ -289,9 +346,16 @@ pub fn vm_status(v: &pb::Vm, local: Option<&pb::LocalVmResponse>, format: Format
     }
     let spec = v.spec.clone().unwrap_or_default();
     println!("name:      {}", v.name);
-    println!("node:      {}", v.node_id);
+    println!("node:      {}", node_cell(v.node_id));
     println!("desired:   {}", v.desired);
     println!("observed:  {}", v.observed);
+    if v.queued_at != 0 {
+        println!("queued:    since log index {}; placed when capacity appears", v.queued_at);
+    }
+    if !v.preempted_by.is_empty() {
+        println!("preempted: by {} (the last time it was evicted)", v.preempted_by);
+    }
+    println!("placement: {}", placement_text(v.placement.as_ref()));
     if !v.reason.is_empty() {
         println!("reason:    {}", v.reason);
     }
@@ -317,6 +381,7 @@ pub fn vm_status(v: &pb::Vm, local: Option<&pb::LocalVmResponse>, format: Format
             if l.reason.is_empty() { String::new() } else { format!(": {}", l.reason) }
         ),
         Some(l) => println!("on node {}: no trace of it", l.node_id),
+        None if v.node_id == 0 => println!("on no node: not placed"),
         None => println!("on node {}: unreachable", v.node_id),
     }
     Ok(())
@@ -326,12 +391,12 @@ fn vm_row(v: &pb::Vm) -> Vec<String> {
     let spec = v.spec.clone().unwrap_or_default();
     vec![
         v.name.clone(),
-        v.node_id.to_string(),
+        node_cell(v.node_id),
         spec.vcpus.to_string(),
         spec.memory_mb.to_string(),
         spec.disk_gb.to_string(),
         v.desired.clone(),
-        v.observed.clone(),
+        observed_cell(v),
         uptime(v).map(human).unwrap_or_else(|| "-".into()),
         v.restarts.to_string(),
     ]
@@ -359,5 +424,117 @@ pub fn vms(list: &[pb::Vm], format: Format) -> Result<(), Failure> {
         t.add_row(vm_row(v));
     }
     println!("{t}");
+    Ok(())
+}
+
+/// Where one VM of a create went (or would go), as JSON.
+pub fn placed_json(p: &pb::PlacedVm) -> Value {
+    json!({ "name": p.name, "node_id": p.node_id, "queued": p.queued, "preempted": p.preempted })
+}
+
+/// What became of a VM that fits nowhere: queued to run, or (created
+/// stopped) simply left without a node.
+fn unplaced_word(no_start: bool) -> &'static str {
+    if no_start {
+        "unplaced"
+    } else {
+        "queued"
+    }
+}
+
+fn placed_table(r: &pb::CreateVmsResponse, no_start: bool) -> Table {
+    let mut t = table(&["NAME", "NODE", "STATE", "PREEMPTED"]);
+    for p in &r.placed {
+        t.add_row(vec![
+            p.name.clone(),
+            node_cell(p.node_id),
+            if p.queued { unplaced_word(no_start) } else { "placed" }.to_string(),
+            if p.preempted.is_empty() { "-".to_string() } else { p.preempted.join(",") },
+        ]);
+    }
+    t
+}
+
+/// Notes under a create's placements: what queued and preempted mean.
+fn placed_notes(placed: &[pb::PlacedVm], no_start: bool) {
+    let queued = placed.iter().filter(|p| p.queued).count();
+    if queued > 0 && no_start {
+        println!("{queued} unplaced: no node fits them now; created stopped, `vm start` queues each");
+    } else if queued > 0 {
+        println!("{queued} queued: no node fits them now; each starts when capacity appears");
+    }
+    let preempted: Vec<&str> = placed.iter().flat_map(|p| &p.preempted).map(String::as_str).collect();
+    if !preempted.is_empty() {
+        println!("{}", preempted_note(&preempted));
+    }
+}
+
+fn preempted_note(names: &[&str]) -> String {
+    format!(
+        "preempted {}: evicted for a higher priority, never deleted; queued until capacity appears unless placed elsewhere (see `blixard vm list`)",
+        names.join(", ")
+    )
+}
+
+/// A dry run's answer: where each VM would go, what it would preempt, and
+/// the scheduler's explanation.
+pub fn placed(r: &pb::CreateVmsResponse, no_start: bool, format: Format) -> Result<(), Failure> {
+    if format == Format::Json {
+        return print_json(&json!({
+            "dry_run": r.dry_run,
+            "placed": r.placed.iter().map(placed_json).collect::<Vec<_>>(),
+            "explanation": r.explanation,
+        }));
+    }
+    let n = r.placed.len();
+    println!("dry run, nothing changed: {n} VM{} would be created", if n == 1 { "" } else { "s" });
+    println!("{}", placed_table(r, no_start));
+    if let Some(first) = r.placed.first() {
+        let whom = if n == 1 { first.name.clone() } else { format!("{}, the first", first.name) };
+        println!("scheduler ({whom}): {}", r.explanation);
+    }
+    Ok(())
+}
+
+/// Where a single created VM went, before its table.
+pub fn placed_note(p: &pb::PlacedVm, no_start: bool) {
+    if !p.queued {
+        println!("VM {} placed on node {}", p.name, p.node_id);
+    } else if no_start {
+        println!("VM {} unplaced: no node fits now; created stopped, `vm start` queues it", p.name);
+    } else {
+        println!("VM {} queued: no node fits now; it starts when capacity appears", p.name);
+    }
+    if !p.preempted.is_empty() {
+        let names: Vec<&str> = p.preempted.iter().map(String::as_str).collect();
+        println!("{}", preempted_note(&names));
+    }
+}
+
+/// A `--count` create: where each VM went and, in JSON, the VMs.
+pub fn created(
+    r: &pb::CreateVmsResponse,
+    vms: &[pb::Vm],
+    no_start: bool,
+    format: Format,
+) -> Result<(), Failure> {
+    if format == Format::Json {
+        return print_json(&json!({
+            "dry_run": false,
+            "placed": r.placed.iter().map(placed_json).collect::<Vec<_>>(),
+            "vms": vms.iter().map(vm_json).collect::<Vec<_>>(),
+        }));
+    }
+    let n = r.placed.len();
+    println!("created {n} VM{}", if n == 1 { "" } else { "s" });
+    println!("{}", placed_table(r, no_start));
+    placed_notes(&r.placed, no_start);
+    if !vms.is_empty() {
+        let mut t = table(&VM_HEADER);
+        for v in vms {
+            t.add_row(vm_row(v));
+        }
+        println!("{t}");
+    }
     Ok(())
 }

@@ -133,7 +133,7 @@ fn three_processes_survive_leader_kill_and_converge() {
     // The CLI's error contract: one line on stderr, exit 2 when nothing fits.
     let big = cli(follower_port, &["vm", "create", "huge", "--vcpus", "64", "--memory", "1000000"]);
     assert_eq!(big.status.code(), Some(2), "{}", String::from_utf8_lossy(&big.stderr));
-    assert!(String::from_utf8_lossy(&big.stderr).starts_with("error: no node fits"));
+    assert!(String::from_utf8_lossy(&big.stderr).starts_with("error: no node fits huge"));
     let bad = cli(follower_port, &["vm", "create", "Not_Valid"]);
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("1-63 characters"));

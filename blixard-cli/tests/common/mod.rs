@@ -52,12 +52,24 @@ pub fn start_node(id: u64, port: u16, dir: &Path, join: Option<u16>) -> Child {
 
 /// [`start_node`] with more `node start` flags.
 pub fn start_node_with(id: u64, port: u16, dir: &Path, join: Option<u16>, extra: &[&str]) -> Child {
+    start_node_sized(id, port, dir, join, ["16", "8192", "100"], extra)
+}
+
+/// [`start_node_with`] offering `[vcpus, memory_mb, disk_gb]`.
+pub fn start_node_sized(
+    id: u64,
+    port: u16,
+    dir: &Path,
+    join: Option<u16>,
+    capacity: [&str; 3],
+    extra: &[&str],
+) -> Child {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.with_extension("log")).unwrap();
     let mut cmd = Command::new(BIN);
     cmd.args(["node", "start", "--id", &id.to_string(), "--bind", &loopback(port)])
         .arg("--data-dir")
         .arg(dir)
-        .args(["--vcpus", "16", "--memory-mb", "8192", "--disk-gb", "100"])
+        .args(["--vcpus", capacity[0], "--memory-mb", capacity[1], "--disk-gb", capacity[2]])
         .args(["--vm-backend", "none"])
         .args(extra)
         .env("RUST_LOG", "info,openraft=warn")
