@@ -618,15 +618,13 @@ impl VmService for VmApi {
                 index: 0,
             }));
         }
-        let explanation = match &cmd {
-            Command::CreateVms { vms, .. } if vms.len() == 1 => self.node.state.explain(&vms[0]),
-            _ => String::new(),
-        };
+        // No explanation here: it costs O(nodes), and a real create is
+        // explained only when it fails (in the error).
         let applied = self.write(cmd, &req.request_id).await?;
         Ok(Response::new(pb::CreateVmsResponse {
             placed: placed_pb(applied.output),
             dry_run: false,
-            explanation,
+            explanation: String::new(),
             index: applied.index,
         }))
     }
