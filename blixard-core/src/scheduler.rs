@@ -130,7 +130,8 @@ fn bump<K: std::hash::Hash + Eq + Clone>(map: &mut HashMap<K, u32>, key: &K, add
 fn count_on(map: &mut HashMap<String, HashMap<NodeId, u32>>, key: &str, node: NodeId, add: bool) {
     match map.get_mut(key) {
         Some(per_node) => {
-            if bump(per_node, &node, add) && per_node.is_empty() {
+            let emptied = bump(per_node, &node, add) && per_node.is_empty();
+            if emptied {
                 map.remove(key);
             }
         }
@@ -380,7 +381,9 @@ impl Scheduler {
         let group = self.group(req);
         let mut ids: Vec<NodeId> = self.free.iter().map(|&(_, id)| id).collect();
         ids.sort_unstable();
-        let mut best: Option<((usize, u64, NodeId), Vec<Arc<str>>)> = None;
+        // ((evictions, sum of their priorities, node), victims)
+        type Plan = ((usize, u64, NodeId), Vec<Arc<str>>);
+        let mut best: Option<Plan> = None;
         for id in ids {
             match self.check(id, req, group) {
                 Err(Filter::Memory | Filter::Vcpus | Filter::Disk) => {}
