@@ -78,9 +78,15 @@ struct Tracked {
     /// A start error that retrying cannot fix (bad configuration).
     permanent: bool,
     running_since: Option<Instant>,
-    /// The last report proposed, to avoid proposing the same one again.
-    reported: Option<(ObservedState, VmRuntime)>,
+    /// The last report proposed, to avoid proposing the same one again, and
+    /// what the state said (observed, runtime) when it was proposed: if the
+    /// state has changed since by some other write (a VM evicted and placed
+    /// back here starts again as `pending`), the report is due again.
+    reported: Option<(Observation, Observation)>,
 }
+
+/// A VM's observed state and runtime, as reported or as the state has them.
+type Observation = (ObservedState, VmRuntime);
 
 /// An action in flight for a VM.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -240,8 +246,11 @@ impl Reconciler {
             let t = self.tracked.get_mut(&w.name).expect("tracked by decide");
             let current = (w.observed, w.runtime.clone());
             let new = (report.observed, report.runtime.clone());
-            if may_report && new != current && t.reported.as_ref() != Some(&new) {
-                t.reported = Some(new);
+            if t.reported.as_ref().is_some_and(|(_, seen)| *seen != current) {
+                t.reported = None;
+            }
+            if may_report && new != current && t.reported.as_ref().map(|(sent, _)| sent) != Some(&new) {
+                t.reported = Some((new, current));
                 reports.push(report);
             } else if new == current {
                 t.reported = None;

@@ -21,7 +21,7 @@ use madsim::runtime::{Handle, NodeHandle};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 
-use crate::model::{Model, Outcome, Told, Trace};
+use crate::model::{CreateReply, CreateReq, Model, Outcome, Told, Trace};
 
 /// Every node listens on this port of its own virtual IP 10.0.0.<id>.
 pub const PORT: u16 = 7420;
@@ -32,6 +32,8 @@ const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 1);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Status and stale reads answer from local state: quick or not at all.
 const READ_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long an operator change is retried before its outcome is left unknown.
+pub const ADMIN_GIVE_UP: Duration = Duration::from_secs(60);
 /// How often waits re-poll the cluster.
 const POLL: Duration = Duration::from_millis(200);
 
@@ -72,6 +74,11 @@ pub struct SimConfig {
     /// [`SimHost`] (all hosts sharing one [`SimWorld`]), so the real
     /// reconciler runs the VMs placed there. On by default.
     pub vm_backends: bool,
+    /// Node labels (the `--label` flags) by node id; unlisted nodes have none.
+    pub labels: BTreeMap<NodeId, BTreeMap<String, String>>,
+    /// Nodes that do not start with the cluster but may join it later
+    /// ([`SimCluster::join_node`]), as ids `nodes + 1 ..`.
+    pub spare_nodes: u64,
 }
 
 impl Default for SimConfig {
@@ -81,6 +88,8 @@ impl Default for SimConfig {
             capacity: Resources::new(256, 512 * 1024, 20_000),
             staggered_start: false,
             vm_backends: true,
+            labels: BTreeMap::new(),
+            spare_nodes: 0,
         }
     }
 }
@@ -111,10 +120,12 @@ pub struct Converged {
 
 pub struct SimCluster {
     nodes: Vec<SimNode>,
+    /// Data dirs of the spare nodes not yet joined, in id order.
+    spare_dirs: std::collections::VecDeque<PathBuf>,
+    config: SimConfig,
     client: NodeHandle,
     /// What all simulated hosts share: who runs what, double runs.
     world: Arc<SimWorld>,
-    vm_backends: bool,
     /// Network faults in force: links clogged (from, to), nodes cut off
     /// from everyone (the client included), nodes paused.
     clogged_links: BTreeSet<(NodeId, NodeId)>,
@@ -123,12 +134,57 @@ pub struct SimCluster {
     pub trace: Trace,
 }
 
-/// An operator change: `node set` or a tenant quota.
+/// An operator change: `node set`, a tenant quota, the placement strategy.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Admin {
-    SetQuota { tenant: String, vcpus: Option<u64>, vms: Option<u64> },
-    DeleteQuota { tenant: String },
-    SetNode { node: NodeId, cpu_overcommit: &'static str, label: (String, String) },
+    SetQuota {
+        tenant: String,
+        limits: pb::QuotaLimits,
+    },
+    DeleteQuota {
+        tenant: String,
+    },
+    /// At least one of the changes must be there (an empty one is invalid).
+    SetNode {
+        node: NodeId,
+        cpu_overcommit: Option<&'static str>,
+        set_labels: Vec<(String, String)>,
+        remove_labels: Vec<String>,
+    },
+    SetScheduler {
+        strategy: &'static str,
+    },
+}
+
+/// Sends one operator change under `request_id` through `via`. Spawn it on
+/// the client node.
+pub async fn admin_call(via: NodeId, change: Admin, request_id: String) -> Result<(), Status> {
+    let mut c = ClusterServiceClient::new(connect(via).await?);
+    match change {
+        Admin::SetQuota { tenant, limits } => {
+            let req = pb::SetQuotaRequest { tenant, limits: Some(limits), request_id };
+            c.set_quota(request(req, WRITE_TIMEOUT)).await.map(|_| ())
+        }
+        Admin::DeleteQuota { tenant } => {
+            let req = pb::DeleteQuotaRequest { tenant, request_id };
+            c.delete_quota(request(req, WRITE_TIMEOUT)).await.map(|_| ())
+        }
+        Admin::SetNode { node, cpu_overcommit, set_labels, remove_labels } => {
+            let req = pb::SetNodeRequest {
+                node_id: node,
+                set_labels: set_labels.into_iter().collect(),
+                remove_labels,
+                cpu_overcommit: cpu_overcommit.unwrap_or_default().to_string(),
+                request_id,
+                ..Default::default()
+            };
+            c.set_node(request(req, WRITE_TIMEOUT)).await.map(|_| ())
+        }
+        Admin::SetScheduler { strategy } => {
+            let req = pb::SetSchedulerRequest { strategy: strategy.to_string(), request_id };
+            c.set_scheduler(request(req, WRITE_TIMEOUT)).await.map(|_| ())
+        }
+    }
 }
 
 /// A client write that carries a request id, as the public API takes it.
@@ -411,67 +467,125 @@ fn request<T>(msg: T, timeout: Duration) -> Request<T> {
     r
 }
 
+/// Builds the madsim node for Blixard node `id` (its init task starts the
+/// real node, and starts it again on every restart), joining through `join`.
+fn spawn_node(
+    config: &SimConfig,
+    world: &Arc<SimWorld>,
+    id: NodeId,
+    dir: PathBuf,
+    join: Option<NodeId>,
+) -> SimNode {
+    let host = SimHost::new(world.clone(), id);
+    let vm_backend = config.vm_backends.then(|| Arc::new(host.backend()) as Arc<dyn VmBackend>);
+    let cfg = NodeConfig {
+        id,
+        bind: node_addr(id),
+        advertise: None,
+        data_dir: dir,
+        join: join.map(|seed| node_addr(seed).to_string()),
+        resources: blixard_core::types::NodeResources::plain(config.capacity),
+        labels: config.labels.get(&id).cloned().unwrap_or_default(),
+        tuning: sim_tuning(),
+        vm_backend,
+        reconciler: sim_reconciler(),
+    };
+    let live = Arc::new(Mutex::new(Weak::new()));
+    let slot = live.clone();
+    // The init task runs at build and again on every restart: the same
+    // config and data dir, like a process started by systemd.
+    let handle = Handle::current()
+        .create_node()
+        .name(format!("n{id}"))
+        .ip(node_addr(id).ip())
+        .init(move || {
+            let cfg = cfg.clone();
+            let slot = slot.clone();
+            async move {
+                let node = Node::start(cfg).await.unwrap_or_else(|e| panic!("n{id} failed to start: {e}"));
+                *slot.lock().unwrap() = Arc::downgrade(node.shared());
+                // Keep the node alive until madsim kills this task.
+                std::future::pending::<()>().await;
+                drop(node);
+            }
+        })
+        .build();
+    SimNode { id, handle, live, up: true, host }
+}
+
 impl SimCluster {
     /// Starts `config.nodes` real Blixard nodes, node 1 bootstrapping and the
     /// others joining through it, plus a client node. Returns at once; use
     /// [`SimCluster::wait_ready`] to wait for the cluster to form.
     pub async fn start(config: SimConfig, data_dirs: Vec<PathBuf>) -> SimCluster {
-        assert_eq!(data_dirs.len() as u64, config.nodes, "one data dir per node");
+        assert_eq!(
+            data_dirs.len() as u64,
+            config.nodes + config.spare_nodes,
+            "one data dir per node, spares included"
+        );
         let handle = Handle::current();
         let client = handle.create_node().name("client").ip(IpAddr::V4(CLIENT_IP)).build();
         let world = SimWorld::new();
+        let mut dirs: std::collections::VecDeque<PathBuf> = data_dirs.into();
         let mut nodes = Vec::new();
-        for (i, dir) in data_dirs.into_iter().enumerate() {
-            let id = i as NodeId + 1;
-            let host = SimHost::new(world.clone(), id);
-            let vm_backend = config.vm_backends.then(|| Arc::new(host.backend()) as Arc<dyn VmBackend>);
+        for id in 1..=config.nodes {
+            let dir = dirs.pop_front().expect("a data dir per node");
             if config.staggered_start && id > 1 {
                 wait_voters(&client, id - 1).await;
             }
-            let cfg = NodeConfig {
-                id,
-                bind: node_addr(id),
-                advertise: None,
-                data_dir: dir,
-                join: (id != 1).then(|| node_addr(1).to_string()),
-                resources: blixard_core::types::NodeResources::plain(config.capacity),
-                labels: BTreeMap::new(),
-                tuning: sim_tuning(),
-                vm_backend,
-                reconciler: sim_reconciler(),
-            };
-            let live = Arc::new(Mutex::new(Weak::new()));
-            let slot = live.clone();
-            // The init task runs at build and again on every restart: the
-            // same config and data dir, like a process started by systemd.
-            let node_handle = handle
-                .create_node()
-                .name(format!("n{id}"))
-                .ip(node_addr(id).ip())
-                .init(move || {
-                    let cfg = cfg.clone();
-                    let slot = slot.clone();
-                    async move {
-                        let node =
-                            Node::start(cfg).await.unwrap_or_else(|e| panic!("n{id} failed to start: {e}"));
-                        *slot.lock().unwrap() = Arc::downgrade(node.shared());
-                        // Keep the node alive until madsim kills this task.
-                        std::future::pending::<()>().await;
-                        drop(node);
-                    }
-                })
-                .build();
-            nodes.push(SimNode { id, handle: node_handle, live, up: true, host });
+            nodes.push(spawn_node(&config, &world, id, dir, (id != 1).then_some(1)));
         }
         SimCluster {
             nodes,
+            spare_dirs: dirs,
+            config,
             client,
             world,
-            vm_backends: config.vm_backends,
             clogged_links: BTreeSet::new(),
             isolated: BTreeSet::new(),
             paused: BTreeSet::new(),
             trace: Trace::new(),
+        }
+    }
+
+    /// How many spare nodes may still join.
+    pub fn spares_left(&self) -> usize {
+        self.spare_dirs.len()
+    }
+
+    /// Starts the next spare node, joining the running cluster through node
+    /// `seed`; returns its id. Wait for it with [`SimCluster::wait_joined`].
+    pub fn join_node(&mut self, seed: NodeId) -> NodeId {
+        let dir = self.spare_dirs.pop_front().expect("no spare node left to join");
+        let id = self.nodes.len() as NodeId + 1;
+        let node = spawn_node(&self.config, &self.world, id, dir, Some(seed));
+        self.nodes.push(node);
+        self.trace.push(format_args!("join n{id} via n{seed}"));
+        id
+    }
+
+    /// Waits until node `id` is a voter and has registered itself as an
+    /// active node, as the leader sees it.
+    pub async fn wait_joined(&mut self, id: NodeId, timeout: Duration) {
+        let deadline = madsim::time::Instant::now() + timeout;
+        loop {
+            let why = match self.leader().await {
+                None => "no leader".to_string(),
+                Some((leader, _)) => match self.status(leader, false).await {
+                    Err(e) => format!("leader n{leader} unreachable: {e}"),
+                    Ok(s) => {
+                        let voter = s.members.iter().any(|m| m.id == id && m.role != "learner");
+                        let active = s.nodes.iter().any(|n| n.id == id && n.status == "active");
+                        if voter && active {
+                            self.trace.push(format_args!("n{id} joined: voter and registered"));
+                            return;
+                        }
+                        format!("leader n{leader}: n{id} voter {voter}, registered {active}")
+                    }
+                },
+            };
+            assert!(madsim::time::Instant::now() < deadline, "n{id} did not join within {timeout:?}: {why}");
+            madsim::time::sleep(POLL).await;
         }
     }
 
@@ -688,55 +802,89 @@ impl SimCluster {
     }
 
     /// One create request, as the client node runs it.
-    async fn create_call(via: NodeId, name: String, spec: pb::VmSpec) -> Outcome<pb::Vm> {
-        let r: Result<pb::Vm, Status> = async {
-            let mut c = VmServiceClient::new(connect(via).await?);
-            let req = request(
-                pb::CreateVmRequest {
-                    name,
-                    spec: Some(spec),
-                    no_start: false,
-                    request_id: String::new(),
-                    ..Default::default()
-                },
-                WRITE_TIMEOUT,
-            );
-            c.create_vm(req).await?.into_inner().vm.ok_or_else(|| Status::internal("reply without a VM"))
+    async fn create_call(req: CreateReq) -> Outcome<CreateReply> {
+        let r: Result<CreateReply, Status> = async {
+            let mut c = VmServiceClient::new(connect(req.via).await?);
+            if req.batch {
+                let msg = pb::CreateVmsRequest { vms: req.vms, queue: req.queue, ..Default::default() };
+                return Ok(CreateReply::Many(c.create_vms(request(msg, WRITE_TIMEOUT)).await?.into_inner()));
+            }
+            let vm = req.vms.into_iter().next().ok_or_else(|| Status::internal("a create without a VM"))?;
+            let msg = pb::CreateVmRequest {
+                name: vm.name,
+                spec: vm.spec,
+                placement: vm.placement,
+                queue: req.queue,
+                ..Default::default()
+            };
+            let reply = c.create_vm(request(msg, WRITE_TIMEOUT)).await?.into_inner();
+            if reply.vm.is_none() {
+                return Err(Status::internal("reply without a VM"));
+            }
+            Ok(CreateReply::One(Box::new(reply)))
         }
         .await;
         Outcome::from_result(r)
     }
 
-    /// Creates VMs concurrently, each through the node named with it, then
-    /// records every outcome in `model` and the trace, in request order.
-    /// With `fault = Some((after, id))`, node `id` is killed `after` into the
-    /// flight of the requests, so some of them lose their answer.
+    /// Sends create requests concurrently, then records every outcome in
+    /// `model` and the trace, in request order. With `fault = Some((after,
+    /// id))`, node `id` is killed `after` into the flight of the requests,
+    /// so some of them lose their answer. Returns how many VMs were
+    /// acknowledged.
+    pub async fn create_requests(
+        &mut self,
+        model: &mut Model,
+        reqs: Vec<CreateReq>,
+        fault: Option<(Duration, NodeId)>,
+    ) -> usize {
+        let ids = self.ids();
+        for req in &reqs {
+            model.ask(req);
+        }
+        let calls: Vec<_> =
+            reqs.iter().map(|req| self.client.spawn(Self::create_call(req.clone()))).collect();
+        if let Some((after, id)) = fault {
+            madsim::time::sleep(after).await;
+            self.kill(id);
+        }
+        let mut acked = 0;
+        for (req, call) in reqs.iter().zip(calls) {
+            let outcome = call.await.expect("client task failed");
+            let unknown_pin = req.vms.iter().position(|v| {
+                v.placement.as_ref().is_some_and(|p| p.node_id != 0 && !ids.contains(&p.node_id))
+            });
+            tracing::debug!(target: "blixard_sim::reply", "{req:?} -> {outcome:?}");
+            let detail = model.record_request(req, unknown_pin, &outcome);
+            let what = match (req.batch, req.queue) {
+                (false, false) => "create",
+                (false, true) => "create --queue",
+                (true, false) => "create-batch",
+                (true, true) => "create-batch --queue",
+            };
+            self.trace.push(format_args!(
+                "{what} {} via n{} -> {} {detail}",
+                req.names().join(","),
+                req.via,
+                outcome.label()
+            ));
+            if outcome.is_acked() {
+                acked += req.vms.len();
+            }
+        }
+        acked
+    }
+
+    /// Creates VMs (without placement rules) concurrently, each through the
+    /// node named with it; see [`SimCluster::create_requests`].
     pub async fn create_vms(
         &mut self,
         model: &mut Model,
         reqs: Vec<(NodeId, String, pb::VmSpec)>,
         fault: Option<(Duration, NodeId)>,
     ) -> usize {
-        let calls: Vec<_> = reqs
-            .iter()
-            .map(|(via, name, spec)| self.client.spawn(Self::create_call(*via, name.clone(), spec.clone())))
-            .collect();
-        if let Some((after, id)) = fault {
-            madsim::time::sleep(after).await;
-            self.kill(id);
-        }
-        let mut acked = 0;
-        for ((via, name, _), call) in reqs.iter().zip(calls) {
-            let outcome = call.await.expect("client task failed");
-            let detail = match &outcome {
-                Outcome::Acked(vm) => format!(" on n{} rev {}", vm.node_id, vm.revision),
-                _ => String::new(),
-            };
-            self.trace.push(format_args!("create {name} via n{via} -> {}{detail}", outcome.label()));
-            model.record_create(name, &outcome);
-            acked += outcome.is_acked() as usize;
-        }
-        acked
+        let reqs = reqs.into_iter().map(|(via, name, spec)| CreateReq::plain(via, name, spec)).collect();
+        self.create_requests(model, reqs, fault).await
     }
 
     /// Creates one VM through `via`; returns whether it was acknowledged.
@@ -772,46 +920,68 @@ impl SimCluster {
         model.record_delete(&name, &outcome);
     }
 
-    /// An operator change through `via`; its verdict goes in the trace. A
-    /// refusal (a ratio below what a node's VMs hold, deleting a quota that
-    /// is gone) is a legitimate answer.
-    pub async fn admin(&mut self, via: NodeId, change: Admin) -> Outcome<()> {
-        let what = format!("{change:?}");
-        let outcome = self
-            .on_client(async move {
-                let r = async {
-                    let mut c = ClusterServiceClient::new(connect(via).await?);
-                    match change {
-                        Admin::SetQuota { tenant, vcpus, vms } => {
-                            let limits = pb::QuotaLimits { vcpus, vms, ..Default::default() };
-                            let req = pb::SetQuotaRequest {
-                                tenant,
-                                limits: Some(limits),
-                                request_id: String::new(),
-                            };
-                            c.set_quota(request(req, WRITE_TIMEOUT)).await.map(|_| ())
-                        }
-                        Admin::DeleteQuota { tenant } => {
-                            let req = pb::DeleteQuotaRequest { tenant, request_id: String::new() };
-                            c.delete_quota(request(req, WRITE_TIMEOUT)).await.map(|_| ())
-                        }
-                        Admin::SetNode { node, cpu_overcommit, label } => {
-                            let req = pb::SetNodeRequest {
-                                node_id: node,
-                                set_labels: [label].into_iter().collect(),
-                                cpu_overcommit: cpu_overcommit.to_string(),
-                                ..Default::default()
-                            };
-                            c.set_node(request(req, WRITE_TIMEOUT)).await.map(|_| ())
-                        }
-                    }
+    /// An operator change under `request_id`, sent through random running
+    /// nodes until its outcome is definite (an unknown outcome is retried
+    /// under the same id; a rejection for want of a leader under a fresh
+    /// one) or [`ADMIN_GIVE_UP`] has passed. Records what it did in `model`
+    /// (quota knowledge, `node set` outcomes) and the trace. Refusals that
+    /// are legitimate: `node set` breaking a placed VM's constraint or
+    /// below what its VMs hold, deleting a quota that is not there.
+    pub async fn admin(&mut self, model: &mut Model, change: Admin, request_id: &str) -> Told {
+        use madsim::rand::Rng;
+        let start = madsim::time::Instant::now();
+        let mut id = request_id.to_string();
+        let mut tries = 0;
+        let told = loop {
+            tries += 1;
+            let up = self.up_nodes();
+            let via = up[madsim::rand::thread_rng().gen_range(0..up.len())];
+            let call = admin_call(via, change.clone(), id.clone());
+            let told = Told::from_result(self.on_client(call).await);
+            let more = start.elapsed() < ADMIN_GIVE_UP;
+            match told {
+                Told::Unknown(_) if more => {}
+                t if t.is_transient_rejection() && more => id = format!("{request_id}-again{tries}"),
+                t => break t,
+            }
+            let pause = madsim::rand::thread_rng().gen_range(50..500);
+            madsim::time::sleep(Duration::from_millis(pause)).await;
+        };
+        self.trace.push(format_args!("{change:?} [{id}] -> {} ({tries} tries)", told.label()));
+        if let Told::Unlabelled(s) = &told {
+            panic!("{change:?}: a write error without outcome: {s:?}");
+        }
+        if told.is_transient_rejection() {
+            // Given up while no leader took it: it did not apply.
+            return told;
+        }
+        match &change {
+            Admin::SetQuota { tenant, limits } => model.record_set_quota(tenant, *limits, &told),
+            Admin::DeleteQuota { tenant } => model.record_delete_quota(tenant, &told),
+            Admin::SetNode { .. } => match &told {
+                Told::Applied(_) => model.counts.node_set += 1,
+                Told::Rejected(s)
+                    if s.code() == tonic::Code::FailedPrecondition
+                        && s.message().contains("would break VM") =>
+                {
+                    model.counts.breaks_constraint += 1
                 }
-                .await;
-                Outcome::from_result(r)
-            })
-            .await;
-        self.trace.push(format_args!("{what} via n{via} -> {}", outcome.label()));
-        outcome
+                Told::Rejected(s)
+                    if s.code() == tonic::Code::FailedPrecondition
+                        && s.message().contains("less than its VMs already hold") =>
+                {
+                    model.counts.below_allocated += 1
+                }
+                Told::Rejected(s) => panic!("{change:?}: rejected {:?}: {}", s.code(), s.message()),
+                _ => {}
+            },
+            Admin::SetScheduler { .. } => {
+                if let Told::Rejected(s) = &told {
+                    panic!("{change:?}: rejected {:?}: {}", s.code(), s.message());
+                }
+            }
+        }
+        told
     }
 
     /// Starts, stops or restarts `name` through `via`; records the request
@@ -992,14 +1162,14 @@ impl SimCluster {
                 let vms = self.list_vms_stale(id).await.unwrap_or_else(|e| panic!("list VMs on n{id}: {e}"));
                 lists.push((id, vms));
             }
-            if !self.vm_backends {
+            if !self.config.vm_backends {
                 return (converged, lists);
             }
             let moving: Vec<String> = lists[0]
                 .1
                 .iter()
                 .filter(|v| matches!(v.observed.as_str(), "pending" | "starting" | "stopping"))
-                .map(|v| format!("{} {}", v.name, v.observed))
+                .map(|v| format!("{} {} on n{}", v.name, v.observed, v.node_id))
                 .collect();
             let why = match lists_differ(&lists) {
                 Some(why) => why,
@@ -1050,32 +1220,26 @@ impl SimCluster {
                 panic!("n{}: state invariant violated: {e}", node.id);
             }
         }
-        // ... and no VM ever ran on two hosts at once.
+        // ... and as a client sees them, on every node from its own status
+        // and VM list: allocation is the sum of the node's VMs and within
+        // its allocatable resources in every dimension, placed VMs keep
+        // their rules, no queued VM fits anywhere ...
+        for (status, (id, vms)) in converged.statuses.iter().zip(&lists) {
+            if let Err(e) = check_allocation_and_placement(&status.nodes, vms) {
+                panic!("n{id}: {e}");
+            }
+        }
+        // ... and quotas: as set, usage as the VMs sum, never exceeded.
+        for (id, vms) in &lists {
+            let quotas = self.list_quotas(*id).await.unwrap_or_else(|e| panic!("list quotas on n{id}: {e}"));
+            if let Err(e) = model.check_quotas(*id, &quotas, vms) {
+                panic!("{e}");
+            }
+        }
+
+        // (4) No VM ever ran on two hosts at once.
         let violations = self.world.violations();
         assert!(violations.is_empty(), "a VM ran on two hosts at once: {violations:#?}");
-        // ... and as a client sees them: each node's reserved resources are
-        // exactly the sum of its VMs and within its allocatable resources.
-        let status = &converged.statuses[0];
-        for n in &status.nodes {
-            let allocated = n.allocated.unwrap_or_default();
-            // Allocatable: (capacity - reserved) x the node's overcommit.
-            let capacity = n.allocatable.or(n.capacity).unwrap_or_default();
-            let mut sum = pb::Resources::default();
-            for vm in reference.iter().filter(|v| v.node_id == n.id) {
-                let spec = vm.spec.clone().unwrap_or_default();
-                sum.vcpus += spec.vcpus;
-                sum.memory_mb += spec.memory_mb;
-                sum.disk_gb += spec.disk_gb;
-            }
-            assert_eq!(allocated, sum, "n{}: allocated resources differ from the sum of its VMs", n.id);
-            assert!(
-                allocated.vcpus <= capacity.vcpus
-                    && allocated.memory_mb <= capacity.memory_mb
-                    && allocated.disk_gb <= capacity.disk_gb,
-                "n{} over-committed: {allocated:?} of {capacity:?}",
-                n.id
-            );
-        }
 
         let digest = digests[0].1;
         for s in &converged.statuses {
@@ -1084,16 +1248,131 @@ impl SimCluster {
                 s.node_id, s.state, s.term, s.applied_index, s.snapshot_index, s.vm_count
             ));
         }
+        // What the run exercised, also as figures (summed over seeds by
+        // the scenarios that require every outcome somewhere).
+        let queued_at_end = reference.iter().filter(|v| v.node_id == 0 && v.desired == "running").count();
+        let evicted_at_end = reference.iter().filter(|v| !v.preempted_by.is_empty()).count();
+        let drained = reference
+            .iter()
+            .filter(|v| v.node_id != 0 && model.asked.get(&v.name).is_some_and(|a| a.queued_at_create))
+            .count();
+        for (name, value) in model.counts.fields() {
+            self.trace.figure(name, value as f64);
+        }
+        self.trace.figure("queued_at_end", queued_at_end as f64);
+        self.trace.figure("evicted_at_end", evicted_at_end as f64);
+        self.trace.figure("drained", drained as f64);
         self.trace.push(format_args!(
-            "final: {} live, {} deleted, {} uncertain, {} refused for capacity, digest {digest:016x}",
+            "final: {} live, {} deleted, {} uncertain, {} refused for capacity; {}; at the end {queued_at_end} \
+             queued, {evicted_at_end} evicted, {drained} queued by their create now placed; digest {digest:016x}",
             model.live.len(),
             model.deleted.len(),
             model.uncertain.len(),
             model.full,
+            model.counts,
         ));
         self.trace.final_digest = Some(digest);
         digest
     }
+
+    /// Every quota with its usage, read linearizably through node `id`.
+    pub async fn list_quotas(&self, id: NodeId) -> Result<Vec<pb::Quota>, Status> {
+        self.on_client(async move {
+            let mut c = ClusterServiceClient::new(connect(id).await?);
+            Ok(c.list_quotas(request(pb::ListQuotasRequest {}, READ_TIMEOUT)).await?.into_inner().quotas)
+        })
+        .await
+    }
+}
+
+/// Whether a constraint (`K=V` or `K!=V`) holds on `labels`, read the way
+/// an operator reads it (independently of the scheduler's own code).
+fn constraint_holds(constraint: &str, labels: &std::collections::HashMap<String, String>) -> bool {
+    match constraint.split_once("!=") {
+        Some((k, v)) => labels.get(k).map(String::as_str) != Some(v),
+        None => {
+            let (k, v) = constraint.split_once('=').unwrap_or((constraint, ""));
+            labels.get(k).map(String::as_str) == Some(v)
+        }
+    }
+}
+
+/// The placement facts a client can check from one node's status (`nodes`)
+/// and VM list: each node's allocation is the sum of its VMs and fits its
+/// allocatable resources in every dimension; every VM placed on an active
+/// node is on its pinned node, meets its constraints there, and is the only
+/// VM of its anti-affinity group there; no VM waiting in the queue fits on
+/// any active node (pin, constraints, group, and free resources in every
+/// dimension).
+pub fn check_allocation_and_placement(nodes: &[pb::NodeInfo], vms: &[pb::Vm]) -> Result<(), String> {
+    let mut groups: BTreeMap<(&str, NodeId), &str> = BTreeMap::new();
+    for n in nodes {
+        let allocated = n.allocated.unwrap_or_default();
+        // Allocatable: (capacity - reserved) x the node's overcommit.
+        let allocatable = n.allocatable.or(n.capacity).unwrap_or_default();
+        let mut sum = pb::Resources::default();
+        for vm in vms.iter().filter(|v| v.node_id == n.id) {
+            let spec = vm.spec.clone().unwrap_or_default();
+            sum.vcpus += spec.vcpus;
+            sum.memory_mb += spec.memory_mb;
+            sum.disk_gb += spec.disk_gb;
+        }
+        if allocated != sum {
+            return Err(format!("n{} allocated {allocated:?}, its VMs sum to {sum:?}", n.id));
+        }
+        if allocated.vcpus > allocatable.vcpus
+            || allocated.memory_mb > allocatable.memory_mb
+            || allocated.disk_gb > allocatable.disk_gb
+        {
+            return Err(format!("n{} over-committed: {allocated:?} of {allocatable:?}", n.id));
+        }
+    }
+    let active: BTreeMap<NodeId, &pb::NodeInfo> =
+        nodes.iter().filter(|n| n.status == "active").map(|n| (n.id, n)).collect();
+    let none = pb::Placement::default();
+    for vm in vms.iter().filter(|v| v.node_id != 0) {
+        let p = vm.placement.as_ref().unwrap_or(&none);
+        if !p.anti_affinity.is_empty() {
+            if let Some(other) = groups.insert((&p.anti_affinity, vm.node_id), &vm.name) {
+                return Err(format!(
+                    "{} and {other} of anti-affinity group {} share n{}",
+                    vm.name, p.anti_affinity, vm.node_id
+                ));
+            }
+        }
+        let Some(n) = active.get(&vm.node_id) else { continue };
+        if p.node_id != 0 && p.node_id != vm.node_id {
+            return Err(format!("{} is pinned to n{} but placed on n{}", vm.name, p.node_id, vm.node_id));
+        }
+        if let Some(c) = p.constraints.iter().find(|c| !constraint_holds(c, &n.labels)) {
+            return Err(format!(
+                "{} on n{} breaks its constraint {c} (labels {:?})",
+                vm.name, n.id, n.labels
+            ));
+        }
+    }
+    for vm in vms.iter().filter(|v| v.node_id == 0 && v.desired == "running") {
+        let p = vm.placement.clone().unwrap_or_default();
+        let need = vm.spec.clone().unwrap_or_default();
+        for n in active.values() {
+            let allocated = n.allocated.unwrap_or_default();
+            let allocatable = n.allocatable.or(n.capacity).unwrap_or_default();
+            let fits = (p.node_id == 0 || p.node_id == n.id)
+                && p.constraints.iter().all(|c| constraint_holds(c, &n.labels))
+                && (p.anti_affinity.is_empty() || !groups.contains_key(&(p.anti_affinity.as_str(), n.id)))
+                && allocated.vcpus + need.vcpus <= allocatable.vcpus
+                && allocated.memory_mb + need.memory_mb <= allocatable.memory_mb
+                && allocated.disk_gb + need.disk_gb <= allocatable.disk_gb;
+            if fits {
+                return Err(format!(
+                    "queued VM {} ({} vCPUs, {} MiB, {} GiB, {:?}) fits on n{} (labels {:?}, {allocated:?} of \
+                     {allocatable:?})",
+                    vm.name, need.vcpus, need.memory_mb, need.disk_gb, p, n.id, n.labels
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Says how the first list that differs from node 1's differs, if one does.

@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
+use blixard_core::types::DEFAULT_PRIORITY;
 use blixard_proto as pb;
 use tonic::{Code, Status};
 
@@ -73,10 +74,21 @@ pub enum Told {
 
 impl Told {
     pub fn from_reply(r: Result<Option<pb::Vm>, Status>) -> Told {
-        let s = match r {
-            Ok(vm) => return Told::Applied(vm.map(Box::new)),
-            Err(s) => s,
-        };
+        match r {
+            Ok(vm) => Told::Applied(vm.map(Box::new)),
+            Err(s) => Told::from_error(s),
+        }
+    }
+
+    /// For writes whose reply carries no VM (quotas, `node set`).
+    pub fn from_result<T>(r: Result<T, Status>) -> Told {
+        match r {
+            Ok(_) => Told::Applied(None),
+            Err(s) => Told::from_error(s),
+        }
+    }
+
+    fn from_error(s: Status) -> Told {
         let outcome =
             s.metadata().get(blixard_core::node::OUTCOME_KEY).map(|v| v.to_str().unwrap_or("?").to_string());
         match outcome.as_deref() {
@@ -172,8 +184,148 @@ impl Default for Trace {
 /// An acknowledged VM as the create reply described it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AckedVm {
+    /// Where the reply placed it (0: queued). A placed VM stays there unless
+    /// a later create preempts it (its `preempted_by` then says so).
     pub node_id: u64,
     pub revision: u64,
+}
+
+/// One VM of a create request, as the client asked for it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Asked {
+    pub spec: pb::VmSpec,
+    /// As the API echoes it back: the priority filled in (50 if left out).
+    pub placement: pb::Placement,
+    /// Asked for with `queue`.
+    pub queue: bool,
+    /// The desired state as last acknowledged (true: running); `None` after
+    /// a start or stop whose outcome is unknown.
+    pub running: Option<bool>,
+    /// Its create's reply said it was queued.
+    pub queued_at_create: bool,
+}
+
+impl Asked {
+    pub fn priority(&self) -> u32 {
+        self.placement.priority.unwrap_or(u32::from(DEFAULT_PRIORITY))
+    }
+}
+
+/// One create request: one VM through `CreateVm`, or any number through
+/// `CreateVms` (`batch`).
+#[derive(Clone, Debug)]
+pub struct CreateReq {
+    /// The node the client sends it to.
+    pub via: u64,
+    pub vms: Vec<pb::NewVm>,
+    /// Queue what fits nowhere instead of refusing the request.
+    pub queue: bool,
+    pub batch: bool,
+}
+
+impl CreateReq {
+    /// One VM without placement rules through `CreateVm`.
+    pub fn plain(via: u64, name: String, spec: pb::VmSpec) -> Self {
+        CreateReq {
+            via,
+            vms: vec![pb::NewVm { name, spec: Some(spec), placement: None }],
+            queue: false,
+            batch: false,
+        }
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.vms.iter().map(|v| v.name.as_str()).collect()
+    }
+}
+
+/// One VM of an acknowledged create request, as the reply tells it.
+struct ReplyVm {
+    name: String,
+    /// Where its create put it (0: queued), if the reply says.
+    at_create: Option<u64>,
+    /// Where the reply shows it.
+    node_id: u64,
+    /// Its revision in the reply, if known (else 0).
+    revision: u64,
+    /// The VMs its create evicted, if the reply says.
+    preempted: Vec<String>,
+}
+
+/// The answer to a [`CreateReq`].
+#[derive(Debug)]
+pub enum CreateReply {
+    One(Box<pb::VmResponse>),
+    Many(pb::CreateVmsResponse),
+}
+
+/// How often each scheduling outcome happened in one run: a run that never
+/// preempts or queues shows up here.
+#[derive(Clone, Debug, Default)]
+pub struct Counts {
+    /// VMs their create placed on a node, or queued (as the reply told).
+    pub placed: u64,
+    pub queued: u64,
+    /// VMs evicted by creates (as `CreateVms` replies told).
+    pub preempted: u64,
+    /// Create requests refused because no node fits, over a tenant's quota,
+    /// or pinned to a node that does not exist.
+    pub no_fit: u64,
+    pub over_quota: u64,
+    pub unknown_pin: u64,
+    /// `node set` applied; refused because a placed VM's constraint would
+    /// break; refused because its VMs would no longer fit.
+    pub node_set: u64,
+    pub breaks_constraint: u64,
+    pub below_allocated: u64,
+    /// Quotas set; of them, set below what the tenant's VMs might hold.
+    pub quota_set: u64,
+    pub quota_lowered: u64,
+    /// Nodes that joined the running cluster.
+    pub joins: u64,
+}
+
+impl Counts {
+    /// Name and value of every count, in a fixed order.
+    pub fn fields(&self) -> [(&'static str, u64); 12] {
+        [
+            ("placed", self.placed),
+            ("queued", self.queued),
+            ("preempted", self.preempted),
+            ("no_fit", self.no_fit),
+            ("over_quota", self.over_quota),
+            ("unknown_pin", self.unknown_pin),
+            ("node_set", self.node_set),
+            ("breaks_constraint", self.breaks_constraint),
+            ("below_allocated", self.below_allocated),
+            ("quota_set", self.quota_set),
+            ("quota_lowered", self.quota_lowered),
+            ("joins", self.joins),
+        ]
+    }
+}
+
+impl fmt::Display for Counts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self.fields().iter().map(|(n, v)| format!("{n} {v}")).collect();
+        f.write_str(&parts.join(", "))
+    }
+}
+
+/// What the client knows of one tenant's quota. Quota writes are retried
+/// under their request id until their outcome is known, one at a time, so
+/// the model knows exactly which limits are in force.
+#[derive(Clone, Debug, PartialEq)]
+pub enum QuotaFact {
+    /// Set to `limits`. The tenant's VMs may hold up to `bound` in each
+    /// limited dimension: the limit itself, or more if the limit was set
+    /// below what the tenant's VMs might hold at that moment (a quota set
+    /// below usage refuses creates but evicts nothing), namely that much.
+    Set { limits: pb::QuotaLimits, bound: pb::QuotaLimits },
+    /// Deleted: no limit.
+    Absent,
+    /// A quota write whose outcome stayed unknown: nothing to check.
+    Unknown,
 }
 
 /// The client's knowledge of which VMs must, must not, or may exist.
@@ -190,6 +342,38 @@ pub struct Model {
     pub uncertain: BTreeSet<String>,
     /// Creates refused for lack of capacity (legitimate under load).
     pub full: u64,
+    /// Every VM sent in a [`CreateReq`], with its spec and placement rules
+    /// (scenarios that add to `live` directly leave VMs out of it).
+    pub asked: BTreeMap<String, Asked>,
+    /// Quota knowledge per tenant; a tenant not here never had a quota.
+    pub quotas: BTreeMap<String, QuotaFact>,
+    pub counts: Counts,
+}
+
+/// Sum of `vms` per tenant (every VM counts, queued or placed).
+pub fn usage_of<'a>(vms: impl IntoIterator<Item = &'a pb::VmSpec>) -> BTreeMap<String, pb::TenantUsage> {
+    let mut usage: BTreeMap<String, pb::TenantUsage> = BTreeMap::new();
+    for spec in vms {
+        if spec.tenant.is_empty() {
+            continue;
+        }
+        let u = usage.entry(spec.tenant.clone()).or_default();
+        u.vcpus += u64::from(spec.vcpus);
+        u.memory_mb += spec.memory_mb;
+        u.disk_gb += spec.disk_gb;
+        u.vms += 1;
+    }
+    usage
+}
+
+/// Usage against limits, per dimension: (name, used, limit).
+fn dims(u: &pb::TenantUsage, l: &pb::QuotaLimits) -> [(&'static str, u64, Option<u64>); 4] {
+    [
+        ("vcpus", u.vcpus, l.vcpus),
+        ("memory_mb", u.memory_mb, l.memory_mb),
+        ("disk_gb", u.disk_gb, l.disk_gb),
+        ("vms", u.vms, l.vms),
+    ]
 }
 
 impl Model {
@@ -202,21 +386,161 @@ impl Model {
                 self.live.insert(name.to_string(), AckedVm { node_id: vm.node_id, revision: vm.revision });
             }
             Outcome::Rejected(s) if s.code() == Code::ResourceExhausted => self.full += 1,
-            // AlreadyExists for a name never used before means this one
-            // request was applied twice, and the client was told "no" about
-            // a write that happened.
-            Outcome::Rejected(s) if s.code() == Code::AlreadyExists => panic!(
-                "create {name}: AlreadyExists for a name never used before: the request was applied twice \
-                 and the client was told it failed ({})",
-                s.message()
-            ),
-            Outcome::Rejected(s) => {
-                panic!("create {name}: unexpected rejection {:?}: {}", s.code(), s.message())
-            }
+            Outcome::Rejected(s) => Self::unexpected(&[name], s),
             Outcome::Unknown(_) => {
                 self.uncertain.insert(name.to_string());
             }
         }
+    }
+
+    fn unexpected(names: &[&str], s: &Status) -> ! {
+        // AlreadyExists for a name never used before means this one request
+        // was applied twice, and the client was told "no" about a write
+        // that happened.
+        if s.code() == Code::AlreadyExists {
+            panic!(
+                "create {names:?}: AlreadyExists for a name never used before: the request was applied \
+                 twice and the client was told it failed ({})",
+                s.message()
+            );
+        }
+        panic!("create {names:?}: unexpected rejection {:?}: {}", s.code(), s.message())
+    }
+
+    /// Notes what `req` asks for, before it is sent.
+    pub fn ask(&mut self, req: &CreateReq) {
+        for vm in &req.vms {
+            let mut placement = vm.placement.clone().unwrap_or_default();
+            placement.priority = Some(placement.priority.unwrap_or(u32::from(DEFAULT_PRIORITY)));
+            let asked = Asked {
+                spec: vm.spec.clone().unwrap_or_default(),
+                placement,
+                queue: req.queue,
+                running: Some(true),
+                queued_at_create: false,
+            };
+            self.asked.insert(vm.name.clone(), asked);
+        }
+    }
+
+    /// Records the fate of a create request (asked with [`Model::ask`]);
+    /// `unknown_pin` is the index of its first VM pinned to a node that
+    /// does not exist. Checks what the reply says against the request: a VM
+    /// queued only if the request allowed it, placed on its pinned node,
+    /// evicting only strictly lower priorities; refusals only for a reason
+    /// the request can have. Returns the reply, described for the trace.
+    pub fn record_request(
+        &mut self,
+        req: &CreateReq,
+        unknown_pin: Option<usize>,
+        outcome: &Outcome<CreateReply>,
+    ) -> String {
+        let names = req.names();
+        let reply = match outcome {
+            Outcome::Acked(reply) => reply,
+            Outcome::Unknown(_) => {
+                self.uncertain.extend(names.iter().map(|n| n.to_string()));
+                return String::new();
+            }
+            Outcome::Rejected(s) => {
+                let reason = s.metadata().get(blixard_core::node::REASON_KEY).and_then(|v| v.to_str().ok());
+                match (s.code(), reason) {
+                    (Code::ResourceExhausted, Some("quota")) => self.counts.over_quota += 1,
+                    // Placement comes after the pin's existence check.
+                    (Code::ResourceExhausted, Some("capacity")) if !req.queue && unknown_pin != Some(0) => {
+                        self.counts.no_fit += 1;
+                        self.full += 1;
+                    }
+                    (Code::NotFound, _) if unknown_pin.is_some() => self.counts.unknown_pin += 1,
+                    _ => Self::unexpected(&names, s),
+                }
+                return String::new();
+            }
+        };
+        assert!(
+            unknown_pin.is_none(),
+            "create {names:?}: acknowledged although VM {unknown_pin:?} is pinned to a node that does not exist"
+        );
+        let mut placed: Vec<ReplyVm> = Vec::new();
+        match reply {
+            CreateReply::One(resp) => {
+                let vm = resp.vm.as_ref().expect("a create reply without its VM");
+                assert_eq!(vm.name, names[0], "create of {} answered with another VM", names[0]);
+                // The VM as the answering node had it when it answered,
+                // maybe after later writes (even in the same log entry:
+                // entries carry batches of proposals). Only preemption takes
+                // a placed VM off its node, and it says so: without it, an
+                // unplaced VM was queued by its create, and a placed one
+                // was placed by it or by the queue (both obey the pin).
+                let at_apply = vm.preempted_by.is_empty().then_some(vm.node_id);
+                placed.push(ReplyVm {
+                    name: vm.name.clone(),
+                    at_create: at_apply,
+                    node_id: vm.node_id,
+                    revision: vm.revision,
+                    preempted: Vec::new(),
+                });
+            }
+            CreateReply::Many(resp) => {
+                let got: Vec<&str> = resp.placed.iter().map(|p| p.name.as_str()).collect();
+                assert_eq!(got, names, "CreateVms answered for other VMs");
+                for p in &resp.placed {
+                    assert_eq!(p.queued, p.node_id == 0, "{}: queued {} on n{}", p.name, p.queued, p.node_id);
+                    // No revision: `index` is the log index of the proposal
+                    // that answered, which for a retry the cluster
+                    // deduplicated is not the one that created the VM.
+                    placed.push(ReplyVm {
+                        name: p.name.clone(),
+                        at_create: Some(p.node_id),
+                        node_id: p.node_id,
+                        revision: 0,
+                        preempted: p.preempted.clone(),
+                    });
+                }
+            }
+        }
+        let mut detail = Vec::new();
+        for ReplyVm { name, at_create: node, node_id, revision, preempted } in placed {
+            let asked = self.asked.get_mut(&name).expect("every VM of a request is asked first");
+            asked.queued_at_create = node == Some(0);
+            let asked = asked.clone();
+            match node {
+                Some(0) => {
+                    assert!(req.queue, "{name} was queued, but its create did not ask for that");
+                    self.counts.queued += 1;
+                    detail.push(format!("{name}@queued"));
+                }
+                Some(n) => {
+                    let pin = asked.placement.node_id;
+                    assert!(pin == 0 || pin == n, "{name} is pinned to n{pin} but was placed on n{n}");
+                    self.counts.placed += 1;
+                    detail.push(format!("{name}@n{n}"));
+                }
+                None => detail.push(format!("{name}@later")),
+            }
+            for victim in &preempted {
+                let v = self
+                    .asked
+                    .get(victim)
+                    .unwrap_or_else(|| panic!("{name} evicted {victim}, never asked for"));
+                assert!(
+                    v.priority() < asked.priority(),
+                    "{name} (priority {}) evicted {victim} of priority {}",
+                    asked.priority(),
+                    v.priority()
+                );
+                assert!(
+                    !self.deleted.contains(victim),
+                    "{name} evicted {victim}, whose delete was acknowledged"
+                );
+                self.counts.preempted += 1;
+            }
+            if !preempted.is_empty() {
+                detail.push(format!("(evicting {})", preempted.join(" ")));
+            }
+            self.live.insert(name, AckedVm { node_id, revision });
+        }
+        detail.join(" ")
     }
 
     /// Records the fate of `delete name` for a VM in `live`.
@@ -238,23 +562,103 @@ impl Model {
         }
     }
 
+    /// Records the fate of a start (`running`) or stop of a live VM.
+    pub fn record_vm_op(&mut self, name: &str, running: bool, outcome: &Outcome<pb::Vm>) {
+        let known = match outcome {
+            Outcome::Acked(_) => Some(running),
+            Outcome::Unknown(_) => None,
+            Outcome::Rejected(s) => panic!("start/stop {name}: rejected {:?}: {}", s.code(), s.message()),
+        };
+        if let Some(a) = self.asked.get_mut(name) {
+            a.running = known;
+        }
+    }
+
+    /// The most tenant `tenant`'s VMs may hold now: every VM of it that
+    /// exists or may exist.
+    pub fn usage_upper(&self, tenant: &str) -> pb::TenantUsage {
+        let specs = self
+            .live
+            .keys()
+            .chain(&self.uncertain)
+            .filter_map(|n| self.asked.get(n))
+            .map(|a| &a.spec)
+            .filter(|s| s.tenant == tenant);
+        usage_of(specs).remove(tenant).unwrap_or_default()
+    }
+
+    /// Records a quota write retried until definite (or given up on).
+    pub fn record_set_quota(&mut self, tenant: &str, limits: pb::QuotaLimits, told: &Told) {
+        let fact = match told {
+            Told::Applied(_) => {
+                let upper = self.usage_upper(tenant);
+                let mut bound = limits;
+                let lift = |limit: &mut Option<u64>, used: u64| {
+                    if let Some(l) = limit {
+                        *l = (*l).max(used);
+                    }
+                };
+                lift(&mut bound.vcpus, upper.vcpus);
+                lift(&mut bound.memory_mb, upper.memory_mb);
+                lift(&mut bound.disk_gb, upper.disk_gb);
+                lift(&mut bound.vms, upper.vms);
+                self.counts.quota_set += 1;
+                if bound != limits {
+                    self.counts.quota_lowered += 1;
+                }
+                QuotaFact::Set { limits, bound }
+            }
+            Told::Rejected(s) => panic!("set quota {tenant}: rejected {:?}: {}", s.code(), s.message()),
+            Told::Unknown(_) => QuotaFact::Unknown,
+            Told::Unlabelled(s) => panic!("set quota {tenant}: a write error without outcome: {s:?}"),
+        };
+        self.quotas.insert(tenant.to_string(), fact);
+    }
+
+    /// Records a quota delete retried until definite (or given up on): it
+    /// must apply iff the model knows a quota is there.
+    pub fn record_delete_quota(&mut self, tenant: &str, told: &Told) {
+        let before = self.quotas.get(tenant).cloned().unwrap_or(QuotaFact::Absent);
+        let fact = match told {
+            Told::Applied(_) => {
+                assert!(before != QuotaFact::Absent, "delete quota {tenant}: applied, but there was none");
+                QuotaFact::Absent
+            }
+            Told::Rejected(s) if s.code() == Code::NotFound => {
+                assert!(
+                    !matches!(before, QuotaFact::Set { .. }),
+                    "delete quota {tenant}: not found, but it was set ({before:?})"
+                );
+                QuotaFact::Absent
+            }
+            Told::Rejected(s) => panic!("delete quota {tenant}: rejected {:?}: {}", s.code(), s.message()),
+            Told::Unknown(_) => QuotaFact::Unknown,
+            Told::Unlabelled(s) => panic!("delete quota {tenant}: a write error without outcome: {s:?}"),
+        };
+        self.quotas.insert(tenant.to_string(), fact);
+    }
+
     /// Checks one node's full VM list against the model: every acknowledged
-    /// VM is there exactly as acknowledged, no acknowledged delete is, and
-    /// nothing exists that the client never asked for.
+    /// VM is there as acknowledged (with its spec and placement rules, on
+    /// its node unless it was preempted since, in the desired state last
+    /// acknowledged), no acknowledged delete is, nothing exists that the
+    /// client never asked for, and whoever preempted a VM outranks it.
     pub fn check(&self, node: u64, vms: &[pb::Vm]) -> Result<(), String> {
         let by_name: BTreeMap<&str, &pb::Vm> = vms.iter().map(|v| (v.name.as_str(), v)).collect();
         for (name, acked) in &self.live {
-            match by_name.get(name.as_str()) {
-                None => return Err(format!("n{node}: acknowledged VM {name} is missing")),
-                // Later writes to the VM (start/stop requests, its node's
-                // status reports) raise its revision; none may lower it.
-                Some(vm) if vm.node_id != acked.node_id || vm.revision < acked.revision => {
-                    return Err(format!(
-                        "n{node}: VM {name} is on n{} at revision {}, but was acknowledged on n{} at revision {}",
-                        vm.node_id, vm.revision, acked.node_id, acked.revision
-                    ))
-                }
-                Some(_) => {}
+            let Some(vm) = by_name.get(name.as_str()) else {
+                return Err(format!("n{node}: acknowledged VM {name} is missing"));
+            };
+            // Later writes to the VM (start/stop requests, its node's status
+            // reports, preemption, the queue) raise its revision; none may
+            // lower it. Only preemption moves a placed VM.
+            let moved = acked.node_id != 0 && vm.preempted_by.is_empty() && vm.node_id != acked.node_id;
+            if moved || vm.revision < acked.revision {
+                return Err(format!(
+                    "n{node}: VM {name} is on n{} at revision {} (preempted by {:?}), but was acknowledged \
+                     on n{} at revision {}",
+                    vm.node_id, vm.revision, vm.preempted_by, acked.node_id, acked.revision
+                ));
             }
         }
         for name in &self.deleted {
@@ -262,9 +666,104 @@ impl Model {
                 return Err(format!("n{node}: VM {name} exists although its delete was acknowledged"));
             }
         }
-        for name in by_name.keys() {
+        for (name, vm) in &by_name {
             if !self.live.contains_key(*name) && !self.uncertain.contains(*name) {
                 return Err(format!("n{node}: VM {name} exists but was never successfully requested"));
+            }
+            // Unplaced: queued if it should run, else stopped. Placed: never queued.
+            let unplaced_ok = match vm.desired.as_str() {
+                "running" => vm.observed == "queued",
+                _ => vm.observed == "stopped",
+            };
+            if (vm.node_id == 0 && !unplaced_ok) || (vm.node_id != 0 && vm.observed == "queued") {
+                return Err(format!(
+                    "n{node}: VM {name} on n{} is {} (desired {})",
+                    vm.node_id, vm.observed, vm.desired
+                ));
+            }
+            let Some(asked) = self.asked.get(*name) else { continue };
+            let spec = vm.spec.clone().unwrap_or_default();
+            let got = (spec.vcpus, spec.memory_mb, spec.disk_gb, &spec.tenant);
+            let want = (asked.spec.vcpus, asked.spec.memory_mb, asked.spec.disk_gb, &asked.spec.tenant);
+            if got != want {
+                return Err(format!("n{node}: VM {name} holds {got:?}, asked for {want:?}"));
+            }
+            if vm.placement.as_ref() != Some(&asked.placement) {
+                return Err(format!(
+                    "n{node}: VM {name} has placement {:?}, asked for {:?}",
+                    vm.placement, asked.placement
+                ));
+            }
+            if let Some(running) = asked.running {
+                let want = if running { "running" } else { "stopped" };
+                if vm.desired != want {
+                    return Err(format!("n{node}: VM {name} is desired {}, acknowledged {want}", vm.desired));
+                }
+            }
+            if !vm.preempted_by.is_empty() {
+                let by = self.asked.get(&vm.preempted_by).ok_or_else(|| {
+                    format!("n{node}: VM {name} was preempted by {}, never asked for", vm.preempted_by)
+                })?;
+                if by.priority() <= asked.priority() {
+                    return Err(format!(
+                        "n{node}: VM {name} (priority {}) was preempted by {} of priority {}",
+                        asked.priority(),
+                        vm.preempted_by,
+                        by.priority()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks one node's quotas against the model and its VMs: each usage
+    /// is what the VMs sum to; every quota the model knows is there with
+    /// its limits (and none it knows deleted or never set); no tenant holds
+    /// more than its limit, or than it might already hold when its limit
+    /// was set below that.
+    pub fn check_quotas(&self, node: u64, quotas: &[pb::Quota], vms: &[pb::Vm]) -> Result<(), String> {
+        let usage = usage_of(vms.iter().filter_map(|v| v.spec.as_ref()));
+        let listed: BTreeMap<&str, &pb::Quota> = quotas.iter().map(|q| (q.tenant.as_str(), q)).collect();
+        for q in quotas {
+            let want = usage.get(&q.tenant).cloned().unwrap_or_default();
+            if q.usage.as_ref() != Some(&want) {
+                return Err(format!(
+                    "n{node}: tenant {} usage {:?}, its VMs sum to {want:?}",
+                    q.tenant, q.usage
+                ));
+            }
+            if !self.quotas.contains_key(&q.tenant) {
+                return Err(format!("n{node}: tenant {} has a quota that was never set", q.tenant));
+            }
+        }
+        for (tenant, fact) in &self.quotas {
+            let q = listed.get(tenant.as_str());
+            match (fact, q) {
+                (QuotaFact::Unknown, _) => {}
+                (QuotaFact::Absent, None) => {}
+                (QuotaFact::Absent, Some(q)) => {
+                    return Err(format!("n{node}: tenant {tenant} has quota {:?}, deleted", q.limits))
+                }
+                (QuotaFact::Set { .. }, None) => {
+                    return Err(format!("n{node}: tenant {tenant}'s quota is gone"))
+                }
+                (QuotaFact::Set { limits, bound }, Some(q)) => {
+                    if q.limits.as_ref() != Some(limits) {
+                        return Err(format!(
+                            "n{node}: tenant {tenant} limits {:?}, set {limits:?}",
+                            q.limits
+                        ));
+                    }
+                    let used = usage.get(tenant).cloned().unwrap_or_default();
+                    for (dim, u, b) in dims(&used, bound) {
+                        if b.is_some_and(|b| u > b) {
+                            return Err(format!(
+                                "n{node}: tenant {tenant} over its quota: {dim} {u} > {b:?} (limits {limits:?})"
+                            ));
+                        }
+                    }
+                }
             }
         }
         Ok(())

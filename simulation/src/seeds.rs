@@ -53,7 +53,7 @@ where
     } else {
         std::env::temp_dir()
     };
-    let dirs: Vec<tempfile::TempDir> = (1..=config.nodes)
+    let dirs: Vec<tempfile::TempDir> = (1..=config.nodes + config.spare_nodes)
         .map(|id| {
             tempfile::Builder::new()
                 .prefix(&format!("blixard-sim-s{seed}-n{id}-"))

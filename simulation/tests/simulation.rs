@@ -11,8 +11,8 @@ use std::time::Duration;
 use blixard_core::types::{NodeId, Resources};
 use blixard_proto as pb;
 use blixard_simulation::cluster::{Admin, SimCluster, SimConfig, VmOp};
-use blixard_simulation::model::{Model, Outcome, Trace};
-use blixard_simulation::seeds::{replay_command, run_in_child, run_seeds, seeds, simulate};
+use blixard_simulation::model::{CreateReq, Model, Outcome, Trace};
+use blixard_simulation::seeds::{replay_command, run_in_child, run_seeds, seeds, simulate, SeedReport};
 use blixard_vm::sim::Faults;
 use blixard_vm::VmBackend;
 use madsim::rand::Rng;
@@ -149,6 +149,7 @@ fn same_seed_same_trace() {
     for test in [
         "cluster_survives_leader_kill",
         "random_operations_keep_replicas_identical",
+        "placement_rules_hold_under_random_operations",
         "vms_converge_despite_crashes_and_node_kills",
     ] {
         let run = || {
@@ -174,10 +175,32 @@ fn same_seed_same_trace() {
 // ---------------------------------------------------------------- scenario 3
 
 /// Nodes small enough that random creates run out of capacity and deletes
-/// matter for what fits.
+/// matter for what fits; labelled so that constraints, spread and `node set`
+/// have something to act on: zones a, b and none on the first three, zone c
+/// and zone a on the two spares, disk=ssd on nodes 1 and 5.
 fn vopr_config() -> SimConfig {
-    SimConfig { capacity: Resources::new(16, 32 * 1024, 500), ..SimConfig::default() }
+    let l = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    };
+    let labels = BTreeMap::from([
+        (1, l(&[("zone", "a"), ("disk", "ssd")])),
+        (2, l(&[("zone", "b")])),
+        (3, l(&[])),
+        (4, l(&[("zone", "c")])),
+        (5, l(&[("zone", "a"), ("disk", "ssd")])),
+    ]);
+    SimConfig { capacity: Resources::new(16, 32 * 1024, 500), labels, ..SimConfig::default() }
 }
+
+/// The scheduling runs: [`vopr_config`] plus two spare nodes that may join
+/// mid-run.
+fn scheduling_config() -> SimConfig {
+    SimConfig { spare_nodes: 2, ..vopr_config() }
+}
+
+/// How long a node may take to join (catch up as a learner, be promoted,
+/// register its capacity).
+const JOIN_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn random_spec() -> pb::VmSpec {
     let mut rng = madsim::rand::thread_rng();
@@ -190,77 +213,219 @@ fn random_spec() -> pb::VmSpec {
     }
 }
 
-/// A random `node set` or quota change (some are rightly refused: a ratio
-/// below what a node's VMs hold, deleting a quota that is not there).
+/// Constraints drawn for random placements: zone (including a zone no node
+/// has until `node set` gives it one) and disk, equal and not equal.
+const CONSTRAINTS: [&str; 9] =
+    ["zone=a", "zone!=a", "zone=b", "zone!=b", "zone=c", "zone!=c", "disk=ssd", "disk!=ssd", "zone=d"];
+
+/// Random placement rules, or none: a pin (to a known node, rarely to one
+/// that does not exist), up to two constraints, an anti-affinity group from
+/// a small set (so that groups collide), spread by zone, a priority over
+/// 0-100 (or left out: 50).
+fn random_placement(ids: &[NodeId]) -> Option<pb::Placement> {
+    let mut rng = madsim::rand::thread_rng();
+    if rng.gen_bool(0.2) {
+        return None;
+    }
+    let node_id = match rng.gen_range(0..100) {
+        0..=2 => 99,
+        3..=14 => pick(ids),
+        _ => 0,
+    };
+    let count = [0, 0, 0, 1, 1, 2][rng.gen_range(0..6)];
+    let constraints =
+        (0..count).map(|_| CONSTRAINTS[rng.gen_range(0..CONSTRAINTS.len())].to_string()).collect();
+    Some(pb::Placement {
+        node_id,
+        constraints,
+        anti_affinity: ["", "", "", "web", "db", "cache"][rng.gen_range(0..6)].to_string(),
+        spread_by: if rng.gen_bool(0.25) { "zone".to_string() } else { String::new() },
+        priority: (!rng.gen_bool(0.2)).then(|| rng.gen_range(0..=100)),
+    })
+}
+
+/// A random create request through a random running node: one VM through
+/// `CreateVm` or one to four through `CreateVms`, with random placement
+/// rules, asking to queue what fits nowhere a third of the time.
+fn random_create(c: &SimCluster, next: &mut u32) -> CreateReq {
+    let mut rng = madsim::rand::thread_rng();
+    let batch = rng.gen_bool(0.5);
+    let count = if batch { rng.gen_range(1..=4) } else { 1 };
+    let ids = c.ids();
+    let vms = (0..count)
+        .map(|_| {
+            *next += 1;
+            pb::NewVm {
+                name: format!("vm-{:04}", *next),
+                spec: Some(random_spec()),
+                placement: random_placement(&ids),
+            }
+        })
+        .collect();
+    CreateReq { via: pick(&c.up_nodes()), vms, queue: rng.gen_bool(0.33), batch }
+}
+
+/// A random operator change: a quota (often below what the tenant holds),
+/// a quota delete (refused if there is none), `node set` (zone or disk
+/// labels set or removed, refused when a placed VM's constraint would
+/// break; a cpu overcommit ratio, refused below what the node's VMs hold),
+/// or the placement strategy.
 fn random_admin(ids: &[NodeId]) -> Admin {
     let mut rng = madsim::rand::thread_rng();
     let tenant = ["acme", "beta"][rng.gen_range(0..2)].to_string();
-    match rng.gen_range(0..3) {
-        0 => Admin::SetQuota {
-            tenant,
-            vcpus: rng.gen_bool(0.7).then(|| rng.gen_range(0..24)),
-            vms: rng.gen_bool(0.5).then(|| rng.gen_range(0..8)),
-        },
-        1 => Admin::DeleteQuota { tenant },
-        _ => Admin::SetNode {
-            node: ids[rng.gen_range(0..ids.len())],
-            cpu_overcommit: ["0.5", "1", "1.5", "2"][rng.gen_range(0..4)],
-            label: ("zone".to_string(), ["a", "b"][rng.gen_range(0..2)].to_string()),
-        },
+    match rng.gen_range(0..10) {
+        0..=2 => {
+            let mut limits = pb::QuotaLimits {
+                vcpus: rng.gen_bool(0.7).then(|| rng.gen_range(0..24)),
+                memory_mb: rng.gen_bool(0.3).then(|| rng.gen_range(0..=16) * 1024),
+                disk_gb: None,
+                vms: rng.gen_bool(0.5).then(|| rng.gen_range(0..8)),
+            };
+            // A quota without any limit is invalid.
+            if limits == pb::QuotaLimits::default() {
+                limits.disk_gb = Some(rng.gen_range(0..200));
+            }
+            Admin::SetQuota { tenant, limits }
+        }
+        3 => Admin::DeleteQuota { tenant },
+        4..=8 => {
+            let cpu_overcommit = rng.gen_bool(0.3).then(|| ["0.5", "1", "1.5", "2"][rng.gen_range(0..4)]);
+            let (mut set_labels, mut remove_labels) = (Vec::new(), Vec::new());
+            if cpu_overcommit.is_none() || rng.gen_bool(0.5) {
+                match rng.gen_range(0..6) {
+                    0..=2 => {
+                        set_labels.push(("zone".into(), ["a", "b", "c", "d"][rng.gen_range(0..4)].into()))
+                    }
+                    3 => remove_labels.push("zone".into()),
+                    4 => set_labels.push(("disk".into(), "ssd".into())),
+                    _ => remove_labels.push("disk".into()),
+                }
+            }
+            Admin::SetNode { node: pick(ids), cpu_overcommit, set_labels, remove_labels }
+        }
+        _ => Admin::SetScheduler { strategy: ["spread", "binpack"][rng.gen_range(0..2)] },
     }
 }
 
-/// VOPR-style: a random mix of concurrent creates, deletes, kills (also in
-/// the middle of in-flight writes), restarts and pauses, all drawn from the
-/// seeded RNG; at the end every node is restarted and the same end-state
-/// checks as in the leader-kill scenario apply. At most one node is down at
-/// a time so a majority can always make progress.
-async fn random_operations(mut c: SimCluster) -> Trace {
+/// A `node set` aimed at breaking a constraint: it changes the label that
+/// the first constraint of a random placed VM tests, on the node the VM was
+/// placed on, so that the constraint no longer holds. Refused while the VM
+/// is there (`None` if no placed VM has a constraint).
+fn breaking_node_set(model: &Model) -> Option<Admin> {
+    let mut rng = madsim::rand::thread_rng();
+    let constrained: Vec<(&String, u64)> = model
+        .live
+        .iter()
+        .filter(|(name, acked)| {
+            acked.node_id != 0 && model.asked.get(*name).is_some_and(|a| !a.placement.constraints.is_empty())
+        })
+        .map(|(name, acked)| (name, acked.node_id))
+        .collect();
+    if constrained.is_empty() {
+        return None;
+    }
+    let (name, node) = constrained[rng.gen_range(0..constrained.len())];
+    let constraint = &model.asked[name].placement.constraints[0];
+    let (mut set_labels, mut remove_labels) = (Vec::new(), Vec::new());
+    match constraint.split_once("!=") {
+        Some((k, v)) => set_labels.push((k.to_string(), v.to_string())),
+        None => {
+            let (k, v) = constraint.split_once('=').expect("constraints are K=V or K!=V");
+            if rng.gen_bool(0.5) {
+                remove_labels.push(k.to_string());
+            } else {
+                let other = ["a", "b", "c", "d", "hdd"].into_iter().find(|o| *o != v).unwrap_or("x");
+                set_labels.push((k.to_string(), other.to_string()));
+            }
+        }
+    }
+    Some(Admin::SetNode { node, cpu_overcommit: None, set_labels, remove_labels })
+}
+
+/// VOPR-style: a random mix of concurrent creates (with random placement
+/// rules, single and batched, some asking to queue), deletes, starts and
+/// stops, operator changes (quotas, `node set`, the strategy), kills (also
+/// in the middle of in-flight writes), restarts, pauses and, with spare
+/// nodes configured, nodes joining; all drawn from the seeded RNG. At the
+/// end every node is restarted and the same end-state checks as in the
+/// leader-kill scenario apply, plus placement rules, the queue and quotas.
+/// At most one node is down at a time so a majority can always make
+/// progress.
+async fn random_operations(c: SimCluster) -> Trace {
+    random_ops(c, 60).await
+}
+
+/// [`random_operations`] for longer, so that queues fill and drain and
+/// spare nodes join.
+async fn scheduling_operations(c: SimCluster) -> Trace {
+    random_ops(c, 100).await
+}
+
+async fn random_ops(mut c: SimCluster, steps: usize) -> Trace {
     let mut model = Model::default();
-    const STEPS: usize = 60;
     let mut next = 0u32;
+    let mut admin_seq = 0u32;
     c.wait_ready(READY_TIMEOUT).await;
-    for _ in 0..STEPS {
+    for _ in 0..steps {
         let roll = madsim::rand::thread_rng().gen_range(0..100);
         let up = c.up_nodes();
+        let all_up = up.len() == c.ids().len();
         match roll {
-            // Concurrent creates; sometimes a node dies while they fly.
-            0..=49 => {
+            // Concurrent create requests; sometimes a node dies while they fly.
+            0..=39 => {
                 let mut rng = madsim::rand::thread_rng();
                 let count = rng.gen_range(1..=CONCURRENCY);
-                let reqs = (0..count)
-                    .map(|_| {
-                        next += 1;
-                        (pick(&up), format!("vm-{next:04}"), random_spec())
-                    })
-                    .collect();
-                let fault = (up.len() == c.ids().len() && rng.gen_bool(0.2))
+                let reqs = (0..count).map(|_| random_create(&c, &mut next)).collect();
+                let fault = (all_up && rng.gen_bool(0.2))
                     .then(|| (Duration::from_millis(rng.gen_range(0..50)), pick(&up)));
-                c.create_vms(&mut model, reqs, fault).await;
+                c.create_requests(&mut model, reqs, fault).await;
             }
-            50..=69 => {
+            40..=54 => {
                 let live: Vec<&String> = model.live.keys().collect();
                 if !live.is_empty() {
                     let name = live[madsim::rand::thread_rng().gen_range(0..live.len())].clone();
                     c.delete_vm(&mut model, pick(&up), name).await;
                 }
             }
+            // A stop takes a VM out of the queue; a start places or queues
+            // an unplaced one.
+            55..=60 => {
+                let live: Vec<&String> = model.live.keys().collect();
+                if !live.is_empty() {
+                    let name = live[madsim::rand::thread_rng().gen_range(0..live.len())].clone();
+                    let running = match model.asked.get(&name).and_then(|a| a.running) {
+                        Some(r) => !r,
+                        None => madsim::rand::thread_rng().gen_bool(0.5),
+                    };
+                    let op = if running { VmOp::Start } else { VmOp::Stop };
+                    let outcome = c.vm_op(pick(&up), name.clone(), op).await;
+                    model.record_vm_op(&name, running, &outcome);
+                }
+            }
             // Kill a random node, the leader half of the time.
-            70..=79 if up.len() == c.ids().len() => {
+            61..=68 if all_up => {
                 let victim: NodeId = match c.leader().await {
                     Some((leader, _)) if madsim::rand::thread_rng().gen_bool(0.5) => leader,
                     _ => pick(&up),
                 };
                 c.kill(victim);
             }
-            80..=89 => {
+            69..=76 => {
                 if let Some(&id) = c.down_nodes().first() {
                     c.restart(id).await;
                 }
             }
-            90..=95 => {
-                let change = random_admin(&c.ids());
-                c.admin(pick(&up), change).await;
+            77..=88 => {
+                admin_seq += 1;
+                let aimed = madsim::rand::thread_rng().gen_bool(0.3);
+                let change = aimed.then(|| breaking_node_set(&model)).flatten();
+                let change = change.unwrap_or_else(|| random_admin(&c.ids()));
+                c.admin(&mut model, change, &format!("admin-{admin_seq}")).await;
+            }
+            89..=91 if c.spares_left() > 0 => {
+                let id = c.join_node(pick(&up));
+                c.wait_joined(id, JOIN_TIMEOUT).await;
+                model.counts.joins += 1;
             }
             _ => {
                 let pause = Duration::from_millis(madsim::rand::thread_rng().gen_range(100..3000));
@@ -273,12 +438,89 @@ async fn random_operations(mut c: SimCluster) -> Trace {
     c.trace
 }
 
+/// Prints, per outcome, its total over the seeds and how many seeds saw it,
+/// and fails if one of `required` never happened, so that the random
+/// operations cannot silently stop exercising it. Only over the default
+/// seed set or a wider one (a single seed or a short sweep need not see
+/// everything).
+fn require_outcomes(test: &str, default_count: u64, reports: &[(u64, SeedReport)], required: &[&str]) {
+    if reports.is_empty() {
+        return; // the child process of one seed
+    }
+    let mut missing = Vec::new();
+    for name in FIGURES {
+        let total: f64 = reports.iter().filter_map(|(_, r)| r.figure(name)).sum();
+        let seeds = reports.iter().filter(|(_, r)| r.figure(name).is_some_and(|v| v > 0.0)).count();
+        eprintln!("{test}: {name}: {total} over {} seeds, in {seeds} of them", reports.len());
+        if total == 0.0 && required.contains(&name) {
+            missing.push(name);
+        }
+    }
+    let full_set = std::env::var_os("BLIXARD_SIM_SEED").is_none() && reports.len() as u64 >= default_count;
+    if full_set {
+        assert!(missing.is_empty(), "{test}: never exercised over {} seeds: {missing:?}", reports.len());
+    }
+}
+
+/// The per-run figures of [`SimCluster::check_final_state`].
+const FIGURES: [&str; 15] = [
+    "placed",
+    "queued",
+    "preempted",
+    "no_fit",
+    "over_quota",
+    "unknown_pin",
+    "node_set",
+    "breaks_constraint",
+    "below_allocated",
+    "quota_set",
+    "quota_lowered",
+    "joins",
+    "queued_at_end",
+    "evicted_at_end",
+    "drained",
+];
+
+/// Every scheduling outcome: placed, queued, preempted, refused for want
+/// of a fitting node, over quota, pinned to an unknown node; `node set`
+/// applied and refused for a constraint; quotas set below usage; queued VMs
+/// placed later.
+const SCHEDULING_OUTCOMES: [&str; 11] = [
+    "placed",
+    "queued",
+    "preempted",
+    "no_fit",
+    "over_quota",
+    "unknown_pin",
+    "node_set",
+    "breaks_constraint",
+    "quota_lowered",
+    "evicted_at_end",
+    "drained",
+];
+
 #[test]
 fn random_operations_keep_replicas_identical() {
     init_logging();
-    run_seeds("random_operations_keep_replicas_identical", 40, |seed| {
-        simulate(seed, vopr_config(), random_operations)
-    });
+    let test = "random_operations_keep_replicas_identical";
+    let reports = run_seeds(test, 40, |seed| simulate(seed, vopr_config(), random_operations));
+    require_outcomes(test, 40, &reports, &SCHEDULING_OUTCOMES);
+}
+
+/// Scheduling under faults (issue 7 section 4): the random operations on
+/// labelled nodes, with two spare nodes joining mid-run (their capacity
+/// lets queued VMs run). Checked on every node after every run: allocation
+/// within allocatable in every dimension, placement rules of placed VMs,
+/// no queued VM that fits, quotas as set and never exceeded, identical
+/// replicas. Over the seeds, every scheduling outcome and joins must occur.
+#[test]
+fn placement_rules_hold_under_random_operations() {
+    init_logging();
+    let test = "placement_rules_hold_under_random_operations";
+    let reports = run_seeds(test, 100, |seed| simulate(seed, scheduling_config(), scheduling_operations));
+    let mut required = SCHEDULING_OUTCOMES.to_vec();
+    required.push("joins");
+    require_outcomes(test, 100, &reports, &required);
 }
 
 /// A wider sweep of the random-operations scenario aimed at retries: writes
@@ -586,6 +828,7 @@ async fn vm_chaos(mut c: SimCluster) -> Trace {
                     }
                 }
                 let outcome = c.vm_op(pick(&up), name.clone(), op).await;
+                model.record_vm_op(&name, op != VmOp::Stop, &outcome);
                 let f = facts.get_mut(&name).unwrap();
                 match outcome {
                     Outcome::Acked(_) => match op {
