@@ -255,6 +255,7 @@ pub fn vm_json(v: &pb::Vm) -> Value {
         "placement": placement_json(v.placement.as_ref()),
         "queued_at": if v.queued_at == 0 { Value::Null } else { json!(v.queued_at) },
         "preempted_by": v.preempted_by,
+        "leaving_node": if v.leaving_node == 0 { Value::Null } else { json!(v.leaving_node) },
     })
 }
 
@@ -354,6 +355,12 @@ pub fn vm_status(v: &pb::Vm, local: Option<&pb::LocalVmResponse>, format: Format
     }
     if !v.preempted_by.is_empty() {
         println!("preempted: by {} (the last time it was evicted)", v.preempted_by);
+    }
+    if v.leaving_node != 0 {
+        println!(
+            "leaving:   node {} has not yet reported it stopped; placed nowhere else until then",
+            v.leaving_node
+        );
     }
     println!("placement: {}", placement_text(v.placement.as_ref()));
     if !v.reason.is_empty() {

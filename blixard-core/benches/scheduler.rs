@@ -90,6 +90,7 @@ fn vms(mix: bool) -> Vec<VmRecord> {
                 placement,
                 queued_at: 0,
                 preempted_by: String::new(),
+                leaving: 0,
             }
         })
         .collect()

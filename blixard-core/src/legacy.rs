@@ -45,6 +45,7 @@ impl From<VmRecordV2> for VmRecord {
             placement: Default::default(),
             queued_at: 0,
             preempted_by: String::new(),
+            leaving: 0,
         }
     }
 }

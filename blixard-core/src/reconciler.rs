@@ -126,6 +126,13 @@ pub fn spawn(
     };
     tokio::spawn(async move {
         let node = r.node.clone();
+        // Act only on a state that has caught up with the cluster: a node
+        // that restarts replays its log, and an old entry may still place a
+        // VM here that has since moved to another node (and runs there).
+        while let Err(e) = node.linearize().await {
+            tracing::debug!(error = %e, "reconciler waits until this node has caught up with the cluster");
+            tokio::time::sleep(r.cfg.tick).await;
+        }
         loop {
             // Registered before the tick reads the state, so a change applied
             // while the tick runs still wakes the next one.
@@ -255,6 +262,24 @@ impl Reconciler {
             } else if new == current {
                 t.reported = None;
             }
+        }
+        // VMs evicted from this node (preempted) wait until it says they
+        // no longer run here; "no longer placed here" above stops them.
+        if may_report {
+            let mut gone = Vec::new();
+            self.node.state.for_each_vm_on(0, |vm| {
+                if vm.leaving == me
+                    && !actual.contains_key(&*vm.name)
+                    && !self.busy.lock().contains_key(&*vm.name)
+                {
+                    gone.push(VmReport {
+                        name: vm.name.to_string(),
+                        observed: ObservedState::Stopped,
+                        runtime: Default::default(),
+                    });
+                }
+            });
+            reports.extend(gone);
         }
         if !reports.is_empty() {
             self.last_report = Some(Instant::now());

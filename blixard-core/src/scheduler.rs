@@ -226,9 +226,10 @@ impl Scheduler {
         (Reverse(vm.placement.priority), vm.queued_at, vm.name.clone())
     }
 
-    /// Puts a queued VM in (or takes it out of) the queue.
+    /// Puts a queued VM in (or takes it out of) the queue; one still
+    /// stopping on the node it was evicted from waits outside it.
     pub fn queue_vm(&mut self, vm: &VmRecord, add: bool) {
-        if !vm.is_queued() {
+        if !vm.is_placeable() {
             return;
         }
         if add {
@@ -406,11 +407,26 @@ impl Scheduler {
                 }
                 free = free.saturating_add(&v.need);
                 sum += u64::from(v.priority);
-                chosen.push(v.name);
+                chosen.push((v.name, v.priority, v.need));
             }
             if !req.need.fits_in(&free) {
                 continue;
             }
+            // Keep no victim that is not needed: going back from the last
+            // (highest priority, oldest) one, drop any the request fits
+            // without.
+            let mut kept: Vec<(Arc<str>, u8, Resources)> = chosen;
+            let mut i = kept.len();
+            while i > 0 {
+                i -= 1;
+                let without = free.saturating_sub(&kept[i].2);
+                if req.need.fits_in(&without) {
+                    free = without;
+                    sum -= u64::from(kept[i].1);
+                    kept.remove(i);
+                }
+            }
+            let chosen: Vec<Arc<str>> = kept.into_iter().map(|(n, _, _)| n).collect();
             let rank = (chosen.len(), sum, id);
             if best.as_ref().is_none_or(|(r, _)| rank < *r) {
                 best = Some((rank, chosen));
@@ -551,6 +567,7 @@ mod tests {
             placement: Placement { anti_affinity: group.into(), priority, ..Default::default() },
             queued_at: 0,
             preempted_by: String::new(),
+            leaving: 0,
         }
     }
 

@@ -224,7 +224,7 @@ impl ClusterState {
                 self.sched.lock().count_vm(vm, add);
             }
         }
-        let queued = |v: Option<&VmRecord>| v.is_some_and(VmRecord::is_queued);
+        let queued = |v: Option<&VmRecord>| v.is_some_and(VmRecord::is_placeable);
         if queued(old) || queued(new) {
             let mut sched = self.sched.lock();
             if let Some(o) = old {
@@ -454,8 +454,14 @@ impl ClusterState {
         }
         let mut groups: BTreeSet<(&str, NodeId)> = BTreeSet::new();
         for v in &image.vms {
+            if v.leaving != 0 && v.node_id != 0 {
+                return Err(format!(
+                    "VM {} is placed on node {} while leaving node {}",
+                    v.name, v.node_id, v.leaving
+                ));
+            }
             if v.node_id == 0 {
-                if v.is_queued() && sched.place(&Request::of(v)).is_some() {
+                if v.is_placeable() && sched.place(&Request::of(v)).is_some() {
                     return Err(format!("queued VM {} fits on a node", v.name));
                 }
                 continue;
@@ -760,6 +766,17 @@ impl ApplyRun<'_> {
                 };
                 let rec = NodeRecord { status: NodeStatus::Left, updated_at_ms: ctx.at_ms, ..old.clone() };
                 self.state.put_node(*id, Some(rec), Some(old), journal.as_deref_mut());
+                // VMs evicted from it wait for it no longer: it has left.
+                let leaving: Vec<Arc<VmRecord>> = self
+                    .vms
+                    .table()
+                    .on_node(0)
+                    .filter(|v| v.leaving == *id)
+                    .map(|v| Arc::new(v.clone()))
+                    .collect();
+                for vm in leaving {
+                    self.release(&vm, ctx, journal.as_deref_mut());
+                }
                 let names: Vec<Arc<str>> = self.vms.table().names_on(*id).cloned().collect();
                 let mut lost = 0;
                 for name in names {
@@ -807,6 +824,14 @@ impl ApplyRun<'_> {
                 let mut applied = 0;
                 for r in reports {
                     let Some(vm) = self.vms.get(r.name.as_str()) else { continue };
+                    // The node a VM was evicted from says it has stopped it:
+                    // now it may be placed.
+                    if vm.leaving == *node && vm.node_id != *node && r.observed == ObservedState::Stopped {
+                        let vm = vm.clone();
+                        self.release(&vm, ctx, journal.as_deref_mut());
+                        applied += 1;
+                        continue;
+                    }
                     // A report that raced a delete-and-recreate elsewhere, or
                     // that says nothing new, changes nothing.
                     if vm.node_id != *node || (vm.observed == r.observed && vm.runtime == r.runtime) {
@@ -865,7 +890,9 @@ impl ApplyRun<'_> {
                     rec.queued_at = 0;
                 }
                 DesiredState::Running if !vm.is_queued() => {
-                    let node = self.state.sched.lock().place(&Request::of(&vm));
+                    // Still stopping where it was evicted: it waits.
+                    let node =
+                        if vm.leaving != 0 { None } else { self.state.sched.lock().place(&Request::of(&vm)) };
                     match node {
                         Some(node) => {
                             rec.node_id = node;
@@ -987,25 +1014,16 @@ impl ApplyRun<'_> {
             placement: placement.clone(),
             queued_at: if observed == ObservedState::Queued { ctx.index } else { 0 },
             preempted_by: String::new(),
+            leaving: 0,
         };
-        self.set_vm(name, Some(vm), journal.as_deref_mut());
-        // Evicted VMs that fit elsewhere go there at once (no further
-        // preemption); the rest wait in the queue.
-        for victim in &preempted {
-            let Some(v) = self.vms.get(victim.as_str()).cloned() else { continue };
-            if !v.is_queued() {
-                continue;
-            }
-            let Some(node) = self.state.sched.lock().place(&Request::of(&v)) else { continue };
-            let rec =
-                VmRecord { node_id: node, observed: ObservedState::Pending, queued_at: 0, ..(*v).clone() };
-            self.set_vm(victim, Some(rec), journal.as_deref_mut());
-        }
+        self.set_vm(name, Some(vm), journal);
         Ok(CreatedVm { name: name.clone(), node_id, preempted })
     }
 
     /// Takes `victims` off their node for `by`: unplaced, and queued if they
-    /// should run. Never deleted.
+    /// should run. Never deleted. Each waits (`leaving`) until its node
+    /// reports it stopped before it may be placed anywhere: otherwise a new
+    /// node could start it while the old one still runs it.
     fn evict(&mut self, victims: &[Arc<str>], by: &str, ctx: ApplyCtx, mut journal: Journal<'_>) {
         for name in victims {
             let Some(v) = self.vms.get(name).cloned() else { continue };
@@ -1015,12 +1033,27 @@ impl ApplyRun<'_> {
                 observed: if queued { ObservedState::Queued } else { ObservedState::Stopped },
                 queued_at: if queued { ctx.index } else { 0 },
                 preempted_by: by.to_string(),
+                leaving: v.node_id,
                 updated_at_ms: ctx.at_ms,
                 revision: ctx.index,
                 ..(*v).clone()
             };
             self.set_vm(name, Some(rec), journal.as_deref_mut());
         }
+    }
+
+    /// An evicted VM's old node has stopped it (or left): it may be placed
+    /// now, or waits in the queue.
+    fn release(&mut self, vm: &VmRecord, ctx: ApplyCtx, journal: Journal<'_>) {
+        let mut rec = VmRecord { leaving: 0, updated_at_ms: ctx.at_ms, revision: ctx.index, ..vm.clone() };
+        if rec.is_queued() {
+            if let Some(node) = self.state.sched.lock().place(&Request::of(&rec)) {
+                rec.node_id = node;
+                rec.observed = ObservedState::Pending;
+                rec.queued_at = 0;
+            }
+        }
+        self.set_vm(&vm.name, Some(rec), journal);
     }
 
     fn rollback(&mut self, journal: Vec<Undo>) {
@@ -1213,10 +1246,34 @@ mod tests {
             s.with_vm(victim, |v| (v.node_id, v.observed, v.preempted_by.clone())),
             Some((0, ObservedState::Queued, "vip".to_string()))
         );
+        assert_eq!(s.with_vm(victim, |v| v.leaving), Some(2), "waits for node 2 to stop it");
         s.check_invariants().unwrap();
-        // The victim is placed again as soon as room appears.
+        // Room appears, but the victim is placed nowhere until the node it
+        // was evicted from says it stopped it: never on two nodes at once.
         s.apply(&p(Command::DeleteVm { name: "vip".into() }), 9).unwrap();
-        assert_ne!(s.with_vm(victim, |v| v.node_id), Some(0));
+        assert_eq!(s.with_vm(victim, |v| (v.node_id, v.observed)), Some((0, ObservedState::Queued)));
+        s.check_invariants().unwrap();
+        let stopped = |node| {
+            p(Command::ReportVms {
+                node,
+                reports: vec![crate::command::VmReport {
+                    name: victim.into(),
+                    observed: ObservedState::Stopped,
+                    runtime: Default::default(),
+                }],
+            })
+        };
+        assert_eq!(
+            s.apply(&stopped(1), 10).unwrap(),
+            CommandOutput::VmsReported { applied: 0 },
+            "wrong node"
+        );
+        assert_eq!(s.with_vm(victim, |v| v.leaving), Some(2));
+        assert_eq!(s.apply(&stopped(2), 11).unwrap(), CommandOutput::VmsReported { applied: 1 });
+        assert_eq!(
+            s.with_vm(victim, |v| (v.node_id, v.leaving, v.observed)),
+            Some((2, 0, ObservedState::Pending))
+        );
         s.check_invariants().unwrap();
     }
 

@@ -206,6 +206,10 @@ pub struct VmRecord {
     /// The VM whose create evicted it, last time it was preempted; empty if
     /// it never was.
     pub preempted_by: String,
+    /// The node it was evicted from, until that node reports it stopped
+    /// (or leaves the cluster); 0 otherwise. Until then it is placed
+    /// nowhere else, so it never runs on two nodes at once.
+    pub leaving: NodeId,
 }
 
 impl VmRecord {
@@ -217,6 +221,12 @@ impl VmRecord {
     /// Waiting in the queue: unplaced and meant to run.
     pub fn is_queued(&self) -> bool {
         self.node_id == 0 && self.desired == DesiredState::Running
+    }
+
+    /// Queued and free to be placed: not still stopping on the node it was
+    /// evicted from.
+    pub fn is_placeable(&self) -> bool {
+        self.is_queued() && self.leaving == 0
     }
 }
 

@@ -312,6 +312,7 @@ mod tests {
             placement: Default::default(),
             queued_at: 0,
             preempted_by: String::new(),
+            leaving: 0,
         })
     }
 

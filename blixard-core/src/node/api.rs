@@ -150,6 +150,7 @@ pub fn vm_pb(v: &VmRecord) -> pb::Vm {
         placement: Some(placement_pb(&v.placement)),
         queued_at: v.queued_at,
         preempted_by: v.preempted_by.clone(),
+        leaving_node: v.leaving,
     }
 }
 

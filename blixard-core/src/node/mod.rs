@@ -421,6 +421,9 @@ impl Node {
             tracing::info!(backend = %backend.describe(), "VM backend ready");
             let h = crate::reconciler::spawn(shared.clone(), backend.clone(), cfg.reconciler.clone());
             *node.reconciler.lock() = Some(h);
+        } else {
+            let h = tokio::spawn(release_loop(shared.clone(), cfg.reconciler.tick));
+            *node.reconciler.lock() = Some(h);
         }
         Ok(node)
     }
@@ -501,6 +504,38 @@ async fn join_via(shared: &Arc<NodeShared>, seed: &str) -> Result<(), NodeError>
             Err(s) => {
                 return Err(NodeError::Join { seed: seed.to_string(), reason: s.message().to_string() })
             }
+        }
+    }
+}
+
+/// On a node without a VM backend (nothing runs here): tells the cluster
+/// that VMs evicted from this node are stopped, so they may be placed
+/// elsewhere (a node with a backend reports that from its reconciler, once
+/// it has really stopped them).
+async fn release_loop(shared: Arc<NodeShared>, tick: Duration) {
+    let me = shared.id;
+    loop {
+        let changed = shared.state.changed().notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let mut reports = Vec::new();
+        shared.state.for_each_vm_on(0, |vm| {
+            if vm.leaving == me && reports.len() < crate::validate::MAX_BATCH {
+                reports.push(crate::command::VmReport {
+                    name: vm.name.to_string(),
+                    observed: crate::types::ObservedState::Stopped,
+                    runtime: Default::default(),
+                });
+            }
+        });
+        if !reports.is_empty() {
+            if let Err(e) = shared.propose(Command::ReportVms { node: me, reports }).await {
+                tracing::debug!(error = %e, "could not report evicted VMs as stopped; retrying");
+            }
+        }
+        tokio::select! {
+            _ = changed => {}
+            _ = tokio::time::sleep(tick) => {}
         }
     }
 }
