@@ -1162,14 +1162,17 @@ impl SimCluster {
                 let vms = self.list_vms_stale(id).await.unwrap_or_else(|e| panic!("list VMs on n{id}: {e}"));
                 lists.push((id, vms));
             }
-            if !self.config.vm_backends {
-                return (converged, lists);
-            }
+            // Evicted VMs wait until the node they left reports them
+            // stopped (its reconciler, or at once without a VM backend).
+            let backends = self.config.vm_backends;
             let moving: Vec<String> = lists[0]
                 .1
                 .iter()
-                .filter(|v| matches!(v.observed.as_str(), "pending" | "starting" | "stopping"))
-                .map(|v| format!("{} {} on n{}", v.name, v.observed, v.node_id))
+                .filter(|v| {
+                    v.leaving_node != 0
+                        || (backends && matches!(v.observed.as_str(), "pending" | "starting" | "stopping"))
+                })
+                .map(|v| format!("{} {} on n{} (leaving n{})", v.name, v.observed, v.node_id, v.leaving_node))
                 .collect();
             let why = match lists_differ(&lists) {
                 Some(why) => why,
@@ -1350,6 +1353,15 @@ pub fn check_allocation_and_placement(nodes: &[pb::NodeInfo], vms: &[pb::Vm]) ->
                 vm.name, n.id, n.labels
             ));
         }
+    }
+    // A VM evicted from a node waits (outside the queue) until that node
+    // reports it stopped; by the end of a run every node is up and has
+    // reported, so none may still wait.
+    if let Some(vm) = vms.iter().find(|v| v.leaving_node != 0) {
+        return Err(format!(
+            "{} still waits for n{} to stop it (on node {})",
+            vm.name, vm.leaving_node, vm.node_id
+        ));
     }
     for vm in vms.iter().filter(|v| v.node_id == 0 && v.desired == "running") {
         let p = vm.placement.clone().unwrap_or_default();
