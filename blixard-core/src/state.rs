@@ -1278,6 +1278,25 @@ mod tests {
     }
 
     #[test]
+    fn a_node_that_leaves_releases_the_vms_evicted_from_it() {
+        let s = state_with_nodes(); // node 1: 1024 MiB, node 2: 2048 MiB
+        s.apply(&p(create_with("low", 2048, prio(10), false)), 3).unwrap();
+        s.apply(&p(create_with("vip", 2048, prio(90), false)), 4).unwrap();
+        assert_eq!(s.with_vm("low", |v| (v.node_id, v.leaving)), Some((0, 2)));
+        // Room appears on node 3, but "low" still waits for node 2 ...
+        s.apply(&p(register(3, 4, 4096)), 5).unwrap();
+        assert_eq!(s.with_vm("low", |v| v.node_id), Some(0));
+        s.check_invariants().unwrap();
+        // ... until node 2 is removed from the cluster: then it is placed.
+        s.apply(&p(Command::DecommissionNode { id: 2 }), 6).unwrap();
+        assert_eq!(
+            s.with_vm("low", |v| (v.node_id, v.leaving, v.observed)),
+            Some((3, 0, ObservedState::Pending))
+        );
+        s.check_invariants().unwrap();
+    }
+
+    #[test]
     fn node_changes_may_not_break_constraints() {
         let s = state_with_nodes();
         s.apply(&p(set_node(1, None, &[("zone", "eu")], &[])), 3).unwrap();
