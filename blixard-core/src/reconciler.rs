@@ -265,12 +265,20 @@ impl Reconciler {
         }
         // VMs evicted from this node (preempted) wait until it says they
         // no longer run here; "no longer placed here" above stops them.
+        // Only what this tick saw is reported: a VM absent from the listing
+        // that was not placed here when the tick began and had no action in
+        // flight before the listing or now (an action that ends after the
+        // listing could have started it).
         if may_report {
             let mut gone = Vec::new();
+            let wanted: HashSet<&str> = wants.iter().map(|w| &*w.name).collect();
             self.node.state.for_each_vm_on(0, |vm| {
+                let name = &*vm.name;
                 if vm.leaving == me
-                    && !actual.contains_key(&*vm.name)
-                    && !self.busy.lock().contains_key(&*vm.name)
+                    && !actual.contains_key(name)
+                    && !wanted.contains(name)
+                    && !busy_before.contains(name)
+                    && !self.busy.lock().contains_key(name)
                 {
                     gone.push(VmReport {
                         name: vm.name.to_string(),
