@@ -501,6 +501,19 @@ impl Client {
         self.write(call).await.map_err(|e| e.into_failure(request_id))
     }
 
+    /// A write with no result to show (a delete): "applied but not yet
+    /// visible here" is done too.
+    async fn write_done<T, F, Fut>(&mut self, request_id: &str, call: F) -> Result<(), Failure>
+    where
+        F: FnMut(Conn) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        match self.write(call).await {
+            Ok(_) | Err(WriteError::Undecided(Undecided { applied: true, .. })) => Ok(()),
+            Err(e) => Err(e.into_failure(request_id)),
+        }
+    }
+
     pub async fn set_node(&mut self, r: pb::SetNodeRequest) -> Result<pb::NodeInfo, Failure> {
         let id = r.request_id.clone();
         self.write_or_fail(&id, |mut c| {
@@ -532,19 +545,14 @@ impl Client {
     }
 
     pub async fn delete_quota(&mut self, tenant: String, request_id: &str) -> Result<(), Failure> {
-        let deleted = self
-            .write(|mut c| {
-                let r = req(
-                    pb::DeleteQuotaRequest { tenant: tenant.clone(), request_id: request_id.to_string() },
-                    WRITE_DEADLINE,
-                );
-                async move { c.cluster.delete_quota(r).await }
-            })
-            .await;
-        match deleted {
-            Ok(_) | Err(WriteError::Undecided(Undecided { applied: true, .. })) => Ok(()),
-            Err(e) => Err(e.into_failure(request_id)),
-        }
+        self.write_done(request_id, |mut c| {
+            let r = req(
+                pb::DeleteQuotaRequest { tenant: tenant.clone(), request_id: request_id.to_string() },
+                WRITE_DEADLINE,
+            );
+            async move { c.cluster.delete_quota(r).await }
+        })
+        .await
     }
 
     pub async fn get_quota(&mut self, tenant: String) -> Result<pb::Quota, Failure> {
@@ -677,21 +685,14 @@ impl Client {
     }
 
     pub async fn delete_vm(&mut self, name: String, request_id: &str) -> Result<(), Failure> {
-        let deleted = self
-            .write(|mut c| {
-                let r = req(
-                    pb::DeleteVmRequest { name: name.clone(), request_id: request_id.to_string() },
-                    WRITE_DEADLINE,
-                );
-                async move { c.vms.delete_vm(r).await }
-            })
-            .await;
-        match deleted {
-            Ok(_) => Ok(()),
-            // A delete has no result to show: applied is done.
-            Err(WriteError::Undecided(Undecided { applied: true, .. })) => Ok(()),
-            Err(e) => Err(e.into_failure(request_id)),
-        }
+        self.write_done(request_id, |mut c| {
+            let r = req(
+                pb::DeleteVmRequest { name: name.clone(), request_id: request_id.to_string() },
+                WRITE_DEADLINE,
+            );
+            async move { c.vms.delete_vm(r).await }
+        })
+        .await
     }
 }
 

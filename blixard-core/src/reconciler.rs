@@ -21,7 +21,8 @@ use tokio::time::Instant;
 
 use crate::command::{Command, VmReport};
 use crate::node::{ApiError, NodeShared};
-use crate::types::{DesiredState, ObservedState, RestartPolicy, VmRecord, VmRuntime};
+use crate::state::ClusterState;
+use crate::types::{DesiredState, NodeId, ObservedState, RestartPolicy, VmRecord, VmRuntime};
 use crate::validate::{MAX_BATCH, MAX_REASON_LEN};
 
 /// Longest a status report may take to commit before the tick gives up on
@@ -148,6 +149,26 @@ pub fn spawn(
     })
 }
 
+/// Reports ("stopped") for the VMs evicted from node `me` that `gone` says
+/// no longer run there: what lets the cluster place them elsewhere.
+pub fn evicted_and_gone(
+    state: &ClusterState,
+    me: NodeId,
+    mut gone: impl FnMut(&str) -> bool,
+) -> Vec<VmReport> {
+    let mut reports = Vec::new();
+    state.for_each_vm_on(0, |vm| {
+        if vm.leaving == me && gone(&vm.name) {
+            reports.push(VmReport {
+                name: vm.name.to_string(),
+                observed: ObservedState::Stopped,
+                runtime: Default::default(),
+            });
+        }
+    });
+    reports
+}
+
 /// A VM this node should run, as read from the state.
 struct Want {
     name: Arc<str>,
@@ -270,24 +291,13 @@ impl Reconciler {
         // flight before the listing or now (an action that ends after the
         // listing could have started it).
         if may_report {
-            let mut gone = Vec::new();
             let wanted: HashSet<&str> = wants.iter().map(|w| &*w.name).collect();
-            self.node.state.for_each_vm_on(0, |vm| {
-                let name = &*vm.name;
-                if vm.leaving == me
-                    && !actual.contains_key(name)
+            reports.extend(evicted_and_gone(&self.node.state, me, |name| {
+                !actual.contains_key(name)
                     && !wanted.contains(name)
                     && !busy_before.contains(name)
                     && !self.busy.lock().contains_key(name)
-                {
-                    gone.push(VmReport {
-                        name: vm.name.to_string(),
-                        observed: ObservedState::Stopped,
-                        runtime: Default::default(),
-                    });
-                }
-            });
-            reports.extend(gone);
+            }));
         }
         if !reports.is_empty() {
             self.last_report = Some(Instant::now());

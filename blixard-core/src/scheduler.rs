@@ -80,7 +80,7 @@ pub enum Filter {
     Disk,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct NodeView {
     free: Resources,
     labels: BTreeMap<String, String>,
@@ -452,14 +452,13 @@ impl Scheduler {
                 continue;
             }
             total += 1;
-            match self.check(id, req, group) {
+            let verdict = self.check(id, req, group);
+            match verdict {
                 Ok(()) => fit += 1,
                 Err(f) => *by.entry(f).or_default() += 1,
             }
-            if matches!(
-                self.check(id, req, group),
-                Ok(()) | Err(Filter::Memory | Filter::Vcpus | Filter::Disk)
-            ) && roomiest.is_none_or(|(m, best)| (n.free.memory_mb, Reverse(id)) > (m, Reverse(best)))
+            if matches!(verdict, Ok(()) | Err(Filter::Memory | Filter::Vcpus | Filter::Disk))
+                && roomiest.is_none_or(|(m, best)| (n.free.memory_mb, Reverse(id)) > (m, Reverse(best)))
             {
                 roomiest = Some((n.free.memory_mb, id));
             }
@@ -501,9 +500,11 @@ impl Scheduler {
         out
     }
 
-    /// Checks the scheduler against one rebuilt from scratch: same indices.
-    pub fn same_indices(&self, other: &Scheduler) -> Result<(), String> {
+    /// Checks the scheduler against one rebuilt from scratch: same node
+    /// views and indices.
+    pub fn same_as(&self, other: &Scheduler) -> Result<(), String> {
         let checks = [
+            ("node views", self.nodes == other.nodes),
             ("free index", self.free == other.free),
             ("label values", self.label_values == other.label_values),
             ("group counts", self.groups == other.groups),
@@ -516,17 +517,6 @@ impl Scheduler {
             Some((what, _)) => Err(format!("scheduler {what} disagrees with the tables")),
             None => Ok(()),
         }
-    }
-
-    /// Node views compared field by field (free and labels).
-    pub fn same_nodes(&self, other: &Scheduler) -> bool {
-        self.nodes.len() == other.nodes.len()
-            && self.nodes.iter().all(|(id, n)| {
-                other
-                    .nodes
-                    .get(id)
-                    .is_some_and(|o| o.free == n.free && o.labels == n.labels && o.active == n.active)
-            })
     }
 }
 

@@ -261,11 +261,6 @@ impl ClusterState {
         self.sched.lock().strategy()
     }
 
-    /// Runs `f` on the scheduler (reads only: explanations, dry runs).
-    pub fn with_scheduler<R>(&self, f: impl FnOnce(&Scheduler) -> R) -> R {
-        f(&self.sched.lock())
-    }
-
     /// Why `vm` would (or would not) be placed now: the scheduler's
     /// per-filter explanation against this replica's state.
     pub fn explain(&self, vm: &NewVm) -> String {
@@ -448,10 +443,7 @@ impl ClusterState {
         let image = self.image();
         let fresh = scheduler_of(&image);
         let sched = self.sched.lock();
-        sched.same_indices(&fresh)?;
-        if !sched.same_nodes(&fresh) {
-            return Err("scheduler's node views disagree with the node table".into());
-        }
+        sched.same_as(&fresh)?;
         let mut groups: BTreeSet<(&str, NodeId)> = BTreeSet::new();
         for v in &image.vms {
             if v.leaving != 0 && v.node_id != 0 {

@@ -600,16 +600,15 @@ impl VmService for VmApi {
             let placement = placement_from_pb(v.placement).map_err(ApiError::into_write_status)?;
             vms.push(NewVm { name: v.name, spec, placement });
         }
+        // A dry run explains the first VM against the state as it is.
+        let first = if req.dry_run { vms.first().cloned() } else { None };
         let cmd = Command::CreateVms { vms, start: !req.no_start, queue: req.queue };
         if req.dry_run {
             // Input errors first, as a real create would report them.
             cmd.validate().map_err(|e| ApiError::from(e).into_write_status())?;
             self.read_barrier(pb::Consistency::Linearizable as i32).await?;
             let state = &self.node.state;
-            let explanation = match &cmd {
-                Command::CreateVms { vms, .. } => state.explain(&vms[0]),
-                _ => String::new(),
-            };
+            let explanation = first.map(|vm| state.explain(&vm)).unwrap_or_default();
             let out =
                 state.dry_run(&cmd, super::now_ms()).map_err(|e| ApiError::from(e).into_write_status())?;
             return Ok(Response::new(pb::CreateVmsResponse {

@@ -518,18 +518,11 @@ async fn release_loop(shared: Arc<NodeShared>, tick: Duration) {
         let changed = shared.state.changed().notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
-        let mut reports = Vec::new();
-        shared.state.for_each_vm_on(0, |vm| {
-            if vm.leaving == me && reports.len() < crate::validate::MAX_BATCH {
-                reports.push(crate::command::VmReport {
-                    name: vm.name.to_string(),
-                    observed: crate::types::ObservedState::Stopped,
-                    runtime: Default::default(),
-                });
-            }
-        });
-        if !reports.is_empty() {
-            if let Err(e) = shared.propose(Command::ReportVms { node: me, reports }).await {
+        // Nothing runs here, so every VM evicted from here is gone.
+        let reports = crate::reconciler::evicted_and_gone(&shared.state, me, |_| true);
+        for chunk in reports.chunks(crate::validate::MAX_BATCH) {
+            let cmd = Command::ReportVms { node: me, reports: chunk.to_vec() };
+            if let Err(e) = shared.propose(cmd).await {
                 tracing::debug!(error = %e, "could not report evicted VMs as stopped; retrying");
             }
         }
