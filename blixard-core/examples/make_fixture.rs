@@ -88,6 +88,23 @@ async fn main() {
         })
         .await
         .unwrap();
+    // Format 3 state: placement rules, a priority, a queued VM.
+    let placement = pb::Placement {
+        node_id: 1,
+        constraints: vec!["zone=a".into()],
+        anti_affinity: "grp".into(),
+        spread_by: "rack".into(),
+        priority: Some(70),
+    };
+    vms.create_vm(pb::CreateVmRequest {
+        placement: Some(placement),
+        ..mk("pinned-1", spec(1, 128, "acme", "web"), false, "gen-pinned-1")
+    })
+    .await
+    .unwrap();
+    vms.create_vm(pb::CreateVmRequest { queue: true, ..mk("huge-1", spec(2, 1 << 20, "", "batch"), false, "") })
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(dir.join("snapshot.bin").exists(), "a snapshot was built");
     node.shutdown().await;
