@@ -147,7 +147,12 @@ pub async fn run(c: &mut Client, a: CreateArgs) -> Result<(), Failure> {
     let vms = a
         .names()
         .into_iter()
-        .map(|name| pb::NewVm { name, spec: Some(spec.clone()), placement: Some(placement.clone()) })
+        .map(|name| pb::NewVm {
+            name,
+            spec: Some(spec.clone()),
+            placement: Some(placement.clone()),
+            ..Default::default()
+        })
         .collect();
     let mut req = pb::CreateVmsRequest { vms, no_start: a.no_start, queue: a.queue, ..Default::default() };
     if a.dry_run {

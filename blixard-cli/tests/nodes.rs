@@ -38,7 +38,7 @@ fn node_resources_and_overrides() {
     });
     assert_eq!(n["id"], 1);
     assert_eq!(n["addr"], loopback(port));
-    assert_eq!(n["status"], "active");
+    assert_eq!(n["status"], "ready");
     assert_eq!(n["labels"], json!({ "zone": "a" }));
     assert_eq!(n["capacity"], res(16, 8192, 100));
     assert_eq!(n["reserved"], res(4, 1024, 0));

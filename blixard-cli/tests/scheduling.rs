@@ -99,7 +99,7 @@ fn scheduling_through_the_cli() {
         let out = cli(p, &["node", "list", "-o", "json"]);
         let v: Value = serde_json::from_slice(&out.stdout).ok()?;
         let n = v.as_array()?;
-        (n.len() == 3 && n.iter().all(|n| n["status"] == "active")).then_some(())
+        (n.len() == 3 && n.iter().all(|n| n["status"] == "ready")).then_some(())
     });
 
     // ---- --count: NAME-1 .. NAME-N in one request; JSON lists placements and VMs.

@@ -205,6 +205,7 @@ fn run_once(run: u64) -> Run {
                                 name: format!("r{run}-vm-{i}"),
                                 spec: Some(spec(i)),
                                 placement: placement(i, mix),
+                                ..Default::default()
                             })
                             .collect(),
                         no_start: true,

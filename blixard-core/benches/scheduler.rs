@@ -91,6 +91,10 @@ fn vms(mix: bool) -> Vec<VmRecord> {
                 queued_at: 0,
                 preempted_by: String::new(),
                 leaving: 0,
+                reschedule: Default::default(),
+                history: Vec::new(),
+                moving: None,
+                placement_gen: 0,
             }
         })
         .collect()
@@ -142,7 +146,12 @@ fn apply(strategy: Strategy, vms: &[VmRecord]) -> f64 {
     let creates: Vec<Proposal> = vms
         .iter()
         .map(|v| {
-            let vm = NewVm { name: v.name.to_string(), spec: v.spec.clone(), placement: v.placement.clone() };
+            let vm = NewVm {
+                name: v.name.to_string(),
+                spec: v.spec.clone(),
+                placement: v.placement.clone(),
+                reschedule: v.reschedule,
+            };
             p(Command::CreateVms { vms: vec![vm], start: true, queue: false })
         })
         .collect();

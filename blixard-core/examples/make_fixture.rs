@@ -102,9 +102,12 @@ async fn main() {
     })
     .await
     .unwrap();
-    vms.create_vm(pb::CreateVmRequest { queue: true, ..mk("huge-1", spec(2, 1 << 20, "", "batch"), false, "") })
-        .await
-        .unwrap();
+    vms.create_vm(pb::CreateVmRequest {
+        queue: true,
+        ..mk("huge-1", spec(2, 1 << 20, "", "batch"), false, "")
+    })
+    .await
+    .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(dir.join("snapshot.bin").exists(), "a snapshot was built");
     node.shutdown().await;

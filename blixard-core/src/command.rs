@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::CommandError;
 use crate::types::{
-    DesiredState, NodeId, NodeResources, ObservedState, Placement, QuotaLimits, Ratio, Resources, Strategy,
-    VmRuntime, VmSpec,
+    DesiredState, NodeId, NodeResources, ObservedState, Placement, QuotaLimits, Ratio, Reschedule, Resources,
+    Strategy, VmRuntime, VmSpec,
 };
 use crate::validate;
 
@@ -96,16 +96,55 @@ pub enum Command {
     SetScheduler {
         strategy: Strategy,
     },
+    /// Format 3's `CreateVms` (no failover policy): still applied for old
+    /// entries, never proposed any more.
+    CreateVmsV3 {
+        vms: Vec<NewVmV3>,
+        start: bool,
+        queue: bool,
+    },
     /// Create VMs with their placement rules, each placed in turn (format
-    /// 3; `CreateVm` is its format-2 form, still applied for old entries).
-    /// One that fits nowhere may preempt VMs of lower priority; if it still
-    /// fits nowhere the whole command is rejected, unless `queue`: then it
-    /// waits in the queue. Quota and input errors always reject the whole
-    /// command.
+    /// 4; `CreateVm` and `CreateVmsV3` are older forms, still applied for
+    /// old entries). One that fits nowhere may preempt VMs of lower
+    /// priority; if it still fits nowhere the whole command is rejected,
+    /// unless `queue`: then it waits in the queue. Quota and input errors
+    /// always reject the whole command.
     CreateVms {
         vms: Vec<NewVm>,
         start: bool,
         queue: bool,
+    },
+    /// How long the leader waits without a heartbeat before it marks a
+    /// node down (format 4).
+    SetNodeTimeout {
+        ms: u64,
+    },
+    /// Proposed by the leader: node `id` has not heartbeated for the node
+    /// timeout (`down`), or heartbeats again. Marking it down re-places
+    /// its VMs (unless `--reschedule never`): the node fenced itself
+    /// before the timeout, so they run nowhere.
+    SetNodeDown {
+        id: NodeId,
+        down: bool,
+    },
+    /// Stop placing on node `id` and move its VMs off, at most
+    /// `max_parallel` at a time (0: all at once). Again on a draining node:
+    /// updates the drain and moves what can move now.
+    DrainNode {
+        id: NodeId,
+        max_parallel: u32,
+        /// ms since the epoch; 0: none.
+        deadline_ms: u64,
+    },
+    /// End a drain: the node takes placements again.
+    SetEligible {
+        id: NodeId,
+    },
+    /// Cold-migrate a VM: its node stops it, then it starts on `to` (0:
+    /// the scheduler's choice).
+    MigrateVm {
+        name: String,
+        to: NodeId,
     },
 }
 
@@ -115,6 +154,26 @@ pub struct NewVm {
     pub name: String,
     pub spec: VmSpec,
     pub placement: Placement,
+    pub reschedule: Reschedule,
+}
+
+/// One VM of a format-3 [`Command::CreateVmsV3`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct NewVmV3 {
+    pub name: String,
+    pub spec: VmSpec,
+    pub placement: Placement,
+}
+
+impl From<&NewVmV3> for NewVm {
+    fn from(v: &NewVmV3) -> Self {
+        NewVm {
+            name: v.name.clone(),
+            spec: v.spec.clone(),
+            placement: v.placement.clone(),
+            reschedule: Reschedule::default(),
+        }
+    }
 }
 
 impl Command {
@@ -179,21 +238,34 @@ impl Command {
                 validate::vm_name(name)?;
                 validate::vm_spec(spec)
             }
-            Command::CreateVms { vms, .. } => {
-                if vms.is_empty() || vms.len() > validate::MAX_BATCH {
-                    return Err(CommandError::invalid(
-                        "VM count",
-                        vms.len(),
-                        format!("between 1 and {}", validate::MAX_BATCH),
-                    ));
-                }
+            Command::CreateVmsV3 { vms, .. } => {
+                validate::vm_count(vms.len())?;
                 for v in vms {
-                    validate::vm_name(&v.name)?;
-                    validate::vm_spec(&v.spec)?;
-                    validate::placement(&v.placement)?;
+                    validate::new_vm(&v.name, &v.spec, &v.placement)?;
                 }
                 Ok(())
             }
+            Command::CreateVms { vms, .. } => {
+                validate::vm_count(vms.len())?;
+                for v in vms {
+                    validate::new_vm(&v.name, &v.spec, &v.placement)?;
+                }
+                Ok(())
+            }
+            Command::SetNodeTimeout { ms } => validate::node_timeout_ms(*ms),
+            Command::SetNodeDown { id, .. } | Command::SetEligible { id } => validate::node_id(*id),
+            Command::DrainNode { id, max_parallel, .. } => {
+                validate::node_id(*id)?;
+                if *max_parallel > validate::MAX_BATCH as u32 {
+                    return Err(CommandError::invalid(
+                        "max parallel",
+                        max_parallel,
+                        format!("0 (all at once) to {}", validate::MAX_BATCH),
+                    ));
+                }
+                Ok(())
+            }
+            Command::MigrateVm { name, .. } => validate::vm_name(name),
             Command::DeleteVm { name }
             | Command::StartVm { name }
             | Command::StopVm { name }
@@ -364,6 +436,35 @@ pub enum CommandOutput {
     /// preempted.
     VmsCreated {
         vms: Vec<CreatedVm>,
+    },
+    /// Format 4.
+    NodeTimeoutSet {
+        ms: u64,
+    },
+    /// A node marked down (its VMs `moved` to other nodes, `queued` for
+    /// want of room, `kept` by `--reschedule never`) or ready again.
+    NodeDownSet {
+        id: NodeId,
+        down: bool,
+        moved: u64,
+        queued: u64,
+        kept: u64,
+    },
+    /// A drain started or advanced: VMs now leaving, and those that cannot
+    /// move with the reason.
+    Draining {
+        id: NodeId,
+        moving: Vec<String>,
+        stuck: Vec<(String, String)>,
+    },
+    NodeEligible {
+        id: NodeId,
+    },
+    /// A migration started: the VM leaves node `from` once stopped there.
+    VmMigrating {
+        name: String,
+        from: NodeId,
+        to: NodeId,
     },
 }
 

@@ -50,6 +50,15 @@ pub enum CommandError {
     /// A `node set` that would break a placed VM's constraint.
     #[error("node {id} would break VM {vm:?}'s constraint {constraint}")]
     BreaksConstraint { id: NodeId, vm: String, constraint: String },
+
+    /// Appended in format 4: a migration or drain that cannot move a VM
+    /// (pinned, nowhere else fits, not placed, ...), saying why.
+    #[error("cannot move {name}: {reason}")]
+    CannotMove { name: String, reason: String },
+
+    /// A node in the wrong state for the command (left the cluster, ...).
+    #[error("node {id} is {state}: {why}")]
+    NodeState { id: NodeId, state: String, why: String },
 }
 
 impl CommandError {

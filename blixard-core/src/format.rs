@@ -22,7 +22,10 @@
 //! (state image), and the `RegisterNode`/`SetNode` commands (appended
 //! variants: older entries decode unchanged); version 3 adds placement
 //! rules, the queue and preemption to VM records (state image) and the
-//! `CreateVms` command (appended). Older types live in
+//! `CreateVms` command (appended); version 4 adds liveness and drains to
+//! node records, failover policy and move history to VM records, the node
+//! timeout (state image), and the self-healing commands (appended; format
+//! 3's `CreateVms` is renamed `CreateVmsV3` in place). Older types live in
 //! [`crate::legacy`]. Reading a version newer
 //! than [`CURRENT`] is a [`FormatError::Newer`] naming both versions, never a
 //! misread. How to change a format: see "Format versions" in
@@ -30,7 +33,7 @@
 //! and a fixture data dir written by the previous version).
 
 /// The format version this build writes.
-pub const CURRENT: u16 = 3;
+pub const CURRENT: u16 = 4;
 
 /// The oldest version this build still reads (and migrates).
 pub const OLDEST: u16 = 0;

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::command::{CommandResult, RequestId};
-use crate::state::StateImage;
+use crate::state::{StateImage, DEFAULT_NODE_TIMEOUT_MS};
 use crate::types::{
-    DesiredState, NodeId, NodeOverrides, NodeRecord, NodeResources, NodeStatus, ObservedState, QuotaLimits,
-    Registration, Resources, Strategy, VmRecord, VmRuntime, VmSpec,
+    DesiredState, NodeId, NodeOverrides, NodeRecord, NodeResources, NodeStatus, ObservedState, Placement,
+    QuotaLimits, Registration, Resources, Strategy, VmRecord, VmRuntime, VmSpec,
 };
 
 /// A VM record in formats 0 to 2: no placement rules, never queued.
@@ -31,7 +31,7 @@ pub struct VmRecordV2 {
 impl From<VmRecordV2> for VmRecord {
     /// The default placement (any node, priority 50): what every VM had.
     fn from(v: VmRecordV2) -> Self {
-        VmRecord {
+        VmRecordV3 {
             name: v.name,
             spec: v.spec,
             node_id: v.node_id,
@@ -46,6 +46,87 @@ impl From<VmRecordV2> for VmRecord {
             queued_at: 0,
             preempted_by: String::new(),
             leaving: 0,
+        }
+        .into()
+    }
+}
+
+/// A VM record in format 3: placement rules, no failover policy or history.
+#[derive(Deserialize)]
+pub struct VmRecordV3 {
+    pub name: Arc<str>,
+    pub spec: VmSpec,
+    pub node_id: NodeId,
+    pub desired: DesiredState,
+    pub observed: ObservedState,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+    pub revision: u64,
+    pub generation: u64,
+    pub runtime: VmRuntime,
+    pub placement: Placement,
+    pub queued_at: u64,
+    pub preempted_by: String,
+    pub leaving: NodeId,
+}
+
+impl From<VmRecordV3> for VmRecord {
+    /// Rescheduled on node failure (the default), no moves recorded.
+    fn from(v: VmRecordV3) -> Self {
+        VmRecord {
+            name: v.name,
+            spec: v.spec,
+            node_id: v.node_id,
+            desired: v.desired,
+            observed: v.observed,
+            created_at_ms: v.created_at_ms,
+            updated_at_ms: v.updated_at_ms,
+            revision: v.revision,
+            generation: v.generation,
+            runtime: v.runtime,
+            placement: v.placement,
+            queued_at: v.queued_at,
+            preempted_by: v.preempted_by,
+            leaving: v.leaving,
+            reschedule: Default::default(),
+            history: Vec::new(),
+            moving: None,
+            placement_gen: 0,
+        }
+    }
+}
+
+/// A node record in formats 2 and 3: no liveness, no drain.
+#[derive(Deserialize)]
+pub struct NodeRecordV3 {
+    pub id: NodeId,
+    pub addr: String,
+    pub resources: NodeResources,
+    pub allocated: Resources,
+    pub labels: BTreeMap<String, String>,
+    pub status: NodeStatus,
+    pub registered_at_ms: u64,
+    pub updated_at_ms: u64,
+    pub registered: Registration,
+    pub overrides: NodeOverrides,
+}
+
+impl From<NodeRecordV3> for NodeRecord {
+    /// Not down (it will be if it stays silent), not draining.
+    fn from(n: NodeRecordV3) -> Self {
+        NodeRecord {
+            id: n.id,
+            addr: n.addr,
+            resources: n.resources,
+            allocated: n.allocated,
+            labels: n.labels,
+            status: n.status,
+            registered_at_ms: n.registered_at_ms,
+            updated_at_ms: n.updated_at_ms,
+            registered: n.registered,
+            overrides: n.overrides,
+            down: false,
+            drain: None,
         }
     }
 }
@@ -68,7 +149,7 @@ impl From<NodeRecordV1> for NodeRecord {
     /// node had under format 1.
     fn from(n: NodeRecordV1) -> Self {
         let resources = NodeResources::plain(n.capacity);
-        NodeRecord {
+        NodeRecordV3 {
             id: n.id,
             addr: n.addr,
             resources,
@@ -80,6 +161,7 @@ impl From<NodeRecordV1> for NodeRecord {
             updated_at_ms: n.updated_at_ms,
             overrides: NodeOverrides::default(),
         }
+        .into()
     }
 }
 
@@ -96,7 +178,7 @@ pub struct StateImageV1 {
 /// strategy; VM records without placement rules.
 #[derive(Deserialize)]
 pub struct StateImageV2 {
-    pub nodes: Vec<NodeRecord>,
+    pub nodes: Vec<NodeRecordV3>,
     pub vms: Vec<VmRecordV2>,
     pub requests: Vec<(RequestId, CommandResult)>,
     pub quotas: Vec<(String, QuotaLimits)>,
@@ -106,11 +188,36 @@ pub struct StateImageV2 {
 impl From<StateImageV2> for StateImage {
     fn from(i: StateImageV2) -> Self {
         StateImage {
-            nodes: i.nodes,
+            nodes: i.nodes.into_iter().map(NodeRecord::from).collect(),
             vms: i.vms.into_iter().map(VmRecord::from).collect(),
             requests: i.requests,
             quotas: i.quotas,
             scheduler: i.scheduler,
+            node_timeout_ms: DEFAULT_NODE_TIMEOUT_MS,
+        }
+    }
+}
+
+/// The state image in format 3: format-3 VM records, no liveness, no
+/// node timeout.
+#[derive(Deserialize)]
+pub struct StateImageV3 {
+    pub nodes: Vec<NodeRecordV3>,
+    pub vms: Vec<VmRecordV3>,
+    pub requests: Vec<(RequestId, CommandResult)>,
+    pub quotas: Vec<(String, QuotaLimits)>,
+    pub scheduler: Strategy,
+}
+
+impl From<StateImageV3> for StateImage {
+    fn from(i: StateImageV3) -> Self {
+        StateImage {
+            nodes: i.nodes.into_iter().map(NodeRecord::from).collect(),
+            vms: i.vms.into_iter().map(VmRecord::from).collect(),
+            requests: i.requests,
+            quotas: i.quotas,
+            scheduler: i.scheduler,
+            node_timeout_ms: DEFAULT_NODE_TIMEOUT_MS,
         }
     }
 }
@@ -123,6 +230,7 @@ impl From<StateImageV1> for StateImage {
             requests: i.requests,
             quotas: Vec::new(),
             scheduler: Default::default(),
+            node_timeout_ms: DEFAULT_NODE_TIMEOUT_MS,
         }
     }
 }

@@ -106,6 +106,9 @@ pub struct Reconciler {
     /// Outcomes of finished starts, collected at the next tick.
     start_results: StartResults,
     last_report: Option<Instant>,
+    /// The fencing lease epoch last seen: a new one means the lease lapsed
+    /// (or was first gained) since, so every VM is looked at afresh.
+    epoch: u64,
 }
 
 type StartResults = Arc<Mutex<Vec<(String, Result<(), VmError>)>>>;
@@ -124,6 +127,7 @@ pub fn spawn(
         busy: Arc::new(Mutex::new(HashMap::new())),
         start_results: Arc::new(Mutex::new(Vec::new())),
         last_report: None,
+        epoch: 0,
     };
     tokio::spawn(async move {
         let node = r.node.clone();
@@ -224,6 +228,27 @@ fn cut(mut s: String) -> String {
 impl Reconciler {
     async fn tick(&mut self) {
         let me = self.node.id;
+        // Fencing (see node/liveness.rs): without a valid lease this node
+        // starts nothing, and once it lapsed it stops what runs (its guard
+        // does too, even if this process is stopped). Checked before the
+        // state is read: a valid lease means the state has caught up with
+        // the read index that renewed it.
+        let fence = &self.node.fence;
+        if !fence.valid() {
+            if fence.lapsed() {
+                self.fence_stop().await;
+            }
+            return;
+        }
+        let epoch = fence.epoch();
+        if epoch != self.epoch {
+            self.epoch = epoch;
+            // VMs the guard stopped must start again if still placed here:
+            // as if seen for the first time.
+            for t in self.tracked.values_mut() {
+                t.desired = None;
+            }
+        }
         let mut wants = Vec::new();
         self.node.state.for_each_vm_on(me, |vm| wants.push(want(vm)));
         // VMs busy before the listing count as busy for this whole tick: an
@@ -430,15 +455,43 @@ impl Reconciler {
         }
     }
 
+    /// The lease lapsed: stops every VM running here, within the fence's
+    /// grace (the guard forces them after it anyway).
+    async fn fence_stop(&mut self) {
+        let Ok(list) = self.backend.list().await else { return };
+        let grace = self.node.fence.grace().min(self.cfg.stop_grace);
+        for s in list {
+            let live = matches!(s.state, RunState::Starting | RunState::Running);
+            if live && !self.busy.lock().contains_key(&s.name) {
+                tracing::warn!(vm = %s.name, "fenced: no confirmed contact with a quorum; stopping the VM");
+                self.act_with_grace(s.name, Busy::Stopping, None, "fenced", grace);
+            }
+        }
+    }
+
     /// Runs an action as its own task; the VM stays busy until it ends.
     /// `start` carries the config and whether to stop a running VM first.
     fn act(&self, name: String, kind: Busy, start: Option<(VmConfig, bool)>, why: &'static str) {
+        self.act_with_grace(name, kind, start, why, self.cfg.stop_grace);
+    }
+
+    fn act_with_grace(
+        &self,
+        name: String,
+        kind: Busy,
+        start: Option<(VmConfig, bool)>,
+        why: &'static str,
+        grace: Duration,
+    ) {
+        if kind == Busy::Starting && !self.node.fence.valid() {
+            tracing::info!(vm = %name, why, "not starting: the fencing lease is not valid");
+            return;
+        }
         tracing::info!(vm = %name, action = ?kind, why, "reconciling");
         self.busy.lock().insert(name.clone(), kind);
         let backend = self.backend.clone();
         let busy = self.busy.clone();
         let results = self.start_results.clone();
-        let grace = self.cfg.stop_grace;
         tokio::spawn(async move {
             match (kind, start) {
                 (Busy::Starting, Some((config, stop_first))) => {

@@ -44,6 +44,8 @@ pub struct Request<'a> {
     pub need: Resources,
     pub tenant: &'a str,
     pub placement: &'a Placement,
+    /// A node it must not go to (the one it is moving off); 0 = none.
+    pub avoid: NodeId,
 }
 
 impl<'a> Request<'a> {
@@ -53,6 +55,7 @@ impl<'a> Request<'a> {
             need: vm.spec.resources(),
             tenant: &vm.spec.tenant,
             placement: &vm.placement,
+            avoid: 0,
         }
     }
 }
@@ -71,6 +74,8 @@ pub struct Victim {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Filter {
     NotActive,
+    /// The node the VM is moving off.
+    Avoided,
     Pin,
     /// The index of the failed constraint.
     Constraint(usize),
@@ -252,6 +257,9 @@ impl Scheduler {
         let Some(n) = self.nodes.get(&id) else { return Err(Filter::NotActive) };
         if !n.active {
             return Err(Filter::NotActive);
+        }
+        if id == req.avoid {
+            return Err(Filter::Avoided);
         }
         let p = req.placement;
         if p.node != 0 && p.node != id {
@@ -474,6 +482,7 @@ impl Scheduler {
         for (f, n) in &by {
             let what = match f {
                 Filter::NotActive => "not active".to_string(),
+                Filter::Avoided => "is the node it leaves".to_string(),
                 Filter::Memory => "lack memory".to_string(),
                 Filter::Vcpus => "lack vCPUs".to_string(),
                 Filter::Disk => "lack disk".to_string(),
@@ -558,6 +567,10 @@ mod tests {
             queued_at: 0,
             preempted_by: String::new(),
             leaving: 0,
+            reschedule: Default::default(),
+            history: Vec::new(),
+            moving: None,
+            placement_gen: 0,
         }
     }
 
@@ -583,7 +596,13 @@ mod tests {
     /// or the explanation that must be given (`Err`).
     fn check(s: &Scheduler, need: (u32, u64), rules: &str, expected: Result<NodeId, &str>) {
         let p = req_placement(rules);
-        let req = Request { name: "x", need: Resources::new(need.0, need.1, 1), tenant: "", placement: &p };
+        let req = Request {
+            name: "x",
+            need: Resources::new(need.0, need.1, 1),
+            tenant: "",
+            placement: &p,
+            avoid: 0,
+        };
         match (s.place(&req), expected) {
             (Some(got), Ok(want)) => assert_eq!(got, want, "{need:?} {rules}"),
             (None, Err(want)) => assert_eq!(s.explain(&req), want, "{need:?} {rules}"),
@@ -684,7 +703,7 @@ mod tests {
             _ => vec![v("d", 20, 1, 400), v("e", 60, 2, 800)],
         };
         let p = Placement { priority: 50, ..Default::default() };
-        let req = Request { name: "x", need: Resources::new(1, 700, 1), tenant: "", placement: &p };
+        let req = Request { name: "x", need: Resources::new(1, 700, 1), tenant: "", placement: &p, avoid: 0 };
         // One eviction on either node: b (the newer of the two lowest) on
         // node 1, d on node 2; the lower priority wins.
         assert_eq!(s.plan_preemption(&req, on), Some((1, vec!["b".into()])));

@@ -23,8 +23,9 @@ use crate::error::CommandError;
 use crate::scheduler::{Request, Scheduler, Victim};
 use crate::types::{
     DesiredState, NodeId, NodeOverrides, NodeRecord, NodeResources, NodeStatus, ObservedState, Placement,
-    QuotaLimits, Registration, Resources, Strategy, TenantUsage, VmRecord, VmSpec,
+    QuotaLimits, Registration, Resources, Strategy, TenantUsage, VmRecord, VmRuntime, VmSpec,
 };
+use crate::types::{Drain, Move, MoveReason, PendingMove, Reschedule, MAX_HISTORY};
 use crate::vm_table::{VmTables, VmWriter};
 
 /// Everything apply may depend on besides the state: the entry's position and
@@ -43,7 +44,9 @@ pub struct ApplyCtx {
 /// apply deterministic (no clock).
 pub const DEDUP_WINDOW: usize = 65_536;
 
-#[derive(Default)]
+/// The node timeout of a new cluster (and of data written before format 4).
+pub const DEFAULT_NODE_TIMEOUT_MS: u64 = 10_000;
+
 pub struct ClusterState {
     nodes: DashMap<NodeId, NodeRecord>,
     /// Read without locks; see [`crate::vm_table`].
@@ -56,6 +59,9 @@ pub struct ClusterState {
     /// from the VM table, kept in step by apply).
     quotas: Mutex<BTreeMap<String, QuotaLimits>>,
     usage: Mutex<HashMap<String, TenantUsage>>,
+    /// How long the leader waits for a node's heartbeat before it marks the
+    /// node down (replicated).
+    node_timeout_ms: std::sync::atomic::AtomicU64,
     /// Signalled after every applied change, so that watchers (the
     /// reconciler) react at once instead of at their next poll.
     changed: tokio::sync::Notify,
@@ -70,7 +76,7 @@ struct Dedup {
 }
 
 /// A serialisable, canonically ordered image of the state (snapshots, digests).
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct StateImage {
     pub nodes: Vec<NodeRecord>,
     pub vms: Vec<VmRecord>,
@@ -80,6 +86,21 @@ pub struct StateImage {
     pub quotas: Vec<(String, QuotaLimits)>,
     /// The placement strategy (format 2).
     pub scheduler: Strategy,
+    /// The node timeout (format 4).
+    pub node_timeout_ms: u64,
+}
+
+impl Default for StateImage {
+    fn default() -> Self {
+        Self {
+            nodes: Vec::new(),
+            vms: Vec::new(),
+            requests: Vec::new(),
+            quotas: Vec::new(),
+            scheduler: Strategy::default(),
+            node_timeout_ms: DEFAULT_NODE_TIMEOUT_MS,
+        }
+    }
 }
 
 /// How to undo one mutation; recorded only while applying a batch. A VM's
@@ -90,13 +111,38 @@ enum Undo {
     Node(NodeId, Option<Box<NodeRecord>>),
     Quota(String, Option<QuotaLimits>),
     Strategy(Strategy),
+    NodeTimeout(u64),
 }
 
 type Journal<'a> = Option<&'a mut Vec<Undo>>;
 
+impl Default for ClusterState {
+    fn default() -> Self {
+        Self {
+            nodes: DashMap::new(),
+            vms: VmTables::default(),
+            sched: Mutex::new(Scheduler::default()),
+            requests: Mutex::new(Dedup::default()),
+            quotas: Mutex::new(BTreeMap::new()),
+            usage: Mutex::new(HashMap::new()),
+            node_timeout_ms: std::sync::atomic::AtomicU64::new(DEFAULT_NODE_TIMEOUT_MS),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+}
+
 impl ClusterState {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The cluster's node timeout.
+    pub fn node_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.node_timeout_ms.load(std::sync::atomic::Ordering::Acquire))
+    }
+
+    fn set_node_timeout(&self, ms: u64) -> u64 {
+        self.node_timeout_ms.swap(ms, std::sync::atomic::Ordering::AcqRel)
     }
 
     // ------------------------------------------------------------ reads
@@ -184,7 +230,7 @@ impl ClusterState {
         {
             let mut sched = self.sched.lock();
             match &new {
-                Some(n) => sched.set_node(id, Some((n.free(), &n.labels, n.status == NodeStatus::Active))),
+                Some(n) => sched.set_node(id, Some((n.free(), &n.labels, n.schedulable()))),
                 None => sched.set_node(id, None),
             }
         }
@@ -269,6 +315,7 @@ impl ClusterState {
             need: vm.spec.resources(),
             tenant: &vm.spec.tenant,
             placement: &vm.placement,
+            avoid: 0,
         };
         self.sched.lock().explain(&req)
     }
@@ -312,7 +359,14 @@ impl ClusterState {
             dedup.order.iter().filter_map(|id| Some((*id, dedup.results.get(id)?.clone()))).collect();
         drop(dedup);
         let quotas = self.quotas.lock().iter().map(|(t, q)| (t.clone(), *q)).collect();
-        StateImage { nodes, vms, requests, quotas, scheduler: self.strategy() }
+        StateImage {
+            nodes,
+            vms,
+            requests,
+            quotas,
+            scheduler: self.strategy(),
+            node_timeout_ms: self.node_timeout().as_millis() as u64,
+        }
     }
 
     /// Replaces the whole state with `image`, rebuilding every index.
@@ -325,6 +379,7 @@ impl ClusterState {
         }
         *self.usage.lock() = usage_of(&image.vms);
         *self.quotas.lock() = image.quotas.into_iter().collect();
+        self.set_node_timeout(image.node_timeout_ms);
         vms.replace_all(image.vms.into_iter().map(Arc::new));
         let mut dedup = self.requests.lock();
         dedup.results.clear();
@@ -414,7 +469,7 @@ impl ClusterState {
 fn scheduler_of(image: &StateImage) -> Scheduler {
     let mut sched = Scheduler::new(image.scheduler);
     for n in &image.nodes {
-        sched.set_node(n.id, Some((n.free(), &n.labels, n.status == NodeStatus::Active)));
+        sched.set_node(n.id, Some((n.free(), &n.labels, n.schedulable())));
     }
     for v in &image.vms {
         sched.count_vm(v, true);
@@ -446,6 +501,12 @@ impl ClusterState {
         sched.same_as(&fresh)?;
         let mut groups: BTreeSet<(&str, NodeId)> = BTreeSet::new();
         for v in &image.vms {
+            if v.moving.is_some() && v.leaving == 0 {
+                return Err(format!("VM {} has a move under way but leaves no node", v.name));
+            }
+            if v.history.len() > MAX_HISTORY {
+                return Err(format!("VM {} keeps {} moves", v.name, v.history.len()));
+            }
             if v.leaving != 0 && v.node_id != 0 {
                 return Err(format!(
                     "VM {} is placed on node {} while leaving node {}",
@@ -458,11 +519,14 @@ impl ClusterState {
                 }
                 continue;
             }
-            let Some(labels) =
-                self.with_node(v.node_id, |n| (n.status == NodeStatus::Active).then(|| n.labels.clone()))
-            else {
+            let Some((labels, down)) = self.with_node(v.node_id, |n| {
+                ((n.status == NodeStatus::Active).then(|| n.labels.clone()), n.down)
+            }) else {
                 return Err(format!("VM {} on unknown node {}", v.name, v.node_id));
             };
+            if down && v.reschedule != Reschedule::Never {
+                return Err(format!("VM {} stays on node {}, which is down", v.name, v.node_id));
+            }
             let Some(labels) = labels else { continue };
             let p = &v.placement;
             if p.node != 0 && p.node != v.node_id {
@@ -665,6 +729,8 @@ impl ApplyRun<'_> {
                 updated_at_ms: ctx.at_ms,
                 registered,
                 overrides: NodeOverrides::default(),
+                down: false,
+                drain: None,
             },
         };
         self.touched.insert(id);
@@ -759,13 +825,8 @@ impl ApplyRun<'_> {
                 let rec = NodeRecord { status: NodeStatus::Left, updated_at_ms: ctx.at_ms, ..old.clone() };
                 self.state.put_node(*id, Some(rec), Some(old), journal.as_deref_mut());
                 // VMs evicted from it wait for it no longer: it has left.
-                let leaving: Vec<Arc<VmRecord>> = self
-                    .vms
-                    .table()
-                    .on_node(0)
-                    .filter(|v| v.leaving == *id)
-                    .map(|v| Arc::new(v.clone()))
-                    .collect();
+                let leaving: Vec<VmRecord> =
+                    self.vms.table().on_node(0).filter(|v| v.leaving == *id).cloned().collect();
                 for vm in leaving {
                     self.release(&vm, ctx, journal.as_deref_mut());
                 }
@@ -788,27 +849,50 @@ impl ApplyRun<'_> {
                 Ok(CommandOutput::NodeDecommissioned { id: *id, lost_vms: lost })
             }
             Command::CreateVm { name, spec, start } => {
-                let vm = NewVm { name: name.clone(), spec: spec.clone(), placement: Placement::default() };
+                let vm = NewVm {
+                    name: name.clone(),
+                    spec: spec.clone(),
+                    placement: Placement::default(),
+                    reschedule: Reschedule::default(),
+                };
                 let created = self.create_vm(&vm, *start, false, ctx, journal)?;
                 Ok(CommandOutput::VmCreated { name: created.name, node_id: created.node_id })
             }
-            Command::CreateVms { vms, start, queue } => {
-                let mut inner = Vec::new();
-                let mut out = Vec::with_capacity(vms.len());
-                for vm in vms {
-                    match self.create_vm(vm, *start, *queue, ctx, Some(&mut inner)) {
-                        Ok(created) => out.push(created),
-                        Err(e) => {
-                            self.rollback(inner);
-                            return Err(e);
-                        }
-                    }
-                }
-                if let Some(j) = journal {
-                    j.extend(inner);
-                }
-                Ok(CommandOutput::VmsCreated { vms: out })
+            Command::CreateVmsV3 { vms, start, queue } => {
+                let vms: Vec<NewVm> = vms.iter().map(NewVm::from).collect();
+                self.create_vms(&vms, *start, *queue, ctx, journal)
             }
+            Command::CreateVms { vms, start, queue } => self.create_vms(vms, *start, *queue, ctx, journal),
+            Command::SetNodeTimeout { ms } => {
+                let old = self.state.set_node_timeout(*ms);
+                if let Some(j) = journal {
+                    j.push(Undo::NodeTimeout(old));
+                }
+                Ok(CommandOutput::NodeTimeoutSet { ms: *ms })
+            }
+            Command::SetNodeDown { id, down } => self.set_node_down(*id, *down, ctx, journal),
+            Command::DrainNode { id, max_parallel, deadline_ms } => {
+                let old = self.member(*id, "cannot be drained")?;
+                let drain = Drain {
+                    max_parallel: *max_parallel,
+                    deadline_ms: *deadline_ms,
+                    started_at_ms: old.drain.map_or(ctx.at_ms, |d| d.started_at_ms),
+                };
+                let rec = NodeRecord { drain: Some(drain), updated_at_ms: ctx.at_ms, ..old.clone() };
+                self.state.put_node(*id, Some(rec), Some(old), journal.as_deref_mut());
+                let (moving, stuck) = self.advance_drain(*id, ctx, journal);
+                Ok(CommandOutput::Draining { id: *id, moving, stuck })
+            }
+            Command::SetEligible { id } => {
+                let old = self.member(*id, "cannot take placements")?;
+                if old.drain.is_some() {
+                    let rec = NodeRecord { drain: None, updated_at_ms: ctx.at_ms, ..old.clone() };
+                    self.touched.insert(*id);
+                    self.state.put_node(*id, Some(rec), Some(old), journal);
+                }
+                Ok(CommandOutput::NodeEligible { id: *id })
+            }
+            Command::MigrateVm { name, to } => self.migrate(name, *to, ctx, journal),
             Command::StartVm { name } => self.set_desired(name, DesiredState::Running, false, ctx, journal),
             Command::StopVm { name } => self.set_desired(name, DesiredState::Stopped, false, ctx, journal),
             Command::RestartVm { name } => self.set_desired(name, DesiredState::Running, true, ctx, journal),
@@ -939,7 +1023,7 @@ impl ApplyRun<'_> {
         ctx: ApplyCtx,
         mut journal: Journal<'_>,
     ) -> Result<CreatedVm, CommandError> {
-        let NewVm { name, spec, placement } = new;
+        let NewVm { name, spec, placement, reschedule } = new;
         if self.vms.table().contains(name) {
             return Err(CommandError::VmExists { name: name.to_string() });
         }
@@ -953,7 +1037,7 @@ impl ApplyRun<'_> {
         if placement.node != 0 && !self.state.nodes.contains_key(&placement.node) {
             return Err(CommandError::UnknownNode { id: placement.node });
         }
-        let req = Request { name, need, tenant: &spec.tenant, placement };
+        let req = Request { name, need, tenant: &spec.tenant, placement, avoid: 0 };
         let mut preempted = Vec::new();
         let placed = self.state.sched.lock().place(&req);
         let node_id = match placed {
@@ -1007,45 +1091,311 @@ impl ApplyRun<'_> {
             queued_at: if observed == ObservedState::Queued { ctx.index } else { 0 },
             preempted_by: String::new(),
             leaving: 0,
+            reschedule: *reschedule,
+            history: Vec::new(),
+            moving: None,
+            placement_gen: 0,
         };
         self.set_vm(name, Some(vm), journal);
         Ok(CreatedVm { name: name.clone(), node_id, preempted })
     }
 
-    /// Takes `victims` off their node for `by`: unplaced, and queued if they
-    /// should run. Never deleted. Each waits (`leaving`) until its node
-    /// reports it stopped before it may be placed anywhere: otherwise a new
-    /// node could start it while the old one still runs it.
+    /// Takes `victims` off their node for `by` (see [`Self::begin_move`]).
+    /// Never deleted.
     fn evict(&mut self, victims: &[Arc<str>], by: &str, ctx: ApplyCtx, mut journal: Journal<'_>) {
         for name in victims {
             let Some(v) = self.vms.get(name).cloned() else { continue };
-            let queued = v.desired == DesiredState::Running;
-            let rec = VmRecord {
-                node_id: 0,
-                observed: if queued { ObservedState::Queued } else { ObservedState::Stopped },
-                queued_at: if queued { ctx.index } else { 0 },
-                preempted_by: by.to_string(),
-                leaving: v.node_id,
-                updated_at_ms: ctx.at_ms,
-                revision: ctx.index,
-                ..(*v).clone()
-            };
-            self.set_vm(name, Some(rec), journal.as_deref_mut());
+            let pending = PendingMove { reason: MoveReason::Preempted, to: 0 };
+            self.begin_move(&v, pending, Some(by), ctx, journal.as_deref_mut());
         }
     }
 
-    /// An evicted VM's old node has stopped it (or left): it may be placed
-    /// now, or waits in the queue.
-    fn release(&mut self, vm: &VmRecord, ctx: ApplyCtx, journal: Journal<'_>) {
-        let mut rec = VmRecord { leaving: 0, updated_at_ms: ctx.at_ms, revision: ctx.index, ..vm.clone() };
-        if rec.is_queued() {
-            if let Some(node) = self.state.sched.lock().place(&Request::of(&rec)) {
-                rec.node_id = node;
-                rec.observed = ObservedState::Pending;
-                rec.queued_at = 0;
+    /// Starts moving `vm` off its node: unplaced, and queued if it should
+    /// run, but not placeable until its node reports it stopped (`leaving`):
+    /// otherwise another node could start it while the old one still runs
+    /// it. Then [`Self::release`] places it.
+    fn begin_move(
+        &mut self,
+        vm: &VmRecord,
+        pending: PendingMove,
+        preempted_by: Option<&str>,
+        ctx: ApplyCtx,
+        journal: Journal<'_>,
+    ) {
+        let queued = vm.desired == DesiredState::Running;
+        let observed = match (pending.reason, queued) {
+            (MoveReason::Preempted, true) => ObservedState::Queued,
+            (_, true) => ObservedState::Stopping,
+            (_, false) => ObservedState::Stopped,
+        };
+        let rec = VmRecord {
+            node_id: 0,
+            observed,
+            queued_at: if queued { ctx.index } else { 0 },
+            preempted_by: preempted_by.map_or_else(|| vm.preempted_by.clone(), str::to_string),
+            leaving: vm.node_id,
+            moving: Some(pending),
+            updated_at_ms: ctx.at_ms,
+            revision: ctx.index,
+            ..vm.clone()
+        };
+        self.set_vm(&vm.name, Some(rec), journal);
+    }
+
+    /// An evicted VM's old node has stopped it (or left, or is down and so
+    /// fenced): it is placed now (on its move's target if it fits there),
+    /// or waits in the queue. A drain of the old node goes on.
+    fn release(&mut self, vm: &VmRecord, ctx: ApplyCtx, mut journal: Journal<'_>) {
+        let from = vm.leaving;
+        let pending = vm.moving.unwrap_or(PendingMove { reason: MoveReason::Preempted, to: 0 });
+        // A migrated or drained VM must not land where it left.
+        let avoid = if pending.reason == MoveReason::Preempted { 0 } else { from };
+        let rec = VmRecord { leaving: 0, moving: None, ..vm.clone() };
+        self.relocate(&rec, from, pending.reason, pending.to, avoid, ctx, journal.as_deref_mut());
+        if self.state.with_node(from, |n| n.drain.is_some()).unwrap_or(false) {
+            self.advance_drain(from, ctx, journal);
+        }
+    }
+
+    /// Places `vm` (placed on no node, or on `from`, which it leaves) anew:
+    /// on `prefer` if it fits there, else where the scheduler says (never on
+    /// `avoid`), else queued if it should run. Records the move.
+    #[allow(clippy::too_many_arguments)]
+    fn relocate(
+        &mut self,
+        vm: &VmRecord,
+        from: NodeId,
+        reason: MoveReason,
+        prefer: NodeId,
+        avoid: NodeId,
+        ctx: ApplyCtx,
+        journal: Journal<'_>,
+    ) {
+        let to = if vm.desired == DesiredState::Running {
+            let sched = self.state.sched.lock();
+            let req = Request { avoid, ..Request::of(vm) };
+            if prefer != 0 && sched.fits_on(prefer, &req) {
+                prefer
+            } else {
+                sched.place(&req).unwrap_or(0)
+            }
+        } else {
+            0
+        };
+        let mut history = vm.history.clone();
+        if history.len() >= MAX_HISTORY {
+            history.drain(..=history.len() - MAX_HISTORY);
+        }
+        history.push(Move { from, to, reason, at_ms: ctx.at_ms, revision: ctx.index });
+        let (observed, queued_at) = match (to, vm.desired) {
+            (0, DesiredState::Running) => {
+                (ObservedState::Queued, if vm.queued_at != 0 { vm.queued_at } else { ctx.index })
+            }
+            (0, DesiredState::Stopped) => (ObservedState::Stopped, 0),
+            _ => (ObservedState::Pending, 0),
+        };
+        let rec = VmRecord {
+            node_id: to,
+            observed,
+            queued_at,
+            history,
+            placement_gen: vm.placement_gen + 1,
+            runtime: VmRuntime { restarts: vm.runtime.restarts, ..Default::default() },
+            updated_at_ms: ctx.at_ms,
+            revision: ctx.index,
+            ..vm.clone()
+        };
+        self.set_vm(&vm.name, Some(rec), journal);
+    }
+
+    /// Node `id` (a member) as it is now.
+    fn member(&self, id: NodeId, what: &str) -> Result<NodeRecord, CommandError> {
+        let Some(node) = self.state.nodes.get(&id).map(|n| n.value().clone()) else {
+            return Err(CommandError::UnknownNode { id });
+        };
+        if node.status == NodeStatus::Left {
+            return Err(CommandError::NodeState {
+                id,
+                state: "left".into(),
+                why: format!("it left the cluster and {what}"),
+            });
+        }
+        Ok(node)
+    }
+
+    /// Liveness, proposed by the leader. Down: the node has fenced itself
+    /// (it stops its VMs before the timeout), so its VMs are placed on
+    /// other nodes at once, or queued; `--reschedule never` VMs stay, as
+    /// `lost`. VMs that were leaving it are released. Ready again: it takes
+    /// placements (and queued VMs) again.
+    fn set_node_down(
+        &mut self,
+        id: NodeId,
+        down: bool,
+        ctx: ApplyCtx,
+        mut journal: Journal<'_>,
+    ) -> CommandResult {
+        let old = self.member(id, "has no liveness")?;
+        let (mut moved, mut queued, mut kept) = (0, 0, 0);
+        if old.down == down {
+            return Ok(CommandOutput::NodeDownSet { id, down, moved, queued, kept });
+        }
+        let rec = NodeRecord { down, updated_at_ms: ctx.at_ms, ..old.clone() };
+        self.state.put_node(id, Some(rec), Some(old), journal.as_deref_mut());
+        if !down {
+            self.touched.insert(id);
+            self.advance_drain(id, ctx, journal);
+            return Ok(CommandOutput::NodeDownSet { id, down, moved, queued, kept });
+        }
+        let leaving: Vec<VmRecord> =
+            self.vms.table().on_node(0).filter(|v| v.leaving == id).cloned().collect();
+        for vm in leaving {
+            self.release(&vm, ctx, journal.as_deref_mut());
+        }
+        let names: Vec<Arc<str>> = self.vms.table().names_on(id).cloned().collect();
+        for name in names {
+            let Some(vm) = self.vms.get(&name).cloned() else { continue };
+            if vm.reschedule == Reschedule::Never {
+                kept += 1;
+                if vm.observed != ObservedState::Lost {
+                    let rec = VmRecord {
+                        observed: ObservedState::Lost,
+                        updated_at_ms: ctx.at_ms,
+                        revision: ctx.index,
+                        ..(*vm).clone()
+                    };
+                    self.set_vm(&name, Some(rec), journal.as_deref_mut());
+                }
+                continue;
+            }
+            self.relocate(&vm, id, MoveReason::NodeDown, 0, id, ctx, journal.as_deref_mut());
+            match self.vms.get(&name).map(|v| v.node_id) {
+                Some(0) => queued += 1,
+                _ => moved += 1,
             }
         }
-        self.set_vm(&vm.name, Some(rec), journal);
+        Ok(CommandOutput::NodeDownSet { id, down, moved, queued, kept })
+    }
+
+    /// Why `vm` cannot leave node `from` now, if it cannot: pinned there,
+    /// or no other node fits it.
+    fn cannot_move(&self, vm: &VmRecord, from: NodeId) -> Option<String> {
+        if vm.placement.node == from {
+            return Some(format!("pinned to node {from}"));
+        }
+        if vm.desired == DesiredState::Stopped {
+            return None;
+        }
+        let sched = self.state.sched.lock();
+        let req = Request { avoid: from, ..Request::of(vm) };
+        match sched.place(&req) {
+            Some(_) => None,
+            None => Some(format!("no other node fits it: {}", sched.explain(&req))),
+        }
+    }
+
+    /// Moves VMs off draining node `id` while fewer than its drain's
+    /// `max_parallel` are on their way. Returns those it started moving and
+    /// those that cannot move, with why.
+    fn advance_drain(
+        &mut self,
+        id: NodeId,
+        ctx: ApplyCtx,
+        mut journal: Journal<'_>,
+    ) -> (Vec<String>, Vec<(String, String)>) {
+        let (mut moving, mut stuck) = (Vec::new(), Vec::new());
+        // Only a live member drains: a down node's VMs have moved already
+        // (or stay by their policy), a node that left stops nothing.
+        let Some(Some(drain)) = self
+            .state
+            .with_node(id, |n| (n.state() == crate::types::NodeState::Draining).then_some(n.drain).flatten())
+        else {
+            return (moving, stuck);
+        };
+        let limit = if drain.max_parallel == 0 { usize::MAX } else { drain.max_parallel as usize };
+        let in_flight = self.vms.table().on_node(0).filter(|v| v.leaving == id).count();
+        let mut budget = limit.saturating_sub(in_flight);
+        let on_node: Vec<VmRecord> = self.vms.table().on_node(id).cloned().collect();
+        for vm in on_node {
+            if let Some(why) = self.cannot_move(&vm, id) {
+                stuck.push((vm.name.to_string(), why));
+            } else if budget > 0 {
+                budget -= 1;
+                let pending = PendingMove { reason: MoveReason::Drain, to: 0 };
+                self.begin_move(&vm, pending, None, ctx, journal.as_deref_mut());
+                moving.push(vm.name.to_string());
+            }
+        }
+        (moving, stuck)
+    }
+
+    /// `vm migrate`: checks the move can happen now (to `to`, or to a node
+    /// the scheduler picks), then starts it.
+    fn migrate(&mut self, name: &str, to: NodeId, ctx: ApplyCtx, journal: Journal<'_>) -> CommandResult {
+        let Some(vm) = self.vms.get(name).cloned() else {
+            return Err(CommandError::VmNotFound { name: name.to_string() });
+        };
+        let cannot = |reason: String| CommandError::CannotMove { name: name.to_string(), reason };
+        let from = vm.node_id;
+        if from == 0 {
+            let why = if vm.leaving != 0 {
+                format!("it is already leaving node {}", vm.leaving)
+            } else {
+                "it is placed on no node (queued or stopped); start it to place it".to_string()
+            };
+            return Err(cannot(why));
+        }
+        if vm.placement.node == from {
+            return Err(cannot(format!("it is pinned to node {from}")));
+        }
+        if to != 0 {
+            if to == from {
+                return Err(cannot(format!("it is already on node {to}")));
+            }
+            let Some(state) = self.state.with_node(to, NodeRecord::state) else {
+                return Err(CommandError::UnknownNode { id: to });
+            };
+            let sched = self.state.sched.lock();
+            let req = Request { avoid: from, ..Request::of(&vm) };
+            if !sched.fits_on(to, &req) {
+                let why = if state == crate::types::NodeState::Ready {
+                    format!("it does not fit on node {to} ({})", sched.explain(&req))
+                } else {
+                    format!("node {to} is {} and takes no placements", state.as_str())
+                };
+                return Err(cannot(why));
+            }
+        } else if let Some(why) = self.cannot_move(&vm, from) {
+            return Err(cannot(why));
+        }
+        self.begin_move(&vm, PendingMove { reason: MoveReason::Migrate, to }, None, ctx, journal);
+        Ok(CommandOutput::VmMigrating { name: name.to_string(), from, to })
+    }
+
+    /// `CreateVms`: every VM or none.
+    fn create_vms(
+        &mut self,
+        vms: &[NewVm],
+        start: bool,
+        queue: bool,
+        ctx: ApplyCtx,
+        journal: Journal<'_>,
+    ) -> CommandResult {
+        let mut inner = Vec::new();
+        let mut out = Vec::with_capacity(vms.len());
+        for vm in vms {
+            match self.create_vm(vm, start, queue, ctx, Some(&mut inner)) {
+                Ok(created) => out.push(created),
+                Err(e) => {
+                    self.rollback(inner);
+                    return Err(e);
+                }
+            }
+        }
+        if let Some(j) = journal {
+            j.extend(inner);
+        }
+        Ok(CommandOutput::VmsCreated { vms: out })
     }
 
     fn rollback(&mut self, journal: Vec<Undo>) {
@@ -1056,6 +1406,9 @@ impl ApplyRun<'_> {
                 }
                 Undo::Strategy(old) => {
                     self.state.sched.lock().set_strategy(old);
+                }
+                Undo::NodeTimeout(old) => {
+                    self.state.set_node_timeout(old);
                 }
                 Undo::Quota(tenant, old) => {
                     let mut quotas = self.state.quotas.lock();
@@ -1157,7 +1510,8 @@ mod tests {
     /// A `CreateVms` of one VM with placement rules.
     fn create_with(name: &str, mem: u64, placement: Placement, queue: bool) -> Command {
         let spec = VmSpec { vcpus: 1, memory_mb: mem, disk_gb: 1, ..Default::default() };
-        Command::CreateVms { vms: vec![NewVm { name: name.into(), spec, placement }], start: true, queue }
+        let vm = NewVm { name: name.into(), spec, placement, reschedule: Reschedule::default() };
+        Command::CreateVms { vms: vec![vm], start: true, queue }
     }
 
     fn prio(priority: u8) -> Placement {
@@ -1288,6 +1642,190 @@ mod tests {
         s.check_invariants().unwrap();
     }
 
+    /// A VM of `mem` MiB with `reschedule` and `placement`.
+    fn create_full(name: &str, mem: u64, placement: Placement, reschedule: Reschedule) -> Command {
+        let spec = VmSpec { vcpus: 1, memory_mb: mem, disk_gb: 1, ..Default::default() };
+        let vm = NewVm { name: name.into(), spec, placement, reschedule };
+        Command::CreateVms { vms: vec![vm], start: true, queue: true }
+    }
+
+    fn stopped_on(node: NodeId, name: &str) -> Command {
+        Command::ReportVms {
+            node,
+            reports: vec![crate::command::VmReport {
+                name: name.into(),
+                observed: ObservedState::Stopped,
+                runtime: Default::default(),
+            }],
+        }
+    }
+
+    fn moves(s: &ClusterState, name: &str) -> Vec<(NodeId, NodeId, MoveReason)> {
+        s.with_vm(name, |v| v.history.iter().map(|m| (m.from, m.to, m.reason)).collect()).unwrap()
+    }
+
+    fn three_nodes() -> ClusterState {
+        let s = state_with_nodes();
+        s.apply(&p(register(3, 4, 2048)), 3).unwrap();
+        s
+    }
+
+    #[test]
+    fn a_node_marked_down_has_its_vms_placed_elsewhere_unless_they_say_never() {
+        let s = three_nodes(); // node 1: 1024 MiB, nodes 2 and 3: 2048 MiB
+        let pin2 = Placement { node: 2, ..Default::default() };
+        s.apply(&p(create_full("web", 512, Placement::default(), Reschedule::OnNodeFailure)), 4).unwrap();
+        s.apply(&p(create_full("keep", 512, Placement::default(), Reschedule::Never)), 5).unwrap();
+        s.apply(&p(create_full("pinned", 256, pin2.clone(), Reschedule::OnNodeFailure)), 6).unwrap();
+        s.apply(&p(create_full("big", 1536, Placement::default(), Reschedule::OnNodeFailure)), 7).unwrap();
+        let on = |name| s.with_vm(name, |v| v.node_id).unwrap();
+        assert_eq!([on("web"), on("keep"), on("pinned"), on("big")], [2, 3, 2, 3]);
+        // Node 3 goes down: keep stays (lost), big fits nowhere (1280 and
+        // 1024 MiB free elsewhere) and waits.
+        let out = s.apply(&p(Command::SetNodeDown { id: 3, down: true }), 8).unwrap();
+        assert_eq!(out, CommandOutput::NodeDownSet { id: 3, down: true, moved: 0, queued: 1, kept: 1 });
+        assert_eq!(node_of(&s, "keep"), Some((3, ObservedState::Lost)));
+        assert_eq!(node_of(&s, "big"), Some((0, ObservedState::Queued)));
+        assert_eq!(moves(&s, "big"), [(3, 0, MoveReason::NodeDown)]);
+        assert_eq!(s.with_node(3, |n| n.state()), Some(crate::types::NodeState::Down));
+        // Marking down twice is a no-op.
+        let again = s.apply(&p(Command::SetNodeDown { id: 3, down: true }), 9).unwrap();
+        assert_eq!(again, CommandOutput::NodeDownSet { id: 3, down: true, moved: 0, queued: 0, kept: 0 });
+        s.check_invariants().unwrap();
+        // Node 2 too: web moves to node 1, pinned waits for node 2, and a
+        // new VM pinned there waits as well.
+        let out = s.apply(&p(Command::SetNodeDown { id: 2, down: true }), 10).unwrap();
+        assert_eq!(out, CommandOutput::NodeDownSet { id: 2, down: true, moved: 1, queued: 1, kept: 0 });
+        assert_eq!(s.with_vm("web", |v| (v.node_id, v.placement_gen)), Some((1, 1)));
+        assert_eq!(moves(&s, "web"), [(2, 1, MoveReason::NodeDown)]);
+        assert_eq!(node_of(&s, "pinned"), Some((0, ObservedState::Queued)));
+        s.apply(&p(create_full("new", 64, pin2, Reschedule::OnNodeFailure)), 11).unwrap();
+        assert_eq!(node_of(&s, "new"), Some((0, ObservedState::Queued)));
+        s.check_invariants().unwrap();
+        // Back up: what waits is placed there.
+        s.apply(&p(Command::SetNodeDown { id: 3, down: false }), 12).unwrap();
+        assert_eq!(on("big"), 3);
+        s.apply(&p(Command::SetNodeDown { id: 2, down: false }), 13).unwrap();
+        assert_eq!([on("pinned"), on("new")], [2, 2]);
+        s.check_invariants().unwrap();
+        let other = ClusterState::new();
+        other.restore(s.image());
+        assert_eq!(other.digest(), s.digest());
+    }
+
+    #[test]
+    fn a_drain_moves_vms_a_few_at_a_time_and_reports_what_cannot_move() {
+        // a, b and c on node 2 (the only node then), c pinned there.
+        let s = ClusterState::new();
+        s.apply(&p(register(2, 4, 2048)), 1).unwrap();
+        let pin2 = Placement { node: 2, ..Default::default() };
+        s.apply(&p(create_full("a", 256, Placement::default(), Reschedule::OnNodeFailure)), 2).unwrap();
+        s.apply(&p(create_full("b", 256, Placement::default(), Reschedule::OnNodeFailure)), 3).unwrap();
+        s.apply(&p(create_full("c", 256, pin2.clone(), Reschedule::OnNodeFailure)), 4).unwrap();
+        s.apply(&p(register(1, 4, 1024)), 5).unwrap();
+        s.apply(&p(register(3, 4, 2048)), 6).unwrap();
+        let drain = Command::DrainNode { id: 2, max_parallel: 1, deadline_ms: 0 };
+        let out = s.apply(&p(drain.clone()), 20).unwrap();
+        assert_eq!(
+            out,
+            CommandOutput::Draining {
+                id: 2,
+                moving: vec!["a".into()],
+                stuck: vec![("c".into(), "pinned to node 2".into())],
+            }
+        );
+        assert_eq!(
+            s.with_vm("a", |v| (v.node_id, v.leaving, v.observed)),
+            Some((0, 2, ObservedState::Stopping))
+        );
+        assert_eq!(s.with_vm("b", |v| v.node_id), Some(2), "one at a time");
+        s.check_invariants().unwrap();
+        // Draining takes no placements; a report from another node changes
+        // nothing; node 2's report releases a, and b starts moving.
+        s.apply(&p(create_full("late", 64, pin2, Reschedule::OnNodeFailure)), 21).unwrap();
+        assert_eq!(s.with_vm("late", |v| v.node_id), Some(0));
+        s.apply(&p(stopped_on(3, "a")), 22).unwrap();
+        assert_eq!(s.with_vm("a", |v| v.leaving), Some(2));
+        s.apply(&p(stopped_on(2, "a")), 23).unwrap();
+        let a_to = s.with_vm("a", |v| v.node_id).unwrap();
+        assert!(a_to == 1 || a_to == 3, "{a_to}");
+        assert_eq!(moves(&s, "a"), [(2, a_to, MoveReason::Drain)]);
+        assert_eq!(s.with_vm("b", |v| (v.node_id, v.leaving)), Some((0, 2)));
+        s.apply(&p(stopped_on(2, "b")), 24).unwrap();
+        assert_ne!(s.with_vm("b", |v| v.node_id), Some(2));
+        s.check_invariants().unwrap();
+        // Eligible again: the queue drains onto it.
+        s.apply(&p(Command::SetEligible { id: 2 }), 25).unwrap();
+        assert_eq!(s.with_vm("late", |v| v.node_id), Some(2));
+        assert_eq!(s.with_node(2, |n| n.state()), Some(crate::types::NodeState::Ready));
+        s.check_invariants().unwrap();
+        // A node that left cannot be drained.
+        s.apply(&p(Command::DecommissionNode { id: 1 }), 26).unwrap();
+        let e = s.apply(&p(Command::DrainNode { id: 1, max_parallel: 0, deadline_ms: 0 }), 27).unwrap_err();
+        assert!(matches!(e, CommandError::NodeState { .. }), "{e}");
+    }
+
+    #[test]
+    fn migrate_moves_a_vm_where_asked_once_its_node_stopped_it() {
+        let s = three_nodes();
+        s.apply(&p(create_full("m", 512, Placement::default(), Reschedule::OnNodeFailure)), 4).unwrap();
+        let pinned = Placement { node: 3, ..Default::default() };
+        s.apply(&p(create_full("pin", 64, pinned, Reschedule::OnNodeFailure)), 5).unwrap();
+        assert_eq!(s.with_vm("m", |v| v.node_id), Some(2));
+        let before = s.image();
+        let refused = [
+            (Command::MigrateVm { name: "m".into(), to: 2 }, "already on node 2"),
+            (Command::MigrateVm { name: "pin".into(), to: 0 }, "pinned to node 3"),
+            (Command::MigrateVm { name: "m".into(), to: 1 }, "does not fit on node 1"),
+        ];
+        s.apply(
+            &p(create_full("fill", 768, Placement { node: 1, ..Default::default() }, Reschedule::Never)),
+            6,
+        )
+        .unwrap();
+        let before_fill = s.image();
+        for (i, (cmd, why)) in refused.into_iter().enumerate() {
+            let e = s.apply(&p(cmd), 7 + i as u64).unwrap_err();
+            assert!(e.to_string().contains(why), "{e}");
+        }
+        assert!(matches!(
+            s.apply(&p(Command::MigrateVm { name: "m".into(), to: 9 }), 10),
+            Err(CommandError::UnknownNode { id: 9 })
+        ));
+        assert_eq!(s.image(), before_fill);
+        assert_ne!(s.image(), before);
+        let out = s.apply(&p(Command::MigrateVm { name: "m".into(), to: 3 }), 11).unwrap();
+        assert_eq!(out, CommandOutput::VmMigrating { name: "m".into(), from: 2, to: 3 });
+        let e = s.apply(&p(Command::MigrateVm { name: "m".into(), to: 0 }), 12).unwrap_err();
+        assert!(e.to_string().contains("already leaving node 2"), "{e}");
+        s.check_invariants().unwrap();
+        s.apply(&p(stopped_on(2, "m")), 13).unwrap();
+        assert_eq!(node_of(&s, "m"), Some((3, ObservedState::Pending)));
+        assert_eq!(moves(&s, "m"), [(2, 3, MoveReason::Migrate)]);
+        // Without a target the scheduler picks, never the node it leaves.
+        s.apply(&p(Command::MigrateVm { name: "m".into(), to: 0 }), 14).unwrap();
+        s.apply(&p(stopped_on(3, "m")), 15).unwrap();
+        assert_eq!(s.with_vm("m", |v| v.node_id), Some(2));
+        s.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn the_node_timeout_is_replicated_and_validated() {
+        let s = state_with_nodes();
+        assert_eq!(s.node_timeout(), std::time::Duration::from_secs(10));
+        assert!(s.apply(&p(Command::SetNodeTimeout { ms: 500 }), 3).is_err());
+        s.apply(&p(Command::SetNodeTimeout { ms: 4_000 }), 4).unwrap();
+        let other = ClusterState::new();
+        other.restore(s.image());
+        assert_eq!(other.node_timeout(), std::time::Duration::from_secs(4));
+        let batch = Command::Batch(vec![
+            Command::SetNodeTimeout { ms: 8_000 },
+            Command::DeleteVm { name: "nope".into() },
+        ]);
+        assert!(s.apply(&p(batch), 5).is_err());
+        assert_eq!(s.node_timeout(), std::time::Duration::from_secs(4));
+    }
+
     #[test]
     fn node_changes_may_not_break_constraints() {
         let s = state_with_nodes();
@@ -1331,6 +1869,7 @@ mod tests {
                     name: format!("w-{i}"),
                     spec: VmSpec { vcpus: 1, memory_mb: 128, disk_gb: 1, ..Default::default() },
                     placement: Placement { anti_affinity: "w".into(), ..Default::default() },
+                    reschedule: Reschedule::default(),
                 })
                 .collect(),
             start: true,

@@ -210,6 +210,92 @@ pub struct VmRecord {
     /// (or leaves the cluster); 0 otherwise. Until then it is placed
     /// nowhere else, so it never runs on two nodes at once.
     pub leaving: NodeId,
+    /// What happens to it when its node is marked down (format 4).
+    pub reschedule: Reschedule,
+    /// Where it ran before and why it moved: the last [`MAX_HISTORY`]
+    /// moves, oldest first (format 4).
+    pub history: Vec<Move>,
+    /// Why it is leaving its node and where it should go, while `leaving`
+    /// is set by a migration or drain (format 4).
+    pub moving: Option<PendingMove>,
+    /// Bumped each time it is placed on another node (format 4).
+    pub placement_gen: u64,
+}
+
+/// How many moves a VM's `history` keeps.
+pub const MAX_HISTORY: usize = 10;
+
+/// What happens to a VM when its node is marked down.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Reschedule {
+    /// Placed again on another node (or queued if nothing fits).
+    #[default]
+    OnNodeFailure,
+    /// Stays on its node (as `lost`) until the node is back.
+    Never,
+}
+
+impl Reschedule {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Reschedule::OnNodeFailure => "on-node-failure",
+            Reschedule::Never => "never",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "on-node-failure" => Some(Reschedule::OnNodeFailure),
+            "never" => Some(Reschedule::Never),
+            _ => None,
+        }
+    }
+}
+
+/// Why a VM left a node.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MoveReason {
+    /// Its node was marked down (failover).
+    NodeDown,
+    /// Its node was drained.
+    Drain,
+    /// An operator migrated it.
+    Migrate,
+    /// A VM of higher priority took its place.
+    Preempted,
+}
+
+impl MoveReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            MoveReason::NodeDown => "node-down",
+            MoveReason::Drain => "drain",
+            MoveReason::Migrate => "migrate",
+            MoveReason::Preempted => "preempted",
+        }
+    }
+}
+
+/// One move of a VM: it left node `from` and was placed on `to` (0:
+/// queued, nothing fitted).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Move {
+    pub from: NodeId,
+    pub to: NodeId,
+    pub reason: MoveReason,
+    pub at_ms: u64,
+    /// The log index of the command that placed it on `to`.
+    pub revision: u64,
+}
+
+/// A move under way: the VM waits (`leaving`) until its old node has
+/// stopped it, then goes to `to` if it fits there, else where the
+/// scheduler places it.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingMove {
+    pub reason: MoveReason,
+    /// The preferred target; 0 = the scheduler's choice.
+    pub to: NodeId,
 }
 
 impl VmRecord {
@@ -300,12 +386,44 @@ impl fmt::Display for Constraint {
     }
 }
 
-/// Whether a node takes part in placement.
+/// Whether a node is a member of the cluster. (Liveness and drains are
+/// separate fields of [`NodeRecord`]; [`NodeRecord::status`] combines them.)
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum NodeStatus {
     Active,
     /// Removed from the cluster; kept so its history and VMs stay explainable.
     Left,
+}
+
+/// An operator's drain of a node: it takes no placements, and its VMs are
+/// cold-migrated off, at most `max_parallel` at a time.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Drain {
+    pub max_parallel: u32,
+    /// When the drain should be done (ms since the epoch; 0: none). Past
+    /// it, the leader moves every remaining VM that can move at once.
+    pub deadline_ms: u64,
+    pub started_at_ms: u64,
+}
+
+/// What `node list` shows: membership, liveness and drain together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NodeState {
+    Ready,
+    Down,
+    Draining,
+    Left,
+}
+
+impl NodeState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            NodeState::Ready => "ready",
+            NodeState::Down => "down",
+            NodeState::Draining => "draining",
+            NodeState::Left => "left",
+        }
+    }
 }
 
 impl NodeStatus {
@@ -428,6 +546,11 @@ pub struct NodeRecord {
     /// What the node registered with (its start flags).
     pub registered: Registration,
     pub overrides: NodeOverrides,
+    /// Marked down by the leader: not heard from for the node timeout
+    /// (format 4).
+    pub down: bool,
+    /// An operator drain in force, until `node eligible` (format 4).
+    pub drain: Option<Drain>,
 }
 
 /// What a node says about itself when it (re-)registers.
@@ -455,6 +578,24 @@ impl Registration {
 }
 
 impl NodeRecord {
+    /// Left, down, draining or ready, in that order of precedence.
+    pub fn state(&self) -> NodeState {
+        if self.status == NodeStatus::Left {
+            NodeState::Left
+        } else if self.down {
+            NodeState::Down
+        } else if self.drain.is_some() {
+            NodeState::Draining
+        } else {
+            NodeState::Ready
+        }
+    }
+
+    /// Whether new VMs may be placed here: ready.
+    pub fn schedulable(&self) -> bool {
+        self.state() == NodeState::Ready
+    }
+
     pub fn capacity(&self) -> Resources {
         self.resources.capacity
     }

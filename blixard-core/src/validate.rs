@@ -253,6 +253,38 @@ fn range(what: &str, v: u64, min: u64, max: u64) -> Result<(), CommandError> {
     }
 }
 
+/// How many VMs one create command may carry: 1 to [`MAX_BATCH`].
+pub fn vm_count(n: usize) -> Result<(), CommandError> {
+    if n == 0 || n > MAX_BATCH {
+        return Err(CommandError::invalid("VM count", n, format!("between 1 and {MAX_BATCH}")));
+    }
+    Ok(())
+}
+
+/// One VM of a create command: its name, spec and placement rules.
+pub fn new_vm(name: &str, spec: &VmSpec, placement: &crate::types::Placement) -> Result<(), CommandError> {
+    vm_name(name)?;
+    vm_spec(spec)?;
+    self::placement(placement)
+}
+
+/// The node timeout's range: long enough for a heartbeat every second to
+/// fence in time (see docs/ARCHITECTURE.md, "Liveness and fencing"), short
+/// enough that a failure is noticed within the hour.
+pub const MIN_NODE_TIMEOUT_MS: u64 = 2_000;
+pub const MAX_NODE_TIMEOUT_MS: u64 = 3_600_000;
+
+pub fn node_timeout_ms(ms: u64) -> Result<(), CommandError> {
+    if !(MIN_NODE_TIMEOUT_MS..=MAX_NODE_TIMEOUT_MS).contains(&ms) {
+        return Err(CommandError::invalid(
+            "node timeout",
+            format!("{ms} ms"),
+            format!("{} s to {} s", MIN_NODE_TIMEOUT_MS / 1000, MAX_NODE_TIMEOUT_MS / 1000),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -313,6 +313,10 @@ mod tests {
             queued_at: 0,
             preempted_by: String::new(),
             leaving: 0,
+            reschedule: Default::default(),
+            history: Vec::new(),
+            moving: None,
+            placement_gen: 0,
         })
     }
 

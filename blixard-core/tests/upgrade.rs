@@ -90,6 +90,11 @@ async fn a_v2_data_dir_keeps_its_state_and_accepts_writes() {
     old_data_dir_keeps_its_state_and_accepts_writes("datadir-v2").await
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_v3_data_dir_keeps_its_state_and_accepts_writes() {
+    old_data_dir_keeps_its_state_and_accepts_writes("datadir-v3").await
+}
+
 /// Quotas (tenant, VM limit), strategy, node 1's `rack` label and
 /// allocatable vCPUs.
 type Format2State = (Vec<(String, Option<u64>)>, &'static str, Option<String>, u32);
@@ -108,18 +113,42 @@ async fn old_data_dir_keeps_its_state_and_accepts_writes(name: &str) {
     let (node, mut client) = start(dir.path()).await;
 
     let before = vms(&node);
+    let v3 = name == "datadir-v3";
+    let state = &node.shared().state;
     let mut placements = Vec::new();
-    node.shared().state.for_each_vm(|v| placements.push((v.placement.clone(), v.queued_at)));
+    state.for_each_vm(|v| {
+        if !["pinned-1", "huge-1"].contains(&&*v.name) {
+            placements.push((v.placement.clone(), v.queued_at));
+        }
+        // Format 4: rescheduled on node failure, no moves yet.
+        assert_eq!(
+            (v.reschedule, v.history.len(), v.moving, v.placement_gen),
+            (Default::default(), 0, None, 0)
+        );
+    });
     assert!(
         placements.iter().all(|p| *p == (Default::default(), 0)),
         "VMs from before placement rules get the default placement"
     );
+    let live = state.with_node(1, |n| (n.state(), n.drain)).unwrap();
+    assert_eq!(live, (blixard_core::types::NodeState::Ready, None), "not down, not draining");
+    assert_eq!(state.node_timeout(), std::time::Duration::from_secs(10));
+    let mut expected =
+        vec!["batch-1", "cache-1", "db-1", "web-1", "web-2", "web-3", "web-4", "web-5", "web-6"];
+    if v3 {
+        expected.extend(["huge-1", "pinned-1"]);
+        expected.sort_unstable();
+        let pinned = state.with_vm("pinned-1", |v| v.placement.clone()).unwrap();
+        assert_eq!(
+            (pinned.node, pinned.constraints.len(), pinned.anti_affinity.as_str(), pinned.priority),
+            (1, 1, "grp", 70),
+            "format 3 placement rules"
+        );
+        let huge = state.with_vm("huge-1", |v| (v.node_id, v.observed, v.queued_at > 0)).unwrap();
+        assert_eq!(huge, (0, blixard_core::types::ObservedState::Queued, true), "still queued");
+    }
     let names: Vec<&str> = before.keys().map(String::as_str).collect();
-    assert_eq!(
-        names,
-        ["batch-1", "cache-1", "db-1", "web-1", "web-2", "web-3", "web-4", "web-5", "web-6"],
-        "every VM of the old data dir, and not the deleted batch-2"
-    );
+    assert_eq!(names, expected, "every VM of the old data dir, and not the deleted batch-2");
     let s = |x: &str| x.to_string();
     assert_eq!(before["db-1"], (4, 4096, s("acme"), s("db"), DesiredState::Stopped, 0));
     assert_eq!(before["web-6"], (1, 256, s("acme"), s("web"), DesiredState::Stopped, 0));
@@ -129,7 +158,7 @@ async fn old_data_dir_keeps_its_state_and_accepts_writes(name: &str) {
     let zone = node.shared().state.with_node(1, |n| n.labels.get("zone").cloned());
     assert_eq!(zone, Some(Some(s("a"))), "the node record and its labels");
     let v2 = format_2_state(&node);
-    if name == "datadir-v2" {
+    if name == "datadir-v2" || v3 {
         assert_eq!(
             v2,
             (vec![(s("acme"), Some(50))], "binpack", Some(s("r1")), 32),
@@ -179,7 +208,7 @@ async fn old_data_dir_keeps_its_state_and_accepts_writes(name: &str) {
         .await
         .expect("and deletes");
     let after = vms(&node);
-    assert_eq!(after.len(), 9);
+    assert_eq!(after.len(), if v3 { 11 } else { 9 });
     assert!(after.contains_key("after-upgrade") && !after.contains_key("batch-1"));
     node.shutdown().await;
 

@@ -575,7 +575,7 @@ impl SimCluster {
                     Err(e) => format!("leader n{leader} unreachable: {e}"),
                     Ok(s) => {
                         let voter = s.members.iter().any(|m| m.id == id && m.role != "learner");
-                        let active = s.nodes.iter().any(|n| n.id == id && n.status == "active");
+                        let active = s.nodes.iter().any(|n| n.id == id && n.status != "left");
                         if voter && active {
                             self.trace.push(format_args!("n{id} joined: voter and registered"));
                             return;
@@ -1086,7 +1086,7 @@ impl SimCluster {
                     Err(e) => why = format!("leader n{leader} unreachable: {e}"),
                     Ok(s) => {
                         let voters = s.members.iter().filter(|m| m.role != "learner").count();
-                        let active = s.nodes.iter().filter(|x| x.status == "active").count();
+                        let active = s.nodes.iter().filter(|x| x.status != "left").count();
                         if voters == n && active == n {
                             self.trace.push(format_args!("ready: leader n{leader} term {term}"));
                             return leader;
@@ -1331,7 +1331,7 @@ pub fn check_allocation_and_placement(nodes: &[pb::NodeInfo], vms: &[pb::Vm]) ->
         }
     }
     let active: BTreeMap<NodeId, &pb::NodeInfo> =
-        nodes.iter().filter(|n| n.status == "active").map(|n| (n.id, n)).collect();
+        nodes.iter().filter(|n| n.status != "left").map(|n| (n.id, n)).collect();
     let none = pb::Placement::default();
     for vm in vms.iter().filter(|v| v.node_id != 0) {
         let p = vm.placement.as_ref().unwrap_or(&none);

@@ -228,7 +228,7 @@ impl CreateReq {
     pub fn plain(via: u64, name: String, spec: pb::VmSpec) -> Self {
         CreateReq {
             via,
-            vms: vec![pb::NewVm { name, spec: Some(spec), placement: None }],
+            vms: vec![pb::NewVm { name, spec: Some(spec), placement: None, ..Default::default() }],
             queue: false,
             batch: false,
         }

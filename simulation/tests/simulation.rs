@@ -259,6 +259,7 @@ fn random_create(c: &SimCluster, next: &mut u32) -> CreateReq {
                 name: format!("vm-{:04}", *next),
                 spec: Some(random_spec()),
                 placement: random_placement(&ids),
+                ..Default::default()
             }
         })
         .collect();

@@ -21,8 +21,8 @@ use super::{ApiError, NodeError, NodeShared};
 use crate::command::{Command, CommandOutput, NewVm, RequestId};
 use crate::raft::network::{PeerChannels, MAX_MESSAGE_BYTES};
 use crate::types::{
-    BootSpec, Constraint, NodeId, NodeRecord, Placement, QuotaLimits, Ratio, Resources, RestartPolicy,
-    Strategy, TenantUsage, VmRecord, VmSpec, DEFAULT_PRIORITY, MAX_PRIORITY,
+    BootSpec, Constraint, NodeId, NodeRecord, Placement, QuotaLimits, Ratio, Reschedule, Resources,
+    RestartPolicy, Strategy, TenantUsage, VmRecord, VmSpec, DEFAULT_PRIORITY, MAX_PRIORITY,
 };
 
 /// Marks a request a follower already forwarded to the leader.
@@ -151,7 +151,32 @@ pub fn vm_pb(v: &VmRecord) -> pb::Vm {
         queued_at: v.queued_at,
         preempted_by: v.preempted_by.clone(),
         leaving_node: v.leaving,
+        reschedule: v.reschedule.as_str().to_string(),
+        history: v
+            .history
+            .iter()
+            .map(|m| pb::VmMove {
+                from_node: m.from,
+                to_node: m.to,
+                reason: m.reason.as_str().to_string(),
+                at_ms: m.at_ms,
+                revision: m.revision,
+            })
+            .collect(),
+        placement_generation: v.placement_gen,
+        moving_reason: v.moving.map(|m| m.reason.as_str().to_string()).unwrap_or_default(),
+        moving_to: v.moving.map(|m| m.to).unwrap_or_default(),
     }
+}
+
+/// A failover policy from the API: empty is the default.
+pub fn reschedule_from_pb(s: &str) -> Result<Reschedule, ApiError> {
+    if s.is_empty() {
+        return Ok(Reschedule::default());
+    }
+    Reschedule::parse(s).ok_or_else(|| {
+        ApiError::Invalid(format!("invalid reschedule policy {s:?}: on-node-failure or never"))
+    })
 }
 
 pub fn placement_pb(p: &Placement) -> pb::Placement {
@@ -195,7 +220,7 @@ pub fn node_pb(n: &NodeRecord, vm_count: u64) -> pb::NodeInfo {
         addr: n.addr.clone(),
         capacity: Some(resources_pb(&n.capacity())),
         allocated: Some(resources_pb(&n.allocated)),
-        status: n.status.as_str().to_string(),
+        status: n.state().as_str().to_string(),
         vm_count,
         labels: n.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         reserved: Some(resources_pb(&n.resources.reserved)),
@@ -204,6 +229,12 @@ pub fn node_pb(n: &NodeRecord, vm_count: u64) -> pb::NodeInfo {
         memory_overcommit: n.resources.memory_overcommit.to_string(),
         registered_at_ms: n.registered_at_ms,
         updated_at_ms: n.updated_at_ms,
+        last_heartbeat_age_ms: None,
+        drain: n.drain.map(|d| pb::Drain {
+            max_parallel: d.max_parallel,
+            deadline_ms: d.deadline_ms,
+            started_at_ms: d.started_at_ms,
+        }),
     }
 }
 
@@ -339,6 +370,11 @@ impl ClusterService for ClusterApi {
             n.state.for_each_vm_on(x.id, |_| count += 1);
             x.vm_count = count;
         }
+        for (id, age) in leader_ages(n).await {
+            if let Some(x) = nodes.iter_mut().find(|x| x.id == id) {
+                x.last_heartbeat_age_ms = Some(age);
+            }
+        }
         let digest = if request.get_ref().include_digest { n.state.digest() } else { 0 };
         Ok(Response::new(pb::StatusResponse {
             node_id: n.id,
@@ -358,6 +394,7 @@ impl ClusterService for ClusterApi {
             vm_count: n.state.vm_count() as u64,
             vm_backend: n.vm_backend.as_ref().map(|b| b.describe()).unwrap_or_default(),
             scheduler: n.state.strategy().as_str().to_string(),
+            node_timeout_ms: n.state.node_timeout().as_millis() as u64,
         }))
     }
 
@@ -472,6 +509,70 @@ impl ClusterService for ClusterApi {
             .map(Response::new)
             .ok_or_else(|| Status::not_found(format!("unknown node id {id}")))
     }
+
+    async fn set_node_timeout(
+        &self,
+        request: Request<pb::SetNodeTimeoutRequest>,
+    ) -> Result<Response<pb::SetNodeTimeoutResponse>, Status> {
+        let req = request.into_inner();
+        self.write(Command::SetNodeTimeout { ms: req.timeout_ms }, &req.request_id).await?;
+        Ok(Response::new(pb::SetNodeTimeoutResponse { timeout_ms: req.timeout_ms }))
+    }
+
+    async fn drain_node(
+        &self,
+        request: Request<pb::DrainNodeRequest>,
+    ) -> Result<Response<pb::DrainNodeResponse>, Status> {
+        let req = request.into_inner();
+        let deadline_ms = match req.deadline_secs {
+            0 => 0,
+            s if s > crate::validate::MAX_NODE_TIMEOUT_MS / 1000 * 24 => {
+                return Err(
+                    ApiError::Invalid(format!("invalid deadline {s} s: at most one day")).into_write_status()
+                )
+            }
+            s => super::now_ms() + s * 1000,
+        };
+        let cmd = Command::DrainNode { id: req.node_id, max_parallel: req.max_parallel, deadline_ms };
+        let applied = self.write(cmd, &req.request_id).await?;
+        let CommandOutput::Draining { id, moving, stuck } = applied.output else {
+            return Err(Status::internal("a drain produced no drain"));
+        };
+        let stuck = stuck.into_iter().map(|(name, reason)| pb::StuckVm { name, reason }).collect();
+        Ok(Response::new(pb::DrainNodeResponse { node_id: id, moving, stuck }))
+    }
+
+    async fn set_eligible(
+        &self,
+        request: Request<pb::SetEligibleRequest>,
+    ) -> Result<Response<pb::NodeInfo>, Status> {
+        let req = request.into_inner();
+        let id = req.node_id;
+        self.write(Command::SetEligible { id }, &req.request_id).await?;
+        let n = &self.node;
+        let mut count = 0;
+        n.state.for_each_vm_on(id, |_| count += 1);
+        n.state
+            .with_node(id, |rec| node_pb(rec, count))
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("unknown node id {id}")))
+    }
+}
+
+/// The leader's heartbeat ages (ms) per node: from this node if it leads,
+/// else asked of the leader; empty when no leader answers within a second.
+async fn leader_ages(n: &NodeShared) -> Vec<(NodeId, u64)> {
+    if n.is_leader() {
+        return super::liveness::ages(n).unwrap_or_default();
+    }
+    let Some((_, addr)) = n.leader() else { return Vec::new() };
+    let wait = std::time::Duration::from_secs(1);
+    let r: Result<super::liveness::LivenessReply, _> =
+        n.channels.call(&addr, crate::raft::network::RaftRpc::Liveness, &n.cluster_id, n.id, &(), wait).await;
+    match r {
+        Ok(Ok(ages)) => ages,
+        _ => Vec::new(),
+    }
 }
 
 pub struct VmApi {
@@ -584,7 +685,8 @@ impl VmService for VmApi {
         let req = request.into_inner();
         let spec = spec_from_pb(req.spec).map_err(ApiError::into_write_status)?;
         let placement = placement_from_pb(req.placement).map_err(ApiError::into_write_status)?;
-        let vm = NewVm { name: req.name, spec, placement };
+        let reschedule = reschedule_from_pb(&req.reschedule).map_err(ApiError::into_write_status)?;
+        let vm = NewVm { name: req.name, spec, placement, reschedule };
         let cmd = Command::CreateVms { vms: vec![vm], start: !req.no_start, queue: req.queue };
         self.write_vm(cmd, &req.request_id).await
     }
@@ -598,7 +700,8 @@ impl VmService for VmApi {
         for v in req.vms {
             let spec = spec_from_pb(v.spec).map_err(ApiError::into_write_status)?;
             let placement = placement_from_pb(v.placement).map_err(ApiError::into_write_status)?;
-            vms.push(NewVm { name: v.name, spec, placement });
+            let reschedule = reschedule_from_pb(&v.reschedule).map_err(ApiError::into_write_status)?;
+            vms.push(NewVm { name: v.name, spec, placement, reschedule });
         }
         // A dry run explains the first VM against the state as it is.
         let first = if req.dry_run { vms.first().cloned() } else { None };
@@ -685,6 +788,19 @@ impl VmService for VmApi {
     ) -> Result<Response<pb::VmResponse>, Status> {
         let req = request.into_inner();
         self.write_vm(Command::RestartVm { name: req.name }, &req.request_id).await
+    }
+
+    async fn migrate_vm(
+        &self,
+        request: Request<pb::MigrateVmRequest>,
+    ) -> Result<Response<pb::VmResponse>, Status> {
+        let req = request.into_inner();
+        let cmd = Command::MigrateVm { name: req.name.clone(), to: req.to_node };
+        let applied = self.write(cmd, &req.request_id).await?;
+        Ok(Response::new(pb::VmResponse {
+            vm: self.node.state.with_vm(&req.name, vm_pb),
+            index: applied.index,
+        }))
     }
 
     async fn vm_logs(

@@ -8,6 +8,7 @@ pub mod api;
 pub mod batcher;
 pub mod election;
 pub mod identity;
+pub mod liveness;
 pub mod raft_service;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -209,6 +210,8 @@ impl From<ApiError> for tonic::Status {
                 | CommandError::QuotaExceeded { .. } => Code::ResourceExhausted,
                 CommandError::CapacityBelowAllocated { .. }
                 | CommandError::BreaksConstraint { .. }
+                | CommandError::CannotMove { .. }
+                | CommandError::NodeState { .. }
                 | CommandError::BatchFailed { .. } => Code::FailedPrecondition,
             },
             ApiError::Invalid(_) => Code::InvalidArgument,
@@ -304,6 +307,10 @@ pub struct NodeShared {
     /// When this node last heard from a leader (drives pre-votes).
     pub contact: election::LeaderContact,
     pub tuning: RaftTuning,
+    /// On the leader: when each node last heartbeated.
+    pub liveness: liveness::LeaderView,
+    /// This node's fencing lease: VMs may start only while it is valid.
+    pub fence: liveness::Fence,
 }
 
 pub struct Node {
@@ -314,6 +321,8 @@ pub struct Node {
     log_writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
     reconciler: Mutex<Option<tokio::task::JoinHandle<()>>>,
     election: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Heartbeats and the leader's liveness monitor.
+    liveness: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// Milliseconds since the Unix epoch (virtual under madsim). Stamped into
@@ -394,6 +403,8 @@ impl Node {
             next_seq: std::sync::atomic::AtomicU64::new(1),
             contact: election::LeaderContact::new(),
             tuning: cfg.tuning.clone(),
+            liveness: Default::default(),
+            fence: Default::default(),
         });
         let (stop_tx, stop_rx) = oneshot::channel();
         let server = api::serve(shared.clone(), cfg.bind, stop_rx).await?;
@@ -404,6 +415,10 @@ impl Node {
             log_writer: Mutex::new(log_writer),
             reconciler: Mutex::new(None),
             election: Mutex::new(Some(tokio::spawn(election::run(shared.clone())))),
+            liveness: Mutex::new(vec![
+                tokio::spawn(liveness::heartbeat_loop(shared.clone())),
+                tokio::spawn(liveness::monitor_loop(shared.clone())),
+            ]),
         };
 
         if !has_raft_state {
@@ -444,6 +459,9 @@ impl Node {
             h.abort();
         }
         if let Some(h) = self.election.lock().take() {
+            h.abort();
+        }
+        for h in self.liveness.lock().drain(..) {
             h.abort();
         }
         if let Some(tx) = self.stop_server.lock().take() {
@@ -785,6 +803,21 @@ impl NodeShared {
                 return Err(ApiError::Unavailable(format!("cannot confirm a linearizable read: {why}")));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Confirms that this node leads a quorum, in a round begun after the
+    /// call; returns the read index (the commit index it confirmed).
+    pub async fn confirm_leadership(&self) -> Result<u64, ForwardError> {
+        match self.raft.ensure_linearizable().await {
+            Ok(read_log_id) => Ok(read_log_id.map(|l| l.index).unwrap_or(0)),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                Err(ForwardError::NotLeader { leader: f.leader_id.zip(f.leader_node.map(|n| n.addr)) })
+            }
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => {
+                Err(ForwardError::Unavailable("it leads but cannot reach a quorum of voters".into()))
+            }
+            Err(RaftError::Fatal(_)) => Err(ForwardError::Unavailable("it is shutting down".into())),
         }
     }
 

@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use blixard_proto::raft_service_server::RaftService;
 use blixard_proto::{RaftReply, RaftRequest};
-use openraft::error::{CheckIsLeaderError, RaftError};
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, VoteRequest};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -17,6 +16,7 @@ use tonic::{Request, Response, Status};
 
 use super::batcher::SubmitError;
 use super::election::{self, PreVoteRequest};
+use super::liveness::{self, HeartbeatRequest, HeartbeatResult, LivenessReply};
 use super::{ForwardError, NodeShared, ProposeReply, ReadIndexReply};
 use crate::codec;
 use crate::command::Proposal;
@@ -51,10 +51,6 @@ impl RaftGrpc {
 fn reply<T: Serialize>(v: &T) -> Result<Response<RaftReply>, Status> {
     let payload = codec::encode(v).map_err(|e| Status::internal(e.to_string()))?;
     Ok(Response::new(RaftReply { payload, format: u32::from(format::CURRENT) }))
-}
-
-fn not_leader(leader_id: Option<NodeId>, node: Option<openraft::BasicNode>) -> ForwardError {
-    ForwardError::NotLeader { leader: leader_id.zip(node.map(|n| n.addr)) }
 }
 
 #[tonic::async_trait]
@@ -110,16 +106,19 @@ impl RaftService for RaftGrpc {
 
     async fn read_index(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let () = self.open(request)?;
-        let out: ReadIndexReply = match self.node.raft.ensure_linearizable().await {
-            Ok(read_log_id) => Ok(read_log_id.map(|l| l.index).unwrap_or(0)),
-            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
-                Err(not_leader(f.leader_id, f.leader_node))
-            }
-            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => {
-                Err(ForwardError::Unavailable("it leads but cannot reach a quorum of voters".into()))
-            }
-            Err(RaftError::Fatal(_)) => Err(ForwardError::Unavailable("it is shutting down".into())),
-        };
+        let out: ReadIndexReply = self.node.confirm_leadership().await;
+        reply(&out)
+    }
+
+    async fn heartbeat(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let req: HeartbeatRequest = self.open(request)?;
+        let out: HeartbeatResult = liveness::answer(&self.node, req.node).await;
+        reply(&out)
+    }
+
+    async fn liveness(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let () = self.open(request)?;
+        let out: LivenessReply = liveness::ages(&self.node);
         reply(&out)
     }
 }

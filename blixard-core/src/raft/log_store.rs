@@ -143,7 +143,7 @@ type Step = fn(&redb::WriteTransaction) -> Result<(), OpenError>;
 
 /// `STEPS[v]` converts a database of version `v` to `v + 1`; one per
 /// version below [`format::CURRENT`], or this does not compile.
-const STEPS: [Step; format::CURRENT as usize] = [v0_to_v1, v1_to_v2, v2_to_v3];
+const STEPS: [Step; format::CURRENT as usize] = [v0_to_v1, v1_to_v2, v2_to_v3, v3_to_v4];
 
 /// Version 1 only records the version: entries, vote, committed and purge
 /// marks keep version 0's encoding.
@@ -161,6 +161,14 @@ fn v1_to_v2(_: &redb::WriteTransaction) -> Result<(), OpenError> {
 /// `decode_image`), and appended the `CreateVms` command and new results:
 /// every version-2 entry is a valid version-3 entry.
 fn v2_to_v3(_: &redb::WriteTransaction) -> Result<(), OpenError> {
+    Ok(())
+}
+
+/// Version 4 changed the state image's node and VM records (read by
+/// `decode_image`) and appended commands, results and errors (format 3's
+/// `CreateVms` keeps its position as `CreateVmsV3`): every version-3 entry
+/// is a valid version-4 entry.
+fn v3_to_v4(_: &redb::WriteTransaction) -> Result<(), OpenError> {
     Ok(())
 }
 

@@ -54,6 +54,8 @@ pub enum RaftRpc {
     Propose,
     ReadIndex,
     PreVote,
+    Heartbeat,
+    Liveness,
 }
 
 /// Why an internal RPC produced no decoded reply.
@@ -138,6 +140,8 @@ impl PeerChannels {
                 RaftRpc::Propose => client.propose(request).await,
                 RaftRpc::ReadIndex => client.read_index(request).await,
                 RaftRpc::PreVote => client.pre_vote(request).await,
+                RaftRpc::Heartbeat => client.heartbeat(request).await,
+                RaftRpc::Liveness => client.liveness(request).await,
             }
         };
         let reply: RaftReply = match tokio::time::timeout(deadline, fut).await {

@@ -1,0 +1,390 @@
+//! Liveness and fencing: how the cluster notices a dead node, and why a VM
+//! never runs on two nodes at once.
+//!
+//! **Heartbeats.** Every node sends the leader a `Heartbeat` RPC about once
+//! a second (at most a third of the fence timeout). The leader answers only
+//! after confirming it still leads a quorum (`ensure_linearizable`), with
+//! that confirmation's read index and the cluster's node timeout. It keeps
+//! when it last heard each node as soft state ([`LeaderView`]); a leader
+//! that takes over grants every node a full timeout from its election.
+//!
+//! **Marking down.** The leader's monitor proposes `SetNodeDown` for a node
+//! not heard from for the node timeout `T`, and `down: false` once it
+//! heartbeats again. Apply re-places the VMs of a node marked down.
+//!
+//! **Fencing.** A node extends its lease to `sent + F` (`F` = 60% of `T`)
+//! each time a heartbeat sent at `sent` is answered and it has applied up
+//! to the reply's read index. It renews the same lease on its VM backend,
+//! whose guard (a process that outlives the node, see `blixard_vm::guard`)
+//! stops every VM once the lease lapses: gracefully, then forcibly after
+//! `G` = 20% of `T`, so all are gone by `F + G` = 80% of `T`. While the
+//! lease is not valid the reconciler starts nothing; once it is valid
+//! again the state has caught up (the read index), so VMs placed elsewhere
+//! meanwhile are removed, never started.
+//!
+//! Why it holds: the leader stamps "heard" when the heartbeat *arrives*
+//! (after `sent`) and marks down no earlier than `T` after that on its own
+//! clock; a new leader was elected after every quorum confirmation of an
+//! older one (quorums intersect) and waits `T` from its election. So the
+//! node's VMs stop by `sent + 0.8 T` on its clock, before the earliest
+//! `sent + T` on the leader's, as long as clock *rates* differ by less than
+//! 20% (no clock is compared across machines). The VMs then start elsewhere
+//! only after the `SetNodeDown` commits and the new node boots them.
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use super::{ForwardError, NodeShared};
+use crate::command::Command;
+use crate::raft::network::RaftRpc;
+use crate::types::{NodeId, NodeStatus};
+
+/// Heartbeats go out at least this often.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+/// How often the leader looks for silent nodes and due drain deadlines.
+const MONITOR_EVERY: Duration = Duration::from_millis(250);
+
+/// The fence timeout for node timeout `t`: 60% of it.
+pub fn fence_timeout(t: Duration) -> Duration {
+    t * 3 / 5
+}
+
+/// How long the guard lets VMs stop gracefully once the lease lapsed: 20%
+/// of the node timeout, so they are gone by 80% of it.
+pub fn fence_grace(t: Duration) -> Duration {
+    t / 5
+}
+
+/// How often a node heartbeats under node timeout `t`: every second, or
+/// more often so that at least three heartbeats fit in the fence timeout.
+pub fn heartbeat_every(t: Duration) -> Duration {
+    HEARTBEAT_EVERY.min(fence_timeout(t) / 3)
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct HeartbeatRequest {
+    pub node: NodeId,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct HeartbeatReply {
+    /// The log index the leader confirmed as committed while it still led a
+    /// quorum, after the heartbeat arrived.
+    pub read_index: u64,
+    pub node_timeout_ms: u64,
+}
+
+pub type HeartbeatResult = Result<HeartbeatReply, ForwardError>;
+/// The leader's heartbeat age of every member node, in ms.
+pub type LivenessReply = Result<Vec<(NodeId, u64)>, ForwardError>;
+
+/// The leader's soft state: when it last heard each node. Reset whenever
+/// this node starts a new term as leader (a full grace period for all).
+#[derive(Default)]
+pub struct LeaderView {
+    inner: Mutex<ViewInner>,
+}
+
+#[derive(Default)]
+struct ViewInner {
+    /// The term this view belongs to; 0 = not leading.
+    term: u64,
+    /// When this node became leader of `term`, pushed later when the node
+    /// timeout is lowered (leases granted under the old one still run).
+    since: Option<Instant>,
+    timeout: Duration,
+    seen: HashMap<NodeId, Instant>,
+}
+
+impl LeaderView {
+    /// Brings the view to leader term `term` under node timeout `timeout`.
+    fn refresh(&self, term: u64, timeout: Duration, now: Instant) {
+        let mut v = self.inner.lock();
+        if v.term != term {
+            *v = ViewInner { term, since: Some(now), timeout, seen: HashMap::new() };
+        } else if timeout < v.timeout {
+            // A node may hold a lease granted under the longer timeout:
+            // wait that out before judging anyone by the shorter one.
+            let grace = now + (v.timeout - timeout);
+            v.since = v.since.max(Some(grace));
+            v.timeout = timeout;
+        } else {
+            v.timeout = timeout;
+        }
+    }
+
+    fn clear(&self) {
+        *self.inner.lock() = ViewInner::default();
+    }
+
+    fn heard(&self, term: u64, node: NodeId, now: Instant) {
+        let mut v = self.inner.lock();
+        if v.term == term {
+            v.seen.insert(node, now);
+        }
+    }
+
+    /// Since `node` was last heard (or the grant, if later); `heard` says
+    /// whether it was heard at all this term.
+    fn age(&self, node: NodeId, now: Instant) -> Option<(Duration, bool)> {
+        let v = self.inner.lock();
+        let since = v.since?;
+        let seen = v.seen.get(&node).copied();
+        let last = seen.map_or(since, |s| s.max(since));
+        Some((now.saturating_duration_since(last), seen.is_some_and(|s| s >= since)))
+    }
+}
+
+/// This node's fencing lease: VMs may run here while it is valid.
+#[derive(Default)]
+pub struct Fence {
+    inner: Mutex<FenceInner>,
+}
+
+#[derive(Default, Clone, Copy)]
+struct FenceInner {
+    valid_until: Option<Instant>,
+    /// Bumped by each renewal that finds the lease lapsed (or never held):
+    /// the reconciler then re-examines every VM.
+    epoch: u64,
+    grace: Duration,
+}
+
+impl Fence {
+    /// Extends the lease to `until` (never shortens it).
+    pub fn renew(&self, until: Instant, grace: Duration) {
+        self.renew_at(until, grace, Instant::now())
+    }
+
+    fn renew_at(&self, until: Instant, grace: Duration, now: Instant) {
+        let mut f = self.inner.lock();
+        if f.valid_until.is_none_or(|v| v <= now) {
+            f.epoch += 1;
+            tracing::info!(epoch = f.epoch, "fencing lease (re)gained: in contact with a quorum");
+        }
+        f.valid_until = f.valid_until.max(Some(until));
+        f.grace = grace;
+    }
+
+    /// VMs may be started now.
+    pub fn valid(&self) -> bool {
+        self.valid_at(Instant::now())
+    }
+
+    fn valid_at(&self, now: Instant) -> bool {
+        self.inner.lock().valid_until.is_some_and(|v| now < v)
+    }
+
+    /// The lease was held and has lapsed: VMs must stop.
+    pub fn lapsed(&self) -> bool {
+        self.inner.lock().valid_until.is_some_and(|v| Instant::now() >= v)
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.inner.lock().epoch
+    }
+
+    /// How long a fenced VM may take to stop gracefully.
+    pub fn grace(&self) -> Duration {
+        self.inner.lock().grace
+    }
+
+    /// Time left on the lease (zero once lapsed or never held).
+    pub fn remaining(&self) -> Duration {
+        self.inner.lock().valid_until.map_or(Duration::ZERO, |v| v.saturating_duration_since(Instant::now()))
+    }
+}
+
+/// Answers a heartbeat from `from` (also this node's own): only a leader
+/// that confirms its quorum after the heartbeat arrived says yes.
+pub async fn answer(node: &NodeShared, from: NodeId) -> HeartbeatResult {
+    let term = {
+        let m = node.raft.metrics();
+        let m = m.borrow();
+        if m.state != openraft::ServerState::Leader {
+            let leader = m
+                .current_leader
+                .and_then(|id| m.membership_config.membership().get_node(&id).map(|n| (id, n.addr.clone())));
+            return Err(ForwardError::NotLeader { leader });
+        }
+        m.current_term
+    };
+    let (timeout, now) = (node.state.node_timeout(), Instant::now());
+    node.liveness.refresh(term, timeout, now);
+    node.liveness.heard(term, from, now);
+    let read_index = node.confirm_leadership().await?;
+    Ok(HeartbeatReply { read_index, node_timeout_ms: timeout.as_millis() as u64 })
+}
+
+/// The leader's heartbeat ages, in ms, of every member node.
+pub fn ages(node: &NodeShared) -> LivenessReply {
+    if !node.is_leader() {
+        return Err(ForwardError::NotLeader { leader: node.leader() });
+    }
+    let (mut out, now) = (Vec::new(), Instant::now());
+    node.state.for_each_node(|n| {
+        if let Some((age, _)) = node.liveness.age(n.id, now) {
+            out.push((n.id, age.as_millis() as u64));
+        }
+    });
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// Heartbeats the leader forever, renewing this node's lease (and its VM
+/// backend's) on every confirmed answer.
+pub async fn heartbeat_loop(node: Arc<NodeShared>) {
+    loop {
+        let timeout = node.state.node_timeout();
+        let every = heartbeat_every(timeout);
+        let sent = Instant::now();
+        match heartbeat_once(&node, every).await {
+            Ok(reply) => renew(&node, sent, &reply).await,
+            Err(why) => {
+                tracing::debug!(%why, lease_left = ?node.fence.remaining(), "heartbeat not confirmed")
+            }
+        }
+        tokio::time::sleep_until(sent + every).await;
+    }
+}
+
+async fn heartbeat_once(node: &Arc<NodeShared>, every: Duration) -> Result<HeartbeatReply, String> {
+    if node.is_leader() {
+        return answer(node, node.id).await.map_err(|e| e.to_string());
+    }
+    let Some((id, addr)) = node.leader() else { return Err("no leader known".into()) };
+    let req = HeartbeatRequest { node: node.id };
+    let wait = every.max(Duration::from_millis(500));
+    let r: Result<HeartbeatResult, _> =
+        node.channels.call(&addr, RaftRpc::Heartbeat, &node.cluster_id, node.id, &req, wait).await;
+    match r {
+        Ok(Ok(reply)) => Ok(reply),
+        Ok(Err(e)) => Err(format!("leader {id}: {e}")),
+        Err(e) => Err(format!("leader {id}: {e}")),
+    }
+}
+
+/// Extends the lease from `sent` once this node has applied up to the
+/// confirmed read index, so that a valid lease always comes with a state at
+/// least that fresh.
+async fn renew(node: &NodeShared, sent: Instant, reply: &HeartbeatReply) {
+    let timeout = Duration::from_millis(reply.node_timeout_ms);
+    let until = sent + fence_timeout(timeout);
+    let left = until.saturating_duration_since(Instant::now());
+    let caught_up = node
+        .raft
+        .wait(Some(left))
+        .applied_index_at_least(Some(reply.read_index), "fencing lease")
+        .await
+        .is_ok();
+    if !caught_up || Instant::now() >= until {
+        tracing::debug!(read_index = reply.read_index, "lease not renewed: this node is behind the leader");
+        return;
+    }
+    let grace = fence_grace(timeout);
+    node.fence.renew(until, grace);
+    if let Some(backend) = &node.vm_backend {
+        let valid_for = until.saturating_duration_since(Instant::now());
+        if let Err(e) = backend.renew_lease(valid_for, grace).await {
+            tracing::warn!(error = %e, "could not renew the VM backend's fencing lease");
+        }
+    }
+}
+
+/// On the leader: marks silent nodes down and heard ones ready, and moves
+/// every VM off a drained node whose deadline has passed.
+pub async fn monitor_loop(node: Arc<NodeShared>) {
+    loop {
+        tokio::time::sleep(MONITOR_EVERY).await;
+        let term = {
+            let m = node.raft.metrics();
+            let m = m.borrow();
+            (m.state == openraft::ServerState::Leader).then_some(m.current_term)
+        };
+        let Some(term) = term else {
+            node.liveness.clear();
+            continue;
+        };
+        let (timeout, now) = (node.state.node_timeout(), Instant::now());
+        node.liveness.refresh(term, timeout, now);
+        let now_ms = super::now_ms();
+        let mut due = Vec::new();
+        node.state.for_each_node(|n| {
+            if n.status == NodeStatus::Left {
+                return;
+            }
+            if let Some((age, heard)) = node.liveness.age(n.id, now) {
+                if !n.down && age > timeout {
+                    due.push(Command::SetNodeDown { id: n.id, down: true });
+                } else if n.down && heard && age < timeout / 2 {
+                    due.push(Command::SetNodeDown { id: n.id, down: false });
+                }
+            }
+            if let Some(d) = n.drain {
+                if d.deadline_ms != 0 && now_ms >= d.deadline_ms && d.max_parallel != 0 && !n.down {
+                    due.push(Command::DrainNode { id: n.id, max_parallel: 0, deadline_ms: 0 });
+                }
+            }
+        });
+        for cmd in due {
+            tracing::info!(?cmd, "liveness");
+            if let Err(e) = node.propose(cmd).await {
+                tracing::warn!(error = %e, "liveness change not committed; retrying");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timings_leave_the_margin_the_guarantee_needs() {
+        for secs in [2u64, 4, 10, 60] {
+            let t = Duration::from_secs(secs);
+            assert!(fence_timeout(t) + fence_grace(t) <= t * 4 / 5, "{secs}");
+            assert!(heartbeat_every(t) * 3 <= fence_timeout(t), "{secs}");
+        }
+        assert_eq!(heartbeat_every(Duration::from_secs(10)), HEARTBEAT_EVERY);
+    }
+
+    #[test]
+    fn a_new_term_grants_everyone_a_full_timeout() {
+        let (v, t0, s) = (LeaderView::default(), Instant::now(), Duration::from_secs);
+        let t = s(10);
+        v.refresh(3, t, t0);
+        v.heard(3, 1, t0);
+        assert_eq!(v.age(1, t0 + s(4)), Some((s(4), true)));
+        assert_eq!(v.age(2, t0 + s(4)), Some((s(4), false)));
+        v.heard(2, 2, t0 + s(4));
+        assert_eq!(v.age(2, t0 + s(5)).map(|a| a.1), Some(false), "another term's heartbeat");
+        v.refresh(4, t, t0 + s(4));
+        assert_eq!(v.age(1, t0 + s(4)), Some((Duration::ZERO, false)));
+        // Lowering the timeout first waits out leases of the longer one.
+        v.refresh(4, s(4), t0 + s(4));
+        assert_eq!(v.age(2, t0 + s(9)).map(|a| a.0), Some(Duration::ZERO));
+        assert_eq!(v.age(2, t0 + s(12)).map(|a| a.0), Some(s(2)));
+        v.clear();
+        assert_eq!(v.age(1, t0), None);
+    }
+
+    #[test]
+    fn a_lease_lapses_and_a_renewal_after_it_starts_a_new_epoch() {
+        let (f, t0, s) = (Fence::default(), Instant::now(), Duration::from_secs);
+        assert!(!f.valid_at(t0));
+        f.renew_at(t0 + s(6), s(2), t0);
+        assert!(f.valid_at(t0 + s(5)) && !f.valid_at(t0 + s(6)));
+        assert_eq!(f.epoch(), 1);
+        f.renew_at(t0 + s(1), s(2), t0 + s(1));
+        assert!(f.valid_at(t0 + s(5)), "never shortened");
+        assert_eq!(f.epoch(), 1);
+        f.renew_at(t0 + s(13), s(2), t0 + s(7));
+        assert_eq!(f.epoch(), 2, "renewed after it lapsed");
+        assert_eq!(f.grace(), s(2));
+    }
+}
