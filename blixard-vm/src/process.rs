@@ -158,15 +158,15 @@ impl VmBackend for ProcessBackend {
                 i.reap(&n);
                 let Some(pid) = i.running_pid(&n) else { return Ok(None) };
                 // Mark first: whatever the exit looks like, it was asked for.
-                write_file(&i.dirs.dir(&n).join("stopped"), format!("{}\n", host::now_ms()))?;
-                signal_group(pid, libc::SIGTERM);
+                write_file(&i.dirs.stopped_marker(&n), format!("{}\n", host::now_ms()))?;
+                host::signal_group(pid, libc::SIGTERM);
                 Ok(Some(pid))
             })
             .await?;
         let Some(pid) = pid else { return Ok(()) };
         if !self.wait_gone(name, pid, grace).await? {
             tracing::info!(vm = name, pid, "workload did not stop within {grace:?}; killing it");
-            signal_group(pid, libc::SIGKILL);
+            host::signal_group(pid, libc::SIGKILL);
             if !self.wait_gone(name, pid, KILL_WAIT).await? {
                 return Err(VmError::Failed(format!(
                     "workload {pid} of {name} survived SIGKILL for {KILL_WAIT:?}"
@@ -200,7 +200,7 @@ impl VmBackend for ProcessBackend {
             // A child we still hold (its directory vanished under us): make
             // sure nothing of it is left either.
             if let Some(mut child) = i.children.lock().remove(&n) {
-                signal_group(child.id(), libc::SIGKILL);
+                host::signal_group(child.id(), libc::SIGKILL);
                 let _ = child.wait();
             }
             i.dirs.remove(&n)
@@ -242,7 +242,7 @@ impl Inner {
     /// The tag in the workload's `argv[0]`. The trailing slash keeps `vm1`
     /// from matching `vm10`.
     fn tag(&self, name: &str) -> String {
-        format!("blixard-vm:{}/", self.dirs.dir(name).display())
+        format!("blixard-vm:{}", self.dirs.needle(name))
     }
 
     /// True while the workload `pid` of `name` runs. Our own child is asked
@@ -309,16 +309,7 @@ impl Inner {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
-        // SAFETY: setsid(2) is async-signal-safe and touches no memory; it
-        // runs in the forked child before exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::setsid() == -1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        host::new_session(&mut cmd);
         let started_at_ms = host::now_ms();
         let child = cmd
             .spawn()
@@ -378,7 +369,7 @@ impl Inner {
         // Dead: if it was our child, it is a zombie by now (or was reaped
         // above); reap it so its exit status is on file.
         self.reap(name);
-        let stopped = dir.join("stopped").exists();
+        let stopped = self.dirs.stopped_marker(name).exists();
         let exit: Option<ExitInfo> =
             fs::read(dir.join("exit")).ok().and_then(|b| serde_json::from_slice(&b).ok());
         status.state = match &exit {
@@ -414,7 +405,7 @@ impl Inner {
         if !exited_unreaped(pid) {
             return;
         }
-        signal_group(pid, libc::SIGKILL);
+        host::signal_group(pid, libc::SIGKILL);
         match child.try_wait() {
             Ok(Some(st)) => {
                 let exit = ExitInfo { code: st.code(), signal: st.signal() };
@@ -480,16 +471,6 @@ fn exited_unreaped(pid: u32) -> bool {
         );
         // Not our child any more (ECHILD) also means "gone": let try_wait say.
         r == -1 || info.si_pid() != 0
-    }
-}
-
-/// Sends `sig` to the process group led by `pid` (every workload leads its
-/// own session), or to `pid` alone if there is no such group.
-fn signal_group(pid: u32, sig: i32) {
-    // SAFETY: kill(2) touches no memory.
-    let ok = unsafe { libc::kill(-(pid as libc::pid_t), sig) == 0 };
-    if !ok {
-        host::signal(pid, sig);
     }
 }
 

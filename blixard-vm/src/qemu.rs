@@ -15,7 +15,7 @@
 //! [`host::pid_alive`]).
 use std::collections::HashMap;
 use std::fs;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -284,15 +284,10 @@ impl Inner {
         self.dirs.dir(name).join("exit.json")
     }
     fn stopped_file(&self, name: &str) -> PathBuf {
-        self.dirs.dir(name).join("stopped")
+        self.dirs.stopped_marker(name)
     }
     fn ready_file(&self, name: &str) -> PathBuf {
         self.dirs.dir(name).join("ready_at")
-    }
-    /// What `pid_alive` looks for in /proc/<pid>/cmdline: the VM directory
-    /// (with a trailing slash so VM "a" does not match "ab").
-    fn needle(&self, name: &str) -> String {
-        format!("{}/", self.dirs.dir(name).display())
     }
 
     /// Reaps our child for `name` if it has ended, persisting the exit
@@ -324,7 +319,7 @@ impl Inner {
     fn is_running(&self, name: &str, pid: u32) -> bool {
         match self.poll_child(name) {
             Some(alive) => alive,
-            None => host::pid_alive(pid, &self.needle(name)),
+            None => host::pid_alive(pid, &self.dirs.needle(name)),
         }
     }
 
@@ -468,17 +463,9 @@ impl Inner {
         let stdout =
             stderr.try_clone().map_err(VmError::io(format!("duplicating {}", stderr_path.display())))?;
         cmd.stdin(Stdio::null()).stdout(stdout).stderr(stderr).current_dir(&dir);
-        // SAFETY: setsid(2) is async-signal-safe and touches no memory. A new
-        // session keeps the guest alive when the node process (or its
+        // A new session keeps the guest alive when the node process (or its
         // terminal's process group) is killed: guests outlive node restarts.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        host::new_session(&mut cmd);
         let started_at_ms = host::now_ms();
         let child = cmd.spawn().map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => {
