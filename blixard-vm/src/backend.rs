@@ -161,6 +161,14 @@ pub trait VmBackend: Send + Sync + 'static {
 
     /// Console output from byte `offset`, at most `max` bytes.
     async fn logs(&self, name: &str, offset: u64, max: usize) -> Result<LogChunk, VmError>;
+
+    /// Fencing: VMs on this host may run for `valid_for` from now. The node
+    /// renews the lease each time it confirms contact with a quorum. If it
+    /// lapses, the host's guard, which outlives the node process and works
+    /// while it is stopped, stops every VM on the host (SIGTERM to its process
+    /// group, SIGKILL after `grace`), marking each stopped on request, and stops
+    /// any VM it finds running until the lease is renewed.
+    async fn renew_lease(&self, valid_for: Duration, grace: Duration) -> Result<(), VmError>;
 }
 
 /// Default deadline for a graceful stop before the VM is forced.

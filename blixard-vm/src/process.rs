@@ -25,6 +25,10 @@
 //! Signals go to the workload's whole process group: a stop sends `SIGTERM`,
 //! waits up to the grace period, then sends `SIGKILL`.
 //!
+//! The fencing lease ([`VmBackend::renew_lease`]) lives in the root, next to
+//! the VM directories, and is enforced by a guard process: see
+//! [`crate::guard`] and [`ProcessBackend::with_guard`].
+//!
 //! Boot sources (kernel, initrd, kernel command line) are a qemu concept; this
 //! backend ignores them with a warning.
 use std::collections::HashMap;
@@ -41,6 +45,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{
     BackendKind, ExitInfo, LogChunk, RunState, VmBackend, VmConfig, VmError, VmStatus, READY_MARKER,
 };
+use crate::guard::{Fence, GuardCommand};
 use crate::host::{self, VmDirs};
 
 /// How long `delete` lets a running workload stop gracefully.
@@ -55,6 +60,8 @@ const REASON_TAIL: usize = 512;
 /// Runs a command per VM instead of a VMM. See the module documentation.
 pub struct ProcessBackend {
     inner: Arc<Inner>,
+    /// The fencing lease (see [`crate::guard`]).
+    fence: Arc<Fence>,
 }
 
 struct Inner {
@@ -78,8 +85,16 @@ impl ProcessBackend {
     pub fn new(root: PathBuf, command: Vec<String>) -> Self {
         let root = std::path::absolute(&root).unwrap_or(root);
         Self {
+            fence: Fence::new(root.clone(), None),
             inner: Arc::new(Inner { dirs: VmDirs::new(root), command, children: Mutex::new(HashMap::new()) }),
         }
+    }
+
+    /// Enforce the fencing lease with a guard process started by `guard`
+    /// (see [`crate::guard`]). Without one, the lease is only written.
+    pub fn with_guard(mut self, guard: GuardCommand) -> Self {
+        self.fence = Fence::new(self.inner.dirs.root().to_path_buf(), Some(guard));
+        self
     }
 
     /// A `sh -c` script that prints the readiness marker, then idles until it
@@ -224,6 +239,10 @@ impl VmBackend for ProcessBackend {
             Ok(out)
         })
         .await
+    }
+
+    async fn renew_lease(&self, valid_for: Duration, grace: Duration) -> Result<(), VmError> {
+        self.fence.renew(valid_for, grace).await
     }
 
     async fn logs(&self, name: &str, offset: u64, max: usize) -> Result<LogChunk, VmError> {

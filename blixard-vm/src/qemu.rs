@@ -8,6 +8,10 @@
 //! - `stopped`: the VM was stopped on request, so its end is not a failure;
 //! - `exit.json`: the exit status of the last run, once known.
 //!
+//! The fencing lease ([`VmBackend::renew_lease`]) lives in the root and is
+//! enforced by a guard process: see [`crate::guard`] and
+//! [`QemuBackend::with_guard`].
+//!
 //! QEMU runs in its own session (setsid), not as a daemon: it stays our child
 //! while this process lives (so we get its real exit status) but survives a
 //! restart of the node, after which a new `QemuBackend` adopts it from the
@@ -28,6 +32,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use crate::backend::{
     BackendKind, ExitInfo, LogChunk, RunState, VmBackend, VmConfig, VmError, VmStatus, READY_MARKER,
 };
+use crate::guard::{Fence, GuardCommand};
 use crate::host::{self, VmDirs};
 use crate::image;
 
@@ -68,6 +73,8 @@ struct Meta {
 
 pub struct QemuBackend {
     inner: Arc<Inner>,
+    /// The fencing lease (see [`crate::guard`]).
+    fence: Arc<Fence>,
 }
 
 struct Inner {
@@ -116,6 +123,7 @@ impl QemuBackend {
         let (accel, accel_reason) = choose_accel(&cpuinfo);
         fs::create_dir_all(&root).map_err(VmError::io(format!("creating VM root {}", root.display())))?;
         Ok(Self {
+            fence: Fence::new(root.clone(), None),
             inner: Arc::new(Inner {
                 dirs: VmDirs::new(root),
                 image_cache,
@@ -126,6 +134,13 @@ impl QemuBackend {
                 children: Mutex::new(HashMap::new()),
             }),
         })
+    }
+
+    /// Enforce the fencing lease with a guard process started by `guard`
+    /// (see [`crate::guard`]). Without one, the lease is only written.
+    pub fn with_guard(mut self, guard: GuardCommand) -> Self {
+        self.fence = Fence::new(self.inner.dirs.root().to_path_buf(), Some(guard));
+        self
     }
 
     /// "kvm" or "tcg".
@@ -715,6 +730,10 @@ impl VmBackend for QemuBackend {
             Ok(out)
         })
         .await
+    }
+
+    async fn renew_lease(&self, valid_for: Duration, grace: Duration) -> Result<(), VmError> {
+        self.fence.renew(valid_for, grace).await
     }
 
     async fn logs(&self, name: &str, offset: u64, max: usize) -> Result<LogChunk, VmError> {
