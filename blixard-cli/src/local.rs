@@ -7,6 +7,7 @@ use std::time::Duration;
 use blixard_core::node::{Node, NodeConfig};
 use blixard_core::raft::RaftTuning;
 use blixard_core::types::{NodeResources, Ratio, Resources};
+use blixard_vm::guard::GuardCommand;
 use blixard_vm::process::ProcessBackend;
 use blixard_vm::qemu::QemuBackend;
 use blixard_vm::{image, VmBackend, VmError};
@@ -233,8 +234,14 @@ pub async fn node_start(args: StartArgs) -> Result<(), Failure> {
 async fn choose_backend(args: &VmArgs, data_dir: &Path) -> Result<Option<Arc<dyn VmBackend>>, Failure> {
     let root = data_dir.join("vms");
     let cache = args.image_cache.clone().unwrap_or_else(image::default_cache_dir);
+    // The host's fence guard is this binary again (`blixard fence-guard`).
+    let guard = GuardCommand {
+        program: std::env::current_exe()
+            .map_err(|e| Failure::new(format!("cannot find this program's path for the fence guard: {e}")))?,
+        args: vec!["fence-guard".into()],
+    };
     let qemu = || async {
-        let backend = QemuBackend::new(root.clone(), cache.clone())?;
+        let backend = QemuBackend::new(root.clone(), cache.clone())?.with_guard(guard.clone());
         // Build (or find) the default guest image now, so the first VM does
         // not pay for it and a missing package shows up at start.
         let c = cache.clone();
@@ -243,7 +250,8 @@ async fn choose_backend(args: &VmArgs, data_dir: &Path) -> Result<Option<Arc<dyn
             .map_err(|e| VmError::Failed(format!("image build task: {e}")))??;
         Ok::<_, VmError>(backend)
     };
-    let process = || ProcessBackend::new(root.clone(), ProcessBackend::default_command());
+    let process =
+        || ProcessBackend::new(root.clone(), ProcessBackend::default_command()).with_guard(guard.clone());
     let backend: Arc<dyn VmBackend> = match args.vm_backend.as_str() {
         "none" => return Ok(None),
         "qemu" => Arc::new(qemu().await.map_err(|e| Failure::new(format!("--vm-backend qemu: {e}")))?),

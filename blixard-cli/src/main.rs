@@ -50,6 +50,20 @@ enum Cmd {
     /// Tenant quotas: limits on what a tenant's VMs may hold.
     #[command(subcommand)]
     Quota(QuotaCmd),
+    /// The host's fence guard (started by the node's VM backend): stops
+    /// every VM under --root once the node's lease lapses.
+    #[command(hide = true)]
+    FenceGuard(FenceGuardArgs),
+}
+
+#[derive(Args)]
+struct FenceGuardArgs {
+    /// The VM backend's root directory.
+    #[arg(long)]
+    root: PathBuf,
+    /// The node process this guard was started for.
+    #[arg(long)]
+    node_pid: u32,
 }
 
 #[derive(Subcommand)]
@@ -341,6 +355,7 @@ async fn main() -> ExitCode {
         Cmd::Bench(args) => bench::run(&cli.addr, args).await,
         Cmd::Image(ImageCmd::Build { cache_dir }) => local::image_build(cache_dir).await,
         Cmd::Quota(c) => quota(&cli.addr, c).await,
+        Cmd::FenceGuard(args) => fence_guard(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -485,4 +500,12 @@ async fn vm(addr: &str, cmd: VmCmd) -> Result<(), Failure> {
 /// `--data-dir` default for node `id`.
 pub fn default_data_dir(id: u64) -> PathBuf {
     PathBuf::from("blixard-data").join(format!("node-{id}"))
+}
+
+/// `blixard fence-guard`: blocks until there is nothing left to guard.
+async fn fence_guard(args: FenceGuardArgs) -> Result<(), Failure> {
+    tokio::task::spawn_blocking(move || blixard_vm::guard::run(&args.root, args.node_pid))
+        .await
+        .map_err(|e| Failure::new(format!("fence guard task: {e}")))?
+        .map_err(|e| Failure::new(format!("fence guard: {e}")))
 }

@@ -168,10 +168,7 @@ pub trait VmBackend: Send + Sync + 'static {
     /// while it is stopped, stops every VM on the host (SIGTERM to its process
     /// group, SIGKILL after `grace`), marking each stopped on request, and stops
     /// any VM it finds running until the lease is renewed.
-    async fn renew_lease(&self, valid_for: Duration, grace: Duration) -> Result<(), VmError> {
-        let _ = (valid_for, grace);
-        Ok(())
-    }
+    async fn renew_lease(&self, valid_for: Duration, grace: Duration) -> Result<(), VmError>;
 }
 
 /// Default deadline for a graceful stop before the VM is forced.

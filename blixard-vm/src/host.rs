@@ -3,7 +3,10 @@
 //! reuse, and console log reads.
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::backend::{LogChunk, VmError};
 
@@ -44,6 +47,17 @@ impl VmDirs {
     }
     pub fn qmp_socket(&self, name: &str) -> PathBuf {
         self.dir(name).join("qmp.sock")
+    }
+    /// Written when a stop was requested (by the node or the fence guard),
+    /// so the exit that follows counts as `Stopped`, not as a failure.
+    pub fn stopped_marker(&self, name: &str) -> PathBuf {
+        self.dir(name).join("stopped")
+    }
+    /// What the command line of the VM's process contains, whichever
+    /// backend launched it (see [`pid_alive`]): the VM directory with a
+    /// trailing slash, so VM "a" does not match "ab".
+    pub fn needle(&self, name: &str) -> String {
+        format!("{}/", self.dir(name).display())
     }
 
     /// Names of every VM directory under the root (sorted).
@@ -108,6 +122,49 @@ pub fn signal(pid: u32, signal: i32) -> bool {
     unsafe { libc::kill(pid as libc::pid_t, signal) == 0 }
 }
 
+/// Makes `cmd` start in a session (and process group) of its own, so it
+/// survives the node process and its terminal, and a signal to its group
+/// (pgid == its pid) reaches it and its children only.
+pub fn new_session(cmd: &mut Command) -> &mut Command {
+    // SAFETY: setsid(2) is async-signal-safe and touches no memory; it runs
+    // in the forked child before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Sends `sig` to the process group led by `pid` (every VM process leads its
+/// own session), or to `pid` alone if there is no such group.
+pub fn signal_group(pid: u32, sig: i32) {
+    // SAFETY: kill(2) touches no memory.
+    let ok = unsafe { libc::kill(-(pid as libc::pid_t), sig) == 0 };
+    if !ok {
+        signal(pid, sig);
+    }
+}
+
+/// Replaces `path` with `data` in one step: readers see the old content or
+/// the new one, never a partial write. The temporary file lives next to
+/// `path` (same file system, so `rename` is atomic). Not fsynced: what it is
+/// used for (leases, pidfiles) means nothing after a power loss.
+pub fn write_atomic(path: &Path, data: impl AsRef<[u8]>) -> Result<(), VmError> {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    let tmp = path.with_file_name(format!(".{name}.{}.{seq}.tmp", std::process::id()));
+    let written = fs::write(&tmp, data).and_then(|()| fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(VmError::io(format!("writing {}", path.display()))(e));
+    }
+    Ok(())
+}
+
 /// Reads at most `max` bytes of `path` from `offset`.
 pub fn read_log(path: &Path, offset: u64, max: usize) -> Result<LogChunk, VmError> {
     let mut f = match fs::File::open(path) {
@@ -167,5 +224,17 @@ mod tests {
         assert!(pid_alive(me, ""));
         assert!(!pid_alive(me, "definitely-not-in-my-cmdline-xyz"));
         assert!(!pid_alive(u32::MAX - 1, ""));
+    }
+
+    #[test]
+    fn atomic_writes_replace_and_leave_no_temp_files() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("lease");
+        write_atomic(&p, "one").unwrap();
+        write_atomic(&p, "two").unwrap();
+        assert_eq!(fs::read_to_string(&p).unwrap(), "two");
+        let files: Vec<_> = fs::read_dir(d.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(files, ["lease"]);
+        assert!(write_atomic(&d.path().join("missing-dir/x"), "x").is_err());
     }
 }

@@ -8,9 +8,14 @@
 //! - [`sim`]: deterministic and in memory, for the madsim simulator, with
 //!   injectable faults.
 //!
+//! [`guard`] enforces the fencing lease of the qemu and process backends
+//! ([`VmBackend::renew_lease`]) from a process that outlives the node.
+//!
 //! A backend knows nothing about Raft or the cluster: the node's reconciler
 //! tells it what to run and reports what it sees.
 pub mod backend;
+#[cfg(not(madsim))]
+pub mod guard;
 #[cfg(not(madsim))]
 pub mod host;
 #[cfg(not(madsim))]

@@ -25,6 +25,10 @@
 //! Signals go to the workload's whole process group: a stop sends `SIGTERM`,
 //! waits up to the grace period, then sends `SIGKILL`.
 //!
+//! The fencing lease ([`VmBackend::renew_lease`]) lives in the root, next to
+//! the VM directories, and is enforced by a guard process: see
+//! [`crate::guard`] and [`ProcessBackend::with_guard`].
+//!
 //! Boot sources (kernel, initrd, kernel command line) are a qemu concept; this
 //! backend ignores them with a warning.
 use std::collections::HashMap;
@@ -41,6 +45,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{
     BackendKind, ExitInfo, LogChunk, RunState, VmBackend, VmConfig, VmError, VmStatus, READY_MARKER,
 };
+use crate::guard::{Fence, GuardCommand};
 use crate::host::{self, VmDirs};
 
 /// How long `delete` lets a running workload stop gracefully.
@@ -55,6 +60,8 @@ const REASON_TAIL: usize = 512;
 /// Runs a command per VM instead of a VMM. See the module documentation.
 pub struct ProcessBackend {
     inner: Arc<Inner>,
+    /// The fencing lease (see [`crate::guard`]).
+    fence: Arc<Fence>,
 }
 
 struct Inner {
@@ -78,8 +85,16 @@ impl ProcessBackend {
     pub fn new(root: PathBuf, command: Vec<String>) -> Self {
         let root = std::path::absolute(&root).unwrap_or(root);
         Self {
+            fence: Fence::new(root.clone(), None),
             inner: Arc::new(Inner { dirs: VmDirs::new(root), command, children: Mutex::new(HashMap::new()) }),
         }
+    }
+
+    /// Enforce the fencing lease with a guard process started by `guard`
+    /// (see [`crate::guard`]). Without one, the lease is only written.
+    pub fn with_guard(mut self, guard: GuardCommand) -> Self {
+        self.fence = Fence::new(self.inner.dirs.root().to_path_buf(), Some(guard));
+        self
     }
 
     /// A `sh -c` script that prints the readiness marker, then idles until it
@@ -158,15 +173,15 @@ impl VmBackend for ProcessBackend {
                 i.reap(&n);
                 let Some(pid) = i.running_pid(&n) else { return Ok(None) };
                 // Mark first: whatever the exit looks like, it was asked for.
-                write_file(&i.dirs.dir(&n).join("stopped"), format!("{}\n", host::now_ms()))?;
-                signal_group(pid, libc::SIGTERM);
+                write_file(&i.dirs.stopped_marker(&n), format!("{}\n", host::now_ms()))?;
+                host::signal_group(pid, libc::SIGTERM);
                 Ok(Some(pid))
             })
             .await?;
         let Some(pid) = pid else { return Ok(()) };
         if !self.wait_gone(name, pid, grace).await? {
             tracing::info!(vm = name, pid, "workload did not stop within {grace:?}; killing it");
-            signal_group(pid, libc::SIGKILL);
+            host::signal_group(pid, libc::SIGKILL);
             if !self.wait_gone(name, pid, KILL_WAIT).await? {
                 return Err(VmError::Failed(format!(
                     "workload {pid} of {name} survived SIGKILL for {KILL_WAIT:?}"
@@ -200,7 +215,7 @@ impl VmBackend for ProcessBackend {
             // A child we still hold (its directory vanished under us): make
             // sure nothing of it is left either.
             if let Some(mut child) = i.children.lock().remove(&n) {
-                signal_group(child.id(), libc::SIGKILL);
+                host::signal_group(child.id(), libc::SIGKILL);
                 let _ = child.wait();
             }
             i.dirs.remove(&n)
@@ -226,6 +241,10 @@ impl VmBackend for ProcessBackend {
         .await
     }
 
+    async fn renew_lease(&self, valid_for: Duration, grace: Duration) -> Result<(), VmError> {
+        self.fence.renew(valid_for, grace).await
+    }
+
     async fn logs(&self, name: &str, offset: u64, max: usize) -> Result<LogChunk, VmError> {
         let n = name.to_string();
         self.blocking(move |i| {
@@ -242,7 +261,7 @@ impl Inner {
     /// The tag in the workload's `argv[0]`. The trailing slash keeps `vm1`
     /// from matching `vm10`.
     fn tag(&self, name: &str) -> String {
-        format!("blixard-vm:{}/", self.dirs.dir(name).display())
+        format!("blixard-vm:{}", self.dirs.needle(name))
     }
 
     /// True while the workload `pid` of `name` runs. Our own child is asked
@@ -309,16 +328,7 @@ impl Inner {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
-        // SAFETY: setsid(2) is async-signal-safe and touches no memory; it
-        // runs in the forked child before exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::setsid() == -1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        host::new_session(&mut cmd);
         let started_at_ms = host::now_ms();
         let child = cmd
             .spawn()
@@ -378,7 +388,7 @@ impl Inner {
         // Dead: if it was our child, it is a zombie by now (or was reaped
         // above); reap it so its exit status is on file.
         self.reap(name);
-        let stopped = dir.join("stopped").exists();
+        let stopped = self.dirs.stopped_marker(name).exists();
         let exit: Option<ExitInfo> =
             fs::read(dir.join("exit")).ok().and_then(|b| serde_json::from_slice(&b).ok());
         status.state = match &exit {
@@ -414,7 +424,7 @@ impl Inner {
         if !exited_unreaped(pid) {
             return;
         }
-        signal_group(pid, libc::SIGKILL);
+        host::signal_group(pid, libc::SIGKILL);
         match child.try_wait() {
             Ok(Some(st)) => {
                 let exit = ExitInfo { code: st.code(), signal: st.signal() };
@@ -480,16 +490,6 @@ fn exited_unreaped(pid: u32) -> bool {
         );
         // Not our child any more (ECHILD) also means "gone": let try_wait say.
         r == -1 || info.si_pid() != 0
-    }
-}
-
-/// Sends `sig` to the process group led by `pid` (every workload leads its
-/// own session), or to `pid` alone if there is no such group.
-fn signal_group(pid: u32, sig: i32) {
-    // SAFETY: kill(2) touches no memory.
-    let ok = unsafe { libc::kill(-(pid as libc::pid_t), sig) == 0 };
-    if !ok {
-        host::signal(pid, sig);
     }
 }
 

@@ -8,6 +8,10 @@
 //! - `stopped`: the VM was stopped on request, so its end is not a failure;
 //! - `exit.json`: the exit status of the last run, once known.
 //!
+//! The fencing lease ([`VmBackend::renew_lease`]) lives in the root and is
+//! enforced by a guard process: see [`crate::guard`] and
+//! [`QemuBackend::with_guard`].
+//!
 //! QEMU runs in its own session (setsid), not as a daemon: it stays our child
 //! while this process lives (so we get its real exit status) but survives a
 //! restart of the node, after which a new `QemuBackend` adopts it from the
@@ -15,7 +19,7 @@
 //! [`host::pid_alive`]).
 use std::collections::HashMap;
 use std::fs;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -28,6 +32,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use crate::backend::{
     BackendKind, ExitInfo, LogChunk, RunState, VmBackend, VmConfig, VmError, VmStatus, READY_MARKER,
 };
+use crate::guard::{Fence, GuardCommand};
 use crate::host::{self, VmDirs};
 use crate::image;
 
@@ -68,6 +73,8 @@ struct Meta {
 
 pub struct QemuBackend {
     inner: Arc<Inner>,
+    /// The fencing lease (see [`crate::guard`]).
+    fence: Arc<Fence>,
 }
 
 struct Inner {
@@ -116,6 +123,7 @@ impl QemuBackend {
         let (accel, accel_reason) = choose_accel(&cpuinfo);
         fs::create_dir_all(&root).map_err(VmError::io(format!("creating VM root {}", root.display())))?;
         Ok(Self {
+            fence: Fence::new(root.clone(), None),
             inner: Arc::new(Inner {
                 dirs: VmDirs::new(root),
                 image_cache,
@@ -126,6 +134,13 @@ impl QemuBackend {
                 children: Mutex::new(HashMap::new()),
             }),
         })
+    }
+
+    /// Enforce the fencing lease with a guard process started by `guard`
+    /// (see [`crate::guard`]). Without one, the lease is only written.
+    pub fn with_guard(mut self, guard: GuardCommand) -> Self {
+        self.fence = Fence::new(self.inner.dirs.root().to_path_buf(), Some(guard));
+        self
     }
 
     /// "kvm" or "tcg".
@@ -284,15 +299,10 @@ impl Inner {
         self.dirs.dir(name).join("exit.json")
     }
     fn stopped_file(&self, name: &str) -> PathBuf {
-        self.dirs.dir(name).join("stopped")
+        self.dirs.stopped_marker(name)
     }
     fn ready_file(&self, name: &str) -> PathBuf {
         self.dirs.dir(name).join("ready_at")
-    }
-    /// What `pid_alive` looks for in /proc/<pid>/cmdline: the VM directory
-    /// (with a trailing slash so VM "a" does not match "ab").
-    fn needle(&self, name: &str) -> String {
-        format!("{}/", self.dirs.dir(name).display())
     }
 
     /// Reaps our child for `name` if it has ended, persisting the exit
@@ -324,7 +334,7 @@ impl Inner {
     fn is_running(&self, name: &str, pid: u32) -> bool {
         match self.poll_child(name) {
             Some(alive) => alive,
-            None => host::pid_alive(pid, &self.needle(name)),
+            None => host::pid_alive(pid, &self.dirs.needle(name)),
         }
     }
 
@@ -468,17 +478,9 @@ impl Inner {
         let stdout =
             stderr.try_clone().map_err(VmError::io(format!("duplicating {}", stderr_path.display())))?;
         cmd.stdin(Stdio::null()).stdout(stdout).stderr(stderr).current_dir(&dir);
-        // SAFETY: setsid(2) is async-signal-safe and touches no memory. A new
-        // session keeps the guest alive when the node process (or its
+        // A new session keeps the guest alive when the node process (or its
         // terminal's process group) is killed: guests outlive node restarts.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        host::new_session(&mut cmd);
         let started_at_ms = host::now_ms();
         let child = cmd.spawn().map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => {
@@ -728,6 +730,10 @@ impl VmBackend for QemuBackend {
             Ok(out)
         })
         .await
+    }
+
+    async fn renew_lease(&self, valid_for: Duration, grace: Duration) -> Result<(), VmError> {
+        self.fence.renew(valid_for, grace).await
     }
 
     async fn logs(&self, name: &str, offset: u64, max: usize) -> Result<LogChunk, VmError> {

@@ -17,6 +17,9 @@
 //!   an explicit [`SimHost::crash`] (or an injected fault) kills a guest.
 //! - [`SimBackend`] is the node's cheap handle on its host.
 //!
+//! Fencing: [`SimHost`] keeps the node's lease; [`SimHost::run_guard`] (the
+//! host's guard) stops every VM there once it lapsed.
+//!
 //! Faults ([`Faults`]) are read when a VM starts: per VM name, else the
 //! host's default.
 use std::collections::BTreeMap;
@@ -35,6 +38,9 @@ pub type HostId = u64;
 
 /// The failure reason of a crashed guest.
 pub const CRASH_REASON: &str = "crashed (injected)";
+
+/// The console line of a run the host's guard stopped.
+pub const FENCED_LINE: &str = "[sim] fenced: lease expired";
 
 /// What goes wrong with a VM, read when it starts.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -160,6 +166,8 @@ struct Run {
     /// An explicit end (stop, crash, boot failure), recorded only while the
     /// run had not ended on its own.
     end: Option<(Instant, End)>,
+    /// The host's guard stopped it (lease expired).
+    fenced: bool,
 }
 
 impl Run {
@@ -216,6 +224,10 @@ impl Run {
             out.push_str(READY_MARKER);
             out.push('\n');
         }
+        if self.fenced {
+            out.push_str(FENCED_LINE);
+            out.push('\n');
+        }
         match self.ended(now) {
             Some((_, End::Stopped)) => out.push_str("[sim] powered off\n"),
             Some((_, End::Crashed)) => out.push_str(&format!("[sim] {CRASH_REASON}\n")),
@@ -239,9 +251,16 @@ struct HostInner {
     faults: BTreeMap<String, Faults>,
     default_faults: Faults,
     next_pid: u32,
+    /// Fencing: live runs must end by then (see [`SimHost::enforce_lease`]).
+    /// `None` until the first renewal: such a host is not fenced.
+    lease: Option<Instant>,
 }
 
 /// One simulated host's hypervisor; outlives the node process running on it.
+///
+/// It also stands for the host's fence guard: [`SimHost::run_guard`], spawned
+/// by the harness on a simulated machine that is never killed, stops every
+/// VM here once the node let its lease lapse ([`VmBackend::renew_lease`]).
 pub struct SimHost {
     world: Arc<SimWorld>,
     host: HostId,
@@ -305,6 +324,55 @@ impl SimHost {
         let crashed = self.end_run(name, End::Crashed);
         tracing::info!(vm = name, host = self.host, crashed, "injected crash");
         crashed
+    }
+
+    /// The node's lease: live runs may go on until then. `None` if the node
+    /// never renewed one.
+    pub fn lease_deadline(&self) -> Option<Instant> {
+        self.inner.lock().lease
+    }
+
+    fn renew_lease(&self, valid_for: Duration) -> Result<(), VmError> {
+        let deadline = Instant::now()
+            .checked_add(valid_for)
+            .ok_or_else(|| VmError::Config(format!("lease of {valid_for:?} is too long")))?;
+        self.inner.lock().lease = Some(deadline);
+        Ok(())
+    }
+
+    /// What the host's guard does on each tick: if the lease expired, ends
+    /// every live run here as a requested stop (the grace is not simulated)
+    /// and returns their names. A host that never got a lease is left alone.
+    pub fn enforce_lease(&self) -> Vec<String> {
+        let now = Instant::now();
+        let mut inner = self.inner.lock();
+        if inner.lease.is_none_or(|deadline| now < deadline) {
+            return Vec::new();
+        }
+        let mut fenced = Vec::new();
+        for (name, vm) in inner.vms.iter_mut() {
+            if let Some(run) = vm.run.as_mut().filter(|r| r.live(now)) {
+                run.end = Some((now, End::Stopped));
+                run.fenced = true;
+                fenced.push(name.clone());
+            }
+        }
+        drop(inner);
+        for name in &fenced {
+            self.world.end(name, self.host, now);
+        }
+        if !fenced.is_empty() {
+            tracing::warn!(host = self.host, vms = ?fenced, "lease expired: VMs stopped");
+        }
+        fenced
+    }
+
+    /// The host's guard: [`SimHost::enforce_lease`] every `every`, forever.
+    pub async fn run_guard(self: Arc<Self>, every: Duration) {
+        loop {
+            self.enforce_lease();
+            tokio::time::sleep(every).await;
+        }
     }
 
     /// Ends the current run of `name` if it is live. False if it was not.
@@ -379,7 +447,7 @@ impl SimHost {
             entry.history.extend_from_slice(old.as_bytes());
         }
         entry.config = vm.clone();
-        let mut run = Run { pid, started: now, started_at_ms: wall_ms(), faults, end: None };
+        let mut run = Run { pid, started: now, started_at_ms: wall_ms(), faults, end: None, fenced: false };
         if let Some(reason) = run.faults.boot_failure.clone() {
             run.end = Some((now, End::BootFailed(reason.clone())));
             entry.run = Some(run);
@@ -477,6 +545,12 @@ impl VmBackend for SimBackend {
 
     async fn logs(&self, name: &str, offset: u64, max: usize) -> Result<LogChunk, VmError> {
         self.host.logs(name, offset, max)
+    }
+
+    /// Only sets the deadline: the host's guard ([`SimHost::run_guard`])
+    /// enforces it. Stops are immediate here, so `grace` plays no part.
+    async fn renew_lease(&self, valid_for: Duration, _grace: Duration) -> Result<(), VmError> {
+        self.host.renew_lease(valid_for)
     }
 }
 

@@ -7,7 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use blixard_vm::host;
+use blixard_vm::guard;
+use blixard_vm::host::{self, VmDirs};
 use blixard_vm::image::{self, POWEROFF_MARKER};
 use blixard_vm::qemu::QemuBackend;
 use blixard_vm::{BootSource, RunState, VmBackend, VmConfig, VmError, VmStatus, READY_MARKER};
@@ -270,4 +271,63 @@ async fn concurrent_image_builds_yield_one_whole_image() {
     let base = img.kernel.parent().unwrap().parent().unwrap();
     let entries: Vec<_> = std::fs::read_dir(base).unwrap().flatten().map(|e| e.file_name()).collect();
     assert_eq!(entries.len(), 1, "leftovers next to the image: {entries:?}");
+}
+
+/// The fence guard stops a real guest once the lease lapses: QEMU ends on
+/// SIGTERM to its process group, and the end counts as a requested stop.
+/// The guard runs on a thread here, watching a `sleep` as its node process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lapsed_lease_stops_the_guest() {
+    /// Kills the fake node process, and the guest if it is still there.
+    struct Cleanup(std::process::Child, Option<(u32, String)>);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            if let Some((pid, needle)) = &self.1 {
+                if host::pid_alive(*pid, needle) {
+                    host::signal(*pid, libc::SIGKILL);
+                }
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    let root = tempfile::tempdir().unwrap();
+    let b = backend(root.path());
+    let node = std::process::Command::new("sleep").arg("1000").spawn().unwrap();
+    let node_pid = node.id();
+    let mut cleanup = Cleanup(node, None);
+    // A long lease while the guest boots.
+    b.renew_lease(Duration::from_secs(600), Duration::from_secs(10)).await.unwrap();
+    let guard_root = b.root().to_path_buf();
+    let guard_thread = std::thread::spawn(move || guard::run(&guard_root, node_pid));
+
+    let cfg = vm("fence", 128, 1);
+    let pid = b.start(&cfg).await.expect("start failed").pid.unwrap();
+    cleanup.1 = Some((pid, VmDirs::new(b.root()).needle(&cfg.name)));
+    wait_running(&b, &cfg.name).await;
+
+    b.renew_lease(Duration::from_millis(200), Duration::from_secs(10)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let st = loop {
+        let st = status(&b, &cfg.name).await;
+        if st.pid.is_none() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "the guest outlived its lease: {st:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(st.state, RunState::Stopped, "{st:?}");
+    let log = std::fs::read_to_string(b.root().join(guard::GUARD_LOG)).unwrap();
+    assert!(log.contains(&format!("VM {}: marked stopped, sent SIGTERM", cfg.name)), "{log}");
+    assert!(!log.contains("SIGKILL"), "QEMU ends on SIGTERM: {log}");
+
+    // Its node process gone, the guard has nothing left to guard.
+    drop(cleanup);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !guard_thread.is_finished() {
+        assert!(Instant::now() < deadline, "the guard did not exit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    guard_thread.join().unwrap().expect("the guard failed");
 }

@@ -2,7 +2,7 @@
 //! `--cfg madsim` the same tests run on madsim's virtual clock.
 use std::time::Duration;
 
-use blixard_vm::sim::{Faults, SimHost, SimWorld, CRASH_REASON};
+use blixard_vm::sim::{Faults, SimHost, SimWorld, CRASH_REASON, FENCED_LINE};
 use blixard_vm::{BackendKind, BootSource, RunState, VmBackend, VmConfig, VmError, VmStatus, READY_MARKER};
 
 fn vm(name: &str) -> VmConfig {
@@ -200,5 +200,87 @@ async fn stop_delete_and_survival_of_the_node() {
     assert!(matches!(b.logs("a", 0, 10).await, Err(VmError::NotFound(_))));
     b.delete("a").await.unwrap(); // unknown: no-op
     assert_eq!(b.list().await.unwrap().len(), 1);
+    assert!(world.violations().is_empty());
+}
+
+#[tokio::test]
+async fn a_lapsed_lease_stops_every_vm_on_the_host() {
+    let world = SimWorld::new();
+    let (host, other) = (SimHost::new(world.clone(), 1), SimHost::new(world.clone(), 2));
+    host.set_default_faults(fast());
+    other.set_default_faults(fast());
+    let (b, b2) = (host.backend(), other.backend());
+    b.start(&vm("a")).await.unwrap();
+    b.start(&vm("b")).await.unwrap();
+    b2.start(&vm("elsewhere")).await.unwrap();
+    wait_for(&b, "a", |s| s.state == RunState::Running).await;
+
+    // Never leased: not enforced (older harnesses rely on that).
+    assert_eq!(host.lease_deadline(), None);
+    assert!(host.enforce_lease().is_empty());
+
+    b.renew_lease(Duration::from_millis(100), Duration::from_secs(1)).await.unwrap();
+    let deadline = host.lease_deadline().expect("a lease");
+    assert!(host.enforce_lease().is_empty(), "the lease is still valid");
+    tokio::time::sleep_until(deadline).await;
+    // "b" may still be starting: it is stopped all the same.
+    assert_eq!(host.enforce_lease(), ["a", "b"]);
+    for name in ["a", "b"] {
+        let s = b.status(name).await.unwrap().unwrap();
+        assert_eq!((s.state, s.pid), (RunState::Stopped, None), "{name}");
+        assert_eq!(s.exit.and_then(|e| e.code), Some(0), "a requested stop");
+        let log = console(&b, name).await;
+        assert!(log.contains(FENCED_LINE), "{log}");
+    }
+    // The world saw them end; the other host's VM is untouched.
+    assert_eq!(world.running().into_iter().collect::<Vec<_>>(), [("elsewhere".to_string(), vec![2])]);
+    assert!(host.enforce_lease().is_empty(), "nothing left to stop");
+
+    // A VM started while the lease is lapsed is stopped by the next
+    // enforcement.
+    b.start(&vm("late")).await.unwrap();
+    assert_eq!(world.running_hosts("late"), vec![1]);
+    assert_eq!(host.enforce_lease(), ["late"]);
+    assert_eq!(state(&b, "late").await, RunState::Stopped);
+    assert!(world.running_hosts("late").is_empty());
+    assert!(world.violations().is_empty());
+}
+
+#[tokio::test]
+async fn the_guard_spares_a_renewed_lease_and_fences_a_lapsed_one() {
+    let world = SimWorld::new();
+    let host = SimHost::new(world.clone(), 1);
+    host.set_default_faults(fast());
+    let b = host.backend();
+    let guard = tokio::spawn(host.clone().run_guard(Duration::from_millis(10)));
+    let lease = Duration::from_millis(400);
+    let grace = Duration::from_millis(100);
+
+    b.renew_lease(lease, grace).await.unwrap();
+    b.start(&vm("a")).await.unwrap();
+    // Renewed well within the lease, for longer than one lease: it runs on.
+    let until = tokio::time::Instant::now() + lease * 2;
+    while tokio::time::Instant::now() < until {
+        b.renew_lease(lease, grace).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(state(&b, "a").await, RunState::Running);
+    assert_eq!(world.running_hosts("a"), vec![1]);
+
+    // No more renewals: the guard stops it.
+    wait_for(&b, "a", |s| s.state == RunState::Stopped).await;
+    assert!(console(&b, "a").await.contains(FENCED_LINE));
+    assert!(world.running_hosts("a").is_empty());
+    // Started while the lease is lapsed: stopped again.
+    b.start(&vm("a")).await.unwrap();
+    wait_for(&b, "a", |s| s.state == RunState::Stopped).await;
+
+    // Renewed: it runs, and keeps running while the lease holds.
+    b.renew_lease(Duration::from_secs(60), grace).await.unwrap();
+    b.start(&vm("a")).await.unwrap();
+    wait_for(&b, "a", |s| s.state == RunState::Running).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(state(&b, "a").await, RunState::Running);
+    guard.abort();
     assert!(world.violations().is_empty());
 }
