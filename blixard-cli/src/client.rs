@@ -43,6 +43,10 @@ pub const EXIT_UNKNOWN: u8 = 4;
 /// A write did not apply and never will (no leader took it, or no member
 /// could be reached to send it): safe to retry.
 pub const EXIT_NOT_APPLIED: u8 = 5;
+/// Could not complete: a drain left VMs on its node (they cannot move, its
+/// `--deadline` passed first, or the drain was ended). What moved stays
+/// moved.
+pub const EXIT_INCOMPLETE: u8 = 6;
 
 /// How long a member may take to accept a connection and speak first.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -523,6 +527,38 @@ impl Client {
         .await
     }
 
+    pub async fn set_node_timeout(
+        &mut self,
+        r: pb::SetNodeTimeoutRequest,
+    ) -> Result<pb::SetNodeTimeoutResponse, Failure> {
+        let id = r.request_id.clone();
+        self.write_or_fail(&id, |mut c| {
+            let r = req(r.clone(), WRITE_DEADLINE);
+            async move { c.cluster.set_node_timeout(r).await }
+        })
+        .await
+    }
+
+    /// Starts (or advances) a drain: the VMs it started moving and those
+    /// that cannot move now.
+    pub async fn drain_node(&mut self, r: pb::DrainNodeRequest) -> Result<pb::DrainNodeResponse, Failure> {
+        let id = r.request_id.clone();
+        self.write_or_fail(&id, |mut c| {
+            let r = req(r.clone(), WRITE_DEADLINE);
+            async move { c.cluster.drain_node(r).await }
+        })
+        .await
+    }
+
+    pub async fn set_eligible(&mut self, r: pb::SetEligibleRequest) -> Result<pb::NodeInfo, Failure> {
+        let id = r.request_id.clone();
+        self.write_or_fail(&id, |mut c| {
+            let r = req(r.clone(), WRITE_DEADLINE);
+            async move { c.cluster.set_eligible(r).await }
+        })
+        .await
+    }
+
     pub async fn set_scheduler(
         &mut self,
         r: pb::SetSchedulerRequest,
@@ -661,6 +697,19 @@ impl Client {
                         Desire::Restart => c.vms.restart_vm(r).await,
                     }
                 }
+            })
+            .await?;
+        written(r)
+    }
+
+    /// Starts moving a VM off its node; the VM as the move left it, and the
+    /// write's log index.
+    pub async fn migrate_vm(&mut self, r: pb::MigrateVmRequest) -> Result<(Option<pb::Vm>, u64), Failure> {
+        let id = r.request_id.clone();
+        let r = self
+            .write_or_fail(&id, |mut c| {
+                let r = req(r.clone(), WRITE_DEADLINE);
+                async move { c.vms.migrate_vm(r).await }
             })
             .await?;
         written(r)

@@ -50,6 +50,11 @@ pub struct CreateArgs {
     /// Extra kernel command line.
     #[arg(long, default_value = "")]
     pub cmdline: String,
+    /// When its node is marked down: on-node-failure re-places it on
+    /// another node; never leaves it there (observed `lost`) until the node
+    /// is back.
+    #[arg(long, value_name = "POLICY", default_value = "on-node-failure", value_parser = ["on-node-failure", "never"])]
+    pub reschedule: String,
     #[command(flatten)]
     pub placement: PlacementOpts,
     /// Create NAME-1 ... NAME-N in one request: all or nothing (unless
@@ -151,7 +156,7 @@ pub async fn run(c: &mut Client, a: CreateArgs) -> Result<(), Failure> {
             name,
             spec: Some(spec.clone()),
             placement: Some(placement.clone()),
-            ..Default::default()
+            reschedule: a.reschedule.clone(),
         })
         .collect();
     let mut req = pb::CreateVmsRequest { vms, no_start: a.no_start, queue: a.queue, ..Default::default() };

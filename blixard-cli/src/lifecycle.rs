@@ -19,6 +19,13 @@ pub enum Goal {
     Stopped,
     /// Running again, in a run launched after this time (ms since epoch).
     RunningSince(u64),
+    /// Off node `from` (no longer leaving it): running on another node, or
+    /// stopped if it is meant to be (a stopped VM that moves is left on no
+    /// node until it is started).
+    Moved {
+        from: u64,
+        running: bool,
+    },
 }
 
 impl Goal {
@@ -36,6 +43,33 @@ impl Goal {
             Goal::Running => vm.observed == "running",
             Goal::Stopped => vm.observed == "stopped",
             Goal::RunningSince(t) => vm.observed == "running" && vm.started_at_ms >= *t,
+            Goal::Moved { from, running: true } => {
+                vm.node_id != 0 && vm.node_id != *from && vm.leaving_node == 0 && vm.observed == "running"
+            }
+            Goal::Moved { from, running: false } => {
+                vm.node_id != *from && vm.leaving_node == 0 && vm.observed == "stopped"
+            }
+        }
+    }
+
+    /// Whether a failure of the VM defeats the goal (a VM being stopped may
+    /// fail on its way down).
+    fn wants_running(&self) -> bool {
+        match self {
+            Goal::Running | Goal::RunningSince(_) => true,
+            Goal::Stopped => false,
+            Goal::Moved { running, .. } => *running,
+        }
+    }
+
+    /// The goal in words, for a timeout.
+    fn describe(&self) -> String {
+        match self {
+            Goal::Running => "running".to_string(),
+            Goal::Stopped => "stopped".to_string(),
+            Goal::RunningSince(_) => "running again".to_string(),
+            Goal::Moved { from, running: true } => format!("running on a node other than {from}"),
+            Goal::Moved { from, running: false } => format!("stopped, off node {from}"),
         }
     }
 }
@@ -60,10 +94,10 @@ pub async fn wait_for(
     let tty = std::io::stderr().is_terminal();
     let started = Instant::now();
     let deadline = started + Duration::from_secs(opts.timeout);
-    let mut last = String::new();
+    let mut last = (String::new(), u64::MAX);
     loop {
         let vm = c.get_vm(name.to_string(), false).await?;
-        if vm.observed != last {
+        if (&vm.observed, vm.node_id) != (&last.0, last.1) {
             if tty {
                 eprintln!(
                     "{name}: {} (node {}, {:.1}s)",
@@ -72,15 +106,15 @@ pub async fn wait_for(
                     started.elapsed().as_secs_f64()
                 );
             }
-            last = vm.observed.clone();
+            last = (vm.observed.clone(), vm.node_id);
         }
         if goal.reached(&vm) {
-            if tty && vm.boot_ms > 0 && goal != Goal::Stopped {
+            if tty && vm.boot_ms > 0 && goal.wants_running() {
                 eprintln!("{name}: guest ready, boot took {:.2}s", vm.boot_ms as f64 / 1000.0);
             }
             return Ok(vm);
         }
-        if vm.observed == "failed" && goal != Goal::Stopped && vm.revision > asked {
+        if vm.observed == "failed" && goal.wants_running() && vm.revision > asked {
             return Err(Failure::new(format!(
                 "VM {name} failed on node {}: {}",
                 vm.node_id,
@@ -89,8 +123,11 @@ pub async fn wait_for(
         }
         if Instant::now() > deadline {
             return Err(Failure::new(format!(
-                "VM {name} is {} after {}s (wanted {goal:?}); see `blixard vm status {name}`",
-                vm.observed, opts.timeout
+                "VM {name} is {} on node {} after {}s (wanted {}); see `blixard vm status {name}`",
+                vm.observed,
+                node_cell(vm.node_id),
+                opts.timeout,
+                goal.describe()
             )));
         }
         tokio::time::sleep(POLL).await;

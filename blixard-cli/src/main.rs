@@ -5,6 +5,7 @@ mod client;
 mod create;
 mod lifecycle;
 mod local;
+mod moves;
 mod output;
 
 use std::collections::BTreeMap;
@@ -147,6 +148,17 @@ enum NodeClientCmd {
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         format: Format,
     },
+    /// Stop placing VMs on a node and move its VMs to other nodes, a few
+    /// at a time; waits until it holds none (exit 6 if some cannot move).
+    Drain(moves::DrainArgs),
+    /// End a drain: the node takes new VMs again.
+    Eligible {
+        id: u64,
+        #[command(flatten)]
+        write: WriteOpts,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        format: Format,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum, Default, PartialEq, Eq)]
@@ -197,6 +209,15 @@ enum ClusterCmd {
     SetScheduler {
         #[arg(value_parser = ["spread", "binpack"])]
         strategy: String,
+        #[command(flatten)]
+        write: WriteOpts,
+    },
+    /// How long the leader waits for a node's heartbeat before it marks the
+    /// node down and re-places its VMs (2-3600 seconds).
+    SetNodeTimeout {
+        /// Seconds, e.g. 10 or 2.5.
+        #[arg(value_name = "SECS", value_parser = parse_seconds)]
+        timeout_ms: u64,
         #[command(flatten)]
         write: WriteOpts,
     },
@@ -284,6 +305,18 @@ enum VmCmd {
         #[command(flatten)]
         write: WriteOpts,
     },
+    /// Move a VM to another node (cold: its node stops it, then it starts
+    /// on the new node).
+    Migrate {
+        name: String,
+        /// The node to move it to (default: where the scheduler places it).
+        #[arg(long, value_name = "NODE", value_parser = clap::value_parser!(u64).range(1..))]
+        to: Option<u64>,
+        #[command(flatten)]
+        wait: WaitOpts,
+        #[command(flatten)]
+        write: WriteOpts,
+    },
     /// Delete a VM: its node stops it and removes its files.
     Delete {
         name: String,
@@ -316,6 +349,19 @@ pub fn parse_label(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
+/// Seconds as milliseconds: "10", "2.5" (at most 3 decimals).
+pub fn parse_seconds(s: &str) -> Result<u64, String> {
+    let bad = || format!("expected seconds such as 10 or 2.5 (at most 3 decimals), got {s:?}");
+    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
+    let digits = |p: &str| p.bytes().all(|b| b.is_ascii_digit());
+    if int.is_empty() || frac.len() > 3 || !digits(int) || !digits(frac) {
+        return Err(bad());
+    }
+    let int: u64 = int.parse().map_err(|_| bad())?;
+    let frac: u64 = format!("{frac:0<3}").parse().map_err(|_| bad())?;
+    int.checked_mul(1000).and_then(|ms| ms.checked_add(frac)).ok_or_else(bad)
 }
 
 pub fn labels_map(labels: Vec<(String, String)>) -> BTreeMap<String, String> {
@@ -406,6 +452,15 @@ async fn node(addr: &str, cmd: NodeClientCmd) -> Result<(), Failure> {
             };
             output::node(&c.set_node(req).await?, format)
         }
+        NodeClientCmd::Drain(args) => moves::drain(&mut c, args).await,
+        NodeClientCmd::Eligible { id, write, format } => {
+            let req = blixard_proto::SetEligibleRequest { node_id: id, request_id: write.id()? };
+            let n = c.set_eligible(req).await?;
+            if format == Format::Table {
+                println!("node {id} takes new VMs again");
+            }
+            output::node(&n, format)
+        }
     }
 }
 
@@ -461,6 +516,12 @@ async fn cluster(addr: &str, cmd: ClusterCmd) -> Result<(), Failure> {
             println!("scheduler: {}", set.strategy);
             Ok(())
         }
+        ClusterCmd::SetNodeTimeout { timeout_ms, write } => {
+            let req = blixard_proto::SetNodeTimeoutRequest { timeout_ms, request_id: write.id()? };
+            let set = c.set_node_timeout(req).await?;
+            println!("node timeout: {}", output::seconds(set.timeout_ms));
+            Ok(())
+        }
         ClusterCmd::Remove { node_id } => {
             let r = c.remove(node_id).await?;
             println!("node {node_id} removed");
@@ -492,6 +553,9 @@ async fn vm(addr: &str, cmd: VmCmd) -> Result<(), Failure> {
         VmCmd::Restart { name, wait, write } => {
             lifecycle::set_desired(&mut c, client::Desire::Restart, name, wait, &write.id()?).await
         }
+        VmCmd::Migrate { name, to, wait, write } => {
+            moves::migrate(&mut c, name, to, wait, &write.id()?).await
+        }
         VmCmd::Delete { name, wait, write } => lifecycle::delete(&mut c, name, wait, &write.id()?).await,
         VmCmd::Logs { name, follow } => lifecycle::logs(&mut c, name, follow).await,
     }
@@ -508,4 +572,20 @@ async fn fence_guard(args: FenceGuardArgs) -> Result<(), Failure> {
         .await
         .map_err(|e| Failure::new(format!("fence guard task: {e}")))?
         .map_err(|e| Failure::new(format!("fence guard: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_seconds;
+
+    #[test]
+    fn seconds_parse_to_milliseconds() {
+        assert_eq!(parse_seconds("4"), Ok(4000));
+        assert_eq!(parse_seconds("2.5"), Ok(2500));
+        assert_eq!(parse_seconds("0.125"), Ok(125));
+        assert_eq!(parse_seconds("10."), Ok(10_000));
+        for bad in ["", ".5", "1.2345", "-1", "1e3", "2s", "1.-5", "99999999999999999999"] {
+            assert!(parse_seconds(bad).is_err(), "{bad:?}");
+        }
+    }
 }

@@ -45,6 +45,7 @@ pub fn status(s: &pb::StatusResponse, format: Format) -> Result<(), Failure> {
             "vm_count": s.vm_count,
             "vm_backend": s.vm_backend,
             "scheduler": s.scheduler,
+            "node_timeout_ms": s.node_timeout_ms,
         });
         if s.state_digest != 0 {
             v["state_digest"] = json!(format!("{:016x}", s.state_digest));
@@ -66,7 +67,11 @@ pub fn status(s: &pb::StatusResponse, format: Format) -> Result<(), Failure> {
     if !s.scheduler.is_empty() {
         println!("scheduler {}", s.scheduler);
     }
-    let mut t = table(&["ID", "ADDR", "ROLE", "STATUS", "VCPUS", "MEMORY MiB", "DISK GiB", "VMS"]);
+    if s.node_timeout_ms != 0 {
+        println!("node timeout {} (a node silent this long is marked down)", seconds(s.node_timeout_ms));
+    }
+    let mut t =
+        table(&["ID", "ADDR", "ROLE", "STATUS", "HEARTBEAT", "VCPUS", "MEMORY MiB", "DISK GiB", "VMS"]);
     for m in &s.members {
         let n = s.nodes.iter().find(|n| n.id == m.id);
         let used = |f: fn(&pb::Resources) -> u64| n.map(|n| used_of(n, f)).unwrap_or_else(|| "-".into());
@@ -75,6 +80,7 @@ pub fn status(s: &pb::StatusResponse, format: Format) -> Result<(), Failure> {
             m.addr.clone(),
             m.role.clone(),
             n.map(|n| n.status.clone()).unwrap_or_else(|| "unregistered".into()),
+            n.map(heartbeat_text).unwrap_or_else(|| "-".into()),
             used(|r| r.vcpus as u64),
             used(|r| r.memory_mb),
             used(|r| r.disk_gb),
@@ -89,6 +95,66 @@ pub fn status(s: &pb::StatusResponse, format: Format) -> Result<(), Failure> {
 fn used_of(n: &pb::NodeInfo, f: fn(&pb::Resources) -> u64) -> String {
     let allocatable = n.allocatable.or(n.capacity);
     format!("{}/{}", n.allocated.as_ref().map(f).unwrap_or(0), allocatable.as_ref().map(f).unwrap_or(0))
+}
+
+/// Milliseconds as seconds for people: "10s", "2.5s".
+pub fn seconds(ms: u64) -> String {
+    let frac = format!("{:03}", ms % 1000);
+    match frac.trim_end_matches('0') {
+        "" => format!("{}s", ms / 1000),
+        f => format!("{}.{f}s", ms / 1000),
+    }
+}
+
+/// Milliseconds since the epoch as "2026-12-03 11:24:45 UTC".
+pub fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // The civil date of a day count (Howard Hinnant's `civil_from_days`).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// When the leader last heard the node: "0.4s ago", "-" when unknown.
+fn heartbeat_text(n: &pb::NodeInfo) -> String {
+    match n.last_heartbeat_age_ms {
+        None => "-".into(),
+        Some(ms) if ms < 60_000 => format!("{:.1}s ago", ms as f64 / 1000.0),
+        Some(ms) => format!("{} ago", human(std::time::Duration::from_millis(ms))),
+    }
+}
+
+/// A node's drain: null unless it has one.
+fn drain_json(d: Option<&pb::Drain>) -> Value {
+    match d {
+        None => Value::Null,
+        Some(d) => json!({
+            "max_parallel": d.max_parallel,
+            "deadline_ms": if d.deadline_ms == 0 { Value::Null } else { json!(d.deadline_ms) },
+            "started_at_ms": d.started_at_ms,
+        }),
+    }
+}
+
+/// A drain in one line: how many VMs may move at once, and its deadline.
+fn drain_text(d: &pb::Drain) -> String {
+    let parallel = match d.max_parallel {
+        0 => "all VMs moving at once".to_string(),
+        n => format!("at most {n} VM{} moving at once", if n == 1 { "" } else { "s" }),
+    };
+    let deadline = match d.deadline_ms {
+        0 => String::new(),
+        t => format!(", deadline {}", utc(t)),
+    };
+    format!("since {}, {parallel}{deadline}", utc(d.started_at_ms))
 }
 
 /// A node as `node get -o json` (and `node list`, `cluster status`) print it.
@@ -109,6 +175,8 @@ pub fn node_json(n: &pb::NodeInfo) -> Value {
         "vm_count": n.vm_count,
         "registered_at_ms": n.registered_at_ms,
         "updated_at_ms": n.updated_at_ms,
+        "last_heartbeat_age_ms": n.last_heartbeat_age_ms,
+        "drain": drain_json(n.drain.as_ref()),
     })
 }
 
@@ -126,14 +194,25 @@ pub fn nodes(nodes: &[pb::NodeInfo], format: Format) -> Result<(), Failure> {
     if format == Format::Json {
         return print_json(&Value::Array(nodes.iter().map(node_json).collect()));
     }
-    let mut t =
-        table(&["ID", "ADDR", "STATUS", "VMS", "VCPUS", "MEMORY MiB", "DISK GiB", "OVERCOMMIT", "LABELS"]);
+    let mut t = table(&[
+        "ID",
+        "ADDR",
+        "STATUS",
+        "HEARTBEAT",
+        "VMS",
+        "VCPUS",
+        "MEMORY MiB",
+        "DISK GiB",
+        "OVERCOMMIT",
+        "LABELS",
+    ]);
     for n in nodes {
         let used = |f: fn(&pb::Resources) -> u64| used_of(n, f);
         t.add_row(vec![
             n.id.to_string(),
             n.addr.clone(),
             n.status.clone(),
+            heartbeat_text(n),
             n.vm_count.to_string(),
             used(|r| r.vcpus as u64),
             used(|r| r.memory_mb),
@@ -161,6 +240,13 @@ pub fn node(n: &pb::NodeInfo, format: Format) -> Result<(), Failure> {
     println!("  allocatable: {}", r(&n.allocatable.or(n.capacity)));
     println!("  allocated:   {}", r(&n.allocated));
     println!("  labels:      {}", labels_text(n));
+    // Absent from a write's answer (`node set`, `node eligible`).
+    if n.last_heartbeat_age_ms.is_some() {
+        println!("  heartbeat:   {} (as the leader sees it)", heartbeat_text(n));
+    }
+    if let Some(d) = &n.drain {
+        println!("  drain:       {}", drain_text(d));
+    }
     Ok(())
 }
 
@@ -256,7 +342,78 @@ pub fn vm_json(v: &pb::Vm) -> Value {
         "queued_at": if v.queued_at == 0 { Value::Null } else { json!(v.queued_at) },
         "preempted_by": v.preempted_by,
         "leaving_node": if v.leaving_node == 0 { Value::Null } else { json!(v.leaving_node) },
+        "reschedule": v.reschedule,
+        "history": v.history.iter().map(move_json).collect::<Vec<_>>(),
+        "placement_generation": v.placement_generation,
+        "moving_reason": if v.moving_reason.is_empty() { Value::Null } else { json!(v.moving_reason) },
+        "moving_to": if v.moving_to == 0 { Value::Null } else { json!(v.moving_to) },
     })
+}
+
+/// One move of a VM; `to_node` null when it went to no node (queued since
+/// nothing fitted, or stopped).
+fn move_json(m: &pb::VmMove) -> Value {
+    json!({
+        "from_node": m.from_node,
+        "to_node": if m.to_node == 0 { Value::Null } else { json!(m.to_node) },
+        "reason": m.reason,
+        "at_ms": m.at_ms,
+        "revision": m.revision,
+    })
+}
+
+/// "moved from node 2 to node 3 (node-down) at 2026-12-03 11:24:45 UTC".
+fn move_text(m: &pb::VmMove) -> String {
+    let (from, why, at) = (m.from_node, &m.reason, utc(m.at_ms));
+    match m.to_node {
+        0 => format!("left node {from} for no node, queued or stopped ({why}) at {at}"),
+        to => format!("moved from node {from} to node {to} ({why}) at {at}"),
+    }
+}
+
+/// Where a VM on its way between nodes is going, if it is.
+fn moving_text(v: &pb::Vm) -> Option<String> {
+    let from = v.leaving_node;
+    if from == 0 || v.moving_reason.is_empty() {
+        return None;
+    }
+    if v.moving_reason == "preempted" {
+        return Some(format!(
+            "leaving node {from} (preempted); placed or queued once node {from} has stopped it"
+        ));
+    }
+    let to = match v.moving_to {
+        0 => "a node the scheduler picks".to_string(),
+        n => format!("node {n}"),
+    };
+    Some(format!(
+        "leaving node {from} for {to} ({}); placed once node {from} has stopped it",
+        v.moving_reason
+    ))
+}
+
+/// The VM's failover policy (empty from a server that predates it: the
+/// default).
+fn reschedule(v: &pb::Vm) -> &str {
+    if v.reschedule.is_empty() {
+        "on-node-failure"
+    } else {
+        &v.reschedule
+    }
+}
+
+/// The failover lines of `vm get` and `vm status`: policy, placement
+/// generation, a move in progress and past moves.
+fn moves_lines(v: &pb::Vm) -> Vec<String> {
+    let mut lines =
+        vec![format!("reschedule: {} (placement generation {})", reschedule(v), v.placement_generation)];
+    if let Some(m) = moving_text(v) {
+        lines.push(format!("moving:     {m}"));
+    }
+    for m in &v.history {
+        lines.push(format!("history:    {}", move_text(m)));
+    }
+    lines
 }
 
 /// A VM's placement rules: `node_id` null unless pinned, `anti_affinity`
@@ -350,13 +507,16 @@ pub fn vm_status(v: &pb::Vm, local: Option<&pb::LocalVmResponse>, format: Format
     println!("node:      {}", node_cell(v.node_id));
     println!("desired:   {}", v.desired);
     println!("observed:  {}", v.observed);
-    if v.queued_at != 0 {
+    let moving = moving_text(v);
+    if v.queued_at != 0 && moving.is_none() {
         println!("queued:    since log index {}; placed when capacity appears", v.queued_at);
     }
     if !v.preempted_by.is_empty() {
         println!("preempted: by {} (the last time it was evicted)", v.preempted_by);
     }
-    if v.leaving_node != 0 {
+    if let Some(m) = moving {
+        println!("moving:    {m}");
+    } else if v.leaving_node != 0 {
         println!(
             "leaving:   node {} has not yet reported it stopped; placed nowhere else until then",
             v.leaving_node
@@ -368,6 +528,10 @@ pub fn vm_status(v: &pb::Vm, local: Option<&pb::LocalVmResponse>, format: Format
     }
     println!("resources: {} vCPUs, {} MiB, {} GiB", spec.vcpus, spec.memory_mb, spec.disk_gb);
     println!("restart:   {} (restarts so far: {})", spec.restart_policy, v.restarts);
+    println!("failover:  reschedule {} (placement generation {})", reschedule(v), v.placement_generation);
+    for m in &v.history {
+        println!("history:   {}", move_text(m));
+    }
     if v.pid != 0 {
         println!("pid:       {}", v.pid);
     }
@@ -419,6 +583,9 @@ pub fn vm(v: &pb::Vm, format: Format) -> Result<(), Failure> {
     let mut t = table(&VM_HEADER);
     t.add_row(vm_row(v));
     println!("{t}");
+    for line in moves_lines(v) {
+        println!("{line}");
+    }
     Ok(())
 }
 
@@ -544,4 +711,19 @@ pub fn created(
         println!("{t}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{seconds, utc};
+
+    #[test]
+    fn times_read_as_people_write_them() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc(951_825_600_000), "2000-02-29 12:00:00 UTC");
+        assert_eq!(utc(1_796_297_085_999), "2026-12-03 11:24:45 UTC");
+        assert_eq!(seconds(10_000), "10s");
+        assert_eq!(seconds(2_500), "2.5s");
+        assert_eq!(seconds(125), "0.125s");
+    }
 }

@@ -45,7 +45,7 @@ pub fn eventually<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) ->
 
 /// Starts node `id` on 127.0.0.1:`port` with its data in `dir` and its log
 /// in `dir.log`; joins through the node at `join` if given. VMs are records
-/// only (`--vm-backend none`).
+/// only (`--vm-backend none`; see [`start_node_backend`]).
 pub fn start_node(id: u64, port: u16, dir: &Path, join: Option<u16>) -> Child {
     start_node_with(id, port, dir, join, &[])
 }
@@ -64,13 +64,26 @@ pub fn start_node_sized(
     capacity: [&str; 3],
     extra: &[&str],
 ) -> Child {
+    start_node_backend(id, port, dir, join, capacity, "none", extra)
+}
+
+/// [`start_node_sized`] with VM backend `backend` (`none`, `process`, ...).
+pub fn start_node_backend(
+    id: u64,
+    port: u16,
+    dir: &Path,
+    join: Option<u16>,
+    capacity: [&str; 3],
+    backend: &str,
+    extra: &[&str],
+) -> Child {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.with_extension("log")).unwrap();
     let mut cmd = Command::new(BIN);
     cmd.args(["node", "start", "--id", &id.to_string(), "--bind", &loopback(port)])
         .arg("--data-dir")
         .arg(dir)
         .args(["--vcpus", capacity[0], "--memory-mb", capacity[1], "--disk-gb", capacity[2]])
-        .args(["--vm-backend", "none"])
+        .args(["--vm-backend", backend])
         .args(extra)
         .env("RUST_LOG", "info,openraft=warn")
         .stdin(Stdio::null())
