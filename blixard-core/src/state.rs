@@ -1159,7 +1159,8 @@ impl ApplyRun<'_> {
 
     /// Places `vm` (placed on no node, or on `from`, which it leaves) anew:
     /// on `prefer` if it fits there, else where the scheduler says (never on
-    /// `avoid`), else queued if it should run. Records the move.
+    /// `avoid`), else queued if it should run (a stopped VM that fits
+    /// nowhere stays on no node until started). Records the move.
     #[allow(clippy::too_many_arguments)]
     fn relocate(
         &mut self,
@@ -1171,7 +1172,7 @@ impl ApplyRun<'_> {
         ctx: ApplyCtx,
         journal: Journal<'_>,
     ) {
-        let to = if vm.desired == DesiredState::Running {
+        let to = {
             let sched = self.state.sched.lock();
             let req = Request { avoid, ..Request::of(vm) };
             if prefer != 0 && sched.fits_on(prefer, &req) {
@@ -1179,8 +1180,6 @@ impl ApplyRun<'_> {
             } else {
                 sched.place(&req).unwrap_or(0)
             }
-        } else {
-            0
         };
         let mut history = vm.history.clone();
         if history.len() >= MAX_HISTORY {
@@ -1191,7 +1190,7 @@ impl ApplyRun<'_> {
             (0, DesiredState::Running) => {
                 (ObservedState::Queued, if vm.queued_at != 0 { vm.queued_at } else { ctx.index })
             }
-            (0, DesiredState::Stopped) => (ObservedState::Stopped, 0),
+            (_, DesiredState::Stopped) => (ObservedState::Stopped, 0),
             _ => (ObservedState::Pending, 0),
         };
         let rec = VmRecord {

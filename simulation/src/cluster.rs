@@ -27,6 +27,8 @@ use crate::model::{CreateReply, CreateReq, Model, Outcome, Told, Trace};
 pub const PORT: u16 = 7420;
 /// The client node's virtual IP.
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 1);
+/// The hosts' guards' madsim node (it talks to no one).
+const GUARDS_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
 /// A client write waits longer than the node's own write deadline (10 s), so
 /// the node's verdict, not the client's impatience, decides the outcome.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -94,6 +96,10 @@ impl Default for SimConfig {
     }
 }
 
+/// How often a simulated host's guard checks its fencing lease (the real
+/// guard: every 100 ms).
+const GUARD_EVERY: Duration = Duration::from_millis(100);
+
 /// How long a staggered start waits for each join.
 const JOIN_WAIT: Duration = Duration::from_secs(120);
 
@@ -124,6 +130,8 @@ pub struct SimCluster {
     spare_dirs: std::collections::VecDeque<PathBuf>,
     config: SimConfig,
     client: NodeHandle,
+    /// Where the hosts' fencing guards run (see [`spawn_node`]).
+    guards: NodeHandle,
     /// What all simulated hosts share: who runs what, double runs.
     world: Arc<SimWorld>,
     /// Network faults in force: links clogged (from, to), nodes cut off
@@ -154,6 +162,21 @@ pub enum Admin {
     SetScheduler {
         strategy: &'static str,
     },
+    SetNodeTimeout {
+        ms: u64,
+    },
+    Drain {
+        node: NodeId,
+        max_parallel: u32,
+    },
+    Eligible {
+        node: NodeId,
+    },
+    /// `vm migrate` (a VM write, retried like the operator changes).
+    Migrate {
+        vm: String,
+        to: NodeId,
+    },
 }
 
 /// Sends one operator change under `request_id` through `via`. Spawn it on
@@ -183,6 +206,23 @@ pub async fn admin_call(via: NodeId, change: Admin, request_id: String) -> Resul
         Admin::SetScheduler { strategy } => {
             let req = pb::SetSchedulerRequest { strategy: strategy.to_string(), request_id };
             c.set_scheduler(request(req, WRITE_TIMEOUT)).await.map(|_| ())
+        }
+        Admin::SetNodeTimeout { ms } => {
+            let req = pb::SetNodeTimeoutRequest { timeout_ms: ms, request_id };
+            c.set_node_timeout(request(req, WRITE_TIMEOUT)).await.map(|_| ())
+        }
+        Admin::Drain { node, max_parallel } => {
+            let req = pb::DrainNodeRequest { node_id: node, max_parallel, deadline_secs: 0, request_id };
+            c.drain_node(request(req, WRITE_TIMEOUT)).await.map(|_| ())
+        }
+        Admin::Eligible { node } => {
+            let req = pb::SetEligibleRequest { node_id: node, request_id };
+            c.set_eligible(request(req, WRITE_TIMEOUT)).await.map(|_| ())
+        }
+        Admin::Migrate { vm, to } => {
+            let mut v = VmServiceClient::new(connect(via).await?);
+            let req = pb::MigrateVmRequest { name: vm, to_node: to, request_id };
+            v.migrate_vm(request(req, WRITE_TIMEOUT)).await.map(|_| ())
         }
     }
 }
@@ -472,11 +512,16 @@ fn request<T>(msg: T, timeout: Duration) -> Request<T> {
 fn spawn_node(
     config: &SimConfig,
     world: &Arc<SimWorld>,
+    guards: &NodeHandle,
     id: NodeId,
     dir: PathBuf,
     join: Option<NodeId>,
 ) -> SimNode {
     let host = SimHost::new(world.clone(), id);
+    // The host's fencing guard: a process of its own on a real host, here a
+    // task on a madsim node that is never killed, paused or cut off, so it
+    // enforces the lease whatever happens to the Blixard node.
+    drop(guards.spawn(host.clone().run_guard(GUARD_EVERY)));
     let vm_backend = config.vm_backends.then(|| Arc::new(host.backend()) as Arc<dyn VmBackend>);
     let cfg = NodeConfig {
         id,
@@ -525,6 +570,7 @@ impl SimCluster {
         );
         let handle = Handle::current();
         let client = handle.create_node().name("client").ip(IpAddr::V4(CLIENT_IP)).build();
+        let guards = handle.create_node().name("guards").ip(IpAddr::V4(GUARDS_IP)).build();
         let world = SimWorld::new();
         let mut dirs: std::collections::VecDeque<PathBuf> = data_dirs.into();
         let mut nodes = Vec::new();
@@ -533,13 +579,14 @@ impl SimCluster {
             if config.staggered_start && id > 1 {
                 wait_voters(&client, id - 1).await;
             }
-            nodes.push(spawn_node(&config, &world, id, dir, (id != 1).then_some(1)));
+            nodes.push(spawn_node(&config, &world, &guards, id, dir, (id != 1).then_some(1)));
         }
         SimCluster {
             nodes,
             spare_dirs: dirs,
             config,
             client,
+            guards,
             world,
             clogged_links: BTreeSet::new(),
             isolated: BTreeSet::new(),
@@ -558,7 +605,7 @@ impl SimCluster {
     pub fn join_node(&mut self, seed: NodeId) -> NodeId {
         let dir = self.spare_dirs.pop_front().expect("no spare node left to join");
         let id = self.nodes.len() as NodeId + 1;
-        let node = spawn_node(&self.config, &self.world, id, dir, Some(seed));
+        let node = spawn_node(&self.config, &self.world, &self.guards, id, dir, Some(seed));
         self.nodes.push(node);
         self.trace.push(format_args!("join n{id} via n{seed}"));
         id
@@ -726,6 +773,19 @@ impl SimCluster {
         Handle::current().resume(self.node(id).handle.id());
         self.paused.remove(&id);
         self.trace.push(format_args!("resume n{id}"));
+    }
+
+    /// Up nodes a client can talk to: not cut off, not paused.
+    pub fn reachable_nodes(&self) -> Vec<NodeId> {
+        self.up_nodes()
+            .into_iter()
+            .filter(|id| !self.isolated.contains(id) && !self.paused.contains(id))
+            .collect()
+    }
+
+    /// Whether a network fault or a pause is in force.
+    pub fn faulted(&self) -> bool {
+        !self.clogged_links.is_empty() || !self.isolated.is_empty() || !self.paused.is_empty()
     }
 
     /// Lifts every network fault and resumes every paused node.
@@ -975,11 +1035,22 @@ impl SimCluster {
                 Told::Rejected(s) => panic!("{change:?}: rejected {:?}: {}", s.code(), s.message()),
                 _ => {}
             },
-            Admin::SetScheduler { .. } => {
+            Admin::SetScheduler { .. }
+            | Admin::SetNodeTimeout { .. }
+            | Admin::Drain { .. }
+            | Admin::Eligible { .. } => {
                 if let Told::Rejected(s) = &told {
                     panic!("{change:?}: rejected {:?}: {}", s.code(), s.message());
                 }
             }
+            // A VM that cannot move now (not placed, already leaving, no
+            // room elsewhere, deleted): refused with the reason.
+            Admin::Migrate { .. } => match &told {
+                Told::Rejected(s)
+                    if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::NotFound) => {}
+                Told::Rejected(s) => panic!("{change:?}: rejected {:?}: {}", s.code(), s.message()),
+                _ => {}
+            },
         }
         told
     }
@@ -1174,8 +1245,16 @@ impl SimCluster {
                 })
                 .map(|v| format!("{} {} on n{} (leaving n{})", v.name, v.observed, v.node_id, v.leaving_node))
                 .collect();
+            // Every node is up by now: once its heartbeats reach the leader,
+            // none is marked down.
+            let down: Vec<NodeId> = converged
+                .statuses
+                .iter()
+                .flat_map(|s| s.nodes.iter().filter(|n| n.status == "down").map(|n| n.id))
+                .collect();
             let why = match lists_differ(&lists) {
                 Some(why) => why,
+                None if !down.is_empty() => format!("nodes still marked down: {down:?}"),
                 None if moving.is_empty() => return (converged, lists),
                 None => format!("VMs still moving: {moving:?}"),
             };
@@ -1192,20 +1271,31 @@ impl SimCluster {
         for id in self.down_nodes() {
             self.restart(id).await;
         }
-        let (converged, lists) = self.wait_settled(timeout).await;
+        let (mut converged, mut lists) = self.wait_settled(timeout).await;
 
         // (1) Identical state everywhere: digests over the canonical state
         // image, and the full VM lists (which say *what* differs if not).
-        let digests: Vec<(u64, u64)> =
+        // A status reads the applied index and computes the digest at two
+        // moments, and an entry may apply in between (a status report, a
+        // liveness change): a mismatch counts only if it persists.
+        let mut digests: Vec<(u64, u64)> =
             converged.statuses.iter().map(|s| (s.node_id, s.state_digest)).collect();
+        for _ in 0..3 {
+            if digests.iter().all(|(_, d)| *d == digests[0].1) {
+                break;
+            }
+            self.trace.push(format_args!("digests differ, looking again: {digests:?}"));
+            madsim::time::sleep(Duration::from_secs(1)).await;
+            (converged, lists) = self.wait_settled(timeout).await;
+            digests = converged.statuses.iter().map(|s| (s.node_id, s.state_digest)).collect();
+        }
         let reference = &lists[0].1;
         if let Some(why) = lists_differ(&lists) {
             panic!("{why}");
         }
-        assert!(
-            digests.iter().all(|(_, d)| *d == digests[0].1),
-            "state digests differ at equal applied index: {digests:?}"
-        );
+        if digests.iter().any(|(_, d)| *d != digests[0].1) {
+            panic!("state digests differ at equal applied index: {digests:?}: {}", self.image_diff());
+        }
 
         // (2) The client's view: acknowledged writes are all there.
         for (id, vms) in &lists {
@@ -1276,6 +1366,44 @@ impl SimCluster {
         ));
         self.trace.final_digest = Some(digest);
         digest
+    }
+
+    /// Which part of the state image differs between node 1 and the others
+    /// (read from the running nodes themselves), for a failure message.
+    fn image_diff(&self) -> String {
+        let images: Vec<(NodeId, blixard_core::state::StateImage)> = self
+            .nodes
+            .iter()
+            .filter_map(|n| Some((n.id, n.live.lock().unwrap().upgrade()?.state.image())))
+            .collect();
+        let Some((first, reference)) = images.first() else { return "no node runs".into() };
+        let mut out = Vec::new();
+        for (id, image) in &images[1..] {
+            for (a, b) in reference.nodes.iter().zip(&image.nodes) {
+                if a != b {
+                    out.push(format!("node record: n{first} has {a:?}, n{id} has {b:?}"));
+                }
+            }
+            for (a, b) in reference.vms.iter().zip(&image.vms) {
+                if a != b {
+                    out.push(format!("VM record: n{first} has {a:?}, n{id} has {b:?}"));
+                }
+            }
+            if reference.requests != image.requests {
+                let first_diff = reference.requests.iter().zip(&image.requests).find(|(a, b)| a != b);
+                out.push(format!(
+                    "dedup window: {} vs {} entries, first difference {first_diff:?}",
+                    reference.requests.len(),
+                    image.requests.len()
+                ));
+            }
+            if (&reference.quotas, reference.scheduler, reference.node_timeout_ms)
+                != (&image.quotas, image.scheduler, image.node_timeout_ms)
+            {
+                out.push(format!("settings differ on n{id}"));
+            }
+        }
+        out.join("\n")
     }
 
     /// Every quota with its usage, read linearizably through node `id`.
@@ -1366,7 +1494,8 @@ pub fn check_allocation_and_placement(nodes: &[pb::NodeInfo], vms: &[pb::Vm]) ->
     for vm in vms.iter().filter(|v| v.node_id == 0 && v.desired == "running") {
         let p = vm.placement.clone().unwrap_or_default();
         let need = vm.spec.clone().unwrap_or_default();
-        for n in active.values() {
+        // Only ready nodes take placements (not down, not draining).
+        for n in active.values().filter(|n| n.status == "ready") {
             let allocated = n.allocated.unwrap_or_default();
             let allocatable = n.allocatable.or(n.capacity).unwrap_or_default();
             let fits = (p.node_id == 0 || p.node_id == n.id)

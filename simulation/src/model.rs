@@ -650,9 +650,14 @@ impl Model {
                 return Err(format!("n{node}: acknowledged VM {name} is missing"));
             };
             // Later writes to the VM (start/stop requests, its node's status
-            // reports, preemption, the queue) raise its revision; none may
-            // lower it. Only preemption moves a placed VM.
-            let moved = acked.node_id != 0 && vm.preempted_by.is_empty() && vm.node_id != acked.node_id;
+            // reports, preemption, the queue, moves) raise its revision; none
+            // may lower it. Only preemption and the moves its history records
+            // (failover, drain, migration; the oldest dropped past ten) move
+            // a placed VM.
+            let recorded = vm.history.iter().any(|m| m.from_node == acked.node_id)
+                || vm.placement_generation as usize > vm.history.len();
+            let moved =
+                acked.node_id != 0 && vm.preempted_by.is_empty() && !recorded && vm.node_id != acked.node_id;
             if moved || vm.revision < acked.revision {
                 return Err(format!(
                     "n{node}: VM {name} is on n{} at revision {} (preempted by {:?}), but was acknowledged \
@@ -671,7 +676,10 @@ impl Model {
                 return Err(format!("n{node}: VM {name} exists but was never successfully requested"));
             }
             // Unplaced: queued if it should run, else stopped. Placed: never queued.
+            // (While a migration or drain waits for the old node to stop
+            // it: stopping.)
             let unplaced_ok = match vm.desired.as_str() {
+                _ if vm.leaving_node != 0 && vm.observed == "stopping" => true,
                 "running" => vm.observed == "queued",
                 _ => vm.observed == "stopped",
             };

@@ -10,7 +10,11 @@
 //!
 //! **Marking down.** The leader's monitor proposes `SetNodeDown` for a node
 //! not heard from for the node timeout `T`, and `down: false` once it
-//! heartbeats again. Apply re-places the VMs of a node marked down.
+//! heartbeats again. Apply re-places the VMs of a node marked down. The
+//! monitor proposes only to its own log, never forwarding: the decision is
+//! this leader's, and a newer leader may have heard the node since (found
+//! by the simulator: a deposed leader's retry, forwarded after a partition
+//! healed, failed over a node that was heartbeating the new leader).
 //!
 //! **Fencing.** A node extends its lease to `sent + F` (`F` = 60% of `T`)
 //! each time a heartbeat sent at `sent` is answered and it has applied up
@@ -330,10 +334,13 @@ pub async fn monitor_loop(node: Arc<NodeShared>) {
                 }
             }
         });
+        // Proposed here only: a decision of this leader's view, never
+        // forwarded to (or retried under) another leader, which may have
+        // heard the node meanwhile (see the module docs).
         for cmd in due {
             tracing::info!(?cmd, "liveness");
-            if let Err(e) = node.propose(cmd).await {
-                tracing::warn!(error = %e, "liveness change not committed; retrying");
+            if let Err(e) = node.propose_as_leader(cmd).await {
+                tracing::warn!(error = %e, "liveness change not committed");
             }
         }
     }

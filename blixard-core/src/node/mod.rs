@@ -726,6 +726,25 @@ impl NodeShared {
         }
     }
 
+    /// Commits `command` only if this node leads now: never forwarded, never
+    /// retried elsewhere. For decisions only the current leader may take
+    /// (a node is down because *this* leader has not heard from it): under
+    /// another leader the decision would be stale.
+    pub async fn propose_as_leader(&self, command: Command) -> Result<Applied, ApiError> {
+        command.validate()?;
+        let seq = self.next_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let request = Some(RequestId { session: self.session, seq });
+        let proposal = Proposal { at_ms: now_ms(), request, command };
+        match self.batcher.submit(proposal).await {
+            Ok((index, result)) => self.finish(index, result).await,
+            Err(SubmitError::NotLeader(_)) => Err(ApiError::NotApplied("this node no longer leads".into())),
+            Err(SubmitError::Unknown { why, .. }) => Err(ApiError::OutcomeUnknown(why.to_string())),
+            Err(SubmitError::Closed) => {
+                Err(ApiError::NotApplied(format!("node {} is shutting down", self.id)))
+            }
+        }
+    }
+
     /// Resolves once this node knows of a leader other than `old`.
     async fn leader_other_than(&self, old: NodeId) -> NodeId {
         let mut metrics = self.raft.metrics();
