@@ -53,6 +53,10 @@ impl ProcCluster {
         let secs = timeout_secs.to_string();
         let out = c.cli(1, &["cluster", "set-node-timeout", &secs]);
         assert!(out.status.success(), "set-node-timeout: {}", String::from_utf8_lossy(&out.stderr));
+        // Leases granted under the default 10 s timeout may still run: the
+        // leader applies a lower timeout only once they have (see
+        // docs/OPERATIONS.md, "Node status and heartbeats").
+        std::thread::sleep(Duration::from_secs(10u64.saturating_sub(timeout_secs)));
         c
     }
 
