@@ -130,5 +130,10 @@ fn main() {
     if !fenced.is_empty() {
         summary("death -> old copies stopped by the guard (<=)", fenced);
     }
-    println!("node timeout: {} ms (fence: {} ms, forced by {} ms)", timeout * 1000, timeout * 600, timeout * 800);
+    println!(
+        "node timeout: {} ms (fence: {} ms, forced by {} ms)",
+        timeout * 1000,
+        timeout * 600,
+        timeout * 800
+    );
 }

@@ -132,7 +132,9 @@ fn a_dead_or_stopped_node_has_its_vms_run_elsewhere_and_never_twice() {
     let via = leader;
     within("the killed node's VMs running elsewhere, once each", 60.0, || {
         let p = c.placements(via)?;
-        let moved = vms.iter().all(|name| p.iter().any(|(n, node, o)| n == name && *node != victim && o == "running"));
+        let moved = vms
+            .iter()
+            .all(|name| p.iter().any(|(n, node, o)| n == name && *node != victim && o == "running"));
         (moved && each_runs_once_where_placed(&c, via).is_some()).then_some(())
     });
     let status = c.json(via, &["node", "list", "-o", "json"]).unwrap();
@@ -142,11 +144,18 @@ fn a_dead_or_stopped_node_has_its_vms_run_elsewhere_and_never_twice() {
         let died = watch.died(*pid).unwrap_or_else(|| panic!("{name}'s old workload {pid} still runs"));
         let vm = c.json(via, &["vm", "get", name, "-o", "json"]).unwrap();
         let started = vm["started_at_ms"].as_u64().unwrap();
-        assert!(died <= started, "{name}: the copy on the dead node died at {died}, after the new one started at {started}");
+        assert!(
+            died <= started,
+            "{name}: the copy on the dead node died at {died}, after the new one started at {started}"
+        );
         let history = vm["history"].as_array().unwrap();
         assert_eq!(history.last().unwrap()["reason"], "node-down", "{name}: {vm}");
         assert_eq!(history.last().unwrap()["from_node"], victim);
-        eprintln!("{name}: old copy gone {} ms after the kill, new one started {} ms after it", died - killed_at, started - killed_at);
+        eprintln!(
+            "{name}: old copy gone {} ms after the kill, new one started {} ms after it",
+            died - killed_at,
+            started - killed_at
+        );
     }
     drop(watch);
     let log = std::fs::read_to_string(c.dir(victim).join("vms").join("fence-guard.log")).unwrap_or_default();
@@ -181,10 +190,14 @@ fn a_dead_or_stopped_node_has_its_vms_run_elsewhere_and_never_twice() {
             .then_some(())
     });
     for (name, pid, _) in &old {
-        let died = watch.died(*pid).unwrap_or_else(|| panic!("{name}'s copy on the stopped node {pid} still runs"));
+        let died =
+            watch.died(*pid).unwrap_or_else(|| panic!("{name}'s copy on the stopped node {pid} still runs"));
         let vm = c.json(via, &["vm", "get", name, "-o", "json"]).unwrap();
         let started = vm["started_at_ms"].as_u64().unwrap();
-        assert!(died <= started, "{name}: the stopped node's copy died at {died}, after the new one started at {started}");
+        assert!(
+            died <= started,
+            "{name}: the stopped node's copy died at {died}, after the new one started at {started}"
+        );
         eprintln!(
             "{name}: fenced {} ms after SIGSTOP, running elsewhere from {} ms",
             died - stopped_at,

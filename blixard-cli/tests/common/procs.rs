@@ -89,7 +89,8 @@ impl ProcCluster {
     pub fn cli(&self, first: u64, args: &[&str]) -> Output {
         let mut ids: Vec<u64> = vec![first];
         ids.extend((1..=3).filter(|i| *i != first && self.procs[(*i - 1) as usize].is_some()));
-        let addrs: Vec<String> = ids.iter().map(|i| format!("127.0.0.1:{}", self.ports[(*i - 1) as usize])).collect();
+        let addrs: Vec<String> =
+            ids.iter().map(|i| format!("127.0.0.1:{}", self.ports[(*i - 1) as usize])).collect();
         Command::new(BIN).arg("--addr").arg(addrs.join(",")).args(args).output().unwrap()
     }
 
@@ -106,7 +107,11 @@ impl ProcCluster {
                 .iter()
                 .map(|v| {
                     let name = v["name"].as_str().unwrap_or_default().to_string();
-                    (name, v["node_id"].as_u64().unwrap_or(0), v["observed"].as_str().unwrap_or("").to_string())
+                    (
+                        name,
+                        v["node_id"].as_u64().unwrap_or(0),
+                        v["observed"].as_str().unwrap_or("").to_string(),
+                    )
                 })
                 .collect(),
         )
