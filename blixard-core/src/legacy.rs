@@ -127,6 +127,7 @@ impl From<NodeRecordV3> for NodeRecord {
             overrides: n.overrides,
             down: false,
             drain: None,
+            heartbeats: false,
         }
     }
 }

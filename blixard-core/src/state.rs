@@ -731,6 +731,7 @@ impl ApplyRun<'_> {
                 overrides: NodeOverrides::default(),
                 down: false,
                 drain: None,
+                heartbeats: false,
             },
         };
         self.touched.insert(id);
@@ -1222,7 +1223,9 @@ impl ApplyRun<'_> {
         Ok(node)
     }
 
-    /// Liveness, proposed by the leader. Down: the node has fenced itself
+    /// Liveness, proposed by the leader. Ready: heard again (or for the
+    /// first time: it heartbeats, so it may be marked down later). Down: the
+    /// node has fenced itself
     /// (it stops its VMs before the timeout), so its VMs are placed on
     /// other nodes at once, or queued; `--reschedule never` VMs stay, as
     /// `lost`. VMs that were leaving it are released. Ready again: it takes
@@ -1236,10 +1239,12 @@ impl ApplyRun<'_> {
     ) -> CommandResult {
         let old = self.member(id, "has no liveness")?;
         let (mut moved, mut queued, mut kept) = (0, 0, 0);
-        if old.down == down {
+        // Ready: it heartbeats (from now on it may be marked down).
+        let heartbeats = old.heartbeats || !down;
+        if (old.down, old.heartbeats) == (down, heartbeats) {
             return Ok(CommandOutput::NodeDownSet { id, down, moved, queued, kept });
         }
-        let rec = NodeRecord { down, updated_at_ms: ctx.at_ms, ..old.clone() };
+        let rec = NodeRecord { down, heartbeats, updated_at_ms: ctx.at_ms, ..old.clone() };
         self.state.put_node(id, Some(rec), Some(old), journal.as_deref_mut());
         if !down {
             self.touched.insert(id);
@@ -1686,7 +1691,10 @@ mod tests {
         assert_eq!(node_of(&s, "keep"), Some((3, ObservedState::Lost)));
         assert_eq!(node_of(&s, "big"), Some((0, ObservedState::Queued)));
         assert_eq!(moves(&s, "big"), [(3, 0, MoveReason::NodeDown)]);
-        assert_eq!(s.with_node(3, |n| n.state()), Some(crate::types::NodeState::Down));
+        assert_eq!(
+            s.with_node(3, |n| (n.state(), n.heartbeats)),
+            Some((crate::types::NodeState::Down, false))
+        );
         // Marking down twice is a no-op.
         let again = s.apply(&p(Command::SetNodeDown { id: 3, down: true }), 9).unwrap();
         assert_eq!(again, CommandOutput::NodeDownSet { id: 3, down: true, moved: 0, queued: 0, kept: 0 });
@@ -1701,9 +1709,13 @@ mod tests {
         s.apply(&p(create_full("new", 64, pin2, Reschedule::OnNodeFailure)), 11).unwrap();
         assert_eq!(node_of(&s, "new"), Some((0, ObservedState::Queued)));
         s.check_invariants().unwrap();
-        // Back up: what waits is placed there.
+        // Back up: what waits is placed there; it is known to heartbeat.
         s.apply(&p(Command::SetNodeDown { id: 3, down: false }), 12).unwrap();
         assert_eq!(on("big"), 3);
+        assert_eq!(
+            s.with_node(3, |n| (n.state(), n.heartbeats)),
+            Some((crate::types::NodeState::Ready, true))
+        );
         s.apply(&p(Command::SetNodeDown { id: 2, down: false }), 13).unwrap();
         assert_eq!([on("pinned"), on("new")], [2, 2]);
         s.check_invariants().unwrap();

@@ -551,6 +551,10 @@ pub struct NodeRecord {
     pub down: bool,
     /// An operator drain in force, until `node eligible` (format 4).
     pub drain: Option<Drain>,
+    /// The leader has heard this node heartbeat (format 4): only such nodes
+    /// are marked down, so a node of an older version (which neither
+    /// heartbeats nor fences its VMs) is never failed over under it.
+    pub heartbeats: bool,
 }
 
 /// What a node says about itself when it (re-)registers.

@@ -132,6 +132,17 @@ async fn old_data_dir_keeps_its_state_and_accepts_writes(name: &str) {
     );
     let live = state.with_node(1, |n| (n.state(), n.drain)).unwrap();
     assert_eq!(live, (blixard_core::types::NodeState::Ready, None), "not down, not draining");
+    // Its first heartbeat under this version says it heartbeats (until
+    // then it is never marked down: an older node does not fence).
+    let mut heartbeats = false;
+    for _ in 0..100 {
+        heartbeats = state.with_node(1, |n| n.heartbeats).unwrap();
+        if heartbeats {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(heartbeats, "the upgraded node heartbeats");
     assert_eq!(state.node_timeout(), std::time::Duration::from_secs(10));
     let mut expected =
         vec!["batch-1", "cache-1", "db-1", "web-1", "web-2", "web-3", "web-4", "web-5", "web-6"];

@@ -321,10 +321,12 @@ pub async fn monitor_loop(node: Arc<NodeShared>) {
             if n.status == NodeStatus::Left {
                 return;
             }
+            // Only nodes known to heartbeat are judged by it: one of an
+            // older version neither heartbeats nor fences its VMs.
             if let Some((age, heard)) = node.liveness.age(n.id, now) {
-                if !n.down && age > timeout {
+                if !n.down && n.heartbeats && age > timeout {
                     due.push(Command::SetNodeDown { id: n.id, down: true });
-                } else if n.down && heard && age < timeout / 2 {
+                } else if (n.down || !n.heartbeats) && heard && age < timeout / 2 {
                     due.push(Command::SetNodeDown { id: n.id, down: false });
                 }
             }
