@@ -255,17 +255,15 @@ pub async fn migrate(
     let running = vm.desired == "running";
     if vm.leaving_node == 0 {
         println!("VM {name} moved from node {from}; it is on node {}", node_cell(vm.node_id));
-    } else if !running {
-        // Placement is for VMs that should run.
-        println!(
-            "VM {name} leaving node {from}: stopped, it stays on no node until `blixard vm start {name}`"
-        );
     } else {
         let target = match vm.moving_to {
             0 => "the node the scheduler picks".to_string(),
             n => format!("node {n}"),
         };
-        println!("VM {name} leaving node {from} for {target}: placed there once node {from} has stopped it");
+        let then = if running { "" } else { " (it stays stopped there)" };
+        println!(
+            "VM {name} leaving node {from} for {target}: placed there once node {from} has stopped it{then}"
+        );
     }
     if !wait.wait {
         return Ok(());

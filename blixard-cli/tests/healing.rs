@@ -228,18 +228,20 @@ fn drain_eligible_migrate_and_history() {
         (&"migrate".into(), &from.into(), &2.into())
     );
 
-    // ---- a stopped VM only leaves its node: it stays stopped on none.
+    // ---- a stopped VM moves too, and stays stopped on its new node.
     let cold = json_of(p, &["vm", "create", "cold", "--memory", "64", "--no-start", "-o", "json"]);
     let cold_from = cold["node_id"].as_u64().unwrap();
     let out = exits(p, &["vm", "migrate", "cold", "--wait", "--timeout", "60"], 0);
-    assert!(stdout(&out).contains(&format!("moved off node {cold_from}")), "{}", stdout(&out));
+    assert!(stdout(&out).contains(&format!("moved from node {cold_from} to node")), "{}", stdout(&out));
     let v = vm(p, "cold");
+    let cold_to = v["node_id"].as_u64().unwrap();
+    assert!(cold_to != 0 && cold_to != cold_from, "{v}");
     assert_eq!(
-        (&v["node_id"], &v["observed"], &v["leaving_node"]),
-        (&0.into(), &"stopped".into(), &Value::Null)
+        (&v["observed"], &v["desired"], &v["leaving_node"]),
+        (&"stopped".into(), &"stopped".into(), &Value::Null)
     );
     let last = history(&v).last().cloned().unwrap();
-    assert_eq!((&last["reason"], &last["to_node"]), (&"migrate".into(), &Value::Null), "{v}");
+    assert_eq!((&last["reason"], &last["to_node"]), (&"migrate".into(), &cold_to.into()), "{v}");
 
     // ---- a pinned VM cannot migrate: FailedPrecondition (exit 1), why.
     ok(p, &["vm", "create", "pin3", "--node", "3", "--memory", "64"]);

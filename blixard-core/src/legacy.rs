@@ -195,6 +195,7 @@ impl From<StateImageV2> for StateImage {
             quotas: i.quotas,
             scheduler: i.scheduler,
             node_timeout_ms: DEFAULT_NODE_TIMEOUT_MS,
+            prev_node_timeout_ms: DEFAULT_NODE_TIMEOUT_MS,
         }
     }
 }
@@ -219,6 +220,7 @@ impl From<StateImageV3> for StateImage {
             quotas: i.quotas,
             scheduler: i.scheduler,
             node_timeout_ms: DEFAULT_NODE_TIMEOUT_MS,
+            prev_node_timeout_ms: DEFAULT_NODE_TIMEOUT_MS,
         }
     }
 }
@@ -232,6 +234,7 @@ impl From<StateImageV1> for StateImage {
             quotas: Vec::new(),
             scheduler: Default::default(),
             node_timeout_ms: DEFAULT_NODE_TIMEOUT_MS,
+            prev_node_timeout_ms: DEFAULT_NODE_TIMEOUT_MS,
         }
     }
 }

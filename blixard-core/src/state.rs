@@ -62,6 +62,9 @@ pub struct ClusterState {
     /// How long the leader waits for a node's heartbeat before it marks the
     /// node down (replicated).
     node_timeout_ms: std::sync::atomic::AtomicU64,
+    /// The node timeout before the last change: a node may still hold a
+    /// lease granted under it when a new leader takes over.
+    prev_node_timeout_ms: std::sync::atomic::AtomicU64,
     /// Signalled after every applied change, so that watchers (the
     /// reconciler) react at once instead of at their next poll.
     changed: tokio::sync::Notify,
@@ -86,8 +89,9 @@ pub struct StateImage {
     pub quotas: Vec<(String, QuotaLimits)>,
     /// The placement strategy (format 2).
     pub scheduler: Strategy,
-    /// The node timeout (format 4).
+    /// The node timeout (format 4), and the one before its last change.
     pub node_timeout_ms: u64,
+    pub prev_node_timeout_ms: u64,
 }
 
 impl Default for StateImage {
@@ -99,6 +103,7 @@ impl Default for StateImage {
             quotas: Vec::new(),
             scheduler: Strategy::default(),
             node_timeout_ms: DEFAULT_NODE_TIMEOUT_MS,
+            prev_node_timeout_ms: DEFAULT_NODE_TIMEOUT_MS,
         }
     }
 }
@@ -111,7 +116,7 @@ enum Undo {
     Node(NodeId, Option<Box<NodeRecord>>),
     Quota(String, Option<QuotaLimits>),
     Strategy(Strategy),
-    NodeTimeout(u64),
+    NodeTimeout(u64, u64),
 }
 
 type Journal<'a> = Option<&'a mut Vec<Undo>>;
@@ -126,6 +131,7 @@ impl Default for ClusterState {
             quotas: Mutex::new(BTreeMap::new()),
             usage: Mutex::new(HashMap::new()),
             node_timeout_ms: std::sync::atomic::AtomicU64::new(DEFAULT_NODE_TIMEOUT_MS),
+            prev_node_timeout_ms: std::sync::atomic::AtomicU64::new(DEFAULT_NODE_TIMEOUT_MS),
             changed: tokio::sync::Notify::new(),
         }
     }
@@ -141,8 +147,19 @@ impl ClusterState {
         std::time::Duration::from_millis(self.node_timeout_ms.load(std::sync::atomic::Ordering::Acquire))
     }
 
-    fn set_node_timeout(&self, ms: u64) -> u64 {
-        self.node_timeout_ms.swap(ms, std::sync::atomic::Ordering::AcqRel)
+    /// The longest of the node timeout and the one before its last change:
+    /// how long a new leader waits before it marks anyone down, since a
+    /// lease may have been granted under either.
+    pub fn node_timeout_grace(&self) -> std::time::Duration {
+        let prev = self.prev_node_timeout_ms.load(std::sync::atomic::Ordering::Acquire);
+        self.node_timeout().max(std::time::Duration::from_millis(prev))
+    }
+
+    /// Sets the timeout (and the previous one); returns both as they were.
+    fn set_node_timeout(&self, ms: u64, prev: u64) -> (u64, u64) {
+        let old = self.node_timeout_ms.swap(ms, std::sync::atomic::Ordering::AcqRel);
+        let old_prev = self.prev_node_timeout_ms.swap(prev, std::sync::atomic::Ordering::AcqRel);
+        (old, old_prev)
     }
 
     // ------------------------------------------------------------ reads
@@ -366,6 +383,7 @@ impl ClusterState {
             quotas,
             scheduler: self.strategy(),
             node_timeout_ms: self.node_timeout().as_millis() as u64,
+            prev_node_timeout_ms: self.prev_node_timeout_ms.load(std::sync::atomic::Ordering::Acquire),
         }
     }
 
@@ -379,7 +397,7 @@ impl ClusterState {
         }
         *self.usage.lock() = usage_of(&image.vms);
         *self.quotas.lock() = image.quotas.into_iter().collect();
-        self.set_node_timeout(image.node_timeout_ms);
+        self.set_node_timeout(image.node_timeout_ms, image.prev_node_timeout_ms);
         vms.replace_all(image.vms.into_iter().map(Arc::new));
         let mut dedup = self.requests.lock();
         dedup.results.clear();
@@ -865,9 +883,10 @@ impl ApplyRun<'_> {
             }
             Command::CreateVms { vms, start, queue } => self.create_vms(vms, *start, *queue, ctx, journal),
             Command::SetNodeTimeout { ms } => {
-                let old = self.state.set_node_timeout(*ms);
+                let current = self.state.node_timeout().as_millis() as u64;
+                let (old, old_prev) = self.state.set_node_timeout(*ms, current);
                 if let Some(j) = journal {
-                    j.push(Undo::NodeTimeout(old));
+                    j.push(Undo::NodeTimeout(old, old_prev));
                 }
                 Ok(CommandOutput::NodeTimeoutSet { ms: *ms })
             }
@@ -1411,8 +1430,8 @@ impl ApplyRun<'_> {
                 Undo::Strategy(old) => {
                     self.state.sched.lock().set_strategy(old);
                 }
-                Undo::NodeTimeout(old) => {
-                    self.state.set_node_timeout(old);
+                Undo::NodeTimeout(old, old_prev) => {
+                    self.state.set_node_timeout(old, old_prev);
                 }
                 Undo::Quota(tenant, old) => {
                     let mut quotas = self.state.quotas.lock();
@@ -1829,6 +1848,8 @@ mod tests {
         let other = ClusterState::new();
         other.restore(s.image());
         assert_eq!(other.node_timeout(), std::time::Duration::from_secs(4));
+        // A new leader waits out leases granted under the previous timeout.
+        assert_eq!(other.node_timeout_grace(), std::time::Duration::from_secs(10));
         let batch = Command::Batch(vec![
             Command::SetNodeTimeout { ms: 8_000 },
             Command::DeleteVm { name: "nope".into() },

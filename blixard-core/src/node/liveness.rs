@@ -49,6 +49,8 @@ use crate::types::{NodeId, NodeStatus};
 
 /// Heartbeats go out at least this often.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+/// How soon a heartbeat that was not confirmed is tried again.
+const RETRY_EVERY: Duration = Duration::from_millis(100);
 /// How often the leader looks for silent nodes and due drain deadlines.
 const MONITOR_EVERY: Duration = Duration::from_millis(250);
 
@@ -106,10 +108,13 @@ struct ViewInner {
 
 impl LeaderView {
     /// Brings the view to leader term `term` under node timeout `timeout`.
-    fn refresh(&self, term: u64, timeout: Duration, now: Instant) {
+    /// A new term waits `grace` (at least `timeout`: the longest timeout a
+    /// live lease may have been granted under) before judging anyone.
+    fn refresh(&self, term: u64, timeout: Duration, grace: Duration, now: Instant) {
         let mut v = self.inner.lock();
         if v.term != term {
-            *v = ViewInner { term, since: Some(now), timeout, seen: HashMap::new() };
+            let since = now + grace.saturating_sub(timeout);
+            *v = ViewInner { term, since: Some(since), timeout, seen: HashMap::new() };
         } else if timeout < v.timeout {
             // A node may hold a lease granted under the longer timeout:
             // wait that out before judging anyone by the shorter one.
@@ -132,14 +137,14 @@ impl LeaderView {
         }
     }
 
-    /// Since `node` was last heard (or the grant, if later); `heard` says
-    /// whether it was heard at all this term.
-    fn age(&self, node: NodeId, now: Instant) -> Option<(Duration, bool)> {
+    /// Since `node` was last heard (or the grant, if later: what marking
+    /// down goes by), and since it was last heard this term, if it was.
+    fn age(&self, node: NodeId, now: Instant) -> Option<(Duration, Option<Duration>)> {
         let v = self.inner.lock();
         let since = v.since?;
         let seen = v.seen.get(&node).copied();
         let last = seen.map_or(since, |s| s.max(since));
-        Some((now.saturating_duration_since(last), seen.is_some_and(|s| s >= since)))
+        Some((now.saturating_duration_since(last), seen.map(|s| now.saturating_duration_since(s))))
     }
 }
 
@@ -218,7 +223,7 @@ pub async fn answer(node: &NodeShared, from: NodeId) -> HeartbeatResult {
         m.current_term
     };
     let (timeout, now) = (node.state.node_timeout(), Instant::now());
-    node.liveness.refresh(term, timeout, now);
+    node.liveness.refresh(term, timeout, node.state.node_timeout_grace(), now);
     node.liveness.heard(term, from, now);
     let read_index = node.confirm_leadership().await?;
     Ok(HeartbeatReply { read_index, node_timeout_ms: timeout.as_millis() as u64 })
@@ -246,13 +251,20 @@ pub async fn heartbeat_loop(node: Arc<NodeShared>) {
         let timeout = node.state.node_timeout();
         let every = heartbeat_every(timeout);
         let sent = Instant::now();
-        match heartbeat_once(&node, every).await {
-            Ok(reply) => renew(&node, sent, &reply).await,
-            Err(why) => {
-                tracing::debug!(%why, lease_left = ?node.fence.remaining(), "heartbeat not confirmed")
+        let next = match heartbeat_once(&node, every).await {
+            Ok(reply) => {
+                renew(&node, sent, &reply).await;
+                sent + every
             }
-        }
-        tokio::time::sleep_until(sent + every).await;
+            // No leader (an election), or it moved: try again soon, so that
+            // the lease is renewed from the new leader's first answer rather
+            // than a whole interval later.
+            Err(why) => {
+                tracing::debug!(%why, lease_left = ?node.fence.remaining(), "heartbeat not confirmed");
+                Instant::now() + RETRY_EVERY.min(every)
+            }
+        };
+        tokio::time::sleep_until(next).await;
     }
 }
 
@@ -314,7 +326,7 @@ pub async fn monitor_loop(node: Arc<NodeShared>) {
             continue;
         };
         let (timeout, now) = (node.state.node_timeout(), Instant::now());
-        node.liveness.refresh(term, timeout, now);
+        node.liveness.refresh(term, timeout, node.state.node_timeout_grace(), now);
         let now_ms = super::now_ms();
         let mut due = Vec::new();
         node.state.for_each_node(|n| {
@@ -326,7 +338,7 @@ pub async fn monitor_loop(node: Arc<NodeShared>) {
             if let Some((age, heard)) = node.liveness.age(n.id, now) {
                 if !n.down && n.heartbeats && age > timeout {
                     due.push(Command::SetNodeDown { id: n.id, down: true });
-                } else if (n.down || !n.heartbeats) && heard && age < timeout / 2 {
+                } else if (n.down || !n.heartbeats) && heard.is_some_and(|h| h < timeout / 2) {
                     due.push(Command::SetNodeDown { id: n.id, down: false });
                 }
             }
@@ -366,18 +378,25 @@ mod tests {
     fn a_new_term_grants_everyone_a_full_timeout() {
         let (v, t0, s) = (LeaderView::default(), Instant::now(), Duration::from_secs);
         let t = s(10);
-        v.refresh(3, t, t0);
+        v.refresh(3, t, t, t0);
         v.heard(3, 1, t0);
-        assert_eq!(v.age(1, t0 + s(4)), Some((s(4), true)));
-        assert_eq!(v.age(2, t0 + s(4)), Some((s(4), false)));
+        assert_eq!(v.age(1, t0 + s(4)), Some((s(4), Some(s(4)))));
+        assert_eq!(v.age(2, t0 + s(4)), Some((s(4), None)));
         v.heard(2, 2, t0 + s(4));
-        assert_eq!(v.age(2, t0 + s(5)).map(|a| a.1), Some(false), "another term's heartbeat");
-        v.refresh(4, t, t0 + s(4));
-        assert_eq!(v.age(1, t0 + s(4)), Some((Duration::ZERO, false)));
-        // Lowering the timeout first waits out leases of the longer one.
-        v.refresh(4, s(4), t0 + s(4));
+        assert_eq!(v.age(2, t0 + s(5)).map(|a| a.1), Some(None), "another term's heartbeat");
+        v.refresh(4, t, t, t0 + s(4));
+        assert_eq!(v.age(1, t0 + s(4)), Some((Duration::ZERO, None)));
+        // Lowering the timeout first waits out leases of the longer one
+        // (for marking down; a heartbeat still counts as heard at once).
+        v.refresh(4, s(4), t, t0 + s(4));
+        v.heard(4, 1, t0 + s(5));
+        assert_eq!(v.age(1, t0 + s(6)), Some((Duration::ZERO, Some(s(1)))));
         assert_eq!(v.age(2, t0 + s(9)).map(|a| a.0), Some(Duration::ZERO));
         assert_eq!(v.age(2, t0 + s(12)).map(|a| a.0), Some(s(2)));
+        // A new leader under a lowered timeout waits out the previous one.
+        v.refresh(5, s(4), s(10), t0 + s(20));
+        assert_eq!(v.age(1, t0 + s(26)).map(|a| a.0), Some(Duration::ZERO));
+        assert_eq!(v.age(1, t0 + s(29)).map(|a| a.0), Some(s(3)));
         v.clear();
         assert_eq!(v.age(1, t0), None);
     }
