@@ -90,8 +90,10 @@ fn node_main(id: u64) {
             }
             println!("ready");
         }
-        // Until the parent closes our stdin.
+        // Until the parent closes our stdin. (This bench runs real
+        // processes; madsim only compiles it.)
         let mut line = String::new();
+        #[cfg_attr(madsim, allow(deprecated))]
         let _ = tokio::task::spawn_blocking(move || std::io::stdin().read_line(&mut line)).await;
         node.shutdown().await;
     });
