@@ -15,14 +15,13 @@
 //! Run: `cargo bench -p blixard-cli --bench node_failover`
 //! (BLIXARD_FAILOVER_TRIALS=N, default 20; BLIXARD_NODE_TIMEOUT=SECS,
 //! default 4; BLIXARD_FAILOVER_VMS=N, default 12).
-#[path = "../tests/common/procs.rs"]
-#[allow(dead_code)] // shared with the tests, which use other parts
-mod procs;
+#[path = "../tests/common/mod.rs"]
+mod common; // shared with the tests, which use other parts
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use procs::{alive_with, within, ProcCluster};
+use common::procs::{alive_with, within, ProcCluster};
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)

@@ -464,10 +464,17 @@ impl Client {
 
     /// The contacted node's status.
     pub async fn status(&mut self, digest: bool) -> Result<pb::StatusResponse, Failure> {
-        self.read(READ_DEADLINE, |mut c| async move {
-            c.cluster.status(req(pb::StatusRequest { include_digest: digest }, READ_DEADLINE)).await
-        })
-        .await
+        self.status_with(pb::StatusRequest { include_digest: digest, include_heartbeats: false }).await
+    }
+
+    /// The registered nodes, with the leader's heartbeat ages.
+    pub async fn nodes(&mut self) -> Result<Vec<pb::NodeInfo>, Failure> {
+        let r = pb::StatusRequest { include_digest: false, include_heartbeats: true };
+        Ok(self.status_with(r).await?.nodes)
+    }
+
+    async fn status_with(&mut self, r: pb::StatusRequest) -> Result<pb::StatusResponse, Failure> {
+        self.read(READ_DEADLINE, |mut c| async move { c.cluster.status(req(r, READ_DEADLINE)).await }).await
     }
 
     pub async fn join(&mut self, node_id: u64, addr: String) -> Result<pb::JoinResponse, Failure> {

@@ -415,9 +415,9 @@ async fn main() -> ExitCode {
 async fn node(addr: &str, cmd: NodeClientCmd) -> Result<(), Failure> {
     let mut c = client::Client::new(client::parse_members(addr)?);
     match cmd {
-        NodeClientCmd::List { format } => output::nodes(&c.status(false).await?.nodes, format),
+        NodeClientCmd::List { format } => output::nodes(&c.nodes().await?, format),
         NodeClientCmd::Get { id, format } => {
-            let nodes = c.status(false).await?.nodes;
+            let nodes = c.nodes().await?;
             let n = nodes.iter().find(|n| n.id == id).ok_or_else(|| {
                 let known: Vec<String> = nodes.iter().map(|n| n.id.to_string()).collect();
                 Failure::new(format!("unknown node id {id} (registered: {})", known.join(", ")))

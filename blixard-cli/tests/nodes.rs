@@ -7,12 +7,6 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 
-fn json_of(port: u16, args: &[&str]) -> Value {
-    let out = cli(port, args);
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 fn node_1(port: u16) -> Value {
     json_of(port, &["node", "get", "1", "-o", "json"])
 }

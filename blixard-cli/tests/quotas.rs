@@ -6,12 +6,6 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 
-fn json_of(port: u16, args: &[&str]) -> Value {
-    let out = cli(port, args);
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 fn create(port: u16, name: &str, tenant: &str, vcpus: &str) -> std::process::Output {
     cli(port, &["vm", "create", name, "--tenant", tenant, "--vcpus", vcpus, "--memory", "128", "--no-start"])
 }

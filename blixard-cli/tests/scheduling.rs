@@ -13,42 +13,13 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::process::Output;
 
 use common::*;
 use serde_json::{json, Value};
 
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).to_string()
-}
-
-/// Runs a command that must succeed; its stdout.
-fn ok(port: u16, args: &[&str]) -> String {
-    let out = cli(port, args);
-    assert!(out.status.success(), "blixard {args:?} failed: {}", stderr(&out));
-    stdout(&out)
-}
-
-fn json_of(port: u16, args: &[&str]) -> Value {
-    let text = ok(port, args);
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {text}"))
-}
-
 /// Runs a command that must exit with `code`; its stderr.
 fn fails(port: u16, args: &[&str], code: i32) -> String {
-    let out = cli(port, args);
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "blixard {args:?}: stdout {} stderr {}",
-        stdout(&out),
-        stderr(&out)
-    );
-    stderr(&out)
+    stderr(&exits(port, args, code))
 }
 
 fn vm(port: u16, name: &str) -> Value {

@@ -11,15 +11,13 @@
 //!   SIGCONT: it cleans up and nothing runs twice.
 //!
 //! Drains and migrations with real processes are in `tests/healing.rs`.
-#[path = "common/procs.rs"]
-#[allow(dead_code)] // shared with the benchmark, which uses other parts
-mod procs;
+mod common;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use procs::{alive_with, within, ProcCluster};
+use common::procs::{alive_with, within, ProcCluster};
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64

@@ -274,6 +274,9 @@ pub fn new_vm(name: &str, spec: &VmSpec, placement: &crate::types::Placement) ->
 pub const MIN_NODE_TIMEOUT_MS: u64 = 2_000;
 pub const MAX_NODE_TIMEOUT_MS: u64 = 3_600_000;
 
+/// The longest drain deadline: one day.
+pub const MAX_DRAIN_DEADLINE_SECS: u64 = 86_400;
+
 pub fn node_timeout_ms(ms: u64) -> Result<(), CommandError> {
     if !(MIN_NODE_TIMEOUT_MS..=MAX_NODE_TIMEOUT_MS).contains(&ms) {
         return Err(CommandError::invalid(

@@ -486,7 +486,12 @@ async fn wait_voters(client: &NodeHandle, count: NodeId) {
         let voters = client
             .spawn(async move {
                 let mut c = ClusterServiceClient::new(connect(1).await?);
-                let s = c.status(request(pb::StatusRequest { include_digest: false }, READ_TIMEOUT)).await?;
+                let s = c
+                    .status(request(
+                        pb::StatusRequest { include_digest: false, include_heartbeats: false },
+                        READ_TIMEOUT,
+                    ))
+                    .await?;
                 let s = s.into_inner();
                 let leading = s.leader_id != 0;
                 Ok::<_, Status>(s.members.iter().filter(|m| leading && m.role != "learner").count())
@@ -841,7 +846,7 @@ impl SimCluster {
     pub async fn status(&self, id: NodeId, include_digest: bool) -> Result<pb::StatusResponse, Status> {
         self.on_client(async move {
             let mut c = ClusterServiceClient::new(connect(id).await?);
-            let req = request(pb::StatusRequest { include_digest }, READ_TIMEOUT);
+            let req = request(pb::StatusRequest { include_digest, include_heartbeats: false }, READ_TIMEOUT);
             Ok(c.status(req).await?.into_inner())
         })
         .await

@@ -250,3 +250,33 @@ pub fn run_in_child(test: &str, seed: u64) -> Result<SeedReport, String> {
         }
     }))
 }
+
+/// Prints, per figure, its total over the seeds and how many seeds saw it,
+/// and fails if one of `required` never happened, so that a random scenario
+/// cannot silently stop exercising it. Only over the default seed set or a
+/// wider one (a single seed or a short sweep need not see everything);
+/// nothing in the child process of one seed (no reports).
+pub fn require_figures(
+    test: &str,
+    default_count: u64,
+    reports: &[(u64, SeedReport)],
+    figures: &[&str],
+    required: &[&str],
+) {
+    if reports.is_empty() {
+        return;
+    }
+    let mut missing = Vec::new();
+    for name in figures {
+        let total: f64 = reports.iter().filter_map(|(_, r)| r.figure(name)).sum();
+        let seeds = reports.iter().filter(|(_, r)| r.figure(name).is_some_and(|v| v > 0.0)).count();
+        eprintln!("{test}: {name}: {total} over {} seeds, in {seeds} of them", reports.len());
+        if total == 0.0 && required.contains(name) {
+            missing.push(*name);
+        }
+    }
+    let full_set = std::env::var_os("BLIXARD_SIM_SEED").is_none() && reports.len() as u64 >= default_count;
+    if full_set {
+        assert!(missing.is_empty(), "{test}: never exercised over {} seeds: {missing:?}", reports.len());
+    }
+}

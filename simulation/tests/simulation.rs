@@ -12,7 +12,9 @@ use blixard_core::types::{NodeId, Resources};
 use blixard_proto as pb;
 use blixard_simulation::cluster::{Admin, SimCluster, SimConfig, VmOp};
 use blixard_simulation::model::{CreateReq, Model, Outcome, Trace};
-use blixard_simulation::seeds::{replay_command, run_in_child, run_seeds, seeds, simulate, SeedReport};
+use blixard_simulation::seeds::{
+    replay_command, require_figures, run_in_child, run_seeds, seeds, simulate, SeedReport,
+};
 use blixard_vm::sim::Faults;
 use blixard_vm::VmBackend;
 use madsim::rand::Rng;
@@ -439,28 +441,9 @@ async fn random_ops(mut c: SimCluster, steps: usize) -> Trace {
     c.trace
 }
 
-/// Prints, per outcome, its total over the seeds and how many seeds saw it,
-/// and fails if one of `required` never happened, so that the random
-/// operations cannot silently stop exercising it. Only over the default
-/// seed set or a wider one (a single seed or a short sweep need not see
-/// everything).
+/// [`require_figures`] over the figures of [`SimCluster::check_final_state`].
 fn require_outcomes(test: &str, default_count: u64, reports: &[(u64, SeedReport)], required: &[&str]) {
-    if reports.is_empty() {
-        return; // the child process of one seed
-    }
-    let mut missing = Vec::new();
-    for name in FIGURES {
-        let total: f64 = reports.iter().filter_map(|(_, r)| r.figure(name)).sum();
-        let seeds = reports.iter().filter(|(_, r)| r.figure(name).is_some_and(|v| v > 0.0)).count();
-        eprintln!("{test}: {name}: {total} over {} seeds, in {seeds} of them", reports.len());
-        if total == 0.0 && required.contains(&name) {
-            missing.push(name);
-        }
-    }
-    let full_set = std::env::var_os("BLIXARD_SIM_SEED").is_none() && reports.len() as u64 >= default_count;
-    if full_set {
-        assert!(missing.is_empty(), "{test}: never exercised over {} seeds: {missing:?}", reports.len());
-    }
+    require_figures(test, default_count, reports, &FIGURES, required);
 }
 
 /// The per-run figures of [`SimCluster::check_final_state`].

@@ -2,6 +2,7 @@
 #![allow(dead_code)] // each test crate uses its own subset
 
 pub mod netns;
+pub mod procs;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -29,6 +30,40 @@ pub fn cli(port: u16, args: &[&str]) -> Output {
 /// comma-separated list.
 pub fn cli_at(addrs: &str, args: &[&str]) -> Output {
     Command::new(BIN).arg("--addr").arg(addrs).args(args).output().unwrap()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// Runs a command that must succeed; its stdout.
+pub fn ok(port: u16, args: &[&str]) -> String {
+    let out = cli(port, args);
+    assert!(out.status.success(), "blixard {args:?} failed: {}{}", stdout(&out), stderr(&out));
+    stdout(&out)
+}
+
+/// Runs a command that must succeed and print JSON; the JSON.
+pub fn json_of(port: u16, args: &[&str]) -> serde_json::Value {
+    let text = ok(port, args);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {text}"))
+}
+
+/// Runs a command that must exit with `code`; its output.
+pub fn exits(port: u16, args: &[&str], code: i32) -> Output {
+    let out = cli(port, args);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "blixard {args:?}: stdout {} stderr {}",
+        stdout(&out),
+        stderr(&out)
+    );
+    out
 }
 
 /// Polls `f` until it returns Some, or fails the test after `secs`.

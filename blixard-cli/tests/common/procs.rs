@@ -4,17 +4,12 @@
 //! hosts' own pid files), kills, stops and restarts, and a cleanup that also
 //! ends the fencing guards and workloads the nodes started.
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_blixard");
-
-/// A loopback port nobody listens on right now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use super::{free_port, start_node_backend, BIN};
 
 /// Polls `f` every 50 ms until it returns Some, or panics after `secs`.
 pub fn within<T>(what: &str, secs: f64, mut f: impl FnMut() -> Option<T>) -> T {
@@ -65,23 +60,8 @@ impl ProcCluster {
     }
 
     fn spawn(&self, id: u64, join: Option<u16>) -> Child {
-        let dir = self.dir(id);
-        let log =
-            std::fs::OpenOptions::new().create(true).append(true).open(dir.with_extension("log")).unwrap();
-        let mut cmd = Command::new(BIN);
-        cmd.args(["node", "start", "--id", &id.to_string()])
-            .args(["--bind", &format!("127.0.0.1:{}", self.ports[(id - 1) as usize])])
-            .arg("--data-dir")
-            .arg(&dir)
-            .args(["--vcpus", "16", "--memory-mb", "8192", "--disk-gb", "100", "--vm-backend", "process"])
-            .env("RUST_LOG", "info,openraft=warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        if let Some(p) = join {
-            cmd.args(["--join", &format!("127.0.0.1:{p}")]);
-        }
-        cmd.spawn().expect("spawn blixard node")
+        let port = self.ports[(id - 1) as usize];
+        start_node_backend(id, port, &self.dir(id), join, ["16", "8192", "100"], "process", &[])
     }
 
     /// `blixard` through every live member (the CLI moves on from one that

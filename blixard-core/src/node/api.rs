@@ -90,7 +90,7 @@ fn cluster_client(
 /// Status of the node at `addr` (used by joining nodes to learn the cluster id).
 pub async fn client_status(channels: &PeerChannels, addr: &str) -> Result<pb::StatusResponse, Status> {
     let mut c = cluster_client(channels, addr)?;
-    let req = with_deadline(pb::StatusRequest { include_digest: false });
+    let req = with_deadline(pb::StatusRequest { include_digest: false, include_heartbeats: false });
     Ok(c.status(req).await?.into_inner())
 }
 
@@ -289,6 +289,16 @@ impl ClusterApi {
         write(&self.node, cmd, request_id).await
     }
 
+    /// Node `id` as this node has it now, with its VM count.
+    fn node_info(&self, id: NodeId) -> Result<pb::NodeInfo, Status> {
+        let mut count = 0;
+        self.node.state.for_each_vm_on(id, |_| count += 1);
+        self.node
+            .state
+            .with_node(id, |rec| node_pb(rec, count))
+            .ok_or_else(|| Status::not_found(format!("unknown node id {id}")))
+    }
+
     fn quota(&self, tenant: &str) -> Result<pb::Quota, Status> {
         crate::validate::tenant(tenant).map_err(|e| Status::from(ApiError::from(e)))?;
         self.node
@@ -370,9 +380,11 @@ impl ClusterService for ClusterApi {
             n.state.for_each_vm_on(x.id, |_| count += 1);
             x.vm_count = count;
         }
-        for (id, age) in leader_ages(n).await {
-            if let Some(x) = nodes.iter_mut().find(|x| x.id == id) {
-                x.last_heartbeat_age_ms = Some(age);
+        if request.get_ref().include_heartbeats {
+            for (id, age) in leader_ages(n).await {
+                if let Ok(i) = nodes.binary_search_by_key(&id, |x| x.id) {
+                    nodes[i].last_heartbeat_age_ms = Some(age);
+                }
             }
         }
         let digest = if request.get_ref().include_digest { n.state.digest() } else { 0 };
@@ -501,13 +513,7 @@ impl ClusterService for ClusterApi {
         let id = req.node_id;
         let cmd = set_node_command(req).map_err(ApiError::into_write_status)?;
         self.write(cmd, &request_id).await?;
-        let n = &self.node;
-        let mut count = 0;
-        n.state.for_each_vm_on(id, |_| count += 1);
-        n.state
-            .with_node(id, |rec| node_pb(rec, count))
-            .map(Response::new)
-            .ok_or_else(|| Status::not_found(format!("unknown node id {id}")))
+        self.node_info(id).map(Response::new)
     }
 
     async fn set_node_timeout(
@@ -526,10 +532,10 @@ impl ClusterService for ClusterApi {
         let req = request.into_inner();
         let deadline_ms = match req.deadline_secs {
             0 => 0,
-            s if s > crate::validate::MAX_NODE_TIMEOUT_MS / 1000 * 24 => {
-                return Err(
-                    ApiError::Invalid(format!("invalid deadline {s} s: at most one day")).into_write_status()
-                )
+            s if s > crate::validate::MAX_DRAIN_DEADLINE_SECS => {
+                let max = crate::validate::MAX_DRAIN_DEADLINE_SECS;
+                return Err(ApiError::Invalid(format!("invalid deadline {s} s: at most {max} s (one day)"))
+                    .into_write_status());
             }
             s => super::now_ms() + s * 1000,
         };
@@ -549,13 +555,7 @@ impl ClusterService for ClusterApi {
         let req = request.into_inner();
         let id = req.node_id;
         self.write(Command::SetEligible { id }, &req.request_id).await?;
-        let n = &self.node;
-        let mut count = 0;
-        n.state.for_each_vm_on(id, |_| count += 1);
-        n.state
-            .with_node(id, |rec| node_pb(rec, count))
-            .map(Response::new)
-            .ok_or_else(|| Status::not_found(format!("unknown node id {id}")))
+        self.node_info(id).map(Response::new)
     }
 }
 
