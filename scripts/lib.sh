@@ -40,3 +40,8 @@ ensure_net_packages() {
   [ "$(id -u)" -eq 0 ] \
     || die "the partition test puts nodes in network namespaces and needs root: run this as root"
 }
+
+# A real Prometheus server (and promtool) for the metrics test.
+ensure_obs_packages() {
+  ensure_apt prometheus
+}

@@ -139,6 +139,8 @@ fn main() {
                 &addr,
                 "--vm-backend",
                 "qemu",
+                "--metrics-addr",
+                "127.0.0.1:0",
                 "--vcpus",
                 "256",
                 "--memory-mb",

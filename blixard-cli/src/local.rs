@@ -14,6 +14,7 @@ use blixard_vm::{image, VmBackend, VmError};
 use clap::Args;
 use std::sync::Arc;
 
+use crate::prometheus::MetricsAddr;
 use crate::{default_data_dir, labels_map, parse_label, Failure, DEFAULT_PORT};
 
 #[derive(Args, Clone)]
@@ -113,6 +114,10 @@ pub struct StartArgs {
     pub log: String,
     #[command(flatten)]
     pub vms: VmArgs,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (default: the
+    /// --bind host, port + 1000; `none` disables).
+    #[arg(long, value_name = "HOST:PORT|none")]
+    pub metrics_addr: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -141,6 +146,9 @@ pub struct UpArgs {
     pub capacity: CapacityArgs,
     #[command(flatten)]
     pub vms: VmArgs,
+    /// Serve each node's Prometheus metrics on its port + 1000.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub metrics: bool,
 }
 
 /// The host's CPUs, memory and the free disk under `dir`.
@@ -190,6 +198,10 @@ pub async fn node_start(args: StartArgs) -> Result<(), Failure> {
         .map_err(|e| Failure::new(format!("cannot resolve data dir {}: {e}", data_dir.display())))?;
     let capacity = host_capacity(&data_dir, &args.capacity);
     let vm_backend = choose_backend(&args.vms, &data_dir).await?;
+    let metrics = match MetricsAddr::parse(args.metrics_addr.as_deref(), args.bind)? {
+        MetricsAddr::Off => None,
+        MetricsAddr::At(addr) => Some(crate::prometheus::start(addr, args.id).await?),
+    };
     let cfg = NodeConfig {
         id: args.id,
         bind: args.bind,
@@ -201,12 +213,17 @@ pub async fn node_start(args: StartArgs) -> Result<(), Failure> {
         tuning: RaftTuning::default(),
         vm_backend: vm_backend.clone(),
         reconciler: Default::default(),
+        meter: metrics.as_ref().map(|m| m.meter.clone()),
     };
     let addr = cfg.advertised();
     let node = Node::start(cfg).await.map_err(|e| Failure::new(e.to_string()))?;
     println!("blixard node {} serving at {addr}", args.id);
     println!("  data dir: {}", data_dir.display());
     println!("  cluster:  {}", node.shared().cluster_id);
+    match &metrics {
+        Some(m) => println!("  metrics:  http://{}/metrics", m.addr),
+        None => println!("  metrics:  off"),
+    }
     let resources = args.capacity.resources(capacity);
     println!("  capacity: {capacity}");
     if resources != NodeResources::plain(capacity) {
@@ -358,6 +375,13 @@ pub async fn up(args: UpArgs) -> Result<(), Failure> {
         if let Some(c) = &args.vms.image_cache {
             cmd.arg("--image-cache").arg(c);
         }
+        // Each node serves metrics on its port + 1000 unless that is out of
+        // range.
+        let metrics = match (args.base_port + i).checked_add(1000) {
+            Some(port) if args.metrics => format!("127.0.0.1:{port}"),
+            _ => "none".to_string(),
+        };
+        cmd.args(["--metrics-addr", &metrics]);
         let child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
@@ -366,6 +390,9 @@ pub async fn up(args: UpArgs) -> Result<(), Failure> {
             }
         };
         println!("node {id}: {addr}  pid {}  data {}  log {}", child.id(), dir.display(), log_path.display());
+        if metrics != "none" {
+            println!("  metrics: http://{metrics}/metrics");
+        }
         children.push(NodeProcess { id, addr, child });
     }
     let formed = tokio::select! {

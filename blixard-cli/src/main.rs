@@ -7,6 +7,7 @@ mod lifecycle;
 mod local;
 mod moves;
 mod output;
+mod prometheus;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -50,7 +50,7 @@ fn start_node(id: u64, port: u16, dir: &Path, join: Option<u16>) -> Child {
         .arg(dir)
         .args(["--vcpus", "16", "--memory-mb", "8192", "--disk-gb", "100"])
         // Control-plane tests: VMs are records only (tests/vms.rs runs guests).
-        .args(["--vm-backend", "none"])
+        .args(["--vm-backend", "none", "--metrics-addr", "127.0.0.1:0"])
         .env("RUST_LOG", "info,openraft=warn")
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())

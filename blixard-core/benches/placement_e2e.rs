@@ -65,6 +65,7 @@ fn node_main(id: u64) {
             tuning: RaftTuning::default(),
             vm_backend: None,
             reconciler: Default::default(),
+            meter: None,
         };
         let node = Node::start(cfg).await.expect("node starts");
         if id == 1 {

@@ -40,6 +40,7 @@ async fn main() {
         tuning,
         vm_backend: None,
         reconciler: Default::default(),
+        meter: None,
     };
     let node = Node::start(cfg).await.expect("node starts");
     while node.shared().state.with_node(1, |_| ()).is_none() {

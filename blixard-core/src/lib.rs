@@ -5,6 +5,7 @@ pub mod command;
 pub mod error;
 pub mod format;
 pub mod legacy;
+pub mod metrics;
 pub mod node;
 pub mod raft;
 pub mod reconciler;

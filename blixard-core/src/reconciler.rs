@@ -20,6 +20,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use crate::command::{Command, VmReport};
+use crate::metrics::Action;
 use crate::node::{ApiError, NodeShared};
 use crate::state::ClusterState;
 use crate::types::{DesiredState, NodeId, ObservedState, RestartPolicy, VmRecord, VmRuntime};
@@ -79,6 +80,9 @@ struct Tracked {
     /// A start error that retrying cannot fix (bad configuration).
     permanent: bool,
     running_since: Option<Instant>,
+    /// The start (its `started_at_ms`) whose boot time was last recorded in
+    /// the metrics: each boot is recorded once.
+    boot_recorded: Option<u64>,
     /// The last report proposed, to avoid proposing the same one again, and
     /// what the state said (observed, runtime) when it was proposed: if the
     /// state has changed since by some other write (a VM evicted and placed
@@ -369,6 +373,11 @@ impl Reconciler {
         let running = matches!(local.map(|s| &s.state), Some(RunState::Starting | RunState::Running));
         match local.map(|s| &s.state) {
             Some(RunState::Running) => {
+                if let Some(s) = local.filter(|s| s.boot_ms.is_some() && s.started_at_ms != t.boot_recorded) {
+                    t.boot_recorded = s.started_at_ms;
+                    let boot_ms = s.boot_ms.unwrap_or(0);
+                    self.node.metrics.boot_seconds.record(boot_ms as f64 / 1000.0);
+                }
                 let since = *t.running_since.get_or_insert(now);
                 if now.duration_since(since) >= self.cfg.stable_after {
                     t.failures = 0;
@@ -441,6 +450,7 @@ impl Reconciler {
                 }
                 if !never_started {
                     t.restarts += 1;
+                    self.node.metrics.restarts.add(1);
                     if t.start_error.is_none() {
                         // A crash (not a failed start, which already counted).
                         t.failures += 1;
@@ -492,6 +502,7 @@ impl Reconciler {
         let backend = self.backend.clone();
         let busy = self.busy.clone();
         let results = self.start_results.clone();
+        let metrics = self.node.metrics.clone();
         tokio::spawn(async move {
             match (kind, start) {
                 (Busy::Starting, Some((config, stop_first))) => {
@@ -511,16 +522,25 @@ impl Reconciler {
                     } else {
                         tracing::info!(vm = %name, "VM started");
                     }
+                    metrics.action(Action::Start, r.is_ok());
                     results.lock().push((name.clone(), r));
                 }
-                (Busy::Stopping, _) => match backend.stop(&name, grace).await {
-                    Ok(()) => tracing::info!(vm = %name, "VM stopped"),
-                    Err(e) => tracing::warn!(vm = %name, error = %e, "VM stop failed"),
-                },
-                (Busy::Deleting, _) => match backend.delete(&name).await {
-                    Ok(()) => tracing::info!(vm = %name, "VM deleted from this node"),
-                    Err(e) => tracing::warn!(vm = %name, error = %e, "VM delete failed"),
-                },
+                (Busy::Stopping, _) => {
+                    let r = backend.stop(&name, grace).await;
+                    metrics.action(Action::Stop, r.is_ok());
+                    match r {
+                        Ok(()) => tracing::info!(vm = %name, "VM stopped"),
+                        Err(e) => tracing::warn!(vm = %name, error = %e, "VM stop failed"),
+                    }
+                }
+                (Busy::Deleting, _) => {
+                    let r = backend.delete(&name).await;
+                    metrics.action(Action::Delete, r.is_ok());
+                    match r {
+                        Ok(()) => tracing::info!(vm = %name, "VM deleted from this node"),
+                        Err(e) => tracing::warn!(vm = %name, error = %e, "VM delete failed"),
+                    }
+                }
                 (Busy::Starting, None) => {}
             }
             busy.lock().remove(&name);

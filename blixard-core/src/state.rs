@@ -207,6 +207,11 @@ impl ClusterState {
         &self.changed
     }
 
+    /// VMs waiting in the placement queue.
+    pub fn queued_count(&self) -> usize {
+        self.sched.lock().queue().len()
+    }
+
     pub fn node_count(&self) -> usize {
         self.nodes.len()
     }

@@ -167,6 +167,18 @@ pub enum ObservedState {
 }
 
 impl ObservedState {
+    /// Every state, in declaration order (`as usize` indexes it).
+    pub const ALL: [ObservedState; 8] = [
+        ObservedState::Pending,
+        ObservedState::Starting,
+        ObservedState::Running,
+        ObservedState::Stopping,
+        ObservedState::Stopped,
+        ObservedState::Failed,
+        ObservedState::Lost,
+        ObservedState::Queued,
+    ];
+
     pub fn as_str(&self) -> &'static str {
         match self {
             ObservedState::Pending => "pending",

@@ -26,6 +26,7 @@ async fn start() -> (Node, Channel, tempfile::TempDir) {
         tuning: RaftTuning::default(),
         vm_backend: None,
         reconciler: Default::default(),
+        meter: None,
     };
     let node = Node::start(cfg).await.expect("node starts");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);

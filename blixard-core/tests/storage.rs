@@ -53,6 +53,7 @@ fn config(id: NodeId, port: u16, dir: &Path, tuning: RaftTuning) -> NodeConfig {
         tuning,
         vm_backend: None,
         reconciler: Default::default(),
+        meter: None,
     }
 }
 

@@ -38,6 +38,7 @@ fn config(dir: &Path, port: u16) -> NodeConfig {
         tuning: RaftTuning::default(),
         vm_backend: None,
         reconciler: Default::default(),
+        meter: None,
     }
 }
 

@@ -539,6 +539,7 @@ fn spawn_node(
         tuning: sim_tuning(),
         vm_backend,
         reconciler: sim_reconciler(),
+        meter: None,
     };
     let live = Arc::new(Mutex::new(Weak::new()));
     let slot = live.clone();

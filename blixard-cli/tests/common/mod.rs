@@ -127,6 +127,11 @@ pub fn start_node_backend(
     if let Some(p) = join {
         cmd.args(["--join", &loopback(p)]);
     }
+    if !extra.contains(&"--metrics-addr") {
+        // An ephemeral port: the default (bind port + 1000) could be another
+        // test's node port.
+        cmd.args(["--metrics-addr", "127.0.0.1:0"]);
+    }
     cmd.spawn().expect("spawn blixard node")
 }
 

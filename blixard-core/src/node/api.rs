@@ -36,6 +36,7 @@ pub async fn serve(
     stop: oneshot::Receiver<()>,
 ) -> Result<tokio::task::JoinHandle<()>, NodeError> {
     let router = tonic::transport::Server::builder()
+        .layer(crate::metrics::grpc::ApiMetricsLayer::new(shared.metrics.clone()))
         .add_service(
             RaftServiceServer::new(RaftGrpc::new(shared.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

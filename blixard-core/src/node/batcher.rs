@@ -13,6 +13,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::command::{CommandResult, Proposal, ProposalBatch};
+use crate::metrics::NodeMetrics;
 use crate::raft::Raft;
 use crate::types::NodeId;
 
@@ -56,9 +57,9 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    pub fn start(raft: Raft) -> Self {
+    pub fn start(raft: Raft, metrics: Arc<NodeMetrics>) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(raft, rx));
+        tokio::spawn(run(raft, rx, metrics));
         Self { tx }
     }
 
@@ -72,7 +73,7 @@ impl Batcher {
     }
 }
 
-async fn run(raft: Raft, mut rx: mpsc::Receiver<(Proposal, Reply)>) {
+async fn run(raft: Raft, mut rx: mpsc::Receiver<(Proposal, Reply)>, metrics: Arc<NodeMetrics>) {
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     loop {
         let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
@@ -114,6 +115,8 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<(Proposal, Reply)>) {
             }
             continue;
         }
+        metrics.proposals.add(proposals.len() as u64);
+        metrics.batch_proposals.record(proposals.len() as u64);
         let raft = raft.clone();
         tokio::spawn(async move {
             let outcome =

@@ -25,6 +25,7 @@ use tokio::sync::oneshot;
 
 use crate::command::{Command, CommandOutput, CommandResult, Proposal, RequestId};
 use crate::error::CommandError;
+use crate::metrics::NodeMetrics;
 use crate::raft::log_store::{LogStore, WriterStats};
 use crate::raft::network::{NetworkFactory, PeerChannels, RaftRpc, RpcFailure};
 use crate::raft::state_machine::StateMachineStore;
@@ -65,6 +66,9 @@ pub struct NodeConfig {
     /// only node: VMs placed here stay pending).
     pub vm_backend: Option<Arc<dyn VmBackend>>,
     pub reconciler: ReconcilerConfig,
+    /// Where the node's metrics go (see [`crate::metrics`]); `None` records
+    /// nothing.
+    pub meter: Option<opentelemetry::metrics::Meter>,
 }
 
 impl std::fmt::Debug for NodeConfig {
@@ -80,6 +84,7 @@ impl std::fmt::Debug for NodeConfig {
             .field("tuning", &self.tuning)
             .field("vm_backend", &self.vm_backend.as_ref().map(|b| b.describe()))
             .field("reconciler", &self.reconciler)
+            .field("meter", &self.meter.is_some())
             .finish()
     }
 }
@@ -311,6 +316,7 @@ pub struct NodeShared {
     pub liveness: liveness::LeaderView,
     /// This node's fencing lease: VMs may start only while it is valid.
     pub fence: liveness::Fence,
+    pub metrics: Arc<NodeMetrics>,
 }
 
 pub struct Node {
@@ -370,22 +376,24 @@ impl Node {
             }
         };
 
+        let metrics = NodeMetrics::new(cfg.meter.as_ref(), cfg.id);
         let log_path = cfg.data_dir.join(identity::LOG_FILE);
-        let mut log = LogStore::open(&log_path)
+        let mut log = LogStore::open_with_metrics(&log_path, metrics.clone())
             .map_err(|e| NodeError::Log { path: log_path.clone(), reason: e.to_string() })?;
         let has_raft_state = log.has_state();
         let log_writer = log.take_writer();
         let log_stats = log.stats();
         let state = Arc::new(ClusterState::new());
         let sm = StateMachineStore::open(&cfg.data_dir, state.clone())
-            .map_err(|source| NodeError::Snapshot { dir: cfg.data_dir.clone(), source })?;
+            .map_err(|source| NodeError::Snapshot { dir: cfg.data_dir.clone(), source })?
+            .with_metrics(metrics.clone());
         let cluster_id: Arc<str> = Arc::from(ident.cluster_id.as_str());
         let network =
             NetworkFactory { channels: channels.clone(), cluster_id: cluster_id.clone(), from: cfg.id };
         let config = cfg.tuning.to_config(&ident.cluster_id).map_err(|e| NodeError::Config(e.to_string()))?;
         let raft =
             Raft::new(cfg.id, config, network, log, sm).await.map_err(|e| NodeError::Raft(e.to_string()))?;
-        let batcher = Batcher::start(raft.clone());
+        let batcher = Batcher::start(raft.clone(), metrics.clone());
 
         let shared = Arc::new(NodeShared {
             id: cfg.id,
@@ -405,7 +413,10 @@ impl Node {
             tuning: cfg.tuning.clone(),
             liveness: Default::default(),
             fence: Default::default(),
+            metrics,
         });
+        let observed: std::sync::Weak<dyn crate::metrics::Observed> = Arc::downgrade(&shared) as _;
+        shared.metrics.observe(observed);
         let (stop_tx, stop_rx) = oneshot::channel();
         let server = api::serve(shared.clone(), cfg.bind, stop_rx).await?;
         let node = Node {
@@ -416,6 +427,7 @@ impl Node {
             reconciler: Mutex::new(None),
             election: Mutex::new(Some(tokio::spawn(election::run(shared.clone())))),
             liveness: Mutex::new(vec![
+                tokio::spawn(count_leader_changes(shared.clone())),
                 tokio::spawn(liveness::heartbeat_loop(shared.clone())),
                 tokio::spawn(liveness::monitor_loop(shared.clone())),
             ]),
@@ -938,5 +950,52 @@ fn membership_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -
         RaftError::Fatal(_) => ApiError::OutcomeUnknown(
             "the node stopped during the membership change; check `cluster members`".into(),
         ),
+    }
+}
+
+/// Counts leader changes as this node sees them (metrics).
+async fn count_leader_changes(shared: Arc<NodeShared>) {
+    let mut m = shared.raft.metrics();
+    let mut leader = m.borrow().current_leader;
+    while m.changed().await.is_ok() {
+        let now = m.borrow().current_leader;
+        if now != leader {
+            leader = now;
+            shared.metrics.leader_changes.add(1);
+        }
+    }
+}
+
+impl crate::metrics::Observed for NodeShared {
+    fn raft(&self) -> crate::metrics::RaftFigures {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        crate::metrics::RaftFigures {
+            term: m.current_term,
+            leader: m.current_leader.unwrap_or(0),
+            is_leader: m.state == ServerState::Leader,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            commit_index: self.log_stats.committed.load(std::sync::atomic::Ordering::Relaxed),
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+        }
+    }
+
+    fn vms_by_state(&self) -> Vec<u64> {
+        let mut counts = vec![0u64; crate::types::ObservedState::ALL.len()];
+        self.state.for_each_vm_on(self.id, |vm| counts[vm.observed as usize] += 1);
+        counts
+    }
+
+    fn queued_vms(&self) -> u64 {
+        self.state.queued_count() as u64
+    }
+
+    fn node_resources(&self) -> Option<[[u64; 3]; 3]> {
+        const MIB: u64 = 1 << 20;
+        const GIB: u64 = 1 << 30;
+        self.state.with_node(self.id, |n| {
+            [n.resources.capacity, n.allocatable(), n.allocated]
+                .map(|r| [u64::from(r.vcpus), r.memory_mb.saturating_mul(MIB), r.disk_gb.saturating_mul(GIB)])
+        })
     }
 }

@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{blocking, Entry, LogId, StorageError, TypeConfig, Vote};
 use crate::codec;
 use crate::format::{self, FormatError};
+use crate::metrics::NodeMetrics;
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -61,6 +62,8 @@ enum Op {
 pub struct WriterStats {
     pub commits: std::sync::atomic::AtomicU64,
     pub entries: std::sync::atomic::AtomicU64,
+    /// The commit index openraft last saved (metrics).
+    pub committed: std::sync::atomic::AtomicU64,
 }
 
 /// openraft's log storage handle.
@@ -80,11 +83,19 @@ pub struct LogReader {
 impl LogStore {
     /// Opens (or creates) the log at `path` and starts its writer task.
     pub fn open(path: &Path) -> Result<Self, OpenError> {
+        Self::open_with_metrics(path, NodeMetrics::noop(0))
+    }
+
+    /// [`LogStore::open`], recording write sizes and fsync times in `metrics`.
+    pub fn open_with_metrics(path: &Path, metrics: Arc<NodeMetrics>) -> Result<Self, OpenError> {
         let db = Database::create(path)?;
         let cache = load(&db)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(WriterStats::default());
-        let writer = tokio::spawn(writer(db, rx, stats.clone()));
+        if let Some(c) = cache.committed {
+            stats.committed.store(c.index, std::sync::atomic::Ordering::Relaxed);
+        }
+        let writer = tokio::spawn(writer(db, rx, stats.clone(), metrics));
         Ok(Self { cache: Arc::new(RwLock::new(cache)), tx, stats, writer: Some(writer) })
     }
 
@@ -240,7 +251,12 @@ enum Done {
     Vote(oneshot::Sender<std::io::Result<()>>),
 }
 
-async fn writer(db: Database, mut rx: mpsc::UnboundedReceiver<Op>, stats: Arc<WriterStats>) {
+async fn writer(
+    db: Database,
+    mut rx: mpsc::UnboundedReceiver<Op>,
+    stats: Arc<WriterStats>,
+    metrics: Arc<NodeMetrics>,
+) {
     let db = Arc::new(db);
     let mut failed: Option<String> = None;
     let mut ops = Vec::new();
@@ -284,10 +300,18 @@ async fn writer(db: Database, mut rx: mpsc::UnboundedReceiver<Op>, stats: Arc<Wr
             Some(why) => Err(why.clone()),
             None => {
                 let db2 = db.clone();
-                match blocking(move || commit_group(&db2, raw, needs_fsync)).await {
+                let started = std::time::Instant::now();
+                let r = match blocking(move || commit_group(&db2, raw, needs_fsync)).await {
                     Ok(r) => r,
                     Err(e) => Err(e.to_string()),
+                };
+                if needs_fsync {
+                    metrics.log_fsync_seconds.record(started.elapsed().as_secs_f64());
                 }
+                if entries_in_group > 0 {
+                    metrics.log_write_entries.record(entries_in_group);
+                }
+                r
             }
         };
         if let Err(why) = &result {
@@ -426,6 +450,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         self.cache.write().committed = committed;
+        if let Some(c) = committed {
+            self.stats.committed.store(c.index, std::sync::atomic::Ordering::Relaxed);
+        }
         self.send(Op::Committed { committed })
     }
 

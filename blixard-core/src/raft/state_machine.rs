@@ -26,6 +26,7 @@ use crate::codec;
 use crate::command::{CommandOutput, CommandResult};
 use crate::format::{self, FormatError};
 use crate::legacy;
+use crate::metrics::NodeMetrics;
 use crate::state::{ClusterState, StateImage};
 
 const SNAPSHOT_FILE: &str = "snapshot.bin";
@@ -45,6 +46,7 @@ pub struct StateMachineStore {
     current: Arc<Mutex<Option<StoredSnapshot>>>,
     /// Distinguishes snapshots built at the same log id.
     built: u64,
+    metrics: Arc<NodeMetrics>,
 }
 
 impl StateMachineStore {
@@ -58,6 +60,7 @@ impl StateMachineStore {
             dir: dir.to_path_buf(),
             current: Arc::new(Mutex::new(None)),
             built: 0,
+            metrics: NodeMetrics::noop(0),
         };
         let path = dir.join(SNAPSHOT_FILE);
         match std::fs::read(&path) {
@@ -80,6 +83,12 @@ impl StateMachineStore {
 
     pub fn state(&self) -> &Arc<ClusterState> {
         &self.state
+    }
+
+    /// Records apply times, placements and snapshots in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<NodeMetrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 }
 
@@ -145,6 +154,7 @@ pub struct SnapshotBuilder {
     snap: Option<StoredSnapshot>,
     dir: PathBuf,
     current: Arc<Mutex<Option<StoredSnapshot>>>,
+    metrics: Arc<NodeMetrics>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -154,6 +164,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             .take()
             .ok_or_else(|| StorageIOError::write_snapshot(None, AnyError::error("snapshot already built")))?;
         persist_off_executor(&self.dir, &snap).await?;
+        self.metrics.snapshots_built.add(1);
+        self.metrics.snapshot_built_bytes.record(snap.data.len() as u64);
         let out = to_snapshot(&snap);
         *self.current.lock() = Some(snap);
         Ok(out)
@@ -172,6 +184,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let started = std::time::Instant::now();
         let entries = entries.into_iter();
         let mut out = Vec::with_capacity(entries.size_hint().0);
         // One run for the whole batch of entries: readers see its VM changes
@@ -181,7 +194,15 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             self.last_applied = Some(e.log_id);
             out.push(match e.payload {
                 EntryPayload::Blank => vec![Ok(CommandOutput::Internal)],
-                EntryPayload::Normal(batch) => batch.0.iter().map(|p| run.apply(p, e.log_id.index)).collect(),
+                EntryPayload::Normal(batch) => batch
+                    .0
+                    .iter()
+                    .map(|p| {
+                        let r = run.apply(p, e.log_id.index);
+                        self.metrics.record_outcome(&r);
+                        r
+                    })
+                    .collect(),
                 EntryPayload::Membership(m) => {
                     self.membership = StoredMembership::new(Some(e.log_id), m);
                     vec![Ok(CommandOutput::Internal)]
@@ -189,6 +210,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             });
         }
         drop(run);
+        self.metrics.apply_entries.record(out.len() as u64);
+        self.metrics.apply_seconds.record(started.elapsed().as_secs_f64());
         Ok(out)
     }
 
@@ -211,6 +234,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             snap: Some(StoredSnapshot { meta, data }),
             dir: self.dir.clone(),
             current: self.current.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 
@@ -231,6 +255,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         // the restart must not come back with a log that starts past an
         // older snapshot.
         persist_off_executor(&self.dir, &snap).await?;
+        self.metrics.snapshots_installed.add(1);
+        self.metrics.snapshot_installed_bytes.record(snap.data.len() as u64);
         self.state.restore(image);
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
