@@ -1,0 +1,163 @@
+//! What metrics cost the write path (issue 9, item 7): `blixard bench` at
+//! 1, 16 and 256 clients against a 3-node cluster with metrics on (every
+//! node serving /metrics, scraped every second during the run, as a
+//! Prometheus would) and against an identical cluster with
+//! `--metrics-addr none`, in one run. Both clusters run side by side on
+//! loopback; only the one under test gets load. The runs alternate
+//! (on, off, off, on, ...) to spread drift in the machine's state evenly,
+//! and the table gives each level's median over the rounds.
+//!
+//! A bench binary: it prints figures and asserts nothing about time.
+//! Run: `cargo bench -p blixard-cli --bench metrics_overhead`
+//! (BLIXARD_BENCH_ROUNDS=N, default 3; BLIXARD_BENCH_SECONDS=S, default 10).
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+const LEVELS: [u64; 3] = [1, 16, 256];
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+struct Cluster {
+    nodes: Nodes,
+    metrics: Vec<String>,
+}
+
+fn cluster(root: &std::path::Path, name: &str, metrics_on: bool) -> Cluster {
+    let dirs: Vec<_> = (1..=3).map(|i| root.join(format!("{name}-{i}"))).collect();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let metrics: Vec<String> =
+        (0..3).map(|_| if metrics_on { loopback(free_port()) } else { "none".to_string() }).collect();
+    let mut procs = Vec::new();
+    for i in 0..3 {
+        let join = (i > 0).then_some(ports[0]);
+        let extra = ["--metrics-addr", metrics[i].as_str()];
+        let capacity = ["4096", "4194304", "100000"];
+        procs
+            .push((i as u64 + 1, start_node_sized(i as u64 + 1, ports[i], &dirs[i], join, capacity, &extra)));
+    }
+    let nodes = Nodes { procs, dirs, ports };
+    let port = nodes.port(1);
+    eventually("three registered nodes", 90, || {
+        let v: Value = serde_json::from_slice(&cli(port, &["node", "list", "-o", "json"]).stdout).ok()?;
+        (v.as_array()?.len() == 3).then_some(())
+    });
+    Cluster { nodes, metrics: if metrics_on { metrics } else { Vec::new() } }
+}
+
+/// The address of the cluster's leader.
+fn leader(c: &Cluster) -> String {
+    let v = json_of(c.nodes.port(1), &["cluster", "status", "-o", "json"]);
+    let id = v["leader_id"].as_u64().expect("a leader");
+    c.nodes.addr(id)
+}
+
+/// Scrapes every endpoint once a second until `stop`.
+fn scraper(endpoints: Vec<String>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut scrapes = 0;
+        while !stop.load(Ordering::Relaxed) {
+            for e in &endpoints {
+                use std::io::{Read, Write};
+                if let Ok(mut s) = std::net::TcpStream::connect(e) {
+                    let _ = write!(s, "GET /metrics HTTP/1.1\r\nHost: {e}\r\nConnection: close\r\n\r\n");
+                    let mut body = Vec::new();
+                    if s.read_to_end(&mut body).is_ok() && body.starts_with(b"HTTP/1.1 200") {
+                        scrapes += 1;
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        scrapes
+    })
+}
+
+/// One `blixard bench` run at every level: (writes/s, p50 ms, p99 ms).
+fn bench(c: &Cluster, seconds: u64) -> Vec<(f64, f64, f64)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let scrape = (!c.metrics.is_empty()).then(|| scraper(c.metrics.clone(), stop.clone()));
+    let levels = LEVELS.map(|l| l.to_string()).join(",");
+    let out = Command::new(BIN)
+        .args([
+            "--addr",
+            &leader(c),
+            "bench",
+            "--clients",
+            &levels,
+            "--seconds",
+            &seconds.to_string(),
+            "--json",
+        ])
+        .output()
+        .expect("run blixard bench");
+    stop.store(true, Ordering::Relaxed);
+    if let Some(h) = scrape {
+        let n = h.join().unwrap();
+        assert!(n > 0, "the metrics endpoints were never scraped");
+    }
+    assert!(out.status.success(), "blixard bench failed: {}", stderr(&out));
+    stdout(&out)
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).expect("one JSON object per level");
+            assert_eq!(v["errors"].as_u64(), Some(0), "{v}");
+            (
+                v["writes_per_sec"].as_f64().unwrap(),
+                v["p50_ms"].as_f64().unwrap(),
+                v["p99_ms"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() {
+    let rounds = env_u64("BLIXARD_BENCH_ROUNDS", 3);
+    let seconds = env_u64("BLIXARD_BENCH_SECONDS", 10);
+    let root = tempfile::tempdir().unwrap();
+    let on = cluster(root.path(), "on", true);
+    let off = cluster(root.path(), "off", false);
+    println!("{rounds} rounds of {seconds}s per level, alternating; medians over rounds");
+    let mut runs: [Vec<Vec<(f64, f64, f64)>>; 2] = [Vec::new(), Vec::new()];
+    for r in 0..rounds {
+        let order = if r % 2 == 0 { [0, 1] } else { [1, 0] };
+        for which in order {
+            let c = if which == 0 { &on } else { &off };
+            let levels = bench(c, seconds);
+            let label = if which == 0 { "on " } else { "off" };
+            let figures: Vec<String> = levels.iter().map(|(w, _, _)| format!("{w:.0}")).collect();
+            println!("round {} metrics {label}: writes/s {}", r + 1, figures.join(" / "));
+            runs[which].push(levels);
+        }
+    }
+    println!();
+    println!(
+        "| clients | metrics on: writes/s (p50 / p99 ms) | metrics off: writes/s (p50 / p99 ms) | on / off |"
+    );
+    println!("|---|---|---|---|");
+    for (i, clients) in LEVELS.iter().enumerate() {
+        let col = |which: usize, f: fn(&(f64, f64, f64)) -> f64| {
+            median(runs[which].iter().map(|l| f(&l[i])).collect())
+        };
+        let (won, p50on, p99on) = (col(0, |t| t.0), col(0, |t| t.1), col(0, |t| t.2));
+        let (woff, p50off, p99off) = (col(1, |t| t.0), col(1, |t| t.1), col(1, |t| t.2));
+        println!(
+            "| {clients} | {won:.0} ({p50on:.2} / {p99on:.2}) | {woff:.0} ({p50off:.2} / {p99off:.2}) | {:.3} |",
+            won / woff
+        );
+    }
+}
