@@ -94,6 +94,7 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Item>) {
             batch.size = tracing::field::Empty,
             raft.commit_index = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty,
         );
         while proposals.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -125,6 +126,7 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Item>) {
         };
         if let Some(known) = leader {
             span.record("otel.status_code", "ERROR");
+            span.record("otel.status_description", "not the leader");
             drop(permit);
             for reply in replies {
                 let _ = reply.send(Err(SubmitError::NotLeader(known.clone())));
