@@ -85,14 +85,16 @@ pub async fn serve(
         // with delayed ACKs would add up to 40 ms to a round trip.
         let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         Ok(tokio::spawn(async move {
-            // The health task lives as long as the server.
-            tokio::select! {
-                r = router.serve_with_incoming_shutdown(incoming, signal) => {
-                    if let Err(e) = r {
-                        tracing::error!(error = %e, "gRPC server stopped");
-                    }
-                }
-                () = health => {}
+            // The health task lives as long as the server (it ends early
+            // only if Raft stops; the server goes on).
+            let server = router.serve_with_incoming_shutdown(incoming, signal);
+            tokio::pin!(server);
+            let r = tokio::select! {
+                r = &mut server => r,
+                () = health => server.await,
+            };
+            if let Err(e) = r {
+                tracing::error!(error = %e, "gRPC server stopped");
             }
         }))
     }
