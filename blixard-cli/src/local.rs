@@ -15,6 +15,7 @@ use clap::Args;
 use std::sync::Arc;
 
 use crate::prometheus::MetricsAddr;
+use crate::telemetry::{self, LogFormat};
 use crate::{default_data_dir, labels_map, parse_label, Failure, DEFAULT_PORT};
 
 #[derive(Args, Clone)]
@@ -113,11 +114,36 @@ pub struct StartArgs {
     #[arg(long, env = "RUST_LOG", default_value = "info,openraft=warn")]
     pub log: String,
     #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+    #[command(flatten)]
     pub vms: VmArgs,
     /// Serve Prometheus metrics at http://HOST:PORT/metrics (default: the
     /// --bind host, port + 1000; `none` disables).
     #[arg(long, value_name = "HOST:PORT|none")]
     pub metrics_addr: Option<String>,
+}
+
+#[derive(Args, Clone)]
+pub struct TelemetryArgs {
+    /// Log line format on stderr: text, or json (one object per line).
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Export trace spans over OTLP/gRPC to this collector (e.g.
+    /// http://127.0.0.1:4317). Without it no span is exported.
+    #[arg(long, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+}
+
+impl TelemetryArgs {
+    /// The same flags for a child `node start`.
+    fn to_args(&self) -> Vec<String> {
+        let mut out = vec!["--log-format".to_string(), self.log_format.as_str().to_string()];
+        if let Some(url) = &self.otlp_endpoint {
+            out.push("--otlp-endpoint".into());
+            out.push(url.clone());
+        }
+        out
+    }
 }
 
 #[derive(Args, Clone)]
@@ -144,6 +170,8 @@ pub struct UpArgs {
     pub data_dir: PathBuf,
     #[command(flatten)]
     pub capacity: CapacityArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
     #[command(flatten)]
     pub vms: VmArgs,
     /// Serve each node's Prometheus metrics on its port + 1000.
@@ -182,13 +210,8 @@ fn free_disk_gb(dir: &Path) -> Option<u64> {
 
 pub async fn node_start(args: StartArgs) -> Result<(), Failure> {
     let mut signals = Signals::install()?;
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
-        .map_err(|e| Failure::new(format!("invalid --log filter {:?}: {e}", args.log)))?;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let t = &args.telemetry;
+    let telemetry = telemetry::init(&args.log, t.log_format, t.otlp_endpoint.as_deref(), args.id)?;
     let data_dir = args.data_dir.clone().unwrap_or_else(|| default_data_dir(args.id));
     std::fs::create_dir_all(&data_dir)
         .map_err(|e| Failure::new(format!("cannot create data dir {}: {e}", data_dir.display())))?;
@@ -243,6 +266,7 @@ pub async fn node_start(args: StartArgs) -> Result<(), Failure> {
     signals.recv().await;
     eprintln!("shutting down node {}", args.id);
     node.shutdown().await;
+    telemetry.shutdown().await;
     Ok(())
 }
 
@@ -371,6 +395,7 @@ pub async fn up(args: UpArgs) -> Result<(), Failure> {
             cmd.args(["--join", &seed]);
         }
         cmd.args(args.capacity.to_args());
+        cmd.args(args.telemetry.to_args());
         cmd.args(["--vm-backend", &args.vms.vm_backend]);
         if let Some(c) = &args.vms.image_cache {
             cmd.arg("--image-cache").arg(c);

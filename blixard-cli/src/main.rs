@@ -8,6 +8,7 @@ mod local;
 mod moves;
 mod output;
 mod prometheus;
+mod telemetry;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -109,7 +110,7 @@ enum QuotaCmd {
 #[derive(Subcommand)]
 enum NodeCmd {
     /// Start a node: bootstrap a new cluster, join one, or resume from --data-dir.
-    Start(local::StartArgs),
+    Start(Box<local::StartArgs>),
     #[command(flatten)]
     Client(NodeClientCmd),
 }
@@ -394,7 +395,7 @@ async fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Cmd::Node(NodeCmd::Start(args)) => local::node_start(args).await,
+        Cmd::Node(NodeCmd::Start(args)) => local::node_start(*args).await,
         Cmd::Node(NodeCmd::Client(c)) => node(&cli.addr, c).await,
         Cmd::Up(args) => local::up(args).await,
         Cmd::Cluster(c) => cluster(&cli.addr, c).await,

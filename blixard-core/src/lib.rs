@@ -11,6 +11,7 @@ pub mod raft;
 pub mod reconciler;
 pub mod scheduler;
 pub mod state;
+pub mod trace;
 pub mod types;
 pub mod validate;
 pub mod vm_table;

@@ -18,6 +18,7 @@ use std::time::Duration;
 use blixard_vm::{BootSource, RunState, VmBackend, VmConfig, VmError, VmStatus};
 use parking_lot::Mutex;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::command::{Command, VmReport};
 use crate::metrics::Action;
@@ -99,6 +100,17 @@ enum Busy {
     Starting,
     Stopping,
     Deleting,
+}
+
+impl Busy {
+    /// The name of the action's trace span.
+    fn span_name(self) -> &'static str {
+        match self {
+            Busy::Starting => "reconcile.start",
+            Busy::Stopping => "reconcile.stop",
+            Busy::Deleting => "reconcile.delete",
+        }
+    }
 }
 
 pub struct Reconciler {
@@ -503,7 +515,15 @@ impl Reconciler {
         let busy = self.busy.clone();
         let results = self.start_results.clone();
         let metrics = self.node.metrics.clone();
-        tokio::spawn(async move {
+        // Its own trace: an action follows a state change, not a request.
+        let span = tracing::debug_span!(
+            parent: None,
+            "reconcile",
+            otel.name = kind.span_name(),
+            vm = %name,
+            why,
+        );
+        let action = async move {
             match (kind, start) {
                 (Busy::Starting, Some((config, stop_first))) => {
                     if stop_first {
@@ -544,7 +564,8 @@ impl Reconciler {
                 (Busy::Starting, None) => {}
             }
             busy.lock().remove(&name);
-        });
+        };
+        tokio::spawn(action.instrument(span));
     }
 
     /// What to report for one VM.

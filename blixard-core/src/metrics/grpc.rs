@@ -1,6 +1,10 @@
-//! API request metrics as a tower layer around the gRPC server: one place
-//! counts every public call by method and status code and times it, so no
-//! handler has to remember to.
+//! API observability as one tower layer around the gRPC server: every
+//! public call is counted by method and status code, timed, and traced (a
+//! span per call, named by its method, continuing a caller's W3C
+//! `traceparent`), in one place, so no handler has to remember to and a new
+//! RPC gets all three. The span is DEBUG: when no trace exporter or debug
+//! log filter wants it, it is disabled at its call site and nothing else is
+//! done. The wrapper future is not boxed: no allocation per call.
 //!
 //! The code is read from the response headers: tonic answers a failed call
 //! with a trailers-only response (`grpc-status` in the headers), and a
@@ -136,20 +140,38 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Timed<S::Future> {
-        let slot = method_slot(req.uri().path());
-        Timed {
-            inner: self.inner.call(req),
-            timing: slot.map(|slot| (slot, Instant::now(), self.metrics.clone())),
+        let path = req.uri().path();
+        let Some(slot) = method_slot(path) else {
+            return Timed { inner: self.inner.call(req), timing: None, span: tracing::Span::none() };
+        };
+        let span = tracing::debug_span!(
+            "rpc",
+            otel.name = path.trim_start_matches('/'),
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.grpc.status_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        if !span.is_disabled() {
+            if let Some(tp) = req.headers().get(crate::trace::TRACEPARENT).and_then(|v| v.to_str().ok()) {
+                crate::trace::set_parent(&span, tp);
+            }
         }
+        let inner = {
+            let _in = span.enter();
+            self.inner.call(req)
+        };
+        Timed { inner, timing: Some((slot, Instant::now(), self.metrics.clone())), span }
     }
 }
 
 pin_project_lite::pin_project! {
-    /// The handler's future, timed.
+    /// The handler's future, timed and inside its span.
     pub struct Timed<F> {
         #[pin]
         inner: F,
         timing: Option<(usize, Instant, Arc<NodeMetrics>)>,
+        span: tracing::Span,
     }
 }
 
@@ -161,7 +183,10 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let out = std::task::ready!(this.inner.poll(cx));
+        let out = {
+            let _in = this.span.enter();
+            std::task::ready!(this.inner.poll(cx))
+        };
         if let Some((slot, start, metrics)) = this.timing.take() {
             let code = match &out {
                 Ok(resp) => resp.headers().get("grpc-status").map_or(0, |v| code_of(v.as_bytes())),
@@ -169,6 +194,10 @@ where
                 Err(_) => 2,
             };
             metrics.api_request(slot, code, start.elapsed().as_secs_f64());
+            if !this.span.is_disabled() {
+                this.span.record("rpc.grpc.status_code", code as i64);
+                this.span.record("otel.status_code", if code == 0 { "OK" } else { "ERROR" });
+            }
         }
         Poll::Ready(out)
     }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::{mpsc, oneshot, Semaphore};
+use tracing::Instrument;
 
 use crate::command::{CommandResult, Proposal, ProposalBatch};
 use crate::metrics::NodeMetrics;
@@ -52,8 +53,12 @@ pub enum SubmitError {
 
 type Reply = oneshot::Sender<Result<(u64, CommandResult), SubmitError>>;
 
+/// A proposal, where to send its result, and the span it was submitted in
+/// (so its batch's span joins the submitter's trace).
+type Item = (Proposal, Reply, tracing::Span);
+
 pub struct Batcher {
-    tx: mpsc::Sender<(Proposal, Reply)>,
+    tx: mpsc::Sender<Item>,
 }
 
 impl Batcher {
@@ -67,13 +72,13 @@ impl Batcher {
     /// on this node, with the entry's log index and the proposal's result.
     pub async fn submit(&self, p: Proposal) -> Result<(u64, CommandResult), SubmitError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send((p, reply)).await.map_err(|_| SubmitError::Closed)?;
+        self.tx.send((p, reply, tracing::Span::current())).await.map_err(|_| SubmitError::Closed)?;
         // The batcher dropped the reply only if it stopped before submitting.
         rx.await.map_err(|_| SubmitError::Closed)?
     }
 }
 
-async fn run(raft: Raft, mut rx: mpsc::Receiver<(Proposal, Reply)>, metrics: Arc<NodeMetrics>) {
+async fn run(raft: Raft, mut rx: mpsc::Receiver<Item>, metrics: Arc<NodeMetrics>) {
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     loop {
         let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
@@ -82,15 +87,27 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<(Proposal, Reply)>, metrics: Arc
         let mut replies = Vec::with_capacity(8);
         proposals.push(first.0);
         replies.push(first.1);
+        // A child of the first submitter's span; linked to the others'.
+        let span = tracing::debug_span!(
+            parent: &first.2,
+            "batch",
+            otel.name = "raft.batch",
+            batch.size = tracing::field::Empty,
+            raft.commit_index = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty,
+        );
         while proposals.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok((p, r)) => {
+                Ok((p, r, from)) => {
                     proposals.push(p);
                     replies.push(r);
+                    span.follows_from(&from);
                 }
                 Err(_) => break,
             }
         }
+        span.record("batch.size", proposals.len());
         // Only a leader hands proposals to Raft. openraft answers "forward
         // to leader" both for a write it refused up front and for one it
         // appended and later lost to a log conflict (which another leader may
@@ -109,6 +126,8 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<(Proposal, Reply)>, metrics: Arc
             }
         };
         if let Some(known) = leader {
+            span.record("otel.status_code", "ERROR");
+            span.record("otel.status_description", "not the leader");
             drop(permit);
             for reply in replies {
                 let _ = reply.send(Err(SubmitError::NotLeader(known.clone())));
@@ -119,8 +138,9 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<(Proposal, Reply)>, metrics: Arc
         metrics.batch_proposals.record(proposals.len() as u64);
         let raft = raft.clone();
         tokio::spawn(async move {
-            let outcome =
-                tokio::time::timeout(WRITE_TIMEOUT, raft.client_write(ProposalBatch(proposals))).await;
+            let write = raft.client_write(ProposalBatch(proposals)).instrument(span.clone());
+            let outcome = tokio::time::timeout(WRITE_TIMEOUT, write).await;
+            span.record("otel.status_code", if matches!(outcome, Ok(Ok(_))) { "OK" } else { "ERROR" });
             drop(permit);
             let Ok(outcome) = outcome else {
                 tracing::warn!(
@@ -138,6 +158,7 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<(Proposal, Reply)>, metrics: Arc
             match outcome {
                 Ok(resp) => {
                     let index = resp.log_id.index;
+                    span.record("raft.commit_index", index);
                     for (reply, result) in replies.into_iter().zip(resp.data) {
                         let _ = reply.send(Ok((index, result)));
                     }

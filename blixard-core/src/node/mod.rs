@@ -7,6 +7,8 @@
 pub mod api;
 pub mod batcher;
 pub mod election;
+#[cfg(not(madsim))]
+mod health;
 pub mod identity;
 pub mod liveness;
 pub mod raft_service;
@@ -22,6 +24,7 @@ use openraft::{BasicNode, ChangeMembers, ServerState};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
+use tracing::Instrument;
 
 use crate::command::{Command, CommandOutput, CommandResult, Proposal, RequestId};
 use crate::error::CommandError;
@@ -684,8 +687,28 @@ impl NodeShared {
                 // floor, so a late attempt can still succeed).
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                 let wait = FORWARD_TIMEOUT.min(left.max(Duration::from_millis(500)));
-                let call =
-                    self.channels.call(&addr, RaftRpc::Propose, &self.cluster_id, self.id, &proposal, wait);
+                // The forward is a span of the caller's trace, and the
+                // leader's handler continues it (trace.rs).
+                let span = tracing::debug_span!(
+                    "forward",
+                    otel.name = "raft.forward",
+                    otel.kind = "client",
+                    leader = id,
+                    otel.status_code = tracing::field::Empty,
+                );
+                let traceparent = crate::trace::traceparent(&span);
+                let call = self
+                    .channels
+                    .call_traced(
+                        &addr,
+                        RaftRpc::Propose,
+                        &self.cluster_id,
+                        self.id,
+                        &proposal,
+                        wait,
+                        traceparent,
+                    )
+                    .instrument(span.clone());
                 // A leader that went silent (cut off, paused) holds the
                 // forward until its deadline; once this node learns of a
                 // newer leader, stop waiting and retry there under the same
@@ -703,6 +726,7 @@ impl NodeShared {
                         return Err(undecided(in_doubt, last));
                     }
                 };
+                span.record("otel.status_code", if matches!(reply, Ok(Ok(_))) { "OK" } else { "ERROR" });
                 match reply {
                     Ok(Ok((index, result))) => return self.finish(index, result).await,
                     Ok(Err(e @ (ForwardError::NotLeader { .. } | ForwardError::Unavailable(_)))) => {

@@ -13,6 +13,7 @@ use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapsho
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::batcher::SubmitError;
 use super::election::{self, PreVoteRequest};
@@ -92,9 +93,18 @@ impl RaftService for RaftGrpc {
     }
 
     async fn propose(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        // Continues the forwarding follower's trace, if it sent one.
+        let span = tracing::debug_span!(
+            "propose_handler",
+            otel.name = "raft.Propose",
+            otel.kind = "server",
+            from = request.get_ref().from,
+        );
+        crate::trace::continue_from(&span, request.metadata());
         let p: Proposal = self.open(request)?;
         // Forwarded writes join the leader's batches like local ones.
-        let out: ProposeReply = self.node.batcher.submit(p).await.map_err(|e| match e {
+        let submit = self.node.batcher.submit(p).instrument(span).await;
+        let out: ProposeReply = submit.map_err(|e| match e {
             SubmitError::NotLeader(leader) => ForwardError::NotLeader { leader },
             SubmitError::Unknown { why, .. } => ForwardError::Unknown(why.to_string()),
             SubmitError::Closed => {

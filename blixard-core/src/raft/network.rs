@@ -117,18 +117,37 @@ impl PeerChannels {
         req: &Req,
         deadline: Duration,
     ) -> Result<Resp, RpcFailure> {
+        self.call_traced(addr, rpc, cluster_id, from, req, deadline, None).await
+    }
+
+    /// [`call`](Self::call) carrying a W3C `traceparent` in the request's
+    /// metadata, so the peer continues the caller's trace.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn call_traced<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        addr: &str,
+        rpc: RaftRpc,
+        cluster_id: &str,
+        from: NodeId,
+        req: &Req,
+        deadline: Duration,
+        traceparent: Option<String>,
+    ) -> Result<Resp, RpcFailure> {
         let payload = codec::encode(req)
             .map_err(|e| RpcFailure::BadReply { addr: addr.to_string(), reason: e.to_string() })?;
         // Leave room for the envelope; the peer would refuse the message anyway.
         if payload.len() > MAX_MESSAGE_BYTES - 4096 {
             return Err(RpcFailure::TooLarge { bytes: payload.len() });
         }
-        let request = RaftRequest {
+        let mut request = tonic::Request::new(RaftRequest {
             cluster_id: cluster_id.to_string(),
             from,
             payload,
             format: u32::from(format::CURRENT),
-        };
+        });
+        if let Some(tp) = traceparent.and_then(|tp| tonic::metadata::MetadataValue::try_from(tp).ok()) {
+            request.metadata_mut().insert(crate::trace::TRACEPARENT, tp);
+        }
         let mut client = RaftServiceClient::new(self.channel(addr)?)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
