@@ -13,3 +13,4 @@ pub mod state;
 pub mod types;
 pub mod validate;
 pub mod vm_table;
+pub mod watch;

@@ -67,7 +67,7 @@ impl StateMachineStore {
                 let snap: StoredSnapshot =
                     codec::decode_trusted(body).map_err(|e| std::io::Error::other(format!("{what}: {e}")))?;
                 let image = decode_image(&what, &snap.data).map_err(std::io::Error::other)?;
-                sm.state.restore(image);
+                sm.state.restore(image, snap.meta.last_log_id.map_or(0, |l| l.index));
                 sm.last_applied = snap.meta.last_log_id;
                 sm.membership = snap.meta.last_membership.clone();
                 *sm.current.lock() = Some(snap);
@@ -179,6 +179,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut run = self.state.begin_apply();
         for e in entries {
             self.last_applied = Some(e.log_id);
+            run.advance(e.log_id.index);
             out.push(match e.payload {
                 EntryPayload::Blank => vec![Ok(CommandOutput::Internal)],
                 EntryPayload::Normal(batch) => batch.0.iter().map(|p| run.apply(p, e.log_id.index)).collect(),
@@ -231,7 +232,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         // the restart must not come back with a log that starts past an
         // older snapshot.
         persist_off_executor(&self.dir, &snap).await?;
-        self.state.restore(image);
+        self.state.restore(image, meta.last_log_id.map_or(0, |l| l.index));
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         *self.current.lock() = Some(snap);
