@@ -666,20 +666,20 @@ impl ApplyRun<'_> {
         let index = self.entry.index;
         let mut changes = Vec::new();
         for (name, old) in std::mem::take(&mut self.entry.vms) {
-            let new = self.vms.get(&name).cloned();
-            let same = match (&old, &new) {
-                (Some(o), Some(n)) => Arc::ptr_eq(o, n) || o == n,
-                (None, None) => true,
-                _ => false,
-            };
-            if !same {
-                changes.push(Change::Vm { name, record: new });
+            match (old, self.vms.get(&name)) {
+                (Some(o), Some(n)) if Arc::ptr_eq(&o, n) || o == *n => {}
+                (_, Some(n)) => changes.push(Change::Vm { record: n.clone(), deleted: false }),
+                (Some(o), None) => changes.push(Change::Vm { record: o, deleted: true }),
+                (None, None) => {}
             }
         }
         for (id, old) in std::mem::take(&mut self.entry.nodes) {
             let new = self.state.nodes.get(&id).map(|n| n.value().clone());
-            if old != new {
-                changes.push(Change::Node { id, record: new.map(Arc::new) });
+            match (old, new) {
+                (Some(o), Some(n)) if o == n => {}
+                (_, Some(n)) => changes.push(Change::Node { record: Arc::new(n), deleted: false }),
+                (Some(o), None) => changes.push(Change::Node { record: Arc::new(o), deleted: true }),
+                (None, None) => {}
             }
         }
         if !changes.is_empty() {
@@ -2441,11 +2441,11 @@ mod tests {
                     .changes
                     .iter()
                     .map(|c| match c {
-                        Change::Vm { name, record } => {
-                            format!("{}vm {name}", if record.is_some() { "" } else { "-" })
+                        Change::Vm { record, deleted } => {
+                            format!("{}vm {}", if *deleted { "-" } else { "" }, record.name)
                         }
-                        Change::Node { id, record } => {
-                            format!("{}node {id}", if record.is_some() { "" } else { "-" })
+                        Change::Node { record, deleted } => {
+                            format!("{}node {}", if *deleted { "-" } else { "" }, record.id)
                         }
                     })
                     .collect();
@@ -2478,7 +2478,7 @@ mod tests {
         // The event carries the record as it is after the change: the
         // table's own Arc.
         let since = s.feed().since(4).unwrap();
-        let Change::Vm { record: Some(rec), .. } = &since.revisions[0].changes[0] else { panic!() };
+        let Change::Vm { record: rec, deleted: false } = &since.revisions[0].changes[0] else { panic!() };
         assert_eq!(rec.desired, DesiredState::Stopped);
         assert_eq!(rec.revision, 4);
         // Revision 6 is the last: watching from 7 waits.

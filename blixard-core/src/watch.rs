@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::types::{NodeId, NodeRecord, VmRecord};
+use crate::types::{NodeRecord, VmRecord};
 
 /// How many events the history keeps (whole revisions, oldest evicted
 /// first). An event is a few pointers plus a shared record (a VM's record is
@@ -35,11 +35,12 @@ pub const HISTORY_EVENTS: usize = 20_000;
 /// far-behind watcher holds the lock only briefly.
 const READ_BATCH: usize = 256;
 
-/// One change: the record after the revision, or `None` when it was removed.
+/// One change: the record after the revision, or, for a delete, as it was
+/// before.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Change {
-    Vm { name: Arc<str>, record: Option<Arc<VmRecord>> },
-    Node { id: NodeId, record: Option<Arc<NodeRecord>> },
+    Vm { record: Arc<VmRecord>, deleted: bool },
+    Node { record: Arc<NodeRecord>, deleted: bool },
 }
 
 /// Everything one Raft entry changed, VMs by name then nodes by id (the same
@@ -54,7 +55,7 @@ pub struct Revision {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[error(
     "compacted: revision {asked} is older than the retained history, which starts at revision {oldest}; \
-     re-list (vm list shows the current revision) and watch from there"
+     re-list (vm list) and watch from the current revision (cluster status shows it)"
 )]
 pub struct Compacted {
     pub asked: u64,
@@ -85,6 +86,8 @@ struct History {
 pub struct Feed {
     history: Mutex<History>,
     applied: tokio::sync::watch::Sender<u64>,
+    /// Set when the node shuts down: watchers end their streams.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Feed {
@@ -98,6 +101,7 @@ impl Default for Feed {
                 applied: 0,
             }),
             applied: tokio::sync::watch::channel(0).0,
+            closed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -119,6 +123,16 @@ impl Feed {
     /// The oldest revision a watcher may start from.
     pub fn oldest(&self) -> u64 {
         self.history.lock().oldest
+    }
+
+    /// Ends every watcher (the node is shutting down).
+    pub fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::Release);
+        self.applied.send_modify(|_| ());
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Wakes on every publish; the value is the last published revision.
@@ -192,7 +206,16 @@ mod tests {
     use super::*;
 
     fn rev(index: u64, events: usize) -> Revision {
-        let changes = (0..events).map(|i| Change::Node { id: i as NodeId, record: None }).collect();
+        let state = crate::state::ClusterState::new();
+        let register = crate::command::Command::RegisterNode {
+            id: 1,
+            addr: "127.0.0.1:7001".into(),
+            resources: crate::types::NodeResources::plain(crate::types::Resources::new(1, 256, 1)),
+            labels: Default::default(),
+        };
+        state.apply(&crate::command::Proposal { at_ms: 1, request: None, command: register }, 1).unwrap();
+        let node = Arc::new(state.with_node(1, |n| n.clone()).unwrap());
+        let changes = (0..events).map(|_| Change::Node { record: node.clone(), deleted: true }).collect();
         Revision { index, changes }
     }
 

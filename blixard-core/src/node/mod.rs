@@ -10,6 +10,7 @@ pub mod election;
 pub mod identity;
 pub mod liveness;
 pub mod raft_service;
+pub mod watch;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -377,6 +378,15 @@ impl Node {
         let log_writer = log.take_writer();
         let log_stats = log.stats();
         let state = Arc::new(ClusterState::new());
+        if let Ok(v) = std::env::var(watch::HISTORY_ENV) {
+            let events = v.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| {
+                NodeError::Config(format!(
+                    "{}={v:?}: expected a number of events above 0",
+                    watch::HISTORY_ENV
+                ))
+            })?;
+            state.feed().set_capacity(events);
+        }
         let sm = StateMachineStore::open(&cfg.data_dir, state.clone())
             .map_err(|source| NodeError::Snapshot { dir: cfg.data_dir.clone(), source })?;
         let cluster_id: Arc<str> = Arc::from(ident.cluster_id.as_str());
@@ -464,6 +474,8 @@ impl Node {
         for h in self.liveness.lock().drain(..) {
             h.abort();
         }
+        // Watch streams never end by themselves; the server waits for them.
+        self.shared.state.feed().close();
         if let Some(tx) = self.stop_server.lock().take() {
             let _ = tx.send(());
         }
