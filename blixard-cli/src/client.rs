@@ -674,17 +674,38 @@ impl Client {
     }
 
     pub async fn list_vms(&mut self, node_id: u64, stale: bool) -> Result<Vec<pb::Vm>, Failure> {
-        let r = self
-            .read(READ_DEADLINE, |mut c| async move {
-                c.vms
-                    .list_vms(req(
-                        pb::ListVmsRequest { consistency: consistency(stale), node_id },
-                        READ_DEADLINE,
-                    ))
-                    .await
-            })
-            .await?;
-        Ok(r.vms)
+        Ok(self.list_vms_at(node_id, stale).await?.vms)
+    }
+
+    /// The VMs and the revision the list is at least as new as (watch from
+    /// revision + 1 to miss nothing after it).
+    pub async fn list_vms_at(&mut self, node_id: u64, stale: bool) -> Result<pb::ListVmsResponse, Failure> {
+        self.read(READ_DEADLINE, |mut c| async move {
+            c.vms
+                .list_vms(req(pb::ListVmsRequest { consistency: consistency(stale), node_id }, READ_DEADLINE))
+                .await
+        })
+        .await
+    }
+
+    /// Opens a `Watch` stream on the first member that answers (no
+    /// deadline: the stream lasts until it breaks).
+    pub async fn watch(
+        &mut self,
+        r: pb::WatchRequest,
+    ) -> Result<tonic::Streaming<pb::WatchResponse>, Failure> {
+        self.read(READ_DEADLINE, |mut c| {
+            let r = Request::new(r.clone());
+            async move { c.cluster.watch(r).await }
+        })
+        .await
+    }
+
+    /// Moves on from the current member (its stream broke): the next call
+    /// tries the others first.
+    pub fn skip_member(&mut self) {
+        self.conn = None;
+        self.current = (self.current + 1) % self.members.len();
     }
 
     /// Start, stop or restart `name` under `request_id`.

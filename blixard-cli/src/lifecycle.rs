@@ -1,5 +1,5 @@
-//! VM lifecycle commands and `--wait`: poll the VM until what the owning
-//! node reports matches what was asked, showing the transitions on a
+//! VM lifecycle commands and `--wait`: follow the VM's changes (the Watch
+//! stream) until what the owning node reports matches what was asked, showing the transitions on a
 //! terminal, and fail with the node's reason if the VM fails.
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use blixard_proto as pb;
 
 use crate::client::{Client, Desire};
+use crate::events::Flow;
 use crate::output::node_cell;
 use crate::{Failure, WaitOpts};
 
@@ -81,7 +82,7 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Polls `name` until `goal`; fails on timeout, or when the node reports the
+/// Follows `name` until `goal`; fails on timeout, if it is deleted, or when the node reports the
 /// VM failed after the request (a revision newer than `asked`, so an old
 /// failure that a start is about to replace does not count).
 pub async fn wait_for(
@@ -95,8 +96,8 @@ pub async fn wait_for(
     let started = Instant::now();
     let deadline = started + Duration::from_secs(opts.timeout);
     let mut last = (String::new(), u64::MAX);
-    loop {
-        let vm = c.get_vm(name.to_string(), false).await?;
+    // Progress on a terminal; the end, once the VM got there or failed.
+    let mut step = |vm: &pb::Vm| -> Option<Result<pb::Vm, Failure>> {
         if (&vm.observed, vm.node_id) != (&last.0, last.1) {
             if tty {
                 eprintln!(
@@ -108,29 +109,59 @@ pub async fn wait_for(
             }
             last = (vm.observed.clone(), vm.node_id);
         }
-        if goal.reached(&vm) {
+        if goal.reached(vm) {
             if tty && vm.boot_ms > 0 && goal.wants_running() {
                 eprintln!("{name}: guest ready, boot took {:.2}s", vm.boot_ms as f64 / 1000.0);
             }
-            return Ok(vm);
+            return Some(Ok(vm.clone()));
         }
         if vm.observed == "failed" && goal.wants_running() && vm.revision > asked {
-            return Err(Failure::new(format!(
+            return Some(Err(Failure::new(format!(
                 "VM {name} failed on node {}: {}",
                 vm.node_id,
                 if vm.reason.is_empty() { "no reason reported" } else { vm.reason.as_str() }
-            )));
+            ))));
         }
-        if Instant::now() > deadline {
-            return Err(Failure::new(format!(
-                "VM {name} is {} on node {} after {}s (wanted {}); see `blixard vm status {name}`",
-                vm.observed,
-                node_cell(vm.node_id),
-                opts.timeout,
-                goal.describe()
-            )));
+        None
+    };
+    let mut vm = c.get_vm(name.to_string(), false).await?;
+    if let Some(end) = step(&vm) {
+        return end;
+    }
+    // Then every change to it, from the Watch stream (no polling): its
+    // revision is its last change, so nothing after the read is missed.
+    let req = pb::WatchRequest {
+        from_revision: vm.revision + 1,
+        kinds: vec![pb::WatchKind::Vm as i32],
+        vm_name: name.to_string(),
+        node_id: 0,
+    };
+    let mut end = None;
+    let follow = crate::events::follow(c, req, Some(Duration::from_secs(opts.timeout)), |m| {
+        for e in &m.events {
+            let Some(v) = &e.vm else { continue };
+            if e.r#type == pb::EventType::Delete as i32 {
+                end = Some(Err(Failure::new(format!("VM {name} was deleted while waiting for it"))));
+                return Ok(Flow::Stop);
+            }
+            vm = v.clone();
+            if let Some(done) = step(v) {
+                end = Some(done);
+                return Ok(Flow::Stop);
+            }
         }
-        tokio::time::sleep(POLL).await;
+        Ok(Flow::Continue)
+    });
+    match tokio::time::timeout_at(deadline.into(), follow).await {
+        Ok(Ok(())) => end.unwrap_or_else(|| Err(Failure::new("the watch stream ended without an answer"))),
+        Ok(Err(f)) => Err(f),
+        Err(_) => Err(Failure::new(format!(
+            "VM {name} is {} on node {} after {}s (wanted {}); see `blixard vm status {name}`",
+            vm.observed,
+            node_cell(vm.node_id),
+            opts.timeout,
+            goal.describe()
+        ))),
     }
 }
 

@@ -3,6 +3,7 @@
 mod bench;
 mod client;
 mod create;
+mod events;
 mod lifecycle;
 mod local;
 mod moves;
@@ -53,6 +54,17 @@ enum Cmd {
     /// Tenant quotas: limits on what a tenant's VMs may hold.
     #[command(subcommand)]
     Quota(QuotaCmd),
+    /// Stream every change to VMs and nodes, in order, each once (resumes
+    /// on another member if the stream breaks; Ctrl-C stops).
+    Events {
+        /// The first revision (Raft log index) to show; default: from now.
+        /// `vm list -o json` and `cluster status` show the current one.
+        #[arg(long = "from", value_name = "REV", default_value_t = 0)]
+        from: u64,
+        /// Output format: json prints one object per line.
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        format: Format,
+    },
     /// The host's fence guard (started by the node's VM backend): stops
     /// every VM under --root once the node's lease lapses.
     #[command(hide = true)]
@@ -280,6 +292,10 @@ enum VmCmd {
         /// Only VMs placed on this node.
         #[arg(long)]
         node: Option<u64>,
+        /// After the list, print every change as it happens (json: one
+        /// object per line, the list included); Ctrl-C stops.
+        #[arg(long)]
+        watch: bool,
         #[command(flatten)]
         read: ReadOpts,
     },
@@ -403,6 +419,10 @@ async fn main() -> ExitCode {
         Cmd::Bench(args) => bench::run(&cli.addr, args).await,
         Cmd::Image(ImageCmd::Build { cache_dir }) => local::image_build(cache_dir).await,
         Cmd::Quota(c) => quota(&cli.addr, c).await,
+        Cmd::Events { from, format } => match client::parse_members(&cli.addr) {
+            Ok(members) => events::events(&mut client::Client::new(members), from, format).await,
+            Err(f) => Err(f),
+        },
         Cmd::FenceGuard(args) => fence_guard(args).await,
     };
     match result {
@@ -543,7 +563,10 @@ async fn vm(addr: &str, cmd: VmCmd) -> Result<(), Failure> {
             let local = if vm.node_id == 0 { None } else { lifecycle::local_view(&mut c, &vm).await };
             output::vm_status(&vm, local.as_ref(), read.format)
         }
-        VmCmd::List { node, read } => {
+        VmCmd::List { node, watch: true, read } => {
+            events::watch_vms(&mut c, node.unwrap_or(0), read.stale, read.format).await
+        }
+        VmCmd::List { node, watch: false, read } => {
             output::vms(&c.list_vms(node.unwrap_or(0), read.stale).await?, read.format)
         }
         VmCmd::Start { name, wait, write } => {

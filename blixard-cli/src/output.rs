@@ -46,6 +46,7 @@ pub fn status(s: &pb::StatusResponse, format: Format) -> Result<(), Failure> {
             "vm_backend": s.vm_backend,
             "scheduler": s.scheduler,
             "node_timeout_ms": s.node_timeout_ms,
+            "revision": s.revision,
         });
         if s.state_digest != 0 {
             v["state_digest"] = json!(format!("{:016x}", s.state_digest));
@@ -55,8 +56,8 @@ pub fn status(s: &pb::StatusResponse, format: Format) -> Result<(), Failure> {
     let leader = if s.leader_id == 0 { "none".to_string() } else { s.leader_id.to_string() };
     println!("node {} ({}) at {}  cluster {}", s.node_id, s.state, s.addr, s.cluster_id);
     println!(
-        "leader {leader}  term {}  commit {}  applied {}  log {}  snapshot {}  vms {}",
-        s.term, s.commit_index, s.applied_index, s.last_log_index, s.snapshot_index, s.vm_count
+        "leader {leader}  term {}  commit {}  applied {}  log {}  snapshot {}  vms {}  revision {}",
+        s.term, s.commit_index, s.applied_index, s.last_log_index, s.snapshot_index, s.vm_count, s.revision
     );
     if s.state_digest != 0 {
         println!("state digest {:016x}", s.state_digest);

@@ -15,3 +15,4 @@ pub mod trace;
 pub mod types;
 pub mod validate;
 pub mod vm_table;
+pub mod watch;

@@ -221,7 +221,7 @@ async fn restart_and_check(
     image.requests.truncate(n);
     assert_eq!(image, before.image, "state differs after restart (beyond the re-registration)");
     let normalised = ClusterState::new();
-    normalised.restore(image);
+    normalised.restore(image, 0);
     assert_eq!(normalised.digest(), before.digest, "state digest differs after restart");
     shared.state.check_invariants().expect("invariants after restart");
 

@@ -440,7 +440,14 @@ impl ClusterService for ClusterApi {
             vm_backend: n.vm_backend.as_ref().map(|b| b.describe()).unwrap_or_default(),
             scheduler: n.state.strategy().as_str().to_string(),
             node_timeout_ms: n.state.node_timeout().as_millis() as u64,
+            revision: n.state.feed().revision(),
         }))
+    }
+
+    type WatchStream = super::watch::WatchStream;
+
+    async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        super::watch::start(self.node.clone(), request.into_inner()).map(Response::new)
     }
 
     async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
@@ -779,6 +786,9 @@ impl VmService for VmApi {
         let req = request.into_inner();
         self.read_barrier(req.consistency).await?;
         let state = &self.node.state;
+        // Read before the table: the list is at least this new, so watching
+        // from revision + 1 leaves no gap.
+        let revision = state.feed().revision();
         let mut vms = Vec::new();
         if req.node_id == 0 {
             vms.reserve(state.vm_count());
@@ -790,7 +800,7 @@ impl VmService for VmApi {
             }
             state.for_each_vm_on(req.node_id, |v| vms.push(vm_pb(v)));
         }
-        Ok(Response::new(pb::ListVmsResponse { vms }))
+        Ok(Response::new(pb::ListVmsResponse { vms, revision }))
     }
 
     async fn delete_vm(

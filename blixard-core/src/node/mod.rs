@@ -12,6 +12,7 @@ mod health;
 pub mod identity;
 pub mod liveness;
 pub mod raft_service;
+pub mod watch;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -387,6 +388,15 @@ impl Node {
         let log_writer = log.take_writer();
         let log_stats = log.stats();
         let state = Arc::new(ClusterState::new());
+        if let Ok(v) = std::env::var(watch::HISTORY_ENV) {
+            let events = v.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| {
+                NodeError::Config(format!(
+                    "{}={v:?}: expected a number of events above 0",
+                    watch::HISTORY_ENV
+                ))
+            })?;
+            state.feed().set_capacity(events);
+        }
         let sm = StateMachineStore::open(&cfg.data_dir, state.clone())
             .map_err(|source| NodeError::Snapshot { dir: cfg.data_dir.clone(), source })?
             .with_metrics(metrics.clone());
@@ -479,6 +489,8 @@ impl Node {
         for h in self.liveness.lock().drain(..) {
             h.abort();
         }
+        // Watch streams never end by themselves; the server waits for them.
+        self.shared.state.feed().close();
         if let Some(tx) = self.stop_server.lock().take() {
             let _ = tx.send(());
         }

@@ -70,7 +70,7 @@ impl StateMachineStore {
                 let snap: StoredSnapshot =
                     codec::decode_trusted(body).map_err(|e| std::io::Error::other(format!("{what}: {e}")))?;
                 let image = decode_image(&what, &snap.data).map_err(std::io::Error::other)?;
-                sm.state.restore(image);
+                sm.state.restore(image, snap.meta.last_log_id.map_or(0, |l| l.index));
                 sm.last_applied = snap.meta.last_log_id;
                 sm.membership = snap.meta.last_membership.clone();
                 *sm.current.lock() = Some(snap);
@@ -192,6 +192,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut run = self.state.begin_apply();
         for e in entries {
             self.last_applied = Some(e.log_id);
+            run.advance(e.log_id.index);
             out.push(match e.payload {
                 EntryPayload::Blank => vec![Ok(CommandOutput::Internal)],
                 EntryPayload::Normal(batch) => batch
@@ -257,7 +258,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         persist_off_executor(&self.dir, &snap).await?;
         self.metrics.snapshots_installed.add(1);
         self.metrics.snapshot_installed_bytes.record(snap.data.len() as u64);
-        self.state.restore(image);
+        self.state.restore(image, meta.last_log_id.map_or(0, |l| l.index));
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         *self.current.lock() = Some(snap);
