@@ -30,8 +30,12 @@ async fn start() -> (Node, Channel, tempfile::TempDir) {
     };
     let node = Node::start(cfg).await.expect("node starts");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while node.shared().state.with_node(1, |_| ()).is_none() {
-        assert!(tokio::time::Instant::now() < deadline, "node never registered");
+    // Registered, and known to heartbeat: the liveness monitor's first
+    // write (it marks the node as one that heartbeats) has applied, so no
+    // background write changes the state under the test's before/after
+    // comparisons.
+    while node.shared().state.with_node(1, |n| n.heartbeats) != Some(true) {
+        assert!(tokio::time::Instant::now() < deadline, "node never registered and heartbeated");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let ch = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
