@@ -22,6 +22,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 
 use crate::model::{CreateReply, CreateReq, Model, Outcome, Told, Trace};
+use crate::watcher::WatchLog;
 
 /// Every node listens on this port of its own virtual IP 10.0.0.<id>.
 pub const PORT: u16 = 7420;
@@ -140,6 +141,9 @@ pub struct SimCluster {
     isolated: BTreeSet<NodeId>,
     paused: BTreeSet<NodeId>,
     pub trace: Trace,
+    /// A client following the change feed through every fault (see
+    /// [`crate::watcher`]); checked against the final state.
+    watch: Arc<Mutex<WatchLog>>,
 }
 
 /// An operator change: `node set`, a tenant quota, the placement strategy.
@@ -470,7 +474,7 @@ impl VmOp {
     }
 }
 
-async fn connect(id: NodeId) -> Result<Channel, Status> {
+pub(crate) async fn connect(id: NodeId) -> Result<Channel, Status> {
     Endpoint::from_shared(format!("http://{}", node_addr(id)))
         .map_err(|e| Status::invalid_argument(e.to_string()))?
         .connect_timeout(Duration::from_secs(1))
@@ -587,6 +591,9 @@ impl SimCluster {
             }
             nodes.push(spawn_node(&config, &world, &guards, id, dir, (id != 1).then_some(1)));
         }
+        let watch = Arc::new(Mutex::new(WatchLog::default()));
+        let members: Vec<NodeId> = (1..=config.nodes + config.spare_nodes).collect();
+        client.spawn(crate::watcher::follow(members, watch.clone()));
         SimCluster {
             nodes,
             spare_dirs: dirs,
@@ -598,6 +605,7 @@ impl SimCluster {
             isolated: BTreeSet::new(),
             paused: BTreeSet::new(),
             trace: Trace::new(),
+            watch,
         }
     }
 
@@ -1340,6 +1348,10 @@ impl SimCluster {
         let violations = self.world.violations();
         assert!(violations.is_empty(), "a VM ran on two hosts at once: {violations:#?}");
 
+        // (5) The change feed, followed through every fault, rebuilds the
+        // VMs exactly.
+        self.check_watch_feed(timeout).await;
+
         let digest = digests[0].1;
         for s in &converged.statuses {
             self.trace.push(format_args!(
@@ -1372,6 +1384,67 @@ impl SimCluster {
         ));
         self.trace.final_digest = Some(digest);
         digest
+    }
+
+    /// The watcher saw every revision once, in order, and the VMs it
+    /// rebuilt from the events up to some revision R equal what a node
+    /// lists at R (R pinned by reading the node's revision before and after
+    /// its list).
+    async fn check_watch_feed(&mut self, timeout: Duration) {
+        let deadline = madsim::time::Instant::now() + timeout;
+        let id = self.ids()[0];
+        let mut last_why = String::new();
+        loop {
+            if let Some(v) = &self.watch.lock().unwrap().violation {
+                panic!("change feed: {v}");
+            }
+            let before = self.status(id, false).await.map(|s| s.revision);
+            let list = self.list_vms_stale(id).await;
+            let after = self.status(id, false).await.map(|s| s.revision);
+            if let (Ok(r), Ok(vms), Ok(r2)) = (before, list, after) {
+                if r == r2 {
+                    let listed: BTreeMap<String, pb::Vm> =
+                        vms.into_iter().map(|v| (v.name.clone(), v)).collect();
+                    let log = self.watch.lock().unwrap();
+                    match log.rebuild(r) {
+                        Some(rebuilt) if rebuilt == listed => {
+                            let (streams, compacted, relists, received) =
+                                (log.streams, log.compacted, log.relists, log.received());
+                            drop(log);
+                            self.trace.push(format_args!(
+                                "change feed: rebuilt {} VMs at revision {r} from {received} revisions over                                  {streams} streams ({compacted} compacted refusals, {relists} re-lists)",
+                                listed.len()
+                            ));
+                            self.trace.figure("watch_streams", streams as f64);
+                            return;
+                        }
+                        Some(rebuilt) => {
+                            let differ: Vec<&String> = listed
+                                .keys()
+                                .chain(rebuilt.keys())
+                                .collect::<BTreeSet<_>>()
+                                .into_iter()
+                                .filter(|k| listed.get(*k) != rebuilt.get(*k))
+                                .take(5)
+                                .collect();
+                            last_why = format!(
+                                "at revision {r} the events (last {}) rebuild {} VMs, n{id} lists {}; differing: {differ:?}{}",
+                                log.last(),
+                                rebuilt.len(),
+                                listed.len(),
+                                differ
+                                    .first()
+                                    .map(|k| format!(" e.g. {k}: events {:?} vs list {:?}", rebuilt.get(*k), listed.get(*k)))
+                                    .unwrap_or_default()
+                            );
+                        }
+                        None => last_why = format!("the watcher re-listed past revision {r}"),
+                    }
+                }
+            }
+            assert!(madsim::time::Instant::now() < deadline, "change feed: {last_why}");
+            madsim::time::sleep(POLL).await;
+        }
     }
 
     /// Which part of the state image differs between node 1 and the others

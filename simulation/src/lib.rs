@@ -29,3 +29,5 @@ pub mod cluster;
 pub mod model;
 #[cfg(madsim)]
 pub mod seeds;
+#[cfg(madsim)]
+pub mod watcher;

@@ -20,9 +20,10 @@ use tonic_health::ServingStatus;
 use super::api::{ClusterApi, VmApi};
 use super::NodeShared;
 
-/// How often the status is re-checked when Raft's metrics do not change
-/// (leader contact ages without any metrics change).
-const RECHECK: Duration = Duration::from_millis(250);
+/// How often the status is re-checked. Polled rather than driven by every
+/// Raft metrics change: a change comes with every write, and the check must
+/// cost the write path nothing.
+const RECHECK: Duration = Duration::from_millis(100);
 /// How long a node may take to apply what it knows to be committed before
 /// it counts as behind.
 const APPLY_GRACE: Duration = Duration::from_millis(200);
@@ -37,10 +38,27 @@ pub fn service_names() -> [&'static str; 3] {
 
 /// Keeps `reporter` in step with this node's state; runs until the server stops.
 pub async fn run(node: Arc<NodeShared>, reporter: HealthReporter) {
-    let mut metrics = node.raft.metrics();
+    let metrics = node.raft.metrics();
     let mut published = None;
+    let mut behind_since: Option<tokio::time::Instant> = None;
     loop {
-        let status = if serving(&node).await { ServingStatus::Serving } else { ServingStatus::NotServing };
+        let status = match check(&node) {
+            Check::NoLeader => ServingStatus::NotServing,
+            Check::CaughtUp => {
+                behind_since = None;
+                ServingStatus::Serving
+            }
+            // Applying trails committing by a moment under load: behind
+            // only if it does not catch up soon.
+            Check::Behind => {
+                let since = *behind_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() > APPLY_GRACE {
+                    ServingStatus::NotServing
+                } else {
+                    published.unwrap_or(ServingStatus::NotServing)
+                }
+            }
+        };
         if published != Some(status) {
             tracing::info!(status = ?status, "health");
             for name in service_names() {
@@ -48,46 +66,45 @@ pub async fn run(node: Arc<NodeShared>, reporter: HealthReporter) {
             }
             published = Some(status);
         }
-        tokio::select! {
-            r = metrics.changed() => if r.is_err() {
-                // Raft stopped: nothing will serve again.
-                for name in service_names() {
-                    reporter.set_service_status(name, ServingStatus::NotServing).await;
-                }
-                return;
-            },
-            _ = tokio::time::sleep(RECHECK) => {}
+        if metrics.has_changed().is_err() {
+            // Raft stopped: nothing will serve again.
+            for name in service_names() {
+                reporter.set_service_status(name, ServingStatus::NotServing).await;
+            }
+            return;
         }
+        tokio::time::sleep(RECHECK).await;
     }
 }
 
-/// Whether this node knows a live leader and has applied what it knows is committed.
-async fn serving(node: &NodeShared) -> bool {
+enum Check {
+    NoLeader,
+    Behind,
+    CaughtUp,
+}
+
+/// Whether this node knows a live leader and has applied what it knows is
+/// committed. Reads only shared figures: no call into the Raft core.
+fn check(node: &NodeShared) -> Check {
     // Twice the lease: one missed heartbeat round is not an outage.
     let fresh = node.tuning.election_timeout_max * 2;
-    let (leader_ok, applied) = {
-        let m = node.raft.metrics();
-        let m = m.borrow();
-        let leader_ok = match (m.state, m.current_leader) {
-            (ServerState::Leader, _) => {
-                m.millis_since_quorum_ack.is_some_and(|ms| u128::from(ms) <= fresh.as_millis())
-            }
-            (_, Some(_)) => node.contact.since() <= fresh,
-            (_, None) => false,
-        };
-        (leader_ok, m.last_applied.map(|l| l.index))
+    let m = node.raft.metrics();
+    let m = m.borrow();
+    let leader_ok = match (m.state, m.current_leader) {
+        (ServerState::Leader, _) => {
+            m.millis_since_quorum_ack.is_some_and(|ms| u128::from(ms) <= fresh.as_millis())
+        }
+        (_, Some(_)) => node.contact.since() <= fresh,
+        (_, None) => false,
     };
     if !leader_ok {
-        return false;
+        return Check::NoLeader;
     }
-    let Ok(committed) = node.raft.with_raft_state(|st| st.committed.map(|l| l.index)).await else {
-        return false;
-    };
-    if applied >= committed {
-        return true;
+    // The commit index openraft last saved through the log store.
+    let committed = node.log_stats.committed.load(std::sync::atomic::Ordering::Relaxed);
+    if m.last_applied.map_or(0, |l| l.index) >= committed {
+        Check::CaughtUp
+    } else {
+        Check::Behind
     }
-    // Applying trails committing by a moment under load: behind only if
-    // it does not catch up soon.
-    let Some(committed) = committed else { return true };
-    node.raft.wait(Some(APPLY_GRACE)).applied_index_at_least(Some(committed), "health").await.is_ok()
 }
