@@ -751,6 +751,19 @@ impl Client {
         .await
     }
 
+    /// Opens a follow of `name`'s console from `offset` (`FollowVmLogs`).
+    pub async fn follow_vm_logs(
+        &mut self,
+        name: String,
+        offset: u64,
+    ) -> Result<tonic::Streaming<pb::VmLogsResponse>, Failure> {
+        self.read(READ_DEADLINE, |mut c| {
+            let r = Request::new(pb::VmLogsRequest { name: name.clone(), offset, max_bytes: 0 });
+            async move { c.vms.follow_vm_logs(r).await }
+        })
+        .await
+    }
+
     /// Asks the node what its backend sees (no forwarding): meant for a
     /// client of [`one`](Self::one) node.
     pub async fn local_vm(&mut self, name: String) -> Result<pb::LocalVmResponse, Failure> {

@@ -243,18 +243,48 @@ pub async fn delete(c: &mut Client, name: String, wait: WaitOpts, id: &str) -> R
 pub async fn logs(c: &mut Client, name: String, follow: bool) -> Result<(), Failure> {
     let mut offset = 0;
     let mut out = std::io::stdout();
-    loop {
-        let chunk = c.vm_logs(name.clone(), offset).await?;
-        if !chunk.data.is_empty() {
-            out.write_all(&chunk.data).and_then(|_| out.flush()).map_err(|e| Failure::new(e.to_string()))?;
-        }
-        let more = chunk.next_offset > offset;
-        offset = chunk.next_offset;
-        if !more {
-            if !follow {
+    let mut write =
+        |data: &[u8]| out.write_all(data).and_then(|_| out.flush()).map_err(|e| Failure::new(e.to_string()));
+    if !follow {
+        loop {
+            let chunk = c.vm_logs(name.clone(), offset).await?;
+            write(&chunk.data)?;
+            let more = chunk.next_offset > offset;
+            offset = chunk.next_offset;
+            if !more {
                 return Ok(());
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    // Everything from the start, then what the guest writes as it comes,
+    // streamed from its node (also before the VM first wrote anything).
+    loop {
+        let mut stream = c.follow_vm_logs(name.clone(), offset).await?;
+        loop {
+            match stream.message().await {
+                Ok(Some(chunk)) => {
+                    write(&chunk.data)?;
+                    offset = chunk.next_offset;
+                }
+                // The VM moved to another node: its console starts over there.
+                Err(s)
+                    if s.code() == tonic::Code::FailedPrecondition && s.message().contains(" left node ") =>
+                {
+                    eprintln!("({}; following its console there)", s.message());
+                    offset = 0;
+                    break;
+                }
+                Err(s) if matches!(s.code(), tonic::Code::NotFound | tonic::Code::InvalidArgument) => {
+                    return Err(crate::client::status_failure(&s));
+                }
+                // The stream broke (a node stopped, the connection went):
+                // resume from the same offset, through another member.
+                Ok(None) | Err(_) => {
+                    c.skip_member();
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    break;
+                }
+            }
         }
     }
 }

@@ -28,35 +28,6 @@ fn node(port: u16, id: u64) -> Value {
     json_of(port, &["node", "get", &id.to_string(), "-o", "json"])
 }
 
-/// The workloads the nodes started for their VMs (each in a session of its
-/// own, so they outlive their node): killed when dropped, after the nodes,
-/// by the pids in their VM directories.
-struct Workloads(Vec<PathBuf>);
-
-impl Drop for Workloads {
-    fn drop(&mut self) {
-        for dir in &self.0 {
-            let Ok(vms) = std::fs::read_dir(dir.join("vms")) else { continue };
-            for vm_dir in vms.flatten().map(|e| e.path()) {
-                let Ok(pid) = std::fs::read_to_string(vm_dir.join("pid")) else { continue };
-                let Ok(pid) = pid.trim().parse::<libc::pid_t>() else { continue };
-                // Only if the pid is still that workload (its argv[0] is
-                // tagged with its VM directory), not a reused one.
-                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                let argv0 =
-                    String::from_utf8_lossy(cmdline.split(|b| *b == 0).next().unwrap_or(&[])).to_string();
-                if argv0.starts_with("blixard-vm:") && argv0.contains(&*vm_dir.to_string_lossy()) {
-                    // SAFETY: the process group of a workload this test's
-                    // nodes started (its session leader is the workload).
-                    unsafe {
-                        libc::kill(-pid, libc::SIGKILL);
-                    }
-                }
-            }
-        }
-    }
-}
-
 fn history(v: &Value) -> Vec<Value> {
     v["history"].as_array().unwrap_or_else(|| panic!("no history in {v}")).clone()
 }

@@ -24,12 +24,13 @@ use super::NodeMetrics;
 /// The public API's methods, sorted (binary-searched by name); the index is
 /// the method's slot in [`NodeMetrics`]. Unknown public methods count as
 /// `other`. A unit test keeps this list in step with the proto.
-pub const METHODS: [&str; 26] = [
+pub const METHODS: [&str; 27] = [
     "CreateVm",
     "CreateVms",
     "DeleteQuota",
     "DeleteVm",
     "DrainNode",
+    "FollowVmLogs",
     "GetQuota",
     "GetVm",
     "Join",

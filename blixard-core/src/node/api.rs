@@ -712,10 +712,6 @@ pub fn spec_from_pb(spec: Option<pb::VmSpec>) -> Result<VmSpec, ApiError> {
     })
 }
 
-/// Largest console chunk one `VmLogs` call returns.
-const MAX_LOG_CHUNK: usize = 1024 * 1024;
-const DEFAULT_LOG_CHUNK: usize = 64 * 1024;
-
 #[tonic::async_trait]
 impl VmService for VmApi {
     async fn create_vm(
@@ -852,35 +848,35 @@ impl VmService for VmApi {
     ) -> Result<Response<pb::VmLogsResponse>, Status> {
         let fwd = forwarded(&request);
         let req = request.into_inner();
-        crate::validate::vm_name(&req.name).map_err(ApiError::from)?;
-        let max = match req.max_bytes as usize {
-            0 => DEFAULT_LOG_CHUNK,
-            n => n.min(MAX_LOG_CHUNK),
-        };
-        let owner = self.node.state.with_vm(&req.name, |v| v.node_id);
-        let Some(owner) = owner else { return Err(Status::not_found(format!("no VM named {:?}", req.name))) };
-        if owner != self.node.id {
-            // The console lives on the node that runs the VM.
-            if fwd {
-                return Err(Status::failed_precondition(format!(
-                    "node {} does not run VM {:?} (node {owner} does)",
-                    self.node.id, req.name
-                )));
+        let max = super::logs::chunk_size(&req);
+        match super::logs::locate(&self.node, &req.name, fwd)? {
+            super::logs::Console::There(mut c, _) => c.vm_logs(forward_req(req)).await,
+            super::logs::Console::Here(backend) => {
+                let chunk = backend.logs(&req.name, req.offset, max).await.map_err(vm_status)?;
+                Ok(Response::new(pb::VmLogsResponse {
+                    data: chunk.data,
+                    next_offset: chunk.next_offset,
+                    node_id: self.node.id,
+                }))
             }
-            let addr = self.node.state.with_node(owner, |n| n.addr.clone()).ok_or_else(|| {
-                Status::unavailable(format!("VM {:?} is on unknown node {owner}", req.name))
-            })?;
-            let ch = self.node.channels.channel(&addr).map_err(|e| Status::unavailable(e.to_string()))?;
-            let mut c = blixard_proto::vm_service_client::VmServiceClient::new(ch);
-            return c.vm_logs(forward_req(req)).await;
         }
-        let backend = self.backend()?;
-        let chunk = backend.logs(&req.name, req.offset, max).await.map_err(vm_status)?;
-        Ok(Response::new(pb::VmLogsResponse {
-            data: chunk.data,
-            next_offset: chunk.next_offset,
-            node_id: owner,
-        }))
+    }
+
+    type FollowVmLogsStream = super::logs::LogStream;
+
+    async fn follow_vm_logs(
+        &self,
+        request: Request<pb::VmLogsRequest>,
+    ) -> Result<Response<Self::FollowVmLogsStream>, Status> {
+        let fwd = forwarded(&request);
+        // A stream lives as long as the client wants it: no deadline on the
+        // forwarded call.
+        let mark = |msg| {
+            let mut r = Request::new(msg);
+            r.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+            r
+        };
+        super::logs::follow(self.node.clone(), request.into_inner(), fwd, mark).await.map(Response::new)
     }
 
     async fn local_vm(

@@ -11,6 +11,7 @@ pub mod election;
 mod health;
 pub mod identity;
 pub mod liveness;
+pub mod logs;
 pub mod raft_service;
 pub mod watch;
 
