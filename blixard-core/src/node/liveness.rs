@@ -152,6 +152,11 @@ impl LeaderView {
 #[derive(Default)]
 pub struct Fence {
     inner: Mutex<FenceInner>,
+    /// The latest deadline handed to the VM backend (whose guard enforces it
+    /// outside this process). Renewals of it are serialised and only ever
+    /// extend it: a renewal that finishes late must not shorten the host's
+    /// lease below this node's own.
+    host: tokio::sync::Mutex<Option<Instant>>,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -302,13 +307,23 @@ async fn renew(node: &NodeShared, sent: Instant, reply: &HeartbeatReply) {
         return;
     }
     let grace = fence_grace(timeout);
-    node.fence.renew(until, grace);
+    // The host's lease first, then this node's: the guard's deadline is
+    // never earlier than the node's, so whenever the guard stopped VMs the
+    // node's own lease had lapsed too, and the renewal that follows starts a
+    // new epoch in which the reconciler starts them again.
     if let Some(backend) = &node.vm_backend {
-        let valid_for = until.saturating_duration_since(Instant::now());
-        if let Err(e) = backend.renew_lease(valid_for, grace).await {
-            tracing::warn!(error = %e, "could not renew the VM backend's fencing lease");
+        let mut host = node.fence.host.lock().await;
+        if host.is_none_or(|h| h < until) {
+            let valid_for = until.saturating_duration_since(Instant::now());
+            if let Err(e) = backend.renew_lease(valid_for, grace).await {
+                // The guard keeps the old deadline; so does this node.
+                tracing::warn!(error = %e, "could not renew the VM backend's fencing lease");
+                return;
+            }
+            *host = Some(until);
         }
     }
+    node.fence.renew(until, grace);
 }
 
 /// On the leader: marks silent nodes down and heard ones ready, and moves
