@@ -95,6 +95,10 @@ pub async fn follow(
                     let m = tokio::select! {
                         m = upstream.message() => m,
                         _ = tx.closed() => return,
+                        () = closing(&node) => {
+                            let _ = tx.send(Err(shutting_down(node.id))).await;
+                            return;
+                        }
                     };
                     let end = !matches!(m, Ok(Some(_)));
                     let item = match m {
@@ -113,6 +117,10 @@ pub async fn follow(
             tokio::spawn(async move {
                 let mut offset = req.offset;
                 loop {
+                    if node.state.feed().is_closed() {
+                        let _ = tx.send(Err(shutting_down(me))).await;
+                        return;
+                    }
                     let chunk = match backend.logs(&req.name, offset, max).await {
                         Ok(c) => c,
                         // Not (yet) on this host: fine while the VM is still
@@ -151,10 +159,30 @@ pub async fn follow(
                     tokio::select! {
                         _ = tokio::time::sleep(FOLLOW_EVERY) => {}
                         _ = tx.closed() => return,
+                        () = closing(&node) => {
+                            let _ = tx.send(Err(shutting_down(me))).await;
+                            return;
+                        }
                     }
                 }
             });
         }
     }
     Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) })))
+}
+
+/// Resolves once the node shuts down. A follow never ends by itself, and the
+/// server's graceful shutdown waits for every open stream.
+async fn closing(node: &NodeShared) {
+    let feed = node.state.feed();
+    let mut changed = feed.subscribe();
+    while !feed.is_closed() {
+        if changed.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+fn shutting_down(id: NodeId) -> Status {
+    Status::unavailable(format!("node {id} is shutting down; follow through another member"))
 }
