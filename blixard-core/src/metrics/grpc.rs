@@ -103,7 +103,7 @@ fn code_of(v: &[u8]) -> usize {
     }
 }
 
-/// Counts and times public API calls.
+/// Counts, times and traces public API calls.
 #[derive(Clone)]
 pub struct ApiMetricsLayer {
     metrics: Arc<NodeMetrics>,
