@@ -67,13 +67,8 @@ fn scraper(endpoints: Vec<String>, stop: Arc<AtomicBool>) -> std::thread::JoinHa
         let mut scrapes = 0;
         while !stop.load(Ordering::Relaxed) {
             for e in &endpoints {
-                use std::io::{Read, Write};
-                if let Ok(mut s) = std::net::TcpStream::connect(e) {
-                    let _ = write!(s, "GET /metrics HTTP/1.1\r\nHost: {e}\r\nConnection: close\r\n\r\n");
-                    let mut body = Vec::new();
-                    if s.read_to_end(&mut body).is_ok() && body.starts_with(b"HTTP/1.1 200") {
-                        scrapes += 1;
-                    }
+                if http_get(e, "/metrics").is_some_and(|(code, _)| code == 200) {
+                    scrapes += 1;
                 }
             }
             std::thread::sleep(Duration::from_secs(1));

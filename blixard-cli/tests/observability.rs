@@ -3,7 +3,7 @@
 //! service follows quorum, reflection describes every service, JSON logs
 //! parse, and a write sent to a follower is one trace across the forward.
 use std::collections::HashMap;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
@@ -21,7 +21,7 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 mod common;
-use common::{eventually, free_port, json_of, loopback, Nodes, BIN};
+use common::{eventually, free_port, json_of, node_command, Nodes};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
@@ -155,17 +155,12 @@ fn json_logs_are_one_object_per_line() {
     let port = free_port();
     let dir = root.path().join("node-1");
     let stderr = std::fs::File::create(root.path().join("stderr.log")).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["node", "start", "--id", "1", "--bind", &loopback(port), "--vm-backend", "none"])
-        .args(["--log-format", "json"])
-        .arg("--data-dir")
-        .arg(&dir)
-        .env("RUST_LOG", "info,openraft=warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(stderr)
-        .spawn()
-        .unwrap();
+    let mut child =
+        node_command(1, port, &dir, None, ["16", "8192", "100"], "none", &["--log-format", "json"])
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
     struct Kill<'a>(&'a mut std::process::Child);
     impl Drop for Kill<'_> {
         fn drop(&mut self) {
@@ -371,20 +366,8 @@ fn traced_node(
     join: Option<u16>,
     url: &str,
 ) -> std::process::Child {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.with_extension("log")).unwrap();
-    let mut cmd = Command::new(BIN);
-    cmd.args(["node", "start", "--id", &id.to_string(), "--bind", &loopback(port), "--vm-backend", "none"])
-        .args(["--vcpus", "16", "--memory-mb", "8192", "--disk-gb", "100", "--otlp-endpoint", url])
-        .arg("--data-dir")
-        .arg(dir)
-        .env("RUST_LOG", "info,openraft=warn")
-        // Export every 200 ms, so the test need not wait for the default 5 s.
-        .env("OTEL_BSP_SCHEDULE_DELAY", "200")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log);
-    if let Some(p) = join {
-        cmd.args(["--join", &loopback(p)]);
-    }
+    let mut cmd = node_command(id, port, dir, join, ["16", "8192", "100"], "none", &["--otlp-endpoint", url]);
+    // Export every 200 ms, so the test need not wait for the default 5 s.
+    cmd.env("OTEL_BSP_SCHEDULE_DELAY", "200");
     cmd.spawn().expect("spawn blixard node")
 }

@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::{cli_at, eventually, free_port, loopback, stderr, Nodes, BIN};
+use common::{cli_at, eventually, free_port, loopback, node_command, stderr, Nodes, BIN};
 use serde_json::Value;
 
 /// A child `blixard events` whose JSON lines a thread collects.
@@ -226,16 +226,8 @@ fn a_revision_older_than_the_history_is_compacted() {
     let root = tempfile::tempdir().unwrap();
     let port = free_port();
     let dir = root.path().join("node-1");
-    let log = std::fs::File::create(dir.with_extension("log")).unwrap();
-    let mut node = Command::new(BIN)
-        .args(["node", "start", "--id", "1", "--bind", &loopback(port), "--vm-backend", "none"])
-        .args(["--vcpus", "16", "--memory-mb", "8192", "--disk-gb", "100"])
-        .arg("--data-dir")
-        .arg(&dir)
+    let mut node = node_command(1, port, &dir, None, ["16", "8192", "100"], "none", &[])
         .env("BLIXARD_WATCH_HISTORY", "6")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
         .spawn()
         .unwrap();
     let addr = loopback(port);

@@ -112,6 +112,20 @@ pub fn start_node_backend(
     backend: &str,
     extra: &[&str],
 ) -> Child {
+    node_command(id, port, dir, join, capacity, backend, extra).spawn().expect("spawn blixard node")
+}
+
+/// The `node start` command [`start_node_backend`] runs, for a test that
+/// changes something (environment, where stderr goes) before spawning it.
+pub fn node_command(
+    id: u64,
+    port: u16,
+    dir: &Path,
+    join: Option<u16>,
+    capacity: [&str; 3],
+    backend: &str,
+    extra: &[&str],
+) -> Command {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.with_extension("log")).unwrap();
     let mut cmd = Command::new(BIN);
     cmd.args(["node", "start", "--id", &id.to_string(), "--bind", &loopback(port)])
@@ -132,7 +146,7 @@ pub fn start_node_backend(
         // test's node port.
         cmd.args(["--metrics-addr", "127.0.0.1:0"]);
     }
-    cmd.spawn().expect("spawn blixard node")
+    cmd
 }
 
 /// Node processes a test started, by node id. Dropping it (also when the
@@ -242,4 +256,35 @@ impl Drop for Workloads {
             }
         }
     }
+}
+
+/// A plain HTTP/1.1 GET on loopback; returns the status code and body.
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).ok()?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    // Prometheus answers with chunked encoding for large bodies; the
+    // metrics endpoint with a length. Undo chunking when present.
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        let mut out = String::new();
+        let mut rest = body;
+        while let Some((size, tail)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).ok()?;
+            if n == 0 {
+                break;
+            }
+            out.push_str(tail.get(..n)?);
+            rest = tail.get(n + 2..)?;
+        }
+        out
+    } else {
+        body.to_string()
+    };
+    Some((code, body))
 }

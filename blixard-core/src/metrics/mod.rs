@@ -474,7 +474,7 @@ pub struct RaftFigures {
 pub trait Observed: Send + Sync {
     fn raft(&self) -> RaftFigures;
     /// VMs on this node per [`ObservedState::ALL`] entry.
-    fn vms_by_state(&self) -> Vec<u64>;
+    fn vms_by_state(&self) -> [u64; ObservedState::ALL.len()];
     fn queued_vms(&self) -> u64;
     /// This node's capacity, allocatable and allocated, each as
     /// [vcpus, memory bytes, disk bytes]; `None` before it registered.

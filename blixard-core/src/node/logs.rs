@@ -100,14 +100,17 @@ pub async fn follow(
                             return;
                         }
                     };
-                    let end = !matches!(m, Ok(Some(_)));
-                    let item = match m {
-                        Ok(Some(chunk)) => Ok(chunk),
+                    match m {
+                        Ok(Some(chunk)) => {
+                            if tx.send(Ok(chunk)).await.is_err() {
+                                return;
+                            }
+                        }
                         Ok(None) => return,
-                        Err(s) => Err(s),
-                    };
-                    if tx.send(item).await.is_err() || end {
-                        return;
+                        Err(s) => {
+                            let _ = tx.send(Err(s)).await;
+                            return;
+                        }
                     }
                 }
             });

@@ -1017,8 +1017,8 @@ impl crate::metrics::Observed for NodeShared {
         }
     }
 
-    fn vms_by_state(&self) -> Vec<u64> {
-        let mut counts = vec![0u64; crate::types::ObservedState::ALL.len()];
+    fn vms_by_state(&self) -> [u64; crate::types::ObservedState::ALL.len()] {
+        let mut counts = [0u64; crate::types::ObservedState::ALL.len()];
         self.state.for_each_vm_on(self.id, |vm| counts[vm.observed as usize] += 1);
         counts
     }

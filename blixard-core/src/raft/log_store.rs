@@ -300,7 +300,7 @@ async fn writer(
             Some(why) => Err(why.clone()),
             None => {
                 let db2 = db.clone();
-                let started = std::time::Instant::now();
+                let started = tokio::time::Instant::now();
                 let r = match blocking(move || commit_group(&db2, raw, needs_fsync)).await {
                     Ok(r) => r,
                     Err(e) => Err(e.to_string()),

@@ -184,7 +184,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         let entries = entries.into_iter();
         let mut out = Vec::with_capacity(entries.size_hint().0);
         // One run for the whole batch of entries: readers see its VM changes
