@@ -26,6 +26,11 @@ pub fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, CodecError> {
     bincode::serde::encode_to_vec(v, config()).map_err(|e| CodecError::Encode(e.to_string()))
 }
 
+/// Appends the encoding of `v` to `out` (no allocation of its own).
+pub fn encode_into<T: Serialize>(v: &T, out: &mut Vec<u8>) -> Result<usize, CodecError> {
+    bincode::serde::encode_into_std_write(v, out, config()).map_err(|e| CodecError::Encode(e.to_string()))
+}
+
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     if bytes.len() > MAX_DECODE_BYTES {
         return Err(CodecError::Decode(format!(

@@ -96,6 +96,12 @@ async fn a_v3_data_dir_keeps_its_state_and_accepts_writes() {
     old_data_dir_keeps_its_state_and_accepts_writes("datadir-v3").await
 }
 
+/// Format 4 kept the Raft log in redb; it moves into segment files.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_v4_data_dir_keeps_its_state_and_accepts_writes() {
+    old_data_dir_keeps_its_state_and_accepts_writes("datadir-v4").await
+}
+
 /// Quotas (tenant, VM limit), strategy, node 1's `rack` label and
 /// allocatable vCPUs.
 type Format2State = (Vec<(String, Option<u64>)>, &'static str, Option<String>, u32);
@@ -114,7 +120,8 @@ async fn old_data_dir_keeps_its_state_and_accepts_writes(name: &str) {
     let (node, mut client) = start(dir.path()).await;
 
     let before = vms(&node);
-    let v3 = name == "datadir-v3";
+    // Format 3 and later fixtures add placement rules and a queued VM.
+    let v3 = name == "datadir-v3" || name == "datadir-v4";
     let state = &node.shared().state;
     let mut placements = Vec::new();
     state.for_each_vm(|v| {
@@ -251,41 +258,46 @@ async fn start_err(dir: &Path) -> String {
     }
 }
 
+fn set_log_format(dir: &Path, v: u16) {
+    let db = redb::Database::open(dir.join("raft.redb")).unwrap();
+    let w = db.begin_write().unwrap();
+    w.open_table(META).unwrap().insert("format", &v.to_le_bytes()[..]).unwrap();
+    w.commit().unwrap();
+}
+
+/// The redb log of format 0 to 4 moves into segment files on the first
+/// start; the database stays, marked so an older blixard refuses the dir.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_log_is_migrated_and_a_newer_format_is_refused_by_name() {
+    use blixard_core::raft::log_store::legacy::MOVED;
     let dir = fixture("datadir-v0");
     assert_eq!(log_format(dir.path()), None, "the fixture predates versions");
     let (node, _client) = start(dir.path()).await;
     node.shutdown().await;
     drop(node);
-    // The writer task closes the database asynchronously after shutdown.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let found = loop {
-        match std::panic::catch_unwind(|| log_format(dir.path())) {
-            Ok(v) => break v,
-            Err(_) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await
-            }
-            Err(_) => panic!("raft.redb stayed locked"),
-        }
-    };
-    assert_eq!(found, Some(blixard_core::format::CURRENT), "migrated to the current version");
+    assert!(dir.path().join("raft-log").is_dir(), "the log now lives in segment files");
+    assert_eq!(log_format(dir.path()), Some(MOVED), "the old database is marked moved, not deleted");
+    assert!(!dir.path().join("raft-log.migrating").exists());
 
-    // A log database from a newer Blixard: a clear error naming both
-    // versions, and the data left as it was.
-    {
-        let db = redb::Database::open(dir.path().join("raft.redb")).unwrap();
-        let w = db.begin_write().unwrap();
-        w.open_table(META).unwrap().insert("format", &99u16.to_le_bytes()[..]).unwrap();
-        w.commit().unwrap();
-    }
-    let msg = start_err(dir.path()).await;
+    // A log database of a newer format is refused by name, nothing migrated
+    // (how an older blixard refuses a migrated dir: MOVED is newer still).
+    let newer = fixture("datadir-v0");
+    set_log_format(newer.path(), 99);
+    let msg = start_err(newer.path()).await;
     assert!(
         msg.contains("version 99") && msg.contains(&format!("0 to {}", blixard_core::format::CURRENT)),
         "{msg}"
     );
     assert!(msg.contains("raft.redb"), "names the file: {msg}");
-    assert_eq!(log_format(dir.path()), Some(99), "refusing migrates nothing");
+    assert_eq!(log_format(newer.path()), Some(99), "refusing migrates nothing");
+    assert!(!newer.path().join("raft-log").exists(), "and creates no log");
+
+    // A migrated database whose segment log went missing: refused, never a
+    // start on an empty log.
+    std::fs::remove_dir_all(dir.path().join("raft-log")).unwrap();
+    let msg = start_err(dir.path()).await;
+    assert!(msg.contains("was migrated to") && msg.contains("raft-log"), "{msg}");
+    assert_eq!(log_format(dir.path()), Some(MOVED));
 }
 
 #[tokio::test(flavor = "multi_thread")]

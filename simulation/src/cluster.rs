@@ -47,8 +47,15 @@ pub fn node_addr(id: NodeId) -> SocketAddr {
 /// Production Raft timing, but snapshots every 50 entries and only 10 kept
 /// behind: a node that is down for a while finds the log it needs purged on
 /// the leader and must catch up by installing a snapshot.
+/// Small log segments (on tmpfs, preallocation is memory) that roll over
+/// and are deleted many times in every run.
 pub fn sim_tuning() -> RaftTuning {
-    RaftTuning { snapshot_every: 50, keep_behind_snapshot: 10, ..RaftTuning::default() }
+    RaftTuning {
+        snapshot_every: 50,
+        keep_behind_snapshot: 10,
+        log_segment_bytes: 16 * 1024,
+        ..RaftTuning::default()
+    }
 }
 
 /// The reconciler, sped up so VM scenarios converge in little virtual time:

@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use crate::types::NodeId;
 
 const FILE: &str = "identity";
-/// Files that mean the directory holds Raft state.
-pub const LOG_FILE: &str = "raft.redb";
+/// Entries that mean the directory holds Raft state: the log directory, or
+/// the log database of a build from before segment logs.
+pub const LOG_FILES: [&str; 2] = [crate::raft::log_store::DIR, crate::raft::log_store::legacy::FILE];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Identity {
@@ -23,7 +24,7 @@ pub enum IdentityError {
     NodeMismatch { dir: PathBuf, stored: NodeId, requested: NodeId },
     #[error("data dir {dir} belongs to cluster {stored}, but {seed} is in cluster {other}; use a fresh --data-dir to join another cluster")]
     ClusterMismatch { dir: PathBuf, stored: String, seed: String, other: String },
-    #[error("data dir {dir} holds Raft state ({LOG_FILE}) but no identity file; refusing to guess (restore {FILE} or move the directory away)")]
+    #[error("data dir {dir} holds Raft state (a Raft log) but no identity file; refusing to guess (restore {FILE} or move the directory away)")]
     Orphaned { dir: PathBuf },
     #[error("identity file {path} is corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
@@ -46,7 +47,7 @@ pub fn load(dir: &Path) -> Result<Option<Identity>, IdentityError> {
     let text = match fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if dir.join(LOG_FILE).exists() {
+            if LOG_FILES.iter().any(|f| dir.join(f).exists()) {
                 return Err(IdentityError::Orphaned { dir: dir.to_path_buf() });
             }
             return Ok(None);
@@ -134,7 +135,7 @@ mod tests {
     #[test]
     fn raft_state_without_identity_is_refused() {
         let d = tempfile::tempdir().unwrap();
-        fs::write(d.path().join(LOG_FILE), b"x").unwrap();
+        fs::write(d.path().join(LOG_FILES[1]), b"x").unwrap();
         assert!(matches!(load(d.path()), Err(IdentityError::Orphaned { .. })));
         fs::write(d.path().join(FILE), "node_id = x\n").unwrap();
         assert!(matches!(load(d.path()), Err(IdentityError::Corrupt { .. })));

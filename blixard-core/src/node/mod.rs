@@ -329,7 +329,7 @@ pub struct Node {
     stop_server: Mutex<Option<oneshot::Sender<()>>>,
     server: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The log writer; it exits once openraft drops the log store.
-    log_writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    log_writer: Mutex<Option<crate::raft::log_store::WriterDone>>,
     reconciler: Mutex<Option<tokio::task::JoinHandle<()>>>,
     election: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Heartbeats and the leader's liveness monitor.
@@ -382,8 +382,8 @@ impl Node {
         };
 
         let metrics = NodeMetrics::new(cfg.meter.as_ref(), cfg.id);
-        let log_path = cfg.data_dir.join(identity::LOG_FILE);
-        let mut log = LogStore::open_with_metrics(&log_path, metrics.clone())
+        let log_path = cfg.data_dir.join(crate::raft::log_store::DIR);
+        let mut log = LogStore::open_with(&log_path, cfg.tuning.log_segment_bytes, metrics.clone())
             .map_err(|e| NodeError::Log { path: log_path.clone(), reason: e.to_string() })?;
         let has_raft_state = log.has_state();
         let log_writer = log.take_writer();

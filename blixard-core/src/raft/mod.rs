@@ -60,6 +60,9 @@ pub struct RaftTuning {
     pub keep_behind_snapshot: u64,
     /// Per-RPC deadline for snapshot chunks.
     pub snapshot_rpc_timeout: Duration,
+    /// The size Raft log segments are preallocated to (a group larger than
+    /// this gets a segment of its own size).
+    pub log_segment_bytes: u64,
 }
 
 impl Default for RaftTuning {
@@ -71,6 +74,7 @@ impl Default for RaftTuning {
             snapshot_every: 5000,
             keep_behind_snapshot: 1000,
             snapshot_rpc_timeout: Duration::from_secs(10),
+            log_segment_bytes: log_store::segment::DEFAULT_SEGMENT_BYTES,
         }
     }
 }

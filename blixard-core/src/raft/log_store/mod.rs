@@ -1,0 +1,527 @@
+//! The Raft log and vote: an append-only segment log with group commit.
+//!
+//! openraft wants two things from `append`: entries readable as soon as it
+//! returns, and a callback once they are on disk. So the log lives twice: an
+//! in-memory `BTreeMap` (everything not yet purged; reads never touch disk)
+//! and segment files (durability; [`segment`] has the layout). Every write,
+//! vote, truncation and purge goes, in order, through one queue to a single
+//! writer (a thread of its own; a task under madsim). The writer drains
+//! whatever has queued up while its previous write ran, encodes it all into
+//! one buffer, and writes it with ONE `pwrite` and ONE `fdatasync`, then
+//! acknowledges each operation: many entries, one fsync, no hand-off to a
+//! blocking pool. Nothing is acknowledged before its `fdatasync` returns,
+//! and after a failed write the writer refuses everything (a hole in the
+//! log is worse than a stopped node).
+//!
+//! The commit index is not queued: it only saves work at restart, so the
+//! writer records the latest one in whatever group it writes next (never
+//! ahead of the entries it has written).
+//!
+//! A data dir from format versions 0 to 4 keeps its log in redb
+//! (`raft.redb`); opening migrates it into segments once ([`legacy`]).
+pub mod legacy;
+pub mod segment;
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::ops::RangeBounds;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{AnyError, OptionalSend, RaftLogReader, StorageIOError};
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Entry, LogId, StorageError, TypeConfig, Vote};
+use crate::metrics::NodeMetrics;
+use segment::{Group, Kind, LogError, Marks, Record, SegmentLog};
+
+/// The log directory's name, in the data dir.
+pub const DIR: &str = "raft-log";
+/// Upper bound on operations folded into one write.
+const MAX_GROUP: usize = 4096;
+
+#[derive(Default)]
+struct Cache {
+    entries: BTreeMap<u64, Entry>,
+    last_purged: Option<LogId>,
+    vote: Option<Vote>,
+    committed: Option<LogId>,
+}
+
+impl Cache {
+    fn apply(&mut self, r: Record) {
+        match r {
+            Record::Entry(e) => {
+                self.entries.insert(e.log_id.index, e);
+            }
+            Record::Truncate(from) => drop(self.entries.split_off(&from)),
+            Record::Purge(upto) => self.purge(Some(upto)),
+            Record::Vote(v) => self.vote = Some(v),
+            Record::Committed(c) => self.committed = c,
+            Record::Checkpoint(m) => {
+                self.vote = m.vote;
+                self.committed = m.committed;
+                self.purge(m.last_purged);
+            }
+        }
+    }
+
+    fn purge(&mut self, upto: Option<LogId>) {
+        if let Some(upto) = upto {
+            self.entries = self.entries.split_off(&(upto.index + 1));
+        }
+        self.last_purged = upto;
+    }
+
+    fn marks(&self) -> Marks {
+        Marks { vote: self.vote, committed: self.committed, last_purged: self.last_purged }
+    }
+}
+
+enum Op {
+    Append { entries: Vec<Entry>, done: LogFlushed<TypeConfig> },
+    Truncate { from: u64 },
+    Purge { upto: LogId },
+    Vote { vote: Vote, done: oneshot::Sender<std::io::Result<()>> },
+}
+
+/// Group-commit statistics, for tests and benchmarks.
+#[derive(Default, Debug)]
+pub struct WriterStats {
+    pub commits: std::sync::atomic::AtomicU64,
+    pub entries: std::sync::atomic::AtomicU64,
+    /// The commit index openraft last saved (metrics).
+    pub committed: std::sync::atomic::AtomicU64,
+}
+
+/// Resolves once the writer has stopped and closed its files.
+pub type WriterDone = oneshot::Receiver<()>;
+
+/// openraft's log storage handle.
+pub struct LogStore {
+    cache: Arc<RwLock<Cache>>,
+    tx: mpsc::UnboundedSender<Op>,
+    /// The commit index not yet handed to the writer.
+    committed: Arc<Mutex<Option<Option<LogId>>>>,
+    stats: Arc<WriterStats>,
+    writer: Option<WriterDone>,
+}
+
+/// Read-only view used by openraft's replication tasks.
+#[derive(Clone)]
+pub struct LogReader {
+    cache: Arc<RwLock<Cache>>,
+}
+
+/// Why the log could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error("{path}: {source}", path = .1.display(), source = .0)]
+    Legacy(legacy::LegacyError, PathBuf),
+    #[error("{legacy} was migrated to {dir}, which is missing; restore {dir} (never start this node on an empty log: it would forget its vote)", legacy = .legacy.display(), dir = .dir.display())]
+    MigratedLogMissing { legacy: PathBuf, dir: PathBuf },
+    #[error("cannot start the raft log writer: {0}")]
+    Writer(std::io::Error),
+}
+
+impl LogStore {
+    /// Opens (or creates) the log in the directory `dir` and starts its
+    /// writer. A legacy `raft.redb` beside `dir` is migrated first.
+    pub fn open(dir: &Path) -> Result<Self, OpenError> {
+        Self::open_with(dir, segment::DEFAULT_SEGMENT_BYTES, NodeMetrics::noop(0))
+    }
+
+    /// [`LogStore::open`] with segments of `segment_bytes`, recording write
+    /// sizes and fsync times in `metrics`.
+    pub fn open_with(dir: &Path, segment_bytes: u64, metrics: Arc<NodeMetrics>) -> Result<Self, OpenError> {
+        let legacy_path = dir.parent().unwrap_or(Path::new(".")).join(legacy::FILE);
+        let legacy_err = |e| OpenError::Legacy(e, legacy_path.clone());
+        if !dir.exists() {
+            if legacy_path.exists() {
+                if legacy::is_moved(&legacy_path).map_err(legacy_err)? {
+                    return Err(OpenError::MigratedLogMissing {
+                        legacy: legacy_path,
+                        dir: dir.to_path_buf(),
+                    });
+                }
+                migrate(&legacy_path, dir, segment_bytes)?;
+            } else {
+                create_empty(dir, segment_bytes)?;
+            }
+        }
+        if legacy_path.exists() && !legacy::is_moved(&legacy_path).map_err(legacy_err)? {
+            // A crash between the migration's rename and this mark.
+            legacy::mark_moved(&legacy_path).map_err(legacy_err)?;
+        }
+        let mut cache = Cache::default();
+        let found = segment::replay(dir, |r| cache.apply(r))?;
+        let log = SegmentLog::open(dir, found, cache.marks(), segment_bytes)?;
+        let last_index =
+            cache.entries.last_key_value().map(|(i, _)| *i).or(cache.last_purged.map(|p| p.index));
+        let stats = Arc::new(WriterStats::default());
+        if let Some(c) = cache.committed {
+            stats.committed.store(c.index, std::sync::atomic::Ordering::Relaxed);
+        }
+        let committed = Arc::new(Mutex::new(None));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = Writer {
+            log,
+            group: Group::default(),
+            committed: committed.clone(),
+            last_index,
+            stats: stats.clone(),
+            metrics,
+            failed: None,
+        };
+        let done = spawn_writer(writer, rx).map_err(OpenError::Writer)?;
+        Ok(Self { cache: Arc::new(RwLock::new(cache)), tx, committed, stats, writer: Some(done) })
+    }
+
+    /// Resolves once the writer has stopped (after this store is dropped and
+    /// its queue drained) and closed its files; await it before reopening.
+    pub fn take_writer(&mut self) -> Option<WriterDone> {
+        self.writer.take()
+    }
+
+    /// True when this log has ever voted or held an entry: the node has Raft
+    /// state and must never be bootstrapped again.
+    pub fn has_state(&self) -> bool {
+        let c = self.cache.read();
+        c.vote.is_some() || !c.entries.is_empty() || c.last_purged.is_some()
+    }
+
+    pub fn stats(&self) -> Arc<WriterStats> {
+        self.stats.clone()
+    }
+
+    /// Queues `op` for the writer. The error type is openraft's (large, but
+    /// only ever built once, when the writer is gone).
+    #[allow(clippy::result_large_err)]
+    fn send(&self, op: Op) -> Result<(), StorageError> {
+        self.tx.send(op).map_err(|_| StorageIOError::write_logs(AnyError::error("log writer stopped")).into())
+    }
+}
+
+/// A new, empty log directory.
+fn create_empty(dir: &Path, segment_bytes: u64) -> Result<(), OpenError> {
+    let io = |e| LogError::Io { path: dir.to_path_buf(), source: e };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    SegmentLog::create_first(dir, Marks::default(), segment_bytes)?;
+    if let Some(parent) = dir.parent() {
+        segment::sync_dir(parent)?;
+    }
+    Ok(())
+}
+
+/// Copies the legacy redb log at `legacy_path` into a new log directory
+/// `dir`: built beside it, made durable, then renamed into place, so a
+/// crash leaves either the old log alone or the new one complete. The redb
+/// file is marked moved afterwards, never deleted.
+fn migrate(legacy_path: &Path, dir: &Path, segment_bytes: u64) -> Result<(), OpenError> {
+    let old = legacy::read(legacy_path).map_err(|e| OpenError::Legacy(e, legacy_path.to_path_buf()))?;
+    let tmp = dir.with_extension("migrating");
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |e| LogError::Io { path: p, source: e }
+    };
+    if tmp.exists() {
+        // An earlier migration that did not finish; the redb log is intact.
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    let mut log = SegmentLog::create_first(&tmp, old.marks, segment_bytes)?;
+    let mut group = Group::default();
+    let mut max_index = None;
+    for e in old.entries.values() {
+        group.push(Kind::Entry, e).map_err(|e| LogError::Corrupt {
+            path: legacy_path.to_path_buf(),
+            offset: 0,
+            why: e.to_string(),
+        })?;
+        max_index = Some(e.log_id.index);
+    }
+    log.write(&mut group, max_index, old.marks, true)?;
+    drop(log);
+    std::fs::rename(&tmp, dir).map_err(io(dir))?;
+    if let Some(parent) = dir.parent() {
+        segment::sync_dir(parent)?;
+    }
+    legacy::mark_moved(legacy_path).map_err(|e| OpenError::Legacy(e, legacy_path.to_path_buf()))?;
+    tracing::info!(
+        from = %legacy_path.display(),
+        to = %dir.display(),
+        format = old.format,
+        entries = old.entries.len(),
+        "raft log migrated from redb to segment files"
+    );
+    Ok(())
+}
+
+/// The single writer: owns the segment files.
+struct Writer {
+    log: SegmentLog,
+    group: Group,
+    committed: Arc<Mutex<Option<Option<LogId>>>>,
+    /// The index of the last entry written (the commit index written never
+    /// passes it).
+    last_index: Option<u64>,
+    stats: Arc<WriterStats>,
+    metrics: Arc<NodeMetrics>,
+    failed: Option<String>,
+}
+
+enum Done {
+    Flushed(LogFlushed<TypeConfig>),
+    Vote(oneshot::Sender<std::io::Result<()>>),
+}
+
+impl Writer {
+    /// Writes `ops` as one group and acknowledges them.
+    fn run(&mut self, ops: &mut Vec<Op>) {
+        let mut dones = Vec::with_capacity(ops.len());
+        let mut entries = 0u64;
+        let mut max_index = None;
+        let mut marks = self.log.marks;
+        let mut purged = None;
+        let mut encode_error = None;
+        let mut last_index = self.last_index;
+        self.group.clear();
+        for op in ops.drain(..) {
+            let pushed = match op {
+                Op::Append { entries: es, done } => {
+                    dones.push(Done::Flushed(done));
+                    entries += es.len() as u64;
+                    let mut r = Ok(());
+                    for e in &es {
+                        max_index = Some(e.log_id.index);
+                        last_index = Some(e.log_id.index);
+                        r = r.and_then(|_| self.group.push(Kind::Entry, e));
+                    }
+                    r
+                }
+                Op::Truncate { from } => {
+                    last_index = last_index.map(|l| l.min(from.saturating_sub(1)));
+                    self.group.push(Kind::Truncate, &from)
+                }
+                Op::Purge { upto } => {
+                    last_index = Some(last_index.unwrap_or(0).max(upto.index));
+                    marks.last_purged = Some(upto);
+                    purged = Some(upto.index);
+                    self.group.push(Kind::Purge, &upto)
+                }
+                Op::Vote { vote, done } => {
+                    dones.push(Done::Vote(done));
+                    marks.vote = Some(vote);
+                    self.group.push(Kind::Vote, &vote)
+                }
+            };
+            if let Err(e) = pushed {
+                encode_error.get_or_insert(e.to_string());
+            }
+        }
+        // The latest commit index rides along, unless it is ahead of the
+        // entries written (then it waits for a later group).
+        {
+            let mut pending = self.committed.lock();
+            if let Some(c) = *pending {
+                let behind = match (c, last_index) {
+                    (None, _) => true,
+                    (Some(c), Some(l)) => c.index <= l,
+                    (Some(_), None) => false,
+                };
+                if behind {
+                    *pending = None;
+                    marks.committed = c;
+                    if let Err(e) = self.group.push(Kind::Committed, &c) {
+                        encode_error.get_or_insert(e.to_string());
+                    }
+                }
+            }
+        }
+        let result = match (&self.failed, encode_error) {
+            (Some(why), _) => Err(why.clone()),
+            (None, Some(why)) => Err(why),
+            (None, None) => {
+                let started = tokio::time::Instant::now();
+                let r = self.log.write(&mut self.group, max_index, marks, true).map_err(|e| e.to_string());
+                self.metrics.log_fsync_seconds.record(started.elapsed().as_secs_f64());
+                if entries > 0 {
+                    self.metrics.log_write_entries.record(entries);
+                }
+                r
+            }
+        };
+        match &result {
+            Err(why) => {
+                if self.failed.is_none() {
+                    tracing::error!(error = %why, "raft log write failed; refusing further writes");
+                    self.failed = Some(why.clone());
+                }
+            }
+            Ok(()) => {
+                use std::sync::atomic::Ordering::Relaxed;
+                self.last_index = last_index;
+                self.stats.commits.fetch_add(1, Relaxed);
+                self.stats.entries.fetch_add(entries, Relaxed);
+            }
+        }
+        for d in dones {
+            let r = result.clone().map_err(std::io::Error::other);
+            match d {
+                Done::Flushed(cb) => cb.log_io_completed(r),
+                Done::Vote(tx) => {
+                    let _ = tx.send(r);
+                }
+            }
+        }
+        if let (Ok(()), Some(upto)) = (&result, purged) {
+            // The purge mark is durable: segments holding only purged
+            // entries can go.
+            if let Err(e) = self.log.remove_purged(upto) {
+                tracing::warn!(error = %e, "could not delete a purged raft log segment; it is retried at the next purge");
+            }
+        }
+    }
+}
+
+/// Takes up to [`MAX_GROUP`] operations: `first` and whatever else queued.
+fn collect(first: Op, rx: &mut mpsc::UnboundedReceiver<Op>, ops: &mut Vec<Op>) {
+    ops.push(first);
+    while ops.len() < MAX_GROUP {
+        match rx.try_recv() {
+            Ok(op) => ops.push(op),
+            Err(_) => break,
+        }
+    }
+}
+
+/// The writer runs on a thread of its own: a write and its `fdatasync`
+/// block it, never the async runtime, and no blocking pool sits between the
+/// queue and the disk.
+#[cfg(not(madsim))]
+fn spawn_writer(mut w: Writer, mut rx: mpsc::UnboundedReceiver<Op>) -> std::io::Result<WriterDone> {
+    let (tx, done) = oneshot::channel();
+    std::thread::Builder::new().name("raft-log".into()).spawn(move || {
+        let mut ops = Vec::new();
+        while let Some(first) = rx.blocking_recv() {
+            collect(first, &mut rx, &mut ops);
+            w.run(&mut ops);
+        }
+        drop(w);
+        let _ = tx.send(());
+    })?;
+    Ok(done)
+}
+
+/// Under madsim the simulation must start no threads: the writer is a task
+/// and does its IO inline (deterministic, and free on tmpfs).
+#[cfg(madsim)]
+fn spawn_writer(mut w: Writer, mut rx: mpsc::UnboundedReceiver<Op>) -> std::io::Result<WriterDone> {
+    let (tx, done) = oneshot::channel();
+    tokio::spawn(async move {
+        let mut ops = Vec::new();
+        while let Some(first) = rx.recv().await {
+            collect(first, &mut rx, &mut ops);
+            w.run(&mut ops);
+        }
+        drop(w);
+        let _ = tx.send(());
+    });
+    Ok(done)
+}
+
+fn read_range<RB: RangeBounds<u64>>(cache: &RwLock<Cache>, range: RB) -> Vec<Entry> {
+    cache.read().entries.range(range).map(|(_, e)| e.clone()).collect()
+}
+
+impl RaftLogReader<TypeConfig> for LogReader {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        Ok(read_range(&self.cache, range))
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        Ok(read_range(&self.cache, range))
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogReader;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let c = self.cache.read();
+        let last = c.entries.last_key_value().map(|(_, e)| e.log_id).or(c.last_purged);
+        Ok(LogState { last_purged_log_id: c.last_purged, last_log_id: last })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        LogReader { cache: self.cache.clone() }
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
+        let (done, rx) = oneshot::channel();
+        self.send(Op::Vote { vote: *vote, done })?;
+        let flushed = rx.await.map_err(|_| std::io::Error::other("log writer stopped"));
+        flushed.and_then(|r| r).map_err(|e| StorageIOError::write_vote(AnyError::new(&e)))?;
+        // Visible only once durable: a vote is a promise to other nodes.
+        self.cache.write().vote = Some(*vote);
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
+        Ok(self.cache.read().vote)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        self.cache.write().committed = committed;
+        if let Some(c) = committed {
+            self.stats.committed.store(c.index, std::sync::atomic::Ordering::Relaxed);
+        }
+        *self.committed.lock() = Some(committed);
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        Ok(self.cache.read().committed)
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        {
+            let mut c = self.cache.write();
+            for e in &entries {
+                c.entries.insert(e.log_id.index, e.clone());
+            }
+        }
+        self.send(Op::Append { entries, done: callback })
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        drop(self.cache.write().entries.split_off(&log_id.index));
+        self.send(Op::Truncate { from: log_id.index })
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        {
+            let mut c = self.cache.write();
+            c.entries = c.entries.split_off(&(log_id.index + 1));
+            c.last_purged = Some(log_id);
+        }
+        self.send(Op::Purge { upto: log_id })
+    }
+}
