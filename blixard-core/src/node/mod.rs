@@ -322,6 +322,9 @@ pub struct NodeShared {
     /// This node's fencing lease: VMs may start only while it is valid.
     pub fence: liveness::Fence,
     pub metrics: Arc<NodeMetrics>,
+    /// The leader this node knows of; changes only when the leader does
+    /// (unlike openraft's metrics, which change with every entry).
+    leader_seen: tokio::sync::watch::Sender<Option<NodeId>>,
 }
 
 pub struct Node {
@@ -428,6 +431,7 @@ impl Node {
             liveness: Default::default(),
             fence: Default::default(),
             metrics,
+            leader_seen: tokio::sync::watch::channel(None).0,
         });
         let observed: std::sync::Weak<dyn crate::metrics::Observed> = Arc::downgrade(&shared) as _;
         shared.metrics.observe(observed);
@@ -441,7 +445,7 @@ impl Node {
             reconciler: Mutex::new(None),
             election: Mutex::new(Some(tokio::spawn(election::run(shared.clone())))),
             liveness: Mutex::new(vec![
-                tokio::spawn(count_leader_changes(shared.clone())),
+                tokio::spawn(track_leader(shared.clone())),
                 tokio::spawn(liveness::heartbeat_loop(shared.clone())),
                 tokio::spawn(liveness::monitor_loop(shared.clone())),
             ]),
@@ -680,19 +684,27 @@ impl NodeShared {
         let mut in_doubt: Option<String> = None;
         let mut last: String;
         loop {
-            let leader = match self.batcher.submit(proposal.clone()).await {
-                Ok((index, result)) => return self.finish(index, result).await,
-                Err(SubmitError::NotLeader(leader)) => {
-                    last = "no leader elected yet".to_string();
-                    leader
-                }
-                Err(SubmitError::Unknown { why, leader }) => {
-                    last = why.to_string();
-                    in_doubt = Some(format!("node {}: {why}", self.id));
-                    leader
-                }
-                Err(SubmitError::Closed) => {
-                    return Err(undecided(in_doubt, format!("node {} is shutting down", self.id)))
+            // A follower that knows the leader forwards at once: its own
+            // batcher would only answer "not the leader".
+            let elsewhere = self.leader().filter(|(id, _)| *id != self.id && !self.is_leader());
+            let leader = if let Some(known) = elsewhere {
+                last = format!("leader {} was not reached", known.0);
+                Some(known)
+            } else {
+                match self.batcher.submit(proposal.clone()).await {
+                    Ok((index, result)) => return self.finish(index, result).await,
+                    Err(SubmitError::NotLeader(leader)) => {
+                        last = "no leader elected yet".to_string();
+                        leader
+                    }
+                    Err(SubmitError::Unknown { why, leader }) => {
+                        last = why.to_string();
+                        in_doubt = Some(format!("node {}: {why}", self.id));
+                        leader
+                    }
+                    Err(SubmitError::Closed) => {
+                        return Err(undecided(in_doubt, format!("node {} is shutting down", self.id)))
+                    }
                 }
             };
             if let Some((id, addr)) = leader.filter(|(id, _)| *id != self.id) {
@@ -796,14 +808,17 @@ impl NodeShared {
 
     /// Resolves once this node knows of a leader other than `old`.
     async fn leader_other_than(&self, old: NodeId) -> NodeId {
-        let mut metrics = self.raft.metrics();
-        loop {
-            if let Some(new) = metrics.borrow().current_leader.filter(|l| *l != old) {
-                return new;
-            }
-            if metrics.changed().await.is_err() {
-                return std::future::pending().await;
-            }
+        let mut seen = self.leader_seen.subscribe();
+        // The watch wakes only when the leader changes; openraft's own
+        // metrics would wake every waiting forward on every entry.
+        let leader = self.raft.metrics().borrow().current_leader;
+        if let Some(new) = leader.filter(|l| *l != old) {
+            return new;
+        }
+        let new = seen.wait_for(|l| l.is_some_and(|l| l != old)).await.ok().and_then(|l| *l);
+        match new {
+            Some(l) => l,
+            None => std::future::pending().await,
         }
     }
 
@@ -815,12 +830,17 @@ impl NodeShared {
 
     /// Waits until this node has applied `index`.
     pub async fn wait_applied(&self, index: u64) -> Result<(), ApiError> {
-        self.raft
-            .wait(Some(PROPOSE_TIMEOUT))
-            .applied_index_at_least(Some(index), "read your writes")
-            .await
-            .map(|_| ())
-            .map_err(|_| {
+        // The change feed's revision is the last applied index whose changes
+        // readers see; its watch wakes once per apply run, and a wait reads
+        // one integer (openraft's `wait` clones its whole metrics on every
+        // change, for every waiter).
+        let mut applied = self.state.feed().subscribe();
+        if *applied.borrow() >= index {
+            return Ok(());
+        }
+        let reached =
+            tokio::time::timeout(PROPOSE_TIMEOUT, applied.wait_for(|a| *a >= index)).await.is_ok_and(|r| r.is_ok());
+        reached.then_some(()).ok_or_else(|| {
                 ApiError::Unavailable(format!(
                     "node {} has not applied log index {index} within {}s (it is behind the leader)",
                     self.id,
@@ -990,14 +1010,17 @@ fn membership_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -
     }
 }
 
-/// Counts leader changes as this node sees them (metrics).
-async fn count_leader_changes(shared: Arc<NodeShared>) {
+/// Follows the leader as this node sees it: publishes it to
+/// `leader_seen` and counts changes (metrics).
+async fn track_leader(shared: Arc<NodeShared>) {
     let mut m = shared.raft.metrics();
     let mut leader = m.borrow().current_leader;
+    shared.leader_seen.send_replace(leader);
     while m.changed().await.is_ok() {
         let now = m.borrow().current_leader;
         if now != leader {
             leader = now;
+            shared.leader_seen.send_replace(now);
             shared.metrics.leader_changes.add(1);
         }
     }
