@@ -35,28 +35,48 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{Entry, LogId, StorageError, TypeConfig, Vote};
 use crate::metrics::NodeMetrics;
-use segment::{Group, Kind, LogError, Marks, Record, SegmentLog};
+use segment::{Group, Kind, LogError, Marks, Pos, Record, SegmentLog};
 
 /// The log directory's name, in the data dir.
 pub const DIR: &str = "raft-log";
 /// Upper bound on operations folded into one write.
 const MAX_GROUP: usize = 4096;
 
+/// Committed entries kept in memory behind the commit index, so a follower
+/// that lags a little is served without a disk read. The simulator keeps
+/// only a few, so its lagging followers are served from disk all the time.
+const HOT: u64 = if cfg!(madsim) { 4 } else { 64 };
+
+/// Where an entry lies on disk.
+#[derive(Clone, Copy, Debug)]
+struct Loc {
+    log_id: LogId,
+    pos: Pos,
+}
+
+/// The log as readers see it. Memory holds only what may still change or
+/// is about to be read: entries not yet written or not yet committed, and
+/// the last [`HOT`] committed ones. Every entry written has its place on
+/// disk in `locs`, so older ones are read back from their segment on the
+/// rare occasions they are needed (a lagging follower, a restart). The
+/// log's extent is the union of both.
 #[derive(Default)]
 struct Cache {
-    entries: BTreeMap<u64, Entry>,
+    hot: BTreeMap<u64, Entry>,
+    locs: BTreeMap<u64, Loc>,
     last_purged: Option<LogId>,
     vote: Option<Vote>,
     committed: Option<LogId>,
 }
 
 impl Cache {
-    fn apply(&mut self, r: Record) {
+    /// Replays one record found on disk at `pos`.
+    fn replay_record(&mut self, r: Record, pos: Pos) {
         match r {
             Record::Entry(e) => {
-                self.entries.insert(e.log_id.index, e);
+                self.locs.insert(e.log_id.index, Loc { log_id: e.log_id, pos });
             }
-            Record::Truncate(from) => drop(self.entries.split_off(&from)),
+            Record::Truncate(from) => self.truncate(from),
             Record::Purge(upto) => self.purge(Some(upto)),
             Record::Vote(v) => self.vote = Some(v),
             Record::Committed(c) => self.committed = c,
@@ -68,11 +88,36 @@ impl Cache {
         }
     }
 
+    fn truncate(&mut self, from: u64) {
+        drop(self.hot.split_off(&from));
+        drop(self.locs.split_off(&from));
+    }
+
     fn purge(&mut self, upto: Option<LogId>) {
         if let Some(upto) = upto {
-            self.entries = self.entries.split_off(&(upto.index + 1));
+            self.hot = self.hot.split_off(&(upto.index + 1));
+            self.locs = self.locs.split_off(&(upto.index + 1));
         }
         self.last_purged = upto;
+    }
+
+    fn last_log_id(&self) -> Option<LogId> {
+        let hot = self.hot.last_key_value().map(|(_, e)| e.log_id);
+        let disk = self.locs.last_key_value().map(|(_, l)| l.log_id);
+        hot.into_iter().chain(disk).max_by_key(|l| l.index).or(self.last_purged)
+    }
+
+    /// Drops from memory the committed entries more than [`HOT`] behind the
+    /// commit index whose copy on disk is known.
+    fn evict(&mut self) {
+        let Some(c) = self.committed else { return };
+        let upto = c.index.saturating_sub(HOT);
+        while let Some(e) = self.hot.first_entry() {
+            if *e.key() > upto || !self.locs.get(e.key()).is_some_and(|l| l.log_id == e.get().log_id) {
+                break;
+            }
+            e.remove();
+        }
     }
 
     fn marks(&self) -> Marks {
@@ -80,8 +125,46 @@ impl Cache {
     }
 }
 
+/// Reads entries back from their segments; keeps the files open.
+struct Disk {
+    dir: PathBuf,
+    files: Mutex<std::collections::HashMap<u64, Arc<std::fs::File>>>,
+}
+
+impl Disk {
+    fn read(&self, loc: Loc) -> Result<Entry, LogError> {
+        let seq = loc.pos.seq;
+        let path = segment::segment_path(&self.dir, seq);
+        let file = {
+            let mut files = self.files.lock();
+            match files.get(&seq) {
+                Some(f) => f.clone(),
+                None => {
+                    let f = Arc::new(
+                        std::fs::File::open(&path).map_err(|e| LogError::Io { path: path.clone(), source: e })?,
+                    );
+                    // Handles of deleted (purged) segments go.
+                    files.retain(|s, _| *s >= seq);
+                    files.insert(seq, f.clone());
+                    f
+                }
+            }
+        };
+        let e = segment::read_entry(&file, &path, loc.pos)?;
+        if e.log_id != loc.log_id {
+            return Err(LogError::Corrupt {
+                path,
+                offset: loc.pos.offset,
+                why: format!("holds entry {} where {} was written", e.log_id, loc.log_id),
+            });
+        }
+        Ok(e)
+    }
+}
+
 enum Op {
-    Append { entries: Vec<Entry>, done: LogFlushed<TypeConfig> },
+    /// Entries encoded by `append` (so the writer needs no copy of them).
+    Append { records: Group, ids: Vec<LogId>, done: LogFlushed<TypeConfig> },
     Truncate { from: u64 },
     Purge { upto: LogId },
     Vote { vote: Vote, done: oneshot::Sender<std::io::Result<()>> },
@@ -102,6 +185,7 @@ pub type WriterDone = oneshot::Receiver<()>;
 /// openraft's log storage handle.
 pub struct LogStore {
     cache: Arc<RwLock<Cache>>,
+    disk: Arc<Disk>,
     tx: mpsc::UnboundedSender<Op>,
     /// The commit index not yet handed to the writer.
     committed: Arc<Mutex<Option<Option<LogId>>>>,
@@ -113,6 +197,7 @@ pub struct LogStore {
 #[derive(Clone)]
 pub struct LogReader {
     cache: Arc<RwLock<Cache>>,
+    disk: Arc<Disk>,
 }
 
 /// Why the log could not be opened.
@@ -158,17 +243,20 @@ impl LogStore {
             legacy::mark_moved(&legacy_path).map_err(legacy_err)?;
         }
         let mut cache = Cache::default();
-        let found = segment::replay(dir, |r| cache.apply(r))?;
+        let found = segment::replay(dir, |r, pos| cache.replay_record(r, pos))?;
         let log = SegmentLog::open(dir, found, cache.marks(), segment_bytes)?;
-        let last_index =
-            cache.entries.last_key_value().map(|(i, _)| *i).or(cache.last_purged.map(|p| p.index));
+        let last_index = cache.last_log_id().map(|l| l.index);
         let stats = Arc::new(WriterStats::default());
         if let Some(c) = cache.committed {
             stats.committed.store(c.index, std::sync::atomic::Ordering::Relaxed);
         }
         let committed = Arc::new(Mutex::new(None));
+        let cache = Arc::new(RwLock::new(cache));
+        let disk = Arc::new(Disk { dir: dir.to_path_buf(), files: Mutex::new(Default::default()) });
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = Writer {
+            cache: cache.clone(),
+            written: Vec::new(),
             log,
             group: Group::default(),
             committed: committed.clone(),
@@ -178,7 +266,7 @@ impl LogStore {
             failed: None,
         };
         let done = spawn_writer(writer, rx).map_err(OpenError::Writer)?;
-        Ok(Self { cache: Arc::new(RwLock::new(cache)), tx, committed, stats, writer: Some(done) })
+        Ok(Self { cache, disk, tx, committed, stats, writer: Some(done) })
     }
 
     /// Resolves once the writer has stopped (after this store is dropped and
@@ -191,7 +279,7 @@ impl LogStore {
     /// state and must never be bootstrapped again.
     pub fn has_state(&self) -> bool {
         let c = self.cache.read();
-        c.vote.is_some() || !c.entries.is_empty() || c.last_purged.is_some()
+        c.vote.is_some() || !c.hot.is_empty() || !c.locs.is_empty() || c.last_purged.is_some()
     }
 
     pub fn stats(&self) -> Arc<WriterStats> {
@@ -263,6 +351,9 @@ fn migrate(legacy_path: &Path, dir: &Path, segment_bytes: u64) -> Result<(), Ope
 
 /// The single writer: owns the segment files.
 struct Writer {
+    cache: Arc<RwLock<Cache>>,
+    /// The entries of the group being written: id and record number.
+    written: Vec<(LogId, usize)>,
     log: SegmentLog,
     group: Group,
     committed: Arc<Mutex<Option<Option<LogId>>>>,
@@ -290,18 +381,20 @@ impl Writer {
         let mut encode_error = None;
         let mut last_index = self.last_index;
         self.group.clear();
+        self.written.clear();
         for op in ops.drain(..) {
             let pushed = match op {
-                Op::Append { entries: es, done } => {
+                Op::Append { records, ids, done } => {
                     dones.push(Done::Flushed(done));
-                    entries += es.len() as u64;
-                    let mut r = Ok(());
-                    for e in &es {
-                        max_index = Some(e.log_id.index);
-                        last_index = Some(e.log_id.index);
-                        r = r.and_then(|_| self.group.push(Kind::Entry, e));
+                    entries += ids.len() as u64;
+                    let first = self.group.records();
+                    self.group.extend(&records);
+                    for (k, id) in ids.into_iter().enumerate() {
+                        max_index = Some(id.index);
+                        last_index = Some(id.index);
+                        self.written.push((id, first + k));
                     }
-                    r
+                    Ok(())
                 }
                 Op::Truncate { from } => {
                     last_index = last_index.map(|l| l.min(from.saturating_sub(1)));
@@ -348,6 +441,10 @@ impl Writer {
             (None, None) => {
                 let started = tokio::time::Instant::now();
                 let r = self.log.write(&mut self.group, max_index, marks, true).map_err(|e| e.to_string());
+                if let Ok((seq, base)) = r {
+                    self.record_places(seq, base);
+                }
+                let r = r.map(|_| ());
                 self.metrics.log_fsync_seconds.record(started.elapsed().as_secs_f64());
                 if entries > 0 {
                     self.metrics.log_write_entries.record(entries);
@@ -385,6 +482,21 @@ impl Writer {
                 tracing::warn!(error = %e, "could not delete a purged raft log segment; it is retried at the next purge");
             }
         }
+    }
+}
+
+impl Writer {
+    /// Publishes where the group's entries now lie on disk, unless an entry
+    /// was truncated or purged (or replaced) while it was being written,
+    /// and lets memory drop what is committed and on disk.
+    fn record_places(&mut self, seq: u64, base: u64) {
+        let mut c = self.cache.write();
+        for &(log_id, k) in &self.written {
+            if c.hot.get(&log_id.index).is_some_and(|e| e.log_id == log_id) {
+                c.locs.insert(log_id.index, Loc { log_id, pos: self.group.pos(k, seq, base) });
+            }
+        }
+        c.evict();
     }
 }
 
@@ -434,8 +546,45 @@ fn spawn_writer(mut w: Writer, mut rx: mpsc::UnboundedReceiver<Op>) -> std::io::
     Ok(done)
 }
 
-fn read_range<RB: RangeBounds<u64>>(cache: &RwLock<Cache>, range: RB) -> Vec<Entry> {
-    cache.read().entries.range(range).map(|(_, e)| e.clone()).collect()
+/// Entries in `range`, from memory or, for older ones, from disk. Stops at
+/// the end of the log.
+#[allow(clippy::result_large_err)]
+fn read_range<RB: RangeBounds<u64>>(cache: &RwLock<Cache>, disk: &Disk, range: RB) -> Result<Vec<Entry>, StorageError> {
+    use std::ops::Bound;
+    let mut out: Vec<Option<Entry>> = Vec::new();
+    let mut from_disk = Vec::new();
+    {
+        let c = cache.read();
+        let first = c.locs.first_key_value().map(|(i, _)| *i).into_iter().chain(c.hot.keys().next().copied()).min();
+        let start = match range.start_bound() {
+            Bound::Included(s) => *s,
+            Bound::Excluded(s) => s.saturating_add(1),
+            Bound::Unbounded => first.unwrap_or(0),
+        };
+        let end = match range.end_bound() {
+            Bound::Included(e) => Some(*e),
+            Bound::Excluded(e) => e.checked_sub(1),
+            Bound::Unbounded => Some(u64::MAX),
+        };
+        let Some(end) = end else { return Ok(Vec::new()) };
+        let mut i = start;
+        while i <= end {
+            if let Some(e) = c.hot.get(&i) {
+                out.push(Some(e.clone()));
+            } else if let Some(l) = c.locs.get(&i) {
+                from_disk.push((out.len(), *l));
+                out.push(None);
+            } else {
+                break;
+            }
+            i += 1;
+        }
+    }
+    for (slot, loc) in from_disk {
+        let e = disk.read(loc).map_err(|e| StorageError::from(StorageIOError::read_logs(AnyError::new(&e))))?;
+        out[slot] = Some(e);
+    }
+    Ok(out.into_iter().flatten().collect())
 }
 
 impl RaftLogReader<TypeConfig> for LogReader {
@@ -443,7 +592,7 @@ impl RaftLogReader<TypeConfig> for LogReader {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
-        Ok(read_range(&self.cache, range))
+        read_range(&self.cache, &self.disk, range)
     }
 }
 
@@ -452,7 +601,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
-        Ok(read_range(&self.cache, range))
+        read_range(&self.cache, &self.disk, range)
     }
 }
 
@@ -461,12 +610,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let c = self.cache.read();
-        let last = c.entries.last_key_value().map(|(_, e)| e.log_id).or(c.last_purged);
-        Ok(LogState { last_purged_log_id: c.last_purged, last_log_id: last })
+        Ok(LogState { last_purged_log_id: c.last_purged, last_log_id: c.last_log_id() })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
-        LogReader { cache: self.cache.clone() }
+        LogReader { cache: self.cache.clone(), disk: self.disk.clone() }
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
@@ -484,7 +632,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        self.cache.write().committed = committed;
+        {
+            let mut c = self.cache.write();
+            c.committed = committed;
+            c.evict();
+        }
         if let Some(c) = committed {
             self.stats.committed.store(c.index, std::sync::atomic::Ordering::Relaxed);
         }
@@ -501,27 +653,33 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        // Encoded here, once: memory keeps the entries, the writer gets
+        // their bytes (no copy of an entry is ever made).
         let entries: Vec<Entry> = entries.into_iter().collect();
+        let mut records = Group::default();
+        let mut ids = Vec::with_capacity(entries.len());
+        for e in &entries {
+            records
+                .push(Kind::Entry, e)
+                .map_err(|err| StorageIOError::write_log_entry(e.log_id, AnyError::new(&err)))?;
+            ids.push(e.log_id);
+        }
         {
             let mut c = self.cache.write();
-            for e in &entries {
-                c.entries.insert(e.log_id.index, e.clone());
+            for e in entries {
+                c.hot.insert(e.log_id.index, e);
             }
         }
-        self.send(Op::Append { entries, done: callback })
+        self.send(Op::Append { records, ids, done: callback })
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        drop(self.cache.write().entries.split_off(&log_id.index));
+        self.cache.write().truncate(log_id.index);
         self.send(Op::Truncate { from: log_id.index })
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        {
-            let mut c = self.cache.write();
-            c.entries = c.entries.split_off(&(log_id.index + 1));
-            c.last_purged = Some(log_id);
-        }
+        self.cache.write().purge(Some(log_id));
         self.send(Op::Purge { upto: log_id })
     }
 }

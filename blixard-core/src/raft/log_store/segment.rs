@@ -119,6 +119,33 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LogError + '_ {
     move |source| LogError::Io { path: path.to_path_buf(), source }
 }
 
+/// Where a record lies: its segment, the offset of its header, and its
+/// payload length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pos {
+    pub seq: u64,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// Reads and checks the entry record at `pos` of `file` (segment `pos.seq`).
+pub fn read_entry(file: &File, path: &Path, pos: Pos) -> Result<Entry, LogError> {
+    let mut buf = vec![0u8; RECORD_HEADER + pos.len as usize];
+    file.read_exact_at(&mut buf, pos.offset).map_err(io_err(path))?;
+    let corrupt = |why: String| LogError::Corrupt { path: path.to_path_buf(), offset: pos.offset, why };
+    let sum = u64::from_le_bytes(buf[..8].try_into().unwrap());
+    let len = u32::from_le_bytes(buf[8..12].try_into().unwrap());
+    if len != pos.len || buf[12] != Kind::Entry as u8 || xxh3_64_with_seed(&buf[8..], pos.seq) != sum {
+        return Err(corrupt("the entry record read back fails its checks".into()));
+    }
+    codec::decode_trusted(&buf[RECORD_HEADER..]).map_err(|e| corrupt(e.to_string()))
+}
+
+/// The path of segment `seq` in `dir`.
+pub fn segment_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(segment_name(seq))
+}
+
 /// Records encoded for one write, in order.
 #[derive(Default)]
 pub struct Group {
@@ -156,6 +183,26 @@ impl Group {
         self.buf[start + 12] = kind as u8;
         self.starts.push(start);
         Ok(())
+    }
+
+    /// Appends `other`'s records (encoded elsewhere) to this group.
+    pub fn extend(&mut self, other: &Group) {
+        let base = self.buf.len();
+        self.buf.extend_from_slice(&other.buf);
+        self.starts.extend(other.starts.iter().map(|s| s + base));
+    }
+
+    /// Where record `k` of this group lies once the group is written at
+    /// `base` of segment `seq`.
+    pub fn pos(&self, k: usize, seq: u64, base: u64) -> Pos {
+        let s = self.starts[k];
+        let len = u32::from_le_bytes(self.buf[s + 8..s + 12].try_into().unwrap());
+        Pos { seq, offset: base + s as u64, len }
+    }
+
+    /// How many records the group holds.
+    pub fn records(&self) -> usize {
+        self.starts.len()
     }
 
     /// Fills in every record's checksum for segment `seq`.
@@ -211,9 +258,10 @@ pub struct Replayed {
     pub cut: Option<(u64, String)>,
 }
 
-/// Reads every segment in `dir` in order, handing each record to `apply`.
-/// Cuts a torn tail off the last segment (see the module docs).
-pub fn replay(dir: &Path, mut apply: impl FnMut(Record)) -> Result<Replayed, LogError> {
+/// Reads every segment in `dir` in order, handing each record and where it
+/// lies to `apply`. Cuts a torn tail off the last segment (see the module
+/// docs).
+pub fn replay(dir: &Path, mut apply: impl FnMut(Record, Pos)) -> Result<Replayed, LogError> {
     let segs = list(dir)?;
     let mut out = Replayed { segments: Vec::new(), end: 0, cut: None };
     let n = segs.len();
@@ -282,7 +330,7 @@ pub fn replay(dir: &Path, mut apply: impl FnMut(Record)) -> Result<Replayed, Log
                 Kind::Committed => Record::Committed(codec::decode_trusted(payload).map_err(bad)?),
                 Kind::Checkpoint => Record::Checkpoint(codec::decode_trusted(payload).map_err(bad)?),
             };
-            apply(rec);
+            apply(rec, Pos { seq, offset: off as u64, len: len as u32 });
             off = end;
         }
         if let Some(why) = torn {
@@ -395,21 +443,23 @@ impl SegmentLog {
 
     /// Writes `group` (its marks and highest entry index given), then
     /// `fdatasync`s it if `sync`. Nothing in it counts as durable before
-    /// this returns `Ok` with `sync`.
+    /// this returns `Ok` with `sync`. Returns the segment and offset the
+    /// group was written at.
     pub fn write(
         &mut self,
         group: &mut Group,
         max_index: Option<u64>,
         marks: Marks,
         sync: bool,
-    ) -> Result<(), LogError> {
+    ) -> Result<(u64, u64), LogError> {
         if group.is_empty() {
-            return Ok(());
+            return Ok((self.seq, self.offset));
         }
         if self.offset + group.len() as u64 > self.size {
             self.roll(group.len() as u64)?;
         }
         group.seal(self.seq);
+        let at = (self.seq, self.offset);
         self.file.write_all_at(&group.buf, self.offset).map_err(io_err(&self.path))?;
         self.offset += group.len() as u64;
         if sync {
@@ -419,7 +469,7 @@ impl SegmentLog {
             self.max_index = Some(self.max_index.unwrap_or(0).max(i));
         }
         self.marks = marks;
-        Ok(())
+        Ok(at)
     }
 
     /// Starts the next segment, big enough for a group of `need` bytes.
@@ -490,12 +540,12 @@ mod tests {
 
     fn load(dir: &Path) -> Result<(Cache, Replayed), LogError> {
         let mut c = Cache::default();
-        let r = replay(dir, |rec| c.apply(rec))?;
+        let r = replay(dir, |rec, pos| c.replay_record(rec, pos))?;
         Ok((c, r))
     }
 
     fn indexes(c: &Cache) -> Vec<(u64, u64)> {
-        c.entries.values().map(|e| (e.log_id.leader_id.term, e.log_id.index)).collect()
+        c.locs.values().map(|l| (l.log_id.leader_id.term, l.log_id.index)).collect()
     }
 
     /// Writes `groups` groups of 3 entries each (term 1), one vote in the
@@ -556,7 +606,7 @@ mod tests {
                     |end: u64| end <= cut || full[cut as usize..end as usize].iter().all(|b| *b == fill);
                 let whole: Vec<_> = ends.iter().take_while(|(e, _)| intact(*e)).collect();
                 let want: Vec<u64> = whole.iter().filter_map(|(_, i)| *i).collect();
-                let got: Vec<u64> = c.entries.keys().copied().collect();
+                let got: Vec<u64> = c.locs.keys().copied().collect();
                 assert_eq!(got, want, "cut at {cut}, fill {fill:#x}");
                 let voted = whole.iter().any(|(_, i)| i.is_none());
                 assert_eq!(c.vote.is_some(), voted, "cut at {cut}");
@@ -585,7 +635,7 @@ mod tests {
         std::fs::write(seg(dir.path()), &bytes).unwrap();
 
         let (c, found) = load(dir.path()).unwrap();
-        assert_eq!(c.entries.keys().copied().max(), Some(9), "only the groups before the hole");
+        assert_eq!(c.locs.keys().copied().max(), Some(9), "only the groups before the hole");
         let mut log = SegmentLog::open(dir.path(), found, c.marks(), 1 << 20).unwrap();
         // A new record of exactly the missing one's size, at its place.
         let mut g = Group::default();
@@ -661,7 +711,7 @@ mod tests {
         assert_eq!(c.vote, Some(Vote::new(5, 2)));
         assert_eq!(c.last_purged, Some(upto));
         assert_eq!(c.committed, Some(upto));
-        assert_eq!(c.entries.keys().copied().collect::<Vec<_>>(), (801..=1000).collect::<Vec<_>>());
+        assert_eq!(c.locs.keys().copied().collect::<Vec<_>>(), (801..=1000).collect::<Vec<_>>());
     }
 
     /// A log written with a newer record format is refused by name.
