@@ -399,8 +399,24 @@ impl Failure {
     }
 }
 
+/// glibc's malloc raises its mmap threshold each time a large block is
+/// freed, after which big transient buffers (a snapshot image, a batch of
+/// entries) come from the per-thread arenas and stay there: a node's RSS
+/// then climbs in steps under sustained writes although its heap does not
+/// (docs/PERFORMANCE.md (c)). Fixed thresholds keep large blocks in mmap,
+/// returned on free, and trim the arenas' tops.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1024 * 1024);
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
+    tune_allocator();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -11,6 +11,7 @@
 //! anti-affinity group and tenant per node, the queue). Every VM change in
 //! apply goes through one function, [`ApplyRun::set_vm`], which keeps node
 //! allocations, tenant usage and the scheduler's indices in step with it.
+use crate::codec;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
@@ -74,11 +75,31 @@ pub struct ClusterState {
     feed: Feed,
 }
 
+impl Dedup {
+    fn get(&self, id: &RequestId) -> Option<CommandResult> {
+        // Bytes this node encoded itself: decoding cannot fail short of
+        // memory corruption, and would only read as "not seen".
+        codec::decode_trusted(self.results.get(id)?).ok()
+    }
+
+    /// Records `result` for `id` (encoding is deterministic and cannot fail
+    /// for these types; every replica keeps the same window).
+    fn insert(&mut self, id: RequestId, result: &CommandResult) {
+        if let Ok(bytes) = codec::encode(result) {
+            if self.results.insert(id, bytes.into_boxed_slice()).is_none() {
+                self.order.push_back(id);
+            }
+        }
+    }
+}
+
 /// Results of the last [`DEDUP_WINDOW`] identified requests, evicted in
 /// apply order (deterministic: the same log gives the same table).
 #[derive(Default)]
 struct Dedup {
-    results: HashMap<RequestId, CommandResult>,
+    /// Each result encoded (bincode): a map slot holds 16 bytes of it, not
+    /// a `CommandResult` inline, which keeps a full window at a few MiB.
+    results: HashMap<RequestId, Box<[u8]>>,
     order: VecDeque<RequestId>,
 }
 
@@ -396,8 +417,7 @@ impl ClusterState {
         drop(table);
         vms.sort_unstable_by(|a, b| a.name.cmp(&b.name));
         let dedup = self.requests.lock();
-        let requests =
-            dedup.order.iter().filter_map(|id| Some((*id, dedup.results.get(id)?.clone()))).collect();
+        let requests = dedup.order.iter().filter_map(|id| Some((*id, dedup.get(id)?))).collect();
         drop(dedup);
         let quotas = self.quotas.lock().iter().map(|(t, q)| (t.clone(), *q)).collect();
         StateImage {
@@ -429,8 +449,7 @@ impl ClusterState {
         dedup.results.clear();
         dedup.order.clear();
         for (id, result) in image.requests {
-            dedup.order.push_back(id);
-            dedup.results.insert(id, result);
+            dedup.insert(id, &result);
         }
         drop(dedup);
         vms.publish();
@@ -728,13 +747,12 @@ impl ApplyRun<'_> {
 
     fn apply_deduplicated(&mut self, proposal: &Proposal, index: u64) -> CommandResult {
         let Some(id) = proposal.request else { return self.apply_command(proposal, index) };
-        if let Some(first) = self.state.requests.lock().results.get(&id) {
-            return first.clone();
+        if let Some(first) = self.state.requests.lock().get(&id) {
+            return first;
         }
         let result = self.apply_command(proposal, index);
         let mut dedup = self.state.requests.lock();
-        dedup.results.insert(id, result.clone());
-        dedup.order.push_back(id);
+        dedup.insert(id, &result);
         if dedup.order.len() > DEDUP_WINDOW {
             if let Some(old) = dedup.order.pop_front() {
                 dedup.results.remove(&old);

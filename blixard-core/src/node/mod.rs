@@ -838,15 +838,16 @@ impl NodeShared {
         if *applied.borrow() >= index {
             return Ok(());
         }
-        let reached =
-            tokio::time::timeout(PROPOSE_TIMEOUT, applied.wait_for(|a| *a >= index)).await.is_ok_and(|r| r.is_ok());
+        let reached = tokio::time::timeout(PROPOSE_TIMEOUT, applied.wait_for(|a| *a >= index))
+            .await
+            .is_ok_and(|r| r.is_ok());
         reached.then_some(()).ok_or_else(|| {
-                ApiError::Unavailable(format!(
-                    "node {} has not applied log index {index} within {}s (it is behind the leader)",
-                    self.id,
-                    PROPOSE_TIMEOUT.as_secs()
-                ))
-            })
+            ApiError::Unavailable(format!(
+                "node {} has not applied log index {index} within {}s (it is behind the leader)",
+                self.id,
+                PROPOSE_TIMEOUT.as_secs()
+            ))
+        })
     }
 
     /// Makes the next local read linearizable: the leader confirms it still

@@ -18,7 +18,6 @@ use std::sync::Arc;
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{AnyError, EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageIOError, StoredMembership};
-use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::{blocking, Entry, LogId, Membership, SnapshotMeta, StorageError, TypeConfig};
@@ -43,7 +42,6 @@ pub struct StateMachineStore {
     last_applied: Option<LogId>,
     membership: Membership,
     dir: PathBuf,
-    current: Arc<Mutex<Option<StoredSnapshot>>>,
     /// Distinguishes snapshots built at the same log id.
     built: u64,
     metrics: Arc<NodeMetrics>,
@@ -58,7 +56,6 @@ impl StateMachineStore {
             last_applied: None,
             membership: StoredMembership::default(),
             dir: dir.to_path_buf(),
-            current: Arc::new(Mutex::new(None)),
             built: 0,
             metrics: NodeMetrics::noop(0),
         };
@@ -73,7 +70,6 @@ impl StateMachineStore {
                 sm.state.restore(image, snap.meta.last_log_id.map_or(0, |l| l.index));
                 sm.last_applied = snap.meta.last_log_id;
                 sm.membership = snap.meta.last_membership.clone();
-                *sm.current.lock() = Some(snap);
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
@@ -144,8 +140,8 @@ pub fn decode_image(what: &str, bytes: &[u8]) -> Result<StateImage, ImageError> 
     }
 }
 
-fn to_snapshot(s: &StoredSnapshot) -> Snapshot<TypeConfig> {
-    Snapshot { meta: s.meta.clone(), snapshot: Box::new(Cursor::new(s.data.clone())) }
+fn to_snapshot(s: StoredSnapshot) -> Snapshot<TypeConfig> {
+    Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }
 }
 
 /// Built on the state machine task (so the image is consistent with
@@ -153,7 +149,6 @@ fn to_snapshot(s: &StoredSnapshot) -> Snapshot<TypeConfig> {
 pub struct SnapshotBuilder {
     snap: Option<StoredSnapshot>,
     dir: PathBuf,
-    current: Arc<Mutex<Option<StoredSnapshot>>>,
     metrics: Arc<NodeMetrics>,
 }
 
@@ -166,9 +161,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         persist_off_executor(&self.dir, &snap).await?;
         self.metrics.snapshots_built.add(1);
         self.metrics.snapshot_built_bytes.record(snap.data.len() as u64);
-        let out = to_snapshot(&snap);
-        *self.current.lock() = Some(snap);
-        Ok(out)
+        Ok(to_snapshot(snap))
     }
 }
 
@@ -234,7 +227,6 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         SnapshotBuilder {
             snap: Some(StoredSnapshot { meta, data }),
             dir: self.dir.clone(),
-            current: self.current.clone(),
             metrics: self.metrics.clone(),
         }
     }
@@ -261,11 +253,29 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.state.restore(image, meta.last_log_id.map_or(0, |l| l.index));
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
-        *self.current.lock() = Some(snap);
         Ok(())
     }
 
+    /// Read from its file: a snapshot is needed only to catch up a
+    /// follower, and keeping its bytes in memory would cost as much as the
+    /// state it holds.
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        Ok(self.current.lock().as_ref().map(to_snapshot))
+        let path = self.dir.join(SNAPSHOT_FILE);
+        let read = blocking(move || -> std::io::Result<Option<StoredSnapshot>> {
+            match std::fs::read(&path) {
+                Ok(bytes) => {
+                    let what = format!("snapshot file {}", path.display());
+                    let (_, body) = format::split_header(&what, &bytes).map_err(std::io::Error::other)?;
+                    let snap = codec::decode_trusted(body)
+                        .map_err(|e| std::io::Error::other(format!("{what}: {e}")))?;
+                    Ok(Some(snap))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e),
+            }
+        });
+        let snap =
+            read.await.and_then(|r| r).map_err(|e| StorageIOError::read_snapshot(None, AnyError::new(&e)))?;
+        Ok(snap.map(to_snapshot))
     }
 }

@@ -113,7 +113,7 @@ impl Cache {
         let Some(c) = self.committed else { return };
         let upto = c.index.saturating_sub(HOT);
         while let Some(e) = self.hot.first_entry() {
-            if *e.key() > upto || !self.locs.get(e.key()).is_some_and(|l| l.log_id == e.get().log_id) {
+            if *e.key() > upto || self.locs.get(e.key()).is_none_or(|l| l.log_id != e.get().log_id) {
                 break;
             }
             e.remove();
@@ -141,7 +141,8 @@ impl Disk {
                 Some(f) => f.clone(),
                 None => {
                     let f = Arc::new(
-                        std::fs::File::open(&path).map_err(|e| LogError::Io { path: path.clone(), source: e })?,
+                        std::fs::File::open(&path)
+                            .map_err(|e| LogError::Io { path: path.clone(), source: e })?,
                     );
                     // Handles of deleted (purged) segments go.
                     files.retain(|s, _| *s >= seq);
@@ -164,10 +165,21 @@ impl Disk {
 
 enum Op {
     /// Entries encoded by `append` (so the writer needs no copy of them).
-    Append { records: Group, ids: Vec<LogId>, done: LogFlushed<TypeConfig> },
-    Truncate { from: u64 },
-    Purge { upto: LogId },
-    Vote { vote: Vote, done: oneshot::Sender<std::io::Result<()>> },
+    Append {
+        records: Group,
+        ids: Vec<LogId>,
+        done: LogFlushed<TypeConfig>,
+    },
+    Truncate {
+        from: u64,
+    },
+    Purge {
+        upto: LogId,
+    },
+    Vote {
+        vote: Vote,
+        done: oneshot::Sender<std::io::Result<()>>,
+    },
 }
 
 /// Group-commit statistics, for tests and benchmarks.
@@ -549,13 +561,18 @@ fn spawn_writer(mut w: Writer, mut rx: mpsc::UnboundedReceiver<Op>) -> std::io::
 /// Entries in `range`, from memory or, for older ones, from disk. Stops at
 /// the end of the log.
 #[allow(clippy::result_large_err)]
-fn read_range<RB: RangeBounds<u64>>(cache: &RwLock<Cache>, disk: &Disk, range: RB) -> Result<Vec<Entry>, StorageError> {
+fn read_range<RB: RangeBounds<u64>>(
+    cache: &RwLock<Cache>,
+    disk: &Disk,
+    range: RB,
+) -> Result<Vec<Entry>, StorageError> {
     use std::ops::Bound;
     let mut out: Vec<Option<Entry>> = Vec::new();
     let mut from_disk = Vec::new();
     {
         let c = cache.read();
-        let first = c.locs.first_key_value().map(|(i, _)| *i).into_iter().chain(c.hot.keys().next().copied()).min();
+        let first =
+            c.locs.first_key_value().map(|(i, _)| *i).into_iter().chain(c.hot.keys().next().copied()).min();
         let start = match range.start_bound() {
             Bound::Included(s) => *s,
             Bound::Excluded(s) => s.saturating_add(1),
@@ -581,7 +598,8 @@ fn read_range<RB: RangeBounds<u64>>(cache: &RwLock<Cache>, disk: &Disk, range: R
         }
     }
     for (slot, loc) in from_disk {
-        let e = disk.read(loc).map_err(|e| StorageError::from(StorageIOError::read_logs(AnyError::new(&e))))?;
+        let e =
+            disk.read(loc).map_err(|e| StorageError::from(StorageIOError::read_logs(AnyError::new(&e))))?;
         out[slot] = Some(e);
     }
     Ok(out.into_iter().flatten().collect())

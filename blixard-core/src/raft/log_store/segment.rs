@@ -267,39 +267,45 @@ pub fn replay(dir: &Path, mut apply: impl FnMut(Record, Pos)) -> Result<Replayed
     let n = segs.len();
     for (i, (seq, path)) in segs.into_iter().enumerate() {
         let last = i + 1 == n;
-        let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+        // Segments are preallocated: read what is written, a window at a
+        // time, never the whole file.
+        let file = File::open(&path).map_err(io_err(&path))?;
+        let mut w = Window::new(file).map_err(io_err(&path))?;
         let corrupt =
             |offset: usize, why: String| LogError::Corrupt { path: path.clone(), offset: offset as u64, why };
         // The header. A last segment whose header never reached the disk
         // (a crash while rolling over) holds nothing acknowledged.
-        let head_ok = bytes.len() >= SEGMENT_HEADER
-            && bytes[..8] == MAGIC
-            && u64::from_le_bytes(bytes[24..32].try_into().unwrap()) == xxh3_64_with_seed(&bytes[..24], 0);
-        if !head_ok {
-            if last && bytes.iter().take(SEGMENT_HEADER).all(|b| *b == 0) {
+        let head: Option<[u8; SEGMENT_HEADER]> =
+            w.get(0, SEGMENT_HEADER).map_err(io_err(&path))?.map(|h| h.try_into().unwrap());
+        let head_ok = head.is_some_and(|h| {
+            h[..8] == MAGIC
+                && u64::from_le_bytes(h[24..32].try_into().unwrap()) == xxh3_64_with_seed(&h[..24], 0)
+        });
+        let Some(head) = head.filter(|_| head_ok) else {
+            if last && head.is_none_or(|h| h.iter().all(|b| *b == 0)) {
                 std::fs::remove_file(&path).map_err(io_err(&path))?;
                 tracing::warn!(path = %path.display(), "removed a log segment whose header was never written (a crash while rolling over)");
                 break;
             }
             return Err(corrupt(0, "bad segment header".into()));
-        }
-        let layout = u16::from_le_bytes([bytes[8], bytes[9]]);
+        };
+        let layout = u16::from_le_bytes([head[8], head[9]]);
         if layout != LAYOUT {
             return Err(corrupt(8, format!("segment layout {layout}; this build reads layout {LAYOUT}")));
         }
         format::check(
             &format!("raft log segment {}", path.display()),
-            u16::from_le_bytes([bytes[10], bytes[11]]),
+            u16::from_le_bytes([head[10], head[11]]),
         )?;
-        let found_seq = u64::from_le_bytes(bytes[16..24].try_into().unwrap());
+        let found_seq = u64::from_le_bytes(head[16..24].try_into().unwrap());
         if found_seq != seq {
             return Err(corrupt(16, format!("header names segment {found_seq}")));
         }
         let mut max_index = None;
         let mut off = SEGMENT_HEADER;
         let mut torn = None;
-        while off + RECORD_HEADER <= bytes.len() {
-            let h = &bytes[off..off + RECORD_HEADER];
+        while let Some(h) = w.get(off, RECORD_HEADER).map_err(io_err(&path))? {
+            let h: [u8; RECORD_HEADER] = h.try_into().unwrap();
             let sum = u64::from_le_bytes(h[..8].try_into().unwrap());
             let len = u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize;
             if len == 0 && h.iter().all(|b| *b == 0) {
@@ -307,15 +313,19 @@ pub fn replay(dir: &Path, mut apply: impl FnMut(Record, Pos)) -> Result<Replayed
             }
             let end = off + RECORD_HEADER + len;
             let kind = Kind::from_u8(h[12]);
-            if len == 0 || end > bytes.len() || kind.is_none() || h[13..16] != [0, 0, 0] {
+            let body = match (kind, h[13..16] == [0, 0, 0], len) {
+                (Some(_), true, 1..) => w.get(off + 8, 8 + len).map_err(io_err(&path))?,
+                _ => None,
+            };
+            let Some(body) = body else {
                 torn = Some("a damaged record header");
                 break;
-            }
-            if xxh3_64_with_seed(&bytes[off + 8..end], seq) != sum {
+            };
+            if xxh3_64_with_seed(body, seq) != sum {
                 torn = Some("a checksum mismatch");
                 break;
             }
-            let payload = &bytes[off + RECORD_HEADER..end];
+            let payload = &body[8..];
             let bad =
                 |e: CodecError| corrupt(off, format!("record passes its checksum but does not decode: {e}"));
             let rec = match kind.unwrap() {
@@ -337,12 +347,41 @@ pub fn replay(dir: &Path, mut apply: impl FnMut(Record, Pos)) -> Result<Replayed
             if !last {
                 return Err(corrupt(off, format!("{why} in a segment that is not the last")));
             }
-            out.cut = Some(((bytes.len() - off) as u64, why.to_string()));
+            out.cut = Some(((w.len - off) as u64, why.to_string()));
         }
         out.segments.push((seq, max_index));
         out.end = off as u64;
     }
     Ok(out)
+}
+
+/// Reads a file through a moving window of at least 1 MiB.
+struct Window {
+    file: File,
+    len: usize,
+    start: usize,
+    buf: Vec<u8>,
+}
+
+impl Window {
+    fn new(file: File) -> io::Result<Self> {
+        let len = usize::try_from(file.metadata()?.len()).map_err(io::Error::other)?;
+        Ok(Self { file, len, start: 0, buf: Vec::new() })
+    }
+
+    /// Bytes `off..off + n`, or `None` past the end of the file.
+    fn get(&mut self, off: usize, n: usize) -> io::Result<Option<&[u8]>> {
+        if off + n > self.len {
+            return Ok(None);
+        }
+        if off < self.start || off + n > self.start + self.buf.len() {
+            let want = n.max(1 << 20).min(self.len - off);
+            self.buf.resize(want, 0);
+            self.file.read_exact_at(&mut self.buf, off as u64)?;
+            self.start = off;
+        }
+        Ok(Some(&self.buf[off - self.start..off - self.start + n]))
+    }
 }
 
 /// Appends groups to the newest segment, rolls over to a new one when a
