@@ -316,6 +316,27 @@ async fn restart_under_another_id_is_refused() {
     node.shutdown().await;
 }
 
+/// A node killed while joining has an identity (learned from its seed) but
+/// no Raft state. Started again without --join it must not bootstrap: that
+/// would found a second cluster under the same id, acknowledging writes the
+/// real cluster never sees (found by `blixard-cli/tests/crash.rs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_stopped_while_joining_does_not_bootstrap() {
+    let dir = tempfile::tempdir().unwrap();
+    let ident = blixard_core::node::identity::Identity { node_id: 2, cluster_id: "c0ffee".into() };
+    blixard_core::node::identity::store(dir.path(), &ident).unwrap();
+    match Node::start(config(2, free_port(), dir.path(), tuning(10_000, 1_000))).await {
+        Ok(node) => {
+            node.shutdown().await;
+            panic!("a half-joined node bootstrapped a cluster of its own")
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(msg.contains("stopped while joining") && msg.contains("--join"), "{msg}");
+        }
+    }
+}
+
 /// Group commit on the leader. openraft 0.9.25's core awaits each append's
 /// flush before taking the next client write, so grouping happens one level
 /// up: the node's batcher coalesces concurrent proposals into one Raft entry.

@@ -454,7 +454,20 @@ impl Node {
         if !has_raft_state {
             match (&cfg.join, fresh) {
                 (Some(seed), _) => join_via(&shared, seed).await?,
-                (None, _) => {
+                // An identity from an earlier start but no Raft state: the
+                // node stopped while joining (bootstrap writes its first
+                // entry right after the identity). Bootstrapping now would
+                // found a second cluster under the same id, and writes
+                // through this node would be acknowledged there and lost.
+                (None, false) => {
+                    node.shutdown().await;
+                    return Err(NodeError::Config(format!(
+                        "data dir {} belongs to cluster {} but holds no Raft state: this node stopped while joining; start it again with --join SEED (a member of that cluster)",
+                        cfg.data_dir.display(),
+                        shared.cluster_id
+                    )));
+                }
+                (None, true) => {
                     let members = BTreeMap::from([(cfg.id, BasicNode::new(addr.clone()))]);
                     shared.raft.initialize(members).await.map_err(|e| NodeError::Raft(e.to_string()))?;
                     tracing::info!(node = cfg.id, cluster = %shared.cluster_id, "bootstrapped a new single-node cluster");
