@@ -821,17 +821,19 @@ impl NodeShared {
 
     /// Resolves once this node knows of a leader other than `old`.
     async fn leader_other_than(&self, old: NodeId) -> NodeId {
+        // openraft's metrics say who leads (as `leader()` reads them); the
+        // watch only wakes this wait when that changes, where the metrics'
+        // own watch would wake every waiting forward on every entry.
+        // Subscribed before the check, so no change is missed.
         let mut seen = self.leader_seen.subscribe();
-        // The watch wakes only when the leader changes; openraft's own
-        // metrics would wake every waiting forward on every entry.
-        let leader = self.raft.metrics().borrow().current_leader;
-        if let Some(new) = leader.filter(|l| *l != old) {
-            return new;
-        }
-        let new = seen.wait_for(|l| l.is_some_and(|l| l != old)).await.ok().and_then(|l| *l);
-        match new {
-            Some(l) => l,
-            None => std::future::pending().await,
+        loop {
+            let leader = self.raft.metrics().borrow().current_leader;
+            if let Some(new) = leader.filter(|l| *l != old) {
+                return new;
+            }
+            if seen.changed().await.is_err() {
+                return std::future::pending().await;
+            }
         }
     }
 

@@ -573,11 +573,14 @@ fn read_range<RB: RangeBounds<u64>>(
         let c = cache.read();
         let first =
             c.locs.first_key_value().map(|(i, _)| *i).into_iter().chain(c.hot.keys().next().copied()).min();
+        let Some(first) = first else { return Ok(Vec::new()) };
+        // Like a map's range: what exists of it (never before the first entry).
         let start = match range.start_bound() {
             Bound::Included(s) => *s,
             Bound::Excluded(s) => s.saturating_add(1),
-            Bound::Unbounded => first.unwrap_or(0),
-        };
+            Bound::Unbounded => first,
+        }
+        .max(first);
         let end = match range.end_bound() {
             Bound::Included(e) => Some(*e),
             Bound::Excluded(e) => e.checked_sub(1),

@@ -518,9 +518,12 @@ impl SegmentLog {
         self.file.sync_data().map_err(io_err(&self.path))?;
         let mut older = std::mem::take(&mut self.older);
         older.push((self.seq, self.max_index));
-        let bytes = self.segment_bytes.max(need + (SEGMENT_HEADER + 256) as u64);
+        let usual = self.segment_bytes;
+        let bytes = usual.max(need + (SEGMENT_HEADER + 256) as u64);
         *self = Self::create(&self.dir, self.seq + 1, self.marks, bytes, older)?;
-        self.segment_bytes = self.segment_bytes.min(bytes);
+        // An oversized group got a segment of its own size; the next ones
+        // are the usual size again.
+        self.segment_bytes = usual;
         Ok(())
     }
 
