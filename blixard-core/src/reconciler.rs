@@ -125,6 +125,8 @@ pub struct Reconciler {
     /// The fencing lease epoch last seen: a new one means the lease lapsed
     /// (or was first gained) since, so every VM is looked at afresh.
     epoch: u64,
+    /// What this node was to run at the last full tick, and when it ran.
+    last_full: Option<(Vec<Want>, Instant)>,
 }
 
 type StartResults = Arc<Mutex<Vec<(String, Result<(), VmError>)>>>;
@@ -144,6 +146,7 @@ pub fn spawn(
         start_results: Arc::new(Mutex::new(Vec::new())),
         last_report: None,
         epoch: 0,
+        last_full: None,
     };
     tokio::spawn(async move {
         let node = r.node.clone();
@@ -154,17 +157,18 @@ pub fn spawn(
             tracing::debug!(error = %e, "reconciler waits until this node has caught up with the cluster");
             tokio::time::sleep(r.cfg.tick).await;
         }
+        let mut by_change = false;
         loop {
             // Registered before the tick reads the state, so a change applied
             // while the tick runs still wakes the next one.
             let changed = node.state.changed().notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            r.tick().await;
-            tokio::select! {
-                _ = changed => {}
-                _ = tokio::time::sleep(r.cfg.tick) => {}
-            }
+            r.tick(by_change).await;
+            by_change = tokio::select! {
+                _ = changed => true,
+                _ = tokio::time::sleep(r.cfg.tick) => false,
+            };
         }
     })
 }
@@ -190,6 +194,7 @@ pub fn evicted_and_gone(
 }
 
 /// A VM this node should run, as read from the state.
+#[derive(Clone, PartialEq)]
 struct Want {
     name: Arc<str>,
     config: VmConfig,
@@ -242,7 +247,13 @@ fn cut(mut s: String) -> String {
 }
 
 impl Reconciler {
-    async fn tick(&mut self) {
+    /// One pass: list what runs here and act on the differences. Woken by a
+    /// state change (`by_change`) that left this node's VMs as they were,
+    /// with no action of its own in flight, it skips the pass (the listing
+    /// is a directory scan and a process check per VM), unless the last
+    /// full pass is a tick old: under a constant stream of writes elsewhere
+    /// the timers (backoff, reports, stability) still run every tick.
+    async fn tick(&mut self, by_change: bool) {
         let me = self.node.id;
         // Fencing (see node/liveness.rs): without a valid lease this node
         // starts nothing, and once it lapsed it stops what runs (its guard
@@ -257,7 +268,8 @@ impl Reconciler {
             return;
         }
         let epoch = fence.epoch();
-        if epoch != self.epoch {
+        let epoch_changed = epoch != self.epoch;
+        if epoch_changed {
             self.epoch = epoch;
             // VMs the guard stopped must start again if still placed here:
             // as if seen for the first time.
@@ -267,6 +279,15 @@ impl Reconciler {
         }
         let mut wants = Vec::new();
         self.node.state.for_each_vm_on(me, |vm| wants.push(want(vm)));
+        let quiet = by_change
+            && !epoch_changed
+            && self.last_full.as_ref().is_some_and(|(w, at)| *w == wants && at.elapsed() < self.cfg.tick)
+            && self.busy.lock().is_empty()
+            && self.start_results.lock().is_empty();
+        if quiet {
+            return;
+        }
+        self.last_full = Some((wants.clone(), Instant::now()));
         // VMs busy before the listing count as busy for this whole tick: an
         // action that ends while we list would otherwise look "not started"
         // against a listing taken before it, and be started twice.
