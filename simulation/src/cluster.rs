@@ -48,12 +48,14 @@ pub fn node_addr(id: NodeId) -> SocketAddr {
 /// behind: a node that is down for a while finds the log it needs purged on
 /// the leader and must catch up by installing a snapshot.
 /// Small log segments (on tmpfs, preallocation is memory) that roll over
-/// and are deleted many times in every run.
+/// and are deleted many times in every run, and few committed entries kept
+/// in memory, so lagging followers are served from disk all the time.
 pub fn sim_tuning() -> RaftTuning {
     RaftTuning {
         snapshot_every: 50,
         keep_behind_snapshot: 10,
         log_segment_bytes: 16 * 1024,
+        log_hot_entries: 4,
         ..RaftTuning::default()
     }
 }

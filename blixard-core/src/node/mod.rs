@@ -386,7 +386,7 @@ impl Node {
 
         let metrics = NodeMetrics::new(cfg.meter.as_ref(), cfg.id);
         let log_path = cfg.data_dir.join(crate::raft::log_store::DIR);
-        let mut log = LogStore::open_with(&log_path, cfg.tuning.log_segment_bytes, metrics.clone())
+        let mut log = LogStore::open_with(&log_path, &cfg.tuning, metrics.clone())
             .map_err(|e| NodeError::Log { path: log_path.clone(), reason: e.to_string() })?;
         let has_raft_state = log.has_state();
         let log_writer = log.take_writer();

@@ -63,6 +63,9 @@ pub struct RaftTuning {
     /// The size Raft log segments are preallocated to (a group larger than
     /// this gets a segment of its own size).
     pub log_segment_bytes: u64,
+    /// Committed log entries kept in memory behind the commit index (older
+    /// ones are read back from their segment when needed).
+    pub log_hot_entries: u64,
 }
 
 impl Default for RaftTuning {
@@ -75,6 +78,7 @@ impl Default for RaftTuning {
             keep_behind_snapshot: 1000,
             snapshot_rpc_timeout: Duration::from_secs(10),
             log_segment_bytes: log_store::segment::DEFAULT_SEGMENT_BYTES,
+            log_hot_entries: log_store::DEFAULT_HOT_ENTRIES,
         }
     }
 }

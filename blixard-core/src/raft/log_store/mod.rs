@@ -42,10 +42,11 @@ pub const DIR: &str = "raft-log";
 /// Upper bound on operations folded into one write.
 const MAX_GROUP: usize = 4096;
 
-/// Committed entries kept in memory behind the commit index, so a follower
-/// that lags a little is served without a disk read. The simulator keeps
-/// only a few, so its lagging followers are served from disk all the time.
-const HOT: u64 = if cfg!(madsim) { 4 } else { 64 };
+/// Committed entries kept in memory behind the commit index by default, so
+/// a follower that lags a little is served without a disk read
+/// (`RaftTuning::log_hot_entries`; the simulator keeps only a few, so its
+/// lagging followers are served from disk all the time).
+pub const DEFAULT_HOT_ENTRIES: u64 = 64;
 
 /// Where an entry lies on disk.
 #[derive(Clone, Copy, Debug)]
@@ -56,12 +57,14 @@ struct Loc {
 
 /// The log as readers see it. Memory holds only what may still change or
 /// is about to be read: entries not yet written or not yet committed, and
-/// the last [`HOT`] committed ones. Every entry written has its place on
+/// the last `hot_keep` committed ones. Every entry written has its place on
 /// disk in `locs`, so older ones are read back from their segment on the
 /// rare occasions they are needed (a lagging follower, a restart). The
 /// log's extent is the union of both.
 #[derive(Default)]
 struct Cache {
+    /// Committed entries kept in memory behind the commit index.
+    hot_keep: u64,
     hot: BTreeMap<u64, Entry>,
     locs: BTreeMap<u64, Loc>,
     last_purged: Option<LogId>,
@@ -107,11 +110,11 @@ impl Cache {
         hot.into_iter().chain(disk).max_by_key(|l| l.index).or(self.last_purged)
     }
 
-    /// Drops from memory the committed entries more than [`HOT`] behind the
+    /// Drops from memory the committed entries more than `hot_keep` behind the
     /// commit index whose copy on disk is known.
     fn evict(&mut self) {
         let Some(c) = self.committed else { return };
-        let upto = c.index.saturating_sub(HOT);
+        let upto = c.index.saturating_sub(self.hot_keep);
         while let Some(e) = self.hot.first_entry() {
             if *e.key() > upto || self.locs.get(e.key()).is_none_or(|l| l.log_id != e.get().log_id) {
                 break;
@@ -196,8 +199,9 @@ pub type WriterDone = oneshot::Receiver<()>;
 
 /// openraft's log storage handle.
 pub struct LogStore {
-    cache: Arc<RwLock<Cache>>,
-    disk: Arc<Disk>,
+    /// What it reads through (memory, then disk); shared with openraft's
+    /// replication tasks.
+    reader: LogReader,
     tx: mpsc::UnboundedSender<Op>,
     /// The commit index not yet handed to the writer.
     committed: Arc<Mutex<Option<Option<LogId>>>>,
@@ -229,16 +233,23 @@ impl LogStore {
     /// Opens (or creates) the log in the directory `dir` and starts its
     /// writer. A legacy `raft.redb` beside `dir` is migrated first.
     pub fn open(dir: &Path) -> Result<Self, OpenError> {
-        Self::open_with(dir, segment::DEFAULT_SEGMENT_BYTES, NodeMetrics::noop(0))
+        let defaults = crate::raft::RaftTuning::default();
+        Self::open_with(dir, &defaults, NodeMetrics::noop(0))
     }
 
-    /// [`LogStore::open`] with segments of `segment_bytes`, recording write
-    /// sizes and fsync times in `metrics`.
-    pub fn open_with(dir: &Path, segment_bytes: u64, metrics: Arc<NodeMetrics>) -> Result<Self, OpenError> {
+    /// [`LogStore::open`] with the segment size and hot entries of `tuning`,
+    /// recording write sizes and fsync times in `metrics`.
+    pub fn open_with(
+        dir: &Path,
+        tuning: &crate::raft::RaftTuning,
+        metrics: Arc<NodeMetrics>,
+    ) -> Result<Self, OpenError> {
+        let segment_bytes = tuning.log_segment_bytes;
         let legacy_path = dir.parent().unwrap_or(Path::new(".")).join(legacy::FILE);
         let legacy_err = |e| OpenError::Legacy(e, legacy_path.clone());
-        if !dir.exists() {
-            if legacy_path.exists() {
+        match (dir.exists(), legacy_path.exists()) {
+            (false, false) => create_empty(dir, segment_bytes)?,
+            (false, true) => {
                 if legacy::is_moved(&legacy_path).map_err(legacy_err)? {
                     return Err(OpenError::MigratedLogMissing {
                         legacy: legacy_path,
@@ -246,15 +257,16 @@ impl LogStore {
                     });
                 }
                 migrate(&legacy_path, dir, segment_bytes)?;
-            } else {
-                create_empty(dir, segment_bytes)?;
             }
+            (true, true) => {
+                if !legacy::is_moved(&legacy_path).map_err(legacy_err)? {
+                    // A crash between the migration's rename and its mark.
+                    legacy::mark_moved(&legacy_path).map_err(legacy_err)?;
+                }
+            }
+            (true, false) => {}
         }
-        if legacy_path.exists() && !legacy::is_moved(&legacy_path).map_err(legacy_err)? {
-            // A crash between the migration's rename and this mark.
-            legacy::mark_moved(&legacy_path).map_err(legacy_err)?;
-        }
-        let mut cache = Cache::default();
+        let mut cache = Cache { hot_keep: tuning.log_hot_entries, ..Cache::default() };
         let found = segment::replay(dir, |r, pos| cache.replay_record(r, pos))?;
         let log = SegmentLog::open(dir, found, cache.marks(), segment_bytes)?;
         let last_index = cache.last_log_id().map(|l| l.index);
@@ -278,7 +290,7 @@ impl LogStore {
             failed: None,
         };
         let done = spawn_writer(writer, rx).map_err(OpenError::Writer)?;
-        Ok(Self { cache, disk, tx, committed, stats, writer: Some(done) })
+        Ok(Self { reader: LogReader { cache, disk }, tx, committed, stats, writer: Some(done) })
     }
 
     /// Resolves once the writer has stopped (after this store is dropped and
@@ -290,7 +302,7 @@ impl LogStore {
     /// True when this log has ever voted or held an entry: the node has Raft
     /// state and must never be bootstrapped again.
     pub fn has_state(&self) -> bool {
-        let c = self.cache.read();
+        let c = self.reader.cache.read();
         c.vote.is_some() || !c.hot.is_empty() || !c.locs.is_empty() || c.last_purged.is_some()
     }
 
@@ -622,7 +634,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
-        read_range(&self.cache, &self.disk, range)
+        self.reader.try_get_log_entries(range).await
     }
 }
 
@@ -630,12 +642,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogReader;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        let c = self.cache.read();
+        let c = self.reader.cache.read();
         Ok(LogState { last_purged_log_id: c.last_purged, last_log_id: c.last_log_id() })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
-        LogReader { cache: self.cache.clone(), disk: self.disk.clone() }
+        self.reader.clone()
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
@@ -644,17 +656,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let flushed = rx.await.map_err(|_| std::io::Error::other("log writer stopped"));
         flushed.and_then(|r| r).map_err(|e| StorageIOError::write_vote(AnyError::new(&e)))?;
         // Visible only once durable: a vote is a promise to other nodes.
-        self.cache.write().vote = Some(*vote);
+        self.reader.cache.write().vote = Some(*vote);
         Ok(())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
-        Ok(self.cache.read().vote)
+        Ok(self.reader.cache.read().vote)
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         {
-            let mut c = self.cache.write();
+            let mut c = self.reader.cache.write();
             c.committed = committed;
             c.evict();
         }
@@ -666,7 +678,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        Ok(self.cache.read().committed)
+        Ok(self.reader.cache.read().committed)
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
@@ -686,7 +698,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             ids.push(e.log_id);
         }
         {
-            let mut c = self.cache.write();
+            let mut c = self.reader.cache.write();
             for e in entries {
                 c.hot.insert(e.log_id.index, e);
             }
@@ -695,12 +707,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        self.cache.write().truncate(log_id.index);
+        self.reader.cache.write().truncate(log_id.index);
         self.send(Op::Truncate { from: log_id.index })
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        self.cache.write().purge(Some(log_id));
+        self.reader.cache.write().purge(Some(log_id));
         self.send(Op::Purge { upto: log_id })
     }
 }
