@@ -1,5 +1,6 @@
 //! Blixard's control plane library: replicated state, commands, placement,
 //! Raft glue, the node and its gRPC services.
+pub mod auth;
 pub mod codec;
 pub mod command;
 pub mod error;
