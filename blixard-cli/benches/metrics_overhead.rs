@@ -13,7 +13,6 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -82,7 +81,7 @@ fn bench(c: &Cluster, seconds: u64) -> Vec<(f64, f64, f64)> {
     let stop = Arc::new(AtomicBool::new(false));
     let scrape = (!c.metrics.is_empty()).then(|| scraper(c.metrics.clone(), stop.clone()));
     let levels = LEVELS.map(|l| l.to_string()).join(",");
-    let out = Command::new(BIN)
+    let out = common::client_command(&leader(c))
         .args([
             "--addr",
             &leader(c),

@@ -34,8 +34,16 @@ impl Drop for Node {
     }
 }
 
+/// The node's admin token (it founded its one-node cluster in `DATA`).
+static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 fn cli(addr: &str, args: &[&str]) -> std::process::Output {
-    Command::new(BIN).arg("--addr").arg(addr).args(args).output().expect("run blixard")
+    let mut cmd = Command::new(BIN);
+    cmd.env("BLIXARD_CONFIG", "/nonexistent/blixard-bench-config.toml");
+    if let Some(t) = TOKEN.get() {
+        cmd.env("BLIXARD_TOKEN", t);
+    }
+    cmd.arg("--addr").arg(addr).args(args).output().expect("run blixard")
 }
 
 fn ok(addr: &str, args: &[&str]) -> String {
@@ -150,12 +158,20 @@ fn main() {
             .arg(&data)
             .arg("--image-cache")
             .arg(&cache)
+            .env("BLIXARD_CONFIG", tmp.path().join("config.toml"))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(tmp.path().join("node.log")).unwrap())
             .spawn()
             .unwrap(),
     );
     let t = Instant::now();
+    while TOKEN.get().is_none() {
+        if let Ok(tok) = std::fs::read_to_string(data.join("admin-token")) {
+            let _ = TOKEN.set(tok.trim().to_string());
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "node wrote no admin token");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     while !cli(&addr, &["cluster", "status", "-o", "json"]).status.success()
         || !ok(&addr, &["cluster", "status", "-o", "json"]).contains("\"status\": \"active\"")
     {

@@ -423,6 +423,8 @@ impl Blixard {
             .args(["--vcpus", "4096", "--memory-mb", "4194304", "--disk-gb", "100000"])
             .args(["--vm-backend", "process", "--metrics", "false"])
             .env("RUST_LOG", "info,openraft=warn")
+            // `up` writes its CLI context here, not into the user's config.
+            .env("BLIXARD_CONFIG", dir.path().join("config.toml"))
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -459,6 +461,10 @@ impl Blixard {
         if b.nodes.len() != 3 {
             bail!("expected 3 node lines from blixard up, got {}:\n{}", b.nodes.len(), tail(&out_path, 30));
         }
+        let token = std::fs::read_to_string(b.dir.path().join("node-1").join("admin-token"))
+            .context("node 1's admin token")?;
+        let bearer = blixard_core::auth::Bearer::new(&token).context("node 1's admin token")?;
+        let _ = BEARER.set(bearer);
         Ok(b)
     }
 
@@ -474,7 +480,7 @@ impl Blixard {
         let mut leader = None;
         let mut follower = None;
         for (_, _, addr) in &self.nodes {
-            let mut c = ClusterServiceClient::new(connect(addr).await?);
+            let mut c = ClusterServiceClient::with_interceptor(connect(addr).await?, bearer()?);
             let s = c.status(pb::StatusRequest::default()).await?.into_inner();
             match s.state.as_str() {
                 "leader" => leader = Some(addr.clone()),
@@ -603,8 +609,17 @@ impl Op for EtcdPut {
 
 /// Blixard: what `blixard bench` does. Create a stopped VM, then delete it;
 /// the calls alternate, each one write.
+/// The Blixard cluster's admin token, put on every call.
+static BEARER: std::sync::OnceLock<blixard_core::auth::Bearer> = std::sync::OnceLock::new();
+
+fn bearer() -> anyhow::Result<blixard_core::auth::Bearer> {
+    BEARER.get().cloned().context("no Blixard cluster started (its admin token is unknown)")
+}
+
+type Authed = tonic::service::interceptor::InterceptedService<Channel, blixard_core::auth::Bearer>;
+
 struct VmCreateDelete {
-    vms: VmServiceClient<Channel>,
+    vms: VmServiceClient<Authed>,
     prefix: String,
     seq: u64,
     /// The VM created and not yet deleted.
@@ -656,7 +671,7 @@ async fn make_ops(system: System, addr: &str, clients: usize, run: u64) -> anyho
                 value: vec![b'x'; VALUE_BYTES],
             }),
             System::Blixard => AnyOp::Blixard(VmCreateDelete {
-                vms: VmServiceClient::new(ch),
+                vms: VmServiceClient::with_interceptor(ch, bearer()?),
                 prefix: format!("bench-{}-{run}-{c}", std::process::id()),
                 seq: 0,
                 pending: None,

@@ -89,7 +89,7 @@ async fn run_level(addr: &str, clients: usize, dur: Duration, run_id: u32) -> Re
     for c in 0..clients {
         let ch = channel(addr).await?;
         tasks.push(tokio::spawn(async move {
-            let mut vms = VmServiceClient::new(ch);
+            let mut vms = VmServiceClient::with_interceptor(ch, crate::client::Auth);
             let mut lat = Vec::with_capacity(4096);
             let mut errors = 0u64;
             let mut seq = 0u64;

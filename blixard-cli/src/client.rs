@@ -47,6 +47,11 @@ pub const EXIT_NOT_APPLIED: u8 = 5;
 /// `--deadline` passed first, or the drain was ended). What moved stays
 /// moved.
 pub const EXIT_INCOMPLETE: u8 = 6;
+/// No valid credentials: no token or client certificate, or a token that
+/// is unknown, revoked or expired.
+pub const EXIT_UNAUTHENTICATED: u8 = 7;
+/// The credentials are valid but their role may not do this.
+pub const EXIT_PERMISSION_DENIED: u8 = 8;
 
 /// How long a member may take to accept a connection and speak first.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -115,10 +120,51 @@ pub fn check_request_id(id: &str) -> Result<(), Failure> {
     blixard_core::validate::request_id(id).map_err(|e| Failure::new(e.to_string()))
 }
 
+/// The bearer token every call carries (`--token`, `BLIXARD_TOKEN` or the
+/// context), as its header value; set once by `main`.
+static TOKEN: std::sync::OnceLock<Option<tonic::metadata::AsciiMetadataValue>> = std::sync::OnceLock::new();
+
+/// Sets the token calls carry. A value that cannot be a token is refused
+/// here, naming where it came from (never echoing it).
+pub fn set_token(token: Option<&str>, from: &str) -> Result<(), Failure> {
+    let value = match token.map(str::trim).filter(|t| !t.is_empty()) {
+        None => None,
+        Some(t) if blixard_core::auth::token::well_formed(t) => Some(
+            tonic::metadata::AsciiMetadataValue::try_from(format!("Bearer {t}"))
+                .map_err(|_| Failure::new(format!("the token from {from} is not printable ASCII")))?,
+        ),
+        Some(_) => return Err(Failure {
+            message: format!(
+                "the token from {from} is not a Blixard token (they start with {:?} and have 64 hex digits)",
+                blixard_core::auth::token::PREFIX
+            ),
+            code: EXIT_UNAUTHENTICATED,
+        }),
+    };
+    let _ = TOKEN.set(value);
+    Ok(())
+}
+
+/// Puts the token on every call of a client built with it.
+#[derive(Clone, Copy)]
+pub struct Auth;
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(Some(v)) = TOKEN.get() {
+            req.metadata_mut().insert(blixard_core::auth::AUTHORIZATION, v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A channel whose calls carry the token.
+pub type Authed = tonic::service::interceptor::InterceptedService<Channel, Auth>;
+
 #[derive(Clone)]
 struct Conn {
-    cluster: ClusterServiceClient<Channel>,
-    vms: VmServiceClient<Channel>,
+    cluster: ClusterServiceClient<Authed>,
+    vms: VmServiceClient<Authed>,
 }
 
 pub struct Client {
@@ -256,8 +302,11 @@ fn lost(s: &Status, deadline: Duration) -> String {
 
 /// The exit code of a server's definite answer.
 fn code_of(s: &Status) -> u8 {
-    if s.code() != Code::ResourceExhausted {
-        return EXIT_ERROR;
+    match s.code() {
+        Code::Unauthenticated => return EXIT_UNAUTHENTICATED,
+        Code::PermissionDenied => return EXIT_PERMISSION_DENIED,
+        Code::ResourceExhausted => {}
+        _ => return EXIT_ERROR,
     }
     match s.metadata().get(blixard_core::node::REASON_KEY).and_then(|v| v.to_str().ok()) {
         Some("quota") => EXIT_QUOTA,
@@ -276,7 +325,12 @@ fn tried_note(answered: &str, skipped: &[String]) -> String {
 
 /// A server's answer as a failure.
 pub fn status_failure(s: &Status) -> Failure {
-    Failure { message: one_line(s.message()), code: code_of(s) }
+    let prefix = match s.code() {
+        Code::Unauthenticated => "unauthenticated: ",
+        Code::PermissionDenied => "permission denied: ",
+        _ => "",
+    };
+    Failure { message: format!("{prefix}{}", one_line(s.message())), code: code_of(s) }
 }
 
 fn one_line(s: &str) -> String {
@@ -310,8 +364,10 @@ impl Client {
             }
         }
         let channel = dial(&self.members[i]).await?;
-        let c =
-            Conn { cluster: ClusterServiceClient::new(channel.clone()), vms: VmServiceClient::new(channel) };
+        let c = Conn {
+            cluster: ClusterServiceClient::with_interceptor(channel.clone(), Auth),
+            vms: VmServiceClient::with_interceptor(channel, Auth),
+        };
         self.current = i;
         self.conn = Some(c.clone());
         Ok(c)
@@ -613,6 +669,38 @@ impl Client {
             })
             .await?;
         Ok(r.quotas)
+    }
+
+    pub async fn create_token(
+        &mut self,
+        r: pb::CreateTokenRequest,
+    ) -> Result<pb::CreateTokenResponse, Failure> {
+        let id = r.request_id.clone();
+        self.write_or_fail(&id, |mut c| {
+            let r = req(r.clone(), WRITE_DEADLINE);
+            async move { c.cluster.create_token(r).await }
+        })
+        .await
+    }
+
+    pub async fn list_tokens(&mut self) -> Result<Vec<pb::Token>, Failure> {
+        let r = self
+            .read(READ_DEADLINE, |mut c| async move {
+                c.cluster.list_tokens(req(pb::ListTokensRequest {}, READ_DEADLINE)).await
+            })
+            .await?;
+        Ok(r.tokens)
+    }
+
+    pub async fn revoke_token(&mut self, name: String, request_id: &str) -> Result<(), Failure> {
+        self.write_done(request_id, |mut c| {
+            let r = req(
+                pb::RevokeTokenRequest { name: name.clone(), request_id: request_id.to_string() },
+                WRITE_DEADLINE,
+            );
+            async move { c.cluster.revoke_token(r).await }
+        })
+        .await
     }
 
     pub fn is_single(&self) -> bool {

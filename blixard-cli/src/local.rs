@@ -208,7 +208,11 @@ fn free_disk_gb(dir: &Path) -> Option<u64> {
     (rc == 0).then(|| (st.f_bavail as u64 * st.f_frsize as u64) >> 30)
 }
 
-pub async fn node_start(args: StartArgs) -> Result<(), Failure> {
+pub async fn node_start(
+    args: StartArgs,
+    join_token: Option<String>,
+    context: Option<String>,
+) -> Result<(), Failure> {
     let mut signals = Signals::install()?;
     let t = &args.telemetry;
     let telemetry = telemetry::init(&args.log, t.log_format, t.otlp_endpoint.as_deref(), args.id)?;
@@ -237,12 +241,39 @@ pub async fn node_start(args: StartArgs) -> Result<(), Failure> {
         vm_backend: vm_backend.clone(),
         reconciler: Default::default(),
         meter: metrics.as_ref().map(|m| m.meter.clone()),
+        join_token,
     };
     let addr = cfg.advertised();
+    // Founding a cluster: no identity yet and nothing to join.
+    let founding = args.join.is_none()
+        && blixard_core::node::identity::load(&data_dir).map_err(|e| Failure::new(e.to_string()))?.is_none();
     let node = Node::start(cfg).await.map_err(|e| Failure::new(e.to_string()))?;
+    // The founder's admin token becomes the current CLI context, so the
+    // next command on this host just works.
+    let context_note = if founding {
+        let token = blixard_core::node::bootstrap::read(&data_dir);
+        let name = context.as_deref().unwrap_or(crate::context::DEFAULT_NAME);
+        let ctx = crate::context::Context { addr: Some(addr.clone()), token, ..Default::default() };
+        match crate::context::put_current(name, ctx) {
+            Ok(path) => Some(format!("{name} in {} (admin token; current)", path.display())),
+            Err(f) => {
+                eprintln!("warning: {}", f.message);
+                None
+            }
+        }
+    } else {
+        None
+    };
     println!("blixard node {} serving at {addr}", args.id);
     println!("  data dir: {}", data_dir.display());
     println!("  cluster:  {}", node.shared().cluster_id);
+    let token_file = blixard_core::node::bootstrap::path(&data_dir);
+    if token_file.exists() {
+        println!("  admin token: {}", token_file.display());
+    }
+    if let Some(note) = &context_note {
+        println!("  context:  {note}");
+    }
     match &metrics {
         Some(m) => println!("  metrics:  http://{}/metrics", m.addr),
         None => println!("  metrics:  off"),
@@ -361,7 +392,7 @@ struct NodeProcess {
 
 /// `up`: N child `node start` processes on loopback. Node 1 bootstraps,
 /// the rest join it. Logs go to DATA_DIR/node-<i>.log.
-pub async fn up(args: UpArgs) -> Result<(), Failure> {
+pub async fn up(args: UpArgs, context: Option<String>, token: Option<String>) -> Result<(), Failure> {
     let mut signals = Signals::install()?;
     if args.nodes == 0 {
         return Err(Failure::new("--nodes must be at least 1"));
@@ -375,6 +406,7 @@ pub async fn up(args: UpArgs) -> Result<(), Failure> {
         .map_err(|e| Failure::new(format!("cannot create {}: {e}", args.data_dir.display())))?;
     let seed = format!("127.0.0.1:{}", args.base_port);
     let mut children: Vec<NodeProcess> = Vec::new();
+    let mut admin: Option<String> = None;
     for i in 0..args.nodes {
         let id = i as u64 + 1;
         let addr = format!("127.0.0.1:{}", args.base_port + i);
@@ -385,6 +417,7 @@ pub async fn up(args: UpArgs) -> Result<(), Failure> {
             .append(true)
             .open(&log_path)
             .map_err(|e| Failure::new(format!("cannot open {}: {e}", log_path.display())))?;
+        let resumed = i == 0 && blixard_core::node::identity::load(&dir).ok().flatten().is_some();
         let mut cmd = Command::new(&exe);
         cmd.args(["node", "start", "--id", &id.to_string(), "--bind", &addr, "--data-dir"])
             .arg(&dir)
@@ -393,6 +426,10 @@ pub async fn up(args: UpArgs) -> Result<(), Failure> {
             .stderr(log);
         if i > 0 {
             cmd.args(["--join", &seed]);
+            // Joiners present the founder's admin token to the seed.
+            if let Some(t) = &admin {
+                cmd.env("BLIXARD_TOKEN", t);
+            }
         }
         cmd.args(args.capacity.to_args());
         cmd.args(args.telemetry.to_args());
@@ -419,6 +456,28 @@ pub async fn up(args: UpArgs) -> Result<(), Failure> {
             println!("  metrics: http://{metrics}/metrics");
         }
         children.push(NodeProcess { id, addr, child });
+        if i == 0 {
+            // The founder writes its admin token before its first Raft
+            // entry; a node resumed from its data dir has it already (or
+            // its token was revoked: then the caller's own token serves).
+            let first = tokio::select! {
+                t = founder_token(&dir, resumed, &mut children[0].child) => t,
+                _ = signals.recv() => {
+                    stop_all(&mut children);
+                    return Ok(());
+                }
+            };
+            admin = first.or_else(|| token.clone());
+            if admin.is_none() {
+                stop_all(&mut children);
+                return Err(Failure::new(format!(
+                    "node 1 wrote no admin token to {} (it exited, or not within 30s) and no --token was given; see {}",
+                    blixard_core::node::bootstrap::path(&dir).display(),
+                    log_path.display()
+                )));
+            }
+            crate::client::set_token(admin.as_deref(), "node 1's admin token")?;
+        }
     }
     let formed = tokio::select! {
         r = wait_until_formed(&children, args.nodes as usize) => r,
@@ -429,10 +488,26 @@ pub async fn up(args: UpArgs) -> Result<(), Failure> {
         }
     };
     match formed {
-        Ok(leader) => println!(
-            "cluster of {} nodes is up (leader: node {leader}). Try: blixard --addr {} cluster status. Ctrl-C stops it.",
-            args.nodes, children[0].addr
-        ),
+        Ok(leader) => {
+            // Every member in the context, so the CLI fails over between them.
+            let name = context.as_deref().unwrap_or(crate::context::DEFAULT_NAME);
+            let all: Vec<&str> = children.iter().map(|c| c.addr.as_str()).collect();
+            let ctx = crate::context::Context {
+                addr: Some(all.join(",")),
+                token: admin.clone(),
+                ..Default::default()
+            };
+            match crate::context::put_current(name, ctx) {
+                Ok(path) => {
+                    println!("CLI context {name} (admin token, all members) written to {}", path.display())
+                }
+                Err(f) => eprintln!("warning: {}", f.message),
+            }
+            println!(
+                "cluster of {} nodes is up (leader: node {leader}). Try: blixard cluster status. Ctrl-C stops it.",
+                args.nodes
+            )
+        }
         Err(e) => {
             stop_all(&mut children);
             return Err(e);
@@ -458,6 +533,25 @@ pub async fn up(args: UpArgs) -> Result<(), Failure> {
     eprintln!("stopping {} nodes", children.len());
     stop_all(&mut children);
     Ok(())
+}
+
+/// Node 1's admin token file, once it is there (at most 30 s for a node
+/// founding its cluster; a resumed node has it already, or never will).
+async fn founder_token(dir: &Path, resumed: bool, child: &mut Child) -> Option<String> {
+    if resumed {
+        return blixard_core::node::bootstrap::read(dir);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(t) = blixard_core::node::bootstrap::read(dir) {
+            return Some(t);
+        }
+        // A founder that exited (a busy port, ...) will write nothing.
+        if tokio::time::Instant::now() > deadline || !matches!(child.try_wait(), Ok(None)) {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Waits until every node answers and the first node sees all members as voters.

@@ -2,6 +2,7 @@
 //! a cluster through its gRPC API (everything else).
 mod bench;
 mod client;
+mod context;
 mod create;
 mod events;
 mod lifecycle;
@@ -10,6 +11,7 @@ mod moves;
 mod output;
 mod prometheus;
 mod telemetry;
+mod tokens;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -27,8 +29,18 @@ struct Cli {
     /// Members to talk to, HOST:PORT[,HOST:PORT...]: tried in order, moving
     /// on from one that does not answer (any member works; writes are
     /// forwarded to the leader).
-    #[arg(long, global = true, env = "BLIXARD_ADDR", default_value = DEFAULT_ADDR, value_name = "ADDRS")]
-    addr: String,
+    /// (default: the context's, else 127.0.0.1:7420)
+    #[arg(long, global = true, env = "BLIXARD_ADDR", value_name = "ADDRS")]
+    addr: Option<String>,
+    /// Bearer token for every call (default: the context's). `node start
+    /// --join` presents it to the seed. Never printed or logged.
+    #[arg(long, global = true, env = "BLIXARD_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Which context of the config file to use (default: its
+    /// current-context). The file: $BLIXARD_CONFIG, else
+    /// $XDG_CONFIG_HOME/blixard/config.toml or ~/.config/blixard/config.toml.
+    #[arg(long, global = true, env = "BLIXARD_CONTEXT", value_name = "NAME")]
+    context: Option<String>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -54,6 +66,9 @@ enum Cmd {
     /// Tenant quotas: limits on what a tenant's VMs may hold.
     #[command(subcommand)]
     Quota(QuotaCmd),
+    /// Bearer tokens: who may call the cluster, with which role (admin).
+    #[command(subcommand)]
+    Token(tokens::TokenCmd),
     /// Stream every change to VMs and nodes, in order, each once (resumes
     /// on another member if the stream breaks; Ctrl-C stops).
     Events {
@@ -388,6 +403,7 @@ pub fn labels_map(labels: Vec<(String, String)>) -> BTreeMap<String, String> {
 
 /// A failure that ends the command: printed as one line on stderr; `code`
 /// is the exit code (see `client::EXIT_*`).
+#[derive(Debug)]
 pub struct Failure {
     pub message: String,
     pub code: u8,
@@ -426,27 +442,65 @@ async fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    let result = match cli.command {
-        Cmd::Node(NodeCmd::Start(args)) => local::node_start(*args).await,
-        Cmd::Node(NodeCmd::Client(c)) => node(&cli.addr, c).await,
-        Cmd::Up(args) => local::up(args).await,
-        Cmd::Cluster(c) => cluster(&cli.addr, c).await,
-        Cmd::Vm(c) => vm(&cli.addr, c).await,
-        Cmd::Bench(args) => bench::run(&cli.addr, args).await,
-        Cmd::Image(ImageCmd::Build { cache_dir }) => local::image_build(cache_dir).await,
-        Cmd::Quota(c) => quota(&cli.addr, c).await,
-        Cmd::Events { from, format } => match client::parse_members(&cli.addr) {
-            Ok(members) => events::events(&mut client::Client::new(members), from, format).await,
-            Err(f) => Err(f),
-        },
-        Cmd::FenceGuard(args) => fence_guard(args).await,
-    };
+    let result = run(cli).await;
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             eprintln!("error: {}", f.message);
             ExitCode::from(f.code)
         }
+    }
+}
+
+/// The members a client command talks to, after setting the token its
+/// calls carry: flags and environment first, then the context.
+fn target(addr: Option<&str>, token: Option<&str>, context: Option<&str>) -> Result<String, Failure> {
+    let path = context::path();
+    let cfg = context::load(&path)?;
+    let ctx = cfg.select(context, &path)?.cloned().unwrap_or_default();
+    let from = if token.is_some() {
+        "--token / BLIXARD_TOKEN".to_string()
+    } else {
+        format!("the context in {}", path.display())
+    };
+    client::set_token(token.or(ctx.token.as_deref()), &from)?;
+    Ok(addr.map(str::to_string).or(ctx.addr).unwrap_or_else(|| DEFAULT_ADDR.to_string()))
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let Cli { addr, token, context, command } = cli;
+    let target = || target(addr.as_deref(), token.as_deref(), context.as_deref());
+    let client =
+        || -> Result<client::Client, Failure> { Ok(client::Client::new(client::parse_members(&target()?)?)) };
+    match command {
+        Cmd::Node(NodeCmd::Start(args)) => {
+            // A joining node presents --token, or the context's token.
+            let join_token = match &args.join {
+                Some(_) => {
+                    let path = context::path();
+                    let cfg = context::load(&path)?;
+                    let ctx = cfg.select(context.as_deref(), &path)?;
+                    token.clone().or_else(|| ctx.and_then(|c| c.token.clone()))
+                }
+                None => None,
+            };
+            local::node_start(*args, join_token, context).await
+        }
+        Cmd::Up(args) => {
+            let path = context::path();
+            let cfg = context::load(&path)?;
+            let ctx_token = cfg.select(context.as_deref(), &path)?.and_then(|c| c.token.clone());
+            local::up(args, context, token.or(ctx_token)).await
+        }
+        Cmd::Image(ImageCmd::Build { cache_dir }) => local::image_build(cache_dir).await,
+        Cmd::FenceGuard(args) => fence_guard(args).await,
+        Cmd::Node(NodeCmd::Client(c)) => node(&target()?, c).await,
+        Cmd::Cluster(c) => cluster(&target()?, c).await,
+        Cmd::Vm(c) => vm(&target()?, c).await,
+        Cmd::Bench(args) => bench::run(&target()?, args).await,
+        Cmd::Quota(c) => quota(&target()?, c).await,
+        Cmd::Token(c) => tokens::run(&mut client()?, c).await,
+        Cmd::Events { from, format } => events::events(&mut client()?, from, format).await,
     }
 }
 

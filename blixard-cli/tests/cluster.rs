@@ -58,6 +58,7 @@ fn start_node(id: u64, port: u16, dir: &Path, join: Option<u16>) -> Child {
     if let Some(p) = join {
         cmd.args(["--join", &format!("127.0.0.1:{p}")]);
     }
+    common::prepare_node(&mut cmd, port, dir, join);
     cmd.spawn().expect("spawn blixard node")
 }
 
@@ -256,16 +257,36 @@ fn up_starts_a_cluster_and_ctrl_c_stops_it() {
         .args(["--vm-backend", "none"])
         .arg("--data-dir")
         .arg(tmp.path())
+        .env("BLIXARD_CONFIG", tmp.path().join("config.toml"))
+        .env_remove("BLIXARD_TOKEN")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let guard = Procs(vec![], (1..=3).map(|i| tmp.path().join(format!("node-{i}.log"))).collect());
+    for i in 0..3 {
+        common::register(base + i, &tmp.path().join("node-1"));
+    }
     let s = eventually("up formed a 3-node cluster", 120, || {
         status(base).filter(|s| voters(s) == 3 && registered(s) == 3)
     });
     assert_eq!(s["members"].as_array().unwrap().len(), 3);
     assert!(create(base + 2, "via-up").status.success());
+    // `up` left a CLI context (all members, the admin token) that a bare
+    // command uses: no --addr, no token.
+    let by_context = eventually("up wrote its CLI context", 30, || {
+        let out = Command::new(BIN)
+            .env("BLIXARD_CONFIG", tmp.path().join("config.toml"))
+            .env_remove("BLIXARD_TOKEN")
+            .env_remove("BLIXARD_ADDR")
+            .args(["vm", "get", "via-up", "-o", "json"])
+            .output()
+            .unwrap();
+        out.status.success().then_some(out)
+    });
+    assert!(String::from_utf8_lossy(&by_context.stdout).contains("via-up"));
+    let mode = std::fs::metadata(tmp.path().join("config.toml")).unwrap();
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777, 0o600);
 
     // Ctrl-C (SIGINT) stops every node and `up` itself.
     unsafe {

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use blixard_proto as pb;
 use blixard_proto::vm_service_client::VmServiceClient;
-use common::{eventually, free_port, loopback, node_command, stdout, Nodes, BIN};
+use common::{eventually, free_port, loopback, node_command, stdout, Nodes};
 
 const CAPACITY: [&str; 3] = ["65536", "67108864", "1000000"];
 
@@ -32,7 +32,7 @@ fn start(nodes: &mut Nodes, id: u64, join: Option<u16>) {
 
 fn names(addrs: &str) -> Option<BTreeSet<String>> {
     let out =
-        std::process::Command::new(BIN).args(["--addr", addrs, "vm", "list", "-o", "json"]).output().ok()?;
+        common::client_command(addrs).args(["--addr", addrs, "vm", "list", "-o", "json"]).output().ok()?;
     if !out.status.success() {
         return None;
     }
@@ -42,7 +42,13 @@ fn names(addrs: &str) -> Option<BTreeSet<String>> {
 }
 
 /// Creates VMs through `addr` until `stop`, recording each acknowledged one.
-async fn writer(addr: String, tag: String, stop: Arc<AtomicBool>, acked: Arc<Mutex<Vec<String>>>) {
+async fn writer(
+    addr: String,
+    tag: String,
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<String>>>,
+    token: String,
+) {
     let mut n = 0u64;
     let mut client = None;
     while !stop.load(Ordering::Relaxed) {
@@ -57,12 +63,13 @@ async fn writer(addr: String, tag: String, stop: Arc<AtomicBool>, acked: Arc<Mut
         }
         let name = format!("{tag}-{n}");
         n += 1;
-        let req = pb::CreateVmRequest {
+        let mut req = tonic::Request::new(pb::CreateVmRequest {
             name: name.clone(),
             spec: Some(pb::VmSpec { vcpus: 1, memory_mb: 16, disk_gb: 1, ..Default::default() }),
             no_start: true,
             ..Default::default()
-        };
+        });
+        req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
         let call = tokio::time::timeout(Duration::from_secs(5), client.as_mut().unwrap().create_vm(req));
         match call.await {
             Ok(Ok(_)) => acked.lock().unwrap().push(name),
@@ -86,7 +93,7 @@ async fn kill_9_of_the_whole_cluster_loses_no_acknowledged_write() {
     for (cycle, load_ms) in [300u64, 800, 1500].into_iter().enumerate() {
         // Writable: a create goes through (all three registered, a leader).
         eventually("the cluster takes writes", 60, || {
-            let out = std::process::Command::new(BIN)
+            let out = common::client_command(&all)
                 .args(["--addr", &all, "vm", "create", &format!("probe-{cycle}"), "--no-start"])
                 .args(["--vcpus", "1", "--memory", "16"])
                 .output()
@@ -99,7 +106,9 @@ async fn kill_9_of_the_whole_cluster_loses_no_acknowledged_write() {
         let mut tasks = Vec::new();
         for t in 0..12 {
             let addr = loopback(ports[t % 3]);
-            tasks.push(tokio::spawn(writer(addr, format!("c{cycle}-w{t}"), stop.clone(), acked.clone())));
+            let token = common::admin_token(ports[0]).expect("the cluster's admin token");
+            let tag = format!("c{cycle}-w{t}");
+            tasks.push(tokio::spawn(writer(addr, tag, stop.clone(), acked.clone(), token)));
         }
         tokio::time::sleep(Duration::from_millis(load_ms)).await;
         // The whole cluster dies at once, with writes in flight.

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 mod common;
-use common::{cli_at, eventually, free_port, loopback, Nodes, BIN};
+use common::{cli_at, client_command, eventually, free_port, loopback, Nodes, BIN};
 
 /// A loopback address nobody listens on.
 fn dead() -> String {
@@ -122,7 +122,7 @@ fn clients_fail_over_and_writes_apply_once() {
     assert_eq!(vm["name"], "via-list");
 
     // BLIXARD_ADDR takes a list too.
-    let out = Command::new(BIN)
+    let out = client_command(&nodes.addr(3))
         .env("BLIXARD_ADDR", format!("{},{}", dead(), nodes.addr(3)))
         .args(["vm", "get", "via-list", "-o", "json"])
         .output()

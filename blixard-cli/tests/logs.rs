@@ -6,7 +6,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -33,7 +33,7 @@ fn follow_streams_a_console_through_another_node() {
     ok(n1, &["vm", "create", "tail", "--node", "2", "--no-start"]);
 
     // Follow through node 1 before the VM has written anything.
-    let mut follow = Command::new(BIN)
+    let mut follow = client_command(&loopback(n1))
         .args(["--addr", &loopback(n1), "vm", "logs", "tail", "-f"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -111,9 +111,11 @@ impl Cluster {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
-        if i > 0 {
-            cmd.args(["--join", &format!("127.0.0.1:{}", self.ports[0])]);
+        let join = (i > 0).then_some(self.ports[0]);
+        if let Some(seed) = join {
+            cmd.args(["--join", &format!("127.0.0.1:{seed}")]);
         }
+        common::prepare_node(&mut cmd, self.ports[i], &self.dirs[i], join);
         let child = cmd.spawn().unwrap();
         if let Some(slot) = self.nodes.iter_mut().find(|(n, _)| *n == id) {
             slot.1 = Some(child);
@@ -256,7 +258,7 @@ fn real_microvms_through_a_three_node_cluster() {
     c.start_node((node - 1) as usize);
     eventually("restarted node reports the adopted guest", 60, || {
         let s: Value = serde_json::from_str(&String::from_utf8_lossy(
-            &Command::new(BIN)
+            &common::client_command(&format!("127.0.0.1:{}", c.ports[(node - 1) as usize]))
                 .arg("--addr")
                 .arg(format!("127.0.0.1:{}", c.ports[(node - 1) as usize]))
                 .args(["vm", "status", "e2e-crash", "-o", "json"])

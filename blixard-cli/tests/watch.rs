@@ -13,11 +13,11 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::{cli_at, eventually, free_port, loopback, node_command, stderr, Nodes, BIN};
+use common::{cli_at, client_command, eventually, free_port, loopback, node_command, stderr, Nodes};
 use serde_json::Value;
 
 /// A child `blixard events` whose JSON lines a thread collects.
@@ -28,7 +28,7 @@ struct Watcher {
 
 impl Watcher {
     fn start(addrs: &str, from: u64) -> Watcher {
-        let mut child = Command::new(BIN)
+        let mut child = client_command(addrs)
             .args(["--addr", addrs, "events", "--from", &from.to_string(), "-o", "json"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

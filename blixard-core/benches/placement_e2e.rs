@@ -66,6 +66,7 @@ fn node_main(id: u64) {
             vm_backend: None,
             reconciler: Default::default(),
             meter: None,
+            join_token: std::env::var("E2E_TOKEN").ok(),
         };
         let node = Node::start(cfg).await.expect("node starts");
         if id == 1 {
@@ -154,12 +155,17 @@ fn run_once(run: u64) -> Run {
         u64::from(p).min(60_000)
     };
     let exe = std::env::current_exe().expect("exe");
+    // The cluster's admin token, put where node 1 founds the cluster.
+    let token = blixard_core::auth::token::new_secret().expect("randomness");
+    std::fs::create_dir_all(dir.path().join("n1")).expect("node 1's dir");
+    std::fs::write(blixard_core::node::bootstrap::path(&dir.path().join("n1")), &token).expect("admin token");
     let mut children: Vec<Child> = Vec::new();
     for id in 1..=3u64 {
         let child = Process::new(&exe)
             .env("E2E_NODE", id.to_string())
             .env("E2E_PORT", base.to_string())
             .env("E2E_DIR", dir.path())
+            .env("E2E_TOKEN", &token)
             .env("RUST_LOG", "error")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -190,7 +196,8 @@ fn run_once(run: u64) -> Run {
         let start = Instant::now();
         let mut tasks = Vec::new();
         for _ in 0..in_flight {
-            let mut client = VmServiceClient::new(ch.clone())
+            let bearer = blixard_core::auth::Bearer::new(&token).expect("token");
+            let mut client = VmServiceClient::with_interceptor(ch.clone(), bearer)
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(64 << 20);
             let next = next.clone();

@@ -7,6 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use crate::auth::token::TokenHash;
+use crate::auth::Role;
 use crate::error::CommandError;
 use crate::types::{
     DesiredState, NodeId, NodeResources, ObservedState, Placement, QuotaLimits, Ratio, Reschedule, Resources,
@@ -145,6 +147,22 @@ pub enum Command {
     MigrateVm {
         name: String,
         to: NodeId,
+    },
+    /// Format 5: add a bearer token (its hash; the secret is never
+    /// replicated). `bootstrap` marks the cluster's first admin token,
+    /// refused once the cluster has had one.
+    CreateToken {
+        name: String,
+        role: Role,
+        hash: TokenHash,
+        /// 0: never expires.
+        expires_at_ms: u64,
+        bootstrap: bool,
+    },
+    /// Revoke a token: every node refuses it once this is applied. The
+    /// last admin token that has not expired cannot be revoked.
+    RevokeToken {
+        name: String,
     },
 }
 
@@ -293,6 +311,7 @@ impl Command {
                 }
                 Ok(())
             }
+            Command::CreateToken { name, .. } | Command::RevokeToken { name } => validate::token_name(name),
             Command::Batch(cmds) => {
                 if cmds.is_empty() || cmds.len() > validate::MAX_BATCH {
                     return Err(CommandError::invalid(
@@ -465,6 +484,13 @@ pub enum CommandOutput {
         name: String,
         from: NodeId,
         to: NodeId,
+    },
+    /// Format 5.
+    TokenCreated {
+        name: String,
+    },
+    TokenRevoked {
+        name: String,
     },
 }
 

@@ -59,6 +59,14 @@ pub enum CommandError {
     /// A node in the wrong state for the command (left the cluster, ...).
     #[error("node {id} is {state}: {why}")]
     NodeState { id: NodeId, state: String, why: String },
+
+    /// Appended in format 5: a token command the token table refuses
+    /// (the name is taken, the last admin token, ...).
+    #[error("token {name:?}: {why}")]
+    TokenRefused { name: String, why: String },
+
+    #[error("no token named {name:?}")]
+    NoToken { name: String },
 }
 
 impl CommandError {

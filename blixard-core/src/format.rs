@@ -25,7 +25,9 @@
 //! `CreateVms` command (appended); version 4 adds liveness and drains to
 //! node records, failover policy and move history to VM records, the node
 //! timeout (state image), and the self-healing commands (appended; format
-//! 3's `CreateVms` is renamed `CreateVmsV3` in place). Older types live in
+//! 3's `CreateVms` is renamed `CreateVmsV3` in place); version 5 adds bearer
+//! tokens to the state image and the `CreateToken`/`RevokeToken` commands
+//! (appended). Older types live in
 //! [`crate::legacy`]. Reading a version newer
 //! than [`CURRENT`] is a [`FormatError::Newer`] naming both versions, never a
 //! misread. How to change a format: see "Format versions" in
@@ -33,7 +35,7 @@
 //! and a fixture data dir written by the previous version).
 
 /// The format version this build writes.
-pub const CURRENT: u16 = 4;
+pub const CURRENT: u16 = 5;
 
 /// The oldest version this build still reads (and migrates).
 pub const OLDEST: u16 = 0;

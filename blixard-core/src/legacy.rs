@@ -196,6 +196,8 @@ impl From<StateImageV2> for StateImage {
             scheduler: i.scheduler,
             node_timeout_ms: DEFAULT_NODE_TIMEOUT_MS,
             prev_node_timeout_ms: DEFAULT_NODE_TIMEOUT_MS,
+            tokens: Vec::new(),
+            tokens_bootstrapped: false,
         }
     }
 }
@@ -221,6 +223,36 @@ impl From<StateImageV3> for StateImage {
             scheduler: i.scheduler,
             node_timeout_ms: DEFAULT_NODE_TIMEOUT_MS,
             prev_node_timeout_ms: DEFAULT_NODE_TIMEOUT_MS,
+            tokens: Vec::new(),
+            tokens_bootstrapped: false,
+        }
+    }
+}
+
+/// The state image in format 4: no tokens.
+#[derive(Deserialize)]
+pub struct StateImageV4 {
+    pub nodes: Vec<NodeRecord>,
+    pub vms: Vec<VmRecord>,
+    pub requests: Vec<(RequestId, CommandResult)>,
+    pub quotas: Vec<(String, QuotaLimits)>,
+    pub scheduler: Strategy,
+    pub node_timeout_ms: u64,
+    pub prev_node_timeout_ms: u64,
+}
+
+impl From<StateImageV4> for StateImage {
+    fn from(i: StateImageV4) -> Self {
+        StateImage {
+            nodes: i.nodes,
+            vms: i.vms,
+            requests: i.requests,
+            quotas: i.quotas,
+            scheduler: i.scheduler,
+            node_timeout_ms: i.node_timeout_ms,
+            prev_node_timeout_ms: i.prev_node_timeout_ms,
+            tokens: Vec::new(),
+            tokens_bootstrapped: false,
         }
     }
 }
@@ -235,6 +267,8 @@ impl From<StateImageV1> for StateImage {
             scheduler: Default::default(),
             node_timeout_ms: DEFAULT_NODE_TIMEOUT_MS,
             prev_node_timeout_ms: DEFAULT_NODE_TIMEOUT_MS,
+            tokens: Vec::new(),
+            tokens_bootstrapped: false,
         }
     }
 }

@@ -19,6 +19,8 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+use crate::auth::token::{TokenHash, TokenRecord, MAX_TOKENS};
+use crate::auth::Role;
 use crate::command::{Command, CommandOutput, CommandResult, CreatedVm, NewVm, Proposal, RequestId};
 use crate::error::CommandError;
 use crate::scheduler::{Request, Scheduler, Victim};
@@ -73,6 +75,12 @@ pub struct ClusterState {
     /// What each applied entry changed, for watchers (soft state; see
     /// [`crate::watch`]).
     feed: Feed,
+    /// Bearer tokens by the hash of their secret (replicated, format 5):
+    /// every authenticated request looks one up.
+    tokens: DashMap<TokenHash, TokenRecord>,
+    /// Whether the cluster ever made its bootstrap admin token (stays set
+    /// when that token is revoked: it is made once).
+    tokens_bootstrapped: std::sync::atomic::AtomicBool,
 }
 
 impl Dedup {
@@ -117,6 +125,10 @@ pub struct StateImage {
     /// The node timeout (format 4), and the one before its last change.
     pub node_timeout_ms: u64,
     pub prev_node_timeout_ms: u64,
+    /// Bearer tokens by name (format 5), and whether the bootstrap token
+    /// was ever made.
+    pub tokens: Vec<TokenRecord>,
+    pub tokens_bootstrapped: bool,
 }
 
 impl Default for StateImage {
@@ -129,6 +141,8 @@ impl Default for StateImage {
             scheduler: Strategy::default(),
             node_timeout_ms: DEFAULT_NODE_TIMEOUT_MS,
             prev_node_timeout_ms: DEFAULT_NODE_TIMEOUT_MS,
+            tokens: Vec::new(),
+            tokens_bootstrapped: false,
         }
     }
 }
@@ -142,6 +156,8 @@ enum Undo {
     Quota(String, Option<QuotaLimits>),
     Strategy(Strategy),
     NodeTimeout(u64, u64),
+    /// A token as it was (None: it did not exist), and the bootstrap flag.
+    Token(TokenHash, Option<TokenRecord>, bool),
 }
 
 type Journal<'a> = Option<&'a mut Vec<Undo>>;
@@ -159,6 +175,8 @@ impl Default for ClusterState {
             prev_node_timeout_ms: std::sync::atomic::AtomicU64::new(DEFAULT_NODE_TIMEOUT_MS),
             changed: tokio::sync::Notify::new(),
             feed: Feed::default(),
+            tokens: DashMap::new(),
+            tokens_bootstrapped: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -195,6 +213,29 @@ impl ClusterState {
     #[inline]
     pub fn with_vm<R>(&self, name: &str, f: impl FnOnce(&VmRecord) -> R) -> Option<R> {
         self.vms.load().get(name).map(|v| f(v))
+    }
+
+    /// Runs `f` on the token whose secret hashes to `hash`, if there is one.
+    #[inline]
+    pub fn with_token<R>(&self, hash: &TokenHash, f: impl FnOnce(&TokenRecord) -> R) -> Option<R> {
+        self.tokens.get(hash).map(|t| f(t.value()))
+    }
+
+    /// Every token, by name (never on a request path: `token list`).
+    pub fn tokens(&self) -> Vec<TokenRecord> {
+        let mut all: Vec<TokenRecord> = self.tokens.iter().map(|t| t.value().clone()).collect();
+        all.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    /// Whether the cluster has made its bootstrap admin token.
+    pub fn tokens_bootstrapped(&self) -> bool {
+        self.tokens_bootstrapped.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The bootstrap token's hash, while it exists.
+    pub fn bootstrap_token(&self) -> Option<TokenHash> {
+        self.tokens.iter().find(|t| t.bootstrap).map(|t| t.hash)
     }
 
     /// Runs `f` on the node `id`, if it is known.
@@ -428,6 +469,8 @@ impl ClusterState {
             scheduler: self.strategy(),
             node_timeout_ms: self.node_timeout().as_millis() as u64,
             prev_node_timeout_ms: self.prev_node_timeout_ms.load(std::sync::atomic::Ordering::Acquire),
+            tokens: self.tokens(),
+            tokens_bootstrapped: self.tokens_bootstrapped(),
         }
     }
 
@@ -444,6 +487,11 @@ impl ClusterState {
         *self.usage.lock() = usage_of(&image.vms);
         *self.quotas.lock() = image.quotas.into_iter().collect();
         self.set_node_timeout(image.node_timeout_ms, image.prev_node_timeout_ms);
+        self.tokens.clear();
+        for t in image.tokens {
+            self.tokens.insert(t.hash, t);
+        }
+        self.tokens_bootstrapped.store(image.tokens_bootstrapped, std::sync::atomic::Ordering::Release);
         vms.replace_all(image.vms.into_iter().map(Arc::new));
         let mut dedup = self.requests.lock();
         dedup.results.clear();
@@ -1108,10 +1156,73 @@ impl ApplyRun<'_> {
                 };
                 Ok(CommandOutput::VmDeleted { name: name.clone(), node_id: vm.node_id })
             }
+            Command::CreateToken { name, role, hash, expires_at_ms, bootstrap } => {
+                let token = TokenRecord {
+                    name: name.clone(),
+                    role: *role,
+                    hash: *hash,
+                    created_at_ms: ctx.at_ms,
+                    expires_at_ms: *expires_at_ms,
+                    bootstrap: *bootstrap,
+                };
+                self.create_token(token, journal)
+            }
+            Command::RevokeToken { name } => self.revoke_token(name, ctx, journal),
             Command::Batch(_) => {
                 Err(CommandError::invalid("batch", "nested batch", "a flat list of commands"))
             }
         }
+    }
+
+    fn create_token(&mut self, token: TokenRecord, journal: Journal<'_>) -> CommandResult {
+        let tokens = &self.state.tokens;
+        let refuse =
+            |why: &str| Err(CommandError::TokenRefused { name: token.name.clone(), why: why.into() });
+        if token.bootstrap && self.state.tokens_bootstrapped() {
+            return refuse("the cluster already made its bootstrap token");
+        }
+        if tokens.iter().any(|t| t.name == token.name) {
+            return refuse("a token with this name exists (revoke it first)");
+        }
+        if tokens.contains_key(&token.hash) {
+            return refuse("another token has the same secret");
+        }
+        if tokens.len() >= MAX_TOKENS {
+            return refuse(&format!("the cluster holds the most tokens it may ({MAX_TOKENS})"));
+        }
+        let was_bootstrapped = self.state.tokens_bootstrapped();
+        if let Some(j) = journal {
+            j.push(Undo::Token(token.hash, None, was_bootstrapped));
+        }
+        if token.bootstrap {
+            self.state.tokens_bootstrapped.store(true, std::sync::atomic::Ordering::Release);
+        }
+        let name = token.name.clone();
+        tokens.insert(token.hash, token);
+        Ok(CommandOutput::TokenCreated { name })
+    }
+
+    fn revoke_token(&mut self, name: &str, ctx: ApplyCtx, journal: Journal<'_>) -> CommandResult {
+        let tokens = &self.state.tokens;
+        let Some(hash) = tokens.iter().find(|t| t.name == name).map(|t| t.hash) else {
+            return Err(CommandError::NoToken { name: name.to_string() });
+        };
+        let is_admin = tokens.get(&hash).is_some_and(|t| t.role == Role::Admin);
+        // The proposer's clock decides expiry here, so every replica agrees.
+        let other_admin =
+            tokens.iter().any(|t| t.hash != hash && t.role == Role::Admin && !t.expired(ctx.at_ms));
+        if is_admin && !other_admin {
+            return Err(CommandError::TokenRefused {
+                name: name.to_string(),
+                why: "it is the last admin token that has not expired; create another admin token first"
+                    .into(),
+            });
+        }
+        let old = tokens.remove(&hash).map(|(_, t)| t);
+        if let Some(j) = journal {
+            j.push(Undo::Token(hash, old, self.state.tokens_bootstrapped()));
+        }
+        Ok(CommandOutput::TokenRevoked { name: name.to_string() })
     }
 
     /// Start (`Running`), stop (`Stopped`) or, with `restart`, bump the
@@ -1598,6 +1709,13 @@ impl ApplyRun<'_> {
                 Undo::Node(id, old) => {
                     let cur = self.state.nodes.get(&id).map(|n| n.value().clone());
                     self.put_node(id, old.map(|b| *b), cur, None);
+                }
+                Undo::Token(hash, old, bootstrapped) => {
+                    match old {
+                        Some(t) => self.state.tokens.insert(hash, t),
+                        None => self.state.tokens.remove(&hash).map(|(_, t)| t),
+                    };
+                    self.state.tokens_bootstrapped.store(bootstrapped, std::sync::atomic::Ordering::Release);
                 }
             }
         }

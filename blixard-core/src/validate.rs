@@ -195,6 +195,11 @@ pub fn tenant(t: &str) -> Result<(), CommandError> {
     dns_label("tenant", t)
 }
 
+/// A token's name (a DNS label).
+pub fn token_name(n: &str) -> Result<(), CommandError> {
+    dns_label("token name", n)
+}
+
 pub fn node_id(id: crate::types::NodeId) -> Result<(), CommandError> {
     if id == 0 {
         return Err(CommandError::invalid("node id", id, "a positive integer"));

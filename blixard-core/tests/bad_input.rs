@@ -2,6 +2,7 @@
 //! typed error that says what is allowed, nothing changes, nothing panics.
 use std::time::Duration;
 
+use blixard_core::auth::Bearer;
 use blixard_core::node::{Node, NodeConfig};
 use blixard_core::raft::RaftTuning;
 use blixard_core::types::{NodeResources, Resources};
@@ -12,7 +13,10 @@ use blixard_proto::vm_service_client::VmServiceClient;
 use tonic::transport::Channel;
 use tonic::Code;
 
-async fn start() -> (Node, Channel, tempfile::TempDir) {
+/// A channel whose calls carry the node's admin token.
+type Authed = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
+
+async fn start() -> (Node, Authed, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let cfg = NodeConfig {
@@ -27,6 +31,7 @@ async fn start() -> (Node, Channel, tempfile::TempDir) {
         vm_backend: None,
         reconciler: Default::default(),
         meter: None,
+        join_token: None,
     };
     let node = Node::start(cfg).await.expect("node starts");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -43,6 +48,10 @@ async fn start() -> (Node, Channel, tempfile::TempDir) {
         .connect()
         .await
         .unwrap();
+    let token = blixard_core::node::bootstrap::read(dir.path()).expect("the founder's admin token");
+    let ch = tower::ServiceBuilder::new()
+        .layer(tonic::service::interceptor::InterceptorLayer::new(Bearer::new(&token).unwrap()))
+        .service(ch);
     (node, ch, dir)
 }
 

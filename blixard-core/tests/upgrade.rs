@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use blixard_core::auth::Bearer;
+use blixard_core::node::bootstrap;
 use blixard_core::node::{Node, NodeConfig};
 use blixard_core::raft::RaftTuning;
 use blixard_core::types::{DesiredState, NodeResources, Resources};
@@ -39,6 +41,7 @@ fn config(dir: &Path, port: u16) -> NodeConfig {
         vm_backend: None,
         reconciler: Default::default(),
         meter: None,
+        join_token: None,
     }
 }
 
@@ -47,7 +50,9 @@ fn free_port() -> u16 {
 }
 
 /// Starts a node on `dir` and waits until it leads its one-node cluster.
-async fn start(dir: &Path) -> (Node, VmServiceClient<tonic::transport::Channel>) {
+type Authed = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>;
+
+async fn start(dir: &Path) -> (Node, VmServiceClient<Authed>) {
     let port = free_port();
     let node = Node::start(config(dir, port)).await.expect("node starts on the old data dir");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -60,7 +65,14 @@ async fn start(dir: &Path) -> (Node, VmServiceClient<tonic::transport::Channel>)
         .connect()
         .await
         .unwrap();
-    (node, VmServiceClient::new(ch))
+    // A data dir from before tokens gets its bootstrap admin token from
+    // the first leader under this build (node/bootstrap.rs).
+    while !node.shared().state.tokens_bootstrapped() {
+        assert!(tokio::time::Instant::now() < deadline, "the upgraded cluster never made its admin token");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let token = bootstrap::read(dir).expect("the leader keeps the bootstrap token in its data dir");
+    (node, VmServiceClient::with_interceptor(ch, Bearer::new(&token).unwrap()))
 }
 
 /// name -> (vcpus, memory, tenant, tier label, desired, generation)

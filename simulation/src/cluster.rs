@@ -483,7 +483,7 @@ impl VmOp {
     }
 }
 
-pub(crate) async fn connect(id: NodeId) -> Result<Channel, Status> {
+pub async fn connect(id: NodeId) -> Result<Channel, Status> {
     Endpoint::from_shared(format!("http://{}", node_addr(id)))
         .map_err(|e| Status::invalid_argument(e.to_string()))?
         .connect_timeout(Duration::from_secs(1))
@@ -519,9 +519,27 @@ async fn wait_voters(client: &NodeHandle, count: NodeId) {
     }
 }
 
+/// The cluster's admin token: put in node 1's data dir before it founds
+/// the cluster (a founder uses a token already there), presented by the
+/// joining nodes and on every client request of the simulation.
+static ADMIN_TOKEN: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+pub fn admin_token() -> String {
+    ADMIN_TOKEN.lock().unwrap().clone().expect("the cluster's admin token (SimCluster::start)")
+}
+
+/// A client request with a deadline, carrying the admin token.
 fn request<T>(msg: T, timeout: Duration) -> Request<T> {
+    request_as(msg, timeout, &admin_token())
+}
+
+/// A client request with a deadline, carrying `token`.
+pub fn request_as<T>(msg: T, timeout: Duration, token: &str) -> Request<T> {
     let mut r = Request::new(msg);
     r.set_timeout(timeout);
+    if let Ok(v) = format!("Bearer {token}").parse() {
+        r.metadata_mut().insert(blixard_core::auth::AUTHORIZATION, v);
+    }
     r
 }
 
@@ -553,6 +571,7 @@ fn spawn_node(
         vm_backend,
         reconciler: sim_reconciler(),
         meter: None,
+        join_token: join.map(|_| admin_token()),
     };
     let live = Arc::new(Mutex::new(Weak::new()));
     let slot = live.clone();
@@ -591,6 +610,10 @@ impl SimCluster {
         let client = handle.create_node().name("client").ip(IpAddr::V4(CLIENT_IP)).build();
         let guards = handle.create_node().name("guards").ip(IpAddr::V4(GUARDS_IP)).build();
         let world = SimWorld::new();
+        let admin = blixard_core::auth::token::new_secret().expect("randomness");
+        std::fs::write(blixard_core::node::bootstrap::path(&data_dirs[0]), format!("{admin}\n"))
+            .expect("write node 1's admin token");
+        *ADMIN_TOKEN.lock().unwrap() = Some(admin);
         let mut dirs: std::collections::VecDeque<PathBuf> = data_dirs.into();
         let mut nodes = Vec::new();
         for id in 1..=config.nodes {

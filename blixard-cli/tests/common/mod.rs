@@ -27,9 +27,92 @@ pub fn cli(port: u16, args: &[&str]) -> Output {
 }
 
 /// Runs `blixard --addr ADDRS ARGS...`; ADDRS is one member or a
-/// comma-separated list.
+/// comma-separated list. Carries the cluster's admin token.
 pub fn cli_at(addrs: &str, args: &[&str]) -> Output {
-    Command::new(BIN).arg("--addr").arg(addrs).args(args).output().unwrap()
+    client_command(addrs).arg("--addr").arg(addrs).args(args).output().unwrap()
+}
+
+/// Which cluster founder's data dir each node port belongs to: where the
+/// cluster's admin token is (`node start` writes it there when it founds a
+/// cluster).
+static FOUNDERS: std::sync::Mutex<std::collections::BTreeMap<u16, PathBuf>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// The admin token of the cluster the node at `port` belongs to, once its
+/// founder has written it.
+pub fn admin_token(port: u16) -> Option<String> {
+    let dir = FOUNDERS.lock().unwrap().get(&port).cloned()?;
+    let t = std::fs::read_to_string(dir.join("admin-token")).ok()?;
+    Some(t.trim().to_string())
+}
+
+/// What every test's `node start` needs besides its flags: a config file
+/// next to its data dir (a founder writes its CLI context there, never into
+/// the user's), and for a joiner the cluster's admin token, once the
+/// founder (the node at `seed`) has made it. Records which cluster the
+/// node's `port` belongs to, for [`client_command`].
+pub fn prepare_node(cmd: &mut Command, port: u16, dir: &Path, join: Option<u16>) {
+    cmd.env("BLIXARD_CONFIG", dir.with_extension("config.toml")).env_remove("BLIXARD_TOKEN");
+    {
+        // A joiner is in its seed's cluster; a node on a fresh dir without
+        // --join founds one; a restarted node keeps the cluster it had.
+        let mut founders = FOUNDERS.lock().unwrap();
+        let fresh = !dir.join("identity").exists();
+        match join {
+            Some(seed) => {
+                if let Some(f) = founders.get(&seed).cloned() {
+                    founders.insert(port, f);
+                }
+            }
+            None if fresh || !founders.contains_key(&port) => {
+                founders.insert(port, dir.to_path_buf());
+            }
+            None => {}
+        }
+    }
+    if let Some(seed) = join {
+        if let Some(t) = wait_token(&founder_dir(seed)) {
+            cmd.env("BLIXARD_TOKEN", t);
+        }
+    }
+}
+
+/// Records that the node at `port` is in the cluster founded in `founder`
+/// (for nodes a test did not start through [`prepare_node`], e.g. `up`).
+pub fn register(port: u16, founder: &Path) {
+    FOUNDERS.lock().unwrap().insert(port, founder.to_path_buf());
+}
+
+fn founder_dir(port: u16) -> PathBuf {
+    FOUNDERS.lock().unwrap().get(&port).cloned().unwrap_or_default()
+}
+
+/// The admin token in a founder's data dir, waiting up to 30 s for the
+/// founder to write it (it does before its first Raft entry).
+pub fn wait_token(founder: &Path) -> Option<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(t) = std::fs::read_to_string(founder.join("admin-token")) {
+            return Some(t.trim().to_string());
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `blixard` for calls to the members at `addrs` (the first one's
+/// cluster): with its admin token, and a config file of its own (never the
+/// user's contexts).
+pub fn client_command(addrs: &str) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env("BLIXARD_CONFIG", "/nonexistent/blixard-test-config.toml").env_remove("BLIXARD_TOKEN");
+    let port = addrs.split(',').next().and_then(|a| a.rsplit(':').next()).and_then(|p| p.parse().ok());
+    if let Some(t) = port.and_then(admin_token) {
+        cmd.env("BLIXARD_TOKEN", t);
+    }
+    cmd
 }
 
 pub fn stdout(o: &Output) -> String {
@@ -128,6 +211,7 @@ pub fn node_command(
 ) -> Command {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.with_extension("log")).unwrap();
     let mut cmd = Command::new(BIN);
+    prepare_node(&mut cmd, port, dir, join);
     cmd.args(["node", "start", "--id", &id.to_string(), "--bind", &loopback(port)])
         .arg("--data-dir")
         .arg(dir)

@@ -347,8 +347,20 @@ impl NsCluster {
             .env("RUST_LOG", &self.log_filter)
             .stdout(log.try_clone().expect("node log"))
             .stderr(log);
+        // Node 1 founds the cluster and keeps its admin token in its data
+        // dir; joiners present it, and no node writes the user's config.
+        cmd.env("BLIXARD_CONFIG", self.root.path().join(format!("node-{}.config.toml", i + 1)))
+            .env_remove("BLIXARD_TOKEN");
         if join && !dir.exists() {
             cmd.args(["--join", &self.addr(0)]);
+            let token = self.root.path().join("node-1").join("admin-token");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while !token.exists() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            if let Ok(t) = std::fs::read_to_string(&token) {
+                cmd.env("BLIXARD_TOKEN", t.trim());
+            }
         }
         self.pids[i] = Some(self.net.spawn(cmd));
     }
@@ -367,8 +379,12 @@ impl NsCluster {
     /// Runs `blixard --addr <node i> ARGS` inside host `i`'s namespace.
     pub fn cli(&self, i: usize, args: &[&str]) -> Output {
         let addr = self.addr(i);
-        let all: Vec<&str> = ["--addr", addr.as_str()].iter().chain(args).copied().collect();
-        self.net.output(i, &self.bin, &all)
+        let mut cmd = self.net.command(i, &self.bin);
+        cmd.env("BLIXARD_CONFIG", "/nonexistent/blixard-test-config.toml").env_remove("BLIXARD_TOKEN");
+        if let Ok(t) = std::fs::read_to_string(self.root.path().join("node-1").join("admin-token")) {
+            cmd.env("BLIXARD_TOKEN", t.trim());
+        }
+        cmd.args(["--addr", addr.as_str()]).args(args).output().expect("run blixard in a namespace")
     }
 
     /// Node `i + 1`'s own view (`cluster status -o json`), if it answers.

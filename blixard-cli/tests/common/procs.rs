@@ -4,12 +4,12 @@
 //! hosts' own pid files), kills, stops and restarts, and a cleanup that also
 //! ends the fencing guards and workloads the nodes started.
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Child, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{free_port, start_node_backend, BIN};
+use super::{free_port, start_node_backend};
 
 /// Polls `f` every 50 ms until it returns Some, or panics after `secs`.
 pub fn within<T>(what: &str, secs: f64, mut f: impl FnMut() -> Option<T>) -> T {
@@ -71,7 +71,8 @@ impl ProcCluster {
         ids.extend((1..=3).filter(|i| *i != first && self.procs[(*i - 1) as usize].is_some()));
         let addrs: Vec<String> =
             ids.iter().map(|i| format!("127.0.0.1:{}", self.ports[(*i - 1) as usize])).collect();
-        Command::new(BIN).arg("--addr").arg(addrs.join(",")).args(args).output().unwrap()
+        let addrs = addrs.join(",");
+        super::client_command(&addrs).arg("--addr").arg(&addrs).args(args).output().unwrap()
     }
 
     pub fn json(&self, first: u64, args: &[&str]) -> Option<Value> {

@@ -3,7 +3,15 @@
 //! A caller is authenticated by a bearer token (whose hash is in the
 //! replicated state) or by a client certificate of the cluster's CA (whose
 //! role is in the certificate). Each role includes the ones below it.
+pub mod token;
+
 use serde::{Deserialize, Serialize};
+use tonic::metadata::{AsciiMetadataValue, MetadataMap};
+use tonic::{Request, Status};
+
+use crate::command::Command;
+use crate::state::ClusterState;
+use crate::types::NodeId;
 
 /// What a caller may do. Ordered: each role includes every lower one.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -41,6 +49,258 @@ impl Role {
 impl std::fmt::Display for Role {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// The request header that carries a bearer token: `authorization:
+/// Bearer <token>`.
+pub const AUTHORIZATION: &str = "authorization";
+
+/// What a node forwarding a request says about a caller it authenticated
+/// by client certificate (`cert:ROLE:NAME`). Believed only from a peer
+/// that proved it is a node of this cluster (its certificate); from anyone
+/// else it is ignored. Token callers are forwarded with their token, which
+/// the receiving node checks itself.
+pub const CALLER: &str = "x-blixard-caller";
+
+/// Who made a request, once authenticated.
+#[derive(Clone, Debug)]
+pub enum Caller {
+    /// A bearer token (kept as sent, so a forward carries it on).
+    Token { role: Role, token: AsciiMetadataValue },
+    /// A client certificate of the cluster's CA.
+    Cert { role: Role, name: String },
+    /// A node of this cluster (its certificate), on its own behalf.
+    Node(NodeId),
+}
+
+/// What a request needs of its caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    Role(Role),
+    /// Only nodes issue it (registration, VM reports, down marks).
+    Node,
+}
+
+impl Caller {
+    /// A node acts with the rights of a viewer on its own behalf (status,
+    /// forwarded reads) and of a node for node commands.
+    pub fn role(&self) -> Role {
+        match self {
+            Caller::Token { role, .. } | Caller::Cert { role, .. } => *role,
+            Caller::Node(_) => Role::Viewer,
+        }
+    }
+
+    pub fn may(&self, need: Need) -> bool {
+        match (self, need) {
+            (Caller::Node(_), Need::Node) => true,
+            (_, Need::Node) => false,
+            (c, Need::Role(r)) => c.role().allows(r),
+        }
+    }
+
+    /// Refuses with `PermissionDenied`, naming what was needed.
+    pub fn require(&self, need: Need, what: &str) -> Result<(), Status> {
+        if self.may(need) {
+            return Ok(());
+        }
+        Err(Status::permission_denied(match need {
+            Need::Role(r) => format!("{what} needs the {r} role; this caller is {}", self.describe()),
+            Need::Node => format!("{what} is for nodes only; this caller is {}", self.describe()),
+        }))
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Caller::Token { role: Role::Viewer, .. } => "a viewer token".to_string(),
+            Caller::Token { role, .. } => format!("an {role} token"),
+            Caller::Cert { role, name } => format!("client certificate {name:?} ({role})"),
+            Caller::Node(id) => format!("node {id}"),
+        }
+    }
+
+    /// Puts this caller on a request a node forwards for it: the token
+    /// itself, or the certificate's identity (believed because the
+    /// forwarding node proves who it is). A node's own request carries
+    /// nothing.
+    pub fn forward_on(&self, md: &mut MetadataMap) {
+        match self {
+            Caller::Token { token, .. } => {
+                md.insert(AUTHORIZATION, token.clone());
+            }
+            Caller::Cert { role, name } => {
+                if let Ok(v) = AsciiMetadataValue::try_from(format!("cert:{role}:{name}")) {
+                    md.insert(CALLER, v);
+                }
+            }
+            Caller::Node(_) => {}
+        }
+    }
+}
+
+/// A tonic interceptor that puts `authorization: Bearer <token>` on every
+/// call: what a Rust client of the API needs.
+#[derive(Clone)]
+pub struct Bearer(AsciiMetadataValue);
+
+impl Bearer {
+    pub fn new(token: &str) -> Result<Bearer, tonic::metadata::errors::InvalidMetadataValue> {
+        AsciiMetadataValue::try_from(format!("Bearer {}", token.trim())).map(Bearer)
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        req.metadata_mut().insert(AUTHORIZATION, self.0.clone());
+        Ok(req)
+    }
+}
+
+/// What a command needs of the caller who proposes it.
+pub fn required(cmd: &Command) -> Need {
+    use Command as C;
+    match cmd {
+        C::CreateVm { .. }
+        | C::CreateVmsV3 { .. }
+        | C::CreateVms { .. }
+        | C::DeleteVm { .. }
+        | C::StartVm { .. }
+        | C::StopVm { .. }
+        | C::RestartVm { .. }
+        | C::MigrateVm { .. } => Need::Role(Role::Operator),
+        C::SetNode { .. }
+        | C::SetQuota { .. }
+        | C::DeleteQuota { .. }
+        | C::SetScheduler { .. }
+        | C::SetNodeTimeout { .. }
+        | C::DrainNode { .. }
+        | C::SetEligible { .. }
+        | C::DecommissionNode { .. }
+        | C::CreateToken { .. }
+        | C::RevokeToken { .. } => Need::Role(Role::Admin),
+        C::RegisterNodeV1 { .. } | C::RegisterNode { .. } | C::ReportVms { .. } | C::SetNodeDown { .. } => {
+            Need::Node
+        }
+        C::Batch(cmds) => {
+            let needs: Vec<Need> = cmds.iter().map(required).collect();
+            if needs.contains(&Need::Node) {
+                Need::Node
+            } else {
+                Need::Role(
+                    needs
+                        .iter()
+                        .map(|n| if let Need::Role(r) = n { *r } else { Role::Admin })
+                        .max()
+                        .unwrap_or(Role::Admin),
+                )
+            }
+        }
+    }
+}
+
+/// The identity TLS proved for the peer of a request (none without TLS).
+pub trait PeerIdentity {
+    /// The node id in the peer's node certificate.
+    fn peer_node(&self) -> Option<NodeId>;
+    /// The name and role in the peer's client certificate.
+    fn peer_client(&self) -> Option<(String, Role)>;
+}
+
+impl<T> PeerIdentity for Request<T> {
+    fn peer_node(&self) -> Option<NodeId> {
+        crate::tls::peer_node(self)
+    }
+
+    fn peer_client(&self) -> Option<(String, Role)> {
+        crate::tls::peer_client(self)
+    }
+}
+
+fn unauthenticated(why: &str) -> Status {
+    Status::unauthenticated(why.to_string())
+}
+
+/// Checks a bearer token against the state: known, not revoked, not
+/// expired at `now_ms`. Never echoes the token.
+pub fn check_token(state: &ClusterState, value: &AsciiMetadataValue, now_ms: u64) -> Result<Caller, Status> {
+    let text = value.to_str().map_err(|_| unauthenticated("the authorization header is not text"))?;
+    let token = text
+        .strip_prefix("Bearer ")
+        .ok_or_else(|| unauthenticated("the authorization header is not \"Bearer <token>\""))?
+        .trim();
+    if !token::well_formed(token) {
+        return Err(unauthenticated(&format!(
+            "that is not a Blixard token (they start with {:?} and have 64 hex digits)",
+            token::PREFIX
+        )));
+    }
+    let h = token::hash(token);
+    match state.with_token(&h, |t| (t.role, t.expired(now_ms), t.name.clone(), t.expires_at_ms)) {
+        None => Err(unauthenticated("unknown or revoked token")),
+        Some((_, true, name, at)) => {
+            Err(unauthenticated(&format!("token {name:?} expired at {at} ms since the epoch")))
+        }
+        Some((role, false, _, _)) => Ok(Caller::Token { role, token: value.clone() }),
+    }
+}
+
+/// A `cert:ROLE:NAME` assertion.
+fn parse_cert_claim(v: &AsciiMetadataValue) -> Option<Caller> {
+    let s = v.to_str().ok()?;
+    let rest = s.strip_prefix("cert:")?;
+    let (role, name) = rest.split_once(':')?;
+    Some(Caller::Cert { role: Role::parse(role)?, name: name.to_string() })
+}
+
+/// Who sent a public API request: a node (by certificate, possibly on a
+/// caller's behalf), a bearer token, or a client certificate.
+pub fn authenticate<T>(state: &ClusterState, req: &Request<T>, now_ms: u64) -> Result<Caller, Status> {
+    let md = req.metadata();
+    if let Some(node) = req.peer_node() {
+        // A node forwarding for a caller says who; its own calls say nothing.
+        if let Some(claim) = md.get(CALLER) {
+            return parse_cert_claim(claim)
+                .ok_or_else(|| Status::invalid_argument(format!("node {node} sent a malformed {CALLER}")));
+        }
+        if let Some(v) = md.get(AUTHORIZATION) {
+            return check_token(state, v, now_ms);
+        }
+        return Ok(Caller::Node(node));
+    }
+    if let Some(v) = md.get(AUTHORIZATION) {
+        return check_token(state, v, now_ms);
+    }
+    if let Some((name, role)) = req.peer_client() {
+        return Ok(Caller::Cert { role, name });
+    }
+    Err(unauthenticated(
+        "no credentials: give a token (--token, BLIXARD_TOKEN or a context) or a client certificate",
+    ))
+}
+
+/// Who a write forwarded over the internal Propose RPC is for: `None` for
+/// the sending node's own commands. Token callers are checked here against
+/// this node's state (a revocation applied here counts even if the
+/// forwarding node had not applied it yet); a certificate assertion is
+/// believed only from a peer with a node certificate.
+pub fn forwarded_caller<T>(
+    state: &ClusterState,
+    req: &Request<T>,
+    now_ms: u64,
+) -> Result<Option<Caller>, Status> {
+    let md = req.metadata();
+    if let Some(v) = md.get(AUTHORIZATION) {
+        return check_token(state, v, now_ms).map(Some);
+    }
+    match md.get(CALLER) {
+        None => Ok(None),
+        Some(claim) if req.peer_node().is_some() => parse_cert_claim(claim)
+            .map(Some)
+            .ok_or_else(|| Status::invalid_argument(format!("malformed {CALLER}"))),
+        Some(_) => Err(Status::permission_denied(format!(
+            "{CALLER} is believed only from a node certificate of this cluster"
+        ))),
     }
 }
 

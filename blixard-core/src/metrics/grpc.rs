@@ -24,7 +24,8 @@ use super::NodeMetrics;
 /// The public API's methods, sorted (binary-searched by name); the index is
 /// the method's slot in [`NodeMetrics`]. Unknown public methods count as
 /// `other`. A unit test keeps this list in step with the proto.
-pub const METHODS: [&str; 27] = [
+pub const METHODS: [&str; 30] = [
+    "CreateToken",
     "CreateVm",
     "CreateVms",
     "DeleteQuota",
@@ -36,11 +37,13 @@ pub const METHODS: [&str; 27] = [
     "Join",
     "Leave",
     "ListQuotas",
+    "ListTokens",
     "ListVms",
     "LocalVm",
     "MigrateVm",
     "Remove",
     "RestartVm",
+    "RevokeToken",
     "SetEligible",
     "SetNode",
     "SetNodeTimeout",

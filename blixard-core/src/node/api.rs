@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status};
 
 use super::raft_service::RaftGrpc;
 use super::{ApiError, NodeError, NodeShared};
+use crate::auth::{self, Caller, Need, Role};
 use crate::command::{Command, CommandOutput, NewVm, RequestId};
 use crate::raft::network::{PeerChannels, MAX_MESSAGE_BYTES};
 use crate::types::{
@@ -120,10 +121,25 @@ fn cluster_client(
     ))
 }
 
+/// Puts a joining node's bearer token on its request to the seed.
+fn with_token<T>(req: &mut Request<T>, token: Option<&str>) -> Result<(), Status> {
+    if let Some(t) = token {
+        let v = tonic::metadata::AsciiMetadataValue::try_from(format!("Bearer {t}"))
+            .map_err(|_| Status::invalid_argument("the join token is not printable ASCII"))?;
+        req.metadata_mut().insert(auth::AUTHORIZATION, v);
+    }
+    Ok(())
+}
+
 /// Status of the node at `addr` (used by joining nodes to learn the cluster id).
-pub async fn client_status(channels: &PeerChannels, addr: &str) -> Result<pb::StatusResponse, Status> {
+pub async fn client_status(
+    channels: &PeerChannels,
+    addr: &str,
+    token: Option<&str>,
+) -> Result<pb::StatusResponse, Status> {
     let mut c = cluster_client(channels, addr)?;
-    let req = with_deadline(pb::StatusRequest { include_digest: false, include_heartbeats: false });
+    let mut req = with_deadline(pb::StatusRequest { include_digest: false, include_heartbeats: false });
+    with_token(&mut req, token)?;
     Ok(c.status(req).await?.into_inner())
 }
 
@@ -133,9 +149,11 @@ pub async fn client_join(
     seed: &str,
     id: NodeId,
     addr: &str,
+    token: Option<&str>,
 ) -> Result<pb::JoinResponse, Status> {
     let mut c = cluster_client(channels, seed)?;
     let mut req = Request::new(pb::JoinRequest { node_id: id, addr: addr.to_string() });
+    with_token(&mut req, token)?;
     req.set_timeout(std::time::Duration::from_secs(90));
     Ok(c.join(req).await?.into_inner())
 }
@@ -317,9 +335,14 @@ fn quota_pb(tenant: &str, l: &QuotaLimits, u: &TenantUsage) -> pb::Quota {
 }
 
 impl ClusterApi {
-    /// A replicated write under the client's request id.
-    async fn write(&self, cmd: Command, request_id: &str) -> Result<super::Applied, Status> {
-        write(&self.node, cmd, request_id).await
+    /// A replicated write under the client's request id, for `caller`.
+    async fn write(&self, cmd: Command, request_id: &str, caller: &Caller) -> Result<super::Applied, Status> {
+        write(&self.node, cmd, request_id, caller).await
+    }
+
+    /// Authenticates the caller of `req` and checks it may do `what`.
+    fn auth<T>(&self, req: &Request<T>, role: Role, what: &str) -> Result<Caller, Status> {
+        authorize(&self.node, req, Need::Role(role), what)
     }
 
     /// Node `id` as this node has it now, with its VM count.
@@ -341,6 +364,29 @@ impl ClusterApi {
             .find(|(t, _, _)| t == tenant)
             .map(|(t, l, u)| quota_pb(t, l, u))
             .ok_or_else(|| Status::not_found(format!("tenant {tenant:?} has no quota")))
+    }
+
+    async fn remove_node(
+        &self,
+        req: pb::RemoveRequest,
+        fwd: bool,
+        caller: Caller,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
+        if req.node_id == 0 {
+            return Err(ApiError::Invalid("node id must be a positive integer".into()).into());
+        }
+        let node = self.node.clone();
+        let id = req.node_id;
+        self.on_leader(
+            fwd,
+            || async move {
+                node.remove_member(id).await?;
+                Ok(pb::MembershipResponse { members: node.members().iter().map(member_pb).collect() })
+            },
+            async move |c| Ok(c.remove(forward_req(req, &caller)).await?.into_inner()),
+        )
+        .await
+        .map(Response::new)
     }
 
     /// Runs a membership change here if this node leads; otherwise forwards
@@ -377,13 +423,25 @@ fn vm_status(e: blixard_vm::VmError) -> Status {
     }
 }
 
+/// Authenticates the caller of `req` (auth.rs) and checks it may do
+/// `what`, which needs `need`. Runs before anything else in a handler, so a
+/// refused request changes nothing and learns nothing.
+fn authorize<T>(node: &NodeShared, req: &Request<T>, need: Need, what: &str) -> Result<Caller, Status> {
+    let caller = auth::authenticate(&node.state, req, super::now_ms())?;
+    caller.require(need, what)?;
+    Ok(caller)
+}
+
 fn forwarded<T>(req: &Request<T>) -> bool {
     req.metadata().contains_key(FORWARDED)
 }
 
-fn forward_req<T>(msg: T) -> Request<T> {
+/// `msg` as a node forwards it for `caller`: marked forwarded (never
+/// forwarded again) and carrying the caller (auth.rs).
+pub(super) fn forward_req<T>(msg: T, caller: &Caller) -> Request<T> {
     let mut r = Request::new(msg);
     r.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    caller.forward_on(r.metadata_mut());
     r.set_timeout(std::time::Duration::from_secs(90));
     r
 }
@@ -394,6 +452,7 @@ impl ClusterService for ClusterApi {
         &self,
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
+        self.auth(&request, Role::Viewer, "cluster status")?;
         let n = &self.node;
         let metrics = n.raft.metrics().borrow().clone();
         let committed =
@@ -447,10 +506,16 @@ impl ClusterService for ClusterApi {
     type WatchStream = super::watch::WatchStream;
 
     async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        self.auth(&request, Role::Viewer, "watch")?;
         super::watch::start(self.node.clone(), request.into_inner()).map(Response::new)
     }
 
     async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
+        // An admin adds any node; a node (by its certificate) adds itself.
+        let caller = auth::authenticate(&self.node.state, &request, super::now_ms())?;
+        if !matches!(caller, Caller::Node(id) if id == request.get_ref().node_id) {
+            caller.require(Need::Role(Role::Admin), "join")?;
+        }
         let fwd = forwarded(&request);
         let req = request.into_inner();
         let r2 = req.clone();
@@ -465,7 +530,7 @@ impl ClusterService for ClusterApi {
                     members: node.members().iter().map(member_pb).collect(),
                 })
             },
-            async move |c| Ok(c.join(forward_req(r2)).await?.into_inner()),
+            async move |c| Ok(c.join(forward_req(r2, &caller)).await?.into_inner()),
         )
         .await
         .map(Response::new)
@@ -473,66 +538,57 @@ impl ClusterService for ClusterApi {
 
     async fn leave(
         &self,
-        _request: Request<pb::LeaveRequest>,
+        request: Request<pb::LeaveRequest>,
     ) -> Result<Response<pb::MembershipResponse>, Status> {
-        let id = self.node.id;
-        self.remove(Request::new(pb::RemoveRequest { node_id: id })).await
+        let caller = self.auth(&request, Role::Admin, "cluster leave")?;
+        let fwd = forwarded(&request);
+        self.remove_node(pb::RemoveRequest { node_id: self.node.id }, fwd, caller).await
     }
 
     async fn remove(
         &self,
         request: Request<pb::RemoveRequest>,
     ) -> Result<Response<pb::MembershipResponse>, Status> {
+        let caller = self.auth(&request, Role::Admin, "cluster remove")?;
         let fwd = forwarded(&request);
-        let req = request.into_inner();
-        if req.node_id == 0 {
-            return Err(ApiError::Invalid("node id must be a positive integer".into()).into());
-        }
-        let node = self.node.clone();
-        let id = req.node_id;
-        self.on_leader(
-            fwd,
-            || async move {
-                node.remove_member(id).await?;
-                Ok(pb::MembershipResponse { members: node.members().iter().map(member_pb).collect() })
-            },
-            async move |c| Ok(c.remove(forward_req(req)).await?.into_inner()),
-        )
-        .await
-        .map(Response::new)
+        self.remove_node(request.into_inner(), fwd, caller).await
     }
 
     async fn set_scheduler(
         &self,
         request: Request<pb::SetSchedulerRequest>,
     ) -> Result<Response<pb::SetSchedulerResponse>, Status> {
+        let caller = self.auth(&request, Role::Admin, "set scheduler")?;
         let req = request.into_inner();
         let strategy = Strategy::parse(&req.strategy).ok_or_else(|| {
             ApiError::Invalid(format!("invalid scheduler {:?}: spread or binpack", req.strategy))
                 .into_write_status()
         })?;
-        self.write(Command::SetScheduler { strategy }, &req.request_id).await?;
+        self.write(Command::SetScheduler { strategy }, &req.request_id, &caller).await?;
         Ok(Response::new(pb::SetSchedulerResponse { strategy: strategy.as_str().to_string() }))
     }
 
     async fn set_quota(&self, request: Request<pb::SetQuotaRequest>) -> Result<Response<pb::Quota>, Status> {
+        let caller = self.auth(&request, Role::Admin, "quota set")?;
         let req = request.into_inner();
         let l = req.limits.unwrap_or_default();
         let limits = QuotaLimits { vcpus: l.vcpus, memory_mb: l.memory_mb, disk_gb: l.disk_gb, vms: l.vms };
         let cmd = Command::SetQuota { tenant: req.tenant.clone(), limits };
-        self.write(cmd, &req.request_id).await?;
+        self.write(cmd, &req.request_id, &caller).await?;
         self.quota(&req.tenant).map(Response::new)
     }
 
     async fn get_quota(&self, request: Request<pb::QuotaRequest>) -> Result<Response<pb::Quota>, Status> {
+        self.auth(&request, Role::Viewer, "quota get")?;
         self.node.linearize().await?;
         self.quota(&request.get_ref().tenant).map(Response::new)
     }
 
     async fn list_quotas(
         &self,
-        _request: Request<pb::ListQuotasRequest>,
+        request: Request<pb::ListQuotasRequest>,
     ) -> Result<Response<pb::ListQuotasResponse>, Status> {
+        self.auth(&request, Role::Viewer, "quota list")?;
         self.node.linearize().await?;
         let quotas = self.node.state.quotas().iter().map(|(t, l, u)| quota_pb(t, l, u)).collect();
         Ok(Response::new(pb::ListQuotasResponse { quotas }))
@@ -542,17 +598,19 @@ impl ClusterService for ClusterApi {
         &self,
         request: Request<pb::DeleteQuotaRequest>,
     ) -> Result<Response<pb::DeleteQuotaResponse>, Status> {
+        let caller = self.auth(&request, Role::Admin, "quota delete")?;
         let req = request.into_inner();
-        self.write(Command::DeleteQuota { tenant: req.tenant }, &req.request_id).await?;
+        self.write(Command::DeleteQuota { tenant: req.tenant }, &req.request_id, &caller).await?;
         Ok(Response::new(pb::DeleteQuotaResponse {}))
     }
 
     async fn set_node(&self, request: Request<pb::SetNodeRequest>) -> Result<Response<pb::NodeInfo>, Status> {
+        let caller = self.auth(&request, Role::Admin, "node set")?;
         let req = request.into_inner();
         let request_id = req.request_id.clone();
         let id = req.node_id;
         let cmd = set_node_command(req).map_err(ApiError::into_write_status)?;
-        self.write(cmd, &request_id).await?;
+        self.write(cmd, &request_id, &caller).await?;
         self.node_info(id).map(Response::new)
     }
 
@@ -560,8 +618,9 @@ impl ClusterService for ClusterApi {
         &self,
         request: Request<pb::SetNodeTimeoutRequest>,
     ) -> Result<Response<pb::SetNodeTimeoutResponse>, Status> {
+        let caller = self.auth(&request, Role::Admin, "set node timeout")?;
         let req = request.into_inner();
-        self.write(Command::SetNodeTimeout { ms: req.timeout_ms }, &req.request_id).await?;
+        self.write(Command::SetNodeTimeout { ms: req.timeout_ms }, &req.request_id, &caller).await?;
         Ok(Response::new(pb::SetNodeTimeoutResponse { timeout_ms: req.timeout_ms }))
     }
 
@@ -569,6 +628,7 @@ impl ClusterService for ClusterApi {
         &self,
         request: Request<pb::DrainNodeRequest>,
     ) -> Result<Response<pb::DrainNodeResponse>, Status> {
+        let caller = self.auth(&request, Role::Admin, "node drain")?;
         let req = request.into_inner();
         let deadline_ms = match req.deadline_secs {
             0 => 0,
@@ -580,7 +640,7 @@ impl ClusterService for ClusterApi {
             s => super::now_ms() + s * 1000,
         };
         let cmd = Command::DrainNode { id: req.node_id, max_parallel: req.max_parallel, deadline_ms };
-        let applied = self.write(cmd, &req.request_id).await?;
+        let applied = self.write(cmd, &req.request_id, &caller).await?;
         let CommandOutput::Draining { id, moving, stuck } = applied.output else {
             return Err(Status::internal("a drain produced no drain"));
         };
@@ -592,10 +652,90 @@ impl ClusterService for ClusterApi {
         &self,
         request: Request<pb::SetEligibleRequest>,
     ) -> Result<Response<pb::NodeInfo>, Status> {
+        let caller = self.auth(&request, Role::Admin, "node eligible")?;
         let req = request.into_inner();
         let id = req.node_id;
-        self.write(Command::SetEligible { id }, &req.request_id).await?;
+        self.write(Command::SetEligible { id }, &req.request_id, &caller).await?;
         self.node_info(id).map(Response::new)
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let caller = self.auth(&request, Role::Admin, "token create")?;
+        let req = request.into_inner();
+        let invalid = |m: String| ApiError::Invalid(m).into_write_status();
+        let role = Role::parse(&req.role)
+            .ok_or_else(|| invalid(format!("invalid role {:?}: {}", req.role, Role::RULE)))?;
+        // The client may keep the secret to itself and send its hash;
+        // otherwise this node makes one and answers with it, once.
+        let (hash, secret) = if req.secret_sha256.is_empty() {
+            let secret = auth::token::new_secret()
+                .map_err(|e| Status::unavailable(format!("no randomness for a token: {e}")))?;
+            (auth::token::hash(&secret), secret)
+        } else {
+            let hash: auth::token::TokenHash = req.secret_sha256.as_slice().try_into().map_err(|_| {
+                invalid(format!("secret_sha256 has {} bytes: a SHA-256 has 32", req.secret_sha256.len()))
+            })?;
+            (hash, String::new())
+        };
+        let expires_at_ms = match req.ttl_ms {
+            0 => 0,
+            ttl if ttl > MAX_TOKEN_TTL_MS => {
+                return Err(invalid(format!(
+                    "invalid ttl {ttl} ms: at most {MAX_TOKEN_TTL_MS} ms (ten years)"
+                )))
+            }
+            ttl => super::now_ms() + ttl,
+        };
+        let cmd =
+            Command::CreateToken { name: req.name.clone(), role, hash, expires_at_ms, bootstrap: false };
+        let applied = self.write(cmd, &req.request_id, &caller).await?;
+        // A retry of a request id whose first attempt created the token
+        // returns that first outcome: the secret made now is not the one
+        // stored, and saying so beats handing out a secret that fails.
+        let token = self.node.state.with_token(&hash, token_pb).ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "token {:?} was created by an earlier attempt of this request, whose secret only that attempt saw; revoke it and create it again",
+                req.name
+            ))
+        })?;
+        Ok(Response::new(pb::CreateTokenResponse { token: Some(token), secret, index: applied.index }))
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        self.auth(&request, Role::Admin, "token list")?;
+        self.node.linearize().await?;
+        let tokens = self.node.state.tokens().iter().map(token_pb).collect();
+        Ok(Response::new(pb::ListTokensResponse { tokens }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+        let caller = self.auth(&request, Role::Admin, "token revoke")?;
+        let req = request.into_inner();
+        let applied = self.write(Command::RevokeToken { name: req.name }, &req.request_id, &caller).await?;
+        Ok(Response::new(pb::RevokeTokenResponse { index: applied.index }))
+    }
+}
+
+/// The longest token lifetime `token create --ttl` takes.
+pub const MAX_TOKEN_TTL_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
+
+pub fn token_pb(t: &crate::auth::token::TokenRecord) -> pb::Token {
+    pb::Token {
+        name: t.name.clone(),
+        role: t.role.as_str().to_string(),
+        created_at_ms: t.created_at_ms,
+        expires_at_ms: t.expires_at_ms,
+        bootstrap: t.bootstrap,
+        expired: t.expired(super::now_ms()),
     }
 }
 
@@ -633,8 +773,13 @@ impl VmApi {
     ///
     /// Every write error carries its outcome (`rejected`, `unknown` or
     /// `applied`) in the [`super::OUTCOME_KEY`] metadata.
-    async fn write_vm(&self, cmd: Command, request_id: &str) -> Result<Response<pb::VmResponse>, Status> {
-        let applied = self.write(cmd, request_id).await?;
+    async fn write_vm(
+        &self,
+        cmd: Command,
+        request_id: &str,
+        caller: &Caller,
+    ) -> Result<Response<pb::VmResponse>, Status> {
+        let applied = self.write(cmd, request_id, caller).await?;
         let name = match &applied.output {
             CommandOutput::VmCreated { name, .. }
             | CommandOutput::VmDeleted { name, .. }
@@ -648,9 +793,14 @@ impl VmApi {
         Ok(Response::new(pb::VmResponse { vm: self.node.state.with_vm(name, vm_pb), index: applied.index }))
     }
 
-    /// Proposes a client write under its request id.
-    async fn write(&self, cmd: Command, request_id: &str) -> Result<super::Applied, Status> {
-        write(&self.node, cmd, request_id).await
+    /// Proposes a client write under its request id, for `caller`.
+    async fn write(&self, cmd: Command, request_id: &str, caller: &Caller) -> Result<super::Applied, Status> {
+        write(&self.node, cmd, request_id, caller).await
+    }
+
+    /// Authenticates the caller of `req` and checks it may do `what`.
+    fn auth<T>(&self, req: &Request<T>, role: Role, what: &str) -> Result<Caller, Status> {
+        authorize(&self.node, req, Need::Role(role), what)
     }
 
     fn backend(&self) -> Result<&Arc<dyn blixard_vm::VmBackend>, Status> {
@@ -667,10 +817,15 @@ impl VmApi {
 
 /// Proposes a client write under its request id; failures carry the
 /// write's outcome (`blixard-outcome`).
-async fn write(node: &NodeShared, cmd: Command, request_id: &str) -> Result<super::Applied, Status> {
+async fn write(
+    node: &NodeShared,
+    cmd: Command,
+    request_id: &str,
+    caller: &Caller,
+) -> Result<super::Applied, Status> {
     let request =
         RequestId::from_client_opt(request_id).map_err(|e| ApiError::from(e).into_write_status())?;
-    node.propose_with(cmd, request).await.map_err(ApiError::into_write_status)
+    node.propose_for(cmd, request, Some(caller)).await.map_err(ApiError::into_write_status)
 }
 
 /// Where each VM of a `CreateVms` went.
@@ -718,19 +873,21 @@ impl VmService for VmApi {
         &self,
         request: Request<pb::CreateVmRequest>,
     ) -> Result<Response<pb::VmResponse>, Status> {
+        let caller = self.auth(&request, Role::Operator, "vm create")?;
         let req = request.into_inner();
         let spec = spec_from_pb(req.spec).map_err(ApiError::into_write_status)?;
         let placement = placement_from_pb(req.placement).map_err(ApiError::into_write_status)?;
         let reschedule = reschedule_from_pb(&req.reschedule).map_err(ApiError::into_write_status)?;
         let vm = NewVm { name: req.name, spec, placement, reschedule };
         let cmd = Command::CreateVms { vms: vec![vm], start: !req.no_start, queue: req.queue };
-        self.write_vm(cmd, &req.request_id).await
+        self.write_vm(cmd, &req.request_id, &caller).await
     }
 
     async fn create_vms(
         &self,
         request: Request<pb::CreateVmsRequest>,
     ) -> Result<Response<pb::CreateVmsResponse>, Status> {
+        let caller = self.auth(&request, Role::Operator, "vm create")?;
         let req = request.into_inner();
         let mut vms = Vec::with_capacity(req.vms.len());
         for v in req.vms {
@@ -759,7 +916,7 @@ impl VmService for VmApi {
         }
         // No explanation here: it costs O(nodes), and a real create is
         // explained only when it fails (in the error).
-        let applied = self.write(cmd, &req.request_id).await?;
+        let applied = self.write(cmd, &req.request_id, &caller).await?;
         Ok(Response::new(pb::CreateVmsResponse {
             placed: placed_pb(applied.output),
             dry_run: false,
@@ -769,6 +926,7 @@ impl VmService for VmApi {
     }
 
     async fn get_vm(&self, request: Request<pb::GetVmRequest>) -> Result<Response<pb::VmResponse>, Status> {
+        self.auth(&request, Role::Viewer, "vm get")?;
         let req = request.into_inner();
         crate::validate::vm_name(&req.name).map_err(ApiError::from)?;
         self.read_barrier(req.consistency).await?;
@@ -779,6 +937,7 @@ impl VmService for VmApi {
         &self,
         request: Request<pb::ListVmsRequest>,
     ) -> Result<Response<pb::ListVmsResponse>, Status> {
+        self.auth(&request, Role::Viewer, "vm list")?;
         let req = request.into_inner();
         self.read_barrier(req.consistency).await?;
         let state = &self.node.state;
@@ -803,8 +962,9 @@ impl VmService for VmApi {
         &self,
         request: Request<pb::DeleteVmRequest>,
     ) -> Result<Response<pb::DeleteVmResponse>, Status> {
+        let caller = self.auth(&request, Role::Operator, "vm delete")?;
         let req = request.into_inner();
-        self.write(Command::DeleteVm { name: req.name }, &req.request_id).await?;
+        self.write(Command::DeleteVm { name: req.name }, &req.request_id, &caller).await?;
         Ok(Response::new(pb::DeleteVmResponse {}))
     }
 
@@ -812,30 +972,34 @@ impl VmService for VmApi {
         &self,
         request: Request<pb::VmNameRequest>,
     ) -> Result<Response<pb::VmResponse>, Status> {
+        let caller = self.auth(&request, Role::Operator, "vm start")?;
         let req = request.into_inner();
-        self.write_vm(Command::StartVm { name: req.name }, &req.request_id).await
+        self.write_vm(Command::StartVm { name: req.name }, &req.request_id, &caller).await
     }
 
     async fn stop_vm(&self, request: Request<pb::VmNameRequest>) -> Result<Response<pb::VmResponse>, Status> {
+        let caller = self.auth(&request, Role::Operator, "vm restart")?;
         let req = request.into_inner();
-        self.write_vm(Command::StopVm { name: req.name }, &req.request_id).await
+        self.write_vm(Command::StopVm { name: req.name }, &req.request_id, &caller).await
     }
 
     async fn restart_vm(
         &self,
         request: Request<pb::VmNameRequest>,
     ) -> Result<Response<pb::VmResponse>, Status> {
+        let caller = self.auth(&request, Role::Operator, "vm stop")?;
         let req = request.into_inner();
-        self.write_vm(Command::RestartVm { name: req.name }, &req.request_id).await
+        self.write_vm(Command::RestartVm { name: req.name }, &req.request_id, &caller).await
     }
 
     async fn migrate_vm(
         &self,
         request: Request<pb::MigrateVmRequest>,
     ) -> Result<Response<pb::VmResponse>, Status> {
+        let caller = self.auth(&request, Role::Operator, "vm migrate")?;
         let req = request.into_inner();
         let cmd = Command::MigrateVm { name: req.name.clone(), to: req.to_node };
-        let applied = self.write(cmd, &req.request_id).await?;
+        let applied = self.write(cmd, &req.request_id, &caller).await?;
         Ok(Response::new(pb::VmResponse {
             vm: self.node.state.with_vm(&req.name, vm_pb),
             index: applied.index,
@@ -846,11 +1010,12 @@ impl VmService for VmApi {
         &self,
         request: Request<pb::VmLogsRequest>,
     ) -> Result<Response<pb::VmLogsResponse>, Status> {
+        let caller = self.auth(&request, Role::Viewer, "vm logs")?;
         let fwd = forwarded(&request);
         let req = request.into_inner();
         let max = super::logs::chunk_size(&req);
         match super::logs::locate(&self.node, &req.name, fwd)? {
-            super::logs::Console::There(mut c, _) => c.vm_logs(forward_req(req)).await,
+            super::logs::Console::There(mut c, _) => c.vm_logs(forward_req(req, &caller)).await,
             super::logs::Console::Here(backend) => {
                 let chunk = backend.logs(&req.name, req.offset, max).await.map_err(vm_status)?;
                 Ok(Response::new(pb::VmLogsResponse {
@@ -868,12 +1033,14 @@ impl VmService for VmApi {
         &self,
         request: Request<pb::VmLogsRequest>,
     ) -> Result<Response<Self::FollowVmLogsStream>, Status> {
+        let caller = self.auth(&request, Role::Viewer, "vm logs")?;
         let fwd = forwarded(&request);
         // A stream lives as long as the client wants it: no deadline on the
         // forwarded call.
-        let mark = |msg| {
+        let mark = move |msg| {
             let mut r = Request::new(msg);
             r.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+            caller.forward_on(r.metadata_mut());
             r
         };
         super::logs::follow(self.node.clone(), request.into_inner(), fwd, mark).await.map(Response::new)
@@ -883,6 +1050,7 @@ impl VmService for VmApi {
         &self,
         request: Request<pb::VmNameRequest>,
     ) -> Result<Response<pb::LocalVmResponse>, Status> {
+        self.auth(&request, Role::Viewer, "vm status")?;
         let name = request.into_inner().name;
         crate::validate::vm_name(&name).map_err(ApiError::from)?;
         let backend = self.backend()?;

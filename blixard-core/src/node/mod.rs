@@ -6,6 +6,7 @@
 //! production, in the integration tests and inside the madsim simulator.
 pub mod api;
 pub mod batcher;
+pub mod bootstrap;
 pub mod election;
 #[cfg(not(madsim))]
 mod health;
@@ -74,6 +75,9 @@ pub struct NodeConfig {
     /// Where the node's metrics go (see [`crate::metrics`]); `None` records
     /// nothing.
     pub meter: Option<opentelemetry::metrics::Meter>,
+    /// The bearer token a joining node presents to its seed (an admin
+    /// token). Never logged.
+    pub join_token: Option<String>,
 }
 
 impl std::fmt::Debug for NodeConfig {
@@ -90,6 +94,7 @@ impl std::fmt::Debug for NodeConfig {
             .field("vm_backend", &self.vm_backend.as_ref().map(|b| b.describe()))
             .field("reconciler", &self.reconciler)
             .field("meter", &self.meter.is_some())
+            .field("join_token", &self.join_token.as_ref().map(|_| "<set>"))
             .finish()
     }
 }
@@ -214,7 +219,8 @@ impl From<ApiError> for tonic::Status {
                 CommandError::VmExists { .. } => Code::AlreadyExists,
                 CommandError::VmNotFound { .. }
                 | CommandError::UnknownNode { .. }
-                | CommandError::NoQuota { .. } => Code::NotFound,
+                | CommandError::NoQuota { .. }
+                | CommandError::NoToken { .. } => Code::NotFound,
                 CommandError::NoCapacity { .. }
                 | CommandError::NoFit { .. }
                 | CommandError::QuotaExceeded { .. } => Code::ResourceExhausted,
@@ -222,6 +228,7 @@ impl From<ApiError> for tonic::Status {
                 | CommandError::BreaksConstraint { .. }
                 | CommandError::CannotMove { .. }
                 | CommandError::NodeState { .. }
+                | CommandError::TokenRefused { .. }
                 | CommandError::BatchFailed { .. } => Code::FailedPrecondition,
             },
             ApiError::Invalid(_) => Code::InvalidArgument,
@@ -375,7 +382,7 @@ impl Node {
             }
             None => {
                 let cluster_id = match &cfg.join {
-                    Some(seed) => seed_cluster_id(&channels, seed).await?,
+                    Some(seed) => seed_cluster_id(&channels, seed, cfg.join_token.as_deref()).await?,
                     None => identity::new_cluster_id(cfg.id, now_ms()),
                 };
                 let ident = Identity { node_id: cfg.id, cluster_id };
@@ -453,7 +460,7 @@ impl Node {
 
         if !has_raft_state {
             match (&cfg.join, fresh) {
-                (Some(seed), _) => join_via(&shared, seed).await?,
+                (Some(seed), _) => join_via(&shared, seed, cfg.join_token.as_deref()).await?,
                 // An identity from an earlier start but no Raft state: the
                 // node stopped while joining (bootstrap writes its first
                 // entry right after the identity). Bootstrapping now would
@@ -468,6 +475,15 @@ impl Node {
                     )));
                 }
                 (None, true) => {
+                    // The founder's admin token, durable before the first
+                    // entry (bootstrap.rs); one already in the file (put
+                    // there by the operator's tooling) is used as it is.
+                    if bootstrap::read(&cfg.data_dir).is_none() {
+                        bootstrap::create(&cfg.data_dir).map_err(|source| NodeError::DataDir {
+                            dir: bootstrap::path(&cfg.data_dir),
+                            source,
+                        })?;
+                    }
                     let members = BTreeMap::from([(cfg.id, BasicNode::new(addr.clone()))]);
                     shared.raft.initialize(members).await.map_err(|e| NodeError::Raft(e.to_string()))?;
                     tracing::info!(node = cfg.id, cluster = %shared.cluster_id, "bootstrapped a new single-node cluster");
@@ -475,6 +491,7 @@ impl Node {
             }
         }
         tokio::spawn(register_loop(shared.clone(), cfg.resources, cfg.labels.clone()));
+        node.liveness.lock().push(tokio::spawn(bootstrap::run(shared.clone())));
         if let Some(backend) = &cfg.vm_backend {
             tracing::info!(backend = %backend.describe(), "VM backend ready");
             let h = crate::reconciler::spawn(shared.clone(), backend.clone(), cfg.reconciler.clone());
@@ -527,11 +544,15 @@ impl Node {
 }
 
 /// Asks a seed for its cluster id, retrying while it is not up yet.
-async fn seed_cluster_id(channels: &PeerChannels, seed: &str) -> Result<String, NodeError> {
+async fn seed_cluster_id(
+    channels: &PeerChannels,
+    seed: &str,
+    token: Option<&str>,
+) -> Result<String, NodeError> {
     crate::validate::addr(seed).map_err(|e| NodeError::Config(format!("--join: {e}")))?;
     let deadline = tokio::time::Instant::now() + JOIN_TIMEOUT;
     loop {
-        let err = match api::client_status(channels, seed).await {
+        let err = match api::client_status(channels, seed, token).await {
             Ok(s) if !s.cluster_id.is_empty() => return Ok(s.cluster_id),
             Ok(_) => "seed reports no cluster id".to_string(),
             Err(e) => e.message().to_string(),
@@ -546,10 +567,10 @@ async fn seed_cluster_id(channels: &PeerChannels, seed: &str) -> Result<String, 
 
 /// Asks the cluster (through any member) to add this node, retrying while
 /// the cluster has no leader.
-async fn join_via(shared: &Arc<NodeShared>, seed: &str) -> Result<(), NodeError> {
+async fn join_via(shared: &Arc<NodeShared>, seed: &str, token: Option<&str>) -> Result<(), NodeError> {
     let deadline = tokio::time::Instant::now() + JOIN_TIMEOUT;
     loop {
-        match api::client_join(&shared.channels, seed, shared.id, &shared.addr).await {
+        match api::client_join(&shared.channels, seed, shared.id, &shared.addr, token).await {
             Ok(resp) => {
                 if resp.cluster_id != *shared.cluster_id {
                     return Err(NodeError::Join {
@@ -686,6 +707,20 @@ impl NodeShared {
         command: Command,
         request: Option<RequestId>,
     ) -> Result<Applied, ApiError> {
+        self.propose_for(command, request, None).await
+    }
+
+    /// [`propose_with`](Self::propose_with) for a client: a forward to the
+    /// leader carries `caller`, whose rights the leader checks again
+    /// against its own state (a token revoked there is refused even if this
+    /// node has not applied the revocation yet). `None`: this node's own
+    /// command.
+    pub async fn propose_for(
+        &self,
+        command: Command,
+        request: Option<RequestId>,
+        caller: Option<&crate::auth::Caller>,
+    ) -> Result<Applied, ApiError> {
         command.validate()?;
         let request = request.or_else(|| {
             let seq = self.next_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -745,6 +780,7 @@ impl NodeShared {
                         &proposal,
                         wait,
                         traceparent,
+                        caller,
                     )
                     .instrument(span.clone());
                 // A leader that went silent (cut off, paused) holds the

@@ -101,7 +101,13 @@ impl RaftService for RaftGrpc {
             from = request.get_ref().from,
         );
         crate::trace::continue_from(&span, request.metadata());
+        // A follower forwards a client's write with the client (auth.rs):
+        // its rights are checked here too, against this node's state.
+        let caller = crate::auth::forwarded_caller(&self.node.state, &request, super::now_ms())?;
         let p: Proposal = self.open(request)?;
+        if let Some(c) = &caller {
+            c.require(crate::auth::required(&p.command), "this write")?;
+        }
         // Forwarded writes join the leader's batches like local ones.
         let submit = self.node.batcher.submit(p).instrument(span).await;
         let out: ProposeReply = submit.map_err(|e| match e {

@@ -117,11 +117,12 @@ impl PeerChannels {
         req: &Req,
         deadline: Duration,
     ) -> Result<Resp, RpcFailure> {
-        self.call_traced(addr, rpc, cluster_id, from, req, deadline, None).await
+        self.call_traced(addr, rpc, cluster_id, from, req, deadline, None, None).await
     }
 
     /// [`call`](Self::call) carrying a W3C `traceparent` in the request's
-    /// metadata, so the peer continues the caller's trace.
+    /// metadata, so the peer continues the caller's trace, and the client
+    /// a forwarded write is for (auth.rs), so the peer checks its rights.
     #[allow(clippy::too_many_arguments)]
     pub async fn call_traced<Req: Serialize, Resp: DeserializeOwned>(
         &self,
@@ -132,6 +133,7 @@ impl PeerChannels {
         req: &Req,
         deadline: Duration,
         traceparent: Option<String>,
+        caller: Option<&crate::auth::Caller>,
     ) -> Result<Resp, RpcFailure> {
         let payload = codec::encode(req)
             .map_err(|e| RpcFailure::BadReply { addr: addr.to_string(), reason: e.to_string() })?;
@@ -147,6 +149,9 @@ impl PeerChannels {
         });
         if let Some(tp) = traceparent.and_then(|tp| tonic::metadata::MetadataValue::try_from(tp).ok()) {
             request.metadata_mut().insert(crate::trace::TRACEPARENT, tp);
+        }
+        if let Some(c) = caller {
+            c.forward_on(request.metadata_mut());
         }
         let mut client = RaftServiceClient::new(self.channel(addr)?)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -136,6 +136,7 @@ pub fn decode_image(what: &str, bytes: &[u8]) -> Result<StateImage, ImageError> 
         0 | 1 => Ok(codec::decode_trusted::<legacy::StateImageV1>(body).map_err(bad)?.into()),
         2 => Ok(codec::decode_trusted::<legacy::StateImageV2>(body).map_err(bad)?.into()),
         3 => Ok(codec::decode_trusted::<legacy::StateImageV3>(body).map_err(bad)?.into()),
+        4 => Ok(codec::decode_trusted::<legacy::StateImageV4>(body).map_err(bad)?.into()),
         _ => codec::decode_trusted(body).map_err(bad),
     }
 }
