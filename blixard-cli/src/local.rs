@@ -8,9 +8,9 @@ use blixard_core::node::{Node, NodeConfig};
 use blixard_core::raft::RaftTuning;
 use blixard_core::types::{NodeResources, Ratio, Resources};
 use blixard_vm::guard::GuardCommand;
+use blixard_vm::image_dir::DEFAULT_SUBDIR as DEFAULT_IMAGE_SUBDIR;
 use blixard_vm::process::ProcessBackend;
 use blixard_vm::qemu::QemuBackend;
-use blixard_vm::image_dir::DEFAULT_SUBDIR as DEFAULT_IMAGE_SUBDIR;
 use blixard_vm::{image, BackendKind, VmBackend, VmError};
 use clap::Args;
 use std::sync::Arc;
@@ -398,6 +398,7 @@ pub async fn up(args: UpArgs) -> Result<(), Failure> {
     let image_dir = args.vms.image_dir.clone().unwrap_or_else(|| args.data_dir.join(DEFAULT_IMAGE_SUBDIR));
     let image_dir = std::path::absolute(&image_dir)
         .map_err(|e| Failure::new(format!("cannot resolve {}: {e}", image_dir.display())))?;
+    println!("image dir: {} (vm create --kernel NAME boots a file from here)", image_dir.display());
     let seed = format!("127.0.0.1:{}", args.base_port);
     let mut children: Vec<NodeProcess> = Vec::new();
     for i in 0..args.nodes {
@@ -455,13 +456,10 @@ pub async fn up(args: UpArgs) -> Result<(), Failure> {
         }
     };
     match formed {
-        Ok(leader) => {
-            println!("image dir: {} (vm create --kernel NAME boots a file from here)", image_dir.display());
-            println!(
-                "cluster of {} nodes is up (leader: node {leader}). Try: blixard --addr {} cluster status. Ctrl-C stops it.",
-                args.nodes, children[0].addr
-            )
-        }
+        Ok(leader) => println!(
+            "cluster of {} nodes is up (leader: node {leader}). Try: blixard --addr {} cluster status. Ctrl-C stops it.",
+            args.nodes, children[0].addr
+        ),
         Err(e) => {
             stop_all(&mut children);
             return Err(e);

@@ -43,6 +43,10 @@ pub const DEFAULT_SUBDIR: &str = "images";
 /// path, no `.` or `..` part, no hidden file, no control or non-ASCII
 /// character. A name can still be a symlink inside the directory: only
 /// [`ImageDir::resolve`] on the node can tell where it leads.
+///
+/// Apply accepts what this accepts (`blixard-core`'s `validate::boot`), so
+/// the rule may grow to accept more, never shrink: a committed entry must
+/// apply the same on every build.
 pub fn is_image_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_IMAGE_NAME_LEN
@@ -141,7 +145,8 @@ mod tests {
     #[test]
     fn image_names() {
         let long = "a".repeat(MAX_IMAGE_NAME_LEN);
-        for good in ["vmlinuz", "initrd.img", "vmlinuz-6.1.0-57-cloud-amd64", "custom/vmlinuz", "a/b/c_d", &long]
+        for good in
+            ["vmlinuz", "initrd.img", "vmlinuz-6.1.0-57-cloud-amd64", "custom/vmlinuz", "a/b/c_d", &long]
         {
             assert!(is_image_name(good), "{good:?} refused");
         }

@@ -275,11 +275,8 @@ async fn boots_a_kernel_named_in_the_image_dir() {
     std::os::unix::fs::symlink("guest/vmlinuz", images.path().join("current")).unwrap();
 
     let mut cfg = vm("named", 128, 1);
-    cfg.boot = BootSource {
-        kernel: Some("current".into()),
-        initrd: Some("guest/initrd.img".into()),
-        cmdline: None,
-    };
+    cfg.boot =
+        BootSource { kernel: Some("current".into()), initrd: Some("guest/initrd.img".into()), cmdline: None };
     let pid = b.start(&cfg).await.expect("start failed").pid.unwrap();
     wait_running(&b, &cfg.name).await;
     let args = cmdline(pid);
