@@ -41,11 +41,14 @@ pub struct CreateArgs {
     /// What the node does when it stops running: never, on-failure, always.
     #[arg(long, default_value = "on-failure")]
     pub restart: String,
-    /// Guest kernel (absolute path on the node; default: the built-in image).
-    #[arg(long, default_value = "")]
+    /// Guest kernel: a file name in the image directory (--image-dir) of
+    /// the node that runs the VM, e.g. `vmlinuz` or `custom/vmlinuz`; never
+    /// a host path (no leading '/', no '..'). Default: the built-in image.
+    #[arg(long, value_name = "NAME", default_value = "")]
     pub kernel: String,
-    /// Guest initrd (absolute path on the node; needs --kernel).
-    #[arg(long, default_value = "")]
+    /// Guest initrd: a file name in the node's image directory, like
+    /// --kernel (needs --kernel).
+    #[arg(long, value_name = "NAME", default_value = "")]
     pub initrd: String,
     /// Extra kernel command line.
     #[arg(long, default_value = "")]

@@ -8,9 +8,10 @@ use blixard_core::node::{Node, NodeConfig};
 use blixard_core::raft::RaftTuning;
 use blixard_core::types::{NodeResources, Ratio, Resources};
 use blixard_vm::guard::GuardCommand;
+use blixard_vm::image_dir::DEFAULT_SUBDIR as DEFAULT_IMAGE_SUBDIR;
 use blixard_vm::process::ProcessBackend;
 use blixard_vm::qemu::QemuBackend;
-use blixard_vm::{image, VmBackend, VmError};
+use blixard_vm::{image, BackendKind, VmBackend, VmError};
 use clap::Args;
 use std::sync::Arc;
 
@@ -155,6 +156,13 @@ pub struct VmArgs {
     /// Guest image cache (default: $XDG_CACHE_HOME/blixard or ~/.cache/blixard).
     #[arg(long)]
     pub image_cache: Option<PathBuf>,
+    /// The only directory custom kernels and initrds are booted from: `vm
+    /// create --kernel NAME` names a file in it, on the node that runs the
+    /// VM; symlinks out of it are refused. Created if missing. Default:
+    /// DATA_DIR/images for `node start`; for `up`, DATA_DIR/images shared
+    /// by all its nodes.
+    #[arg(long, value_name = "DIR")]
+    pub image_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -224,7 +232,12 @@ pub async fn node_start(
     let data_dir = std::path::absolute(&data_dir)
         .map_err(|e| Failure::new(format!("cannot resolve data dir {}: {e}", data_dir.display())))?;
     let capacity = host_capacity(&data_dir, &args.capacity);
-    let vm_backend = choose_backend(&args.vms, &data_dir).await?;
+    let image_dir = match &args.vms.image_dir {
+        Some(d) => std::path::absolute(d)
+            .map_err(|e| Failure::new(format!("cannot resolve --image-dir {}: {e}", d.display())))?,
+        None => data_dir.join(DEFAULT_IMAGE_SUBDIR),
+    };
+    let vm_backend = choose_backend(&args.vms, &data_dir, &image_dir).await?;
     let metrics = match MetricsAddr::parse(args.metrics_addr.as_deref(), args.bind)? {
         MetricsAddr::Off => None,
         MetricsAddr::At(addr) => Some(crate::prometheus::start(addr, args.id).await?),
@@ -293,6 +306,9 @@ pub async fn node_start(
         Some(b) => println!("  vms:      {}", b.describe()),
         None => println!("  vms:      none (--vm-backend none): VMs placed here stay pending"),
     }
+    if vm_backend.as_ref().is_some_and(|b| b.kind() == BackendKind::Qemu) {
+        println!("  images:   {} (vm create --kernel NAME boots a file from here)", image_dir.display());
+    }
     println!("  try:      blixard --addr {addr} cluster status");
     signals.recv().await;
     eprintln!("shutting down node {}", args.id);
@@ -303,7 +319,11 @@ pub async fn node_start(
 
 /// Picks the VM backend. `auto` prefers real microVMs and says plainly why
 /// it falls back to processes.
-async fn choose_backend(args: &VmArgs, data_dir: &Path) -> Result<Option<Arc<dyn VmBackend>>, Failure> {
+async fn choose_backend(
+    args: &VmArgs,
+    data_dir: &Path,
+    image_dir: &Path,
+) -> Result<Option<Arc<dyn VmBackend>>, Failure> {
     let root = data_dir.join("vms");
     let cache = args.image_cache.clone().unwrap_or_else(image::default_cache_dir);
     // The host's fence guard is this binary again (`blixard fence-guard`).
@@ -313,7 +333,8 @@ async fn choose_backend(args: &VmArgs, data_dir: &Path) -> Result<Option<Arc<dyn
         args: vec!["fence-guard".into()],
     };
     let qemu = || async {
-        let backend = QemuBackend::new(root.clone(), cache.clone())?.with_guard(guard.clone());
+        let backend =
+            QemuBackend::new(root.clone(), cache.clone(), image_dir.to_path_buf())?.with_guard(guard.clone());
         // Build (or find) the default guest image now, so the first VM does
         // not pay for it and a missing package shows up at start.
         let c = cache.clone();
@@ -404,6 +425,11 @@ pub async fn up(args: UpArgs, context: Option<String>, token: Option<String>) ->
         std::env::current_exe().map_err(|e| Failure::new(format!("cannot find own executable: {e}")))?;
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|e| Failure::new(format!("cannot create {}: {e}", args.data_dir.display())))?;
+    // One image directory for every node: they share this host.
+    let image_dir = args.vms.image_dir.clone().unwrap_or_else(|| args.data_dir.join(DEFAULT_IMAGE_SUBDIR));
+    let image_dir = std::path::absolute(&image_dir)
+        .map_err(|e| Failure::new(format!("cannot resolve {}: {e}", image_dir.display())))?;
+    println!("image dir: {} (vm create --kernel NAME boots a file from here)", image_dir.display());
     let seed = format!("127.0.0.1:{}", args.base_port);
     let mut children: Vec<NodeProcess> = Vec::new();
     let mut admin: Option<String> = None;
@@ -437,6 +463,7 @@ pub async fn up(args: UpArgs, context: Option<String>, token: Option<String>) ->
         if let Some(c) = &args.vms.image_cache {
             cmd.arg("--image-cache").arg(c);
         }
+        cmd.arg("--image-dir").arg(&image_dir);
         // Each node serves metrics on its port + 1000 unless that is out of
         // range.
         let metrics = match (args.base_port + i).checked_add(1000) {

@@ -307,6 +307,9 @@ fn up_starts_a_cluster_and_ctrl_c_stops_it() {
     let out = up.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains(&format!("node 1: 127.0.0.1:{base}")), "{stdout}");
+    // One image directory for all the nodes, under --data-dir.
+    let images = tmp.path().join("images");
+    assert!(stdout.contains(&format!("image dir: {} ", images.display())), "{stdout}");
     for i in 0..3 {
         assert!(
             TcpListener::bind(("127.0.0.1", base + i)).is_ok(),

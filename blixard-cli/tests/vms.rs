@@ -1,6 +1,7 @@
 //! End to end with real QEMU microVMs through a 3-process cluster on
 //! loopback: lifecycle, serial console, crash recovery, restart policies,
-//! adoption of running guests after a node restart, and bad input. Needs
+//! adoption of running guests after a node restart, kernels by name from
+//! each node's image directory, and bad input. Needs
 //! qemu-system-x86, linux-image-cloud-amd64 and busybox-static (the README
 //! test command installs them); without them this fails, it never skips.
 use std::path::{Path, PathBuf};
@@ -107,6 +108,7 @@ impl Cluster {
             .args(["--vcpus", "4", "--memory-mb", "2048", "--disk-gb", "50", "--vm-backend", "qemu"])
             .arg("--image-cache")
             .arg(&self.cache)
+            .args(if id == 3 { &["--image-dir", "images-3"][..] } else { &[] })
             .env("RUST_LOG", "info,openraft=warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -150,6 +152,17 @@ impl Cluster {
     fn vm_dir(&self, node: u64, name: &str) -> PathBuf {
         self.dirs[(node - 1) as usize].join("vms").join(name)
     }
+
+    /// Node `node`'s image directory: the default (DATA_DIR/images) for
+    /// nodes 1 and 2, `--image-dir images-3` (relative to the directory it
+    /// was started in) for node 3.
+    fn image_dir(&self, node: u64) -> PathBuf {
+        let data = &self.dirs[(node - 1) as usize];
+        match node {
+            3 => data.parent().unwrap().join("images-3"),
+            _ => data.join("images"),
+        }
+    }
 }
 
 #[test]
@@ -159,6 +172,12 @@ fn real_microvms_through_a_three_node_cluster() {
     // Build the default guest image once, ahead of time (`blixard image build`).
     let out = Command::new(BIN).args(["image", "build", "--cache-dir"]).arg(&cache).output().unwrap();
     assert!(out.status.success(), "image build failed: {}", String::from_utf8_lossy(&out.stderr));
+    let built = |what: &str| -> PathBuf {
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().find_map(|l| l.trim().strip_prefix(&format!("{what}: ")).map(str::to_string));
+        PathBuf::from(line.unwrap_or_else(|| panic!("no {what} in `image build` output: {text}")))
+    };
+    let (kernel, initrd) = (built("kernel"), built("initrd"));
 
     let mut c = Cluster {
         nodes: Vec::new(),
@@ -166,6 +185,15 @@ fn real_microvms_through_a_three_node_cluster() {
         dirs: (1..=3).map(|i| tmp.path().join(format!("node-{i}"))).collect(),
         cache,
     };
+    // Every node's image directory holds a copy of the default image (a
+    // kernel by name), and a symlink that leads out of it.
+    for node in 1..=3 {
+        let images = c.image_dir(node);
+        std::fs::create_dir_all(images.join("guest")).unwrap();
+        std::fs::copy(&kernel, images.join("guest/vmlinuz")).unwrap();
+        std::fs::copy(&initrd, images.join("guest/initrd.img")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", images.join("escape")).unwrap();
+    }
     for i in 0..3 {
         c.start_node(i);
     }
@@ -278,31 +306,63 @@ fn real_microvms_through_a_three_node_cluster() {
         "duplicate guests"
     );
 
-    // ---- bad input: the VM fails with the real reason, nothing is left
-    let out = c.cli(&[
+    // ---- a kernel and initrd by name, from the image directory of the
+    // node that runs the VM (whichever it is)
+    let vm: Value = serde_json::from_str(&c.ok(&[
         "vm",
         "create",
-        "e2e-nokernel",
+        "e2e-named",
         "--kernel",
-        "/nonexistent/vmlinuz",
+        "guest/vmlinuz",
+        "--initrd",
+        "guest/initrd.img",
         "--wait",
-        "--timeout",
-        "60",
-    ]);
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(vm["observed"], "running", "{vm}");
+    let node = vm["node_id"].as_u64().unwrap();
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", vm["pid"].as_u64().unwrap())).unwrap();
+    let args: Vec<String> = String::from_utf8_lossy(&cmdline).split('\0').map(str::to_string).collect();
+    let images = std::fs::canonicalize(c.image_dir(node)).unwrap();
+    let want = images.join("guest/vmlinuz").display().to_string();
+    assert!(args.windows(2).any(|w| w[0] == "-kernel" && w[1] == want), "not -kernel {want}: {args:?}");
+    c.ok(&["vm", "delete", "e2e-named", "--wait"]);
+
+    // ---- bad input: a host path is refused at the edge (nothing created);
+    // what the node cannot boot fails the VM with the real reason, and
+    // nothing is left
+    let out = c.cli(&["vm", "create", "e2e-hostpath", "--kernel", "/nonexistent/vmlinuz"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("/nonexistent/vmlinuz"), "{err}");
+    assert!(
+        err.contains("invalid kernel \"/nonexistent/vmlinuz\": a file name in the node's image directory (--image-dir)"),
+        "{err}"
+    );
+    let out = c.cli(&["vm", "get", "e2e-hostpath"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no VM named"), "a refused create left a VM");
+    let out =
+        c.cli(&["vm", "create", "e2e-nokernel", "--kernel", "no-such-vmlinuz", "--wait", "--timeout", "60"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("kernel \"no-such-vmlinuz\" is not in this node's image directory"), "{err}");
+    let out = c.cli(&["vm", "create", "e2e-escape", "--kernel", "escape", "--wait", "--timeout", "60"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("kernel \"escape\" is refused: it resolves to /etc/passwd, outside"), "{err}");
+    assert_eq!(c.vm("e2e-escape")["observed"], "failed");
     let out = c.cli(&["vm", "create", "e2e-tiny", "--memory", "64", "--wait", "--timeout", "60"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("minimum"), "{err}");
-    for name in ["e2e-nokernel", "e2e-tiny"] {
+    for name in ["e2e-nokernel", "e2e-escape", "e2e-tiny"] {
         let node = c.vm(name)["node_id"].as_u64().unwrap();
         assert!(!c.vm_dir(node, name).exists(), "{name} left files behind");
     }
 
     // Clean up through the cluster: every guest stopped and removed.
-    for name in ["e2e-crash", "e2e-never", "e2e-nokernel", "e2e-tiny"] {
+    for name in ["e2e-crash", "e2e-never", "e2e-nokernel", "e2e-escape", "e2e-tiny"] {
         c.ok(&["vm", "delete", name, "--wait"]);
     }
     for d in &c.dirs {

@@ -1793,6 +1793,33 @@ mod tests {
         s.check_invariants().unwrap();
     }
 
+    /// Old entries hold host paths as kernels (the API edge now refuses
+    /// them, apply must not): replayed, they create the VM as they did, so
+    /// every build computes the same state. New entries hold image names.
+    #[test]
+    fn apply_keeps_old_host_path_kernels_and_takes_image_names() {
+        let s = state_with_nodes();
+        let with_boot = |name: &str, kernel: &str, initrd: &str| {
+            let mut c = create(name, 1, 128);
+            if let Command::CreateVm { spec, .. } = &mut c {
+                spec.boot = crate::types::BootSpec {
+                    kernel: kernel.into(),
+                    initrd: initrd.into(),
+                    cmdline: String::new(),
+                };
+            }
+            c
+        };
+        s.apply(&p(with_boot("old", "/etc/shadow", "/boot/initrd.img")), 3).unwrap();
+        s.apply(&p(with_boot("new", "custom/vmlinuz", "initrd.img")), 4).unwrap();
+        assert_eq!(s.with_vm("old", |v| v.spec.boot.kernel.clone()).as_deref(), Some("/etc/shadow"));
+        assert_eq!(s.with_vm("new", |v| v.spec.boot.kernel.clone()).as_deref(), Some("custom/vmlinuz"));
+        // What no edge ever let through is still refused.
+        let e = s.apply(&p(with_boot("bad", "../vmlinuz", "")), 5).unwrap_err();
+        assert!(e.to_string().starts_with("invalid kernel path \"../vmlinuz\""), "{e}");
+        s.check_invariants().unwrap();
+    }
+
     fn set_node(id: NodeId, cpu: Option<&str>, set: &[(&str, &str)], remove: &[&str]) -> Command {
         Command::SetNode {
             id,

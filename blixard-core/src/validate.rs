@@ -1,6 +1,9 @@
 //! Edge validation shared by the API (reject before proposing) and by apply
-//! (reject a malformed entry deterministically on every replica).
+//! (reject a malformed entry deterministically on every replica), except
+//! [`image_names`]: the API edge's alone (see there).
 use std::collections::BTreeMap;
+
+use blixard_vm::image_dir::{is_image_name, IMAGE_NAME_RULE};
 
 use crate::error::CommandError;
 use crate::types::{Resources, VmSpec};
@@ -73,17 +76,35 @@ pub fn vm_spec(spec: &VmSpec) -> Result<(), CommandError> {
     boot(&spec.boot)
 }
 
-/// Kernel and initrd are absolute paths on the node; an initrd needs a
-/// kernel; the command line is printable and bounded.
+/// Kernel and initrd are image names (see [`image_names`]) or, in entries
+/// written before image names existed, absolute paths on the node; an
+/// initrd needs a kernel; the command line is printable and bounded.
+///
+/// This runs in apply, so it must keep accepting every entry older versions
+/// committed, with the same result (rejections are recorded in the dedup
+/// window of the replicated state): an absolute path goes through exactly
+/// the check it always did. Image names, which the edge now requires, are
+/// accepted too; older versions refused relative paths at their edge, so no
+/// committed entry holds one and none changes outcome. Whether an old
+/// absolute path may actually be booted is for the node that runs the VM
+/// to decide (blixard-vm's `ImageDir::resolve`: only inside its image
+/// directory), never for apply, which would then depend on that node's
+/// files.
 pub fn boot(b: &crate::types::BootSpec) -> Result<(), CommandError> {
     for (what, p) in [("kernel path", &b.kernel), ("initrd path", &b.initrd)] {
-        if !p.is_empty() && (!p.starts_with('/') || p.len() > MAX_PATH_LEN || p.chars().any(char::is_control))
-        {
-            return Err(CommandError::invalid(
-                what,
-                p,
-                "an absolute path on the node, at most 4096 characters",
-            ));
+        if p.is_empty() {
+            continue;
+        }
+        if p.starts_with('/') {
+            if p.len() > MAX_PATH_LEN || p.chars().any(char::is_control) {
+                return Err(CommandError::invalid(
+                    what,
+                    p,
+                    "an absolute path on the node, at most 4096 characters",
+                ));
+            }
+        } else if !is_image_name(p) {
+            return Err(CommandError::invalid(what, p, IMAGE_NAME_RULE));
         }
     }
     if b.kernel.is_empty() && !b.initrd.is_empty() {
@@ -95,6 +116,26 @@ pub fn boot(b: &crate::types::BootSpec) -> Result<(), CommandError> {
             &b.cmdline,
             "at most 2048 printable characters",
         ));
+    }
+    Ok(())
+}
+
+/// The API edge's rule for a new VM's kernel and initrd: empty (the default
+/// guest image) or an image name, a file in the image directory of the node
+/// that runs it (`--image-dir`), never a host path. Refuses absolute paths,
+/// `..` and every name [`blixard_vm::image_dir::is_image_name`] refuses,
+/// with the rule.
+///
+/// Only at the edge, never in apply ([`boot`] there still accepts the
+/// absolute paths older versions committed: rejecting them on replay would
+/// give a replaying node another state than its peers). A symlink inside
+/// the image directory that leads out of it is refused by the node that
+/// boots the VM, the check that holds for old records as well.
+pub fn image_names(b: &crate::types::BootSpec) -> Result<(), CommandError> {
+    for (what, name) in [("kernel", &b.kernel), ("initrd", &b.initrd)] {
+        if !name.is_empty() && !is_image_name(name) {
+            return Err(CommandError::invalid(what, name, IMAGE_NAME_RULE));
+        }
     }
     Ok(())
 }
@@ -322,6 +363,54 @@ mod tests {
             many.labels.insert(format!("k{i}"), "v".into());
         }
         assert!(vm_spec(&many).is_err());
+    }
+
+    fn boot_of(kernel: &str, initrd: &str) -> crate::types::BootSpec {
+        crate::types::BootSpec { kernel: kernel.into(), initrd: initrd.into(), cmdline: String::new() }
+    }
+
+    #[test]
+    fn the_edge_takes_image_names_only() {
+        for (k, i) in [("", ""), ("vmlinuz", ""), ("custom/vmlinuz", "custom/initrd.img"), ("a", "b")] {
+            assert!(image_names(&boot_of(k, i)).is_ok(), "{k:?} {i:?}");
+        }
+        let long = "a".repeat(256);
+        for bad in ["/etc/shadow", "../x", "a/../../b", ".", "..", "a//b", "a\0b", "a b", "é", &long] {
+            let e = image_names(&boot_of(bad, "")).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!(
+                    "invalid kernel {bad:?}: a file name in the node's image directory (--image-dir): "
+                )),
+                "{e}"
+            );
+            let e = image_names(&boot_of("vmlinuz", bad)).unwrap_err().to_string();
+            assert!(e.starts_with("invalid initrd ") && e.contains("no '..'"), "{e}");
+        }
+    }
+
+    /// Apply keeps accepting the absolute paths older versions committed
+    /// (with the same outcome), and accepts image names.
+    #[test]
+    fn apply_takes_old_host_paths_and_image_names() {
+        let ok = VmSpec { vcpus: 1, memory_mb: 128, disk_gb: 1, ..Default::default() };
+        for (k, i) in [("/boot/vmlinuz", "/boot/initrd.img"), ("/etc/shadow", ""), ("vmlinuz", "x/initrd")] {
+            assert!(vm_spec(&VmSpec { boot: boot_of(k, i), ..ok.clone() }).is_ok(), "{k:?} {i:?}");
+        }
+        // What older versions refused, refused the same way.
+        let e = boot(&boot_of(&format!("/{}", "a".repeat(MAX_PATH_LEN)), "")).unwrap_err();
+        assert_eq!(
+            e.to_string().split_once(": ").unwrap().1,
+            "an absolute path on the node, at most 4096 characters"
+        );
+        let e = boot(&boot_of("/a\nb", "")).unwrap_err();
+        assert!(e.to_string().starts_with("invalid kernel path"), "{e}");
+        let e = boot(&boot_of("", "initrd")).unwrap_err();
+        assert_eq!(e.to_string(), "invalid initrd path \"initrd\": only together with a kernel");
+        // Relative paths that are not image names never reach the log.
+        for bad in ["../x", "a/../b", "./vmlinuz"] {
+            let e = boot(&boot_of(bad, "")).unwrap_err();
+            assert!(e.to_string().contains("--image-dir"), "{e}");
+        }
     }
 
     #[test]

@@ -71,6 +71,11 @@ fn spec(vcpus: u32, memory_mb: u64) -> Option<pb::VmSpec> {
     Some(pb::VmSpec { vcpus, memory_mb, disk_gb: 1, ..Default::default() })
 }
 
+/// A valid spec booting `kernel` and `initrd`.
+fn boot(kernel: &str, initrd: &str) -> Option<pb::VmSpec> {
+    Some(pb::VmSpec { kernel: kernel.into(), initrd: initrd.into(), ..spec(1, 128).unwrap() })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_client_requests_are_typed_errors_and_change_nothing() {
     let (node, ch, _dir) = start().await;
@@ -155,6 +160,29 @@ async fn bad_client_requests_are_typed_errors_and_change_nothing() {
         ),
         (
             pb::CreateVmRequest {
+                name: "shadow".into(),
+                spec: boot("/etc/shadow", ""),
+                ..Default::default()
+            },
+            Code::InvalidArgument,
+            "invalid kernel \"/etc/shadow\": a file name in the node's image directory (--image-dir)",
+        ),
+        (
+            pb::CreateVmRequest { name: "dotdot".into(), spec: boot("a/../../b", ""), ..Default::default() },
+            Code::InvalidArgument,
+            "no '..'",
+        ),
+        (
+            pb::CreateVmRequest {
+                name: "initrd".into(),
+                spec: boot("vmlinuz", "/boot/x"),
+                ..Default::default()
+            },
+            Code::InvalidArgument,
+            "invalid initrd \"/boot/x\": a file name in the node's image directory",
+        ),
+        (
+            pb::CreateVmRequest {
                 name: "toobig".into(),
                 spec: spec(8, 128),
                 no_start: false,
@@ -212,6 +240,25 @@ async fn bad_client_requests_are_typed_errors_and_change_nothing() {
     };
     let e = vms.create_vm(big).await.unwrap_err();
     assert_eq!(e.code(), Code::OutOfRange, "{}", e.message());
+
+    // A batch (and its dry run) with one host path is refused whole.
+    for dry_run in [false, true] {
+        let v = |name: &str, kernel: &str| pb::NewVm {
+            name: name.into(),
+            spec: boot(kernel, ""),
+            ..Default::default()
+        };
+        let e = vms
+            .create_vms(pb::CreateVmsRequest {
+                vms: vec![v("fine", "vmlinuz"), v("escape", "../../etc/shadow")],
+                dry_run,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+        assert!(e.message().contains("--image-dir"), "{}", e.message());
+    }
 
     assert_eq!(cluster_state(&node), before, "a rejected request changed the state");
     node.shared().state.check_invariants().unwrap();

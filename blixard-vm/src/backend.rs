@@ -37,6 +37,11 @@ impl BackendKind {
 
 /// How a guest boots (qemu backend). `None` fields mean "the default guest
 /// image" (see `image`).
+///
+/// `kernel` and `initrd` are image names, relative paths inside the image
+/// directory of the node that runs the VM (see [`crate::image_dir`]). An
+/// absolute path comes from a VM recorded before image names existed: it
+/// boots only if it lies inside that directory.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BootSource {
     pub kernel: Option<PathBuf>,
@@ -100,8 +105,9 @@ pub struct LogChunk {
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    /// Bad configuration: missing or unreadable kernel/initrd, memory below
-    /// the guest's minimum, unsupported options. Says what is allowed.
+    /// Bad configuration: a kernel/initrd missing, unreadable or outside
+    /// the node's image directory, memory below the guest's minimum,
+    /// unsupported options. Says what is allowed.
     #[error("{0}")]
     Config(String),
     /// This backend cannot run here (QEMU missing, no guest image).

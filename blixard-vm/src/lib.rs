@@ -8,6 +8,9 @@
 //! - [`sim`]: deterministic and in memory, for the madsim simulator, with
 //!   injectable faults.
 //!
+//! Custom kernels and initrds come only from the node's image directory, by
+//! name: see [`image_dir`].
+//!
 //! [`guard`] enforces the fencing lease of the qemu and process backends
 //! ([`VmBackend::renew_lease`]) from a process that outlives the node.
 //!
@@ -20,6 +23,7 @@ pub mod guard;
 pub mod host;
 #[cfg(not(madsim))]
 pub mod image;
+pub mod image_dir;
 #[cfg(not(madsim))]
 pub mod process;
 #[cfg(not(madsim))]

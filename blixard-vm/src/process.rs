@@ -30,7 +30,8 @@
 //! [`crate::guard`] and [`ProcessBackend::with_guard`].
 //!
 //! Boot sources (kernel, initrd, kernel command line) are a qemu concept; this
-//! backend ignores them with a warning.
+//! backend ignores them with a warning (it opens no kernel or initrd, so it
+//! has no image directory to guard: see [`crate::image_dir`]).
 use std::collections::HashMap;
 use std::fs;
 use std::os::unix::process::{CommandExt, ExitStatusExt};

@@ -8,6 +8,10 @@
 //! - `stopped`: the VM was stopped on request, so its end is not a failure;
 //! - `exit.json`: the exit status of the last run, once known.
 //!
+//! A VM boots the default guest image, or a kernel (and initrd) named in the
+//! node's image directory, resolved by [`ImageDir::resolve`] before every
+//! boot: nothing outside that directory is ever handed to QEMU.
+//!
 //! The fencing lease ([`VmBackend::renew_lease`]) lives in the root and is
 //! enforced by a guard process: see [`crate::guard`] and
 //! [`QemuBackend::with_guard`].
@@ -35,6 +39,7 @@ use crate::backend::{
 use crate::guard::{Fence, GuardCommand};
 use crate::host::{self, VmDirs};
 use crate::image;
+use crate::image_dir::ImageDir;
 
 const QEMU: &str = "qemu-system-x86_64";
 
@@ -80,6 +85,8 @@ pub struct QemuBackend {
 struct Inner {
     dirs: VmDirs,
     image_cache: PathBuf,
+    /// Where custom kernels and initrds are, by name.
+    images: ImageDir,
     version: String,
     accel: Accel,
     /// Why this acceleration was chosen, for `describe`.
@@ -93,14 +100,17 @@ struct Inner {
 
 impl QemuBackend {
     /// `root` holds the VM directories; `image_cache` the default guest
-    /// image (see [`image::default_cache_dir`]).
-    pub fn new(root: PathBuf, image_cache: PathBuf) -> Result<Self, VmError> {
+    /// image (see [`image::default_cache_dir`]); `image_dir` the kernels and
+    /// initrds VMs may name (see [`crate::image_dir`]), created if missing.
+    pub fn new(root: PathBuf, image_cache: PathBuf, image_dir: PathBuf) -> Result<Self, VmError> {
         // QEMU runs with the VM's directory as its working directory, so every
         // path handed to it (console, QMP socket, image) must be absolute.
         let root =
             std::path::absolute(&root).map_err(VmError::io(format!("resolving {}", root.display())))?;
         let image_cache = std::path::absolute(&image_cache)
             .map_err(VmError::io(format!("resolving {}", image_cache.display())))?;
+        let image_dir = std::path::absolute(&image_dir)
+            .map_err(VmError::io(format!("resolving {}", image_dir.display())))?;
         let out = Command::new(QEMU).arg("--version").output().map_err(|e| {
             VmError::Unavailable(format!("{QEMU} could not run ({e}): install the qemu-system-x86 package"))
         })?;
@@ -122,11 +132,14 @@ impl QemuBackend {
         let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let (accel, accel_reason) = choose_accel(&cpuinfo);
         fs::create_dir_all(&root).map_err(VmError::io(format!("creating VM root {}", root.display())))?;
+        fs::create_dir_all(&image_dir)
+            .map_err(VmError::io(format!("creating the image directory {}", image_dir.display())))?;
         Ok(Self {
             fence: Fence::new(root.clone(), None),
             inner: Arc::new(Inner {
                 dirs: VmDirs::new(root),
                 image_cache,
+                images: ImageDir::new(image_dir),
                 version,
                 accel,
                 accel_reason,
@@ -153,6 +166,11 @@ impl QemuBackend {
 
     pub fn root(&self) -> &Path {
         self.inner.dirs.root()
+    }
+
+    /// The image directory custom kernels and initrds are named in.
+    pub fn image_dir(&self) -> &Path {
+        self.inner.images.path()
     }
 
     /// Runs blocking status/file work off the async threads.
@@ -189,21 +207,37 @@ impl QemuBackend {
                 socket.display()
             )));
         }
+        // A custom kernel or initrd only from the image directory, by name
+        // (or, for a VM recorded before names, by a path inside it): what
+        // QEMU gets is the file's canonical path, checked just now.
+        let boot = vm.boot.clone();
+        let (kernel, initrd) = self
+            .blocking(move |inner| {
+                let resolve = |what: &str, p: &Option<PathBuf>| {
+                    p.as_deref().map(|p| inner.images.resolve(what, p)).transpose()
+                };
+                Ok((resolve("kernel", &boot.kernel)?, resolve("initrd", &boot.initrd)?))
+            })
+            .await?;
         // A missing kernel means the default image; a kernel without an
         // initrd boots as given (its own initramfs or root= on the cmdline);
         // an initrd without a kernel goes with the default kernel.
-        let (kernel, initrd, default_kernel) = match (&vm.boot.kernel, &vm.boot.initrd) {
-            (Some(k), i) => (k.clone(), i.clone(), false),
-            (None, i) => {
+        let (kernel, initrd, default_kernel) = match kernel {
+            Some(k) => (k, initrd, false),
+            None => {
                 let cache = self.inner.image_cache.clone();
                 let img = self.blocking(move |_| image::ensure_default_image(&cache)).await?;
-                (img.kernel, Some(i.clone().unwrap_or(img.initrd)), true)
+                check_readable(&img.kernel, "kernel")?;
+                let initrd = match initrd {
+                    Some(i) => i,
+                    None => {
+                        check_readable(&img.initrd, "initrd")?;
+                        img.initrd
+                    }
+                };
+                (img.kernel, Some(initrd), true)
             }
         };
-        check_readable(&kernel, "kernel")?;
-        if let Some(i) = &initrd {
-            check_readable(i, "initrd")?;
-        }
         Ok(Boot { kernel, initrd, default_kernel })
     }
 }

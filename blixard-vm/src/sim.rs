@@ -22,7 +22,15 @@
 //!
 //! Faults ([`Faults`]) are read when a VM starts: per VM name, else the
 //! host's default.
-use std::collections::BTreeMap;
+//!
+//! Image directory: each host has a set of image names
+//! ([`SimHost::add_image`]), standing for the files of its `--image-dir`
+//! ([`SIM_IMAGE_DIR`]). A VM whose kernel or initrd is not an image name of
+//! that set (or, as recorded by older versions, the absolute path of one
+//! under [`SIM_IMAGE_DIR`]) fails to start with a [`VmError::Config`], as
+//! with the qemu backend. Symlinks are not simulated.
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,12 +40,17 @@ use tokio::time::Instant;
 use crate::backend::{
     BackendKind, ExitInfo, LogChunk, RunState, VmBackend, VmConfig, VmError, VmStatus, READY_MARKER,
 };
+use crate::image_dir::{is_image_name, IMAGE_NAME_RULE};
 
 /// A simulated host (the node id, in practice).
 pub type HostId = u64;
 
 /// The failure reason of a crashed guest.
 pub const CRASH_REASON: &str = "crashed (injected)";
+
+/// Where a simulated host's image directory is, for absolute paths in VMs
+/// recorded before image names.
+pub const SIM_IMAGE_DIR: &str = "/sim/images";
 
 /// The console line of a run the host's guard stopped.
 pub const FENCED_LINE: &str = "[sim] fenced: lease expired";
@@ -254,6 +267,8 @@ struct HostInner {
     /// Fencing: live runs must end by then (see [`SimHost::enforce_lease`]).
     /// `None` until the first renewal: such a host is not fenced.
     lease: Option<Instant>,
+    /// The image names in this host's image directory.
+    images: BTreeSet<String>,
 }
 
 /// One simulated host's hypervisor; outlives the node process running on it.
@@ -311,6 +326,12 @@ impl SimHost {
             .get(name)
             .and_then(|v| v.run.as_ref())
             .is_some_and(|r| r.live(now) && r.crash_at().is_some())
+    }
+
+    /// Puts an image named `name` in this host's image directory (see the
+    /// module documentation).
+    pub fn add_image(&self, name: &str) {
+        self.inner.lock().images.insert(name.to_string());
     }
 
     /// Faults for every VM without faults of its own.
@@ -412,6 +433,11 @@ impl SimHost {
         validate(vm)?;
         let now = Instant::now();
         let mut inner = self.inner.lock();
+        for (what, file) in [("kernel", &vm.boot.kernel), ("initrd", &vm.boot.initrd)] {
+            if let Some(file) = file {
+                check_image(&inner.images, what, file)?;
+            }
+        }
         match inner.vms.get_mut(&vm.name) {
             Some(existing) => {
                 if !existing.run.as_ref().is_some_and(|r| r.live(now)) {
@@ -563,6 +589,34 @@ fn validate(vm: &VmConfig) -> Result<(), VmError> {
     }
     if vm.memory_mb < 1 {
         return Err(VmError::Config(format!("VM {:?}: memory_mb must be at least 1", vm.name)));
+    }
+    Ok(())
+}
+
+/// What [`crate::image_dir::ImageDir::resolve`] does, on the host's set of
+/// image names instead of files.
+fn check_image(images: &BTreeSet<String>, what: &str, file: &Path) -> Result<(), VmError> {
+    let shown = file.display();
+    let refused = |why: String| VmError::Config(format!("{what} \"{shown}\" is refused: {why}"));
+    let name = if file.is_absolute() {
+        match file.strip_prefix(SIM_IMAGE_DIR).ok().and_then(Path::to_str) {
+            Some(name) => name,
+            None => {
+                return Err(refused(format!(
+                    "it is outside this node's image directory {SIM_IMAGE_DIR}; it must be {IMAGE_NAME_RULE}"
+                )))
+            }
+        }
+    } else {
+        file.to_str().unwrap_or("")
+    };
+    if !is_image_name(name) {
+        return Err(refused(format!("it must be {IMAGE_NAME_RULE}")));
+    }
+    if !images.contains(name) {
+        return Err(VmError::Config(format!(
+            "{what} \"{shown}\" is not in this node's image directory {SIM_IMAGE_DIR}: copy the file there"
+        )));
     }
     Ok(())
 }

@@ -23,9 +23,26 @@ fn image_cache() -> PathBuf {
     std::env::temp_dir().join("blixard-vm-test-image-cache")
 }
 
+/// For tests that boot only the default image: an image directory nothing
+/// is ever put in (outside `root`, which tests check is left empty).
+fn no_images() -> PathBuf {
+    std::env::temp_dir().join("blixard-vm-test-no-images")
+}
+
 fn backend(root: &Path) -> QemuBackend {
-    QemuBackend::new(root.to_path_buf(), image_cache())
+    backend_with_images(root, &no_images())
+}
+
+fn backend_with_images(root: &Path, images: &Path) -> QemuBackend {
+    QemuBackend::new(root.to_path_buf(), image_cache(), images.to_path_buf())
         .expect("QEMU backend unavailable (install qemu-system-x86)")
+}
+
+fn config_error(r: Result<(), VmError>) -> String {
+    match r {
+        Err(VmError::Config(msg)) => msg,
+        other => panic!("expected a Config error, got {other:?}"),
+    }
 }
 
 /// A VM name unique to this test run (tests may run concurrently with others).
@@ -175,16 +192,35 @@ async fn killed_vmm_is_reported_failed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_rejected_and_leaves_nothing() {
     let root = tempfile::tempdir().unwrap();
-    let b = backend(root.path());
+    let images = tempfile::tempdir().unwrap();
+    let b = backend_with_images(root.path(), images.path());
+    assert_eq!(b.image_dir(), images.path());
 
+    // Kernels and initrds come from the image directory, by name.
     let mut missing = vm("nokernel", 128, 1);
-    let bogus = root.path().join("no-such-vmlinuz");
-    missing.boot.kernel = Some(bogus.clone());
-    match b.prepare(&missing).await {
-        Err(VmError::Config(msg)) => assert!(msg.contains(&bogus.display().to_string()), "{msg}"),
-        other => panic!("expected a Config error for a missing kernel, got {other:?}"),
-    }
+    missing.boot.kernel = Some("no-such-vmlinuz".into());
+    let msg = config_error(b.prepare(&missing).await);
+    assert!(msg.starts_with("kernel \"no-such-vmlinuz\" is not in this node's image directory"), "{msg}");
     assert!(matches!(b.start(&missing).await, Err(VmError::Config(_))));
+    // A host path, as VMs recorded before image names have: refused unless
+    // it lies in the image directory, with the rule.
+    let mut host_path = vm("hostpath", 128, 1);
+    host_path.boot.kernel = Some("/etc/passwd".into());
+    let msg = config_error(b.prepare(&host_path).await);
+    assert!(msg.contains("outside this node's image directory") && msg.contains("--image-dir"), "{msg}");
+    // A symlink out of the directory, as the kernel or as the initrd of the
+    // default kernel.
+    std::os::unix::fs::symlink("/etc/passwd", images.path().join("escape")).unwrap();
+    let mut escape = vm("escape", 128, 1);
+    escape.boot.kernel = Some("escape".into());
+    let msg = config_error(b.start(&escape).await.map(|_| ()));
+    assert!(msg.contains("resolves to /etc/passwd, outside"), "{msg}");
+    escape.boot = BootSource { initrd: Some("escape".into()), ..BootSource::default() };
+    let msg = config_error(b.prepare(&escape).await);
+    assert!(msg.starts_with("initrd \"escape\" is refused"), "{msg}");
+    let mut dotdot = vm("dotdot", 128, 1);
+    dotdot.boot.kernel = Some("../etc/passwd".into());
+    assert!(config_error(b.prepare(&dotdot).await).contains("no '..'"));
 
     let small = vm("small", 64, 1);
     match b.prepare(&small).await {
@@ -216,6 +252,45 @@ async fn bad_input_is_rejected_and_leaves_nothing() {
     assert!(matches!(&st.state, RunState::Failed { reason } if reason.contains("code 1")), "{st:?}");
     b.delete(&huge.name).await.unwrap();
     assert!(!root.path().join(&huge.name).exists());
+}
+
+/// A kernel and initrd named in the image directory (here: copies of the
+/// default image's, in a subdirectory) boot; QEMU gets their canonical
+/// paths. A host path from an old record boots only inside the directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boots_a_kernel_named_in_the_image_dir() {
+    let root = tempfile::tempdir().unwrap();
+    let images = tempfile::tempdir().unwrap();
+    let b = backend_with_images(root.path(), images.path());
+    let cache = image_cache();
+    let img = tokio::task::spawn_blocking(move || image::ensure_default_image(&cache))
+        .await
+        .unwrap()
+        .expect("building the default image failed (need linux-image-cloud-amd64 and busybox-static)");
+    let dir = images.path().join("guest");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::copy(&img.kernel, dir.join("vmlinuz")).unwrap();
+    std::fs::copy(&img.initrd, dir.join("initrd.img")).unwrap();
+    // A symlink that stays inside is followed.
+    std::os::unix::fs::symlink("guest/vmlinuz", images.path().join("current")).unwrap();
+
+    let mut cfg = vm("named", 128, 1);
+    cfg.boot =
+        BootSource { kernel: Some("current".into()), initrd: Some("guest/initrd.img".into()), cmdline: None };
+    let pid = b.start(&cfg).await.expect("start failed").pid.unwrap();
+    wait_running(&b, &cfg.name).await;
+    let args = cmdline(pid);
+    let real = std::fs::canonicalize(&dir).unwrap();
+    let kernel = real.join("vmlinuz").display().to_string();
+    let initrd = real.join("initrd.img").display().to_string();
+    assert!(has_arg_pair(&args, "-kernel", &kernel), "qemu args lack `-kernel {kernel}`: {args:?}");
+    assert!(has_arg_pair(&args, "-initrd", &initrd), "qemu args lack `-initrd {initrd}`: {args:?}");
+    b.delete(&cfg.name).await.expect("delete failed");
+
+    let mut old = vm("oldrecord", 128, 1);
+    old.boot.kernel = Some(dir.join("vmlinuz"));
+    b.prepare(&old).await.expect("a host path inside the image directory is bootable");
+    b.delete(&old.name).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

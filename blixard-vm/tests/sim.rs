@@ -95,6 +95,43 @@ async fn boot_failure_fails_the_start() {
     wait_for(&b, "bad", |s| s.state == RunState::Running).await;
 }
 
+/// As with the qemu backend: kernels and initrds only by name, from the
+/// host's image directory; a host path only inside it (old records).
+#[tokio::test]
+async fn boots_only_images_of_its_image_directory() {
+    let world = SimWorld::new();
+    let host = SimHost::new(world.clone(), 1);
+    let b = host.backend();
+    host.set_default_faults(fast());
+    host.add_image("custom/vmlinuz");
+    let with = |name: &str, kernel: &str| VmConfig {
+        boot: BootSource { kernel: Some(kernel.into()), ..BootSource::default() },
+        ..vm(name)
+    };
+    let refused = |r: Result<VmStatus, VmError>| match r {
+        Err(VmError::Config(msg)) => msg,
+        other => panic!("expected a Config error, got {other:?}"),
+    };
+    let msg = refused(b.start(&with("a", "missing")).await);
+    assert!(msg.starts_with("kernel \"missing\" is not in this node's image directory"), "{msg}");
+    let msg = refused(b.start(&with("b", "/etc/shadow")).await);
+    assert!(msg.contains("outside this node's image directory") && msg.contains("--image-dir"), "{msg}");
+    let msg = refused(b.start(&with("c", "custom/../../x")).await);
+    assert!(msg.contains("no '..'"), "{msg}");
+    let mut initrd = vm("d");
+    initrd.boot.initrd = Some("/sim/images/../x".into());
+    let msg = refused(b.start(&initrd).await);
+    assert!(msg.starts_with("initrd \"/sim/images/../x\" is refused"), "{msg}");
+    // Nothing of the refused VMs is left.
+    assert!(b.list().await.unwrap().is_empty());
+    assert!(world.running().is_empty());
+
+    b.start(&with("e", "custom/vmlinuz")).await.unwrap();
+    b.start(&with("f", "/sim/images/custom/vmlinuz")).await.unwrap();
+    wait_for(&b, "f", |s| s.state == RunState::Running).await;
+    assert_eq!(world.running_hosts("e"), vec![1]);
+}
+
 #[tokio::test]
 async fn injected_crashes() {
     let world = SimWorld::new();

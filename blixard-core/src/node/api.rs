@@ -856,6 +856,11 @@ pub fn spec_from_pb(spec: Option<pb::VmSpec>) -> Result<VmSpec, ApiError> {
             ))
         })?
     };
+    let boot = BootSpec { kernel: s.kernel, initrd: s.initrd, cmdline: s.cmdline };
+    // Kernels and initrds by image name only: checked here, at the edge, and
+    // not in apply, which still accepts the host paths of old entries (see
+    // `validate::image_names`).
+    crate::validate::image_names(&boot)?;
     Ok(VmSpec {
         vcpus: s.vcpus,
         memory_mb: s.memory_mb,
@@ -863,7 +868,7 @@ pub fn spec_from_pb(spec: Option<pb::VmSpec>) -> Result<VmSpec, ApiError> {
         labels: s.labels.into_iter().collect(),
         tenant: s.tenant,
         restart,
-        boot: BootSpec { kernel: s.kernel, initrd: s.initrd, cmdline: s.cmdline },
+        boot,
     })
 }
 
