@@ -133,13 +133,15 @@ pub fn set_token(token: Option<&str>, from: &str) -> Result<(), Failure> {
             tonic::metadata::AsciiMetadataValue::try_from(format!("Bearer {t}"))
                 .map_err(|_| Failure::new(format!("the token from {from} is not printable ASCII")))?,
         ),
-        Some(_) => return Err(Failure {
-            message: format!(
+        Some(_) => {
+            return Err(Failure {
+                message: format!(
                 "the token from {from} is not a Blixard token (they start with {:?} and have 64 hex digits)",
                 blixard_core::auth::token::PREFIX
             ),
-            code: EXIT_UNAUTHENTICATED,
-        }),
+                code: EXIT_UNAUTHENTICATED,
+            })
+        }
     };
     let _ = TOKEN.set(value);
     Ok(())

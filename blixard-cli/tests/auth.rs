@@ -159,6 +159,16 @@ fn forged_markers_are_ignored(leader: u16, follower: u16, operator: &str) {
                 .connect_lazy()
         };
         let viewer_like = create_token_via_api(leader).await;
+        // Known to the follower too before it is used there.
+        for _ in 0..100 {
+            let mut c = pb::cluster_service_client::ClusterServiceClient::new(channel(follower));
+            let mut r = tonic::Request::new(pb::StatusRequest::default());
+            r.metadata_mut().insert("authorization", format!("Bearer {viewer_like}").parse().unwrap());
+            if c.status(r).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
 
         // Public API: a viewer that claims to be forwarded for an admin.
         let mut vms = pb::vm_service_client::VmServiceClient::new(channel(follower));

@@ -108,8 +108,12 @@ pub fn wait_token(founder: &Path) -> Option<String> {
 pub fn client_command(addrs: &str) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.env("BLIXARD_CONFIG", "/nonexistent/blixard-test-config.toml").env_remove("BLIXARD_TOKEN");
-    let port = addrs.split(',').next().and_then(|a| a.rsplit(':').next()).and_then(|p| p.parse().ok());
-    if let Some(t) = port.and_then(admin_token) {
+    // The first member this test started (a list may begin with a dead one).
+    let token = addrs
+        .split(',')
+        .filter_map(|a| a.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()))
+        .find_map(admin_token);
+    if let Some(t) = token {
         cmd.env("BLIXARD_TOKEN", t);
     }
     cmd
