@@ -14,7 +14,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -148,11 +148,9 @@ async fn roles_and_revocation(mut c: SimCluster) -> Trace {
     // with the token commits.
     let stop = Arc::new(AtomicBool::new(false));
     let after_all_applied = Arc::new(AtomicBool::new(false));
-    let late_commits = Arc::new(AtomicU64::new(0));
     let mut writers = Vec::new();
     for w in 0..4u64 {
-        let (stop, flag, late, ops) =
-            (stop.clone(), after_all_applied.clone(), late_commits.clone(), ops.clone());
+        let (stop, flag, ops) = (stop.clone(), after_all_applied.clone(), ops.clone());
         let nodes = all.clone();
         writers.push(c.client().spawn(async move {
             let mut n = 0u64;
@@ -178,7 +176,6 @@ async fn roles_and_revocation(mut c: SimCluster) -> Trace {
                         "{name} via n{via} committed at {index} after every node applied the revocation"
                     );
                     committed.push(index);
-                    late.fetch_add(0, Ordering::Relaxed);
                 }
                 madsim::time::sleep(Duration::from_millis(7)).await;
             }

@@ -164,6 +164,11 @@ pub enum ApiError {
     /// A write that was committed and applied by the leader, but this node
     /// has not applied it yet, so it cannot show the result. A retry with the
     /// same request id (on any member) returns the outcome.
+    /// The leader did not accept the caller a write was forwarded for.
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error("the write was applied at log index {index}, but node {node} has not caught up to show it; retry with the same request id or read from another member")]
     AppliedNotVisible { index: u64, node: NodeId },
 }
@@ -235,6 +240,8 @@ impl From<ApiError> for tonic::Status {
             ApiError::NotFound(_) => Code::NotFound,
             ApiError::AlreadyExists(_) => Code::AlreadyExists,
             ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
+            ApiError::Unauthenticated(_) => Code::Unauthenticated,
+            ApiError::PermissionDenied(_) => Code::PermissionDenied,
             ApiError::Unavailable(_) | ApiError::NotApplied(_) | ApiError::AppliedNotVisible { .. } => {
                 Code::Unavailable
             }
@@ -811,6 +818,15 @@ impl NodeShared {
                         in_doubt = Some(last.clone());
                     }
                     // Never sent: nothing can apply.
+                    // The leader refused the caller (its token, its role):
+                    // definite, and said as the leader said it.
+                    Err(RpcFailure::Denied { code, reason, .. }) => {
+                        return Err(if code == tonic::Code::Unauthenticated {
+                            ApiError::Unauthenticated(reason)
+                        } else {
+                            ApiError::PermissionDenied(reason)
+                        })
+                    }
                     Err(e @ (RpcFailure::BadAddress { .. } | RpcFailure::TooLarge { .. })) => {
                         return Err(undecided(in_doubt, e.to_string()))
                     }

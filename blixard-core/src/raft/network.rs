@@ -46,7 +46,7 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
 const UNREACHABLE_BACKOFF: Duration = Duration::from_millis(200);
 
 /// The internal RPCs a node can make to a peer.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RaftRpc {
     AppendEntries,
     Vote,
@@ -74,6 +74,11 @@ pub enum RpcFailure {
     BadReply { addr: String, reason: String },
     #[error("request of {bytes} bytes exceeds the {MAX_MESSAGE_BYTES}-byte message limit")]
     TooLarge { bytes: usize },
+    /// The peer refused the request for who sent it or for whom (a
+    /// forwarded caller's token is unknown there, or its role may not do
+    /// this): definite, nothing was applied.
+    #[error("{reason}")]
+    Denied { addr: String, code: tonic::Code, reason: String },
 }
 
 /// Channels to peers, one per address, created on first use and reused.
@@ -175,6 +180,11 @@ impl PeerChannels {
                 // is not a connectivity problem: report it as a bad reply.
                 let reason = status.message().to_string();
                 return Err(match status.code() {
+                    code @ (tonic::Code::Unauthenticated | tonic::Code::PermissionDenied)
+                        if rpc == RaftRpc::Propose =>
+                    {
+                        RpcFailure::Denied { addr: addr.to_string(), code, reason }
+                    }
                     tonic::Code::InvalidArgument
                     | tonic::Code::PermissionDenied
                     | tonic::Code::FailedPrecondition => {
@@ -296,7 +306,10 @@ impl PeerClient {
                     let half = entries.unwrap_or(2) as u64 / 2;
                     RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(half))
                 }
-                RpcFailure::BadReply { .. } | RpcFailure::BadAddress { .. } | RpcFailure::TooLarge { .. } => {
+                RpcFailure::BadReply { .. }
+                | RpcFailure::BadAddress { .. }
+                | RpcFailure::TooLarge { .. }
+                | RpcFailure::Denied { .. } => {
                     RPCError::Network(NetworkError::new(&f))
                 }
                 RpcFailure::Unreachable { .. } | RpcFailure::Refused { .. } | RpcFailure::Timeout { .. } => {
