@@ -533,6 +533,15 @@ fn request<T>(msg: T, timeout: Duration) -> Request<T> {
     request_as(msg, timeout, &admin_token())
 }
 
+/// A client request without a deadline (a stream), carrying the admin token.
+pub fn with_admin_token<T>(msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    if let Ok(v) = format!("Bearer {}", admin_token()).parse() {
+        r.metadata_mut().insert(blixard_core::auth::AUTHORIZATION, v);
+    }
+    r
+}
+
 /// A client request with a deadline, carrying `token`.
 pub fn request_as<T>(msg: T, timeout: Duration, token: &str) -> Request<T> {
     let mut r = Request::new(msg);

@@ -93,7 +93,7 @@ pub async fn follow(ids: Vec<NodeId>, log: Arc<Mutex<WatchLog>>) {
                 kinds: vec![pb::WatchKind::Vm as i32],
                 ..Default::default()
             };
-            c.watch(req).await
+            c.watch(crate::cluster::with_admin_token(req)).await
         };
         let mut stream = match madsim::time::timeout(QUIET, opened).await {
             Ok(Ok(s)) => {
@@ -157,5 +157,5 @@ pub async fn follow(ids: Vec<NodeId>, log: Arc<Mutex<WatchLog>>) {
 async fn relist(id: NodeId) -> Result<pb::ListVmsResponse, tonic::Status> {
     let mut c = VmServiceClient::new(connect(id).await?);
     let req = pb::ListVmsRequest { consistency: pb::Consistency::Stale as i32, node_id: 0 };
-    Ok(c.list_vms(req).await?.into_inner())
+    Ok(c.list_vms(crate::cluster::with_admin_token(req)).await?.into_inner())
 }
