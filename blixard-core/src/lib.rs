@@ -12,6 +12,7 @@ pub mod raft;
 pub mod reconciler;
 pub mod scheduler;
 pub mod state;
+pub mod tls;
 pub mod trace;
 pub mod types;
 pub mod validate;
