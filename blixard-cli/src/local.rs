@@ -237,6 +237,7 @@ pub async fn node_start(args: StartArgs) -> Result<(), Failure> {
         vm_backend: vm_backend.clone(),
         reconciler: Default::default(),
         meter: metrics.as_ref().map(|m| m.meter.clone()),
+        tls: None,
     };
     let addr = cfg.advertised();
     let node = Node::start(cfg).await.map_err(|e| Failure::new(e.to_string()))?;

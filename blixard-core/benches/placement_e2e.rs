@@ -66,6 +66,7 @@ fn node_main(id: u64) {
             vm_backend: None,
             reconciler: Default::default(),
             meter: None,
+            tls: None,
         };
         let node = Node::start(cfg).await.expect("node starts");
         if id == 1 {

@@ -41,6 +41,7 @@ async fn main() {
         vm_backend: None,
         reconciler: Default::default(),
         meter: None,
+        tls: None,
     };
     let node = Node::start(cfg).await.expect("node starts");
     while node.shared().state.with_node(1, |_| ()).is_none() {

@@ -27,6 +27,7 @@ async fn start() -> (Node, Channel, tempfile::TempDir) {
         vm_backend: None,
         reconciler: Default::default(),
         meter: None,
+        tls: None,
     };
     let node = Node::start(cfg).await.expect("node starts");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);

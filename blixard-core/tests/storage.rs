@@ -54,6 +54,7 @@ fn config(id: NodeId, port: u16, dir: &Path, tuning: RaftTuning) -> NodeConfig {
         vm_backend: None,
         reconciler: Default::default(),
         meter: None,
+        tls: None,
     }
 }
 

@@ -39,6 +39,7 @@ fn config(dir: &Path, port: u16) -> NodeConfig {
         vm_backend: None,
         reconciler: Default::default(),
         meter: None,
+        tls: None,
     }
 }
 

@@ -553,6 +553,7 @@ fn spawn_node(
         vm_backend,
         reconciler: sim_reconciler(),
         meter: None,
+        tls: None,
     };
     let live = Arc::new(Mutex::new(Weak::new()));
     let slot = live.clone();
