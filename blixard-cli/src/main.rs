@@ -1,6 +1,7 @@
 //! `blixard`: run a node (`node start`), a local cluster (`up`), or talk to
 //! a cluster through its gRPC API (everything else).
 mod bench;
+mod cert;
 mod client;
 mod create;
 mod events;
@@ -51,6 +52,9 @@ enum Cmd {
     /// The default guest image.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Certificates for TLS: a cluster CA, node and client certificates.
+    #[command(subcommand)]
+    Cert(cert::CertCmd),
     /// Tenant quotas: limits on what a tenant's VMs may hold.
     #[command(subcommand)]
     Quota(QuotaCmd),
@@ -434,6 +438,7 @@ async fn main() -> ExitCode {
         Cmd::Vm(c) => vm(&cli.addr, c).await,
         Cmd::Bench(args) => bench::run(&cli.addr, args).await,
         Cmd::Image(ImageCmd::Build { cache_dir }) => local::image_build(cache_dir).await,
+        Cmd::Cert(c) => cert::run(c),
         Cmd::Quota(c) => quota(&cli.addr, c).await,
         Cmd::Events { from, format } => match client::parse_members(&cli.addr) {
             Ok(members) => events::events(&mut client::Client::new(members), from, format).await,
