@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use blixard_core::node::{Node, NodeConfig};
 use blixard_core::raft::RaftTuning;
+use blixard_core::tls::NodeTls;
 use blixard_core::types::{NodeResources, Ratio, Resources};
 use blixard_vm::guard::GuardCommand;
 use blixard_vm::process::ProcessBackend;
@@ -117,10 +118,87 @@ pub struct StartArgs {
     pub telemetry: TelemetryArgs,
     #[command(flatten)]
     pub vms: VmArgs,
-    /// Serve Prometheus metrics at http://HOST:PORT/metrics (default: the
-    /// --bind host, port + 1000; `none` disables).
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (https:// with
+    /// TLS; default: the --bind host, port + 1000; `none` disables).
     #[arg(long, value_name = "HOST:PORT|none")]
     pub metrics_addr: Option<String>,
+    #[command(flatten)]
+    pub tls: NodeTlsArgs,
+}
+
+/// `node start`'s TLS flags (see docs/OPERATIONS.md, "TLS").
+#[derive(Args, Clone, Default)]
+pub struct NodeTlsArgs {
+    /// The cluster's CA certificate (PEM; `blixard cert init` makes it).
+    /// With --tls-cert and --tls-key: every listener takes TLS only, peers
+    /// are dialled with mutual TLS, and the Raft service takes only node
+    /// certificates of this CA.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// This node's certificate (PEM; `blixard cert issue node --id N`).
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve plaintext on a non-loopback address anyway (anyone who reaches
+    /// the port controls the cluster). Warns at every start.
+    #[arg(long)]
+    pub insecure_plaintext: bool,
+}
+
+impl NodeTlsArgs {
+    /// The node's TLS files, loaded and checked; `None` without the flags.
+    pub fn load(&self) -> Result<Option<NodeTls>, Failure> {
+        let (ca, cert, key) = match (&self.tls_ca, &self.tls_cert, &self.tls_key) {
+            (None, None, None) => return Ok(None),
+            (Some(ca), Some(cert), Some(key)) => (ca, cert, key),
+            (ca, cert, key) => {
+                let missing: Vec<&str> = [(ca, "--tls-ca"), (cert, "--tls-cert"), (key, "--tls-key")]
+                    .into_iter()
+                    .filter(|(v, _)| v.is_none())
+                    .map(|(_, name)| name)
+                    .collect();
+                return Err(Failure::new(format!(
+                    "--tls-ca, --tls-cert and --tls-key go together: {} missing",
+                    missing.join(" and ")
+                )));
+            }
+        };
+        if self.insecure_plaintext {
+            return Err(Failure::new(
+                "--insecure-plaintext contradicts --tls-ca/--tls-cert/--tls-key: give one or the other",
+            ));
+        }
+        NodeTls::load(ca, cert, key).map(Some).map_err(|e| Failure::new(format!("TLS: {e}")))
+    }
+}
+
+/// A node without TLS serves plaintext only on loopback, unless told
+/// `--insecure-plaintext` (then it warns, every start). `listeners` are
+/// (what, address) of everything the node will listen on.
+fn check_plaintext(listeners: &[(&str, SocketAddr)], insecure: bool) -> Result<(), Failure> {
+    let exposed: Vec<String> = listeners
+        .iter()
+        .filter(|(_, a)| !a.ip().is_loopback())
+        .map(|(what, a)| format!("{what} on {a}"))
+        .collect();
+    if exposed.is_empty() {
+        return Ok(());
+    }
+    let exposed = exposed.join(" and ");
+    if !insecure {
+        return Err(Failure::new(format!(
+            "refusing to serve plaintext ({exposed}: not a loopback address): anyone who reaches it could control the cluster. \
+             Give --tls-ca, --tls-cert and --tls-key (blixard cert init and blixard cert issue node make them; see docs/OPERATIONS.md, \"TLS\"), \
+             or --insecure-plaintext to run without TLS anyway"
+        )));
+    }
+    tracing::warn!(listeners = %exposed, "--insecure-plaintext: serving without TLS on a non-loopback address; anyone who reaches it can control the cluster");
+    eprintln!(
+        "WARNING: --insecure-plaintext: serving without TLS ({exposed}); anyone who reaches it can control the cluster"
+    );
+    Ok(())
 }
 
 #[derive(Args, Clone)]
@@ -212,6 +290,15 @@ pub async fn node_start(args: StartArgs) -> Result<(), Failure> {
     let mut signals = Signals::install()?;
     let t = &args.telemetry;
     let telemetry = telemetry::init(&args.log, t.log_format, t.otlp_endpoint.as_deref(), args.id)?;
+    let tls = args.tls.load()?;
+    let metrics_addr = MetricsAddr::parse(args.metrics_addr.as_deref(), args.bind)?;
+    if tls.is_none() {
+        let mut listeners = vec![("the control API", args.bind)];
+        if let MetricsAddr::At(a) = metrics_addr {
+            listeners.push(("metrics", a));
+        }
+        check_plaintext(&listeners, args.tls.insecure_plaintext)?;
+    }
     let data_dir = args.data_dir.clone().unwrap_or_else(|| default_data_dir(args.id));
     std::fs::create_dir_all(&data_dir)
         .map_err(|e| Failure::new(format!("cannot create data dir {}: {e}", data_dir.display())))?;
@@ -221,9 +308,9 @@ pub async fn node_start(args: StartArgs) -> Result<(), Failure> {
         .map_err(|e| Failure::new(format!("cannot resolve data dir {}: {e}", data_dir.display())))?;
     let capacity = host_capacity(&data_dir, &args.capacity);
     let vm_backend = choose_backend(&args.vms, &data_dir).await?;
-    let metrics = match MetricsAddr::parse(args.metrics_addr.as_deref(), args.bind)? {
+    let metrics = match metrics_addr {
         MetricsAddr::Off => None,
-        MetricsAddr::At(addr) => Some(crate::prometheus::start(addr, args.id).await?),
+        MetricsAddr::At(addr) => Some(crate::prometheus::start(addr, args.id, tls.as_ref()).await?),
     };
     let cfg = NodeConfig {
         id: args.id,
@@ -237,16 +324,23 @@ pub async fn node_start(args: StartArgs) -> Result<(), Failure> {
         vm_backend: vm_backend.clone(),
         reconciler: Default::default(),
         meter: metrics.as_ref().map(|m| m.meter.clone()),
-        tls: None,
+        tls: tls.clone(),
     };
     let addr = cfg.advertised();
     let node = Node::start(cfg).await.map_err(|e| Failure::new(e.to_string()))?;
     println!("blixard node {} serving at {addr}", args.id);
     println!("  data dir: {}", data_dir.display());
     println!("  cluster:  {}", node.shared().cluster_id);
+    let scheme = if tls.is_some() { "https" } else { "http" };
     match &metrics {
-        Some(m) => println!("  metrics:  http://{}/metrics", m.addr),
+        Some(m) => println!("  metrics:  {scheme}://{}/metrics", m.addr),
         None => println!("  metrics:  off"),
+    }
+    match &args.tls.tls_ca {
+        Some(ca) if tls.is_some() => {
+            println!("  tls:      on (mutual TLS between nodes; CA {})", ca.display())
+        }
+        _ => println!("  tls:      off"),
     }
     let resources = args.capacity.resources(capacity);
     println!("  capacity: {capacity}");
@@ -263,7 +357,13 @@ pub async fn node_start(args: StartArgs) -> Result<(), Failure> {
         Some(b) => println!("  vms:      {}", b.describe()),
         None => println!("  vms:      none (--vm-backend none): VMs placed here stay pending"),
     }
-    println!("  try:      blixard --addr {addr} cluster status");
+    match &args.tls.tls_ca {
+        Some(ca) if tls.is_some() => println!(
+            "  try:      blixard --addr {addr} --cacert {} --cert CLIENT.pem --key CLIENT-key.pem cluster status",
+            ca.display()
+        ),
+        _ => println!("  try:      blixard --addr {addr} cluster status"),
+    }
     signals.recv().await;
     eprintln!("shutting down node {}", args.id);
     node.shutdown().await;
