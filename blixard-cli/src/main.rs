@@ -30,8 +30,26 @@ struct Cli {
     /// forwarded to the leader).
     #[arg(long, global = true, env = "BLIXARD_ADDR", default_value = DEFAULT_ADDR, value_name = "ADDRS")]
     addr: String,
+    /// The cluster's CA certificate (PEM): talk to nodes over TLS and
+    /// verify them with it.
+    #[arg(long, global = true, env = "BLIXARD_CACERT", value_name = "FILE")]
+    cacert: Option<PathBuf>,
+    /// A client certificate to present (PEM; `blixard cert issue client`),
+    /// with --key.
+    #[arg(long, global = true, env = "BLIXARD_CERT", value_name = "FILE")]
+    cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, global = true, env = "BLIXARD_KEY", value_name = "FILE")]
+    key: Option<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
+}
+
+impl Cli {
+    /// The client TLS files the flags (or environment) name.
+    fn tls(&self) -> client::Tls {
+        client::Tls { ca: self.cacert.clone(), cert: self.cert.clone(), key: self.key.clone() }
+    }
 }
 
 #[derive(Subcommand)]
@@ -430,6 +448,22 @@ async fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    // Commands that talk to a running cluster use the client TLS flags;
+    // the others never dial a cluster with them (`up` talks to the
+    // plaintext loopback cluster it starts).
+    let talks_to_cluster = !matches!(
+        cli.command,
+        Cmd::Node(NodeCmd::Start(_)) | Cmd::Up(_) | Cmd::Image(_) | Cmd::Cert(_) | Cmd::FenceGuard(_)
+    );
+    if talks_to_cluster {
+        match client::tls_config(&cli.tls()) {
+            Ok(config) => client::use_tls(config),
+            Err(f) => {
+                eprintln!("error: {}", f.message);
+                return ExitCode::from(f.code);
+            }
+        }
+    }
     let result = match cli.command {
         Cmd::Node(NodeCmd::Start(args)) => local::node_start(*args).await,
         Cmd::Node(NodeCmd::Client(c)) => node(&cli.addr, c).await,
