@@ -255,6 +255,31 @@ pub struct UpArgs {
     /// Serve each node's Prometheus metrics on its port + 1000.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub metrics: bool,
+    /// Run the nodes with TLS: a CA, node certificates and an admin client
+    /// certificate in DATA_DIR/certs (made when missing, kept after).
+    #[arg(long)]
+    pub tls: bool,
+}
+
+/// `up --tls`: the certificates under `dir` for nodes 1..=n (made when
+/// missing) and the admin client's files.
+fn up_certs(dir: &Path, n: u16) -> Result<crate::client::Tls, Failure> {
+    use crate::cert;
+    let now = time::OffsetDateTime::now_utc();
+    if !dir.join("ca.pem").exists() {
+        cert::init(dir, now)?;
+        println!("made a cluster CA and an admin client certificate in {}", dir.display());
+    }
+    for id in 1..=u64::from(n) {
+        if !dir.join(format!("node-{id}.pem")).exists() {
+            cert::issue_node(dir, id, &["127.0.0.1".to_string(), "localhost".to_string()], now)?;
+        }
+    }
+    Ok(crate::client::Tls {
+        ca: Some(dir.join("ca.pem")),
+        cert: Some(dir.join("admin.pem")),
+        key: Some(dir.join("admin-key.pem")),
+    })
 }
 
 /// The host's CPUs, memory and the free disk under `dir`.
@@ -475,6 +500,12 @@ pub async fn up(args: UpArgs) -> Result<(), Failure> {
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|e| Failure::new(format!("cannot create {}: {e}", args.data_dir.display())))?;
     let seed = format!("127.0.0.1:{}", args.base_port);
+    let certs = args.data_dir.join("certs");
+    let client_tls = if args.tls { Some(up_certs(&certs, args.nodes)?) } else { None };
+    // This process talks to its nodes (until they formed) as the admin.
+    if let Some(tls) = &client_tls {
+        crate::client::use_tls(crate::client::tls_config(tls)?);
+    }
     let mut children: Vec<NodeProcess> = Vec::new();
     for i in 0..args.nodes {
         let id = i as u64 + 1;
@@ -508,6 +539,12 @@ pub async fn up(args: UpArgs) -> Result<(), Failure> {
             _ => "none".to_string(),
         };
         cmd.args(["--metrics-addr", &metrics]);
+        if args.tls {
+            let node = format!("node-{id}");
+            cmd.arg("--tls-ca").arg(certs.join("ca.pem"));
+            cmd.arg("--tls-cert").arg(certs.join(format!("{node}.pem")));
+            cmd.arg("--tls-key").arg(certs.join(format!("{node}-key.pem")));
+        }
         let child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
@@ -517,7 +554,8 @@ pub async fn up(args: UpArgs) -> Result<(), Failure> {
         };
         println!("node {id}: {addr}  pid {}  data {}  log {}", child.id(), dir.display(), log_path.display());
         if metrics != "none" {
-            println!("  metrics: http://{metrics}/metrics");
+            let scheme = if args.tls { "https" } else { "http" };
+            println!("  metrics: {scheme}://{metrics}/metrics");
         }
         children.push(NodeProcess { id, addr, child });
     }
@@ -530,10 +568,22 @@ pub async fn up(args: UpArgs) -> Result<(), Failure> {
         }
     };
     match formed {
-        Ok(leader) => println!(
-            "cluster of {} nodes is up (leader: node {leader}). Try: blixard --addr {} cluster status. Ctrl-C stops it.",
-            args.nodes, children[0].addr
-        ),
+        Ok(leader) => {
+            let flags = match &client_tls {
+                Some(t) => {
+                    t.ca.iter()
+                        .map(|p| format!(" --cacert {}", p.display()))
+                        .chain(t.cert.iter().map(|p| format!(" --cert {}", p.display())))
+                        .chain(t.key.iter().map(|p| format!(" --key {}", p.display())))
+                        .collect()
+                }
+                None => String::new(),
+            };
+            println!(
+                "cluster of {} nodes is up (leader: node {leader}). Try: blixard --addr {}{flags} cluster status. Ctrl-C stops it.",
+                args.nodes, children[0].addr
+            )
+        }
         Err(e) => {
             stop_all(&mut children);
             return Err(e);

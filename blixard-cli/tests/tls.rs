@@ -266,6 +266,63 @@ fn plaintext_beyond_loopback_needs_insecure_plaintext() {
     );
 }
 
+#[test]
+fn up_tls_runs_a_loopback_cluster_with_tls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let up = Command::new(BIN)
+        .args(["up", "--tls", "--nodes", "1", "--base-port", &port.to_string(), "--metrics", "false"])
+        .args(["--vm-backend", "none", "--vcpus", "4", "--memory-mb", "4096"])
+        .arg("--data-dir")
+        .arg(tmp.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut up = Interrupted(up);
+    // The certificates live in DATA_DIR/certs, the admin's among them.
+    let certs = Certs { dir: tmp.path().join("certs") };
+    let addr = format!("127.0.0.1:{port}");
+    eventually("up --tls serves the admin over TLS", 90, || {
+        cli_as(&certs, "admin", &addr, &["cluster", "status"]).status.success().then_some(())
+    });
+    let out = cli_at(&addr, &["cluster", "status"]);
+    assert!(stderr(&out).contains("serves TLS only"), "{}", stderr(&out));
+    let code = up.stop();
+    assert!(code.is_some_and(|c| c.success()), "up exited with {code:?}");
+}
+
+/// `blixard up`, stopped with SIGINT (it stops its nodes) when dropped.
+struct Interrupted(std::process::Child);
+
+impl Interrupted {
+    fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        // SAFETY: signalling a child process of this test.
+        unsafe {
+            libc::kill(self.0.id() as libc::pid_t, libc::SIGINT);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(code)) = self.0.try_wait() {
+                return Some(code);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        None
+    }
+}
+
+impl Drop for Interrupted {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            self.stop();
+        }
+    }
+}
+
 /// Polls `f` for up to `secs`; whether it ever returned true.
 fn eventually_or_not(secs: u64, mut f: impl FnMut() -> bool) -> bool {
     let deadline = std::time::Instant::now() + Duration::from_secs(secs);
