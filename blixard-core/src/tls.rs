@@ -135,9 +135,30 @@ pub fn peer_identity<T>(req: &tonic::Request<T>) -> Option<PeerIdentity> {
     #[cfg(not(madsim))]
     {
         let certs = req.peer_certs()?;
-        let leaf = certs.first()?;
-        identity_of_der(leaf.as_ref()).ok().flatten()
+        cached_identity(certs.first()?.as_ref())
     }
+}
+
+/// [`identity_of_der`], remembered by the certificate's bytes: every
+/// request on a connection carries the same leaf, and a node sees few
+/// distinct certificates, so each is parsed once. (The identity is a
+/// function of the bytes alone; verifying them is the handshake's job.)
+#[cfg(not(madsim))]
+fn cached_identity(der: &[u8]) -> Option<PeerIdentity> {
+    use std::sync::OnceLock;
+    /// More distinct certificates than this empties the cache.
+    const MAX: usize = 4096;
+    static CACHE: OnceLock<dashmap::DashMap<Box<[u8]>, Option<PeerIdentity>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(dashmap::DashMap::new);
+    if let Some(known) = cache.get(der) {
+        return known.clone();
+    }
+    let identity = identity_of_der(der).ok().flatten();
+    if cache.len() >= MAX {
+        cache.clear();
+    }
+    cache.insert(der.into(), identity.clone());
+    identity
 }
 
 /// The node the caller's certificate names, if the caller presented a node
@@ -425,6 +446,19 @@ mod tests {
             "blixardnode:1",
         ] {
             assert_eq!(PeerIdentity::parse_uri(bad), None, "{bad}");
+        }
+    }
+
+    #[cfg(not(madsim))]
+    #[test]
+    fn cached_identities_are_the_parsed_ones() {
+        let ca = ca();
+        for uris in [&["blixard:node:7"][..], &["blixard:client:bob:viewer"], &[]] {
+            let (cert, _) = leaf(&ca, uris);
+            let der = der(&cert);
+            let parsed = identity_of_der(&der).unwrap();
+            assert_eq!(cached_identity(&der), parsed);
+            assert_eq!(cached_identity(&der), parsed, "from the cache");
         }
     }
 
