@@ -16,8 +16,14 @@
 //!   never apply twice and is answered with the first outcome.
 //! - The member that answered is remembered: later calls of the same
 //!   command start there.
+//! - With TLS (`--cacert`, and `--cert`/`--key` for a client certificate)
+//!   every member is dialled over `https://` and verified against the CA;
+//!   the handshake is what proves a member's server is up. A plaintext
+//!   client that meets a TLS node says so instead of waiting in silence.
 use std::future::Future;
+use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::OnceLock;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -26,7 +32,7 @@ use blixard_proto::cluster_service_client::ClusterServiceClient;
 use blixard_proto::vm_service_client::VmServiceClient;
 use tonic::codegen::http::Uri;
 use tonic::codegen::Service;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Request, Response, Status};
 
 use crate::Failure;
@@ -71,6 +77,85 @@ const JOIN_DEADLINE: Duration = Duration::from_secs(120);
 
 /// The gRPC metadata key with a failed write's outcome.
 const OUTCOME_KEY: &str = blixard_core::node::OUTCOME_KEY;
+
+/// Where the CLI's TLS material is: the cluster's CA (`--cacert`), and a
+/// client certificate and its key (`--cert`, `--key`), PEM files. All
+/// `None`: plaintext.
+#[derive(Clone, Debug, Default)]
+pub struct Tls {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// The TLS every connection of this process uses; set once by `main`
+/// ([`use_tls`]). Unset means plaintext.
+static TLS: OnceLock<Option<ClientTlsConfig>> = OnceLock::new();
+
+/// Makes every connection of this process use `config` (`None`:
+/// plaintext). The first call wins.
+pub fn use_tls(config: Option<ClientTlsConfig>) {
+    let _ = TLS.set(config);
+}
+
+fn tls() -> Option<&'static ClientTlsConfig> {
+    TLS.get().and_then(Option::as_ref)
+}
+
+/// Loads and checks the files `tls` names: `None` without a CA (plaintext);
+/// otherwise the configuration that verifies nodes against the CA and
+/// presents the client certificate, if one is given.
+pub fn tls_config(tls: &Tls) -> Result<Option<ClientTlsConfig>, Failure> {
+    let Some(ca_path) = &tls.ca else {
+        if tls.cert.is_some() || tls.key.is_some() {
+            return Err(Failure::new(
+                "--cert and --key need --cacert (BLIXARD_CACERT): the cluster's CA, to verify the node",
+            ));
+        }
+        return Ok(None);
+    };
+    let read = |flag: &str, path: &PathBuf| {
+        std::fs::read(path).map_err(|e| Failure::new(format!("{flag} {}: {e}", path.display())))
+    };
+    let ca = read("--cacert", ca_path)?;
+    blixard_core::tls::first_cert(&ca)
+        .map_err(|why| Failure::new(format!("--cacert {}: {why}", ca_path.display())))?;
+    let mut config =
+        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca)).timeout(CONNECT_TIMEOUT);
+    match (&tls.cert, &tls.key) {
+        (None, None) => {}
+        (Some(cert_path), Some(key_path)) => {
+            use rustls_pki_types::pem::PemObject;
+            let cert = read("--cert", cert_path)?;
+            // A certificate of another CA would be refused by the node, which
+            // only closes the connection: say so here, plainly.
+            blixard_core::tls::check_issued_by(&ca, &cert, ca_path)
+                .map_err(|why| Failure::new(format!("--cert {}: {why}", cert_path.display())))?;
+            let key = read("--key", key_path)?;
+            rustls_pki_types::PrivateKeyDer::from_pem_slice(&key).map_err(|e| {
+                Failure::new(format!("--key {}: no PEM private key in it ({e})", key_path.display()))
+            })?;
+            config = config.identity(Identity::from_pem(&cert, &key));
+            // Builds the TLS client once, so a key that does not belong to
+            // the certificate is reported now, with both files named.
+            Endpoint::from_static("https://localhost").tls_config(config.clone()).map_err(|e| {
+                let why = blixard_core::tls::error_chain(&e);
+                Failure::new(if why.contains("KeyMismatch") {
+                    format!("--key {} does not belong to --cert {}", key_path.display(), cert_path.display())
+                } else {
+                    format!("--cert {} with --key {}: {why}", cert_path.display(), key_path.display())
+                })
+            })?;
+        }
+        (Some(_), None) => {
+            return Err(Failure::new("--cert needs --key (BLIXARD_KEY): the certificate's private key"))
+        }
+        (None, Some(_)) => {
+            return Err(Failure::new("--key needs --cert (BLIXARD_CERT): the certificate the key belongs to"))
+        }
+    }
+    Ok(Some(config))
+}
 
 /// Parses `--addr`: one or more members, `HOST:PORT,HOST:PORT,...`.
 /// Duplicates are dropped, the order is kept (it is the order tried).
@@ -916,31 +1001,67 @@ pub async fn channel(addr: &str) -> Result<Channel, Failure> {
 /// Opens a connection to `addr` that a server has answered on; the error is
 /// a phrase to follow the address ("refused the connection").
 async fn dial(addr: &str) -> Result<Channel, String> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+    let tls = tls();
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
         .map_err(|e| format!("is not a valid address: {e}"))?
         .http2_keep_alive_interval(KEEPALIVE)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true);
-    endpoint.connect_with_connector(Answering).await.map_err(|e| {
+    if let Some(config) = tls {
+        endpoint = endpoint
+            .tls_config(config.clone())
+            .map_err(|e| format!("cannot be dialled with TLS ({})", source_chain(&e)))?;
+    }
+    endpoint.connect_with_connector(Answering { tls: tls.is_some() }).await.map_err(|e| {
         let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&e);
         while let Some(err) = cur {
             if let Some(io) = err.downcast_ref::<std::io::Error>() {
                 return match io.kind() {
                     std::io::ErrorKind::ConnectionRefused => "refused the connection".to_string(),
+                    _ if tls.is_some() && io.kind() != std::io::ErrorKind::TimedOut => tls_failure(io),
                     _ => io.to_string(),
                 };
             }
             cur = err.source();
         }
-        format!("could not be reached ({})", source_chain(&e))
+        let chain = source_chain(&e);
+        if tls.is_some() && chain.contains("TLS handshake timeout") {
+            return format!("did not complete the TLS handshake within {}s", CONNECT_TIMEOUT.as_secs());
+        }
+        format!("could not be reached ({chain})")
     })
 }
 
-/// Dials TCP and waits, at most [`CONNECT_TIMEOUT`] in all, until the
-/// server sends its first byte (an HTTP/2 server's SETTINGS frame), without
-/// consuming it.
+/// A failed TLS handshake as a phrase after the address, with what usually
+/// causes it.
+fn tls_failure(io: &std::io::Error) -> String {
+    let why = io.to_string();
+    let hint = if why.contains("UnknownIssuer") || why.contains("BadSignature") {
+        "; its certificate is not signed by the CA given with --cacert"
+    } else if why.contains("not valid for name") || why.contains("NotValidForName") {
+        "; its certificate does not name this address: issue it with --host for every name and IP clients use"
+    } else if why.contains("InvalidContentType") || why.contains("corrupt message") {
+        "; it does not speak TLS: is it running without --tls-ca? then leave out --cacert"
+    } else if why.contains("Expired") {
+        "; its certificate has expired"
+    } else {
+        ""
+    };
+    format!("failed the TLS handshake ({why}{hint})")
+}
+
+/// Dials TCP and, for plaintext, waits (at most [`CONNECT_TIMEOUT`] in all)
+/// until the server sends its first byte (an HTTP/2 server's SETTINGS
+/// frame), without consuming it. With TLS the client speaks first and the
+/// handshake (bounded by the same timeout) shows the server is up.
 #[derive(Clone, Copy)]
-struct Answering;
+struct Answering {
+    tls: bool,
+}
+
+/// The HTTP/2 client preface: what a plaintext client sends first.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 impl Service<Uri> for Answering {
     type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
@@ -952,33 +1073,66 @@ impl Service<Uri> for Answering {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
+        let tls = self.tls;
         Box::pin(async move {
             use std::io::{Error, ErrorKind};
             let authority = uri
                 .authority()
                 .map(|a| a.to_string())
                 .ok_or_else(|| Error::new(ErrorKind::InvalidInput, "address without HOST:PORT"))?;
-            let answered = async {
-                let stream = tokio::net::TcpStream::connect(&authority).await?;
-                stream.set_nodelay(true)?;
-                let mut first = [0u8; 1];
-                if stream.peek(&mut first).await? == 0 {
-                    return Err(Error::new(
-                        ErrorKind::ConnectionAborted,
-                        "closed the connection without answering",
-                    ));
-                }
-                Ok(stream)
-            };
-            match tokio::time::timeout(CONNECT_TIMEOUT, answered).await {
-                Ok(stream) => Ok(hyper_util::rt::TokioIo::new(stream?)),
-                Err(_) => Err(Error::new(
+            let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+            let silent = || {
+                Error::new(
                     ErrorKind::TimedOut,
                     format!("did not answer within {}s", CONNECT_TIMEOUT.as_secs()),
+                )
+            };
+            let stream = tokio::time::timeout_at(deadline, tokio::net::TcpStream::connect(&authority))
+                .await
+                .map_err(|_| silent())??;
+            stream.set_nodelay(true)?;
+            if tls {
+                return Ok(hyper_util::rt::TokioIo::new(stream));
+            }
+            let mut first = [0u8; 1];
+            match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
+                Ok(Ok(0)) => {
+                    Err(Error::new(ErrorKind::ConnectionAborted, "closed the connection without answering"))
+                }
+                Ok(Ok(_)) => Ok(hyper_util::rt::TokioIo::new(stream)),
+                Ok(Err(e)) => Err(e),
+                // Silent: a stopped process (its kernel still accepts), or
+                // a TLS server waiting for the client's hello.
+                Err(_) if speaks_tls(&stream).await => Err(Error::other(
+                    "serves TLS only: give the cluster's CA with --cacert (and a client certificate with --cert and --key)",
                 )),
+                Err(_) => Err(silent()),
             }
         })
     }
+}
+
+/// Whether the silent server on `stream` is a TLS server: sent what a
+/// plaintext HTTP/2 client sends, a TLS server answers with an alert record
+/// (content type 21) at once. The connection is given up on either way.
+async fn speaks_tls(stream: &tokio::net::TcpStream) -> bool {
+    let probe = async {
+        let mut sent = 0;
+        while sent < H2_PREFACE.len() {
+            stream.writable().await.ok()?;
+            match stream.try_write(&H2_PREFACE[sent..]) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(_) => return None,
+            }
+        }
+        let mut first = [0u8; 1];
+        match stream.peek(&mut first).await {
+            Ok(1) => Some(first[0]),
+            _ => None,
+        }
+    };
+    matches!(tokio::time::timeout(Duration::from_millis(500), probe).await, Ok(Some(21)))
 }
 
 fn source_chain(e: &dyn std::error::Error) -> String {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use blixard_core::node::{Node, NodeConfig};
 use blixard_core::raft::RaftTuning;
+use blixard_core::tls::NodeTls;
 use blixard_core::types::{NodeResources, Ratio, Resources};
 use blixard_vm::guard::GuardCommand;
 use blixard_vm::image_dir::DEFAULT_SUBDIR as DEFAULT_IMAGE_SUBDIR;
@@ -118,10 +119,87 @@ pub struct StartArgs {
     pub telemetry: TelemetryArgs,
     #[command(flatten)]
     pub vms: VmArgs,
-    /// Serve Prometheus metrics at http://HOST:PORT/metrics (default: the
-    /// --bind host, port + 1000; `none` disables).
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (https:// with
+    /// TLS; default: the --bind host, port + 1000; `none` disables).
     #[arg(long, value_name = "HOST:PORT|none")]
     pub metrics_addr: Option<String>,
+    #[command(flatten)]
+    pub tls: NodeTlsArgs,
+}
+
+/// `node start`'s TLS flags (see docs/OPERATIONS.md, "TLS").
+#[derive(Args, Clone, Default)]
+pub struct NodeTlsArgs {
+    /// The cluster's CA certificate (PEM; `blixard cert init` makes it).
+    /// With --tls-cert and --tls-key: every listener takes TLS only, peers
+    /// are dialled with mutual TLS, and the Raft service takes only node
+    /// certificates of this CA.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// This node's certificate (PEM; `blixard cert issue node --id N`).
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve plaintext on a non-loopback address anyway (anyone who reaches
+    /// the port controls the cluster). Warns at every start.
+    #[arg(long)]
+    pub insecure_plaintext: bool,
+}
+
+impl NodeTlsArgs {
+    /// The node's TLS files, loaded and checked; `None` without the flags.
+    pub fn load(&self) -> Result<Option<NodeTls>, Failure> {
+        let (ca, cert, key) = match (&self.tls_ca, &self.tls_cert, &self.tls_key) {
+            (None, None, None) => return Ok(None),
+            (Some(ca), Some(cert), Some(key)) => (ca, cert, key),
+            (ca, cert, key) => {
+                let missing: Vec<&str> = [(ca, "--tls-ca"), (cert, "--tls-cert"), (key, "--tls-key")]
+                    .into_iter()
+                    .filter(|(v, _)| v.is_none())
+                    .map(|(_, name)| name)
+                    .collect();
+                return Err(Failure::new(format!(
+                    "--tls-ca, --tls-cert and --tls-key go together: {} missing",
+                    missing.join(" and ")
+                )));
+            }
+        };
+        if self.insecure_plaintext {
+            return Err(Failure::new(
+                "--insecure-plaintext contradicts --tls-ca/--tls-cert/--tls-key: give one or the other",
+            ));
+        }
+        NodeTls::load(ca, cert, key).map(Some).map_err(|e| Failure::new(format!("TLS: {e}")))
+    }
+}
+
+/// A node without TLS serves plaintext only on loopback, unless told
+/// `--insecure-plaintext` (then it warns, every start). `listeners` are
+/// (what, address) of everything the node will listen on.
+fn check_plaintext(listeners: &[(&str, SocketAddr)], insecure: bool) -> Result<(), Failure> {
+    let exposed: Vec<String> = listeners
+        .iter()
+        .filter(|(_, a)| !a.ip().is_loopback())
+        .map(|(what, a)| format!("{what} on {a}"))
+        .collect();
+    if exposed.is_empty() {
+        return Ok(());
+    }
+    let exposed = exposed.join(" and ");
+    if !insecure {
+        return Err(Failure::new(format!(
+            "refusing to serve plaintext ({exposed}: not a loopback address): anyone who reaches it could control the cluster. \
+             Give --tls-ca, --tls-cert and --tls-key (blixard cert init and blixard cert issue node make them; see docs/OPERATIONS.md, \"TLS\"), \
+             or --insecure-plaintext to run without TLS anyway"
+        )));
+    }
+    tracing::warn!(listeners = %exposed, "--insecure-plaintext: serving without TLS on a non-loopback address; anyone who reaches it can control the cluster");
+    eprintln!(
+        "WARNING: --insecure-plaintext: serving without TLS ({exposed}); anyone who reaches it can control the cluster"
+    );
+    Ok(())
 }
 
 #[derive(Args, Clone)]
@@ -185,6 +263,31 @@ pub struct UpArgs {
     /// Serve each node's Prometheus metrics on its port + 1000.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub metrics: bool,
+    /// Run the nodes with TLS: a CA, node certificates and an admin client
+    /// certificate in DATA_DIR/certs (made when missing, kept after).
+    #[arg(long)]
+    pub tls: bool,
+}
+
+/// `up --tls`: the certificates under `dir` for nodes 1..=n (made when
+/// missing) and the admin client's files.
+fn up_certs(dir: &Path, n: u16) -> Result<crate::client::Tls, Failure> {
+    use crate::cert;
+    let now = time::OffsetDateTime::now_utc();
+    if !dir.join("ca.pem").exists() {
+        cert::init(dir, now)?;
+        println!("made a cluster CA and an admin client certificate in {}", dir.display());
+    }
+    for id in 1..=u64::from(n) {
+        if !dir.join(format!("node-{id}.pem")).exists() {
+            cert::issue_node(dir, id, &["127.0.0.1".to_string(), "localhost".to_string()], now)?;
+        }
+    }
+    Ok(crate::client::Tls {
+        ca: Some(dir.join("ca.pem")),
+        cert: Some(dir.join("admin.pem")),
+        key: Some(dir.join("admin-key.pem")),
+    })
 }
 
 /// The host's CPUs, memory and the free disk under `dir`.
@@ -224,6 +327,15 @@ pub async fn node_start(
     let mut signals = Signals::install()?;
     let t = &args.telemetry;
     let telemetry = telemetry::init(&args.log, t.log_format, t.otlp_endpoint.as_deref(), args.id)?;
+    let tls = args.tls.load()?;
+    let metrics_addr = MetricsAddr::parse(args.metrics_addr.as_deref(), args.bind)?;
+    if tls.is_none() {
+        let mut listeners = vec![("the control API", args.bind)];
+        if let MetricsAddr::At(a) = metrics_addr {
+            listeners.push(("metrics", a));
+        }
+        check_plaintext(&listeners, args.tls.insecure_plaintext)?;
+    }
     let data_dir = args.data_dir.clone().unwrap_or_else(|| default_data_dir(args.id));
     std::fs::create_dir_all(&data_dir)
         .map_err(|e| Failure::new(format!("cannot create data dir {}: {e}", data_dir.display())))?;
@@ -238,9 +350,9 @@ pub async fn node_start(
         None => data_dir.join(DEFAULT_IMAGE_SUBDIR),
     };
     let vm_backend = choose_backend(&args.vms, &data_dir, &image_dir).await?;
-    let metrics = match MetricsAddr::parse(args.metrics_addr.as_deref(), args.bind)? {
+    let metrics = match metrics_addr {
         MetricsAddr::Off => None,
-        MetricsAddr::At(addr) => Some(crate::prometheus::start(addr, args.id).await?),
+        MetricsAddr::At(addr) => Some(crate::prometheus::start(addr, args.id, tls.as_ref()).await?),
     };
     let cfg = NodeConfig {
         id: args.id,
@@ -255,6 +367,7 @@ pub async fn node_start(
         reconciler: Default::default(),
         meter: metrics.as_ref().map(|m| m.meter.clone()),
         join_token,
+        tls: tls.clone(),
     };
     let addr = cfg.advertised();
     // Founding a cluster: no identity yet and nothing to join.
@@ -266,7 +379,9 @@ pub async fn node_start(
     let context_note = if founding {
         let token = blixard_core::node::bootstrap::read(&data_dir);
         let name = context.as_deref().unwrap_or(crate::context::DEFAULT_NAME);
-        let ctx = crate::context::Context { addr: Some(addr.clone()), token, ..Default::default() };
+        // With TLS the context names the cluster's CA, so the CLI verifies nodes.
+        let ca = args.tls.tls_ca.as_ref().filter(|_| tls.is_some()).and_then(|p| std::path::absolute(p).ok());
+        let ctx = crate::context::Context { addr: Some(addr.clone()), token, ca, ..Default::default() };
         match crate::context::put_current(name, ctx) {
             Ok(path) => Some(format!("{name} in {} (admin token; current)", path.display())),
             Err(f) => {
@@ -287,9 +402,16 @@ pub async fn node_start(
     if let Some(note) = &context_note {
         println!("  context:  {note}");
     }
+    let scheme = if tls.is_some() { "https" } else { "http" };
     match &metrics {
-        Some(m) => println!("  metrics:  http://{}/metrics", m.addr),
+        Some(m) => println!("  metrics:  {scheme}://{}/metrics", m.addr),
         None => println!("  metrics:  off"),
+    }
+    match &args.tls.tls_ca {
+        Some(ca) if tls.is_some() => {
+            println!("  tls:      on (mutual TLS between nodes; CA {})", ca.display())
+        }
+        _ => println!("  tls:      off"),
     }
     let resources = args.capacity.resources(capacity);
     println!("  capacity: {capacity}");
@@ -309,7 +431,13 @@ pub async fn node_start(
     if vm_backend.as_ref().is_some_and(|b| b.kind() == BackendKind::Qemu) {
         println!("  images:   {} (vm create --kernel NAME boots a file from here)", image_dir.display());
     }
-    println!("  try:      blixard --addr {addr} cluster status");
+    match &args.tls.tls_ca {
+        Some(ca) if tls.is_some() => println!(
+            "  try:      blixard --addr {addr} --cacert {} --cert CLIENT.pem --key CLIENT-key.pem cluster status",
+            ca.display()
+        ),
+        _ => println!("  try:      blixard --addr {addr} cluster status"),
+    }
     signals.recv().await;
     eprintln!("shutting down node {}", args.id);
     node.shutdown().await;
@@ -431,6 +559,12 @@ pub async fn up(args: UpArgs, context: Option<String>, token: Option<String>) ->
         .map_err(|e| Failure::new(format!("cannot resolve {}: {e}", image_dir.display())))?;
     println!("image dir: {} (vm create --kernel NAME boots a file from here)", image_dir.display());
     let seed = format!("127.0.0.1:{}", args.base_port);
+    let certs = args.data_dir.join("certs");
+    let client_tls = if args.tls { Some(up_certs(&certs, args.nodes)?) } else { None };
+    // This process talks to its nodes (until they formed) as the admin.
+    if let Some(tls) = &client_tls {
+        crate::client::use_tls(crate::client::tls_config(tls)?);
+    }
     let mut children: Vec<NodeProcess> = Vec::new();
     let mut admin: Option<String> = None;
     for i in 0..args.nodes {
@@ -471,6 +605,12 @@ pub async fn up(args: UpArgs, context: Option<String>, token: Option<String>) ->
             _ => "none".to_string(),
         };
         cmd.args(["--metrics-addr", &metrics]);
+        if args.tls {
+            let node = format!("node-{id}");
+            cmd.arg("--tls-ca").arg(certs.join("ca.pem"));
+            cmd.arg("--tls-cert").arg(certs.join(format!("{node}.pem")));
+            cmd.arg("--tls-key").arg(certs.join(format!("{node}-key.pem")));
+        }
         let child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
@@ -480,7 +620,8 @@ pub async fn up(args: UpArgs, context: Option<String>, token: Option<String>) ->
         };
         println!("node {id}: {addr}  pid {}  data {}  log {}", child.id(), dir.display(), log_path.display());
         if metrics != "none" {
-            println!("  metrics: http://{metrics}/metrics");
+            let scheme = if args.tls { "https" } else { "http" };
+            println!("  metrics: {scheme}://{metrics}/metrics");
         }
         children.push(NodeProcess { id, addr, child });
         if i == 0 {
@@ -516,13 +657,16 @@ pub async fn up(args: UpArgs, context: Option<String>, token: Option<String>) ->
     };
     match formed {
         Ok(leader) => {
-            // Every member in the context, so the CLI fails over between them.
+            // Every member in the context, so the CLI fails over between
+            // them (with `--tls`, the admin's client certificate too).
             let name = context.as_deref().unwrap_or(crate::context::DEFAULT_NAME);
             let all: Vec<&str> = children.iter().map(|c| c.addr.as_str()).collect();
             let ctx = crate::context::Context {
                 addr: Some(all.join(",")),
                 token: admin.clone(),
-                ..Default::default()
+                ca: client_tls.as_ref().and_then(|t| t.ca.clone()),
+                cert: client_tls.as_ref().and_then(|t| t.cert.clone()),
+                key: client_tls.as_ref().and_then(|t| t.key.clone()),
             };
             match crate::context::put_current(name, ctx) {
                 Ok(path) => {

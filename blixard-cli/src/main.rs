@@ -1,6 +1,7 @@
 //! `blixard`: run a node (`node start`), a local cluster (`up`), or talk to
 //! a cluster through its gRPC API (everything else).
 mod bench;
+mod cert;
 mod client;
 mod context;
 mod create;
@@ -41,6 +42,17 @@ struct Cli {
     /// $XDG_CONFIG_HOME/blixard/config.toml or ~/.config/blixard/config.toml.
     #[arg(long, global = true, env = "BLIXARD_CONTEXT", value_name = "NAME")]
     context: Option<String>,
+    /// The cluster's CA certificate (PEM): talk to nodes over TLS and
+    /// verify them with it (default: the context's `ca`).
+    #[arg(long, global = true, env = "BLIXARD_CACERT", value_name = "FILE")]
+    cacert: Option<PathBuf>,
+    /// A client certificate to present (PEM; `blixard cert issue client`),
+    /// with --key (default: the context's `cert`).
+    #[arg(long, global = true, env = "BLIXARD_CERT", value_name = "FILE")]
+    cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM; default: the context's `key`).
+    #[arg(long, global = true, env = "BLIXARD_KEY", value_name = "FILE")]
+    key: Option<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -63,6 +75,9 @@ enum Cmd {
     /// The default guest image.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Certificates for TLS: a cluster CA, node and client certificates.
+    #[command(subcommand)]
+    Cert(cert::CertCmd),
     /// Tenant quotas: limits on what a tenant's VMs may hold.
     #[command(subcommand)]
     Quota(QuotaCmd),
@@ -452,12 +467,29 @@ async fn main() -> ExitCode {
     }
 }
 
+/// What a client command connects with, from flags and environment
+/// variables; each left out comes from the context.
+struct Conn<'a> {
+    addr: Option<&'a str>,
+    token: Option<&'a str>,
+    context: Option<&'a str>,
+    tls: &'a client::Tls,
+}
+
 /// The members a client command talks to, after setting the token its
-/// calls carry: flags and environment first, then the context.
-fn target(addr: Option<&str>, token: Option<&str>, context: Option<&str>) -> Result<String, Failure> {
+/// calls carry and the TLS its connections use: flags and environment
+/// first, then the context, field by field.
+fn target(conn: &Conn<'_>) -> Result<String, Failure> {
+    let Conn { addr, token, context, tls } = *conn;
     let path = context::path();
     let cfg = context::load(&path)?;
     let ctx = cfg.select(context, &path)?.cloned().unwrap_or_default();
+    let tls = client::Tls {
+        ca: tls.ca.clone().or(ctx.ca.clone()),
+        cert: tls.cert.clone().or(ctx.cert.clone()),
+        key: tls.key.clone().or(ctx.key.clone()),
+    };
+    client::use_tls(client::tls_config(&tls)?);
     let from = if token.is_some() {
         "--token / BLIXARD_TOKEN".to_string()
     } else {
@@ -468,8 +500,10 @@ fn target(addr: Option<&str>, token: Option<&str>, context: Option<&str>) -> Res
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
-    let Cli { addr, token, context, command } = cli;
-    let target = || target(addr.as_deref(), token.as_deref(), context.as_deref());
+    let Cli { addr, token, context, cacert, cert, key, command } = cli;
+    let tls = client::Tls { ca: cacert, cert, key };
+    let conn = Conn { addr: addr.as_deref(), token: token.as_deref(), context: context.as_deref(), tls: &tls };
+    let target = || target(&conn);
     let client =
         || -> Result<client::Client, Failure> { Ok(client::Client::new(client::parse_members(&target()?)?)) };
     match command {
@@ -493,6 +527,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             local::up(args, context, token.or(ctx_token)).await
         }
         Cmd::Image(ImageCmd::Build { cache_dir }) => local::image_build(cache_dir).await,
+        Cmd::Cert(c) => cert::run(c),
         Cmd::FenceGuard(args) => fence_guard(args).await,
         Cmd::Node(NodeCmd::Client(c)) => node(&target()?, c).await,
         Cmd::Cluster(c) => cluster(&target()?, c).await,

@@ -2,9 +2,15 @@
 //! only reader is the Prometheus exporter (a pull reader: nothing runs until
 //! a scrape), and a small HTTP server that answers `GET /metrics` with the
 //! text exposition format.
+//!
+//! On a node with TLS the endpoint speaks HTTPS only, with the node's
+//! certificate (scrape with `scheme: https` and the cluster's CA); it asks
+//! for no client certificate, since metrics are read-only counts that carry
+//! no secrets (docs/OPERATIONS.md, "TLS").
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use blixard_core::tls::NodeTls;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
@@ -53,9 +59,35 @@ pub struct Endpoint {
     _provider: SdkMeterProvider,
 }
 
+/// How long a scraper may take for its TLS handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The endpoint's TLS: the node's certificate and key, no client auth,
+/// HTTP/1.1.
+fn tls_acceptor(tls: &NodeTls) -> Result<tokio_rustls::TlsAcceptor, Failure> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls;
+    let err = |e: &dyn std::fmt::Display| Failure::new(format!("metrics endpoint TLS: {e}"));
+    let certs =
+        CertificateDer::pem_slice_iter(&tls.cert).collect::<Result<Vec<_>, _>>().map_err(|e| err(&e))?;
+    let key = PrivateKeyDer::from_pem_slice(&tls.key).map_err(|e| err(&e))?;
+    let mut config =
+        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| err(&e))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| err(&e))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
 /// Builds the meter provider for node `id` and starts serving `/metrics` on
-/// `addr`. Binding happens before this returns: a busy port is an error.
-pub async fn start(addr: SocketAddr, id: u64) -> Result<Endpoint, Failure> {
+/// `addr` (HTTPS with `tls`). Binding happens before this returns: a busy
+/// port is an error.
+pub async fn start(addr: SocketAddr, id: u64, tls: Option<&NodeTls>) -> Result<Endpoint, Failure> {
+    let acceptor = tls.map(tls_acceptor).transpose()?;
     let registry = prometheus::Registry::new();
     let exporter = opentelemetry_prometheus::exporter()
         .with_registry(registry.clone())
@@ -85,20 +117,37 @@ pub async fn start(addr: SocketAddr, id: u64) -> Result<Endpoint, Failure> {
                 }
             };
             let registry = registry.clone();
+            let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let registry = registry.clone();
-                    async move { Ok::<_, std::convert::Infallible>(answer(&registry, &req)) }
-                });
-                let io = hyper_util::rt::TokioIo::new(stream);
-                if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await
-                {
-                    tracing::debug!(error = %e, "metrics endpoint: connection ended");
+                match acceptor {
+                    None => serve(stream, registry).await,
+                    Some(acceptor) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+                        .await
+                    {
+                        Ok(Ok(stream)) => serve(stream, registry).await,
+                        Ok(Err(e)) => tracing::debug!(error = %e, "metrics endpoint: TLS handshake failed"),
+                        Err(_) => tracing::debug!("metrics endpoint: TLS handshake timed out"),
+                    },
                 }
             });
         }
     });
     Ok(Endpoint { meter, addr, _provider: provider })
+}
+
+/// Answers HTTP/1.1 requests on one connection.
+async fn serve<IO>(stream: IO, registry: Arc<prometheus::Registry>)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let registry = registry.clone();
+        async move { Ok::<_, std::convert::Infallible>(answer(&registry, &req)) }
+    });
+    let io = hyper_util::rt::TokioIo::new(stream);
+    if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await {
+        tracing::debug!(error = %e, "metrics endpoint: connection ended");
+    }
 }
 
 fn answer<B>(registry: &prometheus::Registry, req: &Request<B>) -> Response<Full<Bytes>> {

@@ -67,6 +67,7 @@ fn node_main(id: u64) {
             reconciler: Default::default(),
             meter: None,
             join_token: std::env::var("E2E_TOKEN").ok(),
+            tls: None,
         };
         let node = Node::start(cfg).await.expect("node starts");
         if id == 1 {

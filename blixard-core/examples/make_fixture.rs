@@ -42,6 +42,7 @@ async fn main() {
         reconciler: Default::default(),
         meter: None,
         join_token: None,
+        tls: None,
     };
     let node = Node::start(cfg).await.expect("node starts");
     while node.shared().state.with_node(1, |_| ()).is_none() {

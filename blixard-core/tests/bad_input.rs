@@ -32,6 +32,7 @@ async fn start() -> (Node, Authed, tempfile::TempDir) {
         reconciler: Default::default(),
         meter: None,
         join_token: None,
+        tls: None,
     };
     let node = Node::start(cfg).await.expect("node starts");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);

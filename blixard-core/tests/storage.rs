@@ -55,6 +55,7 @@ fn config(id: NodeId, port: u16, dir: &Path, tuning: RaftTuning) -> NodeConfig {
         reconciler: Default::default(),
         meter: None,
         join_token: None,
+        tls: None,
     }
 }
 

@@ -42,6 +42,7 @@ fn config(dir: &Path, port: u16) -> NodeConfig {
         reconciler: Default::default(),
         meter: None,
         join_token: None,
+        tls: None,
     }
 }
 

@@ -581,6 +581,7 @@ fn spawn_node(
         reconciler: sim_reconciler(),
         meter: None,
         join_token: join.map(|_| admin_token()),
+        tls: None,
     };
     let live = Arc::new(Mutex::new(Weak::new()));
     let slot = live.clone();

@@ -3,6 +3,7 @@
 
 pub mod netns;
 pub mod procs;
+pub mod tls;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -344,6 +344,9 @@ impl NsCluster {
             .args(["--vcpus", "60000", "--memory-mb", "1073741824", "--disk-gb", "1073741824"])
             // Control-plane only: VMs are records.
             .args(["--vm-backend", "none"])
+            // Private addresses inside test namespaces that nothing else
+            // reaches: plaintext on purpose.
+            .arg("--insecure-plaintext")
             .env("RUST_LOG", &self.log_filter)
             .stdout(log.try_clone().expect("node log"))
             .stderr(log);

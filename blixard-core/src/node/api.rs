@@ -34,6 +34,7 @@ const FORWARDED: &str = "x-blixard-forwarded";
 pub async fn serve(
     shared: Arc<NodeShared>,
     bind: SocketAddr,
+    tls: Option<&crate::tls::NodeTls>,
     stop: oneshot::Receiver<()>,
 ) -> Result<tokio::task::JoinHandle<()>, NodeError> {
     let cluster = ClusterServiceServer::new(ClusterApi { node: shared.clone() })
@@ -42,7 +43,19 @@ pub async fn serve(
         VmServiceServer::new(VmApi { node: shared.clone() }).max_decoding_message_size(MAX_REQUEST_BYTES);
     // Metrics and a span per public call (metrics/grpc.rs). Under madsim
     // the simulated server ignores layers.
-    let router = tonic::transport::Server::builder()
+    // With TLS every connection to this listener is TLS (client
+    // certificates optional: a client may use a token instead).
+    let server = tonic::transport::Server::builder();
+    #[cfg(not(madsim))]
+    let server = match tls {
+        Some(tls) => server
+            .tls_config(tls.server_config())
+            .map_err(|e| NodeError::Config(format!("TLS: {}", crate::tls::error_chain(&e))))?,
+        None => server,
+    };
+    #[cfg(madsim)]
+    let _ = tls;
+    let router = server
         .layer(crate::metrics::grpc::ApiMetricsLayer::new(shared.metrics.clone()))
         .add_service(
             RaftServiceServer::new(RaftGrpc::new(shared.clone()))

@@ -78,6 +78,11 @@ pub struct NodeConfig {
     /// The bearer token a joining node presents to its seed (an admin
     /// token). Never logged.
     pub join_token: Option<String>,
+    /// TLS for the listener and for dialling peers (mutual TLS); the Raft
+    /// service then takes only node certificates of the cluster's CA.
+    /// `None`: plaintext. Ignored under madsim (no TLS in the simulated
+    /// transport).
+    pub tls: Option<crate::tls::NodeTls>,
 }
 
 impl std::fmt::Debug for NodeConfig {
@@ -95,6 +100,7 @@ impl std::fmt::Debug for NodeConfig {
             .field("reconciler", &self.reconciler)
             .field("meter", &self.meter.is_some())
             .field("join_token", &self.join_token.as_ref().map(|_| "<set>"))
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -318,6 +324,9 @@ pub struct NodeShared {
     pub raft: Raft,
     pub state: Arc<ClusterState>,
     pub channels: PeerChannels,
+    /// The node runs with TLS: the Raft service takes only node
+    /// certificates of the cluster's CA, each for the node it claims to be.
+    pub tls: bool,
     pub log_stats: Arc<WriterStats>,
     /// openraft runs one membership change at a time and rejects a second
     /// one outright; joins and removals queue here instead.
@@ -374,7 +383,22 @@ impl Node {
         crate::validate::node_resources(&cfg.resources).map_err(|e| NodeError::Config(e.to_string()))?;
         std::fs::create_dir_all(&cfg.data_dir)
             .map_err(|source| NodeError::DataDir { dir: cfg.data_dir.clone(), source })?;
-        let channels = PeerChannels::default();
+        let tls = cfg.tls.clone();
+        if let Some(t) = &tls {
+            if t.node_id != cfg.id {
+                return Err(NodeError::Config(format!(
+                    "the TLS certificate is node {}'s, but this is node {}: give it the certificate issued with --id {}",
+                    t.node_id, cfg.id, cfg.id
+                )));
+            }
+        }
+        // The simulated transport has no TLS: checked above, then dropped.
+        #[cfg(madsim)]
+        let tls: Option<crate::tls::NodeTls> = {
+            drop(tls);
+            None
+        };
+        let channels = PeerChannels::new(tls.clone());
 
         // Identity: resume, join (learn the cluster id from the seed first),
         // or bootstrap a brand-new cluster.
@@ -434,6 +458,7 @@ impl Node {
             raft,
             state,
             channels,
+            tls: tls.is_some(),
             log_stats,
             membership_lock: tokio::sync::Mutex::new(()),
             batcher,
@@ -450,7 +475,7 @@ impl Node {
         let observed: std::sync::Weak<dyn crate::metrics::Observed> = Arc::downgrade(&shared) as _;
         shared.metrics.observe(observed);
         let (stop_tx, stop_rx) = oneshot::channel();
-        let server = api::serve(shared.clone(), cfg.bind, stop_rx).await?;
+        let server = api::serve(shared.clone(), cfg.bind, tls.as_ref(), stop_rx).await?;
         let node = Node {
             shared: shared.clone(),
             stop_server: Mutex::new(Some(stop_tx)),

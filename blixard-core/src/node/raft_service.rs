@@ -5,6 +5,12 @@
 //! a size limit; a corrupt payload is `InvalidArgument`, never a panic. A
 //! message in a format version newer than this node reads is
 //! `FailedPrecondition`, naming both versions.
+//!
+//! On a node with TLS only other nodes of the cluster may call it: the
+//! caller must present a node certificate of the cluster's CA (verified in
+//! the handshake) naming the node the request says it is from. Anything
+//! else (no certificate, a client certificate, another node's) is
+//! `PermissionDenied` before anything is decoded.
 use std::sync::Arc;
 
 use blixard_proto::raft_service_server::RaftService;
@@ -23,6 +29,7 @@ use crate::codec;
 use crate::command::Proposal;
 use crate::format;
 use crate::raft::TypeConfig;
+use crate::tls::PeerIdentity;
 use crate::types::NodeId;
 
 pub struct RaftGrpc {
@@ -35,6 +42,9 @@ impl RaftGrpc {
     }
 
     fn open<T: DeserializeOwned>(&self, req: Request<RaftRequest>) -> Result<T, Status> {
+        if self.node.tls {
+            check_peer(self.node.id, &req)?;
+        }
         let req = req.into_inner();
         if req.cluster_id != *self.node.cluster_id {
             return Err(Status::permission_denied(format!(
@@ -46,6 +56,27 @@ impl RaftGrpc {
         format::check(&what, format::wire(req.format))
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
         codec::decode(&req.payload).map_err(|e| Status::invalid_argument(format!("bad payload: {e}")))
+    }
+}
+
+/// On a node with TLS: the caller's certificate must be the node
+/// certificate of the node the request is from.
+fn check_peer(me: NodeId, req: &Request<RaftRequest>) -> Result<(), Status> {
+    let from = req.get_ref().from;
+    let denied = |who: String| {
+        Status::permission_denied(format!(
+            "node {me} takes Raft messages only from nodes of its cluster (a node certificate of the cluster's CA); {who}"
+        ))
+    };
+    match crate::tls::peer_identity(req) {
+        Some(PeerIdentity::Node(id)) if id == from => Ok(()),
+        Some(PeerIdentity::Node(id)) => Err(denied(format!(
+            "the caller's certificate is node {id}'s, but the request claims node {from}"
+        ))),
+        Some(client @ PeerIdentity::Client { .. }) => {
+            Err(denied(format!("the caller presented the certificate of {client}")))
+        }
+        None => Err(denied("the caller presented no node certificate".into())),
     }
 }
 

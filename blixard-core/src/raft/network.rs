@@ -5,7 +5,9 @@
 //! multiplexes them over one connection. Every call has a deadline, and both
 //! directions cap message sizes. Payloads are bincode of openraft's own
 //! request/response types, wrapped with the cluster id so a node never
-//! accepts traffic meant for another cluster.
+//! accepts traffic meant for another cluster. A node with TLS dials its
+//! peers over `https://` with mutual TLS: it verifies them against the
+//! cluster's CA and presents its own node certificate.
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +30,7 @@ use tonic::transport::{Channel, Endpoint};
 use super::TypeConfig;
 use crate::codec;
 use crate::format;
+use crate::tls::NodeTls;
 use crate::types::NodeId;
 
 /// Largest gRPC message a node sends or accepts: a snapshot chunk, or a
@@ -85,12 +88,25 @@ pub enum RpcFailure {
 #[derive(Clone, Default)]
 pub struct PeerChannels {
     channels: Arc<DashMap<String, Channel>>,
+    /// The node's TLS: peers are dialled with mutual TLS; `None` dials
+    /// plaintext. (Ignored under madsim, whose transport has no TLS.)
+    tls: Option<Arc<NodeTls>>,
     /// The format version each peer last replied in (see
     /// [`PeerClient::install_snapshot`]).
     formats: Arc<DashMap<String, u16>>,
 }
 
 impl PeerChannels {
+    /// Channels that dial with `tls` (mutual TLS), or plaintext without.
+    pub fn new(tls: Option<NodeTls>) -> Self {
+        Self { tls: tls.map(Arc::new), ..Self::default() }
+    }
+
+    /// Whether peers are dialled with TLS.
+    pub fn tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
     /// The format version `addr` last answered in, if it ever answered.
     pub fn peer_format(&self, addr: &str) -> Option<u16> {
         self.formats.get(addr).map(|f| *f)
@@ -100,8 +116,22 @@ impl PeerChannels {
         if let Some(c) = self.channels.get(addr) {
             return Ok(c.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| RpcFailure::BadAddress { addr: addr.to_string(), reason: e.to_string() })?
+        let bad = |e: &dyn std::fmt::Display| RpcFailure::BadAddress {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        };
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let endpoint = Endpoint::from_shared(format!("{scheme}://{addr}")).map_err(|e| bad(&e))?;
+        // The handshake shares the dial's deadline (tonic's connect timeout
+        // covers TCP and TLS).
+        #[cfg(not(madsim))]
+        let endpoint = match &self.tls {
+            Some(tls) => endpoint
+                .tls_config(tls.client_config(CONNECT_TIMEOUT))
+                .map_err(|e| bad(&format!("TLS: {}", crate::tls::error_chain(&e))))?,
+            None => endpoint,
+        };
+        let endpoint = endpoint
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(KEEPALIVE)
