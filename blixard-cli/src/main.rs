@@ -502,7 +502,8 @@ fn target(conn: &Conn<'_>) -> Result<String, Failure> {
 async fn run(cli: Cli) -> Result<(), Failure> {
     let Cli { addr, token, context, cacert, cert, key, command } = cli;
     let tls = client::Tls { ca: cacert, cert, key };
-    let conn = Conn { addr: addr.as_deref(), token: token.as_deref(), context: context.as_deref(), tls: &tls };
+    let conn =
+        Conn { addr: addr.as_deref(), token: token.as_deref(), context: context.as_deref(), tls: &tls };
     let target = || target(&conn);
     let client =
         || -> Result<client::Client, Failure> { Ok(client::Client::new(client::parse_members(&target()?)?)) };

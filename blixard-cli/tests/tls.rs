@@ -15,7 +15,7 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 mod common;
 use common::tls::{all_addrs, cli_as, ok_as, three_nodes, Certs};
-use common::{cli_at, eventually, free_port, http_get, stderr, BIN};
+use common::{cli_at, eventually, free_port, http_get, stderr, stdout, BIN};
 
 #[test]
 fn tls_cluster_serves_clients_with_certificates_and_refuses_plaintext() {
@@ -64,6 +64,7 @@ fn tls_cluster_serves_clients_with_certificates_and_refuses_plaintext() {
     // A client of another CA: refused before dialling, with the reason.
     let other = Certs::init(&tmp.path().join("other"));
     let out = Command::new(BIN)
+        .env("BLIXARD_CONFIG", "/nonexistent/blixard-test-config.toml")
         .args(["--addr", &nodes.addr(1), "--cacert"])
         .arg(certs.ca())
         .arg("--cert")
@@ -190,6 +191,7 @@ fn plaintext_beyond_loopback_needs_insecure_plaintext() {
     let port = free_port();
     let start = |extra: &[&str]| {
         let mut c = Command::new(BIN);
+        c.env("BLIXARD_CONFIG", tmp.path().join("config.toml"));
         c.args(["node", "start", "--id", "1", "--bind", &format!("0.0.0.0:{port}")])
             .arg("--data-dir")
             .arg(tmp.path().join("node-1"))
@@ -215,6 +217,7 @@ fn plaintext_beyond_loopback_needs_insecure_plaintext() {
     );
     // The metrics listener counts too.
     let out = Command::new(BIN)
+        .env("BLIXARD_CONFIG", tmp.path().join("config.toml"))
         .args(["node", "start", "--id", "1", "--bind", &format!("127.0.0.1:{port}")])
         .arg("--data-dir")
         .arg(tmp.path().join("node-1"))
@@ -246,6 +249,7 @@ fn plaintext_beyond_loopback_needs_insecure_plaintext() {
     );
 
     // With --insecure-plaintext it starts, and warns.
+    common::register(port, &tmp.path().join("node-1"));
     let mut node = Killed(start(&["--insecure-plaintext"]).spawn().unwrap());
     let mut stderr_pipe = node.0.stderr.take().unwrap();
     // Drained until the node exits (a closed pipe would fail its logging).
@@ -271,6 +275,8 @@ fn up_tls_runs_a_loopback_cluster_with_tls() {
     let tmp = tempfile::tempdir().unwrap();
     let port = free_port();
     let up = Command::new(BIN)
+        .env("BLIXARD_CONFIG", tmp.path().join("config.toml"))
+        .env_remove("BLIXARD_TOKEN")
         .args(["up", "--tls", "--nodes", "1", "--base-port", &port.to_string(), "--metrics", "false"])
         .args(["--vm-backend", "none", "--vcpus", "4", "--memory-mb", "4096"])
         .arg("--data-dir")
@@ -289,6 +295,19 @@ fn up_tls_runs_a_loopback_cluster_with_tls() {
     });
     let out = cli_at(&addr, &["cluster", "status"]);
     assert!(stderr(&out).contains("serves TLS only"), "{}", stderr(&out));
+    // The context `up` wrote holds the members, the admin token, the CA and
+    // the admin's certificate: a bare command just works.
+    let bare = eventually("up --tls wrote its context", 30, || {
+        let out = Command::new(BIN)
+            .env("BLIXARD_CONFIG", tmp.path().join("config.toml"))
+            .env_remove("BLIXARD_TOKEN")
+            .env_remove("BLIXARD_ADDR")
+            .args(["vm", "list", "-o", "json"])
+            .output()
+            .unwrap();
+        out.status.success().then_some(out)
+    });
+    assert!(stdout(&bare).trim_start().starts_with('['), "{}", stdout(&bare));
     let code = up.stop();
     assert!(code.is_some_and(|c| c.success()), "up exited with {code:?}");
 }
@@ -343,4 +362,67 @@ impl Drop for Killed {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Client certificates carry roles, enforced on every member (writes a
+/// follower forwards over mutual TLS keep the certificate's caller), and a
+/// client cannot vouch for a caller: only a node certificate can.
+#[test]
+fn certificate_roles_are_enforced_and_only_nodes_vouch_for_callers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = Certs::init(tmp.path());
+    certs.issue_client("watcher", "viewer");
+    certs.issue_client("deployer", "operator");
+    let nodes = three_nodes(tmp.path(), &certs);
+    eventually("a TLS cluster of three voters", 90, || {
+        let out = cli_as(&certs, "admin", &nodes.addr(1), &["cluster", "status", "-o", "json"]);
+        let s: Value = serde_json::from_slice(&out.stdout).ok()?;
+        let voters = s["members"].as_array()?.iter().filter(|m| m["role"] != "learner").count();
+        (voters == 3 && s["nodes"].as_array()?.len() == 3).then_some(())
+    });
+    fn create(name: &str) -> Vec<&str> {
+        vec!["vm", "create", name, "--vcpus", "1", "--memory", "16", "--no-start"]
+    }
+    for id in 1..=3 {
+        let addr = nodes.addr(id);
+        let out = cli_as(&certs, "watcher", &addr, &create(&format!("w-{id}")));
+        assert_eq!(out.status.code(), Some(8), "{}", stderr(&out));
+        assert!(stderr(&out).contains("client certificate \"watcher\" (viewer)"), "{}", stderr(&out));
+        assert!(cli_as(&certs, "watcher", &addr, &["vm", "list"]).status.success());
+        ok_as(&certs, "deployer", &addr, &create(&format!("d-{id}")));
+        let out = cli_as(&certs, "deployer", &addr, &["cluster", "remove", "3"]);
+        assert_eq!(out.status.code(), Some(8), "{}", stderr(&out));
+    }
+
+    // A viewer certificate that claims to be forwarding for an admin.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let read = |p: std::path::PathBuf| std::fs::read(p).unwrap();
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(read(certs.ca())))
+            .identity(tonic::transport::Identity::from_pem(
+                read(certs.pem("watcher")),
+                read(certs.key("watcher")),
+            ))
+            .domain_name("127.0.0.1");
+        let ch = tonic::transport::Endpoint::from_shared(format!("https://{}", nodes.addr(2)))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut vms = blixard_proto::vm_service_client::VmServiceClient::new(ch);
+        let mut req = tonic::Request::new(blixard_proto::CreateVmRequest {
+            name: "forged".into(),
+            spec: Some(blixard_proto::VmSpec { vcpus: 1, memory_mb: 16, disk_gb: 1, ..Default::default() }),
+            no_start: true,
+            ..Default::default()
+        });
+        req.metadata_mut().insert(blixard_core::auth::CALLER, "cert:admin:root".parse().unwrap());
+        req.metadata_mut().insert("x-blixard-forwarded", "1".parse().unwrap());
+        let e = vms.create_vm(req).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        assert!(e.message().contains("\"watcher\" (viewer)"), "{e:?}");
+    });
 }

@@ -106,7 +106,15 @@ pub fn three_nodes(root: &Path, certs: &Certs) -> Nodes {
 /// Runs `blixard --addr ADDRS` as client `name` (its certificate, the
 /// cluster's CA) with `args`.
 pub fn cli_as(certs: &Certs, name: &str, addrs: &str, args: &[&str]) -> Output {
-    Command::new(BIN).arg("--addr").arg(addrs).args(certs.client_flags(name)).args(args).output().unwrap()
+    Command::new(BIN)
+        .env("BLIXARD_CONFIG", "/nonexistent/blixard-test-config.toml")
+        .env_remove("BLIXARD_TOKEN")
+        .arg("--addr")
+        .arg(addrs)
+        .args(certs.client_flags(name))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 /// [`cli_as`] that must succeed; its stdout.

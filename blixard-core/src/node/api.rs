@@ -445,8 +445,12 @@ fn authorize<T>(node: &NodeShared, req: &Request<T>, need: Need, what: &str) -> 
     Ok(caller)
 }
 
-fn forwarded<T>(req: &Request<T>) -> bool {
-    req.metadata().contains_key(FORWARDED)
+/// Whether a node already forwarded `req` (it must not be forwarded
+/// again). With TLS only a node's word counts: a client that sets the
+/// marker is treated as any client.
+fn forwarded<T>(node: &NodeShared, req: &Request<T>) -> bool {
+    use crate::auth::PeerIdentity;
+    req.metadata().contains_key(FORWARDED) && (!node.tls || req.peer_node().is_some())
 }
 
 /// `msg` as a node forwards it for `caller`: marked forwarded (never
@@ -529,7 +533,7 @@ impl ClusterService for ClusterApi {
         if !matches!(caller, Caller::Node(id) if id == request.get_ref().node_id) {
             caller.require(Need::Role(Role::Admin), "join")?;
         }
-        let fwd = forwarded(&request);
+        let fwd = forwarded(&self.node, &request);
         let req = request.into_inner();
         let r2 = req.clone();
         let node = self.node.clone();
@@ -554,7 +558,7 @@ impl ClusterService for ClusterApi {
         request: Request<pb::LeaveRequest>,
     ) -> Result<Response<pb::MembershipResponse>, Status> {
         let caller = self.auth(&request, Role::Admin, "cluster leave")?;
-        let fwd = forwarded(&request);
+        let fwd = forwarded(&self.node, &request);
         self.remove_node(pb::RemoveRequest { node_id: self.node.id }, fwd, caller).await
     }
 
@@ -563,7 +567,7 @@ impl ClusterService for ClusterApi {
         request: Request<pb::RemoveRequest>,
     ) -> Result<Response<pb::MembershipResponse>, Status> {
         let caller = self.auth(&request, Role::Admin, "cluster remove")?;
-        let fwd = forwarded(&request);
+        let fwd = forwarded(&self.node, &request);
         self.remove_node(request.into_inner(), fwd, caller).await
     }
 
@@ -1029,7 +1033,7 @@ impl VmService for VmApi {
         request: Request<pb::VmLogsRequest>,
     ) -> Result<Response<pb::VmLogsResponse>, Status> {
         let caller = self.auth(&request, Role::Viewer, "vm logs")?;
-        let fwd = forwarded(&request);
+        let fwd = forwarded(&self.node, &request);
         let req = request.into_inner();
         let max = super::logs::chunk_size(&req);
         match super::logs::locate(&self.node, &req.name, fwd)? {
@@ -1052,7 +1056,7 @@ impl VmService for VmApi {
         request: Request<pb::VmLogsRequest>,
     ) -> Result<Response<Self::FollowVmLogsStream>, Status> {
         let caller = self.auth(&request, Role::Viewer, "vm logs")?;
-        let fwd = forwarded(&request);
+        let fwd = forwarded(&self.node, &request);
         // A stream lives as long as the client wants it: no deadline on the
         // forwarded call.
         let mark = move |msg| {
