@@ -86,6 +86,11 @@ pub fn cert(args: &[&str]) -> String {
 /// Three nodes with TLS under `root` (node 1 bootstraps, 2 and 3 join it),
 /// each with its own node certificate of `certs`.
 pub fn three_nodes(root: &Path, certs: &Certs) -> Nodes {
+    three_nodes_sized(root, certs, ["16", "8192", "100"], &[])
+}
+
+/// [`three_nodes`] offering `[vcpus, memory_mb, disk_gb]`, with more flags.
+pub fn three_nodes_sized(root: &Path, certs: &Certs, capacity: [&str; 3], extra: &[&str]) -> Nodes {
     let dirs: Vec<PathBuf> = (1..=3).map(|i| root.join(format!("node-{i}"))).collect();
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let mut procs = Vec::new();
@@ -93,9 +98,9 @@ pub fn three_nodes(root: &Path, certs: &Certs) -> Nodes {
         let id = i as u64 + 1;
         certs.issue_node(id);
         let flags = certs.node_flags(id);
-        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let flags: Vec<&str> = flags.iter().map(String::as_str).chain(extra.iter().copied()).collect();
         let join = (i > 0).then_some(ports[0]);
-        let child = node_command(id, ports[i], dir, join, ["16", "8192", "100"], "none", &flags)
+        let child = node_command(id, ports[i], dir, join, capacity, "none", &flags)
             .spawn()
             .expect("spawn blixard node");
         procs.push((id, child));
