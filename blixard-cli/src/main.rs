@@ -457,6 +457,15 @@ async fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    // A client command piped into `head` ends quietly when the pipe
+    // closes, as Unix tools do (Rust ignores SIGPIPE and print! panics).
+    // Not for nodes: a node never dies because a reader went away.
+    if !matches!(cli.command, Cmd::Node(NodeCmd::Start(_)) | Cmd::Up(_) | Cmd::FenceGuard(_)) {
+        // SAFETY: restores the default disposition before any thread writes.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let result = run(cli).await;
     match result {
         Ok(()) => ExitCode::SUCCESS,

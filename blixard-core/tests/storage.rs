@@ -339,6 +339,22 @@ async fn a_node_that_stopped_while_joining_does_not_bootstrap() {
     }
 }
 
+/// A first start on a busy port fails before it writes anything, so the
+/// same command works once the port is free (it used to leave an identity
+/// without Raft state, which every later start refused as half-joined).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_start_on_a_busy_port_leaves_the_dir_fresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let e = Node::start(config(1, port, dir.path(), tuning(10_000, 1_000))).await.err().expect("a busy port");
+    assert!(e.to_string().contains("cannot listen on"), "{e}");
+    assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "nothing written to the data dir");
+    drop(busy);
+    let node = start_ready(config(1, port, dir.path(), tuning(10_000, 1_000))).await;
+    node.shutdown().await;
+}
+
 /// Group commit on the leader. openraft 0.9.25's core awaits each append's
 /// flush before taking the next client write, so grouping happens one level
 /// up: the node's batcher coalesces concurrent proposals into one Raft entry.

@@ -400,6 +400,15 @@ impl Node {
         };
         let channels = PeerChannels::new(tls.clone());
 
+        // A busy port fails the start before anything is written: a first
+        // start that wrote its identity and then could not serve would leave
+        // a dir that looks half-joined (the real listener binds below).
+        #[cfg(not(madsim))]
+        drop(
+            std::net::TcpListener::bind(cfg.bind)
+                .map_err(|source| NodeError::Bind { addr: cfg.bind, source })?,
+        );
+
         // Identity: resume, join (learn the cluster id from the seed first),
         // or bootstrap a brand-new cluster.
         let stored = identity::load(&cfg.data_dir)?;
