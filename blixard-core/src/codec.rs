@@ -11,7 +11,19 @@
 //! cap ([`limit_for`]). Whatever decoded under the fixed limit still
 //! decodes; a length field can no longer claim more than 16 times the input
 //! (1 MiB for an input of up to 64 KiB) before the decode fails.
+//!
+//! And values may nest at most [`MAX_NESTING`] deep ([`nesting`]): types
+//! that contain themselves would otherwise let a few kilobytes of input
+//! overflow the decoding thread's stack.
+mod nesting;
+
+use std::cell::Cell;
+
+use bincode::de::read::Reader;
+use bincode::error::DecodeError;
 use serde::{de::DeserializeOwned, Serialize};
+
+pub use nesting::MAX_NESTING;
 
 /// The largest message a node decodes (a snapshot chunk plus framing fits
 /// comfortably; see `raft::SNAPSHOT_CHUNK_BYTES`).
@@ -54,13 +66,49 @@ pub fn limit_for(len: usize, cap: usize) -> usize {
     LIMIT_STEPS.into_iter().find(|s| *s >= need).unwrap_or(MAX_TRUSTED_DECODE_BYTES).min(cap)
 }
 
-/// Decodes all of `bytes` under the decode limit `N`.
+/// Reads a slice, counting what it has read.
+struct Input<'a> {
+    rest: &'a [u8],
+    used: &'a Cell<usize>,
+}
+
+impl Input<'_> {
+    fn advance(&mut self, n: usize) {
+        self.rest = &self.rest[n..];
+        self.used.set(self.used.get() + n);
+    }
+}
+
+impl Reader for Input<'_> {
+    fn read(&mut self, out: &mut [u8]) -> Result<(), DecodeError> {
+        let Some(bytes) = self.rest.get(..out.len()) else {
+            return Err(DecodeError::UnexpectedEnd { additional: out.len() - self.rest.len() });
+        };
+        out.copy_from_slice(bytes);
+        self.advance(out.len());
+        Ok(())
+    }
+
+    fn peek_read(&mut self, n: usize) -> Option<&[u8]> {
+        self.rest.get(..n)
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.advance(n.min(self.rest.len()));
+    }
+}
+
+/// Decodes all of `bytes` under the decode limit `N`, nesting at most
+/// [`MAX_NESTING`] deep.
 fn decode_limited<T: DeserializeOwned, const N: usize>(bytes: &[u8]) -> Result<T, CodecError> {
+    let used = Cell::new(0);
+    let depth = Cell::new(0);
     let cfg = bincode::config::standard().with_limit::<N>();
-    let (v, used) =
-        bincode::serde::decode_from_slice(bytes, cfg).map_err(|e| CodecError::Decode(e.to_string()))?;
-    if used != bytes.len() {
-        return Err(CodecError::Decode(format!("{} trailing bytes", bytes.len() - used)));
+    let mut decoder = bincode::serde::OwnedSerdeDecoder::from_reader(Input { rest: bytes, used: &used }, cfg);
+    let v = T::deserialize(nesting::Nested { de: decoder.as_deserializer(), depth: &depth })
+        .map_err(|e| CodecError::Decode(e.to_string()))?;
+    if used.get() != bytes.len() {
+        return Err(CodecError::Decode(format!("{} trailing bytes", bytes.len() - used.get())));
     }
     Ok(v)
 }

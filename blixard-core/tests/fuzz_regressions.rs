@@ -9,6 +9,11 @@
 //! for a snapshot image) before it found the bytes missing. Checked here by
 //! the largest single allocation a decode makes.
 //!
+//! Nesting: types that contain themselves (a batch of commands, an error
+//! whose source is an error) decoded by recursion, one level per byte or
+//! two, so a few kilobytes overflowed the decoding thread's stack (the
+//! fuzzer died of SIGSEGV; the inputs are made by hand here).
+//!
 //! The log: segments whose records pass their checksums but hold a log with
 //! a hole opened as if whole; an entry or purge mark at the last possible
 //! index overflowed.
@@ -166,6 +171,48 @@ fn the_decoder_crashes_the_fuzzers_found_are_errors() {
         }
         state.check_invariants().unwrap();
     }
+}
+
+/// Runs `f` on a thread with a tokio worker's stack (2 MiB), where a node
+/// decodes what its peers and clients send.
+fn on_worker_stack(f: impl FnOnce() + Send + 'static) {
+    std::thread::Builder::new().stack_size(2 << 20).spawn(f).unwrap().join().unwrap();
+}
+
+#[test]
+fn values_nested_too_deep_are_refused_before_the_stack_overflows() {
+    on_worker_stack(|| {
+        // One proposal (at 0, no request id): a batch holding a batch
+        // holding ... 30,000 deep (60 KB), around a DeleteVm.
+        let nested = |levels: usize| {
+            let mut bytes = vec![1u8, 0, 0];
+            for _ in 0..levels {
+                bytes.extend([8, 1]);
+            }
+            bytes.extend([3, 1, b'a']);
+            bytes
+        };
+        let e = codec::decode::<ProposalBatch>(&nested(30_000)).unwrap_err();
+        assert!(e.to_string().contains("nested more than"), "{e}");
+        assert!(codec::decode_trusted::<ProposalBatch>(&nested(30_000)).is_err());
+        // A few levels still decode (apply refuses a nested batch, but the
+        // entry must decode to be refused).
+        let batch = codec::decode::<ProposalBatch>(&nested(3)).unwrap();
+        assert!(
+            matches!(&batch.0[0].command, Command::Batch(inner) if matches!(inner[0], Command::Batch(_)))
+        );
+
+        // A leader's reply to a forwarded write: Ok((5, Err(error))), the
+        // error a BatchFailed whose source is a BatchFailed ... 30,000 deep.
+        let mut reply = vec![0u8, 5, 1];
+        for _ in 0..30_000 {
+            reply.extend([6, 0]);
+        }
+        reply.extend([1, 1, b'a']);
+        let r = codec::decode::<blixard_core::node::ProposeReply>(&reply);
+        assert!(r.unwrap_err().to_string().contains("nested more than"));
+    });
+    assert_eq!(codec::MAX_NESTING, 128);
 }
 
 fn log_id(term: u64, index: u64) -> LogId {
