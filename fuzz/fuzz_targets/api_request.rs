@@ -113,7 +113,7 @@ fn command(kind: u8, bytes: &[u8]) -> Option<(Command, String, bool)> {
 }
 
 fuzz_target!(
-    init: blixard_fuzz::write_seeds("api_request"),
+    init: blixard_fuzz::init("api_request"),
     |data: &[u8]| {
         let Some((kind, bytes)) = data.split_first() else { return };
         let Some((cmd, request_id, dry_run)) = command(*kind, bytes) else { return };

@@ -74,7 +74,7 @@ fn open(dir: &Path) -> Option<Seen> {
 }
 
 fuzz_target!(
-    init: blixard_fuzz::write_seeds("log_segments"),
+    init: blixard_fuzz::init("log_segments"),
     |data: &[u8]| {
         let Some((flags, rest)) = data.split_first() else { return };
         let mut segments: Vec<Vec<u8>> = if flags & 4 != 0 && rest.len() >= 2 {

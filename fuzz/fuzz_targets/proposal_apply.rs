@@ -8,7 +8,7 @@ use blixard_core::command::ProposalBatch;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(
-    init: blixard_fuzz::write_seeds("proposal_apply"),
+    init: blixard_fuzz::init("proposal_apply"),
     |data: &[u8]| {
         let Ok(batch) = codec::decode::<ProposalBatch>(data) else { return };
         blixard_fuzz::round_trip(&batch);

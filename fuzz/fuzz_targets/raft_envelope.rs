@@ -10,7 +10,7 @@ use libfuzzer_sys::fuzz_target;
 use prost::Message;
 
 fuzz_target!(
-    init: blixard_fuzz::write_seeds("raft_envelope"),
+    init: blixard_fuzz::init("raft_envelope"),
     |data: &[u8]| {
         let Some((flags, rest)) = data.split_first() else { return };
         let reply = flags & 1 == 1;

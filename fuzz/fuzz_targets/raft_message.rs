@@ -8,7 +8,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(
-    init: blixard_fuzz::write_seeds("raft_message"),
+    init: blixard_fuzz::init("raft_message"),
     |data: &[u8]| {
         if let Some((kind, payload)) = data.split_first() {
             blixard_fuzz::rpc_payload(*kind, payload);

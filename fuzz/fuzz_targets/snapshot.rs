@@ -11,7 +11,7 @@ use blixard_core::state::ClusterState;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(
-    init: blixard_fuzz::write_seeds("snapshot"),
+    init: blixard_fuzz::init("snapshot"),
     |data: &[u8]| {
         let Some((flags, bytes)) = data.split_first() else { return };
         if flags & 1 == 0 {

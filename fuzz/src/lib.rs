@@ -53,32 +53,68 @@ fn check(size: usize) {
         // No formatting: that would allocate inside the allocator.
         let msg = b"\n==blixard-fuzz== a single allocation exceeded MAX_ALLOC_BYTES: a length field claimed more than the input holds\n";
         unsafe {
-            libc_write(2, msg.as_ptr(), msg.len());
+            libc::write(2, msg.as_ptr().cast(), msg.len());
         }
         std::process::abort();
     }
 }
 
-extern "C" {
-    #[link_name = "write"]
-    fn libc_write(fd: i32, buf: *const u8, count: usize) -> isize;
-}
-
 #[global_allocator]
 static ALLOC: GuardAlloc = GuardAlloc;
 
-/// Writes `target`'s seeds into its corpus directory (`fuzz/corpus/<target>`,
-/// or `$BLIXARD_FUZZ_CORPUS/<target>`), unless they are there already.
-/// Called from each target's `init`, which libFuzzer runs before it reads
-/// the corpus. Never fails the run: without seeds the target still fuzzes.
-pub fn write_seeds(target: &str) {
-    let base = std::env::var_os("BLIXARD_FUZZ_CORPUS")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus"));
-    let dir = base.join(target);
-    if std::fs::create_dir_all(&dir).is_err() {
-        return;
+/// What every target's `init` does: [`catch_stack_overflows`], then
+/// [`write_seeds`].
+pub fn init(target: &str) {
+    catch_stack_overflows();
+    write_seeds(target);
+}
+
+/// Makes a stack overflow a crash libFuzzer reports. Its SIGSEGV handler
+/// runs on the stack that faulted, so after an overflow it cannot run and
+/// the process dies without saving the input. This gives the main thread an
+/// alternate signal stack and a SIGSEGV handler on it that turns the fault
+/// into an abort, which libFuzzer reports like a panic, saving the input
+/// (libFuzzer keeps this handler's `SA_ONSTACK` and calls it first).
+pub fn catch_stack_overflows() {
+    const ALT_STACK: usize = 1 << 20;
+    let stack: &'static mut [u8] = Box::leak(vec![0u8; ALT_STACK].into_boxed_slice());
+    unsafe {
+        let ss = libc::stack_t { ss_sp: stack.as_mut_ptr().cast(), ss_flags: 0, ss_size: ALT_STACK };
+        if libc::sigaltstack(&ss, std::ptr::null_mut()) != 0 {
+            return;
+        }
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_segv as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGSEGV, &sa, std::ptr::null_mut());
     }
+}
+
+extern "C" fn on_segv(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let msg =
+        b"\n==blixard-fuzz== SIGSEGV, most likely a stack overflow: unbounded recursion on this input\n";
+    unsafe {
+        libc::write(2, msg.as_ptr().cast(), msg.len());
+        libc::abort();
+    }
+}
+
+/// Writes `target`'s seeds into its corpus directory: the first directory
+/// on the command line (libFuzzer's corpus, where `cargo fuzz run` and
+/// `scripts/fuzz` put `fuzz/corpus/<target>`), unless they are there
+/// already. Called from each target's `init`, which libFuzzer runs before
+/// it reads the corpus. Does nothing when the target runs on files (to
+/// reproduce a crash) and never fails the run: without seeds the target
+/// still fuzzes.
+pub fn write_seeds(target: &str) {
+    let Some(dir) = std::env::args_os()
+        .skip(1)
+        .map(std::path::PathBuf::from)
+        .find(|a| !a.as_os_str().to_string_lossy().starts_with('-') && a.is_dir())
+    else {
+        return;
+    };
     for (name, bytes) in seeds::for_target(target) {
         let path = dir.join(format!("seed-{name}"));
         if std::fs::read(&path).ok().as_deref() != Some(&bytes[..]) {

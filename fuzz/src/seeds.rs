@@ -586,8 +586,8 @@ fn log_segments() -> Seeds {
     // Two segments: a log that rolled over (its second starts with a checkpoint).
     let dir = tmp.path().join("two");
     let _ = std::fs::create_dir_all(&dir);
-    let Ok(mut log) = SegmentLog::create_first(&dir, Marks::default(), 512) else { return out };
-    for i in 1..=6u64 {
+    let Ok(mut log) = SegmentLog::create_first(&dir, Marks::default(), 256) else { return out };
+    for i in 1..=12u64 {
         let e = Entry {
             log_id: log_id(1, 1, i),
             payload: EntryPayload::Normal(ProposalBatch(vec![proposal(
