@@ -45,3 +45,16 @@ ensure_net_packages() {
 ensure_obs_packages() {
   ensure_apt prometheus
 }
+
+# cargo-fuzz (from crates.io) and a C++ compiler for libFuzzer, for the
+# fuzz targets in fuzz/ (scripts/fuzz).
+ensure_cargo_fuzz() {
+  ensure_toolchain
+  command -v c++ >/dev/null 2>&1 || ensure_apt g++
+  if ! cargo fuzz --version >/dev/null 2>&1; then
+    step "installing cargo-fuzz"
+    cargo install cargo-fuzz --locked || die "cannot install cargo-fuzz (cargo install cargo-fuzz --locked)"
+  fi
+  cargo fuzz --version >/dev/null 2>&1 \
+    || die "cargo-fuzz was installed but 'cargo fuzz' does not run: is ~/.cargo/bin on PATH?"
+}

@@ -303,7 +303,7 @@ pub fn node_pb(n: &NodeRecord, vm_count: u64) -> pb::NodeInfo {
 }
 
 /// `SetNodeRequest` as a command; a bad ratio is refused at the edge.
-fn set_node_command(req: pb::SetNodeRequest) -> Result<Command, ApiError> {
+pub fn set_node_command(req: pb::SetNodeRequest) -> Result<Command, ApiError> {
     let ratio = |what: &str, s: &str| -> Result<Option<Ratio>, ApiError> {
         if s.is_empty() {
             return Ok(None);

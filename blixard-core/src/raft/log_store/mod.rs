@@ -98,10 +98,43 @@ impl Cache {
 
     fn purge(&mut self, upto: Option<LogId>) {
         if let Some(upto) = upto {
-            self.hot = self.hot.split_off(&(upto.index + 1));
-            self.locs = self.locs.split_off(&(upto.index + 1));
+            match upto.index.checked_add(1) {
+                Some(after) => {
+                    self.hot = self.hot.split_off(&after);
+                    self.locs = self.locs.split_off(&after);
+                }
+                // Purged up to the last possible index: nothing is left.
+                None => {
+                    self.hot.clear();
+                    self.locs.clear();
+                }
+            }
         }
         self.last_purged = upto;
+    }
+
+    /// After replay: what the segments held must be a Raft log, its
+    /// entries at consecutive indexes right after the purge mark, their log
+    /// ids in order. Records that pass their checksums and still break
+    /// this were never written by this log (damage that kept the checksums,
+    /// or segments from elsewhere); serving them would hand openraft a log
+    /// with holes, so opening fails, naming the segment and offset.
+    fn check_replayed(&self, dir: &Path) -> Result<(), LogError> {
+        let mut prev = self.last_purged;
+        for loc in self.locs.values() {
+            if let Some(p) = prev {
+                let follows = p.index.checked_add(1) == Some(loc.log_id.index);
+                if !follows || loc.log_id.leader_id < p.leader_id {
+                    return Err(LogError::Corrupt {
+                        path: segment::segment_path(dir, loc.pos.seq),
+                        offset: loc.pos.offset,
+                        why: format!("entry {} follows {} (purged or written before it)", loc.log_id, p),
+                    });
+                }
+            }
+            prev = Some(loc.log_id);
+        }
+        Ok(())
     }
 
     fn last_log_id(&self) -> Option<LogId> {
@@ -268,6 +301,7 @@ impl LogStore {
         }
         let mut cache = Cache { hot_keep: tuning.log_hot_entries, ..Cache::default() };
         let found = segment::replay(dir, |r, pos| cache.replay_record(r, pos))?;
+        cache.check_replayed(dir)?;
         let log = SegmentLog::open(dir, found, cache.marks(), segment_bytes)?;
         let last_index = cache.last_log_id().map(|l| l.index);
         let stats = Arc::new(WriterStats::default());
@@ -609,7 +643,9 @@ fn read_range<RB: RangeBounds<u64>>(
             } else {
                 break;
             }
-            i += 1;
+            // The last possible index ends the log too.
+            let Some(next) = i.checked_add(1) else { break };
+            i = next;
         }
     }
     for (slot, loc) in from_disk {
