@@ -3,9 +3,9 @@
 //! every message, file and request a target decodes).
 //!
 //! Seeds are built by the code under test, so they always match the
-//! current formats: each target's `init` writes its seeds into
-//! `fuzz/corpus/<target>/` before libFuzzer reads that directory (see
-//! [`write_seeds`]).
+//! current formats: each target's `init` writes its seeds into its corpus
+//! directory (`fuzz/corpus/<target>/` under `scripts/fuzz` and `cargo fuzz
+//! run`) before libFuzzer reads it (see [`write_seeds`]).
 pub mod seeds;
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -22,8 +22,10 @@ use blixard_core::state::{ClusterState, StateImage};
 /// this works in the plain, stable build.)
 pub const MAX_ALLOC_BYTES: usize = 16 << 20;
 
-/// The `-max_len` given to every target by `scripts/fuzz`.
-pub const MAX_INPUT_BYTES: usize = 256 << 10;
+/// The `-max_len` given to every target by `scripts/fuzz`. The decode limit
+/// of an input this small is 1 MiB (`codec::limit_for`), well under
+/// [`MAX_ALLOC_BYTES`].
+pub const MAX_INPUT_BYTES: usize = 64 << 10;
 
 pub struct GuardAlloc;
 
