@@ -425,4 +425,41 @@ fn certificate_roles_are_enforced_and_only_nodes_vouch_for_callers() {
         assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
         assert!(e.message().contains("\"watcher\" (viewer)"), "{e:?}");
     });
+
+    // A fourth node joins through a follower with its node certificate
+    // alone: the follower forwards the join, vouching for the node.
+    let status = ok_as(&certs, "admin", &nodes.addr(1), &["cluster", "status", "-o", "json"]);
+    let leader = serde_json::from_str::<Value>(&status).unwrap()["leader_id"].as_u64().unwrap();
+    let follower = (1..=3).find(|i| *i != leader).unwrap();
+    certs.issue_node(4);
+    let flags = certs.node_flags(4);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let port = free_port();
+    let dir = tmp.path().join("node-4");
+    let mut fourth = common::node_command(
+        4,
+        port,
+        &dir,
+        Some(nodes.port(follower)),
+        ["16", "8192", "100"],
+        "none",
+        &flags,
+    )
+    .env_remove("BLIXARD_TOKEN")
+    .spawn()
+    .unwrap();
+    let joined = eventually_or_not(60, || {
+        let out = cli_as(&certs, "admin", &nodes.addr(1), &["cluster", "members", "-o", "json"]);
+        serde_json::from_slice::<Value>(&out.stdout)
+            .ok()
+            .and_then(|v| v.as_array().map(|m| m.iter().any(|m| m["id"] == 4 && m["role"] != "learner")))
+            .unwrap_or(false)
+    });
+    let _ = fourth.kill();
+    let _ = fourth.wait();
+    assert!(
+        joined,
+        "node 4 did not join through follower {follower}: {}",
+        std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default()
+    );
 }

@@ -57,7 +57,8 @@ impl std::fmt::Display for Role {
 pub const AUTHORIZATION: &str = "authorization";
 
 /// What a node forwarding a request says about a caller it authenticated
-/// by client certificate (`cert:ROLE:NAME`). Believed only from a peer
+/// by client certificate (`cert:ROLE:NAME`) or by node certificate
+/// (`node:ID`, a node's own call such as a join). Believed only from a peer
 /// that proved it is a node of this cluster (its certificate); from anyone
 /// else it is ignored. Token callers are forwarded with their token, which
 /// the receiving node checks itself.
@@ -134,7 +135,13 @@ impl Caller {
                     md.insert(CALLER, v);
                 }
             }
-            Caller::Node(_) => {}
+            // A node's own call forwarded by another node (a join sent to a
+            // follower): the forwarding node vouches for it.
+            Caller::Node(id) => {
+                if let Ok(v) = AsciiMetadataValue::try_from(format!("node:{id}")) {
+                    md.insert(CALLER, v);
+                }
+            }
         }
     }
 }
@@ -245,9 +252,12 @@ pub fn check_token(state: &ClusterState, value: &AsciiMetadataValue, now_ms: u64
     }
 }
 
-/// A `cert:ROLE:NAME` assertion.
+/// A `cert:ROLE:NAME` (or `node:ID`) assertion.
 fn parse_cert_claim(v: &AsciiMetadataValue) -> Option<Caller> {
     let s = v.to_str().ok()?;
+    if let Some(id) = s.strip_prefix("node:") {
+        return id.parse().ok().filter(|id| *id > 0).map(Caller::Node);
+    }
     let rest = s.strip_prefix("cert:")?;
     let (role, name) = rest.split_once(':')?;
     Some(Caller::Cert { role: Role::parse(role)?, name: name.to_string() })
@@ -307,6 +317,20 @@ pub fn forwarded_caller<T>(
 #[cfg(test)]
 mod tests {
     use super::Role;
+
+    #[test]
+    fn forwarded_callers_round_trip_through_metadata() {
+        use super::{parse_cert_claim, Caller, CALLER};
+        for c in [Caller::Node(7), Caller::Cert { role: Role::Operator, name: "ci".into() }] {
+            let mut md = tonic::metadata::MetadataMap::new();
+            c.forward_on(&mut md);
+            let back = parse_cert_claim(md.get(CALLER).unwrap()).unwrap();
+            assert_eq!(format!("{back:?}"), format!("{c:?}"));
+        }
+        for bad in ["node:0", "node:x", "cert:root:x", "cert:admin", "admin"] {
+            assert!(parse_cert_claim(&bad.parse().unwrap()).is_none(), "{bad}");
+        }
+    }
 
     #[test]
     fn roles_parse_and_include_the_lower_ones() {
