@@ -28,9 +28,10 @@ ensure_toolchain() {
 }
 
 # What real microVMs need: QEMU, the guest kernel the default image is built
-# from, and a static busybox for its initramfs.
+# from, a static busybox for its initramfs, mkfs.ext4 for data disks and
+# iproute2 for VM taps.
 ensure_vm_packages() {
-  ensure_apt qemu-system-x86 linux-image-cloud-amd64 busybox-static
+  ensure_apt qemu-system-x86 linux-image-cloud-amd64 busybox-static e2fsprogs iproute2
 }
 
 # What the partition test and the failover bench need: network namespaces

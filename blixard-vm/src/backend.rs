@@ -1,4 +1,5 @@
 //! The backend trait and the types it speaks.
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -59,7 +60,46 @@ pub struct VmConfig {
     pub vcpus: u32,
     pub memory_mb: u64,
     pub boot: BootSource,
+    /// Its NIC on the node's VM bridge; `None`: no NIC (no address, or the
+    /// node runs without VM networking).
+    pub net: Option<NetConfig>,
+    /// Size of its data disk in GiB (a sparse file the backend creates and
+    /// formats ext4 on first use, mounted at `/data` in the guest; it lives
+    /// until the VM is deleted); 0: no disk.
+    pub disk_gb: u64,
 }
+
+/// A VM's network attachment: a tap on the node's bridge, the address the
+/// cluster allocated it (passed to the guest as `blixard.ip=`), and the
+/// bridge's address as its gateway.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetConfig {
+    /// The node's VM bridge the tap joins (created by the node).
+    pub bridge: String,
+    pub ip: Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Ipv4Addr,
+}
+
+impl NetConfig {
+    /// The tap device: named after the address, unique on the host (an
+    /// address belongs to one VM cluster-wide) and within the kernel's
+    /// 15-byte limit.
+    pub fn tap(&self) -> String {
+        format!("bxt{:08x}", u32::from(self.ip))
+    }
+
+    /// A locally administered unicast MAC derived from the address.
+    pub fn mac(&self) -> String {
+        let o = self.ip.octets();
+        format!("02:b1:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
+    }
+}
+
+/// An open interactive console: what is written reaches the guest's serial
+/// input; what is read is its serial output from the moment it was opened.
+pub trait ConsoleIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> ConsoleIo for T {}
 
 /// What a backend sees of one VM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,6 +155,9 @@ pub enum VmError {
     Unavailable(String),
     #[error("no VM named {0:?} on this node")]
     NotFound(String),
+    /// In use by someone else (a console already attached); try later.
+    #[error("{0}")]
+    Busy(String),
     /// The VMM failed to start or misbehaved; the text carries its stderr tail.
     #[error("{0}")]
     Failed(String),
@@ -164,6 +207,10 @@ pub trait VmBackend: Send + Sync + 'static {
 
     /// Every VM this backend has a trace of on this host.
     async fn list(&self) -> Result<Vec<VmStatus>, VmError>;
+
+    /// Opens the VM's interactive console (one at a time per VM: a second
+    /// open while one is attached is [`VmError::Busy`]).
+    async fn console(&self, name: &str) -> Result<Box<dyn ConsoleIo>, VmError>;
 
     /// Console output from byte `offset`, at most `max` bytes.
     async fn logs(&self, name: &str, offset: u64, max: usize) -> Result<LogChunk, VmError>;

@@ -37,6 +37,18 @@ impl VmDirs {
     pub fn console(&self, name: &str) -> PathBuf {
         self.dir(name).join("console.log")
     }
+    /// The workload's stdin (process backend): a FIFO the console writes to.
+    pub fn console_in(&self, name: &str) -> PathBuf {
+        self.dir(name).join("console.in")
+    }
+    /// The serial console's unix socket (qemu), for interactive consoles.
+    pub fn console_socket(&self, name: &str) -> PathBuf {
+        self.dir(name).join("console.sock")
+    }
+    /// The VM's data disk (qemu): a raw ext4 image.
+    pub fn disk(&self, name: &str) -> PathBuf {
+        self.dir(name).join("disk.img")
+    }
     /// The VMM's own stderr (qemu), for failure reasons.
     pub fn stderr(&self, name: &str) -> PathBuf {
         self.dir(name).join("vmm.stderr")

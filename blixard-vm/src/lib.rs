@@ -1,12 +1,18 @@
 //! VM backends: one trait, three implementations.
 //!
 //! - [`qemu`]: real microVMs (`qemu-system-x86_64 -M microvm`), KVM where the
-//!   CPU has it, TCG otherwise; QMP over a unix socket; serial console to a
-//!   log file; readiness from a marker line the guest prints.
+//!   CPU has it, TCG otherwise; QMP over a unix socket; the serial console
+//!   on a unix socket (interactive, one client at a time) and logged to a
+//!   file; readiness from a marker line the guest prints; a virtio-net NIC
+//!   on a tap of the node's bridge and an ext4 data disk when configured.
 //! - [`process`]: a configured command stands in for the VM (hosts without
-//!   QEMU, quick local use); same lifecycle, logs and exit status.
+//!   QEMU, quick local use); same lifecycle, logs and exit status; its
+//!   console is the command's stdin and output; no NIC, no disk.
 //! - [`sim`]: deterministic and in memory, for the madsim simulator, with
-//!   injectable faults.
+//!   injectable faults; its console is an echoing stand-in for a shell.
+//!
+//! [`net`] manages the host side of VM networking (bridge, taps, routes to
+//! other nodes' VM subnets, outbound NAT) with `ip` and `iptables`.
 //!
 //! Custom kernels and initrds come only from the node's image directory, by
 //! name: see [`image_dir`].
@@ -24,6 +30,8 @@ pub mod host;
 #[cfg(not(madsim))]
 pub mod image;
 pub mod image_dir;
+#[cfg(not(madsim))]
+pub mod net;
 #[cfg(not(madsim))]
 pub mod process;
 #[cfg(not(madsim))]

@@ -10,7 +10,10 @@
 //!   so the boot time survives a restart of the node process;
 //! - `stopped`: written when a stop was requested, so the exit that follows
 //!   counts as `Stopped` even if the workload died of the signal;
-//! - `exit`: the exit status once this node reaped the workload.
+//! - `exit`: the exit status once this node reaped the workload;
+//! - `console.in`: a FIFO, the workload's stdin. The launcher opens it
+//!   read-write, so the workload never sees end-of-file while no console is
+//!   attached; [`VmBackend::console`] writes into it.
 //!
 //! The workload runs in its VM directory, in a session of its own (so it
 //! survives a restart of the node process and is adopted by the next one),
@@ -31,20 +34,32 @@
 //!
 //! Boot sources (kernel, initrd, kernel command line) are a qemu concept; this
 //! backend ignores them with a warning (it opens no kernel or initrd, so it
-//! has no image directory to guard: see [`crate::image_dir`]).
-use std::collections::HashMap;
+//! has no image directory to guard: see [`crate::image_dir`]). A workload has
+//! no NIC and no data disk either: `net` and `disk_gb` are ignored (noted
+//! once per VM at debug level); whether to place such VMs here is the
+//! node's decision.
+//!
+//! Console: [`VmBackend::console`] (while the workload runs, one at a time
+//! per VM, [`VmError::Busy`] otherwise) returns a stream whose writes go to
+//! `console.in` and whose reads follow `console.log` from its end at the
+//! moment of opening (polled every 50 ms). The stream ends when the workload
+//! does.
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use crate::backend::{
-    BackendKind, ExitInfo, LogChunk, RunState, VmBackend, VmConfig, VmError, VmStatus, READY_MARKER,
+    BackendKind, ConsoleIo, ExitInfo, LogChunk, RunState, VmBackend, VmConfig, VmError, VmStatus,
+    READY_MARKER,
 };
 use crate::guard::{Fence, GuardCommand};
 use crate::host::{self, VmDirs};
@@ -57,6 +72,10 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(20);
 /// Bytes of console output quoted in a failure reason.
 const REASON_TAIL: usize = 512;
+/// How often an open console looks for new output in `console.log`.
+const CONSOLE_POLL: Duration = Duration::from_millis(50);
+/// Bytes buffered towards the console's reader.
+const CONSOLE_BUFFER: usize = 64 * 1024;
 
 /// Runs a command per VM instead of a VMM. See the module documentation.
 pub struct ProcessBackend {
@@ -71,6 +90,10 @@ struct Inner {
     /// Workloads this process launched and has not reaped yet. Workloads
     /// adopted after a restart are not our children: init reaps them.
     children: Mutex<HashMap<String, Child>>,
+    /// VMs with an open console.
+    consoles: Mutex<HashSet<String>>,
+    /// VMs whose ignored `net`/`disk_gb` were already noted.
+    noted: Mutex<HashSet<String>>,
 }
 
 /// `meta.json`.
@@ -87,7 +110,13 @@ impl ProcessBackend {
         let root = std::path::absolute(&root).unwrap_or(root);
         Self {
             fence: Fence::new(root.clone(), None),
-            inner: Arc::new(Inner { dirs: VmDirs::new(root), command, children: Mutex::new(HashMap::new()) }),
+            inner: Arc::new(Inner {
+                dirs: VmDirs::new(root),
+                command,
+                children: Mutex::new(HashMap::new()),
+                consoles: Mutex::new(HashSet::new()),
+                noted: Mutex::new(HashSet::new()),
+            }),
         }
     }
 
@@ -246,6 +275,44 @@ impl VmBackend for ProcessBackend {
         self.fence.renew(valid_for, grace).await
     }
 
+    async fn console(&self, name: &str) -> Result<Box<dyn ConsoleIo>, VmError> {
+        let n = name.to_string();
+        let (pid, offset) = self
+            .blocking(move |i| {
+                if !i.dirs.dir(&n).is_dir() {
+                    return Err(VmError::NotFound(n));
+                }
+                i.reap(&n);
+                let Some(pid) = i.running_pid(&n) else {
+                    return Err(VmError::Failed(format!(
+                        "VM {n:?} is not running: its console opens only while the workload runs"
+                    )));
+                };
+                let offset = fs::metadata(i.dirs.console(&n)).map(|m| m.len()).unwrap_or(0);
+                Ok((pid, offset))
+            })
+            .await?;
+        let fifo = self.inner.dirs.console_in(name);
+        // Read-write: never blocks on open, never fails for want of a reader.
+        let sender = tokio::net::unix::pipe::OpenOptions::new()
+            .read_write(true)
+            .open_sender(&fifo)
+            .map_err(VmError::io(format!("opening the console input {}", fifo.display())))?;
+        if !self.inner.consoles.lock().insert(name.to_string()) {
+            return Err(VmError::Busy(format!("the console of VM {name:?} is already open")));
+        }
+        let (ours, pump_end) = tokio::io::duplex(CONSOLE_BUFFER);
+        let inner = self.inner.clone();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = pump_console(&inner, &name, pid, offset, sender, pump_end).await {
+                tracing::debug!(vm = name, "console closed: {e}");
+            }
+            inner.consoles.lock().remove(&name);
+        });
+        Ok(Box::new(ours))
+    }
+
     async fn logs(&self, name: &str, offset: u64, max: usize) -> Result<LogChunk, VmError> {
         let n = name.to_string();
         self.blocking(move |i| {
@@ -255,6 +322,50 @@ impl VmBackend for ProcessBackend {
             host::read_log(&i.dirs.console(&n), offset, max)
         })
         .await
+    }
+}
+
+/// Moves bytes between an open console and the workload: what the caller
+/// writes goes to the FIFO, what the workload prints (new bytes of
+/// `console.log` from `offset`) goes to the caller. Ends when the caller
+/// closes its end or the workload is gone (after forwarding its last output).
+async fn pump_console(
+    inner: &Inner,
+    name: &str,
+    pid: u32,
+    mut offset: u64,
+    mut fifo: tokio::net::unix::pipe::Sender,
+    stream: tokio::io::DuplexStream,
+) -> std::io::Result<()> {
+    let (mut from_caller, mut to_caller) = tokio::io::split(stream);
+    let log = inner.dirs.console(name);
+    let mut tick = tokio::time::interval(CONSOLE_POLL);
+    let mut buf = vec![0u8; 4096];
+    loop {
+        tokio::select! {
+            n = from_caller.read(&mut buf) => {
+                let n = n?;
+                if n == 0 {
+                    return Ok(());
+                }
+                fifo.write_all(&buf[..n]).await?;
+            }
+            _ = tick.tick() => {
+                let alive = inner.alive(name, pid);
+                loop {
+                    let chunk = host::read_log(&log, offset, buf.len())
+                        .map_err(|e| std::io::Error::other(e.to_string()))?;
+                    if chunk.data.is_empty() {
+                        break;
+                    }
+                    offset = chunk.next_offset;
+                    to_caller.write_all(&chunk.data).await?;
+                }
+                if !alive {
+                    return Ok(());
+                }
+            }
+        }
     }
 }
 
@@ -284,8 +395,17 @@ impl Inner {
 
     fn prepare(&self, vm: &VmConfig) -> Result<(), VmError> {
         validate(vm)?;
+        if (vm.net.is_some() || vm.disk_gb > 0) && self.noted.lock().insert(vm.name.clone()) {
+            tracing::debug!(
+                vm = vm.name,
+                net = ?vm.net,
+                disk_gb = vm.disk_gb,
+                "the process backend gives a workload no NIC and no data disk: ignoring them"
+            );
+        }
         let dir = self.dirs.dir(&vm.name);
         fs::create_dir_all(&dir).map_err(VmError::io(format!("creating {}", dir.display())))?;
+        make_fifo(&self.dirs.console_in(&vm.name))?;
         let started_at_ms = self.read_meta(&vm.name).and_then(|m| m.started_at_ms);
         self.write_meta(&Meta { config: vm.clone(), started_at_ms })
     }
@@ -315,6 +435,14 @@ impl Inner {
         };
         let (out, err) =
             open_console().map_err(VmError::io(format!("opening {}", console_path.display())))?;
+        // Read-write, so the workload's reads block instead of hitting
+        // end-of-file while no console writes to it.
+        let fifo = self.dirs.console_in(name);
+        let stdin = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&fifo)
+            .map_err(VmError::io(format!("opening the console input {}", fifo.display())))?;
 
         let program = &self.command[0];
         let base = Path::new(program).file_name().map(|s| s.to_string_lossy().into_owned());
@@ -326,7 +454,7 @@ impl Inner {
             .env("BLIXARD_VM_VCPUS", vm.vcpus.to_string())
             .env("BLIXARD_VM_MEMORY_MB", vm.memory_mb.to_string())
             .env("BLIXARD_VM_DIR", &dir)
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(out)
             .stderr(err);
         host::new_session(&mut cmd);
@@ -492,6 +620,27 @@ fn exited_unreaped(pid: u32) -> bool {
         // Not our child any more (ECHILD) also means "gone": let try_wait say.
         r == -1 || info.si_pid() != 0
     }
+}
+
+/// Creates the FIFO at `path` unless one is there (anything else there is
+/// replaced).
+fn make_fifo(path: &Path) -> Result<(), VmError> {
+    use std::os::unix::fs::FileTypeExt;
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_fifo() => return Ok(()),
+        Ok(_) => remove_file(path)?,
+        Err(_) => {}
+    }
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| VmError::Config(format!("path {} contains a NUL byte", path.display())))?;
+    // SAFETY: mkfifo(3) with a NUL-terminated path that lives across the call.
+    if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::AlreadyExists {
+            return Err(VmError::io(format!("creating the FIFO {}", path.display()))(e));
+        }
+    }
+    Ok(())
 }
 
 fn write_file(path: &Path, data: impl AsRef<[u8]>) -> Result<(), VmError> {

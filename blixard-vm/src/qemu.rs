@@ -1,8 +1,10 @@
 //! Real microVMs: one `qemu-system-x86_64 -M microvm` process per VM.
 //!
-//! Every VM lives in `<root>/<name>/` (see [`VmDirs`]): `meta.json` (config
-//! and launch time), `pid`, `console.log` (serial console), `vmm.stderr`,
-//! `qmp.sock`, and small state files this backend writes:
+//! Every VM lives in `<root>/<name>/` (see [`VmDirs`]): `meta.json` (config,
+//! launch time and the tap of its last launch), `pid`, `console.log` (serial
+//! console output), `console.sock` (the serial console, interactive),
+//! `vmm.stderr`, `qmp.sock`, `disk.img` (its data disk, if it has one), and
+//! small state files this backend writes:
 //! - `ready_at`: ms timestamp when the readiness marker was first seen, so
 //!   `boot_ms` survives a restart of the node process;
 //! - `stopped`: the VM was stopped on request, so its end is not a failure;
@@ -11,6 +13,34 @@
 //! A VM boots the default guest image, or a kernel (and initrd) named in the
 //! node's image directory, resolved by [`ImageDir::resolve`] before every
 //! boot: nothing outside that directory is ever handed to QEMU.
+//!
+//! **Network.** A VM with `net` gets a virtio-net NIC on a tap named by
+//! [`NetConfig::tap`], created (and attached to the node's bridge) right
+//! before launch with [`net::ensure_tap`]; the guest learns its address from
+//! `blixard.ip=IP/PREFIX blixard.gw=GW` on its kernel command line. The tap
+//! is recorded in `meta.json` before it is created, so `delete` removes it
+//! even after a restart of the node; a stop keeps it.
+//!
+//! **Disk.** A VM with `disk_gb > 0` gets `disk.img`, a sparse raw file of
+//! exactly that many GiB, formatted ext4 (label `data`) when `prepare`
+//! first creates it: built as `disk.img.tmp` and renamed, so a crash never
+//! leaves an unformatted `disk.img`. It is attached as a virtio-blk device
+//! (`/dev/vda`, kernel argument `blixard.disk=/dev/vda`, mounted on `/data`
+//! by the default guest) and survives stops, restarts and node restarts
+//! until `delete`. The host page cache is bypassed (`cache=none`) where the
+//! file system supports O_DIRECT, else `cache=writeback`; both pass the
+//! guest's flushes on to the host file (fdatasync), so what the guest synced
+//! is on the host's disk. [`QemuBackend::disk_path`] names the file.
+//!
+//! **Console.** The serial port is a QEMU socket chardev on `console.sock`
+//! that also logs everything to `console.log` (readiness detection and
+//! `logs` read that file). [`VmBackend::console`] connects to the socket.
+//! QEMU serves one client at a time: a second open is [`VmError::Busy`]
+//! (checked with QMP `query-chardev`, and within this process by its own
+//! record). While a console is open and not read, the guest's console
+//! output stalls (QEMU waits for the socket): read what you open.
+//! Unix socket paths are limited to 107 bytes: a VM root so deep that
+//! `console.sock` (or `qmp.sock`) would be longer is refused by `prepare`.
 //!
 //! The fencing lease ([`VmBackend::renew_lease`]) lives in the root and is
 //! enforced by a guard process: see [`crate::guard`] and
@@ -21,25 +51,30 @@
 //! restart of the node, after which a new `QemuBackend` adopts it from the
 //! files and the pid (checked against the command line, see
 //! [`host::pid_alive`]).
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 
 use crate::backend::{
-    BackendKind, ExitInfo, LogChunk, RunState, VmBackend, VmConfig, VmError, VmStatus, READY_MARKER,
+    BackendKind, ConsoleIo, ExitInfo, LogChunk, NetConfig, RunState, VmBackend, VmConfig, VmError, VmStatus,
+    READY_MARKER,
 };
 use crate::guard::{Fence, GuardCommand};
 use crate::host::{self, VmDirs};
 use crate::image;
 use crate::image_dir::ImageDir;
+use crate::net;
 
 const QEMU: &str = "qemu-system-x86_64";
 
@@ -62,6 +97,13 @@ const POLL: Duration = Duration::from_millis(25);
 
 /// Longest unix socket path (sun_path is 108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;
+/// Largest data disk (ext4 with 4 KiB blocks holds 16 TiB per file system).
+pub const MAX_DISK_GB: u64 = 16 * 1024;
+/// The chardev id of the serial console.
+const CONSOLE_CHARDEV: &str = "con0";
+/// How long `console` waits for a console closed just before to be
+/// released by QEMU before it says Busy.
+const CONSOLE_RELEASE_WAIT: Duration = Duration::from_millis(500);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Accel {
@@ -74,6 +116,10 @@ enum Accel {
 struct Meta {
     config: VmConfig,
     started_at_ms: Option<u64>,
+    /// The tap created for the last launch (removed by `delete`), written
+    /// before the tap is created.
+    #[serde(default)]
+    tap: Option<String>,
 }
 
 pub struct QemuBackend {
@@ -96,6 +142,11 @@ struct Inner {
     /// QEMU processes launched by this instance, by VM name: the only ones
     /// whose exit status we can collect (and must reap).
     children: Mutex<HashMap<String, Child>>,
+    /// VMs whose console this instance has open.
+    consoles: Mutex<HashSet<String>>,
+    /// The network namespace taps and QEMU live in (tests); `None`: this
+    /// process's own.
+    netns: Option<String>,
 }
 
 impl QemuBackend {
@@ -145,6 +196,8 @@ impl QemuBackend {
                 accel_reason,
                 tsc_khz: tsc_khz(&cpuinfo),
                 children: Mutex::new(HashMap::new()),
+                consoles: Mutex::new(HashSet::new()),
+                netns: None,
             }),
         })
     }
@@ -154,6 +207,25 @@ impl QemuBackend {
     pub fn with_guard(mut self, guard: GuardCommand) -> Self {
         self.fence = Fence::new(self.inner.dirs.root().to_path_buf(), Some(guard));
         self
+    }
+
+    /// Runs QEMU and creates and removes taps inside the network namespace
+    /// `netns` (a name under /run/netns) instead of this process's own: for
+    /// tests, which must not change the host's network. The VMs' bridge must
+    /// exist in that namespace. Call before the first VM is started.
+    pub fn with_netns(mut self, netns: impl Into<String>) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.netns = Some(netns.into()),
+            None => unreachable!("with_netns is called on a new backend, before anything shares it"),
+        }
+        self
+    }
+
+    /// The data disk of `name` (`<root>/<name>/disk.img`), for copying it
+    /// elsewhere (migrations). It exists once a VM with `disk_gb > 0` was
+    /// prepared, until it is deleted; copy it only while the VM is stopped.
+    pub fn disk_path(&self, name: &str) -> PathBuf {
+        self.inner.dirs.disk(name)
     }
 
     /// "kvm" or "tcg".
@@ -200,11 +272,24 @@ impl QemuBackend {
                 vm.memory_mb
             )));
         }
-        let socket = self.inner.dirs.qmp_socket(&vm.name);
-        if socket.as_os_str().len() > MAX_SOCKET_PATH {
+        for (what, socket) in [
+            ("QMP", self.inner.dirs.qmp_socket(&vm.name)),
+            ("console", self.inner.dirs.console_socket(&vm.name)),
+        ] {
+            if socket.as_os_str().len() > MAX_SOCKET_PATH {
+                return Err(VmError::Config(format!(
+                    "the {what} socket path {} is longer than {MAX_SOCKET_PATH} bytes: use a shorter VM root or name",
+                    socket.display()
+                )));
+            }
+        }
+        if let Some(n) = &vm.net {
+            check_net(n)?;
+        }
+        if vm.disk_gb > MAX_DISK_GB {
             return Err(VmError::Config(format!(
-                "the QMP socket path {} is longer than {MAX_SOCKET_PATH} bytes: use a shorter VM root or name",
-                socket.display()
+                "disk_gb {} is above the largest data disk, {MAX_DISK_GB} GiB",
+                vm.disk_gb
             )));
         }
         // A custom kernel or initrd only from the image directory, by name
@@ -293,6 +378,98 @@ fn check_name(name: &str) -> Result<(), VmError> {
     }
 }
 
+fn check_net(n: &NetConfig) -> Result<(), VmError> {
+    if n.prefix == 0 || n.prefix > 30 {
+        return Err(VmError::Config(format!(
+            "network prefix /{} is invalid for a VM subnet: use 1-30",
+            n.prefix
+        )));
+    }
+    if net::network((n.ip, n.prefix)) != net::network((n.gateway, n.prefix)) {
+        return Err(VmError::Config(format!(
+            "gateway {} is outside the VM's subnet {}/{}",
+            n.gateway, n.ip, n.prefix
+        )));
+    }
+    if n.ip == n.gateway {
+        return Err(VmError::Config(format!("the VM's address {} is its gateway's", n.ip)));
+    }
+    if n.bridge.is_empty() || n.bridge.len() > 15 || n.bridge.contains(['/', ' ', ':']) {
+        return Err(VmError::Config(format!("bridge name {:?} is not a valid interface name", n.bridge)));
+    }
+    Ok(())
+}
+
+/// A value inside a QEMU `-opt a=VALUE,b=...` list: commas are doubled.
+fn qemu_value(p: &Path) -> String {
+    p.display().to_string().replace(',', ",,")
+}
+
+/// Creates the data disk `path` (`gb` GiB, sparse, ext4 labelled `data`)
+/// unless it exists. Built under a temporary name and renamed, so a crash
+/// never leaves a `disk.img` that was not formatted.
+fn ensure_disk(path: &Path, gb: u64) -> Result<(), VmError> {
+    if path.is_file() {
+        let len = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        if len != gb << 30 {
+            tracing::warn!(
+                disk = %path.display(),
+                "the data disk has {len} bytes, not the {gb} GiB configured: it is used as it is"
+            );
+        }
+        return Ok(());
+    }
+    let tmp = path.with_file_name("disk.img.tmp");
+    let started = Instant::now();
+    let built = (|| {
+        let _ = fs::remove_file(&tmp);
+        let f = fs::File::create(&tmp).map_err(VmError::io(format!("creating {}", tmp.display())))?;
+        f.set_len(gb << 30).map_err(VmError::io(format!("sizing {} to {gb} GiB", tmp.display())))?;
+        drop(f);
+        let out = Command::new("mkfs.ext4")
+            .args(["-F", "-q", "-E", "nodiscard", "-L", "data"])
+            .arg(&tmp)
+            .env("LC_ALL", "C")
+            .output()
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => VmError::Unavailable(
+                    "mkfs.ext4 not found: install the e2fsprogs package to give VMs data disks".into(),
+                ),
+                _ => VmError::io("running mkfs.ext4")(e),
+            })?;
+        if !out.status.success() {
+            return Err(VmError::Failed(format!(
+                "`mkfs.ext4 -F -q -E nodiscard -L data {}` failed ({}): {}",
+                tmp.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        // mkfs syncs the file; make the rename durable too.
+        fs::rename(&tmp, path).map_err(VmError::io(format!("renaming {} to disk.img", tmp.display())))?;
+        if let Some(dir) = path.parent() {
+            let _ = fs::File::open(dir).and_then(|d| d.sync_all());
+        }
+        Ok(())
+    })();
+    if built.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    built?;
+    tracing::info!(disk = %path.display(), gb, ms = started.elapsed().as_millis() as u64, "created the data disk");
+    Ok(())
+}
+
+/// `cache=none` (O_DIRECT, no double caching in the host) where the file
+/// system supports O_DIRECT, else `cache=writeback`. Both honour the
+/// guest's flushes, so neither loses what the guest synced.
+fn disk_cache_mode(path: &Path) -> &'static str {
+    match fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path) {
+        Ok(_) => "none",
+        Err(_) => "writeback",
+    }
+}
+
 fn check_readable(path: &Path, what: &str) -> Result<(), VmError> {
     match fs::File::open(path) {
         Ok(f) if f.metadata().map(|m| m.is_file()).unwrap_or(false) => Ok(()),
@@ -329,6 +506,30 @@ fn with_stderr(msg: String, stderr_tail: &str) -> String {
 }
 
 impl Inner {
+    /// Runs `f` in the backend's network namespace (see
+    /// [`QemuBackend::with_netns`]), or right here.
+    fn in_net<T: Send>(&self, f: impl FnOnce() -> Result<T, VmError> + Send) -> Result<T, VmError> {
+        match &self.netns {
+            Some(ns) => net::in_netns(ns, f),
+            None => f(),
+        }
+    }
+
+    /// Removes the taps of `name`'s last launch and of its current config.
+    fn remove_taps(&self, name: &str) -> Result<(), VmError> {
+        let meta = read_meta(&self.dirs.meta(name));
+        let mut taps: Vec<String> = Vec::new();
+        if let Some(m) = &meta {
+            taps.extend(m.tap.clone());
+            taps.extend(m.config.net.as_ref().map(NetConfig::tap));
+        }
+        taps.dedup();
+        if taps.is_empty() {
+            return Ok(());
+        }
+        self.in_net(|| taps.iter().try_for_each(|t| net::remove_tap(t)))
+    }
+
     fn exit_file(&self, name: &str) -> PathBuf {
         self.dirs.dir(name).join("exit.json")
     }
@@ -456,6 +657,7 @@ impl Inner {
         for f in [
             self.dirs.pidfile(name),
             self.dirs.console(name),
+            self.dirs.console_socket(name),
             self.dirs.stderr(name),
             self.dirs.qmp_socket(name),
             self.exit_file(name),
@@ -484,6 +686,15 @@ impl Inner {
         if boot.default_kernel {
             append.push_str(" quiet");
         }
+        // Read by the default guest's init (see `image`); other guests
+        // ignore unknown arguments.
+        append.push_str(&format!(" blixard.hostname={name}"));
+        if let Some(n) = &vm.net {
+            append.push_str(&format!(" blixard.ip={}/{} blixard.gw={}", n.ip, n.prefix, n.gateway));
+        }
+        if vm.disk_gb > 0 {
+            append.push_str(" blixard.disk=/dev/vda");
+        }
         if let Some(extra) = vm.boot.cmdline.as_deref().filter(|s| !s.trim().is_empty()) {
             append.push(' ');
             append.push_str(extra.trim());
@@ -502,8 +713,34 @@ impl Inner {
         }
         cmd.args(["-append", &append]);
         cmd.args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
-        cmd.arg("-serial").arg(format!("file:{}", self.dirs.console(name).display()));
-        cmd.arg("-qmp").arg(format!("unix:{},server=on,wait=off", self.dirs.qmp_socket(name).display()));
+        // The serial console: a socket for interactive use, logged to
+        // console.log whether or not a client is connected.
+        cmd.arg("-chardev").arg(format!(
+            "socket,id={CONSOLE_CHARDEV},path={},server=on,wait=off,logfile={},logappend=on",
+            qemu_value(&self.dirs.console_socket(name)),
+            qemu_value(&self.dirs.console(name)),
+        ));
+        cmd.arg("-serial").arg(format!("chardev:{CONSOLE_CHARDEV}"));
+        cmd.arg("-qmp").arg(format!("unix:{},server=on,wait=off", qemu_value(&self.dirs.qmp_socket(name))));
+        if let Some(n) = &vm.net {
+            cmd.arg("-netdev").arg(format!("tap,id=n0,ifname={},script=no,downscript=no", n.tap()));
+            cmd.arg("-device").arg(format!("virtio-net-device,netdev=n0,mac={}", n.mac()));
+        }
+        if vm.disk_gb > 0 {
+            let disk = self.dirs.disk(name);
+            if !disk.is_file() {
+                return Err(VmError::Failed(format!(
+                    "the data disk {} of VM {name} is missing (prepare creates it)",
+                    disk.display()
+                )));
+            }
+            cmd.arg("-drive").arg(format!(
+                "id=d0,file={},format=raw,if=none,cache={},aio=threads",
+                qemu_value(&disk),
+                disk_cache_mode(&disk)
+            ));
+            cmd.args(["-device", "virtio-blk-device,drive=d0"]);
+        }
         cmd.arg("-name").arg(format!("blixard-{name}"));
 
         let stderr_path = self.dirs.stderr(name);
@@ -515,20 +752,49 @@ impl Inner {
         // A new session keeps the guest alive when the node process (or its
         // terminal's process group) is killed: guests outlive node restarts.
         host::new_session(&mut cmd);
+
+        // The tap: recorded first (so `delete` finds it whatever happens
+        // next), then created; a tap of an earlier address goes.
+        let tap = vm.net.as_ref().map(NetConfig::tap);
+        let meta_path = self.dirs.meta(name);
+        let old = read_meta(&meta_path);
+        let old_started = old.as_ref().and_then(|m| m.started_at_ms);
+        let old_tap = old.and_then(|m| m.tap).filter(|t| Some(t) != tap.as_ref());
+        if tap.is_some() {
+            write_json(
+                &meta_path,
+                &Meta { config: vm.clone(), started_at_ms: old_started, tap: tap.clone() },
+            )?;
+        }
+        let net = vm.net.clone();
         let started_at_ms = host::now_ms();
-        let child = cmd.spawn().map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => {
-                VmError::Unavailable(format!("{QEMU} not found: install the qemu-system-x86 package"))
+        let spawned = self.in_net(|| {
+            if let Some(old) = &old_tap {
+                net::remove_tap(old)?;
             }
-            _ => VmError::io(format!("launching {QEMU} for VM {name}"))(e),
-        })?;
+            if let Some(n) = &net {
+                net::ensure_tap(&n.tap(), &n.bridge).map_err(|e| {
+                    let why =
+                        format!("VM {name}: cannot set up its tap {} on bridge {}: {e}", n.tap(), n.bridge);
+                    match e {
+                        VmError::Unavailable(_) => VmError::Unavailable(why),
+                        VmError::Config(_) => VmError::Config(why),
+                        _ => VmError::Failed(why),
+                    }
+                })?;
+            }
+            cmd.spawn().map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    VmError::Unavailable(format!("{QEMU} not found: install the qemu-system-x86 package"))
+                }
+                _ => VmError::io(format!("launching {QEMU} for VM {name}"))(e),
+            })
+        });
+        let child = spawned?;
         let pid = child.id();
         self.children.lock().insert(name.to_string(), child);
         let recorded = host::write_pidfile(&self.dirs.pidfile(name), pid).and_then(|_| {
-            write_json(
-                &self.dirs.meta(name),
-                &Meta { config: vm.clone(), started_at_ms: Some(started_at_ms) },
-            )
+            write_json(&meta_path, &Meta { config: vm.clone(), started_at_ms: Some(started_at_ms), tap })
         });
         if let Err(e) = recorded {
             // Without a pidfile nobody could find this VM again: don't leave
@@ -606,10 +872,18 @@ impl QemuBackend {
         self.blocking(move |inner| {
             let dir = inner.dirs.dir(&vm.name);
             fs::create_dir_all(&dir).map_err(VmError::io(format!("creating {}", dir.display())))?;
-            // Keep the launch time of an existing run; record the config so
-            // `list` sees the VM before its first start.
-            let started_at_ms = read_meta(&inner.dirs.meta(&vm.name)).and_then(|m| m.started_at_ms);
-            write_json(&inner.dirs.meta(&vm.name), &Meta { config: vm, started_at_ms })
+            // Keep the launch time and tap of an existing run; record the
+            // config so `list` sees the VM before its first start.
+            let old = read_meta(&inner.dirs.meta(&vm.name));
+            let started_at_ms = old.as_ref().and_then(|m| m.started_at_ms);
+            let tap = old.and_then(|m| m.tap);
+            let gb = vm.disk_gb;
+            let name = vm.name.clone();
+            write_json(&inner.dirs.meta(&name), &Meta { config: vm, started_at_ms, tap })?;
+            if gb > 0 {
+                ensure_disk(&inner.dirs.disk(&name), gb)?;
+            }
+            Ok(())
         })
         .await?;
         Ok(boot)
@@ -743,6 +1017,7 @@ impl VmBackend for QemuBackend {
             // drops a stale entry) and remove every file.
             inner.poll_child(&name);
             inner.children.lock().remove(&name);
+            inner.remove_taps(&name)?;
             inner.dirs.remove(&name)
         })
         .await
@@ -770,6 +1045,63 @@ impl VmBackend for QemuBackend {
         self.fence.renew(valid_for, grace).await
     }
 
+    async fn console(&self, name: &str) -> Result<Box<dyn ConsoleIo>, VmError> {
+        check_name(name)?;
+        let n = name.to_string();
+        self.blocking(move |inner| {
+            if !inner.dirs.dir(&n).is_dir() {
+                return Err(VmError::NotFound(n));
+            }
+            match host::read_pidfile(&inner.dirs.pidfile(&n)) {
+                Some(pid) if inner.is_running(&n, pid) => {}
+                _ => {
+                    return Err(VmError::Failed(format!(
+                        "VM {n} is not running: its console opens only while it runs"
+                    )))
+                }
+            }
+            if !inner.dirs.console_socket(&n).exists() {
+                return Err(VmError::Failed(format!(
+                    "VM {n} was started without a console socket (by an older version): restart it to get one"
+                )));
+            }
+            Ok(())
+        })
+        .await?;
+        if !self.inner.consoles.lock().insert(name.to_string()) {
+            return Err(VmError::Busy(format!("the console of VM {name} is already open")));
+        }
+        // Released on every path from here: by the returned stream's drop.
+        let lease = ConsoleLease { inner: self.inner.clone(), name: name.to_string() };
+        // Another client (another process) may hold it: QEMU would queue
+        // us silently until it leaves. A client that just left may still be
+        // seen for a moment.
+        let qmp_socket = self.inner.dirs.qmp_socket(name);
+        let deadline = Instant::now() + CONSOLE_RELEASE_WAIT;
+        loop {
+            let reply = qmp(&qmp_socket, "query-chardev").await.map_err(VmError::Failed)?;
+            match chardev_connected(&reply, CONSOLE_CHARDEV) {
+                Some(false) => break,
+                Some(true) if Instant::now() < deadline => tokio::time::sleep(POLL).await,
+                Some(true) => {
+                    return Err(VmError::Busy(format!(
+                        "the console of VM {name} is in use by another client"
+                    )))
+                }
+                None => {
+                    return Err(VmError::Failed(format!(
+                        "VM {name} has no console chardev {CONSOLE_CHARDEV:?} (QMP query-chardev: {reply})"
+                    )))
+                }
+            }
+        }
+        let socket = self.inner.dirs.console_socket(name);
+        let stream = tokio::net::UnixStream::connect(&socket)
+            .await
+            .map_err(VmError::io(format!("connecting to the console of VM {name} ({})", socket.display())))?;
+        Ok(Box::new(QemuConsole { stream, _lease: lease }))
+    }
+
     async fn logs(&self, name: &str, offset: u64, max: usize) -> Result<LogChunk, VmError> {
         check_name(name)?;
         let name = name.to_string();
@@ -780,6 +1112,59 @@ impl VmBackend for QemuBackend {
             host::read_log(&inner.dirs.console(&name), offset, max)
         })
         .await
+    }
+}
+
+/// Whether QEMU's chardev `id` has a client, from a `query-chardev` reply:
+/// a socket chardev's filename starts with "disconnected:" while it has
+/// none. `None` if there is no such chardev.
+fn chardev_connected(reply: &serde_json::Value, id: &str) -> Option<bool> {
+    let dev = reply.as_array()?.iter().find(|d| d.get("label").and_then(|l| l.as_str()) == Some(id))?;
+    let filename = dev.get("filename")?.as_str()?;
+    Some(!filename.starts_with("disconnected:"))
+}
+
+/// This backend's record of an open console; dropped with the stream.
+struct ConsoleLease {
+    inner: Arc<Inner>,
+    name: String,
+}
+
+impl Drop for ConsoleLease {
+    fn drop(&mut self) {
+        self.inner.consoles.lock().remove(&self.name);
+    }
+}
+
+/// An open console: the connection to QEMU's console socket.
+struct QemuConsole {
+    stream: tokio::net::UnixStream,
+    _lease: ConsoleLease,
+}
+
+impl AsyncRead for QemuConsole {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for QemuConsole {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 

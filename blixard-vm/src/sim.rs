@@ -23,6 +23,16 @@
 //! Faults ([`Faults`]) are read when a VM starts: per VM name, else the
 //! host's default.
 //!
+//! Networking and disks are not simulated, but recorded: a VM's
+//! [`VmConfig`] (with its `net` and `disk_gb`) is kept as given, readable
+//! with [`SimHost::vm_config`].
+//!
+//! Console: [`VmBackend::console`] on a running VM returns an in-memory
+//! stream (`tokio::io::duplex`) served by a task standing for the guest's
+//! shell: it answers each line written to it with the same line prefixed
+//! by the VM's name (`"<name>: <line>\n"`). One console per VM at a time
+//! ([`VmError::Busy`]); it is released when the caller drops its end.
+//!
 //! Image directory: each host has a set of image names
 //! ([`SimHost::add_image`]), standing for the files of its `--image-dir`
 //! ([`SIM_IMAGE_DIR`]). A VM whose kernel or initrd is not an image name of
@@ -35,10 +45,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::backend::{
-    BackendKind, ExitInfo, LogChunk, RunState, VmBackend, VmConfig, VmError, VmStatus, READY_MARKER,
+    BackendKind, ConsoleIo, ExitInfo, LogChunk, RunState, VmBackend, VmConfig, VmError, VmStatus,
+    READY_MARKER,
 };
 use crate::image_dir::{is_image_name, IMAGE_NAME_RULE};
 
@@ -51,6 +63,9 @@ pub const CRASH_REASON: &str = "crashed (injected)";
 /// Where a simulated host's image directory is, for absolute paths in VMs
 /// recorded before image names.
 pub const SIM_IMAGE_DIR: &str = "/sim/images";
+
+/// Bytes buffered each way in a simulated console.
+const CONSOLE_BUFFER: usize = 64 * 1024;
 
 /// The console line of a run the host's guard stopped.
 pub const FENCED_LINE: &str = "[sim] fenced: lease expired";
@@ -269,6 +284,8 @@ struct HostInner {
     lease: Option<Instant>,
     /// The image names in this host's image directory.
     images: BTreeSet<String>,
+    /// VMs whose console is open (one at a time per VM).
+    consoles: BTreeSet<String>,
 }
 
 /// One simulated host's hypervisor; outlives the node process running on it.
@@ -332,6 +349,17 @@ impl SimHost {
     /// module documentation).
     pub fn add_image(&self, name: &str) {
         self.inner.lock().images.insert(name.to_string());
+    }
+
+    /// The configuration `name` was last prepared or started with (its
+    /// `net` and `disk_gb` included), if this host knows the VM.
+    pub fn vm_config(&self, name: &str) -> Option<VmConfig> {
+        self.inner.lock().vms.get(name).map(|v| v.config.clone())
+    }
+
+    /// True while a console of `name` is open.
+    pub fn console_attached(&self, name: &str) -> bool {
+        self.inner.lock().consoles.contains(name)
     }
 
     /// Faults for every VM without faults of its own.
@@ -571,6 +599,38 @@ impl VmBackend for SimBackend {
 
     async fn logs(&self, name: &str, offset: u64, max: usize) -> Result<LogChunk, VmError> {
         self.host.logs(name, offset, max)
+    }
+
+    /// The simulated guest's shell: see the module documentation.
+    async fn console(&self, name: &str) -> Result<Box<dyn ConsoleIo>, VmError> {
+        {
+            let now = Instant::now();
+            let mut inner = self.host.inner.lock();
+            let vm = inner.vms.get(name).ok_or_else(|| VmError::NotFound(name.to_string()))?;
+            if !vm.run.as_ref().is_some_and(|r| r.live(now)) {
+                return Err(VmError::Failed(format!(
+                    "VM {name:?} is not running on host {}: its console opens only while it runs",
+                    self.host.host
+                )));
+            }
+            if !inner.consoles.insert(name.to_string()) {
+                return Err(VmError::Busy(format!("the console of VM {name:?} is already open")));
+            }
+        }
+        let (ours, guest) = tokio::io::duplex(CONSOLE_BUFFER);
+        let host = self.host.clone();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            let (read, mut write) = tokio::io::split(guest);
+            let mut lines = tokio::io::BufReader::new(read).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if write.write_all(format!("{name}: {line}\n").as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+            host.inner.lock().consoles.remove(&name);
+        });
+        Ok(Box::new(ours))
     }
 
     /// Only sets the deadline: the host's guard ([`SimHost::run_guard`])

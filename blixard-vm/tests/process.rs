@@ -8,7 +8,14 @@ use blixard_vm::process::ProcessBackend;
 use blixard_vm::{BackendKind, BootSource, RunState, VmBackend, VmConfig, VmError, VmStatus, READY_MARKER};
 
 fn vm(name: &str) -> VmConfig {
-    VmConfig { name: name.into(), vcpus: 2, memory_mb: 64, boot: BootSource::default() }
+    VmConfig {
+        name: name.into(),
+        vcpus: 2,
+        memory_mb: 64,
+        boot: BootSource::default(),
+        net: None,
+        disk_gb: 0,
+    }
 }
 
 fn sh(script: &str) -> Vec<String> {

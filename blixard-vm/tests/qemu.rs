@@ -52,6 +52,8 @@ fn vm(tag: &str, memory_mb: u64, vcpus: u32) -> VmConfig {
         vcpus,
         memory_mb,
         boot: BootSource::default(),
+        net: None,
+        disk_gb: 0,
     }
 }
 

@@ -6,7 +6,14 @@ use blixard_vm::sim::{Faults, SimHost, SimWorld, CRASH_REASON, FENCED_LINE};
 use blixard_vm::{BackendKind, BootSource, RunState, VmBackend, VmConfig, VmError, VmStatus, READY_MARKER};
 
 fn vm(name: &str) -> VmConfig {
-    VmConfig { name: name.into(), vcpus: 1, memory_mb: 128, boot: BootSource::default() }
+    VmConfig {
+        name: name.into(),
+        vcpus: 1,
+        memory_mb: 128,
+        boot: BootSource::default(),
+        net: None,
+        disk_gb: 0,
+    }
 }
 
 fn fast() -> Faults {
