@@ -9,11 +9,23 @@
 //! directory is built in a temporary sibling and renamed into place, so a
 //! crash or two concurrent builders never expose a half-written image.
 //!
-//! What the guest does at boot (see [`INIT_SCRIPT`]): mounts /proc, /sys and
-//! /dev, loads the virtio-net and power-button modules, configures eth0 from
-//! `blixard.ip=ADDR/PREFIX` (and optional `blixard.gw=ADDR`) on the kernel
-//! command line, starts busybox `acpid` so that QMP `system_powerdown`
-//! powers it off, prints [`crate::READY_MARKER`] and idles.
+//! What the guest does at boot (see [`INIT_SCRIPT`]), driven by `blixard.*`
+//! arguments on the kernel command line:
+//! - mounts /proc, /sys and /dev, loads the virtio-net, virtio-blk, ext4 and
+//!   power-button modules (those not built into the kernel);
+//! - `blixard.hostname=NAME`: sets the hostname (the qemu backend passes
+//!   the VM's name);
+//! - `blixard.ip=ADDR/PREFIX`, `blixard.gw=ADDR`: configures eth0 and the
+//!   default route;
+//! - `blixard.disk=DEV`: waits up to 2 s for the block device and mounts it
+//!   (ext4) on `/data`, saying so on the console (or why not);
+//! - `blixard.httpd=PORT`: serves `/www` with busybox httpd: `index.html`
+//!   holds the hostname, `/www/data` links to `/data` when it is mounted;
+//! - starts busybox `acpid`, so that QMP `system_powerdown` powers it off
+//!   (after `sync` and unmounting `/data`, so what was written is durable);
+//! - prints [`crate::READY_MARKER`], then runs an interactive shell on the
+//!   serial console, again each time it exits (`setsid cttyhack sh -l`: the
+//!   console is its controlling terminal, so job control and Ctrl-C work).
 use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
@@ -24,7 +36,7 @@ use crate::backend::VmError;
 
 /// Bump when the layout or contents of the image change in a way the
 /// fingerprint inputs would not notice (e.g. a new cpio entry).
-const FORMAT_VERSION: u32 = 1;
+const FORMAT_VERSION: u32 = 2;
 
 /// Where busybox-static installs its binary on Debian.
 const BUSYBOX: &str = "/bin/busybox";
@@ -36,6 +48,26 @@ const BUSYBOX: &str = "/bin/busybox";
 const NET_MODULES: &[&str] =
     &["virtio_ring", "virtio", "virtio_mmio", "failover", "net_failover", "virtio_net"];
 const POWER_MODULES: &[&str] = &["evdev", "button"];
+/// The data disk: virtio-blk on virtio-mmio, and ext4 with its dependencies
+/// (from the cloud kernel's modules.dep; in Debian's cloud kernel 6.1 crc16,
+/// mbcache, jbd2, crc32c_generic and ext4 are built in, and only virtio_blk
+/// is a module). A module already listed by an earlier group is loaded once.
+const DISK_MODULES: &[&str] = &[
+    "virtio_ring",
+    "virtio",
+    "virtio_mmio",
+    "virtio_blk",
+    "crc16",
+    "mbcache",
+    "jbd2",
+    "crc32c_generic",
+    "ext4",
+];
+
+/// Every module the image may carry.
+fn all_modules() -> impl Iterator<Item = &'static str> {
+    NET_MODULES.iter().chain(DISK_MODULES).chain(POWER_MODULES).copied()
+}
 
 /// The line the guest prints when the power button makes it shut down. Tests
 /// use it to tell a graceful ACPI shutdown from a forced one.
@@ -66,12 +98,35 @@ fi
 ip link set lo up 2>/dev/null
 addr=""
 gw=""
+disk=""
+name=""
+httpd_port=""
+# Later arguments win (the VM's own cmdline comes after the backend's).
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     blixard.ip=*) addr="${arg#blixard.ip=}" ;;
     blixard.gw=*) gw="${arg#blixard.gw=}" ;;
+    blixard.disk=*) disk="${arg#blixard.disk=}" ;;
+    blixard.hostname=*) name="${arg#blixard.hostname=}" ;;
+    blixard.httpd=*) httpd_port="${arg#blixard.httpd=}" ;;
   esac
 done
+[ -n "$name" ] && hostname "$name"
+
+if [ -n "$disk" ]; then
+  # The block device shows up asynchronously after virtio_blk binds.
+  n=0
+  while [ ! -b "$disk" ] && [ $n -lt 20 ]; do sleep 0.1; n=$((n + 1)); done
+  mkdir -p /data
+  if [ ! -b "$disk" ]; then
+    echo "blixard: blixard.disk=$disk given but there is no such block device (no virtio-blk device or driver)"
+  elif mount -t ext4 "$disk" /data; then
+    echo "blixard: $disk mounted on /data"
+  else
+    echo "blixard: could not mount $disk (ext4) on /data"
+  fi
+fi
+
 if [ -n "$addr" ]; then
   # The NIC shows up asynchronously after virtio_net binds: wait up to 2 s.
   n=0
@@ -100,14 +155,40 @@ else
   echo "blixard: no input device for the ACPI power button: graceful shutdown unavailable"
 fi
 
+if [ -n "$httpd_port" ]; then
+  mkdir -p /www
+  hostname >/www/index.html
+  grep -q " /data " /proc/mounts && ln -s /data /www/data
+  if httpd -p "$httpd_port" -h /www; then
+    echo "blixard: httpd on port $httpd_port"
+  else
+    echo "blixard: httpd could not start on port $httpd_port"
+  fi
+fi
+
 echo "BLIXARD-GUEST-READY"
-while :; do sleep 3600; done
+# An interactive shell on the serial console, restarted whenever it exits.
+# setsid + cttyhack make the console its controlling terminal (job control,
+# Ctrl-C); PID 1 stays this loop, so acpid and the power button are
+# unaffected.
+export HOME=/ PS1='\h:\w\$ '
+while :; do
+  setsid cttyhack sh -l
+  sleep 0.2
+done
 "#;
 
 /// Run by busybox acpid on a power-button press.
+/// `/data` is synced and unmounted (or, if something holds it open,
+/// remounted read-only) first, so what was written before a stop is on the
+/// disk; QEMU passes the guest's flushes on to the host file.
 const POWER_BUTTON_SCRIPT: &str = r#"#!/bin/sh
 echo "BLIXARD-GUEST-POWEROFF: power button pressed, powering off" >/dev/console
 sync
+if grep -q " /data " /proc/mounts; then
+  umount /data 2>/dev/null || mount -o remount,ro /data 2>/dev/null || sync
+  echo "blixard: /data unmounted" >/dev/console
+fi
 poweroff -f
 "#;
 
@@ -208,7 +289,10 @@ impl Inputs {
         let builtin = fs::read_to_string(mod_root.join("modules.builtin")).unwrap_or_default();
         let mut modules = HashMap::new();
         let mut missing = Vec::new();
-        for &m in NET_MODULES.iter().chain(POWER_MODULES) {
+        for m in all_modules() {
+            if modules.contains_key(m) || missing.contains(&m) {
+                continue;
+            }
             if let Some(p) = found.remove(m) {
                 modules.insert(m, p);
             } else if !builtin.lines().any(|l| module_name(l).as_deref() == Some(m)) {
@@ -326,7 +410,7 @@ fn find_modules(dir: &Path, found: &mut HashMap<&'static str, PathBuf>) {
             Ok(t) if t.is_dir() => find_modules(&path, found),
             Ok(t) if t.is_file() => {
                 let Some(name) = path.to_str().and_then(module_name) else { continue };
-                if let Some(&m) = NET_MODULES.iter().chain(POWER_MODULES).find(|&&m| m == name) {
+                if let Some(m) = all_modules().find(|&m| m == name) {
                     found.insert(m, path);
                 }
             }
@@ -372,7 +456,9 @@ fn build_into(inputs: &Inputs, dir: &Path) -> Result<(), VmError> {
     let mut notes: Vec<String> = Vec::new();
     let mut loaded: Vec<(&str, Vec<u8>)> = Vec::new();
     // A module group is all or nothing: half a NIC driver stack is useless.
-    for (group, what) in [(NET_MODULES, "networking"), (POWER_MODULES, "graceful ACPI shutdown")] {
+    for (group, what) in
+        [(NET_MODULES, "networking"), (DISK_MODULES, "data disks"), (POWER_MODULES, "graceful ACPI shutdown")]
+    {
         let mut bytes = Vec::new();
         let mut problem = None;
         for &m in group {
@@ -380,8 +466,11 @@ fn build_into(inputs: &Inputs, dir: &Path) -> Result<(), VmError> {
                 problem = Some(format!("module {m} is not in kernel {}", inputs.kernel_version));
                 break;
             }
-            // Built into the kernel: nothing to load.
+            // Built into the kernel, or loaded by an earlier group.
             let Some(path) = inputs.modules.get(m) else { continue };
+            if loaded.iter().any(|(l, _)| *l == m) {
+                continue;
+            }
             match module_bytes(path) {
                 Ok(b) => bytes.push((m, b)),
                 Err(e) => {
