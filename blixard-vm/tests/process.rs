@@ -229,3 +229,87 @@ async fn bad_input_creates_nothing() {
     b.delete("k").await.unwrap();
     assert!(std::fs::read_dir(root.path()).unwrap().next().is_none());
 }
+
+/// Reads from `con` until `want` shows up (or panics after 10 s).
+async fn read_until(con: &mut Box<dyn blixard_vm::ConsoleIo>, want: &str) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !String::from_utf8_lossy(&out).contains(want) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, con.read(&mut buf)).await {
+            Ok(Ok(0)) => panic!("console ended before {want:?}: {}", String::from_utf8_lossy(&out)),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Ok(Err(e)) => panic!("console read: {e}"),
+            Err(_) => panic!("no {want:?} within 10 s: {}", String::from_utf8_lossy(&out)),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The console writes to the workload's stdin (a FIFO it never sees end of
+/// file on) and reads its output from the moment it opened; one at a time;
+/// it ends when the workload does. A NIC and a disk are ignored.
+#[tokio::test]
+async fn console_talks_to_the_workload() {
+    use tokio::io::AsyncWriteExt;
+    let root = tempfile::tempdir().unwrap();
+    let b = ProcessBackend::new(
+        root.path().to_path_buf(),
+        sh(&format!(
+            "echo before; echo {READY_MARKER}; while read -r l; do echo \"got: $l\"; done; echo eof"
+        )),
+    );
+    let mut cfg = vm("con");
+    cfg.net = Some(blixard_vm::NetConfig {
+        bridge: "br0".into(),
+        ip: "10.0.0.2".parse().unwrap(),
+        prefix: 24,
+        gateway: "10.0.0.1".parse().unwrap(),
+    });
+    cfg.disk_gb = 4;
+    assert!(matches!(b.console("con").await, Err(VmError::NotFound(_))));
+    b.prepare(&cfg).await.unwrap();
+    match b.console("con").await {
+        Err(VmError::Failed(m)) => assert!(m.contains("not running"), "{m}"),
+        other => panic!("expected Failed for a VM that does not run, got {:?}", other.map(|_| ())),
+    }
+    b.start(&cfg).await.unwrap();
+    wait_for(&b, "con", |s| s.state == RunState::Running).await;
+    // No console attached for a while: the workload must not see EOF.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!console(&b, "con").await.contains("eof"));
+
+    let mut con = b.console("con").await.unwrap();
+    assert!(matches!(b.console("con").await, Err(VmError::Busy(_))));
+    con.write_all(b"hello\n").await.unwrap();
+    let out = read_until(&mut con, "got: hello").await;
+    assert!(!out.contains("before"), "reads start at the end of the log: {out}");
+    drop(con);
+
+    // Released once the pump notices the close.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut con = loop {
+        match b.console("con").await {
+            Ok(c) => break c,
+            Err(VmError::Busy(_)) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("reopening: {e}"),
+        }
+    };
+    con.write_all(b"again\n").await.unwrap();
+    read_until(&mut con, "got: again").await;
+
+    // The stream ends with the workload.
+    b.stop("con", Duration::from_secs(5)).await.unwrap();
+    let mut rest = Vec::new();
+    use tokio::io::AsyncReadExt;
+    tokio::time::timeout(Duration::from_secs(5), con.read_to_end(&mut rest))
+        .await
+        .expect("the console did not end with the workload")
+        .unwrap();
+    b.delete("con").await.unwrap();
+    assert!(!root.path().join("con").exists());
+}

@@ -4,14 +4,22 @@
 //! qemu-system-x86, linux-image-cloud-amd64 and busybox-static.
 #![cfg(not(madsim))]
 
+use std::io::{Read, Write};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use blixard_vm::guard;
 use blixard_vm::host::{self, VmDirs};
 use blixard_vm::image::{self, POWEROFF_MARKER};
+use blixard_vm::net::{self, Bridge};
 use blixard_vm::qemu::QemuBackend;
-use blixard_vm::{BootSource, RunState, VmBackend, VmConfig, VmError, VmStatus, READY_MARKER};
+use blixard_vm::{
+    BootSource, ConsoleIo, NetConfig, RunState, VmBackend, VmConfig, VmError, VmStatus, READY_MARKER,
+};
 
 /// Generous: under TCG on 2 busy cores (parallel tests, parallel builds) a
 /// boot that takes ~2 s alone can take many times that.
@@ -112,6 +120,7 @@ async fn lifecycle_boot_stop_restart_delete() {
     let st = wait_running(&b, name).await;
     assert_eq!(st.pid, Some(pid));
     assert!(st.boot_ms.is_some(), "boot_ms missing once Running: {st:?}");
+    eprintln!("boot without NIC or disk: {:?} ms", st.boot_ms);
     assert!(console(&b, name).await.contains(READY_MARKER));
     let dir = root.path().join(name);
     assert!(host::pid_alive(pid, &dir.display().to_string()));
@@ -407,4 +416,250 @@ async fn a_lapsed_lease_stops_the_guest() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     guard_thread.join().unwrap().expect("the guard failed");
+}
+
+/// A network namespace for one test (`bxtest-<pid>-<tag>`), deleted on
+/// drop (panics included) with everything in it: the host's own network is
+/// never touched.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let name = format!("bxtest-{}-{tag}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        let out = Command::new("ip").args(["netns", "add", &name]).output().expect("`ip` must be installed");
+        assert!(out.status.success(), "ip netns add {name}: {}", String::from_utf8_lossy(&out.stderr));
+        let ns = Netns(name);
+        net::in_netns(&ns.0, || {
+            Command::new("ip")
+                .args(["link", "set", "lo", "up"])
+                .status()
+                .map(|_| ())
+                .map_err(VmError::io("ip"))
+        })
+        .unwrap();
+        ns
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+/// Deletes the VM on drop (panics included), so no QEMU outlives a test.
+struct VmGuard<'a>(&'a QemuBackend, String);
+
+impl Drop for VmGuard<'_> {
+    fn drop(&mut self) {
+        let (b, name) = (self.0, self.1.clone());
+        // Forcefully: the test is over (or failed).
+        let dirs = VmDirs::new(b.root());
+        if let Some(pid) = host::read_pidfile(&dirs.pidfile(&name)) {
+            if host::pid_alive(pid, &dirs.needle(&name)) {
+                host::signal(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Runs `cmd` in the guest's console shell and returns what the console
+/// printed until the command finished (marked by a computed token, which
+/// the terminal's echo of the typed line does not contain).
+async fn shell(con: &mut Box<dyn ConsoleIo>, cmd: &str, within: Duration) -> String {
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let line = format!("{cmd}; echo BX{n}END$((40+2))\n");
+    let done = format!("BX{n}END42");
+    con.write_all(line.as_bytes()).await.expect("console write");
+    let mut out = Vec::new();
+    let deadline = Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&out).into_owned();
+        if text.contains(&done) {
+            return text;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, con.read(&mut buf)).await {
+            Ok(Ok(0)) => panic!("console closed while running {cmd:?}; output:\n{text}"),
+            Ok(Ok(k)) => out.extend_from_slice(&buf[..k]),
+            Ok(Err(e)) => panic!("console read failed: {e}; output:\n{text}"),
+            Err(_) => panic!("{cmd:?} did not finish within {within:?}; output:\n{text}"),
+        }
+    }
+}
+
+/// GET `path` from `ip:80` from inside `netns`, retrying until `within`.
+fn http_get(netns: &str, ip: Ipv4Addr, path: &str, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let got = net::in_netns(netns, || {
+            let mut s = std::net::TcpStream::connect_timeout(&(ip, 80).into(), Duration::from_secs(3))
+                .map_err(VmError::io("connecting"))?;
+            s.set_read_timeout(Some(Duration::from_secs(5))).map_err(VmError::io("timeout"))?;
+            s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())
+                .map_err(VmError::io("sending"))?;
+            let mut body = String::new();
+            s.read_to_string(&mut body).map_err(VmError::io("reading"))?;
+            Ok(body)
+        });
+        match got {
+            Ok(body) if body.starts_with("HTTP/1.") => return body,
+            other if Instant::now() >= deadline => panic!("GET http://{ip}{path} from {netns}: {other:?}"),
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// A guest with a NIC on a bridge and a data disk, in a namespace of its
+/// own: it pings its gateway, the host fetches from its httpd a file it
+/// wrote to /data, one console at a time, and delete removes its tap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_with_nic_and_disk_on_a_bridge() {
+    let ns = Netns::new("nic");
+    let bridge = Bridge { name: "bxbr0".into(), gateway: "10.81.0.1".parse().unwrap(), prefix: 24 };
+    net::in_netns(&ns.0, || bridge.ensure()).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let b = backend(root.path()).with_netns(ns.0.clone());
+    let ip: Ipv4Addr = "10.81.0.7".parse().unwrap();
+    let netcfg = NetConfig { bridge: "bxbr0".into(), ip, prefix: 24, gateway: bridge.gateway };
+    let mut cfg = vm("nic", 128, 1);
+    cfg.net = Some(netcfg.clone());
+    cfg.disk_gb = 1;
+    cfg.boot.cmdline = Some("blixard.httpd=80".into());
+    let _guard = VmGuard(&b, cfg.name.clone());
+
+    let t = Instant::now();
+    b.prepare(&cfg).await.expect("prepare failed");
+    eprintln!("prepare with a 1 GiB disk (create + mkfs.ext4): {} ms", t.elapsed().as_millis());
+    let pid = b.start(&cfg).await.expect("start failed").pid.unwrap();
+    let args = cmdline(pid);
+    let append = args.windows(2).find(|w| w[0] == "-append").map(|w| w[1].clone()).unwrap();
+    assert!(append.contains("blixard.ip=10.81.0.7/24 blixard.gw=10.81.0.1"), "{append}");
+    assert!(append.contains("blixard.disk=/dev/vda"), "{append}");
+    let st = wait_running(&b, &cfg.name).await;
+    eprintln!("boot with NIC and disk: {:?} ms", st.boot_ms);
+    let log = console(&b, &cfg.name).await;
+    assert!(log.contains("blixard: eth0 10.81.0.7/24"), "{log}");
+    assert!(log.contains("/dev/vda mounted on /data"), "{log}");
+    assert!(log.contains("httpd on port 80"), "{log}");
+    let tap = net::in_netns(&ns.0, || {
+        Ok(Command::new("ip").args(["-o", "link", "show", "dev", &netcfg.tap()]).output())
+    })
+    .unwrap()
+    .unwrap();
+    assert!(String::from_utf8_lossy(&tap.stdout).contains("master bxbr0"), "{tap:?}");
+
+    let mut con = b.console(&cfg.name).await.expect("console failed");
+    // One console at a time.
+    match b.console(&cfg.name).await {
+        Err(VmError::Busy(_)) => {}
+        other => panic!("a second console should be Busy, got {:?}", other.map(|_| ())),
+    }
+    // Also when the other client is another process (a restarted node's
+    // backend): QEMU says so through QMP.
+    let other = backend(root.path()).with_netns(ns.0.clone());
+    match other.console(&cfg.name).await {
+        Err(VmError::Busy(m)) => assert!(m.contains("another client"), "{m}"),
+        other => panic!("a console open elsewhere should be Busy, got {:?}", other.map(|_| ())),
+    }
+    let out = shell(&mut con, "ping -c 1 -W 5 10.81.0.1", Duration::from_secs(30)).await;
+    assert!(out.contains("1 packets received"), "the guest cannot ping its gateway:\n{out}");
+    let out =
+        shell(&mut con, "hostname; echo served-from-disk >/data/hello.txt", Duration::from_secs(30)).await;
+    assert!(out.contains(&cfg.name), "{out}");
+
+    let ns_name = ns.0.clone();
+    let index = tokio::task::spawn_blocking(move || http_get(&ns_name, ip, "/", Duration::from_secs(30)))
+        .await
+        .unwrap();
+    assert!(index.contains(&cfg.name), "index.html should hold the hostname: {index}");
+    let ns_name = ns.0.clone();
+    let file = tokio::task::spawn_blocking(move || {
+        http_get(&ns_name, ip, "/data/hello.txt", Duration::from_secs(30))
+    })
+    .await
+    .unwrap();
+    assert!(file.contains("served-from-disk"), "{file}");
+
+    // A closed console can be opened again.
+    drop(con);
+    let mut con = b.console(&cfg.name).await.expect("reopening the console failed");
+    let out = shell(&mut con, "echo again", Duration::from_secs(30)).await;
+    assert!(out.contains("again"), "{out}");
+    drop(con);
+
+    // `logs` still sees the console (it reads console.log), and the shell
+    // owns the serial line as its controlling terminal.
+    let log = console(&b, &cfg.name).await;
+    assert!(log.contains("served-from-disk"), "{log}");
+    assert!(!log.contains("job control turned off"), "{log}");
+
+    b.delete(&cfg.name).await.expect("delete failed");
+    assert!(!net::in_netns(&ns.0, || net::link_exists(&netcfg.tap())).unwrap(), "tap left behind");
+    assert!(!root.path().join(&cfg.name).exists());
+    assert!(matches!(b.console(&cfg.name).await, Err(VmError::NotFound(_))));
+}
+
+/// What a guest writes to /data survives a graceful stop and a start; the
+/// disk is a sparse file of the configured size; delete removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_disk_survives_stop_and_start() {
+    let root = tempfile::tempdir().unwrap();
+    let b = backend(root.path());
+    let mut cfg = vm("disk", 128, 1);
+    cfg.disk_gb = 1;
+    let _guard = VmGuard(&b, cfg.name.clone());
+    b.prepare(&cfg).await.expect("prepare failed");
+    let disk = b.disk_path(&cfg.name);
+    let meta = std::fs::metadata(&disk).unwrap();
+    assert_eq!(meta.len(), 1 << 30);
+    use std::os::unix::fs::MetadataExt;
+    assert!(meta.blocks() * 512 < 64 << 20, "the disk should be sparse: {} blocks", meta.blocks());
+    assert!(!disk.with_file_name("disk.img.tmp").exists());
+
+    b.start(&cfg).await.expect("start failed");
+    wait_running(&b, &cfg.name).await;
+    // Not running yet / unknown: clear errors.
+    assert!(matches!(b.console("t-nosuchvm").await, Err(VmError::NotFound(_))));
+    let mut con = b.console(&cfg.name).await.expect("console failed");
+    let out =
+        shell(&mut con, "echo kept-across-restarts >/data/f.txt; cat /data/f.txt", Duration::from_secs(30))
+            .await;
+    assert!(out.contains("kept-across-restarts"), "{out}");
+    drop(con);
+
+    b.stop(&cfg.name, Duration::from_secs(30)).await.expect("stop failed");
+    let log = console(&b, &cfg.name).await;
+    assert!(log.contains(POWEROFF_MARKER) && log.contains("/data unmounted"), "{log}");
+    match b.console(&cfg.name).await {
+        Err(VmError::Failed(m)) => assert!(m.contains("not running"), "{m}"),
+        other => panic!("console of a stopped VM: expected Failed, got {:?}", other.map(|_| ())),
+    }
+    assert!(disk.is_file(), "a stop must keep the disk");
+
+    b.start(&cfg).await.expect("second start failed");
+    wait_running(&b, &cfg.name).await;
+    let mut con = b.console(&cfg.name).await.expect("console failed");
+    let out = shell(&mut con, "cat /data/f.txt", Duration::from_secs(30)).await;
+    assert!(out.contains("kept-across-restarts"), "the file did not survive the restart:\n{out}");
+    drop(con);
+
+    b.delete(&cfg.name).await.expect("delete failed");
+    assert!(!disk.exists() && !root.path().join(&cfg.name).exists());
+}
+
+/// Unix socket paths are limited to 107 bytes: a VM root so deep that the
+/// console socket would not fit is refused before anything is created.
+#[tokio::test]
+async fn too_long_socket_paths_are_refused() {
+    let base = tempfile::tempdir().unwrap();
+    let deep = base.path().join("d".repeat(60)).join("e".repeat(30));
+    let b = backend(&deep);
+    let cfg = vm("sock", 128, 1);
+    let msg = config_error(b.prepare(&cfg).await);
+    assert!(msg.contains("socket path") && msg.contains("longer than 107 bytes"), "{msg}");
+    assert!(std::fs::read_dir(&deep).unwrap().next().is_none());
 }

@@ -328,3 +328,49 @@ async fn the_guard_spares_a_renewed_lease_and_fences_a_lapsed_one() {
     guard.abort();
     assert!(world.violations().is_empty());
 }
+
+/// The simulated guest's shell echoes each line prefixed by the VM's name;
+/// one console at a time; the VM's network and disk are recorded.
+#[tokio::test]
+async fn console_echoes_lines_and_config_is_recorded() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let world = SimWorld::new();
+    let host = SimHost::new(world.clone(), 1);
+    let b = host.backend();
+    host.set_default_faults(fast());
+    assert!(matches!(b.console("web").await, Err(VmError::NotFound(_))));
+    let mut cfg = vm("web");
+    cfg.disk_gb = 3;
+    cfg.net = Some(blixard_vm::NetConfig {
+        bridge: "br0".into(),
+        ip: "10.0.0.2".parse().unwrap(),
+        prefix: 24,
+        gateway: "10.0.0.1".parse().unwrap(),
+    });
+    b.prepare(&cfg).await.unwrap();
+    assert_eq!(host.vm_config("web"), Some(cfg.clone()));
+    assert!(matches!(b.console("web").await, Err(VmError::Failed(_))));
+    b.start(&cfg).await.unwrap();
+
+    let con = b.console("web").await.unwrap();
+    assert!(host.console_attached("web"));
+    assert!(matches!(b.console("web").await, Err(VmError::Busy(_))));
+    let (read, mut write) = tokio::io::split(con);
+    let mut lines = BufReader::new(read).lines();
+    write.write_all(b"uname\nls /data\n").await.unwrap();
+    assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("web: uname"));
+    assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("web: ls /data"));
+    // Closing our side ends the guest's shell, and with it the stream.
+    write.shutdown().await.unwrap();
+    assert_eq!(lines.next_line().await.unwrap(), None);
+    drop(write);
+    drop(lines);
+    for _ in 0..100 {
+        if !host.console_attached("web") {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(!host.console_attached("web"));
+    b.console("web").await.expect("a closed console can be opened again");
+}
