@@ -20,6 +20,8 @@
 //! `blixard.ip=IP/PREFIX blixard.gw=GW` on its kernel command line. The tap
 //! is recorded in `meta.json` before it is created, so `delete` removes it
 //! even after a restart of the node; a stop keeps it.
+//! [`QemuBackend::with_netns`] runs QEMU and the tap work inside a named
+//! network namespace (tests use it so as not to change the host's network).
 //!
 //! **Disk.** A VM with `disk_gb > 0` gets `disk.img`, a sparse raw file of
 //! exactly that many GiB, formatted ext4 (label `data`) when `prepare`

@@ -651,6 +651,38 @@ async fn data_disk_survives_stop_and_start() {
     assert!(!disk.exists() && !root.path().join(&cfg.name).exists());
 }
 
+/// A tap that cannot be attached (no such bridge) fails the start with the
+/// reason, launches no QEMU, and delete cleans up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_bridge_fails_the_start_clearly() {
+    let ns = Netns::new("nobr");
+    let root = tempfile::tempdir().unwrap();
+    let b = backend(root.path()).with_netns(ns.0.clone());
+    let mut cfg = vm("nobr", 128, 1);
+    let netcfg = NetConfig {
+        bridge: "bxnobr".into(),
+        ip: "10.82.0.5".parse().unwrap(),
+        prefix: 24,
+        gateway: "10.82.0.1".parse().unwrap(),
+    };
+    cfg.net = Some(netcfg.clone());
+    match b.start(&cfg).await {
+        Err(VmError::Failed(m)) => {
+            assert!(m.contains("cannot set up its tap bxt0a520005 on bridge bxnobr"), "{m}");
+            assert!(m.contains("does not exist"), "{m}");
+        }
+        other => panic!("expected Failed, got {other:?}"),
+    }
+    let st = status(&b, &cfg.name).await;
+    assert_eq!(st.pid, None, "{st:?}");
+    // A gateway outside the subnet is a config error.
+    let mut bad = cfg.clone();
+    bad.net = Some(NetConfig { gateway: "10.83.0.1".parse().unwrap(), ..netcfg });
+    assert!(config_error(b.prepare(&bad).await).contains("outside the VM's subnet"));
+    b.delete(&cfg.name).await.unwrap();
+    assert!(!root.path().join(&cfg.name).exists());
+}
+
 /// Unix socket paths are limited to 107 bytes: a VM root so deep that the
 /// console socket would not fit is refused before anything is created.
 #[tokio::test]
