@@ -23,6 +23,7 @@
 //! A backend knows nothing about Raft or the cluster: the node's reconciler
 //! tells it what to run and reports what it sees.
 pub mod backend;
+mod console;
 #[cfg(not(madsim))]
 pub mod guard;
 #[cfg(not(madsim))]

@@ -61,6 +61,7 @@ use crate::backend::{
     BackendKind, ConsoleIo, ExitInfo, LogChunk, RunState, VmBackend, VmConfig, VmError, VmStatus,
     READY_MARKER,
 };
+use crate::console::Leased;
 use crate::guard::{Fence, GuardCommand};
 use crate::host::{self, VmDirs};
 
@@ -303,14 +304,18 @@ impl VmBackend for ProcessBackend {
         }
         let (ours, pump_end) = tokio::io::duplex(CONSOLE_BUFFER);
         let inner = self.inner.clone();
-        let name = name.to_string();
+        let owned = name.to_string();
         tokio::spawn(async move {
-            if let Err(e) = pump_console(&inner, &name, pid, offset, sender, pump_end).await {
-                tracing::debug!(vm = name, "console closed: {e}");
+            // Ends when the caller drops its end or the workload is gone.
+            if let Err(e) = pump_console(&inner, &owned, pid, offset, sender, pump_end).await {
+                tracing::debug!(vm = owned, "console closed: {e}");
             }
-            inner.consoles.lock().remove(&name);
         });
-        Ok(Box::new(ours))
+        let inner = self.inner.clone();
+        let owned = name.to_string();
+        Ok(Box::new(Leased::new(ours, move || {
+            inner.consoles.lock().remove(&owned);
+        })))
     }
 
     async fn logs(&self, name: &str, offset: u64, max: usize) -> Result<LogChunk, VmError> {

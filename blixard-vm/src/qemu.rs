@@ -58,20 +58,19 @@ use std::fs;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use crate::backend::{
     BackendKind, ConsoleIo, ExitInfo, LogChunk, NetConfig, RunState, VmBackend, VmConfig, VmError, VmStatus,
     READY_MARKER,
 };
+use crate::console::Leased;
 use crate::guard::{Fence, GuardCommand};
 use crate::host::{self, VmDirs};
 use crate::image;
@@ -1073,8 +1072,22 @@ impl VmBackend for QemuBackend {
         if !self.inner.consoles.lock().insert(name.to_string()) {
             return Err(VmError::Busy(format!("the console of VM {name} is already open")));
         }
-        // Released on every path from here: by the returned stream's drop.
-        let lease = ConsoleLease { inner: self.inner.clone(), name: name.to_string() };
+        // Released on every path from here: by this guard, or by the
+        // returned stream's drop.
+        let inner = self.inner.clone();
+        let owned = name.to_string();
+        let release = move || {
+            inner.consoles.lock().remove(&owned);
+        };
+        struct Unreserve<F: FnOnce()>(Option<F>);
+        impl<F: FnOnce()> Drop for Unreserve<F> {
+            fn drop(&mut self) {
+                if let Some(f) = self.0.take() {
+                    f()
+                }
+            }
+        }
+        let mut reserved = Unreserve(Some(release));
         // Another client (another process) may hold it: QEMU would queue
         // us silently until it leaves. A client that just left may still be
         // seen for a moment.
@@ -1101,7 +1114,8 @@ impl VmBackend for QemuBackend {
         let stream = tokio::net::UnixStream::connect(&socket)
             .await
             .map_err(VmError::io(format!("connecting to the console of VM {name} ({})", socket.display())))?;
-        Ok(Box::new(QemuConsole { stream, _lease: lease }))
+        let release = reserved.0.take().expect("taken once");
+        Ok(Box::new(Leased::new(stream, release)))
     }
 
     async fn logs(&self, name: &str, offset: u64, max: usize) -> Result<LogChunk, VmError> {
@@ -1124,50 +1138,6 @@ fn chardev_connected(reply: &serde_json::Value, id: &str) -> Option<bool> {
     let dev = reply.as_array()?.iter().find(|d| d.get("label").and_then(|l| l.as_str()) == Some(id))?;
     let filename = dev.get("filename")?.as_str()?;
     Some(!filename.starts_with("disconnected:"))
-}
-
-/// This backend's record of an open console; dropped with the stream.
-struct ConsoleLease {
-    inner: Arc<Inner>,
-    name: String,
-}
-
-impl Drop for ConsoleLease {
-    fn drop(&mut self) {
-        self.inner.consoles.lock().remove(&self.name);
-    }
-}
-
-/// An open console: the connection to QEMU's console socket.
-struct QemuConsole {
-    stream: tokio::net::UnixStream,
-    _lease: ConsoleLease,
-}
-
-impl AsyncRead for QemuConsole {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for QemuConsole {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
 }
 
 impl Drop for Inner {

@@ -52,6 +52,7 @@ use crate::backend::{
     BackendKind, ConsoleIo, ExitInfo, LogChunk, RunState, VmBackend, VmConfig, VmError, VmStatus,
     READY_MARKER,
 };
+use crate::console::Leased;
 use crate::image_dir::{is_image_name, IMAGE_NAME_RULE};
 
 /// A simulated host (the node id, in practice).
@@ -618,8 +619,14 @@ impl VmBackend for SimBackend {
             }
         }
         let (ours, guest) = tokio::io::duplex(CONSOLE_BUFFER);
-        let host = self.host.clone();
         let name = name.to_string();
+        let host = self.host.clone();
+        let owned = name.clone();
+        // The slot is released when the caller drops the stream (also when
+        // the task serving it was killed with its simulated node).
+        let ours = Leased::new(ours, move || {
+            host.inner.lock().consoles.remove(&owned);
+        });
         tokio::spawn(async move {
             let (read, mut write) = tokio::io::split(guest);
             let mut lines = tokio::io::BufReader::new(read).lines();
@@ -628,7 +635,6 @@ impl VmBackend for SimBackend {
                     break;
                 }
             }
-            host.inner.lock().consoles.remove(&name);
         });
         Ok(Box::new(ours))
     }
