@@ -939,6 +939,30 @@ impl Client {
         .await
     }
 
+    /// Attaches `name`'s interactive console (`VmConsole`): `input`'s
+    /// first message names the VM. No deadline: it lasts as long as the
+    /// caller keeps it.
+    pub async fn vm_console(
+        &mut self,
+        input: tokio::sync::mpsc::Receiver<pb::ConsoleInput>,
+    ) -> Result<tonic::Streaming<pb::ConsoleOutput>, Failure> {
+        let input = std::sync::Arc::new(parking_lot::Mutex::new(Some(input)));
+        self.read(READ_DEADLINE, |mut c| {
+            let rx = input.lock().take();
+            async move {
+                let Some(rx) = rx else {
+                    return Err(Status::unavailable(
+                        "the console input went to a member that failed; attach again",
+                    ));
+                };
+                let stream =
+                    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+                c.vms.vm_console(Request::new(stream)).await
+            }
+        })
+        .await
+    }
+
     /// Asks the node what its backend sees (no forwarding): meant for a
     /// client of [`one`](Self::one) node.
     pub async fn local_vm(&mut self, name: String) -> Result<pb::LocalVmResponse, Failure> {

@@ -7,7 +7,7 @@
 //! preempted, which `CreateVm`'s answer (the VM alone) cannot say.
 use std::time::{Duration, Instant};
 
-use blixard_core::types::{Constraint, MAX_PRIORITY};
+use blixard_core::types::{Constraint, PortMap, MAX_PRIORITY};
 use blixard_core::validate::MAX_BATCH;
 use blixard_proto as pb;
 use clap::Args;
@@ -24,9 +24,15 @@ pub struct CreateArgs {
     /// Memory in MiB (the default guest image needs at least 80).
     #[arg(long, default_value_t = 128)]
     pub memory: u64,
-    /// Disk in GiB.
+    /// Data disk in GiB: a virtio-blk disk its node creates (a sparse file,
+    /// formatted ext4, mounted at /data in the default image) and keeps
+    /// until the VM is deleted; a cold migration copies it. 0: none.
     #[arg(long, default_value_t = 1)]
     pub disk: u64,
+    /// Forward the node's TCP HOST_PORT to the VM's GUEST_PORT
+    /// (repeatable). A node where HOST_PORT is taken is not a candidate.
+    #[arg(long = "publish", short = 'p', value_name = "HOST_PORT:GUEST_PORT", value_parser = parse_publish)]
+    pub publish: Vec<String>,
     /// Label KEY=VALUE (repeatable).
     #[arg(long = "label", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
@@ -104,6 +110,11 @@ pub struct PlacementOpts {
     pub priority: Option<u32>,
 }
 
+/// `--publish`: `HOST_PORT:GUEST_PORT`.
+fn parse_publish(s: &str) -> Result<String, String> {
+    PortMap::parse(s).map(|p| p.to_string())
+}
+
 /// `--constraint`: `K=V` or `K!=V` with a non-empty key (the cluster checks
 /// the rest: key and value syntax, how many).
 fn parse_constraint(s: &str) -> Result<String, String> {
@@ -160,6 +171,7 @@ pub async fn run(c: &mut Client, a: CreateArgs) -> Result<(), Failure> {
             spec: Some(spec.clone()),
             placement: Some(placement.clone()),
             reschedule: a.reschedule.clone(),
+            publish: a.publish.clone(),
         })
         .collect();
     let mut req = pb::CreateVmsRequest { vms, no_start: a.no_start, queue: a.queue, ..Default::default() };

@@ -4,10 +4,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use blixard_core::node::VmNetworkConfig;
 use blixard_core::node::{Node, NodeConfig};
 use blixard_core::raft::RaftTuning;
 use blixard_core::tls::NodeTls;
-use blixard_core::types::{NodeResources, Ratio, Resources};
+use blixard_core::types::{Ipv4Net, NodeResources, Ratio, Resources};
 use blixard_vm::guard::GuardCommand;
 use blixard_vm::image_dir::DEFAULT_SUBDIR as DEFAULT_IMAGE_SUBDIR;
 use blixard_vm::process::ProcessBackend;
@@ -241,6 +242,26 @@ pub struct VmArgs {
     /// by all its nodes.
     #[arg(long, value_name = "DIR")]
     pub image_dir: Option<PathBuf>,
+    /// VM networking: bridge (each VM gets a NIC on this node's bridge with
+    /// its cluster address; needs CAP_NET_ADMIN, else the node says so and
+    /// runs VMs without one) or none.
+    #[arg(long, value_name = "MODE", default_value = "bridge", value_parser = ["bridge", "none"])]
+    pub vm_network: String,
+    /// Masquerade VM traffic leaving the VM network (outbound internet
+    /// access for guests).
+    #[arg(long)]
+    pub vm_nat: bool,
+    /// The cluster's VM network, when this node founds the cluster (each
+    /// node gets a /24 of it) [default: 10.88.0.0/16]. Fixed once set.
+    #[arg(long, value_name = "CIDR", value_parser = parse_cidr)]
+    pub vm_cidr: Option<Ipv4Net>,
+}
+
+/// `--vm-cidr`: an aligned network the cluster accepts.
+fn parse_cidr(s: &str) -> Result<Ipv4Net, String> {
+    let net = Ipv4Net::parse(s)?;
+    blixard_core::validate::vm_cidr(&net).map_err(|e| e.to_string())?;
+    Ok(net)
 }
 
 #[derive(Args)]
@@ -350,6 +371,13 @@ pub async fn node_start(
         None => data_dir.join(DEFAULT_IMAGE_SUBDIR),
     };
     let vm_backend = choose_backend(&args.vms, &data_dir, &image_dir).await?;
+    if args.vms.vm_cidr.is_some() && args.join.is_some() {
+        return Err(Failure::new(
+            "--vm-cidr is chosen by the node that founds the cluster; a joining node uses the cluster's"
+                .to_string(),
+        ));
+    }
+    let vm_network = vm_network_of(&args.vms, vm_backend.as_deref());
     let metrics = match metrics_addr {
         MetricsAddr::Off => None,
         MetricsAddr::At(addr) => Some(crate::prometheus::start(addr, args.id, tls.as_ref()).await?),
@@ -368,6 +396,8 @@ pub async fn node_start(
         meter: metrics.as_ref().map(|m| m.meter.clone()),
         join_token,
         tls: tls.clone(),
+        vm_cidr: args.vms.vm_cidr,
+        vm_network: vm_network.clone(),
     };
     let addr = cfg.advertised();
     // Founding a cluster: no identity yet and nothing to join.
@@ -430,6 +460,13 @@ pub async fn node_start(
     }
     if vm_backend.as_ref().is_some_and(|b| b.kind() == BackendKind::Qemu) {
         println!("  images:   {} (vm create --kernel NAME boots a file from here)", image_dir.display());
+        match &vm_network {
+            Ok(n) => println!(
+                "  network:  bridge (each VM gets a NIC with its cluster address{})",
+                if n.nat { "; outbound NAT on" } else { "" }
+            ),
+            Err(why) => println!("  network:  none: {why}"),
+        }
     }
     match &args.tls.tls_ca {
         Some(ca) if tls.is_some() => println!(
@@ -447,6 +484,25 @@ pub async fn node_start(
 
 /// Picks the VM backend. `auto` prefers real microVMs and says plainly why
 /// it falls back to processes.
+/// Whether this node gives its VMs a NIC, or why not (said at start and
+/// in `node status`).
+fn vm_network_of(args: &VmArgs, backend: Option<&dyn VmBackend>) -> Result<VmNetworkConfig, String> {
+    if args.vm_network == "none" {
+        return Err("--vm-network none: VMs run without a NIC".to_string());
+    }
+    match backend.map(|b| b.kind()) {
+        Some(BackendKind::Qemu) => {}
+        Some(kind) => return Err(format!("the {} backend runs VMs without a NIC", kind.as_str())),
+        None => return Err("this node runs no VMs".to_string()),
+    }
+    blixard_vm::net::probe().map_err(|why| {
+        let msg = format!("{why}; VMs run without a NIC (--vm-network none silences this)");
+        eprintln!("note: VM networking is off: {msg}");
+        msg
+    })?;
+    Ok(VmNetworkConfig { nat: args.vm_nat })
+}
+
 async fn choose_backend(
     args: &VmArgs,
     data_dir: &Path,
@@ -593,7 +649,13 @@ pub async fn up(args: UpArgs, context: Option<String>, token: Option<String>) ->
         }
         cmd.args(args.capacity.to_args());
         cmd.args(args.telemetry.to_args());
-        cmd.args(["--vm-backend", &args.vms.vm_backend]);
+        cmd.args(["--vm-backend", &args.vms.vm_backend, "--vm-network", &args.vms.vm_network]);
+        if args.vms.vm_nat {
+            cmd.arg("--vm-nat");
+        }
+        if let (0, Some(cidr)) = (i, args.vms.vm_cidr) {
+            cmd.arg("--vm-cidr").arg(cidr.to_string());
+        }
         if let Some(c) = &args.vms.image_cache {
             cmd.arg("--image-cache").arg(c);
         }

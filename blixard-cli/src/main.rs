@@ -3,6 +3,7 @@
 mod bench;
 mod cert;
 mod client;
+mod console;
 mod context;
 mod create;
 mod events;
@@ -373,6 +374,15 @@ enum VmCmd {
         #[command(flatten)]
         write: WriteOpts,
     },
+    /// The VM's interactive serial console, through any member (operator
+    /// role). On a terminal, Ctrl-] detaches; with stdin not a terminal,
+    /// stdin is sent and output printed until the guest is quiet for
+    /// --idle-timeout seconds after stdin ends.
+    Console {
+        name: String,
+        #[arg(long, value_name = "SECONDS", default_value_t = 2.0)]
+        idle_timeout: f64,
+    },
     /// The VM's serial console, from whichever node runs it.
     Logs {
         name: String,
@@ -698,6 +708,11 @@ async fn vm(addr: &str, cmd: VmCmd) -> Result<(), Failure> {
         }
         VmCmd::Delete { name, wait, write } => lifecycle::delete(&mut c, name, wait, &write.id()?).await,
         VmCmd::Logs { name, follow } => lifecycle::logs(&mut c, name, follow).await,
+        VmCmd::Console { name, idle_timeout } => {
+            let idle = std::time::Duration::try_from_secs_f64(idle_timeout)
+                .map_err(|_| Failure::new(format!("invalid --idle-timeout {idle_timeout}")))?;
+            console::run(&mut c, name, idle).await
+        }
     }
 }
 

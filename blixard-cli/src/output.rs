@@ -178,6 +178,7 @@ pub fn node_json(n: &pb::NodeInfo) -> Value {
         "updated_at_ms": n.updated_at_ms,
         "last_heartbeat_age_ms": n.last_heartbeat_age_ms,
         "drain": drain_json(n.drain.as_ref()),
+        "vm_subnet": if n.vm_subnet.is_empty() { Value::Null } else { json!(n.vm_subnet) },
     })
 }
 
@@ -241,6 +242,9 @@ pub fn node(n: &pb::NodeInfo, format: Format) -> Result<(), Failure> {
     println!("  allocatable: {}", r(&n.allocatable.or(n.capacity)));
     println!("  allocated:   {}", r(&n.allocated));
     println!("  labels:      {}", labels_text(n));
+    if !n.vm_subnet.is_empty() {
+        println!("  vm subnet:   {} (gateway and bridge address: the first host)", n.vm_subnet);
+    }
     // Absent from a write's answer (`node set`, `node eligible`).
     if n.last_heartbeat_age_ms.is_some() {
         println!("  heartbeat:   {} (as the leader sees it)", heartbeat_text(n));
@@ -348,6 +352,8 @@ pub fn vm_json(v: &pb::Vm) -> Value {
         "placement_generation": v.placement_generation,
         "moving_reason": if v.moving_reason.is_empty() { Value::Null } else { json!(v.moving_reason) },
         "moving_to": if v.moving_to == 0 { Value::Null } else { json!(v.moving_to) },
+        "ip": if v.ip.is_empty() { Value::Null } else { json!(v.ip) },
+        "publish": v.publish,
     })
 }
 
@@ -571,11 +577,24 @@ fn vm_row(v: &pb::Vm) -> Vec<String> {
         observed_cell(v),
         uptime(v).map(human).unwrap_or_else(|| "-".into()),
         v.restarts.to_string(),
+        if v.ip.is_empty() { "-".into() } else { v.ip.clone() },
+        if v.publish.is_empty() { "-".into() } else { v.publish.join(",") },
     ]
 }
 
-const VM_HEADER: [&str; 9] =
-    ["NAME", "NODE", "VCPUS", "MEMORY MiB", "DISK GiB", "DESIRED", "OBSERVED", "UPTIME", "RESTARTS"];
+const VM_HEADER: [&str; 11] = [
+    "NAME",
+    "NODE",
+    "VCPUS",
+    "MEMORY MiB",
+    "DISK GiB",
+    "DESIRED",
+    "OBSERVED",
+    "UPTIME",
+    "RESTARTS",
+    "IP",
+    "PUBLISH",
+];
 
 pub fn vm(v: &pb::Vm, format: Format) -> Result<(), Failure> {
     if format == Format::Json {

@@ -33,7 +33,14 @@ fn workload() -> Vec<String> {
 }
 
 fn vm(name: &str) -> VmConfig {
-    VmConfig { name: name.into(), vcpus: 1, memory_mb: 64, boot: BootSource::default() }
+    VmConfig {
+        name: name.into(),
+        vcpus: 1,
+        memory_mb: 64,
+        boot: BootSource::default(),
+        net: None,
+        disk_gb: 0,
+    }
 }
 
 fn guard_command() -> GuardCommand {

@@ -105,7 +105,18 @@ impl Cluster {
             ])
             .arg("--data-dir")
             .arg(leaf)
-            .args(["--vcpus", "4", "--memory-mb", "2048", "--disk-gb", "50", "--vm-backend", "qemu"])
+            .args([
+                "--vcpus",
+                "4",
+                "--memory-mb",
+                "2048",
+                "--disk-gb",
+                "50",
+                "--vm-backend",
+                "qemu",
+                "--vm-network",
+                "none",
+            ])
             .arg("--image-cache")
             .arg(&self.cache)
             .args(if id == 3 { &["--image-dir", "images-3"][..] } else { &[] })

@@ -68,6 +68,8 @@ fn node_main(id: u64) {
             meter: None,
             join_token: std::env::var("E2E_TOKEN").ok(),
             tls: None,
+            vm_cidr: None,
+            vm_network: Err("tests run VMs without a NIC".into()),
         };
         let node = Node::start(cfg).await.expect("node starts");
         if id == 1 {

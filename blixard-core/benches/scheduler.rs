@@ -95,6 +95,8 @@ fn vms(mix: bool) -> Vec<VmRecord> {
                 history: Vec::new(),
                 moving: None,
                 placement_gen: 0,
+                ip: None,
+                publish: Vec::new(),
             }
         })
         .collect()
@@ -151,6 +153,7 @@ fn apply(strategy: Strategy, vms: &[VmRecord]) -> f64 {
                 spec: v.spec.clone(),
                 placement: v.placement.clone(),
                 reschedule: v.reschedule,
+                publish: Vec::new(),
             };
             p(Command::CreateVms { vms: vec![vm], start: true, queue: false })
         })

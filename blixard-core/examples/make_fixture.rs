@@ -43,12 +43,18 @@ async fn main() {
         meter: None,
         join_token: None,
         tls: None,
+        vm_cidr: None,
+        vm_network: Err("the fixture runs no VMs".into()),
     };
     let node = Node::start(cfg).await.expect("node starts");
-    while node.shared().state.with_node(1, |_| ()).is_none() {
+    while node.shared().state.with_node(1, |_| ()).is_none() || !node.shared().state.tokens_bootstrapped() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut vms = VmServiceClient::new(vms_channel(port).await);
+    // Format 5: every call carries a token; the founder's bootstrap admin
+    // token is in its data dir.
+    let token = blixard_core::node::bootstrap::read(&dir).expect("the founder's admin token");
+    let auth = blixard_core::auth::Bearer::new(&token).unwrap();
+    let mut vms = VmServiceClient::with_interceptor(vms_channel(port).await, auth.clone());
     let mk = |name: &str, s, no_start, id: &str| pb::CreateVmRequest {
         name: name.into(),
         spec: s,
@@ -72,7 +78,7 @@ async fn main() {
     vms.create_vm(mk("cache-1", spec(1, 512, "", "cache"), false, "")).await.unwrap();
     // Format 2 state: a quota, the binpack strategy, an operator override.
     let ch = vms_channel(port).await;
-    let mut cluster = blixard_proto::cluster_service_client::ClusterServiceClient::new(ch);
+    let mut cluster = blixard_proto::cluster_service_client::ClusterServiceClient::with_interceptor(ch, auth);
     let limits = pb::QuotaLimits { vms: Some(50), vcpus: Some(40), ..Default::default() };
     cluster
         .set_quota(pb::SetQuotaRequest { tenant: "acme".into(), limits: Some(limits), request_id: "".into() })
@@ -111,6 +117,16 @@ async fn main() {
     })
     .await
     .unwrap();
+    // Format 5 state: an operator token besides the bootstrap admin token.
+    cluster
+        .create_token(pb::CreateTokenRequest {
+            name: "ops".into(),
+            role: "operator".into(),
+            request_id: "gen-token".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(dir.join("snapshot.bin").exists(), "a snapshot was built");
     node.shutdown().await;

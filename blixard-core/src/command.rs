@@ -11,8 +11,8 @@ use crate::auth::token::TokenHash;
 use crate::auth::Role;
 use crate::error::CommandError;
 use crate::types::{
-    DesiredState, NodeId, NodeResources, ObservedState, Placement, QuotaLimits, Ratio, Reschedule, Resources,
-    Strategy, VmRuntime, VmSpec,
+    DesiredState, Ipv4Net, NodeId, NodeResources, ObservedState, Placement, PortMap, QuotaLimits, Ratio,
+    Reschedule, Resources, Strategy, VmRuntime, VmSpec,
 };
 use crate::validate;
 
@@ -105,14 +105,10 @@ pub enum Command {
         start: bool,
         queue: bool,
     },
-    /// Create VMs with their placement rules, each placed in turn (format
-    /// 4; `CreateVm` and `CreateVmsV3` are older forms, still applied for
-    /// old entries). One that fits nowhere may preempt VMs of lower
-    /// priority; if it still fits nowhere the whole command is rejected,
-    /// unless `queue`: then it waits in the queue. Quota and input errors
-    /// always reject the whole command.
-    CreateVms {
-        vms: Vec<NewVm>,
+    /// Format 4's `CreateVms` (no published ports): still applied for old
+    /// entries, never proposed any more.
+    CreateVmsV4 {
+        vms: Vec<NewVmV4>,
         start: bool,
         queue: bool,
     },
@@ -164,6 +160,26 @@ pub enum Command {
     RevokeToken {
         name: String,
     },
+    /// Create VMs with their placement rules and published ports, each
+    /// placed in turn (format 6; `CreateVm`, `CreateVmsV3` and
+    /// `CreateVmsV4` are older forms, still applied for old entries). One
+    /// that fits nowhere may preempt VMs of lower priority; if it still
+    /// fits nowhere the whole command is rejected, unless `queue`: then it
+    /// waits in the queue. Quota and input errors always reject the whole
+    /// command.
+    CreateVms {
+        vms: Vec<NewVm>,
+        start: bool,
+        queue: bool,
+    },
+    /// Format 6: the cluster's VM network, set once (the founder's
+    /// `--vm-cidr`, or the default, proposed by a leader when the state has
+    /// none). Gives every active node a /24 of it and every VM a node holds
+    /// an address. Setting it again to the same network is a no-op; to
+    /// another, refused.
+    SetVmNetwork {
+        cidr: Ipv4Net,
+    },
 }
 
 /// One VM of a [`Command::CreateVms`].
@@ -173,6 +189,29 @@ pub struct NewVm {
     pub spec: VmSpec,
     pub placement: Placement,
     pub reschedule: Reschedule,
+    /// Host ports its node forwards to it (format 6).
+    pub publish: Vec<PortMap>,
+}
+
+/// One VM of a format-4 [`Command::CreateVmsV4`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct NewVmV4 {
+    pub name: String,
+    pub spec: VmSpec,
+    pub placement: Placement,
+    pub reschedule: Reschedule,
+}
+
+impl From<&NewVmV4> for NewVm {
+    fn from(v: &NewVmV4) -> Self {
+        NewVm {
+            name: v.name.clone(),
+            spec: v.spec.clone(),
+            placement: v.placement.clone(),
+            reschedule: v.reschedule,
+            publish: Vec::new(),
+        }
+    }
 }
 
 /// One VM of a format-3 [`Command::CreateVmsV3`].
@@ -190,6 +229,7 @@ impl From<&NewVmV3> for NewVm {
             spec: v.spec.clone(),
             placement: v.placement.clone(),
             reschedule: Reschedule::default(),
+            publish: Vec::new(),
         }
     }
 }
@@ -263,13 +303,22 @@ impl Command {
                 }
                 Ok(())
             }
-            Command::CreateVms { vms, .. } => {
+            Command::CreateVmsV4 { vms, .. } => {
                 validate::vm_count(vms.len())?;
                 for v in vms {
                     validate::new_vm(&v.name, &v.spec, &v.placement)?;
                 }
                 Ok(())
             }
+            Command::CreateVms { vms, .. } => {
+                validate::vm_count(vms.len())?;
+                for v in vms {
+                    validate::new_vm(&v.name, &v.spec, &v.placement)?;
+                    validate::publish(&v.publish)?;
+                }
+                Ok(())
+            }
+            Command::SetVmNetwork { cidr } => validate::vm_cidr(cidr),
             Command::SetNodeTimeout { ms } => validate::node_timeout_ms(*ms),
             Command::SetNodeDown { id, .. } | Command::SetEligible { id } => validate::node_id(*id),
             Command::DrainNode { id, max_parallel, .. } => {
@@ -491,6 +540,13 @@ pub enum CommandOutput {
     },
     TokenRevoked {
         name: String,
+    },
+    /// Format 6: the VM network is (now) `cidr`; `subnets` nodes got a
+    /// subnet and `addresses` VMs an address.
+    VmNetworkSet {
+        cidr: Ipv4Net,
+        subnets: u32,
+        addresses: u32,
     },
 }
 

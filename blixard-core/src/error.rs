@@ -67,6 +67,10 @@ pub enum CommandError {
 
     #[error("no token named {name:?}")]
     NoToken { name: String },
+
+    /// Appended in format 6: the VM network is fixed once set.
+    #[error("the cluster's VM network is {current}, fixed when the cluster was bootstrapped; it cannot become {asked}")]
+    VmNetworkFixed { current: String, asked: String },
 }
 
 impl CommandError {

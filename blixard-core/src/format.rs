@@ -27,7 +27,11 @@
 //! timeout (state image), and the self-healing commands (appended; format
 //! 3's `CreateVms` is renamed `CreateVmsV3` in place); version 5 adds bearer
 //! tokens to the state image and the `CreateToken`/`RevokeToken` commands
-//! (appended). Older types live in
+//! (appended); version 6 adds the VM network (state image: the cluster's
+//! network, each node's subnet, each VM's address and published ports) and
+//! the `CreateVms` (with published ports; format 4's is renamed
+//! `CreateVmsV4` in place) and `SetVmNetwork` commands (appended). Older
+//! types live in
 //! [`crate::legacy`]. Reading a version newer
 //! than [`CURRENT`] is a [`FormatError::Newer`] naming both versions, never a
 //! misread. How to change a format: see "Format versions" in
@@ -35,7 +39,7 @@
 //! and a fixture data dir written by the previous version).
 
 /// The format version this build writes.
-pub const CURRENT: u16 = 5;
+pub const CURRENT: u16 = 6;
 
 /// The oldest version this build still reads (and migrates).
 pub const OLDEST: u16 = 0;

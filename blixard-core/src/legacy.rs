@@ -6,11 +6,13 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use crate::auth::token::TokenRecord;
 use crate::command::{CommandResult, RequestId};
 use crate::state::{StateImage, DEFAULT_NODE_TIMEOUT_MS};
 use crate::types::{
-    DesiredState, NodeId, NodeOverrides, NodeRecord, NodeResources, NodeStatus, ObservedState, Placement,
-    QuotaLimits, Registration, Resources, Strategy, VmRecord, VmRuntime, VmSpec,
+    DesiredState, Drain, Move, NodeId, NodeOverrides, NodeRecord, NodeResources, NodeStatus, ObservedState,
+    PendingMove, Placement, QuotaLimits, Registration, Reschedule, Resources, Strategy, VmRecord, VmRuntime,
+    VmSpec,
 };
 
 /// A VM record in formats 0 to 2: no placement rules, never queued.
@@ -92,6 +94,98 @@ impl From<VmRecordV3> for VmRecord {
             history: Vec::new(),
             moving: None,
             placement_gen: 0,
+            ip: None,
+            publish: Vec::new(),
+        }
+    }
+}
+
+/// A VM record in formats 4 and 5: no address, no published ports.
+#[derive(Deserialize)]
+pub struct VmRecordV5 {
+    pub name: Arc<str>,
+    pub spec: VmSpec,
+    pub node_id: NodeId,
+    pub desired: DesiredState,
+    pub observed: ObservedState,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+    pub revision: u64,
+    pub generation: u64,
+    pub runtime: VmRuntime,
+    pub placement: Placement,
+    pub queued_at: u64,
+    pub preempted_by: String,
+    pub leaving: NodeId,
+    pub reschedule: Reschedule,
+    pub history: Vec<Move>,
+    pub moving: Option<PendingMove>,
+    pub placement_gen: u64,
+}
+
+impl From<VmRecordV5> for VmRecord {
+    /// No address yet: the cluster's VM network, once set, gives it one.
+    fn from(v: VmRecordV5) -> Self {
+        VmRecord {
+            name: v.name,
+            spec: v.spec,
+            node_id: v.node_id,
+            desired: v.desired,
+            observed: v.observed,
+            created_at_ms: v.created_at_ms,
+            updated_at_ms: v.updated_at_ms,
+            revision: v.revision,
+            generation: v.generation,
+            runtime: v.runtime,
+            placement: v.placement,
+            queued_at: v.queued_at,
+            preempted_by: v.preempted_by,
+            leaving: v.leaving,
+            reschedule: v.reschedule,
+            history: v.history,
+            moving: v.moving,
+            placement_gen: v.placement_gen,
+            ip: None,
+            publish: Vec::new(),
+        }
+    }
+}
+
+/// A node record in formats 4 and 5: no VM subnet.
+#[derive(Deserialize)]
+pub struct NodeRecordV5 {
+    pub id: NodeId,
+    pub addr: String,
+    pub resources: NodeResources,
+    pub allocated: Resources,
+    pub labels: BTreeMap<String, String>,
+    pub status: NodeStatus,
+    pub registered_at_ms: u64,
+    pub updated_at_ms: u64,
+    pub registered: Registration,
+    pub overrides: NodeOverrides,
+    pub down: bool,
+    pub drain: Option<Drain>,
+    pub heartbeats: bool,
+}
+
+impl From<NodeRecordV5> for NodeRecord {
+    fn from(n: NodeRecordV5) -> Self {
+        NodeRecord {
+            id: n.id,
+            addr: n.addr,
+            resources: n.resources,
+            allocated: n.allocated,
+            labels: n.labels,
+            status: n.status,
+            registered_at_ms: n.registered_at_ms,
+            updated_at_ms: n.updated_at_ms,
+            registered: n.registered,
+            overrides: n.overrides,
+            down: n.down,
+            drain: n.drain,
+            heartbeats: n.heartbeats,
+            vm_subnet: None,
         }
     }
 }
@@ -128,6 +222,7 @@ impl From<NodeRecordV3> for NodeRecord {
             down: false,
             drain: None,
             heartbeats: false,
+            vm_subnet: None,
         }
     }
 }
@@ -198,6 +293,7 @@ impl From<StateImageV2> for StateImage {
             prev_node_timeout_ms: DEFAULT_NODE_TIMEOUT_MS,
             tokens: Vec::new(),
             tokens_bootstrapped: false,
+            vm_cidr: None,
         }
     }
 }
@@ -225,6 +321,7 @@ impl From<StateImageV3> for StateImage {
             prev_node_timeout_ms: DEFAULT_NODE_TIMEOUT_MS,
             tokens: Vec::new(),
             tokens_bootstrapped: false,
+            vm_cidr: None,
         }
     }
 }
@@ -232,8 +329,8 @@ impl From<StateImageV3> for StateImage {
 /// The state image in format 4: no tokens.
 #[derive(Deserialize)]
 pub struct StateImageV4 {
-    pub nodes: Vec<NodeRecord>,
-    pub vms: Vec<VmRecord>,
+    pub nodes: Vec<NodeRecordV5>,
+    pub vms: Vec<VmRecordV5>,
     pub requests: Vec<(RequestId, CommandResult)>,
     pub quotas: Vec<(String, QuotaLimits)>,
     pub scheduler: Strategy,
@@ -244,8 +341,8 @@ pub struct StateImageV4 {
 impl From<StateImageV4> for StateImage {
     fn from(i: StateImageV4) -> Self {
         StateImage {
-            nodes: i.nodes,
-            vms: i.vms,
+            nodes: i.nodes.into_iter().map(NodeRecord::from).collect(),
+            vms: i.vms.into_iter().map(VmRecord::from).collect(),
             requests: i.requests,
             quotas: i.quotas,
             scheduler: i.scheduler,
@@ -253,6 +350,40 @@ impl From<StateImageV4> for StateImage {
             prev_node_timeout_ms: i.prev_node_timeout_ms,
             tokens: Vec::new(),
             tokens_bootstrapped: false,
+            vm_cidr: None,
+        }
+    }
+}
+
+/// The state image in format 5: records without addresses, no VM network.
+#[derive(Deserialize)]
+pub struct StateImageV5 {
+    pub nodes: Vec<NodeRecordV5>,
+    pub vms: Vec<VmRecordV5>,
+    pub requests: Vec<(RequestId, CommandResult)>,
+    pub quotas: Vec<(String, QuotaLimits)>,
+    pub scheduler: Strategy,
+    pub node_timeout_ms: u64,
+    pub prev_node_timeout_ms: u64,
+    pub tokens: Vec<TokenRecord>,
+    pub tokens_bootstrapped: bool,
+}
+
+impl From<StateImageV5> for StateImage {
+    /// No VM network yet: the first leader under format 6 sets the default
+    /// one, which gives every node its subnet and every held VM an address.
+    fn from(i: StateImageV5) -> Self {
+        StateImage {
+            nodes: i.nodes.into_iter().map(NodeRecord::from).collect(),
+            vms: i.vms.into_iter().map(VmRecord::from).collect(),
+            requests: i.requests,
+            quotas: i.quotas,
+            scheduler: i.scheduler,
+            node_timeout_ms: i.node_timeout_ms,
+            prev_node_timeout_ms: i.prev_node_timeout_ms,
+            tokens: i.tokens,
+            tokens_bootstrapped: i.tokens_bootstrapped,
+            vm_cidr: None,
         }
     }
 }
@@ -269,6 +400,7 @@ impl From<StateImageV1> for StateImage {
             prev_node_timeout_ms: DEFAULT_NODE_TIMEOUT_MS,
             tokens: Vec::new(),
             tokens_bootstrapped: false,
+            vm_cidr: None,
         }
     }
 }

@@ -16,5 +16,6 @@ pub mod tls;
 pub mod trace;
 pub mod types;
 pub mod validate;
+pub mod vm_net;
 pub mod vm_table;
 pub mod watch;

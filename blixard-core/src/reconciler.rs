@@ -15,16 +15,16 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use blixard_vm::{BootSource, RunState, VmBackend, VmConfig, VmError, VmStatus};
+use blixard_vm::{BootSource, NetConfig, RunState, VmBackend, VmConfig, VmError, VmStatus};
 use parking_lot::Mutex;
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::command::{Command, VmReport};
 use crate::metrics::Action;
-use crate::node::{ApiError, NodeShared};
+use crate::node::{disks, ApiError, NodeShared};
 use crate::state::ClusterState;
-use crate::types::{DesiredState, NodeId, ObservedState, RestartPolicy, VmRecord, VmRuntime};
+use crate::types::{DesiredState, Ipv4Net, NodeId, ObservedState, RestartPolicy, VmRecord, VmRuntime};
 use crate::validate::{MAX_BATCH, MAX_REASON_LEN};
 
 /// Longest a status report may take to commit before the tick gives up on
@@ -48,6 +48,9 @@ pub struct ReconcilerConfig {
     /// Minimum time between two status report proposals from this node;
     /// changes seen meanwhile go out together in the next report.
     pub report_every: Duration,
+    /// The node's VM bridge, when it gives its VMs a NIC (set by the node
+    /// from `--vm-network`): each VM with an address gets a tap on it.
+    pub bridge: Option<String>,
 }
 
 impl Default for ReconcilerConfig {
@@ -59,6 +62,7 @@ impl Default for ReconcilerConfig {
             backoff_max: Duration::from_secs(60),
             stable_after: Duration::from_secs(30),
             report_every: Duration::from_millis(200),
+            bridge: None,
         }
     }
 }
@@ -205,9 +209,19 @@ struct Want {
     runtime: VmRuntime,
 }
 
-fn want(vm: &VmRecord) -> Want {
+/// `net`: the node's bridge and subnet, when it gives its VMs a NIC.
+fn want(vm: &VmRecord, net: Option<(&str, Ipv4Net)>) -> Want {
     let b = &vm.spec.boot;
     let path = |s: &str| (!s.is_empty()).then(|| s.into());
+    let nic = match (net, vm.ip) {
+        (Some((bridge, subnet)), Some(ip)) if subnet.contains(ip) => Some(NetConfig {
+            bridge: bridge.to_string(),
+            ip,
+            prefix: subnet.prefix,
+            gateway: subnet.gateway(),
+        }),
+        _ => None,
+    };
     Want {
         name: vm.name.clone(),
         config: VmConfig {
@@ -219,12 +233,56 @@ fn want(vm: &VmRecord) -> Want {
                 initrd: path(&b.initrd),
                 cmdline: (!b.cmdline.is_empty()).then(|| b.cmdline.clone()),
             },
+            net: nic,
+            disk_gb: vm.spec.disk_gb,
         },
         desired: vm.desired,
         generation: vm.generation,
         policy: vm.spec.restart,
         observed: vm.observed,
         runtime: vm.runtime.clone(),
+    }
+}
+
+/// Before a VM's first start on this node after a migration or drain:
+/// fetches its disk from the node it left (node/disks.rs), unless it is
+/// here already.
+async fn fetch_disk(node: &NodeShared, backend: &dyn VmBackend, name: &str) -> Result<(), VmError> {
+    let Some(dest) = backend.data_disk(name) else { return Ok(()) };
+    let plan =
+        node.state.with_vm(name, |v| disks::fetch_from(v, node.id).map(|from| (from, v.placement_gen)));
+    let Some(Some((from, gen))) = plan else { return Ok(()) };
+    if dest.exists() {
+        return Ok(());
+    }
+    let started = Instant::now();
+    match disks::fetch(node, from, name, gen, &dest).await {
+        Ok(bytes) => {
+            tracing::info!(
+                vm = name,
+                from,
+                bytes,
+                took_ms = started.elapsed().as_millis() as u64,
+                "copied the VM's disk from the node it left"
+            );
+            Ok(())
+        }
+        Err(e) => Err(VmError::Failed(format!("waiting for its disk from node {from}: {e}"))),
+    }
+}
+
+/// Before deleting a VM's files here: if it moved off this node by
+/// migration or drain, keeps its disk for the node it went to.
+fn keep_disk(node: &NodeShared, backend: &dyn VmBackend, name: &str) {
+    let Some(disk) = backend.data_disk(name).filter(|d| d.exists()) else { return };
+    let Some(Some(gen)) = node.state.with_vm(name, |v| disks::moved_off(v, node.id)) else { return };
+    match disks::keep(&node.data_dir, name, gen, &disk) {
+        Ok(at) => {
+            tracing::info!(vm = name, file = %at.display(), "kept the VM's disk for the node it moved to")
+        }
+        Err(e) => {
+            tracing::warn!(vm = name, error = %e, "cannot keep the VM's disk for the node it moved to; it starts there with a fresh one")
+        }
     }
 }
 
@@ -255,6 +313,10 @@ impl Reconciler {
     /// the timers (backoff, reports, stability) still run every tick.
     async fn tick(&mut self, by_change: bool) {
         let me = self.node.id;
+        // Disks kept for VMs that moved away, once their new node has them.
+        if !by_change {
+            disks::collect_garbage(&self.node.data_dir, &self.node.state);
+        }
         // Fencing (see node/liveness.rs): without a valid lease this node
         // starts nothing, and once it lapsed it stops what runs (its guard
         // does too, even if this process is stopped). Checked before the
@@ -278,7 +340,9 @@ impl Reconciler {
             }
         }
         let mut wants = Vec::new();
-        self.node.state.for_each_vm_on(me, |vm| wants.push(want(vm)));
+        let subnet = self.node.state.with_node(me, |n| n.vm_subnet).flatten();
+        let net = self.cfg.bridge.as_deref().zip(subnet);
+        self.node.state.for_each_vm_on(me, |vm| wants.push(want(vm, net)));
         let quiet = by_change
             && !epoch_changed
             && self.last_full.as_ref().is_some_and(|(w, at)| *w == wants && at.elapsed() < self.cfg.tick)
@@ -536,6 +600,7 @@ impl Reconciler {
         let busy = self.busy.clone();
         let results = self.start_results.clone();
         let metrics = self.node.metrics.clone();
+        let node = self.node.clone();
         // Its own trace: an action follows a state change, not a request.
         let span = tracing::debug_span!(
             parent: None,
@@ -552,7 +617,10 @@ impl Reconciler {
                             tracing::warn!(vm = %name, error = %e, "stop before restart failed");
                         }
                     }
-                    let r = backend.start(&config).await.map(|_| ());
+                    let r = match fetch_disk(&node, &*backend, &name).await {
+                        Ok(()) => backend.start(&config).await.map(|_| ()),
+                        Err(e) => Err(e),
+                    };
                     if let Err(e) = &r {
                         tracing::warn!(vm = %name, error = %e, "VM failed to start");
                         // Leave nothing behind of a VM that could not start
@@ -575,6 +643,7 @@ impl Reconciler {
                     }
                 }
                 (Busy::Deleting, _) => {
+                    keep_disk(&node, &*backend, &name);
                     let r = backend.delete(&name).await;
                     metrics.action(Action::Delete, r.is_ok());
                     match r {

@@ -6,7 +6,9 @@
 //! identically, and the unit tests below read like a table.
 //!
 //! A request passes through feasibility filters (in this order: node
-//! active, pin, each constraint, anti-affinity, memory, vCPUs, disk), then a
+//! active, pin, each constraint, anti-affinity, memory, vCPUs, disk, then
+//! the VM network: with one, a subnet with a free address, and every host
+//! port the VM publishes free there; see [`crate::vm_net`]), then a
 //! ranking, then selection (the shape of Nomad's `feasible/stack.go`):
 //!
 //! - `spread` (default): the feasible node with the most free memory; ties
@@ -28,7 +30,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use crate::types::{NodeId, Placement, Resources, Strategy, VmRecord};
+use crate::types::{NodeId, Placement, PortMap, Resources, Strategy, VmRecord};
+use crate::vm_net::{NetIndex, NetRefusal};
 
 /// Active nodes ordered by (most free memory, lowest id).
 pub type FreeIndex = BTreeSet<(Reverse<u64>, NodeId)>;
@@ -46,6 +49,8 @@ pub struct Request<'a> {
     pub placement: &'a Placement,
     /// A node it must not go to (the one it is moving off); 0 = none.
     pub avoid: NodeId,
+    /// Host ports it publishes: free on the node it goes to.
+    pub publish: &'a [PortMap],
 }
 
 impl<'a> Request<'a> {
@@ -56,6 +61,7 @@ impl<'a> Request<'a> {
             tenant: &vm.spec.tenant,
             placement: &vm.placement,
             avoid: 0,
+            publish: &vm.publish,
         }
     }
 }
@@ -83,6 +89,11 @@ pub enum Filter {
     Memory,
     Vcpus,
     Disk,
+    /// No subnet of the VM network, or no free address in it.
+    NoSubnet,
+    SubnetFull,
+    /// A published host port is taken on the node.
+    Port,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -109,6 +120,8 @@ pub struct Scheduler {
     /// lower priority than the request.
     priorities: BTreeMap<u8, u32>,
     queue: BTreeSet<QueueKey>,
+    /// Subnets, addresses and published ports per node.
+    net: NetIndex,
 }
 
 /// Adds one to (or takes one from) `key`'s count, dropping a count that
@@ -157,6 +170,15 @@ impl Scheduler {
 
     pub fn set_strategy(&mut self, s: Strategy) -> Strategy {
         std::mem::replace(&mut self.strategy, s)
+    }
+
+    /// The VM network's subnets, addresses and published ports.
+    pub fn net(&self) -> &NetIndex {
+        &self.net
+    }
+
+    pub fn net_mut(&mut self) -> &mut NetIndex {
+        &mut self.net
     }
 
     // ------------------------------------------------------------ upkeep
@@ -280,7 +302,11 @@ impl Scheduler {
         if req.need.disk_gb > n.free.disk_gb {
             return Err(Filter::Disk);
         }
-        Ok(())
+        self.net.check(id, req.publish).map_err(|r| match r {
+            NetRefusal::NoSubnet => Filter::NoSubnet,
+            NetRefusal::Full => Filter::SubnetFull,
+            NetRefusal::Port(_) => Filter::Port,
+        })
     }
 
     fn group(&self, req: &Request) -> Option<&HashMap<NodeId, u32>> {
@@ -394,7 +420,10 @@ impl Scheduler {
         let mut best: Option<Ranked> = None;
         for id in ids {
             match self.check(id, req, group) {
-                Err(Filter::Memory | Filter::Vcpus | Filter::Disk) => {}
+                // Victims keep their address and ports until they have
+                // stopped (they leave the node): the request needs its own.
+                Err(Filter::Memory | Filter::Vcpus | Filter::Disk)
+                    if self.net.check(id, req.publish).is_ok() => {}
                 _ => continue,
             }
             let mut victims: Vec<Victim> =
@@ -486,6 +515,12 @@ impl Scheduler {
                 Filter::Memory => "lack memory".to_string(),
                 Filter::Vcpus => "lack vCPUs".to_string(),
                 Filter::Disk => "lack disk".to_string(),
+                Filter::NoSubnet => "have no VM subnet".to_string(),
+                Filter::SubnetFull => "have no free VM address".to_string(),
+                Filter::Port => {
+                    let ports: Vec<String> = req.publish.iter().map(|p| p.host.to_string()).collect();
+                    format!("have host port {} taken", ports.join(" or "))
+                }
                 _ => {
                     let rule = match f {
                         Filter::Pin => format!("pin to node {}", p.node),
@@ -521,6 +556,7 @@ impl Scheduler {
             ("priority counts", self.priorities == other.priorities),
             ("queue", self.queue == other.queue),
             ("strategy", self.strategy == other.strategy),
+            ("VM network index", self.net == other.net),
         ];
         match checks.iter().find(|(_, same)| !same) {
             Some((what, _)) => Err(format!("scheduler {what} disagrees with the tables")),
@@ -571,6 +607,8 @@ mod tests {
             history: Vec::new(),
             moving: None,
             placement_gen: 0,
+            ip: None,
+            publish: Vec::new(),
         }
     }
 
@@ -602,6 +640,7 @@ mod tests {
             tenant: "",
             placement: &p,
             avoid: 0,
+            publish: &[],
         };
         match (s.place(&req), expected) {
             (Some(got), Ok(want)) => assert_eq!(got, want, "{need:?} {rules}"),
@@ -703,7 +742,14 @@ mod tests {
             _ => vec![v("d", 20, 1, 400), v("e", 60, 2, 800)],
         };
         let p = Placement { priority: 50, ..Default::default() };
-        let req = Request { name: "x", need: Resources::new(1, 700, 1), tenant: "", placement: &p, avoid: 0 };
+        let req = Request {
+            name: "x",
+            need: Resources::new(1, 700, 1),
+            tenant: "",
+            placement: &p,
+            avoid: 0,
+            publish: &[],
+        };
         // One eviction on either node: b (the newer of the two lowest) on
         // node 1, d on node 2; the lower priority wins.
         assert_eq!(s.plan_preemption(&req, on), Some((1, vec!["b".into()])));

@@ -29,6 +29,8 @@ use crate::types::{
     QuotaLimits, Registration, Resources, Strategy, TenantUsage, VmRecord, VmRuntime, VmSpec,
 };
 use crate::types::{Drain, Move, MoveReason, PendingMove, Reschedule, MAX_HISTORY};
+use crate::types::{Ipv4Net, PortMap};
+use crate::vm_net::api_port;
 use crate::vm_table::{VmTables, VmWriter};
 use crate::watch::{Change, Feed, Revision};
 
@@ -129,6 +131,9 @@ pub struct StateImage {
     /// was ever made.
     pub tokens: Vec<TokenRecord>,
     pub tokens_bootstrapped: bool,
+    /// The cluster's VM network (format 6); `None` until a leader sets it
+    /// (the founder's `--vm-cidr`, else the default).
+    pub vm_cidr: Option<Ipv4Net>,
 }
 
 impl Default for StateImage {
@@ -143,6 +148,7 @@ impl Default for StateImage {
             prev_node_timeout_ms: DEFAULT_NODE_TIMEOUT_MS,
             tokens: Vec::new(),
             tokens_bootstrapped: false,
+            vm_cidr: None,
         }
     }
 }
@@ -158,6 +164,8 @@ enum Undo {
     NodeTimeout(u64, u64),
     /// A token as it was (None: it did not exist), and the bootstrap flag.
     Token(TokenHash, Option<TokenRecord>, bool),
+    /// The VM network as it was.
+    VmCidr(Option<Ipv4Net>),
 }
 
 type Journal<'a> = Option<&'a mut Vec<Undo>>;
@@ -333,8 +341,14 @@ impl ClusterState {
         {
             let mut sched = self.sched.lock();
             match &new {
-                Some(n) => sched.set_node(id, Some((n.free(), &n.labels, n.schedulable()))),
-                None => sched.set_node(id, None),
+                Some(n) => {
+                    sched.set_node(id, Some((n.free(), &n.labels, n.schedulable())));
+                    sched.net_mut().set_node(id, Some((n.vm_subnet, api_port(&n.addr))));
+                }
+                None => {
+                    sched.set_node(id, None);
+                    sched.net_mut().set_node(id, None);
+                }
             }
         }
         match new {
@@ -373,6 +387,17 @@ impl ClusterState {
                 self.sched.lock().count_vm(vm, add);
             }
         }
+        fn held(v: Option<&VmRecord>) -> Option<(NodeId, Option<std::net::Ipv4Addr>, &[PortMap])> {
+            v.map(|v| (v.holder(), v.ip, &v.publish[..]))
+        }
+        if held(old) != held(new) {
+            let mut sched = self.sched.lock();
+            for (vm, add) in [(old, false), (new, true)] {
+                if let Some(vm) = vm {
+                    sched.net_mut().hold(vm, add);
+                }
+            }
+        }
         let queued = |v: Option<&VmRecord>| v.is_some_and(VmRecord::is_placeable);
         if queued(old) || queued(new) {
             let mut sched = self.sched.lock();
@@ -405,6 +430,11 @@ impl ClusterState {
         }
     }
 
+    /// The cluster's VM network, once set.
+    pub fn vm_cidr(&self) -> Option<Ipv4Net> {
+        self.sched.lock().net().cidr()
+    }
+
     /// The cluster's placement strategy.
     pub fn strategy(&self) -> Strategy {
         self.sched.lock().strategy()
@@ -419,6 +449,7 @@ impl ClusterState {
             tenant: &vm.spec.tenant,
             placement: &vm.placement,
             avoid: 0,
+            publish: &vm.publish,
         };
         self.sched.lock().explain(&req)
     }
@@ -471,6 +502,7 @@ impl ClusterState {
             prev_node_timeout_ms: self.prev_node_timeout_ms.load(std::sync::atomic::Ordering::Acquire),
             tokens: self.tokens(),
             tokens_bootstrapped: self.tokens_bootstrapped(),
+            vm_cidr: self.vm_cidr(),
         }
     }
 
@@ -580,12 +612,15 @@ impl ClusterState {
 /// The scheduler of an image: every index built from scratch.
 fn scheduler_of(image: &StateImage) -> Scheduler {
     let mut sched = Scheduler::new(image.scheduler);
+    sched.net_mut().set_cidr(image.vm_cidr);
     for n in &image.nodes {
         sched.set_node(n.id, Some((n.free(), &n.labels, n.schedulable())));
+        sched.net_mut().set_node(n.id, Some((n.vm_subnet, api_port(&n.addr))));
     }
     for v in &image.vms {
         sched.count_vm(v, true);
         sched.queue_vm(v, true);
+        sched.net_mut().hold(v, true);
     }
     sched
 }
@@ -606,11 +641,79 @@ impl ClusterState {
     /// the tables; every placed VM (on a node that has not left) is on its
     /// pinned node, meets its constraints there and shares the node with no
     /// VM of its anti-affinity group; no queued VM fits anywhere.
+    /// The VM network's invariants: no two nodes share a subnet, each
+    /// inside the network; no two VMs share an address; every address lies
+    /// in the subnet of the node holding the VM, and a VM held by a node
+    /// with a subnet has one; no two VMs on a node publish the same port.
+    fn check_vm_network(&self, image: &StateImage) -> Result<(), String> {
+        let mut subnets: BTreeMap<Ipv4Net, NodeId> = BTreeMap::new();
+        for n in &image.nodes {
+            let Some(s) = n.vm_subnet else { continue };
+            if !image
+                .vm_cidr
+                .is_some_and(|c| c.contains(s.addr) && s.prefix == crate::types::NODE_SUBNET_PREFIX)
+            {
+                return Err(format!(
+                    "node {} holds subnet {s} outside the VM network {:?}",
+                    n.id, image.vm_cidr
+                ));
+            }
+            if let Some(other) = subnets.insert(s, n.id) {
+                return Err(format!("nodes {other} and {} both hold subnet {s}", n.id));
+            }
+        }
+        let subnet_of = |id: NodeId| image.nodes.iter().find(|n| n.id == id).and_then(|n| n.vm_subnet);
+        let mut addrs: BTreeMap<std::net::Ipv4Addr, &str> = BTreeMap::new();
+        let mut ports: BTreeMap<(NodeId, u16), &str> = BTreeMap::new();
+        for v in &image.vms {
+            let holder = v.holder();
+            let subnet = if holder == 0 { None } else { subnet_of(holder) };
+            match (v.ip, subnet) {
+                (Some(ip), Some(s)) => {
+                    let host = u32::from(ip).wrapping_sub(u32::from(s.network()));
+                    if !s.contains(ip)
+                        || !(crate::types::FIRST_VM_HOST..=crate::types::LAST_VM_HOST).contains(&host)
+                    {
+                        return Err(format!(
+                            "VM {} holds {ip}, not a VM address of node {holder}'s subnet {s}",
+                            v.name
+                        ));
+                    }
+                    if let Some(other) = addrs.insert(ip, &v.name) {
+                        return Err(format!("VMs {other} and {} both hold {ip}", v.name));
+                    }
+                }
+                (Some(ip), None) => {
+                    return Err(format!("VM {} holds {ip} but node {holder} has no subnet", v.name));
+                }
+                (None, Some(s)) if image.vm_cidr.is_some() => {
+                    return Err(format!(
+                        "VM {} is held by node {holder} (subnet {s}) without an address",
+                        v.name
+                    ));
+                }
+                (None, _) => {}
+            }
+            if holder != 0 {
+                for p in &v.publish {
+                    if let Some(other) = ports.insert((holder, p.host), &v.name) {
+                        return Err(format!(
+                            "VMs {other} and {} both publish port {} on node {holder}",
+                            v.name, p.host
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn check_placements(&self) -> Result<(), String> {
         let image = self.image();
         let fresh = scheduler_of(&image);
         let sched = self.sched.lock();
         sched.same_as(&fresh)?;
+        self.check_vm_network(&image)?;
         let mut groups: BTreeSet<(&str, NodeId)> = BTreeSet::new();
         for v in &image.vms {
             if v.moving.is_some() && v.leaving == 0 {
@@ -841,7 +944,34 @@ impl ApplyRun<'_> {
     /// The one way apply changes a VM: replaces the VM named `name` with
     /// `new` (or removes it), keeping everything derived from it in step,
     /// and journals the old record when asked to. Returns the old record.
+    ///
+    /// The VM's address follows its holder node (see [`VmRecord::holder`]):
+    /// kept while the holder stays, released when it changes or the VM
+    /// goes, and the lowest free address of the new holder's subnet given
+    /// when it has one. Whatever `new.ip` says is overwritten.
     fn set_vm(&mut self, name: &str, new: Option<VmRecord>, journal: Journal<'_>) -> Option<Arc<VmRecord>> {
+        let new = new.map(|mut n| {
+            let old = self.vms.get(name);
+            let kept = old.filter(|o| o.holder() == n.holder()).and_then(|o| o.ip);
+            n.ip = match kept {
+                Some(ip) => Some(ip),
+                None if n.holder() == 0 => None,
+                None => {
+                    // A new holder, or the same one without an address yet:
+                    // the VM holds nothing in that subnet, so the lowest
+                    // free address is free for it.
+                    let sched = self.state.sched.lock();
+                    sched.net().lowest_free(n.holder())
+                }
+            };
+            n
+        });
+        self.write_vm(name, new, journal)
+    }
+
+    /// Replaces a VM's record exactly as given (a rollback restores the
+    /// address it had), keeping everything derived from it in step.
+    fn write_vm(&mut self, name: &str, new: Option<VmRecord>, journal: Journal<'_>) -> Option<Arc<VmRecord>> {
         self.note_vm(name);
         let old = self.vms.get(name).cloned();
         let new = new.map(Arc::new);
@@ -951,11 +1081,73 @@ impl ApplyRun<'_> {
                 down: false,
                 drain: None,
                 heartbeats: false,
+                vm_subnet: None,
             },
         };
+        let rec = NodeRecord { vm_subnet: self.subnet_for(&rec), ..rec };
         self.touched.insert(id);
         self.put_node(id, Some(rec), old, journal);
         Ok(CommandOutput::NodeRegistered { id })
+    }
+
+    /// The VM subnet node `node` should hold: the one it has, else (an
+    /// active node, with a VM network set) the lowest /24 no node holds.
+    fn subnet_for(&self, node: &NodeRecord) -> Option<Ipv4Net> {
+        if node.vm_subnet.is_some() || node.status != NodeStatus::Active {
+            return node.vm_subnet;
+        }
+        let taken: BTreeSet<Ipv4Net> = self.state.nodes.iter().filter_map(|n| n.vm_subnet).collect();
+        self.state.sched.lock().net().free_subnet(&taken)
+    }
+
+    /// `SetVmNetwork`: sets the VM network once, then gives each active
+    /// node without a subnet one (by id) and each VM a node holds an
+    /// address (by name).
+    fn set_vm_network(&mut self, cidr: Ipv4Net, ctx: ApplyCtx, mut journal: Journal<'_>) -> CommandResult {
+        match self.state.vm_cidr() {
+            Some(current) if current == cidr => {
+                return Ok(CommandOutput::VmNetworkSet { cidr, subnets: 0, addresses: 0 });
+            }
+            Some(current) => {
+                return Err(CommandError::VmNetworkFixed {
+                    current: current.to_string(),
+                    asked: cidr.to_string(),
+                });
+            }
+            None => {}
+        }
+        self.state.sched.lock().net_mut().set_cidr(Some(cidr));
+        if let Some(j) = journal.as_deref_mut() {
+            j.push(Undo::VmCidr(None));
+        }
+        let mut ids: Vec<NodeId> =
+            self.state.nodes.iter().filter(|n| n.vm_subnet.is_none()).map(|n| n.id).collect();
+        ids.sort_unstable();
+        let mut subnets = 0;
+        for id in ids {
+            let Some(old) = self.state.nodes.get(&id).map(|n| n.value().clone()) else { continue };
+            let Some(subnet) = self.subnet_for(&old) else { continue };
+            let rec = NodeRecord { vm_subnet: Some(subnet), updated_at_ms: ctx.at_ms, ..old.clone() };
+            self.put_node(id, Some(rec), Some(old), journal.as_deref_mut());
+            subnets += 1;
+        }
+        let mut names: Vec<Arc<str>> = self
+            .vms
+            .table()
+            .iter()
+            .filter(|v| v.holder() != 0 && v.ip.is_none())
+            .map(|v| v.name.clone())
+            .collect();
+        names.sort_unstable();
+        let mut addresses = 0;
+        for name in names {
+            let Some(vm) = self.vms.get(&name).cloned() else { continue };
+            self.set_vm(&name, Some((*vm).clone()), journal.as_deref_mut());
+            if self.vms.get(&name).is_some_and(|v| v.ip.is_some()) {
+                addresses += 1;
+            }
+        }
+        Ok(CommandOutput::VmNetworkSet { cidr, subnets, addresses })
     }
 
     /// Refuses node labels that would break a constraint of a VM placed on
@@ -1074,6 +1266,7 @@ impl ApplyRun<'_> {
                     spec: spec.clone(),
                     placement: Placement::default(),
                     reschedule: Reschedule::default(),
+                    publish: Vec::new(),
                 };
                 let created = self.create_vm(&vm, *start, false, ctx, journal)?;
                 Ok(CommandOutput::VmCreated { name: created.name, node_id: created.node_id })
@@ -1082,7 +1275,12 @@ impl ApplyRun<'_> {
                 let vms: Vec<NewVm> = vms.iter().map(NewVm::from).collect();
                 self.create_vms(&vms, *start, *queue, ctx, journal)
             }
+            Command::CreateVmsV4 { vms, start, queue } => {
+                let vms: Vec<NewVm> = vms.iter().map(NewVm::from).collect();
+                self.create_vms(&vms, *start, *queue, ctx, journal)
+            }
             Command::CreateVms { vms, start, queue } => self.create_vms(vms, *start, *queue, ctx, journal),
+            Command::SetVmNetwork { cidr } => self.set_vm_network(*cidr, ctx, journal),
             Command::SetNodeTimeout { ms } => {
                 let current = self.state.node_timeout().as_millis() as u64;
                 let (old, old_prev) = self.state.set_node_timeout(*ms, current);
@@ -1309,7 +1507,7 @@ impl ApplyRun<'_> {
         ctx: ApplyCtx,
         mut journal: Journal<'_>,
     ) -> Result<CreatedVm, CommandError> {
-        let NewVm { name, spec, placement, reschedule } = new;
+        let NewVm { name, spec, placement, reschedule, publish } = new;
         if self.vms.table().contains(name) {
             return Err(CommandError::VmExists { name: name.to_string() });
         }
@@ -1323,7 +1521,7 @@ impl ApplyRun<'_> {
         if placement.node != 0 && !self.state.nodes.contains_key(&placement.node) {
             return Err(CommandError::UnknownNode { id: placement.node });
         }
-        let req = Request { name, need, tenant: &spec.tenant, placement, avoid: 0 };
+        let req = Request { name, need, tenant: &spec.tenant, placement, avoid: 0, publish };
         let mut preempted = Vec::new();
         let placed = self.state.sched.lock().place(&req);
         let node_id = match placed {
@@ -1381,6 +1579,9 @@ impl ApplyRun<'_> {
             history: Vec::new(),
             moving: None,
             placement_gen: 0,
+            // Given by `set_vm` from the node's subnet.
+            ip: None,
+            publish: publish.clone(),
         };
         self.set_vm(name, Some(vm), journal);
         Ok(CreatedVm { name: name.clone(), node_id, preempted })
@@ -1691,7 +1892,10 @@ impl ApplyRun<'_> {
         for undo in journal.into_iter().rev() {
             match undo {
                 Undo::Vm(name, old) => {
-                    self.set_vm(&name, old.map(|o| (*o).clone()), None);
+                    self.write_vm(&name, old.map(|o| (*o).clone()), None);
+                }
+                Undo::VmCidr(old) => {
+                    self.state.sched.lock().net_mut().set_cidr(old);
                 }
                 Undo::Strategy(old) => {
                     self.state.sched.lock().set_strategy(old);
@@ -1833,7 +2037,13 @@ mod tests {
     /// A `CreateVms` of one VM with placement rules.
     fn create_with(name: &str, mem: u64, placement: Placement, queue: bool) -> Command {
         let spec = VmSpec { vcpus: 1, memory_mb: mem, disk_gb: 1, ..Default::default() };
-        let vm = NewVm { name: name.into(), spec, placement, reschedule: Reschedule::default() };
+        let vm = NewVm {
+            name: name.into(),
+            spec,
+            placement,
+            reschedule: Reschedule::default(),
+            publish: Vec::new(),
+        };
         Command::CreateVms { vms: vec![vm], start: true, queue }
     }
 
@@ -1968,7 +2178,7 @@ mod tests {
     /// A VM of `mem` MiB with `reschedule` and `placement`.
     fn create_full(name: &str, mem: u64, placement: Placement, reschedule: Reschedule) -> Command {
         let spec = VmSpec { vcpus: 1, memory_mb: mem, disk_gb: 1, ..Default::default() };
-        let vm = NewVm { name: name.into(), spec, placement, reschedule };
+        let vm = NewVm { name: name.into(), spec, placement, reschedule, publish: Vec::new() };
         Command::CreateVms { vms: vec![vm], start: true, queue: true }
     }
 
@@ -2139,6 +2349,142 @@ mod tests {
         s.check_invariants().unwrap();
     }
 
+    fn with_ports(name: &str, mem: u64, node: NodeId, ports: &[(u16, u16)]) -> Command {
+        let spec = VmSpec { vcpus: 1, memory_mb: mem, disk_gb: 0, ..Default::default() };
+        let placement = Placement { node, ..Default::default() };
+        let publish = ports.iter().map(|&(host, guest)| PortMap { host, guest }).collect();
+        let vm = NewVm { name: name.into(), spec, placement, reschedule: Reschedule::default(), publish };
+        Command::CreateVms { vms: vec![vm], start: true, queue: false }
+    }
+
+    fn ip_of(s: &ClusterState, name: &str) -> Option<String> {
+        s.with_vm(name, |v| v.ip.map(|ip| ip.to_string())).flatten()
+    }
+
+    fn subnet_of(s: &ClusterState, id: NodeId) -> Option<String> {
+        s.with_node(id, |n| n.vm_subnet.map(|s| s.to_string())).flatten()
+    }
+
+    #[test]
+    fn the_vm_network_gives_subnets_and_addresses_lowest_free_first() {
+        let s = state_with_nodes();
+        s.apply(&p(create("early", 1, 128)), 3).unwrap();
+        assert_eq!(ip_of(&s, "early"), None, "no VM network yet");
+        let net = Ipv4Net::parse("10.50.0.0/16").unwrap();
+        let out = s.apply(&p(Command::SetVmNetwork { cidr: net }), 4).unwrap();
+        assert_eq!(out, CommandOutput::VmNetworkSet { cidr: net, subnets: 2, addresses: 1 });
+        assert_eq!(subnet_of(&s, 1).as_deref(), Some("10.50.0.0/24"));
+        assert_eq!(subnet_of(&s, 2).as_deref(), Some("10.50.1.0/24"));
+        assert_eq!(ip_of(&s, "early").as_deref(), Some("10.50.1.2"), "on node 2 (most free memory)");
+        s.check_invariants().unwrap();
+        // Set once: the same again is a no-op, another is refused.
+        assert!(s.apply(&p(Command::SetVmNetwork { cidr: net }), 5).is_ok());
+        let other = Ipv4Net::parse("10.60.0.0/16").unwrap();
+        let e = s.apply(&p(Command::SetVmNetwork { cidr: other }), 6).unwrap_err();
+        assert!(matches!(e, CommandError::VmNetworkFixed { .. }), "{e}");
+        // A node registering later gets the next /24.
+        s.apply(&p(register(3, 4, 512)), 7).unwrap();
+        assert_eq!(subnet_of(&s, 3).as_deref(), Some("10.50.2.0/24"));
+        s.apply(&p(create("a", 1, 128)), 8).unwrap();
+        s.apply(&p(create("b", 1, 128)), 9).unwrap();
+        assert_eq!(ip_of(&s, "a").as_deref(), Some("10.50.1.3"));
+        assert_eq!(ip_of(&s, "b").as_deref(), Some("10.50.1.4"));
+        // A delete frees its address for the next VM on that node.
+        s.apply(&p(Command::DeleteVm { name: "a".into() }), 10).unwrap();
+        s.apply(&p(create("c", 1, 128)), 11).unwrap();
+        assert_eq!(ip_of(&s, "c").as_deref(), Some("10.50.1.3"));
+        // Re-registration keeps the subnet; so does a restart of the state
+        // from its image.
+        s.apply(&p(register(2, 4, 2048)), 12).unwrap();
+        assert_eq!(subnet_of(&s, 2).as_deref(), Some("10.50.1.0/24"));
+        let copy = ClusterState::new();
+        copy.restore(s.image(), 12);
+        assert_eq!(copy.image(), s.image());
+        copy.check_invariants().unwrap();
+        s.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn a_migrated_vm_takes_an_address_on_its_new_node_and_keeps_the_old_one_until_stopped() {
+        let s = three_nodes();
+        s.apply(&p(Command::SetVmNetwork { cidr: Ipv4Net::DEFAULT_VM_CIDR }), 4).unwrap();
+        s.apply(&p(with_ports("m", 256, 0, &[(8080, 80)])), 5).unwrap();
+        assert_eq!(s.with_vm("m", |v| v.node_id), Some(2));
+        assert_eq!(ip_of(&s, "m").as_deref(), Some("10.88.1.2"));
+        s.apply(&p(Command::MigrateVm { name: "m".into(), to: 3 }), 6).unwrap();
+        // Still stopping on node 2: its address and port stay held there.
+        assert_eq!(ip_of(&s, "m").as_deref(), Some("10.88.1.2"));
+        let e = s.apply(&p(with_ports("n", 256, 2, &[(8080, 80)])), 7).unwrap_err();
+        assert!(e.to_string().contains("host port 8080 taken"), "{e}");
+        s.check_invariants().unwrap();
+        s.apply(&p(stopped_on(2, "m")), 8).unwrap();
+        assert_eq!(s.with_vm("m", |v| v.node_id), Some(3));
+        assert_eq!(ip_of(&s, "m").as_deref(), Some("10.88.2.2"));
+        // Node 2's address and port are free again.
+        s.apply(&p(with_ports("n", 256, 2, &[(8080, 80)])), 9).unwrap();
+        assert_eq!(ip_of(&s, "n").as_deref(), Some("10.88.1.2"));
+        s.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn published_ports_conflict_per_node_and_a_full_subnet_refuses_clearly() {
+        let s = state_with_nodes();
+        s.apply(&p(Command::SetVmNetwork { cidr: Ipv4Net::DEFAULT_VM_CIDR }), 3).unwrap();
+        s.apply(&p(with_ports("web", 64, 0, &[(8080, 80)])), 4).unwrap();
+        assert_eq!(s.with_vm("web", |v| v.node_id), Some(2));
+        // The same host port goes to the other node, then nowhere.
+        s.apply(&p(with_ports("web2", 64, 0, &[(8080, 80)])), 5).unwrap();
+        assert_eq!(s.with_vm("web2", |v| v.node_id), Some(1));
+        let before = s.image();
+        let e = s.apply(&p(with_ports("web3", 64, 0, &[(9000, 80), (8080, 80)])), 6).unwrap_err();
+        assert!(e.to_string().contains("2 have host port 9000 or 8080 taken"), "{e}");
+        // A node's own API port is never published.
+        let e = s.apply(&p(with_ports("api", 64, 1, &[(7001, 80)])), 7).unwrap_err();
+        assert!(e.to_string().contains("taken"), "{e}");
+        assert_eq!(s.image(), before, "a rejected create changes nothing");
+        // Input rules: a host port once per VM, ports 1-65535.
+        let dup = with_ports("dup", 64, 0, &[(81, 80), (81, 443)]);
+        assert!(matches!(s.apply(&p(dup), 8), Err(CommandError::Invalid { .. })));
+        let zero = with_ports("zero", 64, 0, &[(0, 80)]);
+        assert!(matches!(s.apply(&p(zero), 9), Err(CommandError::Invalid { .. })));
+
+        // A /24 VM network: one node subnet, 253 addresses.
+        let s = ClusterState::new();
+        s.apply(&p(Command::SetVmNetwork { cidr: Ipv4Net::parse("10.7.7.0/24").unwrap() }), 1).unwrap();
+        s.apply(&p(register(1, 512, 1 << 20)), 2).unwrap();
+        s.apply(&p(register(2, 512, 1 << 20)), 3).unwrap();
+        assert_eq!(subnet_of(&s, 2), None, "the network had no /24 left");
+        let mut index = 4;
+        for i in 0..crate::vm_net::ADDRESSES_PER_NODE {
+            s.apply(&p(with_ports(&format!("v{i}"), 16, 1, &[])), index).unwrap();
+            index += 1;
+        }
+        assert_eq!(ip_of(&s, "v252").as_deref(), Some("10.7.7.254"));
+        let e = s.apply(&p(create("one-more", 1, 16)), index).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("1 have no VM subnet") && msg.contains("1 have no free VM address"), "{msg}");
+        s.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn a_rolled_back_batch_gives_back_the_addresses_it_took() {
+        let s = state_with_nodes();
+        s.apply(&p(Command::SetVmNetwork { cidr: Ipv4Net::DEFAULT_VM_CIDR }), 3).unwrap();
+        s.apply(&p(create("keep", 1, 128)), 4).unwrap();
+        let before = s.image();
+        let batch = Command::Batch(vec![
+            create("x", 1, 128),
+            Command::DeleteVm { name: "keep".into() },
+            create("y", 1, 128),
+            create("too-big", 64, 1 << 30),
+        ]);
+        assert!(s.apply(&p(batch), 5).is_err());
+        assert_eq!(s.image(), before);
+        s.check_invariants().unwrap();
+        s.apply(&p(create("z", 1, 128)), 6).unwrap();
+        assert_eq!(ip_of(&s, "z").as_deref(), Some("10.88.1.3"));
+    }
+
     #[test]
     fn the_node_timeout_is_replicated_and_validated() {
         let s = state_with_nodes();
@@ -2202,6 +2548,7 @@ mod tests {
                     spec: VmSpec { vcpus: 1, memory_mb: 128, disk_gb: 1, ..Default::default() },
                     placement: Placement { anti_affinity: "w".into(), ..Default::default() },
                     reschedule: Reschedule::default(),
+                    publish: Vec::new(),
                 })
                 .collect(),
             start: true,

@@ -4,6 +4,7 @@
 //! in snapshots), cheap to compare, no behaviour that touches IO or time.
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -232,6 +233,120 @@ pub struct VmRecord {
     pub moving: Option<PendingMove>,
     /// Bumped each time it is placed on another node (format 4).
     pub placement_gen: u64,
+    /// Its address in the VM network (format 6): from the subnet of the
+    /// node that holds it (placed there, or stopping there while it
+    /// leaves), allocated in apply (lowest free), released when it is
+    /// deleted or leaves that node. `None` while it is held by no node or
+    /// before the cluster has a VM network.
+    pub ip: Option<Ipv4Addr>,
+    /// TCP ports its node forwards to it (format 6), fixed at create.
+    pub publish: Vec<PortMap>,
+}
+
+/// An IPv4 network: an address and a prefix length (format 6).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ipv4Net {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Ipv4Net {
+    /// The VM network of a cluster bootstrapped without `--vm-cidr`.
+    pub const DEFAULT_VM_CIDR: Ipv4Net = Ipv4Net { addr: Ipv4Addr::new(10, 88, 0, 0), prefix: 16 };
+
+    /// Parses `A.B.C.D/N`; the address must be the network's first (no
+    /// host bits set).
+    pub fn parse(s: &str) -> Result<Ipv4Net, String> {
+        let (a, p) =
+            s.split_once('/').ok_or_else(|| format!("{s:?} is not a network: write it as A.B.C.D/N"))?;
+        let addr: Ipv4Addr = a.parse().map_err(|_| format!("{a:?} is not an IPv4 address"))?;
+        let prefix: u8 = p
+            .parse()
+            .ok()
+            .filter(|p| *p <= 32)
+            .ok_or_else(|| format!("{p:?} is not a prefix length (0-32)"))?;
+        let net = Ipv4Net { addr, prefix };
+        if net.network() != addr {
+            return Err(format!("{s} has host bits set: the network is {}/{prefix}", net.network()));
+        }
+        Ok(net)
+    }
+
+    fn mask(&self) -> u32 {
+        if self.prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(self.prefix.min(32)))
+        }
+    }
+
+    /// The network's first address.
+    pub fn network(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr) & self.mask())
+    }
+
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & self.mask() == u32::from(self.network())
+    }
+
+    /// The `n`th address of the network (0 = the network address).
+    pub fn nth(&self, n: u32) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.network()).wrapping_add(n))
+    }
+
+    /// How many addresses it spans.
+    pub fn size(&self) -> u64 {
+        1u64 << (32 - u32::from(self.prefix.min(32)))
+    }
+
+    /// The gateway of a node's VM subnet: its first usable address.
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.nth(1)
+    }
+}
+
+impl fmt::Display for Ipv4Net {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// The prefix of the subnet each node gets from the VM network.
+pub const NODE_SUBNET_PREFIX: u8 = 24;
+
+/// Host numbers of a node subnet that VMs get: .2 to .254 (.0 is the
+/// network, .1 the node's bridge, .255 broadcast).
+pub const FIRST_VM_HOST: u32 = 2;
+pub const LAST_VM_HOST: u32 = 254;
+
+/// A published port: the node's TCP `host` port forwarded to the VM's
+/// `guest` port (format 6).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortMap {
+    pub host: u16,
+    pub guest: u16,
+}
+
+impl PortMap {
+    /// Parses `HOST_PORT:GUEST_PORT` (both 1-65535).
+    pub fn parse(s: &str) -> Result<PortMap, String> {
+        let (h, g) = s
+            .split_once(':')
+            .ok_or_else(|| format!("{s:?}: write a published port as HOST_PORT:GUEST_PORT"))?;
+        let port = |p: &str| {
+            p.parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("{p:?} is not a TCP port (1-65535)"))
+        };
+        Ok(PortMap { host: port(h)?, guest: port(g)? })
+    }
+}
+
+impl fmt::Display for PortMap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.host, self.guest)
+    }
 }
 
 /// How many moves a VM's `history` keeps.
@@ -311,6 +426,17 @@ pub struct PendingMove {
 }
 
 impl VmRecord {
+    /// The node that holds it: where it is placed, or, while unplaced, the
+    /// node it is still stopping on (`leaving`); 0: none. Its address and
+    /// published ports belong to this node.
+    pub fn holder(&self) -> NodeId {
+        if self.node_id != 0 {
+            self.node_id
+        } else {
+            self.leaving
+        }
+    }
+
     /// Placed on no node (`node_id` 0): queued, or stopped while queued.
     pub fn is_unplaced(&self) -> bool {
         self.node_id == 0
@@ -567,6 +693,11 @@ pub struct NodeRecord {
     /// are marked down, so a node of an older version (which neither
     /// heartbeats nor fences its VMs) is never failed over under it.
     pub heartbeats: bool,
+    /// Its /24 of the VM network (format 6), given when it registers (or
+    /// when the cluster gets its VM network); its VMs' addresses come from
+    /// it. `None` before the cluster has a VM network, or when the network
+    /// had no /24 left.
+    pub vm_subnet: Option<Ipv4Net>,
 }
 
 /// What a node says about itself when it (re-)registers.

@@ -68,7 +68,8 @@ fn dns_label(what: &str, s: &str) -> Result<(), CommandError> {
 pub fn vm_spec(spec: &VmSpec) -> Result<(), CommandError> {
     range("vcpus", spec.vcpus as u64, 1, MAX_VCPUS as u64)?;
     range("memory_mb", spec.memory_mb, MIN_MEMORY_MB, MAX_MEMORY_MB)?;
-    range("disk_gb", spec.disk_gb, 1, MAX_DISK_GB)?;
+    // 0: no data disk.
+    range("disk_gb", spec.disk_gb, 0, MAX_DISK_GB)?;
     labels(&spec.labels)?;
     if !spec.tenant.is_empty() {
         dns_label("tenant", &spec.tenant)?;
@@ -314,6 +315,46 @@ pub fn new_vm(name: &str, spec: &VmSpec, placement: &crate::types::Placement) ->
     self::placement(placement)
 }
 
+/// How many ports one VM may publish.
+pub const MAX_PUBLISHED_PORTS: usize = 16;
+
+/// A VM's published ports: at most [`MAX_PUBLISHED_PORTS`], ports 1-65535,
+/// each host port once.
+pub fn publish(ports: &[crate::types::PortMap]) -> Result<(), CommandError> {
+    if ports.len() > MAX_PUBLISHED_PORTS {
+        return Err(CommandError::invalid(
+            "published port count",
+            ports.len(),
+            format!("at most {MAX_PUBLISHED_PORTS}"),
+        ));
+    }
+    for (i, p) in ports.iter().enumerate() {
+        if p.host == 0 || p.guest == 0 {
+            return Err(CommandError::invalid("published port", p, "HOST_PORT:GUEST_PORT, both 1-65535"));
+        }
+        if ports[..i].iter().any(|q| q.host == p.host) {
+            return Err(CommandError::invalid("published port", p, "each host port published once"));
+        }
+    }
+    Ok(())
+}
+
+/// A VM network: an aligned IPv4 network of /8 to /24 (each node gets a
+/// /24 of it), private or at least not loopback, multicast or reserved.
+pub fn vm_cidr(cidr: &crate::types::Ipv4Net) -> Result<(), CommandError> {
+    let allowed = "an aligned IPv4 network of /8 to /24 outside 0.0.0.0/8, 127.0.0.0/8 and 224.0.0.0/3 (e.g. 10.88.0.0/16)";
+    let first = cidr.addr.octets()[0];
+    if !(8..=crate::types::NODE_SUBNET_PREFIX).contains(&cidr.prefix)
+        || cidr.network() != cidr.addr
+        || first == 0
+        || first == 127
+        || first >= 224
+    {
+        return Err(CommandError::invalid("VM network", cidr, allowed));
+    }
+    Ok(())
+}
+
 /// The node timeout's range: long enough for a heartbeat every second to
 /// fence in time (see docs/ARCHITECTURE.md, "Liveness and fencing"), short
 /// enough that a failure is noticed within the hour.
@@ -356,7 +397,7 @@ mod tests {
         let e = vm_spec(&VmSpec { vcpus: 0, ..ok.clone() }).unwrap_err();
         assert_eq!(e.to_string(), "invalid vcpus \"0\": between 1 and 64");
         assert!(vm_spec(&VmSpec { memory_mb: u64::MAX, ..ok.clone() }).is_err());
-        assert!(vm_spec(&VmSpec { disk_gb: 0, ..ok.clone() }).is_err());
+        assert!(vm_spec(&VmSpec { disk_gb: 0, ..ok.clone() }).is_ok(), "0: no data disk");
         assert!(vm_spec(&VmSpec { tenant: "Bad Tenant".into(), ..ok.clone() }).is_err());
         let mut many = ok.clone();
         for i in 0..=MAX_LABELS {

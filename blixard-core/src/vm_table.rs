@@ -317,6 +317,8 @@ mod tests {
             history: Vec::new(),
             moving: None,
             placement_gen: 0,
+            ip: None,
+            publish: Vec::new(),
         })
     }
 

@@ -33,6 +33,8 @@ async fn start() -> (Node, Authed, tempfile::TempDir) {
         meter: None,
         join_token: None,
         tls: None,
+        vm_cidr: None,
+        vm_network: Err("tests run VMs without a NIC".into()),
     };
     let node = Node::start(cfg).await.expect("node starts");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);

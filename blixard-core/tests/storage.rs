@@ -56,6 +56,8 @@ fn config(id: NodeId, port: u16, dir: &Path, tuning: RaftTuning) -> NodeConfig {
         meter: None,
         join_token: None,
         tls: None,
+        vm_cidr: None,
+        vm_network: Err("tests run VMs without a NIC".into()),
     }
 }
 

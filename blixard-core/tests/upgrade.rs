@@ -43,6 +43,8 @@ fn config(dir: &Path, port: u16) -> NodeConfig {
         meter: None,
         join_token: None,
         tls: None,
+        vm_cidr: None,
+        vm_network: Err("tests run VMs without a NIC".into()),
     }
 }
 
@@ -115,6 +117,14 @@ async fn a_v4_data_dir_keeps_its_state_and_accepts_writes() {
     old_data_dir_keeps_its_state_and_accepts_writes("datadir-v4").await
 }
 
+/// Format 5 had tokens but no VM network: the first leader under format
+/// 6 sets the default network, which gives the node a subnet and every
+/// placed VM an address; the fixture's operator token still works.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_v5_data_dir_keeps_its_state_gets_a_vm_network_and_accepts_writes() {
+    old_data_dir_keeps_its_state_and_accepts_writes("datadir-v5").await
+}
+
 /// Quotas (tenant, VM limit), strategy, node 1's `rack` label and
 /// allocatable vCPUs.
 type Format2State = (Vec<(String, Option<u64>)>, &'static str, Option<String>, u32);
@@ -134,7 +144,7 @@ async fn old_data_dir_keeps_its_state_and_accepts_writes(name: &str) {
 
     let before = vms(&node);
     // Format 3 and later fixtures add placement rules and a queued VM.
-    let v3 = name == "datadir-v3" || name == "datadir-v4";
+    let v3 = ["datadir-v3", "datadir-v4", "datadir-v5"].contains(&name);
     let state = &node.shared().state;
     let mut placements = Vec::new();
     state.for_each_vm(|v| {
@@ -239,6 +249,30 @@ async fn old_data_dir_keeps_its_state_and_accepts_writes(name: &str) {
         .delete_vm(pb::DeleteVmRequest { name: "batch-1".into(), request_id: "up-2".into() })
         .await
         .expect("and deletes");
+    // Format 6: every old data dir gets the default VM network, node 1 its
+    // first /24, and each placed VM an address of it (deterministically:
+    // by name), the new one included.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while node.shared().state.vm_cidr().is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "the upgraded cluster never got its VM network");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let state = &node.shared().state;
+    assert_eq!(state.vm_cidr(), Some(blixard_core::types::Ipv4Net::DEFAULT_VM_CIDR));
+    let subnet = state.with_node(1, |n| n.vm_subnet.map(|s| s.to_string())).flatten();
+    assert_eq!(subnet.as_deref(), Some("10.88.0.0/24"));
+    let ip = |name: &str| state.with_vm(name, |v| v.ip.map(|ip| ip.to_string())).flatten();
+    assert_eq!(ip("batch-1"), None, "deleted");
+    assert!(ip("cache-1").is_some_and(|ip| ip.starts_with("10.88.0.")), "{:?}", ip("cache-1"));
+    assert!(ip("after-upgrade").is_some());
+    if v3 {
+        assert_eq!(ip("huge-1"), None, "queued: held by no node");
+    }
+    state.check_invariants().unwrap();
+    if name == "datadir-v5" {
+        let ops = state.tokens().into_iter().find(|t| t.name == "ops").map(|t| t.role);
+        assert_eq!(ops, Some(blixard_core::auth::Role::Operator), "format 5 tokens survive");
+    }
     let after = vms(&node);
     assert_eq!(after.len(), if v3 { 11 } else { 9 });
     assert!(after.contains_key("after-upgrade") && !after.contains_key("batch-1"));

@@ -222,6 +222,13 @@ pub trait VmBackend: Send + Sync + 'static {
     /// group, SIGKILL after `grace`), marking each stopped on request, and stops
     /// any VM it finds running until the lease is renewed.
     async fn renew_lease(&self, valid_for: Duration, grace: Duration) -> Result<(), VmError>;
+
+    /// Where VM `name`'s data disk lives (or will) on this host, so the
+    /// node can hand it over when the VM moves; `None`: this backend keeps
+    /// no disks.
+    fn data_disk(&self, _name: &str) -> Option<PathBuf> {
+        None
+    }
 }
 
 /// Default deadline for a graceful stop before the VM is forced.

@@ -1042,6 +1042,10 @@ impl VmBackend for QemuBackend {
         .await
     }
 
+    fn data_disk(&self, name: &str) -> Option<PathBuf> {
+        Some(self.disk_path(name))
+    }
+
     async fn renew_lease(&self, valid_for: Duration, grace: Duration) -> Result<(), VmError> {
         self.fence.renew(valid_for, grace).await
     }

@@ -8,7 +8,9 @@
 //! a client sends may panic a node or break the state's invariants.
 #![no_main]
 use blixard_core::command::{Command, NewVm, Proposal, RequestId};
-use blixard_core::node::api::{placement_from_pb, reschedule_from_pb, set_node_command, spec_from_pb};
+use blixard_core::node::api::{
+    create_command, placement_from_pb, publish_from_pb, reschedule_from_pb, set_node_command, spec_from_pb,
+};
 use blixard_core::node::ApiError;
 use blixard_core::types::{QuotaLimits, Strategy};
 use blixard_proto as pb;
@@ -24,12 +26,14 @@ fn new_vm(
     spec: Option<pb::VmSpec>,
     placement: Option<pb::Placement>,
     reschedule: &str,
+    publish: &[String],
 ) -> Result<NewVm, ApiError> {
     Ok(NewVm {
         name,
         spec: spec_from_pb(spec)?,
         placement: placement_from_pb(placement)?,
         reschedule: reschedule_from_pb(reschedule)?,
+        publish: publish_from_pb(publish)?,
     })
 }
 
@@ -40,16 +44,16 @@ fn command(kind: u8, bytes: &[u8]) -> Option<(Command, String, bool)> {
     Some(match kind % 14 {
         0 => {
             let r = pb::CreateVmRequest::decode(bytes).ok()?;
-            let vm = new_vm(r.name, r.spec, r.placement, &r.reschedule).ok()?;
-            (Command::CreateVms { vms: vec![vm], start: !r.no_start, queue: r.queue }, r.request_id, false)
+            let vm = new_vm(r.name, r.spec, r.placement, &r.reschedule, &r.publish).ok()?;
+            (create_command(vec![vm], !r.no_start, r.queue), r.request_id, false)
         }
         1 => {
             let r = pb::CreateVmsRequest::decode(bytes).ok()?;
             let mut vms = Vec::with_capacity(r.vms.len());
             for v in r.vms {
-                vms.push(new_vm(v.name, v.spec, v.placement, &v.reschedule).ok()?);
+                vms.push(new_vm(v.name, v.spec, v.placement, &v.reschedule, &v.publish).ok()?);
             }
-            (Command::CreateVms { vms, start: !r.no_start, queue: r.queue }, r.request_id, r.dry_run)
+            (create_command(vms, !r.no_start, r.queue), r.request_id, r.dry_run)
         }
         2 => {
             let r = pb::SetNodeRequest::decode(bytes).ok()?;
@@ -125,10 +129,18 @@ fuzz_target!(
         blixard_fuzz::round_trip(&cmd);
         let state = blixard_fuzz::fresh_state();
         if dry_run {
-            if let Command::CreateVms { vms, .. } = &cmd {
-                if let Some(first) = vms.first() {
-                    let _ = state.explain(first);
+            match &cmd {
+                Command::CreateVms { vms, .. } => {
+                    if let Some(first) = vms.first() {
+                        let _ = state.explain(first);
+                    }
                 }
+                Command::CreateVmsV4 { vms, .. } => {
+                    if let Some(first) = vms.first() {
+                        let _ = state.explain(&NewVm::from(first));
+                    }
+                }
+                _ => {}
             }
             let before = state.digest();
             let _ = state.dry_run(&cmd, NOW_MS);

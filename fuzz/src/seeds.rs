@@ -74,7 +74,7 @@ fn node_resources(vcpus: u32, memory_mb: u64) -> NodeResources {
 }
 
 fn new_vm(name: &str, spec: VmSpec, placement: Placement) -> NewVm {
-    NewVm { name: name.to_string(), spec, placement, reschedule: Reschedule::default() }
+    NewVm { name: name.to_string(), spec, placement, reschedule: Reschedule::default(), publish: Vec::new() }
 }
 
 /// What [`crate::base_image`] is built from: three nodes in two zones, VMs
@@ -88,6 +88,9 @@ pub fn setup_commands() -> Vec<Command> {
         priority: 70,
     };
     vec![
+        // Format 6: a VM network, so creates, moves and deletes allocate
+        // and free addresses and published ports.
+        Command::SetVmNetwork { cidr: blixard_core::types::Ipv4Net::DEFAULT_VM_CIDR },
         Command::RegisterNode {
             id: 1,
             addr: "10.0.0.1:7000".into(),
@@ -649,6 +652,7 @@ fn api_requests() -> Seeds {
             placement: Some(placement.clone()),
             queue: true,
             reschedule: "never".into(),
+            publish: vec!["8443:443".into()],
         }
         .encode_to_vec(),
     );
@@ -662,12 +666,14 @@ fn api_requests() -> Seeds {
                     spec: Some(vm_spec("vmlinuz")),
                     placement: Some(placement.clone()),
                     reschedule: "on-node-failure".into(),
+                    publish: vec!["8080:80".into()],
                 },
                 pb::NewVm {
                     name: "api-3".into(),
                     spec: Some(vm_spec("")),
                     placement: None,
                     reschedule: String::new(),
+                    publish: Vec::new(),
                 },
             ],
             no_start: true,

@@ -582,6 +582,8 @@ fn spawn_node(
         meter: None,
         join_token: join.map(|_| admin_token()),
         tls: None,
+        vm_cidr: None,
+        vm_network: Err("the simulated hosts have no VM network".into()),
     };
     let live = Arc::new(Mutex::new(Weak::new()));
     let slot = live.clone();

@@ -41,7 +41,9 @@ fn config() -> SimConfig {
 }
 
 /// `count` new VMs in one request through a reachable node; a fifth of
-/// them are not rescheduled when their node dies.
+/// them are not rescheduled when their node dies, and a third publish one
+/// of four host ports (so failover, drains and migrations move addresses
+/// and ports, and the port filter queues some).
 async fn create(c: &mut SimCluster, model: &mut Model, next: &mut u32, count: usize) {
     let mut rng = madsim::rand::thread_rng();
     let vms = (0..count)
@@ -51,6 +53,11 @@ async fn create(c: &mut SimCluster, model: &mut Model, next: &mut u32, count: us
                 name: format!("vm-{:03}", *next),
                 spec: Some(pb::VmSpec { vcpus: 1, memory_mb: 256, disk_gb: 1, ..Default::default() }),
                 reschedule: if rng.gen_bool(0.2) { "never".into() } else { String::new() },
+                publish: if rng.gen_bool(0.33) {
+                    vec![format!("{}:80", 8000 + rng.gen_range(0..4u16))]
+                } else {
+                    Vec::new()
+                },
                 ..Default::default()
             }
         })
@@ -265,6 +272,37 @@ async fn healing(mut c: SimCluster) -> Trace {
         c.trace.figure(name, *n as f64);
     }
     c.trace.push(format_args!("faults and moves: {counts:?}"));
+    // The VM network as a client sees it: every VM a node holds has an
+    // address, no two share one, each in its node's subnet; no two VMs
+    // of a node publish the same port.
+    let subnets: BTreeMap<u64, String> = match c.status(c.reachable_nodes()[0], false).await {
+        Ok(s) => s.nodes.iter().map(|n| (n.id, n.vm_subnet.clone())).collect(),
+        Err(e) => panic!("status after healing: {e}"),
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    let mut ports = std::collections::BTreeSet::new();
+    let mut addressed = 0u64;
+    for v in &vms {
+        let holder = if v.node_id != 0 { v.node_id } else { v.leaving_node };
+        if holder == 0 {
+            assert!(v.ip.is_empty(), "{} is held by no node but has {}", v.name, v.ip);
+            continue;
+        }
+        let subnet = &subnets[&holder];
+        let prefix = subnet.rsplit_once(".0/24").map(|(p, _)| format!("{p}.")).unwrap_or_default();
+        assert!(
+            !v.ip.is_empty() && v.ip.starts_with(&prefix),
+            "{} on node {holder} ({subnet}) has {:?}",
+            v.name,
+            v.ip
+        );
+        assert!(seen.insert(v.ip.clone()), "two VMs hold {}", v.ip);
+        for p in &v.publish {
+            assert!(ports.insert((holder, p.clone())), "two VMs publish {p} on node {holder}");
+        }
+        addressed += 1;
+    }
+    c.trace.figure("vms_addressed", addressed as f64);
     c.check_final_state(&model, CONVERGE_TIMEOUT).await;
     c.trace
 }

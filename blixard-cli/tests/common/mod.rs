@@ -230,6 +230,11 @@ pub fn node_command(
     if let Some(p) = join {
         cmd.args(["--join", &loopback(p)]);
     }
+    if !extra.contains(&"--vm-network") {
+        // No bridge or tap in the host's own namespace: tests of VM
+        // networking run their nodes in namespaces they make (tests/vmnet.rs).
+        cmd.args(["--vm-network", "none"]);
+    }
     if !extra.contains(&"--metrics-addr") {
         // An ephemeral port: the default (bind port + 1000) could be another
         // test's node port.

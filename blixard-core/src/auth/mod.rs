@@ -170,6 +170,7 @@ pub fn required(cmd: &Command) -> Need {
     match cmd {
         C::CreateVm { .. }
         | C::CreateVmsV3 { .. }
+        | C::CreateVmsV4 { .. }
         | C::CreateVms { .. }
         | C::DeleteVm { .. }
         | C::StartVm { .. }
@@ -186,9 +187,11 @@ pub fn required(cmd: &Command) -> Need {
         | C::DecommissionNode { .. }
         | C::CreateToken { .. }
         | C::RevokeToken { .. } => Need::Role(Role::Admin),
-        C::RegisterNodeV1 { .. } | C::RegisterNode { .. } | C::ReportVms { .. } | C::SetNodeDown { .. } => {
-            Need::Node
-        }
+        C::RegisterNodeV1 { .. }
+        | C::RegisterNode { .. }
+        | C::ReportVms { .. }
+        | C::SetNodeDown { .. }
+        | C::SetVmNetwork { .. } => Need::Node,
         C::Batch(cmds) => {
             let needs: Vec<Need> = cmds.iter().map(required).collect();
             if needs.contains(&Need::Node) {

@@ -24,7 +24,7 @@ use super::NodeMetrics;
 /// The public API's methods, sorted (binary-searched by name); the index is
 /// the method's slot in [`NodeMetrics`]. Unknown public methods count as
 /// `other`. A unit test keeps this list in step with the proto.
-pub const METHODS: [&str; 30] = [
+pub const METHODS: [&str; 31] = [
     "CreateToken",
     "CreateVm",
     "CreateVms",
@@ -52,6 +52,7 @@ pub const METHODS: [&str; 30] = [
     "StartVm",
     "Status",
     "StopVm",
+    "VmConsole",
     "VmLogs",
     "Watch",
     "other",

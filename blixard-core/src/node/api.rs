@@ -19,10 +19,10 @@ use tonic::{Request, Response, Status};
 use super::raft_service::RaftGrpc;
 use super::{ApiError, NodeError, NodeShared};
 use crate::auth::{self, Caller, Need, Role};
-use crate::command::{Command, CommandOutput, NewVm, RequestId};
+use crate::command::{Command, CommandOutput, NewVm, NewVmV4, RequestId};
 use crate::raft::network::{PeerChannels, MAX_MESSAGE_BYTES};
 use crate::types::{
-    BootSpec, Constraint, NodeId, NodeRecord, Placement, QuotaLimits, Ratio, Reschedule, Resources,
+    BootSpec, Constraint, NodeId, NodeRecord, Placement, PortMap, QuotaLimits, Ratio, Reschedule, Resources,
     RestartPolicy, Strategy, TenantUsage, VmRecord, VmSpec, DEFAULT_PRIORITY, MAX_PRIORITY,
 };
 
@@ -230,6 +230,32 @@ pub fn vm_pb(v: &VmRecord) -> pb::Vm {
         placement_generation: v.placement_gen,
         moving_reason: v.moving.map(|m| m.reason.as_str().to_string()).unwrap_or_default(),
         moving_to: v.moving.map(|m| m.to).unwrap_or_default(),
+        ip: v.ip.map(|ip| ip.to_string()).unwrap_or_default(),
+        publish: v.publish.iter().map(ToString::to_string).collect(),
+    }
+}
+
+/// Published ports from the API ("HOST_PORT:GUEST_PORT"); validated
+/// further with the command.
+pub fn publish_from_pb(ports: &[String]) -> Result<Vec<PortMap>, ApiError> {
+    ports
+        .iter()
+        .map(|p| PortMap::parse(p).map_err(|e| ApiError::Invalid(format!("invalid published port: {e}"))))
+        .collect()
+}
+
+/// The create command for `vms`: format 4's form when none publishes a
+/// port, which a leader not yet on format 6 still understands during a
+/// rolling upgrade (apply treats both the same).
+pub fn create_command(vms: Vec<NewVm>, start: bool, queue: bool) -> Command {
+    if vms.iter().all(|v| v.publish.is_empty()) {
+        let vms = vms
+            .into_iter()
+            .map(|v| NewVmV4 { name: v.name, spec: v.spec, placement: v.placement, reschedule: v.reschedule })
+            .collect();
+        Command::CreateVmsV4 { vms, start, queue }
+    } else {
+        Command::CreateVms { vms, start, queue }
     }
 }
 
@@ -299,6 +325,7 @@ pub fn node_pb(n: &NodeRecord, vm_count: u64) -> pb::NodeInfo {
             deadline_ms: d.deadline_ms,
             started_at_ms: d.started_at_ms,
         }),
+        vm_subnet: n.vm_subnet.map(|s| s.to_string()).unwrap_or_default(),
     }
 }
 
@@ -900,8 +927,9 @@ impl VmService for VmApi {
         let spec = spec_from_pb(req.spec).map_err(ApiError::into_write_status)?;
         let placement = placement_from_pb(req.placement).map_err(ApiError::into_write_status)?;
         let reschedule = reschedule_from_pb(&req.reschedule).map_err(ApiError::into_write_status)?;
-        let vm = NewVm { name: req.name, spec, placement, reschedule };
-        let cmd = Command::CreateVms { vms: vec![vm], start: !req.no_start, queue: req.queue };
+        let publish = publish_from_pb(&req.publish).map_err(ApiError::into_write_status)?;
+        let vm = NewVm { name: req.name, spec, placement, reschedule, publish };
+        let cmd = create_command(vec![vm], !req.no_start, req.queue);
         self.write_vm(cmd, &req.request_id, &caller).await
     }
 
@@ -916,11 +944,12 @@ impl VmService for VmApi {
             let spec = spec_from_pb(v.spec).map_err(ApiError::into_write_status)?;
             let placement = placement_from_pb(v.placement).map_err(ApiError::into_write_status)?;
             let reschedule = reschedule_from_pb(&v.reschedule).map_err(ApiError::into_write_status)?;
-            vms.push(NewVm { name: v.name, spec, placement, reschedule });
+            let publish = publish_from_pb(&v.publish).map_err(ApiError::into_write_status)?;
+            vms.push(NewVm { name: v.name, spec, placement, reschedule, publish });
         }
         // A dry run explains the first VM against the state as it is.
         let first = if req.dry_run { vms.first().cloned() } else { None };
-        let cmd = Command::CreateVms { vms, start: !req.no_start, queue: req.queue };
+        let cmd = create_command(vms, !req.no_start, req.queue);
         if req.dry_run {
             // Input errors first, as a real create would report them.
             cmd.validate().map_err(|e| ApiError::from(e).into_write_status())?;
@@ -1066,6 +1095,27 @@ impl VmService for VmApi {
             r
         };
         super::logs::follow(self.node.clone(), request.into_inner(), fwd, mark).await.map(Response::new)
+    }
+
+    type VmConsoleStream = super::console::ConsoleStream;
+
+    async fn vm_console(
+        &self,
+        request: Request<tonic::Streaming<pb::ConsoleInput>>,
+    ) -> Result<Response<Self::VmConsoleStream>, Status> {
+        let caller = self.auth(&request, Role::Operator, "vm console")?;
+        let fwd = forwarded(&self.node, &request);
+        // Interactive: no deadline on the forwarded call.
+        let mark = move |input| {
+            let mut r = Request::new(input);
+            r.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+            caller.forward_on(r.metadata_mut());
+            r
+        };
+        let attach: std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<super::console::ConsoleStream, Status>> + Send>,
+        > = Box::pin(super::console::attach(self.node.clone(), request.into_inner(), fwd, mark));
+        attach.await.map(Response::new)
     }
 
     async fn local_vm(

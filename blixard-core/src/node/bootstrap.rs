@@ -1,4 +1,4 @@
-//! The cluster's first admin token.
+//! What a new cluster makes once: its first admin token, and its VM network.
 //!
 //! A cluster makes one bootstrap token, once: the node that founds it
 //! writes a fresh secret to `DATA/admin-token` (mode 0600) before its first
@@ -18,6 +18,7 @@ use crate::auth::token::{self, BOOTSTRAP_NAME};
 use crate::auth::Role;
 use crate::command::Command;
 use crate::error::CommandError;
+use crate::types::Ipv4Net;
 
 /// The file, in the data dir, holding the bootstrap token's secret.
 pub const FILE: &str = "admin-token";
@@ -98,5 +99,57 @@ async fn propose(node: &NodeShared, dir: &Path) -> Result<(), String> {
         // Another leader's proposal won: nothing to do.
         Err(super::ApiError::Command(CommandError::TokenRefused { .. })) => Ok(()),
         Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The file, in the founder's data dir, holding its `--vm-cidr` until the
+/// cluster's VM network is set.
+pub const VM_CIDR_FILE: &str = "vm-cidr";
+
+/// Stores the VM network the founder was started with, durably, before
+/// its first Raft entry.
+pub fn write_vm_cidr(data_dir: &Path, cidr: Ipv4Net) -> std::io::Result<()> {
+    let tmp = data_dir.join(format!("{VM_CIDR_FILE}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(format!("{cidr}\n").as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, data_dir.join(VM_CIDR_FILE))?;
+    std::fs::File::open(data_dir)?.sync_all()
+}
+
+fn read_vm_cidr(data_dir: &Path) -> Option<Ipv4Net> {
+    let s = std::fs::read_to_string(data_dir.join(VM_CIDR_FILE)).ok()?;
+    Ipv4Net::parse(s.trim()).ok()
+}
+
+/// Until the cluster has its VM network: whenever this node leads,
+/// proposes the founder's `--vm-cidr` if this node holds it, else the
+/// default. The founder leads alone until others join, so its choice is
+/// the one made in a new cluster; a cluster upgraded from format 5 gets
+/// the default from its first leader under format 6.
+pub async fn vm_network(node: Arc<NodeShared>) {
+    let dir = node.data_dir.clone();
+    while node.state.vm_cidr().is_none() {
+        if node.is_leader() {
+            let cidr = read_vm_cidr(&dir).unwrap_or(Ipv4Net::DEFAULT_VM_CIDR);
+            match node.propose_as_leader(Command::SetVmNetwork { cidr }).await {
+                Ok(_) => {
+                    tracing::info!(%cidr, "set the cluster's VM network");
+                    break;
+                }
+                Err(super::ApiError::Command(CommandError::VmNetworkFixed { .. })) => break,
+                Err(e) => tracing::warn!(error = %e, "could not set the cluster's VM network yet"),
+            }
+        }
+        tokio::select! {
+            _ = node.state.changed().notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+    if let Some(asked) = read_vm_cidr(&dir) {
+        if node.state.vm_cidr() != Some(asked) {
+            tracing::warn!(%asked, network = ?node.state.vm_cidr().map(|c| c.to_string()), "--vm-cidr was not the cluster's VM network");
+        }
+        let _ = std::fs::remove_file(dir.join(VM_CIDR_FILE));
     }
 }

@@ -176,7 +176,7 @@ pub async fn follow(
 
 /// Resolves once the node shuts down. A follow never ends by itself, and the
 /// server's graceful shutdown waits for every open stream.
-async fn closing(node: &NodeShared) {
+pub(super) async fn closing(node: &NodeShared) {
     let feed = node.state.feed();
     let mut changed = feed.subscribe();
     while !feed.is_closed() {

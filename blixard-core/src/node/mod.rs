@@ -7,13 +7,19 @@
 pub mod api;
 pub mod batcher;
 pub mod bootstrap;
+pub mod console;
+pub mod disks;
 pub mod election;
 #[cfg(not(madsim))]
 mod health;
 pub mod identity;
 pub mod liveness;
 pub mod logs;
+#[cfg(not(madsim))]
+pub mod ports;
 pub mod raft_service;
+#[cfg(not(madsim))]
+pub mod vm_network;
 pub mod watch;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -83,6 +89,21 @@ pub struct NodeConfig {
     /// `None`: plaintext. Ignored under madsim (no TLS in the simulated
     /// transport).
     pub tls: Option<crate::tls::NodeTls>,
+    /// The VM network of a cluster this node founds (`--vm-cidr`); `None`:
+    /// the default. Ignored when joining or restarting.
+    pub vm_cidr: Option<crate::types::Ipv4Net>,
+    /// Whether this node gives its VMs a NIC on its bridge (and routes,
+    /// NAT and published ports), or why not.
+    pub vm_network: Result<VmNetworkConfig, String>,
+}
+
+/// VM networking on a node: a bridge holding the node's subnet's gateway
+/// address, a tap per VM, routes to the other nodes' subnets, published
+/// ports (see `node/vm_network.rs`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmNetworkConfig {
+    /// Masquerade traffic from the VM network to anywhere else.
+    pub nat: bool,
 }
 
 impl std::fmt::Debug for NodeConfig {
@@ -101,6 +122,8 @@ impl std::fmt::Debug for NodeConfig {
             .field("meter", &self.meter.is_some())
             .field("join_token", &self.join_token.as_ref().map(|_| "<set>"))
             .field("tls", &self.tls)
+            .field("vm_cidr", &self.vm_cidr)
+            .field("vm_network", &self.vm_network)
             .finish()
     }
 }
@@ -240,6 +263,7 @@ impl From<ApiError> for tonic::Status {
                 | CommandError::CannotMove { .. }
                 | CommandError::NodeState { .. }
                 | CommandError::TokenRefused { .. }
+                | CommandError::VmNetworkFixed { .. }
                 | CommandError::BatchFailed { .. } => Code::FailedPrecondition,
             },
             ApiError::Invalid(_) => Code::InvalidArgument,
@@ -525,6 +549,11 @@ impl Node {
                             source,
                         })?;
                     }
+                    if let Some(cidr) = cfg.vm_cidr {
+                        bootstrap::write_vm_cidr(&cfg.data_dir, cidr).map_err(|source| {
+                            NodeError::DataDir { dir: cfg.data_dir.join(bootstrap::VM_CIDR_FILE), source }
+                        })?;
+                    }
                     let members = BTreeMap::from([(cfg.id, BasicNode::new(addr.clone()))]);
                     shared.raft.initialize(members).await.map_err(|e| NodeError::Raft(e.to_string()))?;
                     tracing::info!(node = cfg.id, cluster = %shared.cluster_id, "bootstrapped a new single-node cluster");
@@ -533,9 +562,21 @@ impl Node {
         }
         tokio::spawn(register_loop(shared.clone(), cfg.resources, cfg.labels.clone()));
         node.liveness.lock().push(tokio::spawn(bootstrap::run(shared.clone())));
+        node.liveness.lock().push(tokio::spawn(bootstrap::vm_network(shared.clone())));
         if let Some(backend) = &cfg.vm_backend {
             tracing::info!(backend = %backend.describe(), "VM backend ready");
-            let h = crate::reconciler::spawn(shared.clone(), backend.clone(), cfg.reconciler.clone());
+            let mut rcfg = cfg.reconciler.clone();
+            match &cfg.vm_network {
+                #[cfg(not(madsim))]
+                Ok(net) => {
+                    rcfg.bridge = Some(vm_network::bridge_name(&shared.cluster_id, shared.id));
+                    node.liveness.lock().push(tokio::spawn(vm_network::run(shared.clone(), net.clone())));
+                }
+                #[cfg(madsim)]
+                Ok(_) => tracing::info!("no VM network on simulated hosts"),
+                Err(why) => tracing::info!(%why, "VMs run without a NIC"),
+            }
+            let h = crate::reconciler::spawn(shared.clone(), backend.clone(), rcfg);
             *node.reconciler.lock() = Some(h);
         } else {
             let h = tokio::spawn(release_loop(shared.clone(), cfg.reconciler.tick));

@@ -24,7 +24,7 @@ use tracing::Instrument;
 use super::batcher::SubmitError;
 use super::election::{self, PreVoteRequest};
 use super::liveness::{self, HeartbeatRequest, HeartbeatResult, LivenessReply};
-use super::{ForwardError, NodeShared, ProposeReply, ReadIndexReply};
+use super::{disks, ForwardError, NodeShared, ProposeReply, ReadIndexReply};
 use crate::codec;
 use crate::command::Proposal;
 use crate::format;
@@ -167,5 +167,40 @@ impl RaftService for RaftGrpc {
         let () = self.open(request)?;
         let out: LivenessReply = liveness::ages(&self.node);
         reply(&out)
+    }
+
+    type FetchDiskStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<RaftReply, Status>> + Send + 'static>>;
+
+    async fn fetch_disk(
+        &self,
+        request: Request<RaftRequest>,
+    ) -> Result<Response<Self::FetchDiskStream>, Status> {
+        let req: disks::FetchDisk = self.open(request)?;
+        crate::validate::vm_name(&req.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let path = disks::handoff_path(&self.node.data_dir, &req.name, req.placement_gen);
+        if !path.is_file() {
+            return Err(Status::not_found(format!(
+                "node {} keeps no disk of VM {:?} for placement generation {}",
+                self.node.id, req.name, req.placement_gen
+            )));
+        }
+        tracing::info!(vm = %req.name, file = %path.display(), "sending a kept disk");
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<RaftReply, Status>>(4);
+        tokio::task::spawn_blocking(move || {
+            let sent = disks::read_pieces(&path, |piece| match codec::encode(&piece) {
+                Ok(payload) => {
+                    tx.blocking_send(Ok(RaftReply { payload, format: u32::from(format::CURRENT) })).is_ok()
+                }
+                Err(_) => false,
+            });
+            if let Err(e) = sent {
+                let _ =
+                    tx.blocking_send(Err(Status::unavailable(format!("reading {}: {e}", path.display()))));
+            }
+        });
+        Ok(Response::new(Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|m| (m, rx))
+        }))))
     }
 }

@@ -142,6 +142,40 @@ impl PeerChannels {
         Ok(channel)
     }
 
+    /// Opens the `FetchDisk` stream of the node at `addr` (node/disks.rs);
+    /// its replies carry bincode `DiskPiece`s. No deadline on the stream
+    /// as a whole: the caller bounds each piece.
+    pub async fn fetch_disk(
+        &self,
+        addr: &str,
+        cluster_id: &str,
+        from: NodeId,
+        req: &crate::node::disks::FetchDisk,
+        open_deadline: Duration,
+    ) -> Result<tonic::Streaming<RaftReply>, RpcFailure> {
+        let payload = codec::encode(req)
+            .map_err(|e| RpcFailure::BadReply { addr: addr.to_string(), reason: e.to_string() })?;
+        let request = tonic::Request::new(RaftRequest {
+            cluster_id: cluster_id.to_string(),
+            from,
+            payload,
+            format: u32::from(format::CURRENT),
+        });
+        let mut client = RaftServiceClient::new(self.channel(addr)?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        match tokio::time::timeout(open_deadline, client.fetch_disk(request)).await {
+            Err(_) => Err(RpcFailure::Timeout { addr: addr.to_string(), after: open_deadline }),
+            Ok(Err(status)) if connection_refused(&status) => {
+                Err(RpcFailure::Refused { addr: addr.to_string() })
+            }
+            Ok(Err(status)) => {
+                Err(RpcFailure::BadReply { addr: addr.to_string(), reason: status.message().to_string() })
+            }
+            Ok(Ok(r)) => Ok(r.into_inner()),
+        }
+    }
+
     /// Sends one internal RPC and decodes the reply as `Resp`.
     pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
         &self,

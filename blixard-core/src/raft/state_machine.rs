@@ -137,6 +137,7 @@ pub fn decode_image(what: &str, bytes: &[u8]) -> Result<StateImage, ImageError> 
         2 => Ok(codec::decode_trusted::<legacy::StateImageV2>(body).map_err(bad)?.into()),
         3 => Ok(codec::decode_trusted::<legacy::StateImageV3>(body).map_err(bad)?.into()),
         4 => Ok(codec::decode_trusted::<legacy::StateImageV4>(body).map_err(bad)?.into()),
+        5 => Ok(codec::decode_trusted::<legacy::StateImageV5>(body).map_err(bad)?.into()),
         _ => codec::decode_trusted(body).map_err(bad),
     }
 }
