@@ -34,10 +34,11 @@ ensure_vm_packages() {
   ensure_apt qemu-system-x86 linux-image-cloud-amd64 busybox-static e2fsprogs iproute2
 }
 
-# What the partition test and the failover bench need: network namespaces
-# (iproute2), packet filtering inside them (iptables), and root to use both.
+# What the partition test, the VM networking test and the failover bench
+# need: network namespaces (iproute2), packet filtering inside them
+# (iptables), an HTTP client for published ports (curl), and root.
 ensure_net_packages() {
-  ensure_apt iproute2 iptables
+  ensure_apt iproute2 iptables curl
   [ "$(id -u)" -eq 0 ] \
     || die "the partition test puts nodes in network namespaces and needs root: run this as root"
 }

@@ -19,8 +19,9 @@
 //!   default route;
 //! - `blixard.disk=DEV`: waits up to 2 s for the block device and mounts it
 //!   (ext4) on `/data`, saying so on the console (or why not);
-//! - `blixard.httpd=PORT`: serves `/www` with busybox httpd: `index.html`
-//!   holds the hostname, `/www/data` links to `/data` when it is mounted;
+//! - `blixard.httpd=PORT` (default 80 when it has an address; `off`: none):
+//!   serves `/www` with busybox httpd: `index.html` holds the hostname,
+//!   `/www/data` links to `/data` when it is mounted;
 //! - starts busybox `acpid`, so that QMP `system_powerdown` powers it off
 //!   (after `sync` and unmounting `/data`, so what was written is durable);
 //! - prints [`crate::READY_MARKER`], then runs an interactive shell on the
@@ -112,6 +113,10 @@ for arg in $(cat /proc/cmdline); do
   esac
 done
 [ -n "$name" ] && hostname "$name"
+# With a NIC, a tiny web server on port 80 unless told otherwise (so a
+# published port answers out of the box); blixard.httpd=off: none.
+[ -z "$httpd_port" ] && [ -n "$addr" ] && httpd_port=80
+[ "$httpd_port" = off ] && httpd_port=""
 
 if [ -n "$disk" ]; then
   # The block device shows up asynchronously after virtio_blk binds.

@@ -70,6 +70,7 @@ pub fn sim_reconciler() -> ReconcilerConfig {
         backoff_max: Duration::from_secs(2),
         stable_after: Duration::from_secs(5),
         report_every: Duration::from_millis(100),
+        bridge: None,
     }
 }
 

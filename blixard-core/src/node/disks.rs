@@ -304,7 +304,7 @@ pub async fn fetch(
             .map_err(|e| format!("a bad piece of its disk from node {from}: {e}"))?;
         // File IO off the async threads: the writer goes to a blocking
         // thread and comes back with the outcome.
-        let (w, done) = tokio::task::spawn_blocking(move || {
+        let (w, done) = crate::raft::blocking(move || {
             let done = writer.piece(piece);
             (writer, done)
         })

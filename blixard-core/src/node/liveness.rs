@@ -33,7 +33,10 @@
 //! node's VMs stop by `sent + 0.8 T` on its clock, before the earliest
 //! `sent + T` on the leader's, as long as clock *rates* differ by less than
 //! 20% (no clock is compared across machines). The VMs then start elsewhere
-//! only after the `SetNodeDown` commits and the new node boots them.
+//! only after the `SetNodeDown` commits and the new node boots them. A
+//! heartbeat that arrives while the leader is marking its node down waits
+//! until the mark-down has committed, so the read index it is answered
+//! with covers it (`LeaderView::decide`).
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -93,6 +96,17 @@ pub type LivenessReply = Result<Vec<(NodeId, u64)>, ForwardError>;
 #[derive(Default)]
 pub struct LeaderView {
     inner: Mutex<ViewInner>,
+    /// Orders a mark-down against heartbeats: the monitor holds it from
+    /// judging a node silent until its `SetNodeDown` has committed, and a
+    /// heartbeat is stamped "heard" only under it. So a heartbeat either
+    /// lands before the judgement (which then finds the node heard) or
+    /// after the mark-down committed (and its read index covers it: the
+    /// node sees its VMs moved before its lease is valid again). Without
+    /// it, a heartbeat arriving between the judgement and the commit was
+    /// answered with a read index before the mark-down, and the node
+    /// restarted VMs that were being started elsewhere (found by the
+    /// simulator).
+    decide: tokio::sync::Mutex<()>,
 }
 
 #[derive(Default)]
@@ -227,9 +241,13 @@ pub async fn answer(node: &NodeShared, from: NodeId) -> HeartbeatResult {
         }
         m.current_term
     };
-    let (timeout, now) = (node.state.node_timeout(), Instant::now());
-    node.liveness.refresh(term, timeout, node.state.node_timeout_grace(), now);
-    node.liveness.heard(term, from, now);
+    let timeout = node.state.node_timeout();
+    {
+        let _decide = node.liveness.decide.lock().await;
+        let now = Instant::now();
+        node.liveness.refresh(term, timeout, node.state.node_timeout_grace(), now);
+        node.liveness.heard(term, from, now);
+    }
     let read_index = node.confirm_leadership().await?;
     Ok(HeartbeatReply { read_index, node_timeout_ms: timeout.as_millis() as u64 })
 }
@@ -340,6 +358,8 @@ pub async fn monitor_loop(node: Arc<NodeShared>) {
             node.liveness.clear();
             continue;
         };
+        // Held until the changes below have committed (see `decide`).
+        let _decide = node.liveness.decide.lock().await;
         let (timeout, now) = (node.state.node_timeout(), Instant::now());
         node.liveness.refresh(term, timeout, node.state.node_timeout_grace(), now);
         let now_ms = super::now_ms();

@@ -565,17 +565,23 @@ impl Node {
         node.liveness.lock().push(tokio::spawn(bootstrap::vm_network(shared.clone())));
         if let Some(backend) = &cfg.vm_backend {
             tracing::info!(backend = %backend.describe(), "VM backend ready");
-            let mut rcfg = cfg.reconciler.clone();
-            match &cfg.vm_network {
+            let bridge = match &cfg.vm_network {
                 #[cfg(not(madsim))]
                 Ok(net) => {
-                    rcfg.bridge = Some(vm_network::bridge_name(&shared.cluster_id, shared.id));
                     node.liveness.lock().push(tokio::spawn(vm_network::run(shared.clone(), net.clone())));
+                    Some(vm_network::bridge_name(&shared.cluster_id, shared.id))
                 }
                 #[cfg(madsim)]
-                Ok(_) => tracing::info!("no VM network on simulated hosts"),
-                Err(why) => tracing::info!(%why, "VMs run without a NIC"),
-            }
+                Ok(_) => {
+                    tracing::info!("no VM network on simulated hosts");
+                    None
+                }
+                Err(why) => {
+                    tracing::info!(%why, "VMs run without a NIC");
+                    None
+                }
+            };
+            let rcfg = ReconcilerConfig { bridge, ..cfg.reconciler.clone() };
             let h = crate::reconciler::spawn(shared.clone(), backend.clone(), rcfg);
             *node.reconciler.lock() = Some(h);
         } else {

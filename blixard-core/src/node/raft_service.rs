@@ -187,7 +187,9 @@ impl RaftService for RaftGrpc {
         }
         tracing::info!(vm = %req.name, file = %path.display(), "sending a kept disk");
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<RaftReply, Status>>(4);
-        tokio::task::spawn_blocking(move || {
+        // File reads off the async threads (a plain task under madsim,
+        // where no node keeps disks: the sim backend has none).
+        tokio::spawn(crate::raft::blocking(move || {
             let sent = disks::read_pieces(&path, |piece| match codec::encode(&piece) {
                 Ok(payload) => {
                     tx.blocking_send(Ok(RaftReply { payload, format: u32::from(format::CURRENT) })).is_ok()
@@ -198,7 +200,7 @@ impl RaftService for RaftGrpc {
                 let _ =
                     tx.blocking_send(Err(Status::unavailable(format!("reading {}: {e}", path.display()))));
             }
-        });
+        }));
         Ok(Response::new(Box::pin(futures::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|m| (m, rx))
         }))))
