@@ -68,7 +68,11 @@ fn node_main(id: u64) {
             meter: None,
             join_token: std::env::var("E2E_TOKEN").ok(),
             tls: None,
-            vm_cidr: None,
+            // 1,000 nodes: a /24 each needs more than the default /16.
+            vm_cidr: Some(blixard_core::types::Ipv4Net {
+                addr: std::net::Ipv4Addr::new(10, 0, 0, 0),
+                prefix: 8,
+            }),
             vm_network: Err("tests run VMs without a NIC".into()),
         };
         let node = Node::start(cfg).await.expect("node starts");

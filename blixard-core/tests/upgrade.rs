@@ -13,11 +13,17 @@ use blixard_core::types::{DesiredState, NodeResources, Resources};
 use blixard_proto as pb;
 use blixard_proto::vm_service_client::VmServiceClient;
 
+/// Copies `from` into `to`, subdirectories too (a format 5 data dir keeps
+/// its log in `raft-log/`).
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {
         let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
     }
 }
 

@@ -19,6 +19,8 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use super::ports::{Forward, PortProxy};
 use super::{NodeShared, VmNetworkConfig};
 use crate::types::{Ipv4Net, NodeId, NodeStatus};
@@ -85,45 +87,19 @@ pub async fn run(shared: Arc<NodeShared>, cfg: VmNetworkConfig) {
     let proxy = PortProxy::new(Ipv4Addr::UNSPECIFIED);
     let mut applied = Wanted::default();
     let mut nat_on: Option<Ipv4Net> = None;
+    let mut checked: Option<Instant> = None;
     loop {
         let changed = shared.state.changed().notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
         let want = wanted(&shared);
-        if let Some(s) = want.subnet {
-            let br = blixard_vm::net::Bridge { name: bridge.clone(), gateway: s.gateway(), prefix: s.prefix };
-            match tokio::task::spawn_blocking(move || br.ensure()).await {
-                Ok(Ok(())) => {
-                    if applied.subnet != Some(s) {
-                        tracing::info!(bridge = %bridge, subnet = %s, "VM bridge up");
-                    }
-                }
-                Ok(Err(e)) => tracing::warn!(bridge = %bridge, error = %e, "cannot set up the VM bridge"),
-                Err(e) => tracing::warn!(error = %e, "VM bridge task"),
-            }
-        }
-        let routes = want.routes.clone();
-        match tokio::task::spawn_blocking(move || blixard_vm::net::sync_routes(&routes)).await {
-            Ok(Ok(())) => {
-                if applied.routes != want.routes {
-                    tracing::info!(routes = ?want.routes, "routes to other nodes' VM subnets");
-                }
-            }
-            Ok(Err(e)) => tracing::warn!(error = %e, "cannot set the routes to other nodes' VM subnets"),
-            Err(e) => tracing::warn!(error = %e, "VM route task"),
-        }
-        if let (true, Some(cidr)) = (cfg.nat, want.cidr) {
-            let c = (cidr.addr, cidr.prefix);
-            match tokio::task::spawn_blocking(move || blixard_vm::net::ensure_nat(c)).await {
-                Ok(Ok(())) => {
-                    if nat_on != Some(cidr) {
-                        tracing::info!(%cidr, "outbound NAT for the VM network");
-                        nat_on = Some(cidr);
-                    }
-                }
-                Ok(Err(e)) => tracing::warn!(error = %e, "cannot set up outbound NAT for the VM network"),
-                Err(e) => tracing::warn!(error = %e, "VM NAT task"),
-            }
+        // The host is checked (tools run) when what it should be changed,
+        // and every RESYNC; most state changes (VM reports) change nothing
+        // here and cost one read of the tables.
+        let due = want != applied || checked.is_none_or(|at| at.elapsed() >= RESYNC);
+        if due {
+            checked = Some(Instant::now());
+            apply_host(&bridge, &want, &applied, cfg.nat, &mut nat_on).await;
         }
         for (port, fwd, why) in proxy.sync(&want.ports).await {
             tracing::warn!(port, vm = %fwd.vm, error = %why, "cannot publish a port (retrying)");
@@ -132,6 +108,46 @@ pub async fn run(shared: Arc<NodeShared>, cfg: VmNetworkConfig) {
         tokio::select! {
             _ = changed => {}
             _ = tokio::time::sleep(RESYNC) => {}
+        }
+    }
+}
+
+/// Makes the host's bridge, routes and NAT what `want` says (idempotent).
+async fn apply_host(bridge: &str, want: &Wanted, applied: &Wanted, nat: bool, nat_on: &mut Option<Ipv4Net>) {
+    let bridge = bridge.to_string();
+    if let Some(s) = want.subnet {
+        let br = blixard_vm::net::Bridge { name: bridge.clone(), gateway: s.gateway(), prefix: s.prefix };
+        match tokio::task::spawn_blocking(move || br.ensure()).await {
+            Ok(Ok(())) => {
+                if applied.subnet != Some(s) {
+                    tracing::info!(bridge = %bridge, subnet = %s, "VM bridge up");
+                }
+            }
+            Ok(Err(e)) => tracing::warn!(bridge = %bridge, error = %e, "cannot set up the VM bridge"),
+            Err(e) => tracing::warn!(error = %e, "VM bridge task"),
+        }
+    }
+    let routes = want.routes.clone();
+    match tokio::task::spawn_blocking(move || blixard_vm::net::sync_routes(&routes)).await {
+        Ok(Ok(())) => {
+            if applied.routes != want.routes {
+                tracing::info!(routes = ?want.routes, "routes to other nodes' VM subnets");
+            }
+        }
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot set the routes to other nodes' VM subnets"),
+        Err(e) => tracing::warn!(error = %e, "VM route task"),
+    }
+    if let (true, Some(cidr)) = (nat, want.cidr) {
+        let c = (cidr.addr, cidr.prefix);
+        match tokio::task::spawn_blocking(move || blixard_vm::net::ensure_nat(c)).await {
+            Ok(Ok(())) => {
+                if *nat_on != Some(cidr) {
+                    tracing::info!(%cidr, "outbound NAT for the VM network");
+                    *nat_on = Some(cidr);
+                }
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot set up outbound NAT for the VM network"),
+            Err(e) => tracing::warn!(error = %e, "VM NAT task"),
         }
     }
 }
