@@ -646,15 +646,16 @@ impl ClusterState {
     /// in the subnet of the node holding the VM, and a VM held by a node
     /// with a subnet has one; no two VMs on a node publish the same port.
     fn check_vm_network(&self, image: &StateImage) -> Result<(), String> {
+        if let Some(c) = image.vm_cidr {
+            crate::validate::vm_cidr(&c).map_err(|e| format!("the VM network: {e}"))?;
+        }
         let mut subnets: BTreeMap<Ipv4Net, NodeId> = BTreeMap::new();
         for n in &image.nodes {
             let Some(s) = n.vm_subnet else { continue };
-            if !image
-                .vm_cidr
-                .is_some_and(|c| c.contains(s.addr) && s.prefix == crate::types::NODE_SUBNET_PREFIX)
-            {
+            let aligned = s.prefix == crate::types::NODE_SUBNET_PREFIX && s.network() == s.addr;
+            if !aligned || !image.vm_cidr.is_some_and(|c| c.contains(s.addr)) {
                 return Err(format!(
-                    "node {} holds subnet {s} outside the VM network {:?}",
+                    "node {} holds subnet {s}, not a /24 of the VM network {:?}",
                     n.id, image.vm_cidr
                 ));
             }
@@ -2464,6 +2465,26 @@ mod tests {
         let msg = e.to_string();
         assert!(msg.contains("1 have no VM subnet") && msg.contains("1 have no free VM address"), "{msg}");
         s.check_invariants().unwrap();
+    }
+
+    /// Found by fuzzing `InstallSnapshot`: an image whose node holds a
+    /// subnet written with host bits (the same network as another node's)
+    /// passed the invariants, and the next create gave an address already
+    /// held on the other node.
+    #[test]
+    fn an_image_with_an_unaligned_or_shared_subnet_is_inconsistent() {
+        let s = state_with_nodes();
+        s.apply(&p(Command::SetVmNetwork { cidr: Ipv4Net::DEFAULT_VM_CIDR }), 3).unwrap();
+        s.check_invariants().unwrap();
+        let mut image = s.image();
+        image.nodes[1].vm_subnet = Some(Ipv4Net { addr: "10.88.0.7".parse().unwrap(), prefix: 24 });
+        let copy = ClusterState::new();
+        copy.restore(image.clone(), 3);
+        let e = copy.check_invariants().unwrap_err();
+        assert!(e.contains("not a /24 of the VM network"), "{e}");
+        image.vm_cidr = Some(Ipv4Net { addr: "10.88.0.1".parse().unwrap(), prefix: 16 });
+        copy.restore(image, 3);
+        assert!(copy.check_invariants().unwrap_err().contains("VM network"));
     }
 
     #[test]

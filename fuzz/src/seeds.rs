@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use blixard_core::codec;
-use blixard_core::command::{Command, NewVm, NewVmV3, Proposal, ProposalBatch, RequestId, VmReport};
+use blixard_core::command::{Command, NewVm, NewVmV3, NewVmV4, Proposal, ProposalBatch, RequestId, VmReport};
 use blixard_core::error::CommandError;
 use blixard_core::format;
 use blixard_core::node::election::{PreVoteReply, PreVoteRequest};
@@ -16,8 +16,8 @@ use blixard_core::raft::log_store::segment::{Group, Kind, Marks, SegmentLog};
 use blixard_core::raft::state_machine::encode_image;
 use blixard_core::raft::{Entry, LogId, SnapshotMeta, TypeConfig, Vote};
 use blixard_core::types::{
-    BootSpec, Constraint, NodeResources, ObservedState, Placement, QuotaLimits, Ratio, Reschedule, Resources,
-    RestartPolicy, Strategy, VmRuntime, VmSpec,
+    BootSpec, Constraint, Ipv4Net, NodeResources, ObservedState, Placement, PortMap, QuotaLimits, Ratio, Reschedule,
+    Resources, RestartPolicy, Strategy, VmRuntime, VmSpec,
 };
 use blixard_proto as pb;
 use openraft::error::{Fatal, InstallSnapshotError, RaftError, SnapshotMismatch};
@@ -90,7 +90,7 @@ pub fn setup_commands() -> Vec<Command> {
     vec![
         // Format 6: a VM network, so creates, moves and deletes allocate
         // and free addresses and published ports.
-        Command::SetVmNetwork { cidr: blixard_core::types::Ipv4Net::DEFAULT_VM_CIDR },
+        Command::SetVmNetwork { cidr: Ipv4Net::DEFAULT_VM_CIDR },
         Command::RegisterNode {
             id: 1,
             addr: "10.0.0.1:7000".into(),
@@ -267,12 +267,27 @@ pub fn sample_commands() -> Vec<(&'static str, Command)> {
                         },
                         placement: Placement { priority: 100, ..Default::default() },
                         reschedule: Reschedule::Never,
+                        publish: vec![PortMap { host: 8080, guest: 80 }, PortMap { host: 2222, guest: 22 }],
                     },
                 ],
                 start: false,
                 queue: true,
             },
         ),
+        (
+            "create-vms-v4",
+            Command::CreateVmsV4 {
+                vms: vec![NewVmV4 {
+                    name: "old-1".into(),
+                    spec: spec(1, 128, "", &[]),
+                    placement: Placement::default(),
+                    reschedule: Reschedule::default(),
+                }],
+                start: true,
+                queue: false,
+            },
+        ),
+        ("set-vm-network", Command::SetVmNetwork { cidr: Ipv4Net::parse("10.99.0.0/16").unwrap() }),
         ("set-node-timeout", Command::SetNodeTimeout { ms: 30_000 }),
         ("set-node-down", Command::SetNodeDown { id: 2, down: true }),
         ("drain", Command::DrainNode { id: 1, max_parallel: 2, deadline_ms: 1_800_000_000_000 }),
