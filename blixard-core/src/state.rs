@@ -1086,9 +1086,36 @@ impl ApplyRun<'_> {
             },
         };
         let rec = NodeRecord { vm_subnet: self.subnet_for(&rec), ..rec };
+        let new_subnet = rec.vm_subnet.is_some() && old.as_ref().is_none_or(|o| o.vm_subnet.is_none());
         self.touched.insert(id);
-        self.put_node(id, Some(rec), old, journal);
+        let mut journal = journal;
+        self.put_node(id, Some(rec), old, journal.as_deref_mut());
+        if new_subnet {
+            // A node that had no subnet (it left before the cluster had a
+            // VM network, say) may hold VMs: they get their addresses now.
+            self.address_vms_held_by(id, journal);
+        }
         Ok(CommandOutput::NodeRegistered { id })
+    }
+
+    /// Gives every VM node `id` holds (placed there, or leaving it) and
+    /// that has no address one, by name.
+    fn address_vms_held_by(&mut self, id: NodeId, mut journal: Journal<'_>) -> u32 {
+        let table = self.vms.table();
+        let mut names: Vec<Arc<str>> = table
+            .on_node(id)
+            .chain(table.on_node(0).filter(|v| v.leaving == id))
+            .filter(|v| v.ip.is_none())
+            .map(|v| v.name.clone())
+            .collect();
+        names.sort_unstable();
+        let mut addressed = 0;
+        for name in names {
+            let Some(vm) = self.vms.get(&name).cloned() else { continue };
+            self.set_vm(&name, Some((*vm).clone()), journal.as_deref_mut());
+            addressed += u32::from(self.vms.get(&name).is_some_and(|v| v.ip.is_some()));
+        }
+        addressed
     }
 
     /// The VM subnet node `node` should hold: the one it has, else (an
@@ -2485,6 +2512,33 @@ mod tests {
         image.vm_cidr = Some(Ipv4Net { addr: "10.88.0.1".parse().unwrap(), prefix: 16 });
         copy.restore(image, 3);
         assert!(copy.check_invariants().unwrap_err().contains("VM network"));
+    }
+
+    /// Found by fuzzing: a node that left before the cluster had a VM
+    /// network holds its (lost) VMs without addresses; when it registers
+    /// again it gets a subnet, and its VMs their addresses.
+    #[test]
+    fn a_node_that_gets_its_subnet_late_addresses_the_vms_it_holds() {
+        let s = state_with_nodes();
+        s.apply(
+            &p(Command::CreateVm {
+                name: "a".into(),
+                spec: VmSpec { vcpus: 1, memory_mb: 64, disk_gb: 0, ..Default::default() },
+                start: true,
+            }),
+            3,
+        )
+        .unwrap();
+        let on = s.with_vm("a", |v| v.node_id).unwrap();
+        s.apply(&p(Command::DecommissionNode { id: on }), 4).unwrap();
+        s.apply(&p(Command::SetVmNetwork { cidr: Ipv4Net::DEFAULT_VM_CIDR }), 5).unwrap();
+        assert_eq!(subnet_of(&s, on), None, "a node that left gets no subnet");
+        assert_eq!(ip_of(&s, "a"), None);
+        s.check_invariants().unwrap();
+        s.apply(&p(register(on, 4, 2048)), 6).unwrap();
+        assert!(subnet_of(&s, on).is_some());
+        assert!(ip_of(&s, "a").is_some(), "its VM got an address with the subnet");
+        s.check_invariants().unwrap();
     }
 
     #[test]
