@@ -32,6 +32,9 @@ use crate::validate::{MAX_BATCH, MAX_REASON_LEN};
 /// deadline, so this only cuts attempts that would never end.
 const REPORT_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// How often kept disks nobody needs any more are looked for.
+const GC_EVERY: Duration = Duration::from_secs(5);
+
 #[derive(Clone, Debug)]
 pub struct ReconcilerConfig {
     /// How often desired and actual state are compared when nothing changes
@@ -131,6 +134,8 @@ pub struct Reconciler {
     epoch: u64,
     /// What this node was to run at the last full tick, and when it ran.
     last_full: Option<(Vec<Want>, Instant)>,
+    /// When kept disks were last collected.
+    last_gc: Option<Instant>,
 }
 
 type StartResults = Arc<Mutex<Vec<(String, Result<(), VmError>)>>>;
@@ -151,6 +156,7 @@ pub fn spawn(
         last_report: None,
         epoch: 0,
         last_full: None,
+        last_gc: None,
     };
     tokio::spawn(async move {
         let node = r.node.clone();
@@ -273,11 +279,18 @@ async fn fetch_disk(node: &NodeShared, backend: &dyn VmBackend, name: &str) -> R
 
 /// Before deleting a VM's files here: if it moved off this node by
 /// migration or drain, keeps its disk for the node it went to.
-fn keep_disk(node: &NodeShared, backend: &dyn VmBackend, name: &str) {
-    let Some(disk) = backend.data_disk(name).filter(|d| d.exists()) else { return };
+/// The file work runs off the async threads.
+async fn keep_disk(node: &NodeShared, backend: &dyn VmBackend, name: &str) {
+    let Some(disk) = backend.data_disk(name) else { return };
     let Some(Some(gen)) = node.state.with_vm(name, |v| disks::moved_off(v, node.id)) else { return };
-    match disks::keep(&node.data_dir, name, gen, &disk) {
-        Ok(at) => {
+    let (dir, vm) = (node.data_dir.clone(), name.to_string());
+    let kept =
+        crate::raft::blocking(move || disk.exists().then(|| disks::keep(&dir, &vm, gen, &disk)).transpose())
+            .await
+            .and_then(|r| r);
+    match kept {
+        Ok(None) => {}
+        Ok(Some(at)) => {
             tracing::info!(vm = name, file = %at.display(), "kept the VM's disk for the node it moved to")
         }
         Err(e) => {
@@ -313,9 +326,12 @@ impl Reconciler {
     /// the timers (backoff, reports, stability) still run every tick.
     async fn tick(&mut self, by_change: bool) {
         let me = self.node.id;
-        // Disks kept for VMs that moved away, once their new node has them.
-        if !by_change {
-            disks::collect_garbage(&self.node.data_dir, &self.node.state);
+        // Disks kept for VMs that moved away, once their new node has them
+        // (a directory read, off the async threads, every few seconds).
+        if self.last_gc.is_none_or(|at| at.elapsed() >= GC_EVERY) {
+            self.last_gc = Some(Instant::now());
+            let node = self.node.clone();
+            let _ = crate::raft::blocking(move || disks::collect_garbage(&node.data_dir, &node.state)).await;
         }
         // Fencing (see node/liveness.rs): without a valid lease this node
         // starts nothing, and once it lapsed it stops what runs (its guard
@@ -643,7 +659,7 @@ impl Reconciler {
                     }
                 }
                 (Busy::Deleting, _) => {
-                    keep_disk(&node, &*backend, &name);
+                    keep_disk(&node, &*backend, &name).await;
                     let r = backend.delete(&name).await;
                     metrics.action(Action::Delete, r.is_ok());
                     match r {

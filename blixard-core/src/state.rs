@@ -1151,29 +1151,14 @@ impl ApplyRun<'_> {
         let mut ids: Vec<NodeId> =
             self.state.nodes.iter().filter(|n| n.vm_subnet.is_none()).map(|n| n.id).collect();
         ids.sort_unstable();
-        let mut subnets = 0;
+        let (mut subnets, mut addresses) = (0, 0);
         for id in ids {
             let Some(old) = self.state.nodes.get(&id).map(|n| n.value().clone()) else { continue };
             let Some(subnet) = self.subnet_for(&old) else { continue };
             let rec = NodeRecord { vm_subnet: Some(subnet), updated_at_ms: ctx.at_ms, ..old.clone() };
             self.put_node(id, Some(rec), Some(old), journal.as_deref_mut());
             subnets += 1;
-        }
-        let mut names: Vec<Arc<str>> = self
-            .vms
-            .table()
-            .iter()
-            .filter(|v| v.holder() != 0 && v.ip.is_none())
-            .map(|v| v.name.clone())
-            .collect();
-        names.sort_unstable();
-        let mut addresses = 0;
-        for name in names {
-            let Some(vm) = self.vms.get(&name).cloned() else { continue };
-            self.set_vm(&name, Some((*vm).clone()), journal.as_deref_mut());
-            if self.vms.get(&name).is_some_and(|v| v.ip.is_some()) {
-                addresses += 1;
-            }
+            addresses += self.address_vms_held_by(id, journal.as_deref_mut());
         }
         Ok(CommandOutput::VmNetworkSet { cidr, subnets, addresses })
     }

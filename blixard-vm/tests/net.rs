@@ -5,45 +5,14 @@
 //! ([`net::in_netns`]). Needs root, iproute2 and iptables: fails, does not
 //! skip, without them.
 #![cfg(not(madsim))]
+mod common;
 
 use std::net::Ipv4Addr;
-use std::process::Command;
+
+use blixard_vm::VmError;
+use common::Netns;
 
 use blixard_vm::net::{self, Bridge, NAT_COMMENT, ROUTE_PROTO};
-use blixard_vm::VmError;
-
-/// A network namespace that exists for the guard's lifetime.
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        let name = format!("bxtest-{}-{tag}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        let out = Command::new("ip").args(["netns", "add", &name]).output().expect("`ip` must be installed");
-        assert!(out.status.success(), "ip netns add {name}: {}", String::from_utf8_lossy(&out.stderr));
-        let ns = Netns(name);
-        ns.sh("ip link set lo up");
-        ns
-    }
-
-    /// Runs a shell command inside the namespace; returns stdout, panics on failure.
-    fn sh(&self, script: &str) -> String {
-        let out = Command::new("ip").args(["netns", "exec", &self.0, "sh", "-c", script]).output().unwrap();
-        assert!(out.status.success(), "`{script}` in {}: {}", self.0, String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn run<T: Send>(&self, f: impl FnOnce() -> Result<T, VmError> + Send) -> T {
-        net::in_netns(&self.0, f).unwrap_or_else(|e| panic!("in {}: {e}", self.0))
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        // Deleting the namespace deletes every interface, route and rule in it.
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
-}
 
 fn a(s: &str) -> Ipv4Addr {
     s.parse().unwrap()

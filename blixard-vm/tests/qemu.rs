@@ -3,6 +3,7 @@
 //! skip, when QEMU, the kernel or busybox are missing: install
 //! qemu-system-x86, linux-image-cloud-amd64 and busybox-static.
 #![cfg(not(madsim))]
+mod common;
 
 use std::io::{Read, Write};
 use std::net::Ipv4Addr;
@@ -20,6 +21,7 @@ use blixard_vm::qemu::QemuBackend;
 use blixard_vm::{
     BootSource, ConsoleIo, NetConfig, RunState, VmBackend, VmConfig, VmError, VmStatus, READY_MARKER,
 };
+use common::Netns;
 
 /// Generous: under TCG on 2 busy cores (parallel tests, parallel builds) a
 /// boot that takes ~2 s alone can take many times that.
@@ -416,36 +418,6 @@ async fn a_lapsed_lease_stops_the_guest() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     guard_thread.join().unwrap().expect("the guard failed");
-}
-
-/// A network namespace for one test (`bxtest-<pid>-<tag>`), deleted on
-/// drop (panics included) with everything in it: the host's own network is
-/// never touched.
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        let name = format!("bxtest-{}-{tag}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        let out = Command::new("ip").args(["netns", "add", &name]).output().expect("`ip` must be installed");
-        assert!(out.status.success(), "ip netns add {name}: {}", String::from_utf8_lossy(&out.stderr));
-        let ns = Netns(name);
-        net::in_netns(&ns.0, || {
-            Command::new("ip")
-                .args(["link", "set", "lo", "up"])
-                .status()
-                .map(|_| ())
-                .map_err(VmError::io("ip"))
-        })
-        .unwrap();
-        ns
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
 }
 
 /// Deletes the VM on drop (panics included), so no QEMU outlives a test.

@@ -292,7 +292,11 @@ pub async fn fetch(
         .fetch_disk(&addr, &node.cluster_id, node.id, &req, PIECE_DEADLINE)
         .await
         .map_err(|e| format!("fetching its disk from node {from}: {e}"))?;
-    let mut writer = DiskWriter::create(dest).map_err(|e| format!("creating {}: {e}", dest.display()))?;
+    let path = dest.to_path_buf();
+    let mut writer = crate::raft::blocking(move || DiskWriter::create(&path))
+        .await
+        .and_then(|w| w)
+        .map_err(|e| format!("creating {}: {e}", dest.display()))?;
     loop {
         let msg = match tokio::time::timeout(PIECE_DEADLINE, stream.message()).await {
             Err(_) => return Err(format!("node {from} sent no piece of its disk for {PIECE_DEADLINE:?}")),

@@ -38,16 +38,15 @@ impl Drop for Listener {
 }
 
 /// The node's port forwards, by host port.
-#[derive(Default)]
 pub struct PortProxy {
     listeners: Mutex<HashMap<u16, Listener>>,
     /// The address the listeners bind (0.0.0.0 in production).
-    bind: Option<Ipv4Addr>,
+    bind: Ipv4Addr,
 }
 
 impl PortProxy {
     pub fn new(bind: Ipv4Addr) -> Self {
-        Self { listeners: Mutex::default(), bind: Some(bind) }
+        Self { listeners: Mutex::default(), bind }
     }
 
     /// Makes the listeners exactly `wanted`: stops those no longer wanted
@@ -64,7 +63,7 @@ impl PortProxy {
             if self.listeners.lock().contains_key(&port) {
                 continue;
             }
-            let addr = SocketAddr::from((self.bind.unwrap_or(Ipv4Addr::UNSPECIFIED), port));
+            let addr = SocketAddr::from((self.bind, port));
             match tokio::net::TcpListener::bind(addr).await {
                 Ok(listener) => {
                     tracing::info!(port, vm = %fwd.vm, target = %fwd.target, "publishing port");
