@@ -561,6 +561,9 @@ struct VmFacts {
     failed: Option<bool>,
     /// Faults are set for it on every host.
     faulty: bool,
+    /// It ever had faults or an injected crash: a run of it may have
+    /// failed after the model last knew better.
+    ever_failed: bool,
     /// Crashes injected while it ran.
     crashes: u32,
     /// The final crash round expects exactly this restart count.
@@ -631,6 +634,7 @@ async fn create_vms_with_faults(
                 running: Some(true),
                 failed: if faulty { None } else { Some(false) },
                 faulty,
+                ever_failed: faulty,
                 crashes: 0,
                 restarts_exactly: None,
             },
@@ -784,6 +788,7 @@ async fn vm_chaos(mut c: SimCluster) -> Trace {
                 if crashed {
                     let f = facts.get_mut(&name).unwrap();
                     f.crashes += 1;
+                    f.ever_failed = true;
                     // Even a `never` VM may end up running: a start or
                     // restart accepted just before the crash can be carried
                     // out by its node just after it, which is correct. The
@@ -816,7 +821,17 @@ async fn vm_chaos(mut c: SimCluster) -> Trace {
                 let f = facts.get_mut(&name).unwrap();
                 match outcome {
                     Outcome::Acked(_) => match op {
-                        VmOp::Stop => f.running = Some(false),
+                        VmOp::Stop => {
+                            f.running = Some(false);
+                            // A start or restart acked just before may never
+                            // have been carried out (its node was down, and
+                            // the stop came first): the last run, crashed by
+                            // a leftover fault or an injected crash, may then
+                            // be what the stopped VM reports ("failed").
+                            if f.ever_failed {
+                                f.failed = None;
+                            }
+                        }
                         VmOp::Start | VmOp::Restart => {
                             // Unknown earlier state: whether a never-VM runs
                             // again depends on what the start found.
