@@ -105,12 +105,26 @@ impl Dedup {
 
 /// Results of the last [`DEDUP_WINDOW`] identified requests, evicted in
 /// apply order (deterministic: the same log gives the same table).
-#[derive(Default)]
 struct Dedup {
     /// Each result encoded (bincode): a map slot holds 16 bytes of it, not
     /// a `CommandResult` inline, which keeps a full window at a few MiB.
     results: HashMap<RequestId, Box<[u8]>>,
     order: VecDeque<RequestId>,
+}
+
+impl Default for Dedup {
+    /// Sized for a full window from the start: the window fills under any
+    /// steady write load, and growing into it would rehash the whole table
+    /// on the apply path at each doubling (the last one at 57,344 results)
+    /// and leave the freed smaller tables to the allocator. The table's
+    /// pages are only resident once written. (A result is recorded before
+    /// the oldest is evicted: one more than the window, briefly.)
+    fn default() -> Self {
+        Self {
+            results: HashMap::with_capacity(DEDUP_WINDOW),
+            order: VecDeque::with_capacity(DEDUP_WINDOW + 1),
+        }
+    }
 }
 
 /// A serialisable, canonically ordered image of the state (snapshots, digests).
@@ -481,22 +495,15 @@ impl ClusterState {
     /// A canonical image: nodes by id, VMs by name. O(state); used for
     /// snapshots and digests, never on a request path.
     pub fn image(&self) -> StateImage {
-        let mut nodes: Vec<NodeRecord> = Vec::with_capacity(self.nodes.len());
-        self.for_each_node(|n| nodes.push(n.clone()));
-        nodes.sort_unstable_by_key(|n| n.id);
-        let table = self.vms.load();
-        let mut vms: Vec<VmRecord> = table.iter().cloned().collect();
-        drop(table);
-        vms.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        let (nodes, vms) = self.sorted_records();
         let dedup = self.requests.lock();
         let requests = dedup.order.iter().filter_map(|id| Some((*id, dedup.get(id)?))).collect();
         drop(dedup);
-        let quotas = self.quotas.lock().iter().map(|(t, q)| (t.clone(), *q)).collect();
         StateImage {
             nodes,
             vms,
             requests,
-            quotas,
+            quotas: self.quotas_image(),
             scheduler: self.strategy(),
             node_timeout_ms: self.node_timeout().as_millis() as u64,
             prev_node_timeout_ms: self.prev_node_timeout_ms.load(std::sync::atomic::Ordering::Acquire),
@@ -504,6 +511,63 @@ impl ClusterState {
             tokens_bootstrapped: self.tokens_bootstrapped(),
             vm_cidr: self.vm_cidr(),
         }
+    }
+
+    /// Nodes by id and VMs by name, copied out (the image's first fields).
+    fn sorted_records(&self) -> (Vec<NodeRecord>, Vec<VmRecord>) {
+        let mut nodes: Vec<NodeRecord> = Vec::with_capacity(self.nodes.len());
+        self.for_each_node(|n| nodes.push(n.clone()));
+        nodes.sort_unstable_by_key(|n| n.id);
+        let table = self.vms.load();
+        let mut vms: Vec<VmRecord> = table.iter().cloned().collect();
+        drop(table);
+        vms.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        (nodes, vms)
+    }
+
+    fn quotas_image(&self) -> Vec<(String, QuotaLimits)> {
+        self.quotas.lock().iter().map(|(t, q)| (t.clone(), *q)).collect()
+    }
+
+    /// Appends `codec::encode(&self.image())` to `out`, byte for byte,
+    /// without building the image's dedup window: the window's results are
+    /// kept encoded and are copied as they are. Decoding 65,536 results into
+    /// short-lived allocations for every snapshot (and encoding them again)
+    /// cost time on the state machine task and left the allocator holding
+    /// the freed memory: node RSS rose in a step at every snapshot
+    /// (docs/PERFORMANCE.md (c)).
+    ///
+    /// bincode writes a struct as its fields in order and a sequence as its
+    /// length (a `u64`) then its items, so the image is: nodes and VMs, the
+    /// window's length, each `(id, result)`, then the remaining fields.
+    pub fn encode_image_into(&self, out: &mut Vec<u8>) -> Result<(), codec::CodecError> {
+        let (nodes, vms) = self.sorted_records();
+        codec::encode_into(&(&nodes, &vms), out)?;
+        drop((nodes, vms));
+        {
+            let dedup = self.requests.lock();
+            // Every id in `order` has a result (check_invariants); counted
+            // anyway, so the length always matches what follows.
+            let held = dedup.order.iter().filter(|id| dedup.results.contains_key(id)).count();
+            codec::encode_into(&(held as u64), out)?;
+            for id in &dedup.order {
+                if let Some(result) = dedup.results.get(id) {
+                    codec::encode_into(id, out)?;
+                    out.extend_from_slice(result);
+                }
+            }
+        }
+        let rest = (
+            &self.quotas_image(),
+            &self.strategy(),
+            self.node_timeout().as_millis() as u64,
+            self.prev_node_timeout_ms.load(std::sync::atomic::Ordering::Acquire),
+            &self.tokens(),
+            self.tokens_bootstrapped(),
+            &self.vm_cidr(),
+        );
+        codec::encode_into(&rest, out)?;
+        Ok(())
     }
 
     /// Replaces the whole state with `image`, the state after log index
@@ -540,7 +604,10 @@ impl ClusterState {
     /// A stable 64-bit fingerprint of the state (FNV-1a over the canonical
     /// image): equal on two replicas iff they hold the same state.
     pub fn digest(&self) -> u64 {
-        let bytes = crate::codec::encode(&self.image()).unwrap_or_default();
+        let mut bytes = Vec::new();
+        if self.encode_image_into(&mut bytes).is_err() {
+            bytes.clear();
+        }
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for b in bytes {
             h ^= b as u64;
@@ -2981,6 +3048,34 @@ mod tests {
         assert_eq!(s.image().requests.len(), DEDUP_WINDOW);
         assert_eq!(s.image().requests[0].0.seq, 10, "oldest ids are evicted first");
         s.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn streamed_image_encoding_is_the_images_encoding() {
+        let s = state_with_nodes();
+        s.apply(&p(Command::SetVmNetwork { cidr: Ipv4Net::DEFAULT_VM_CIDR }), 3).unwrap();
+        let limits = QuotaLimits { vcpus: Some(8), ..Default::default() };
+        s.apply(&p(Command::SetQuota { tenant: "t".into(), limits }), 4).unwrap();
+        for i in 0..40u64 {
+            // Successes and failures (too large), all under request ids.
+            let vcpus = if i % 3 == 0 { 1000 } else { 1 };
+            let q = Proposal {
+                at_ms: 1,
+                request: Some(RequestId { session: 7, seq: i }),
+                command: create(&format!("v{i}"), vcpus, 100),
+            };
+            let _ = s.apply(&q, 5 + i);
+        }
+        let img = s.image();
+        assert!(img.requests.len() == 40 && img.requests.iter().any(|(_, r)| r.is_err()));
+        let mut streamed = vec![0xAA];
+        s.encode_image_into(&mut streamed).unwrap();
+        assert_eq!(streamed[0], 0xAA, "appends");
+        assert_eq!(streamed[1..], crate::codec::encode(&img).unwrap()[..]);
+        let empty = ClusterState::new();
+        let mut streamed = Vec::new();
+        empty.encode_image_into(&mut streamed).unwrap();
+        assert_eq!(streamed, crate::codec::encode(&empty.image()).unwrap());
     }
 
     #[test]

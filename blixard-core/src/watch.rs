@@ -25,11 +25,14 @@ use crate::types::{NodeRecord, VmRecord};
 
 /// How many events the history keeps (whole revisions, oldest evicted
 /// first). An event is a few pointers plus a shared record (a VM's record is
-/// the table's own `Arc`; a node's is a copy, a few hundred bytes): about
-/// 20,000 × (≈ 100 B + records no longer in the table) — a few MiB at most.
-/// At a busy cluster's rate of a few hundred changes per second this covers
-/// about a minute, long enough to reconnect after a leader change.
-pub const HISTORY_EVENTS: usize = 20_000;
+/// the table's own `Arc`, about 600 B with its strings; a node's is a copy).
+/// Under steady writes most records in the history are no longer in the
+/// table (deleted or since replaced), so a full history holds about
+/// 8,192 × 600 B ≈ 5 MiB. At a busy cluster's rate of a few hundred changes
+/// per second it covers half a minute or more: reconnecting after a leader
+/// change takes a second or two. It was 20,000 until the write-path work
+/// measured what a full one costs (docs/PERFORMANCE.md (c)).
+pub const HISTORY_EVENTS: usize = 8_192;
 
 /// At most this many revisions are handed to a watcher per call, so a
 /// far-behind watcher holds the lock only briefly.

@@ -44,6 +44,8 @@ pub struct StateMachineStore {
     dir: PathBuf,
     /// Distinguishes snapshots built at the same log id.
     built: u64,
+    /// What the next image's buffer is sized to (the last one's size).
+    image_bytes: usize,
     metrics: Arc<NodeMetrics>,
 }
 
@@ -57,6 +59,7 @@ impl StateMachineStore {
             membership: StoredMembership::default(),
             dir: dir.to_path_buf(),
             built: 0,
+            image_bytes: 0,
             metrics: NodeMetrics::noop(0),
         };
         let path = dir.join(SNAPSHOT_FILE);
@@ -89,24 +92,31 @@ impl StateMachineStore {
 }
 
 /// Atomically replaces the snapshot file in `dir`. Blocking.
+///
+/// The file is the format header then `codec::encode(snap)`; the image
+/// bytes (most of it) are written from where they are, not copied into a
+/// second buffer: bincode writes a `Vec<u8>` as its length then its bytes.
 fn persist(dir: &Path, snap: &StoredSnapshot) -> std::io::Result<()> {
-    let bytes = format::with_header(&codec::encode(snap).map_err(std::io::Error::other)?);
+    let mut head = format::with_header(&[]);
+    codec::encode_into(&snap.meta, &mut head).map_err(std::io::Error::other)?;
+    codec::encode_into(&(snap.data.len() as u64), &mut head).map_err(std::io::Error::other)?;
     let tmp = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
     {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
+        f.write_all(&head)?;
+        f.write_all(&snap.data)?;
         f.sync_all()?;
     }
     std::fs::rename(&tmp, dir.join(SNAPSHOT_FILE))?;
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// [`persist`] on the blocking pool, with openraft's error type.
-async fn persist_off_executor(dir: &Path, snap: &StoredSnapshot) -> Result<(), StorageError> {
+/// [`persist`] on the blocking pool, with openraft's error type; hands the
+/// snapshot back (moved there and back, never copied).
+async fn persist_off_executor(dir: &Path, snap: StoredSnapshot) -> Result<StoredSnapshot, StorageError> {
     let sig = snap.meta.signature();
     let dir = dir.to_path_buf();
-    let to_write = snap.clone();
-    blocking(move || persist(&dir, &to_write))
+    blocking(move || persist(&dir, &snap).map(|()| snap))
         .await
         .and_then(|r| r)
         .map_err(|e| StorageIOError::write_snapshot(Some(sig), AnyError::new(&e)).into())
@@ -160,7 +170,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             .snap
             .take()
             .ok_or_else(|| StorageIOError::write_snapshot(None, AnyError::error("snapshot already built")))?;
-        persist_off_executor(&self.dir, &snap).await?;
+        let snap = persist_off_executor(&self.dir, snap).await?;
         self.metrics.snapshots_built.add(1);
         self.metrics.snapshot_built_bytes.record(snap.data.len() as u64);
         Ok(to_snapshot(snap))
@@ -216,7 +226,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         // Encoding a StateImage cannot fail (no maps with non-string keys,
         // no size limit on encode); an empty image would only be refused by
         // whoever decodes it, never misread.
-        let data = encode_image(&self.state.image()).unwrap_or_default();
+        let mut data = Vec::with_capacity(self.image_bytes);
+        data.extend_from_slice(&format::with_header(&[]));
+        if self.state.encode_image_into(&mut data).is_err() {
+            data.clear();
+        }
+        // The next image is about as large: one allocation, no regrowth.
+        self.image_bytes = data.len() + data.len() / 8;
         let snapshot_id = match self.last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id, l.index, self.built),
             None => format!("none-{}", self.built),
@@ -249,7 +265,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         // Durable first: if we crash after restoring but before persisting,
         // the restart must not come back with a log that starts past an
         // older snapshot.
-        persist_off_executor(&self.dir, &snap).await?;
+        let snap = persist_off_executor(&self.dir, snap).await?;
         self.metrics.snapshots_installed.add(1);
         self.metrics.snapshot_installed_bytes.record(snap.data.len() as u64);
         self.state.restore(image, meta.last_log_id.map_or(0, |l| l.index));
@@ -279,5 +295,29 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let snap =
             read.await.and_then(|r| r).map_err(|e| StorageIOError::read_snapshot(None, AnyError::new(&e)))?;
         Ok(snap.map(to_snapshot))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The file `persist` writes in pieces is the header and the encoding of
+    /// the whole `StoredSnapshot`, as every reader (start-up,
+    /// `get_current_snapshot`, older builds) decodes it.
+    #[test]
+    fn persisted_snapshot_is_header_then_the_stored_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = SnapshotMeta {
+            last_log_id: Some(openraft::LogId::new(openraft::CommittedLeaderId::new(3, 1), 42)),
+            last_membership: StoredMembership::default(),
+            snapshot_id: "3-1-42-1".into(),
+        };
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let snap = StoredSnapshot { meta, data };
+        persist(dir.path(), &snap).unwrap();
+        let file = std::fs::read(dir.path().join(SNAPSHOT_FILE)).unwrap();
+        assert_eq!(file, format::with_header(&codec::encode(&snap).unwrap()));
+        assert!(!dir.path().join(format!("{SNAPSHOT_FILE}.tmp")).exists());
     }
 }
