@@ -10,6 +10,7 @@ use std::process::Output;
 
 use blixard_core::auth::{token, CALLER};
 use blixard_core::command::{Command, Proposal};
+use blixard_core::node::forwarder::{BatchItemReply, ProposeBatchRequest};
 use blixard_proto as pb;
 use common::*;
 use serde_json::Value;
@@ -215,6 +216,84 @@ fn forged_markers_are_ignored(leader: u16, follower: u16, operator: &str) {
         let e = raft.propose(raft_req(&[("authorization", format!("Bearer {operator}"))])).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
         assert!(e.message().contains("admin role"), "{e:?}");
+
+        // The batched forward, straight to the leader: the caller is
+        // checked once, and each proposal's command against its role.
+        let create = Proposal {
+            at_ms: 1,
+            request: None,
+            command: Command::CreateVm {
+                name: "batched-raw".into(),
+                spec: blixard_core::types::VmSpec {
+                    vcpus: 1,
+                    memory_mb: 16,
+                    disk_gb: 1,
+                    ..Default::default()
+                },
+                start: false,
+            },
+        };
+        let batch = |meta: &[(&'static str, String)]| {
+            let body = ProposeBatchRequest { proposals: vec![create.clone(), proposal.clone()] };
+            let mut r = tonic::Request::new(pb::RaftRequest {
+                cluster_id: cluster_id.clone(),
+                from: 2,
+                payload: blixard_core::codec::encode(&body).unwrap(),
+                format: u32::from(blixard_core::format::CURRENT),
+            });
+            for (k, v) in meta {
+                r.metadata_mut().insert(*k, v.parse().unwrap());
+            }
+            r
+        };
+        let e = raft.propose_batch(batch(&[(CALLER, "cert:admin:root".into())])).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        let reply =
+            raft.propose_batch(batch(&[("authorization", format!("Bearer {operator}"))])).await.unwrap();
+        let answers: Vec<BatchItemReply> = blixard_core::codec::decode(&reply.into_inner().payload).unwrap();
+        assert_eq!(answers.len(), 2);
+        assert!(matches!(&answers[0], Ok(Ok((_, Ok(_))))), "the operator's create applied: {:?}", answers[0]);
+        match &answers[1] {
+            Err((code, why)) => {
+                assert_eq!(*code, tonic::Code::PermissionDenied as i32);
+                assert!(why.contains("admin role"), "{why}");
+            }
+            other => panic!("the operator's SetScheduler was not refused: {other:?}"),
+        }
+
+        // Concurrent writes of two callers through the follower share
+        // batched forwards per caller: every operator write applies, every
+        // viewer write is refused, and nothing is mixed up between them.
+        let write = |token: String, name: String| {
+            let mut vms = pb::vm_service_client::VmServiceClient::new(channel(follower));
+            async move {
+                let mut req = tonic::Request::new(pb::CreateVmRequest {
+                    name,
+                    spec: Some(pb::VmSpec { vcpus: 1, memory_mb: 16, disk_gb: 1, ..Default::default() }),
+                    no_start: true,
+                    ..Default::default()
+                });
+                req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+                vms.create_vm(req).await
+            }
+        };
+        let ops = (0..16).map(|i| write(operator.to_string(), format!("fwd-op-{i}")));
+        let views = (0..16).map(|i| write(viewer_like.clone(), format!("fwd-view-{i}")));
+        let (ops, views) =
+            futures::future::join(futures::future::join_all(ops), futures::future::join_all(views)).await;
+        for r in &ops {
+            assert!(r.is_ok(), "{r:?}");
+        }
+        for r in &views {
+            assert_eq!(r.as_ref().unwrap_err().code(), tonic::Code::PermissionDenied, "{r:?}");
+        }
+        let mut vms = pb::vm_service_client::VmServiceClient::new(channel(leader));
+        let mut req = tonic::Request::new(pb::ListVmsRequest::default());
+        req.metadata_mut().insert("authorization", format!("Bearer {operator}").parse().unwrap());
+        let names: Vec<String> =
+            vms.list_vms(req).await.unwrap().into_inner().vms.into_iter().map(|v| v.name).collect();
+        assert_eq!(names.iter().filter(|n| n.starts_with("fwd-op-")).count(), 16, "{names:?}");
+        assert!(!names.iter().any(|n| n.starts_with("fwd-view-")), "{names:?}");
     });
 }
 

@@ -204,6 +204,7 @@ pub fn rpc_payload(kind: u8, payload: &[u8]) {
     use blixard_core::codec::decode;
     use blixard_core::node::election::{PreVoteReply, PreVoteRequest};
     use blixard_core::node::liveness::{HeartbeatRequest, HeartbeatResult, LivenessReply};
+    use blixard_core::node::forwarder::{BatchItemReply, ProposeBatchRequest};
     use blixard_core::node::{ProposeReply, ReadIndexReply};
     use blixard_core::raft::TypeConfig;
     use blixard_core::types::NodeId;
@@ -245,9 +246,17 @@ pub fn rpc_payload(kind: u8, payload: &[u8]) {
             }
         }
         4 => {
+            // Propose, and ProposeBatch (same request kind in this map).
             if let Ok(p) = decode::<Proposal>(payload) {
                 round_trip(&p);
                 apply_checked(&fresh_state(), &p, 101);
+            }
+            if let Ok(b) = decode::<ProposeBatchRequest>(payload) {
+                round_trip(&b);
+                let state = fresh_state();
+                for p in &b.proposals {
+                    apply_checked(&state, p, 101);
+                }
             }
         }
         5 | 7 => {
@@ -281,6 +290,9 @@ pub fn rpc_payload(kind: u8, payload: &[u8]) {
         }
         12 => {
             if let Ok(r) = decode::<ProposeReply>(payload) {
+                round_trip(&r);
+            }
+            if let Ok(r) = decode::<Vec<BatchItemReply>>(payload) {
                 round_trip(&r);
             }
         }

@@ -99,6 +99,7 @@ pub struct NodeMetrics {
     // Raft.
     pub proposals: BoundCounter<u64>,
     pub batch_proposals: BoundHistogram<u64>,
+    pub forward_batch_proposals: BoundHistogram<u64>,
     pub log_write_entries: BoundHistogram<u64>,
     pub log_fsync_seconds: BoundHistogram<f64>,
     pub apply_seconds: BoundHistogram<f64>,
@@ -202,6 +203,12 @@ impl NodeMetrics {
             batch_proposals: count(
                 "blixard_raft_batch_proposals",
                 "Proposals per Raft entry (the batcher's group commit)",
+                &COUNT_BUCKETS,
+            )
+            .bind(n),
+            forward_batch_proposals: count(
+                "blixard_raft_forward_batch_proposals",
+                "Client writes per call a follower forwards to the leader",
                 &COUNT_BUCKETS,
             )
             .bind(n),

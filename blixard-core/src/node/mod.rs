@@ -10,6 +10,7 @@ pub mod bootstrap;
 pub mod console;
 pub mod disks;
 pub mod election;
+pub mod forwarder;
 #[cfg(not(madsim))]
 mod health;
 pub mod identity;
@@ -33,7 +34,6 @@ use openraft::{BasicNode, ChangeMembers, ServerState};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
-use tracing::Instrument;
 
 use crate::command::{Command, CommandOutput, CommandResult, Proposal, RequestId};
 use crate::error::CommandError;
@@ -357,6 +357,9 @@ pub struct NodeShared {
     membership_lock: tokio::sync::Mutex<()>,
     /// Coalesces concurrent proposals into one Raft entry (group commit).
     pub batcher: Batcher,
+    /// On a follower: sends concurrent client writes to the leader in one
+    /// call per caller.
+    forwarder: forwarder::Forwarder,
     /// Random per process: with `next_seq`, gives each write a request id.
     session: u64,
     pub vm_backend: Option<Arc<dyn VmBackend>>,
@@ -482,6 +485,8 @@ impl Node {
         let raft =
             Raft::new(cfg.id, config, network, log, sm).await.map_err(|e| NodeError::Raft(e.to_string()))?;
         let batcher = Batcher::start(raft.clone(), metrics.clone());
+        let channels_for_forwarder = channels.clone();
+        let cluster_id_for_forwarder = cluster_id.clone();
 
         let shared = Arc::new(NodeShared {
             id: cfg.id,
@@ -495,6 +500,12 @@ impl Node {
             log_stats,
             membership_lock: tokio::sync::Mutex::new(()),
             batcher,
+            forwarder: forwarder::Forwarder::start(
+                channels_for_forwarder,
+                cluster_id_for_forwarder,
+                cfg.id,
+                metrics.clone(),
+            ),
             session: identity::random_u64(cfg.id, now_ms()),
             vm_backend: cfg.vm_backend.clone(),
             next_seq: std::sync::atomic::AtomicU64::new(1),
@@ -848,29 +859,15 @@ impl NodeShared {
                 // floor, so a late attempt can still succeed).
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                 let wait = FORWARD_TIMEOUT.min(left.max(Duration::from_millis(500)));
-                // The forward is a span of the caller's trace, and the
-                // leader's handler continues it (trace.rs).
-                let span = tracing::debug_span!(
-                    "forward",
-                    otel.name = "raft.forward",
-                    otel.kind = "client",
-                    leader = id,
-                    otel.status_code = tracing::field::Empty,
-                );
-                let traceparent = crate::trace::traceparent(&span);
-                let call = self
-                    .channels
-                    .call_traced(
-                        &addr,
-                        RaftRpc::Propose,
-                        &self.cluster_id,
-                        self.id,
-                        &proposal,
-                        wait,
-                        traceparent,
-                        caller,
-                    )
-                    .instrument(span.clone());
+                // Concurrent forwards of one caller share a call
+                // (forwarder.rs); the forward is a span of the caller's
+                // trace, which the leader's handler continues (trace.rs).
+                let call = async {
+                    match tokio::time::timeout(wait, self.forwarder.forward(&addr, &proposal, caller)).await {
+                        Ok(reply) => reply,
+                        Err(_) => Err(RpcFailure::Timeout { addr: addr.clone(), after: wait }),
+                    }
+                };
                 // A leader that went silent (cut off, paused) holds the
                 // forward until its deadline; once this node learns of a
                 // newer leader, stop waiting and retry there under the same
@@ -888,7 +885,6 @@ impl NodeShared {
                         return Err(undecided(in_doubt, last));
                     }
                 };
-                span.record("otel.status_code", if matches!(reply, Ok(Ok(_))) { "OK" } else { "ERROR" });
                 match reply {
                     Ok(Ok((index, result))) => return self.finish(index, result).await,
                     Ok(Err(e @ (ForwardError::NotLeader { .. } | ForwardError::Unavailable(_)))) => {

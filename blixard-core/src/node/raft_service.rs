@@ -23,6 +23,7 @@ use tracing::Instrument;
 
 use super::batcher::SubmitError;
 use super::election::{self, PreVoteRequest};
+use super::forwarder::{BatchItemReply, ProposeBatchRequest, MAX_FORWARD_BATCH};
 use super::liveness::{self, HeartbeatRequest, HeartbeatResult, LivenessReply};
 use super::{disks, ForwardError, NodeShared, ProposeReply, ReadIndexReply};
 use crate::codec;
@@ -77,6 +78,20 @@ fn check_peer(me: NodeId, req: &Request<RaftRequest>) -> Result<(), Status> {
             Err(denied(format!("the caller presented the certificate of {client}")))
         }
         None => Err(denied("the caller presented no node certificate".into())),
+    }
+}
+
+impl RaftGrpc {
+    /// Hands a forwarded proposal to this node's batcher (as if proposed
+    /// here) and says what became of it.
+    async fn submit_forwarded(&self, p: Proposal) -> ProposeReply {
+        self.node.batcher.submit(p).await.map_err(|e| match e {
+            SubmitError::NotLeader(leader) => ForwardError::NotLeader { leader },
+            SubmitError::Unknown { why, .. } => ForwardError::Unknown(why.to_string()),
+            SubmitError::Closed => {
+                ForwardError::Unavailable(format!("node {} is shutting down", self.node.id))
+            }
+        })
     }
 }
 
@@ -140,14 +155,43 @@ impl RaftService for RaftGrpc {
             c.require(crate::auth::required(&p.command), "this write")?;
         }
         // Forwarded writes join the leader's batches like local ones.
-        let submit = self.node.batcher.submit(p).instrument(span).await;
-        let out: ProposeReply = submit.map_err(|e| match e {
-            SubmitError::NotLeader(leader) => ForwardError::NotLeader { leader },
-            SubmitError::Unknown { why, .. } => ForwardError::Unknown(why.to_string()),
-            SubmitError::Closed => {
-                ForwardError::Unavailable(format!("node {} is shutting down", self.node.id))
+        let out = self.submit_forwarded(p).instrument(span).await;
+        reply(&out)
+    }
+
+    async fn propose_batch(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let span = tracing::debug_span!(
+            "propose_batch_handler",
+            otel.name = "raft.ProposeBatch",
+            otel.kind = "server",
+            from = request.get_ref().from,
+            batch.size = tracing::field::Empty,
+        );
+        crate::trace::continue_from(&span, request.metadata());
+        // One caller for the whole batch, checked as for a single forward;
+        // its rights are then checked for each proposal's command.
+        let caller = crate::auth::forwarded_caller(&self.node.state, &request, super::now_ms())?;
+        let batch: ProposeBatchRequest = self.open(request)?;
+        span.record("batch.size", batch.proposals.len());
+        if batch.proposals.len() > MAX_FORWARD_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "a batch of {} forwarded writes; at most {MAX_FORWARD_BATCH}",
+                batch.proposals.len()
+            )));
+        }
+        let answers = batch.proposals.into_iter().map(|p| {
+            let allowed = match &caller {
+                Some(c) => c.require(crate::auth::required(&p.command), "this write"),
+                None => Ok(()),
+            };
+            async move {
+                match allowed {
+                    Ok(()) => Ok(self.submit_forwarded(p).await),
+                    Err(denied) => Err((denied.code() as i32, denied.message().to_string())),
+                }
             }
         });
+        let out: Vec<BatchItemReply> = futures::future::join_all(answers).instrument(span).await;
         reply(&out)
     }
 

@@ -55,6 +55,9 @@ pub enum RaftRpc {
     Vote,
     InstallSnapshot,
     Propose,
+    /// Several client writes of one caller, forwarded in one call
+    /// (node/forwarder.rs).
+    ProposeBatch,
     ReadIndex,
     PreVote,
     Heartbeat,
@@ -62,7 +65,7 @@ pub enum RaftRpc {
 }
 
 /// Why an internal RPC produced no decoded reply.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum RpcFailure {
     #[error("invalid peer address {addr:?}: {reason}")]
     BadAddress { addr: String, reason: String },
@@ -82,6 +85,9 @@ pub enum RpcFailure {
     /// this): definite, nothing was applied.
     #[error("{reason}")]
     Denied { addr: String, code: tonic::Code, reason: String },
+    /// The peer does not know this call (it predates it): nothing was done.
+    #[error("peer {addr} does not implement {rpc:?}")]
+    Unsupported { addr: String, rpc: RaftRpc },
 }
 
 /// Channels to peers, one per address, created on first use and reused.
@@ -231,6 +237,7 @@ impl PeerChannels {
                 RaftRpc::Vote => client.vote(request).await,
                 RaftRpc::InstallSnapshot => client.install_snapshot(request).await,
                 RaftRpc::Propose => client.propose(request).await,
+                RaftRpc::ProposeBatch => client.propose_batch(request).await,
                 RaftRpc::ReadIndex => client.read_index(request).await,
                 RaftRpc::PreVote => client.pre_vote(request).await,
                 RaftRpc::Heartbeat => client.heartbeat(request).await,
@@ -245,10 +252,11 @@ impl PeerChannels {
                 let reason = status.message().to_string();
                 return Err(match status.code() {
                     code @ (tonic::Code::Unauthenticated | tonic::Code::PermissionDenied)
-                        if rpc == RaftRpc::Propose =>
+                        if matches!(rpc, RaftRpc::Propose | RaftRpc::ProposeBatch) =>
                     {
                         RpcFailure::Denied { addr: addr.to_string(), code, reason }
                     }
+                    tonic::Code::Unimplemented => RpcFailure::Unsupported { addr: addr.to_string(), rpc },
                     tonic::Code::InvalidArgument
                     | tonic::Code::PermissionDenied
                     | tonic::Code::FailedPrecondition => {
@@ -376,9 +384,10 @@ impl PeerClient {
                 | RpcFailure::Denied { .. } => {
                     RPCError::Network(NetworkError::new(&f))
                 }
-                RpcFailure::Unreachable { .. } | RpcFailure::Refused { .. } | RpcFailure::Timeout { .. } => {
-                    RPCError::Unreachable(Unreachable::new(&f))
-                }
+                RpcFailure::Unreachable { .. }
+                | RpcFailure::Refused { .. }
+                | RpcFailure::Timeout { .. }
+                | RpcFailure::Unsupported { .. } => RPCError::Unreachable(Unreachable::new(&f)),
             })?;
         reply.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }

@@ -1,0 +1,380 @@
+//! A follower's client writes, forwarded to the leader in batches.
+//!
+//! A follower used to forward every write as a call of its own, so at 256
+//! clients it made 256 concurrent calls to the leader, each costing an HTTP/2
+//! stream, headers, a task and an envelope on both ends: through a follower
+//! the cluster did half the writes per second it did through the leader
+//! (docs/PERFORMANCE.md (c)). The forwarder does for forwards what the
+//! batcher does for proposals: whatever queued while earlier forwards were in
+//! flight goes to the leader in one `ProposeBatch` call, and each caller gets
+//! its own proposal's reply.
+//!
+//! What does not change: a forward carries the client it is for (auth.rs),
+//! and the leader checks that client's rights again. A batch therefore holds
+//! proposals of one caller only (the same token or certificate claim), sent
+//! with that caller's metadata exactly as a single forward is; the leader
+//! checks each proposal's command against the caller's role on its own. A
+//! lone proposal goes as a plain `Propose`, the call every version of the
+//! leader answers; a leader that predates `ProposeBatch` answers
+//! "unimplemented" without touching the batch, after which its address gets
+//! single calls.
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tracing::Instrument;
+
+use super::ProposeReply;
+use crate::auth::Caller;
+use crate::command::Proposal;
+use crate::metrics::NodeMetrics;
+use crate::raft::network::{PeerChannels, RaftRpc, RpcFailure};
+use crate::types::NodeId;
+
+/// Most proposals in one forwarded batch (the leader's batcher takes at
+/// most as many per entry).
+pub const MAX_FORWARD_BATCH: usize = super::batcher::MAX_BATCH;
+/// Batch calls in flight at once; while all are, forwards accumulate.
+const MAX_IN_FLIGHT: usize = 4;
+/// Forwards waiting for a batch; beyond this, callers wait.
+const QUEUE: usize = 16 * 1024;
+/// The deadline of a batch call. Each caller bounds its own wait (what is
+/// left of its write's deadline) and stops waiting on its own.
+const CALL_DEADLINE: Duration = super::FORWARD_TIMEOUT;
+/// How long a leader that predates `ProposeBatch` gets single calls before
+/// a batch is tried again.
+const SINGLE_FOR: Duration = Duration::from_secs(60);
+
+/// One proposal of a `ProposeBatch` as the leader answers it: the reply a
+/// single `Propose` would have had, or the refusal of the caller's rights for
+/// this proposal's command (a gRPC code and message, as a single call would
+/// have failed with).
+pub type BatchItemReply = Result<ProposeReply, (i32, String)>;
+
+/// A `ProposeBatch` request: proposals of one caller, in order.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct ProposeBatchRequest {
+    pub proposals: Vec<Proposal>,
+}
+
+type Reply = oneshot::Sender<Result<ProposeReply, RpcFailure>>;
+/// A leader address that gets single calls, and since when.
+type SingleOnly = (Arc<str>, tokio::time::Instant);
+
+struct Item {
+    addr: Arc<str>,
+    caller: Option<Caller>,
+    proposal: Proposal,
+    span: tracing::Span,
+    reply: Reply,
+}
+
+#[derive(Clone)]
+struct Sender {
+    channels: PeerChannels,
+    cluster_id: Arc<str>,
+    me: NodeId,
+    metrics: Arc<NodeMetrics>,
+    /// Leader addresses that answered `ProposeBatch` with "unimplemented",
+    /// and when: they get single calls for [`SINGLE_FOR`] (a leader may be
+    /// upgraded in place).
+    single_only: Arc<Mutex<Vec<SingleOnly>>>,
+}
+
+pub struct Forwarder {
+    tx: mpsc::Sender<Item>,
+    sender: Sender,
+    /// Forward calls in flight (direct or batched).
+    busy: Arc<AtomicUsize>,
+}
+
+/// Counts a call in flight for as long as it lives (also when the waiting
+/// caller gives up and drops it).
+struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    fn enter(n: &Arc<AtomicUsize>) -> Self {
+        n.fetch_add(1, Ordering::AcqRel);
+        Self(n.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Forwarder {
+    pub fn start(
+        channels: PeerChannels,
+        cluster_id: Arc<str>,
+        me: NodeId,
+        metrics: Arc<NodeMetrics>,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let sender = Sender { channels, cluster_id, me, metrics, single_only: Arc::default() };
+        let busy = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(run(sender.clone(), rx, busy.clone()));
+        Self { tx, sender, busy }
+    }
+
+    /// Forwards `proposal` for `caller` to the leader at `addr`; resolves
+    /// with the leader's reply, or why there was none (as a single call's
+    /// [`RpcFailure`]). The caller bounds the wait.
+    ///
+    /// With no forward in flight the call goes out at once from the
+    /// caller's own task (a lone writer pays no hand-off to the forwarder);
+    /// while others are in flight it queues for the next batch.
+    pub async fn forward(
+        &self,
+        addr: &str,
+        proposal: &Proposal,
+        caller: Option<&Caller>,
+    ) -> Result<ProposeReply, RpcFailure> {
+        if self.busy.load(Ordering::Acquire) == 0 {
+            let _busy = Busy::enter(&self.busy);
+            return self.sender.call_one(addr, proposal, caller, &tracing::Span::current()).await;
+        }
+        let (reply, rx) = oneshot::channel();
+        let item = Item {
+            addr: Arc::from(addr),
+            caller: caller.cloned(),
+            proposal: proposal.clone(),
+            span: tracing::Span::current(),
+            reply,
+        };
+        let closed = || RpcFailure::Refused { addr: addr.to_string() };
+        self.tx.send(item).await.map_err(|_| closed())?;
+        // Every item taken is answered; dropped unanswered only if the
+        // forwarder stopped (the node is shutting down) before sending it.
+        rx.await.map_err(|_| closed())?
+    }
+}
+
+async fn run(sender: Sender, mut rx: mpsc::Receiver<Item>, busy: Arc<AtomicUsize>) {
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    loop {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
+        let Some(first) = rx.recv().await else { return };
+        let busy = Busy::enter(&busy);
+        let mut items = vec![first];
+        while items.len() < MAX_FORWARD_BATCH {
+            match rx.try_recv() {
+                Ok(item) => items.push(item),
+                Err(_) => break,
+            }
+        }
+        let sender = sender.clone();
+        tokio::spawn(async move {
+            let sends = groups(items).into_iter().map(|g| sender.send(g));
+            futures::future::join_all(sends).await;
+            drop((permit, busy));
+        });
+    }
+}
+
+/// Splits `items` into groups with one leader address and one caller, in
+/// arrival order within each.
+fn groups(items: Vec<Item>) -> Vec<Vec<Item>> {
+    let mut out: Vec<Vec<Item>> = Vec::new();
+    for item in items {
+        match out.iter_mut().find(|g| g[0].addr == item.addr && same_caller(&g[0].caller, &item.caller)) {
+            Some(g) => g.push(item),
+            None => out.push(vec![item]),
+        }
+    }
+    out
+}
+
+/// Whether two forwards carry the same caller to the leader (and so may
+/// share one call's metadata).
+fn same_caller(a: &Option<Caller>, b: &Option<Caller>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(Caller::Token { token: x, .. }), Some(Caller::Token { token: y, .. })) => x == y,
+        (Some(Caller::Cert { role: r1, name: n1 }), Some(Caller::Cert { role: r2, name: n2 })) => {
+            r1 == r2 && n1 == n2
+        }
+        (Some(Caller::Node(x)), Some(Caller::Node(y))) => x == y,
+        _ => false,
+    }
+}
+
+impl Sender {
+    async fn send(&self, group: Vec<Item>) {
+        let batch = group.len() > 1 && !self.single_only(&group[0].addr);
+        if batch {
+            self.metrics.forward_batch_proposals.record(group.len() as u64);
+        }
+        if !batch {
+            futures::future::join_all(group.into_iter().map(|item| self.send_one(item))).await;
+            return;
+        }
+        let addr = group[0].addr.clone();
+        // A child of the first forward's span, linked to the others'; the
+        // leader's handler continues it.
+        let span = tracing::debug_span!(
+            parent: &group[0].span,
+            "forward_batch",
+            otel.name = "raft.forward_batch",
+            otel.kind = "client",
+            batch.size = group.len(),
+        );
+        for item in &group[1..] {
+            span.follows_from(&item.span);
+        }
+        let traceparent = crate::trace::traceparent(&span);
+        let caller = group[0].caller.clone();
+        let (replies, proposals): (Vec<Reply>, Vec<Proposal>) =
+            group.into_iter().map(|i| (i.reply, i.proposal)).unzip();
+        let request = ProposeBatchRequest { proposals };
+        let outcome: Result<Vec<BatchItemReply>, RpcFailure> = self
+            .channels
+            .call_traced(
+                &addr,
+                RaftRpc::ProposeBatch,
+                &self.cluster_id,
+                self.me,
+                &request,
+                CALL_DEADLINE,
+                traceparent,
+                caller.as_ref(),
+            )
+            .instrument(span)
+            .await;
+        match outcome {
+            Ok(answers) if answers.len() == replies.len() => {
+                for (reply, answer) in replies.into_iter().zip(answers) {
+                    let _ = reply.send(answer.map_err(|(code, reason)| RpcFailure::Denied {
+                        addr: addr.to_string(),
+                        code: tonic::Code::from_i32(code),
+                        reason,
+                    }));
+                }
+            }
+            Ok(answers) => {
+                let e = RpcFailure::BadReply {
+                    addr: addr.to_string(),
+                    reason: format!("{} replies to a batch of {}", answers.len(), replies.len()),
+                };
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+            Err(e @ (RpcFailure::Unsupported { .. } | RpcFailure::TooLarge { .. })) => {
+                // Never sent, or not understood: nothing was handed to Raft.
+                // One by one, then (each fits a message, or says so itself).
+                if matches!(e, RpcFailure::Unsupported { .. }) {
+                    tracing::info!(leader = %addr, "the leader predates batched forwards; forwarding one by one");
+                    self.single_only.lock().push((addr.clone(), tokio::time::Instant::now()));
+                }
+                let singles = request.proposals.into_iter().zip(replies).map(|(proposal, reply)| {
+                    let item = Item {
+                        addr: addr.clone(),
+                        caller: caller.clone(),
+                        proposal,
+                        span: tracing::Span::current(),
+                        reply,
+                    };
+                    self.send_one(item)
+                });
+                futures::future::join_all(singles).await;
+            }
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    fn single_only(&self, addr: &Arc<str>) -> bool {
+        let mut list = self.single_only.lock();
+        list.retain(|(_, since)| since.elapsed() < SINGLE_FOR);
+        list.iter().any(|(a, _)| a == addr)
+    }
+
+    async fn send_one(&self, item: Item) {
+        let reply = self.call_one(&item.addr, &item.proposal, item.caller.as_ref(), &item.span).await;
+        let _ = item.reply.send(reply);
+    }
+
+    /// One proposal in a `Propose` call of its own.
+    async fn call_one(
+        &self,
+        addr: &str,
+        proposal: &Proposal,
+        caller: Option<&Caller>,
+        parent: &tracing::Span,
+    ) -> Result<ProposeReply, RpcFailure> {
+        let span = tracing::debug_span!(
+            parent: parent,
+            "forward",
+            otel.name = "raft.forward",
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+        );
+        let traceparent = crate::trace::traceparent(&span);
+        self.metrics.forward_batch_proposals.record(1);
+        let reply: Result<ProposeReply, RpcFailure> = self
+            .channels
+            .call_traced(
+                addr,
+                RaftRpc::Propose,
+                &self.cluster_id,
+                self.me,
+                proposal,
+                CALL_DEADLINE,
+                traceparent,
+                caller,
+            )
+            .instrument(span.clone())
+            .await;
+        span.record("otel.status_code", if matches!(reply, Ok(Ok(_))) { "OK" } else { "ERROR" });
+        reply
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Role;
+    use crate::command::Command;
+
+    fn item(addr: &str, caller: Option<Caller>, seq: u64) -> Item {
+        let proposal =
+            Proposal { at_ms: seq, request: None, command: Command::DeleteVm { name: format!("v{seq}") } };
+        Item {
+            addr: Arc::from(addr),
+            caller,
+            proposal,
+            span: tracing::Span::none(),
+            reply: oneshot::channel().0,
+        }
+    }
+
+    #[test]
+    fn a_batch_holds_one_leader_and_one_caller_in_arrival_order() {
+        let token = |t: &str| Caller::Token { role: Role::Operator, token: t.parse().unwrap() };
+        let cert = |n: &str| Caller::Cert { role: Role::Viewer, name: n.into() };
+        let items = vec![
+            item("a", Some(token("Bearer x")), 1),
+            item("a", Some(token("Bearer y")), 2),
+            item("a", None, 3),
+            item("a", Some(token("Bearer x")), 4),
+            item("b", Some(token("Bearer x")), 5),
+            item("a", Some(cert("ci")), 6),
+            item("a", Some(cert("ci")), 7),
+            item("a", Some(Caller::Node(2)), 8),
+            item("a", None, 9),
+            item("a", Some(Caller::Node(3)), 10),
+        ];
+        let got: Vec<Vec<u64>> =
+            groups(items).iter().map(|g| g.iter().map(|i| i.proposal.at_ms).collect()).collect();
+        assert_eq!(got, vec![vec![1, 4], vec![2], vec![3, 9], vec![5], vec![6, 7], vec![8], vec![10]]);
+    }
+}
