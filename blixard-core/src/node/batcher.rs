@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use openraft::error::{ClientWriteError, RaftError};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::Instrument;
 
 use crate::command::{CommandResult, Proposal, ProposalBatch};
@@ -59,40 +59,18 @@ type Item = (Proposal, Reply, tracing::Span);
 
 pub struct Batcher {
     tx: mpsc::Sender<Item>,
-    raft: Raft,
-    metrics: Arc<NodeMetrics>,
-    in_flight: Arc<Semaphore>,
 }
 
 impl Batcher {
     pub fn start(raft: Raft, metrics: Arc<NodeMetrics>) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-        tokio::spawn(run(raft.clone(), rx, metrics.clone(), in_flight.clone()));
-        Self { tx, raft, metrics, in_flight }
+        tokio::spawn(run(raft, rx, metrics));
+        Self { tx }
     }
 
     /// Submits one proposal; resolves once its entry is committed and applied
     /// on this node, with the entry's log index and the proposal's result.
-    ///
-    /// With nothing in flight and nothing queued, the proposal is its own
-    /// entry and is handed to Raft from the caller's task: a lone writer
-    /// pays no hand-off to the batcher's task and back. Otherwise it queues
-    /// for the next batch.
     pub async fn submit(&self, p: Proposal) -> Result<(u64, CommandResult), SubmitError> {
-        let idle = self.tx.capacity() == self.tx.max_capacity()
-            && self.in_flight.available_permits() == MAX_IN_FLIGHT;
-        if idle {
-            if let Ok(permit) = self.in_flight.clone().try_acquire_owned() {
-                let span = batch_span(&tracing::Span::current());
-                let (index, mut results) = commit(&self.raft, vec![p], &span, &self.metrics, permit).await?;
-                let result = results.pop().ok_or(SubmitError::Unknown {
-                    why: "raft answered the write without its result",
-                    leader: None,
-                })?;
-                return Ok((index, result));
-            }
-        }
         let (reply, rx) = oneshot::channel();
         self.tx.send((p, reply, tracing::Span::current())).await.map_err(|_| SubmitError::Closed)?;
         // The batcher dropped the reply only if it stopped before submitting.
@@ -100,20 +78,8 @@ impl Batcher {
     }
 }
 
-/// A batch's span: a child of the first submitter's.
-fn batch_span(parent: &tracing::Span) -> tracing::Span {
-    tracing::debug_span!(
-        parent: parent,
-        "batch",
-        otel.name = "raft.batch",
-        batch.size = tracing::field::Empty,
-        raft.commit_index = tracing::field::Empty,
-        otel.status_code = tracing::field::Empty,
-        otel.status_description = tracing::field::Empty,
-    )
-}
-
-async fn run(raft: Raft, mut rx: mpsc::Receiver<Item>, metrics: Arc<NodeMetrics>, in_flight: Arc<Semaphore>) {
+async fn run(raft: Raft, mut rx: mpsc::Receiver<Item>, metrics: Arc<NodeMetrics>) {
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     loop {
         let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
         let Some(first) = rx.recv().await else { return };
@@ -121,8 +87,16 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Item>, metrics: Arc<NodeMetrics>
         let mut replies = Vec::with_capacity(8);
         proposals.push(first.0);
         replies.push(first.1);
-        // Linked to the other submitters' spans.
-        let span = batch_span(&first.2);
+        // A child of the first submitter's span; linked to the others'.
+        let span = tracing::debug_span!(
+            parent: &first.2,
+            "batch",
+            otel.name = "raft.batch",
+            batch.size = tracing::field::Empty,
+            raft.commit_index = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty,
+        );
         while proposals.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok((p, r, from)) => {
@@ -133,89 +107,83 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Item>, metrics: Arc<NodeMetrics>
                 Err(_) => break,
             }
         }
+        span.record("batch.size", proposals.len());
+        // Only a leader hands proposals to Raft. openraft answers "forward
+        // to leader" both for a write it refused up front and for one it
+        // appended and later lost to a log conflict (which another leader may
+        // still commit), so that answer cannot tell "never applied" from
+        // "unknown". Checking first keeps the definite case definite.
+        let leader = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            if m.state != openraft::ServerState::Leader {
+                let known = m
+                    .current_leader
+                    .and_then(|id| Some((id, m.membership_config.membership().get_node(&id)?.addr.clone())));
+                Some(known)
+            } else {
+                None
+            }
+        };
+        if let Some(known) = leader {
+            span.record("otel.status_code", "ERROR");
+            span.record("otel.status_description", "not the leader");
+            drop(permit);
+            for reply in replies {
+                let _ = reply.send(Err(SubmitError::NotLeader(known.clone())));
+            }
+            continue;
+        }
+        metrics.proposals.add(proposals.len() as u64);
+        metrics.batch_proposals.record(proposals.len() as u64);
         let raft = raft.clone();
-        let metrics = metrics.clone();
         tokio::spawn(async move {
-            match commit(&raft, proposals, &span, &metrics, permit).await {
-                Ok((index, results)) => {
-                    for (reply, result) in replies.into_iter().zip(results) {
+            let write = raft.client_write(ProposalBatch(proposals)).instrument(span.clone());
+            let outcome = tokio::time::timeout(WRITE_TIMEOUT, write).await;
+            span.record("otel.status_code", if matches!(outcome, Ok(Ok(_))) { "OK" } else { "ERROR" });
+            drop(permit);
+            let Ok(outcome) = outcome else {
+                tracing::warn!(
+                    proposals = replies.len(),
+                    "write batch not confirmed within {WRITE_TIMEOUT:?}"
+                );
+                for reply in replies {
+                    let _ = reply.send(Err(SubmitError::Unknown {
+                        why: "the write was not confirmed in time",
+                        leader: None,
+                    }));
+                }
+                return;
+            };
+            match outcome {
+                Ok(resp) => {
+                    let index = resp.log_id.index;
+                    span.record("raft.commit_index", index);
+                    for (reply, result) in replies.into_iter().zip(resp.data) {
                         let _ = reply.send(Ok((index, result)));
                     }
                 }
                 Err(e) => {
+                    let err = match e {
+                        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => SubmitError::Unknown {
+                            why: "leadership moved while the write was in flight",
+                            leader: f.leader_id.zip(f.leader_node.map(|n| n.addr)),
+                        },
+                        // Not produced for normal entries; treated as unknown
+                        // because the entry was handed to Raft.
+                        RaftError::APIError(ClientWriteError::ChangeMembershipError(_)) => {
+                            SubmitError::Unknown { why: "the write raced a membership change", leader: None }
+                        }
+                        RaftError::Fatal(_) => SubmitError::Unknown {
+                            why: "raft stopped while the write was in flight",
+                            leader: None,
+                        },
+                    };
                     for reply in replies {
-                        let _ = reply.send(Err(e.clone()));
+                        let _ = reply.send(Err(err.clone()));
                     }
                 }
             }
         });
-    }
-}
-
-/// Hands `proposals` to Raft as one entry if this node leads, and waits for
-/// it to be committed and applied here; `permit` (a batch in flight) is
-/// released as soon as the outcome is known.
-async fn commit(
-    raft: &Raft,
-    proposals: Vec<Proposal>,
-    span: &tracing::Span,
-    metrics: &NodeMetrics,
-    permit: OwnedSemaphorePermit,
-) -> Result<(u64, Vec<CommandResult>), SubmitError> {
-    span.record("batch.size", proposals.len());
-    // Only a leader hands proposals to Raft. openraft answers "forward
-    // to leader" both for a write it refused up front and for one it
-    // appended and later lost to a log conflict (which another leader may
-    // still commit), so that answer cannot tell "never applied" from
-    // "unknown". Checking first keeps the definite case definite.
-    let leader = {
-        let m = raft.metrics();
-        let m = m.borrow();
-        if m.state != openraft::ServerState::Leader {
-            let known = m
-                .current_leader
-                .and_then(|id| Some((id, m.membership_config.membership().get_node(&id)?.addr.clone())));
-            Some(known)
-        } else {
-            None
-        }
-    };
-    if let Some(known) = leader {
-        span.record("otel.status_code", "ERROR");
-        span.record("otel.status_description", "not the leader");
-        drop(permit);
-        return Err(SubmitError::NotLeader(known));
-    }
-    metrics.proposals.add(proposals.len() as u64);
-    metrics.batch_proposals.record(proposals.len() as u64);
-    let count = proposals.len();
-    let write = raft.client_write(ProposalBatch(proposals)).instrument(span.clone());
-    let outcome = tokio::time::timeout(WRITE_TIMEOUT, write).await;
-    span.record("otel.status_code", if matches!(outcome, Ok(Ok(_))) { "OK" } else { "ERROR" });
-    drop(permit);
-    let Ok(outcome) = outcome else {
-        tracing::warn!(proposals = count, "write batch not confirmed within {WRITE_TIMEOUT:?}");
-        return Err(SubmitError::Unknown { why: "the write was not confirmed in time", leader: None });
-    };
-    match outcome {
-        Ok(resp) => {
-            let index = resp.log_id.index;
-            span.record("raft.commit_index", index);
-            Ok((index, resp.data))
-        }
-        Err(e) => Err(match e {
-            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => SubmitError::Unknown {
-                why: "leadership moved while the write was in flight",
-                leader: f.leader_id.zip(f.leader_node.map(|n| n.addr)),
-            },
-            // Not produced for normal entries; treated as unknown
-            // because the entry was handed to Raft.
-            RaftError::APIError(ClientWriteError::ChangeMembershipError(_)) => {
-                SubmitError::Unknown { why: "the write raced a membership change", leader: None }
-            }
-            RaftError::Fatal(_) => {
-                SubmitError::Unknown { why: "raft stopped while the write was in flight", leader: None }
-            }
-        }),
     }
 }
