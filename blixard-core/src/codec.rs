@@ -54,6 +54,12 @@ pub fn encode_into<T: Serialize>(v: &T, out: &mut Vec<u8>) -> Result<usize, Code
     bincode::serde::encode_into_std_write(v, out, config()).map_err(|e| CodecError::Encode(e.to_string()))
 }
 
+/// Writes the encoding of `v` into `buf` and says how long it is; an error
+/// if it does not fit (nothing else can fail for serialisable types).
+pub fn encode_into_slice<T: Serialize>(v: &T, buf: &mut [u8]) -> Result<usize, CodecError> {
+    bincode::serde::encode_into_slice(v, buf, config()).map_err(|e| CodecError::Encode(e.to_string()))
+}
+
 /// The steps a decode limit takes. Each is a separate instantiation of the
 /// decoder for every type decoded under it, so there are few: `decode` uses
 /// the first two, `decode_trusted` all four.

@@ -89,16 +89,44 @@ impl Dedup {
     fn get(&self, id: &RequestId) -> Option<CommandResult> {
         // Bytes this node encoded itself: decoding cannot fail short of
         // memory corruption, and would only read as "not seen".
-        codec::decode_trusted(self.results.get(id)?).ok()
+        codec::decode_trusted(self.results.get(id)?.bytes()).ok()
     }
 
     /// Records `result` for `id` (encoding is deterministic and cannot fail
     /// for these types; every replica keeps the same window).
     fn insert(&mut self, id: RequestId, result: &CommandResult) {
-        if let Ok(bytes) = codec::encode(result) {
-            if self.results.insert(id, bytes.into_boxed_slice()).is_none() {
-                self.order.push_back(id);
-            }
+        let Some(stored) = Stored::encode(result) else { return };
+        if self.results.insert(id, stored).is_none() {
+            self.order.push_back(id);
+        }
+    }
+}
+
+/// How many bytes of an encoded result a dedup slot holds without an
+/// allocation of its own. Most results fit: a created VM's name and node
+/// (about 20 bytes), a deleted VM's name, a short error.
+const INLINE_RESULT: usize = 30;
+
+/// One encoded result (bincode) in the dedup window: in the table's slot
+/// when short (no allocation per identified write), boxed otherwise.
+enum Stored {
+    Inline(u8, [u8; INLINE_RESULT]),
+    Boxed(Box<[u8]>),
+}
+
+impl Stored {
+    fn encode(result: &CommandResult) -> Option<Self> {
+        let mut buf = [0u8; INLINE_RESULT];
+        match codec::encode_into_slice(result, &mut buf) {
+            Ok(n) => Some(Stored::Inline(n as u8, buf)),
+            Err(_) => codec::encode(result).ok().map(|v| Stored::Boxed(v.into_boxed_slice())),
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Stored::Inline(n, buf) => &buf[..*n as usize],
+            Stored::Boxed(b) => b,
         }
     }
 }
@@ -106,9 +134,9 @@ impl Dedup {
 /// Results of the last [`DEDUP_WINDOW`] identified requests, evicted in
 /// apply order (deterministic: the same log gives the same table).
 struct Dedup {
-    /// Each result encoded (bincode): a map slot holds 16 bytes of it, not
-    /// a `CommandResult` inline, which keeps a full window at a few MiB.
-    results: HashMap<RequestId, Box<[u8]>>,
+    /// Each result encoded (bincode), in its slot when short: a full window
+    /// is a few MiB, not a `CommandResult` (80 bytes plus its strings) each.
+    results: HashMap<RequestId, Stored>,
     order: VecDeque<RequestId>,
 }
 
@@ -553,7 +581,7 @@ impl ClusterState {
             for id in &dedup.order {
                 if let Some(result) = dedup.results.get(id) {
                     codec::encode_into(id, out)?;
-                    out.extend_from_slice(result);
+                    out.extend_from_slice(result.bytes());
                 }
             }
         }
@@ -3057,17 +3085,30 @@ mod tests {
         let limits = QuotaLimits { vcpus: Some(8), ..Default::default() };
         s.apply(&p(Command::SetQuota { tenant: "t".into(), limits }), 4).unwrap();
         for i in 0..40u64 {
-            // Successes and failures (too large), all under request ids.
+            // Successes and failures (too large), all under request ids;
+            // results short enough for a dedup slot and longer ones.
             let vcpus = if i % 3 == 0 { 1000 } else { 1 };
+            let name = if i % 4 == 0 {
+                format!("a-long-vm-name-whose-result-needs-a-box-{i}")
+            } else {
+                format!("v{i}")
+            };
             let q = Proposal {
                 at_ms: 1,
                 request: Some(RequestId { session: 7, seq: i }),
-                command: create(&format!("v{i}"), vcpus, 100),
+                command: create(&name, vcpus, 100),
             };
-            let _ = s.apply(&q, 5 + i);
+            let first = s.apply(&q, 5 + i);
+            assert_eq!(s.apply(&q, 100 + i), first, "a retry is answered with the first result");
         }
         let img = s.image();
         assert!(img.requests.len() == 40 && img.requests.iter().any(|(_, r)| r.is_err()));
+        let sizes: Vec<usize> =
+            img.requests.iter().map(|(_, r)| crate::codec::encode(r).unwrap().len()).collect();
+        assert!(
+            sizes.iter().any(|n| *n <= INLINE_RESULT) && sizes.iter().any(|n| *n > INLINE_RESULT),
+            "{sizes:?}"
+        );
         let mut streamed = vec![0xAA];
         s.encode_image_into(&mut streamed).unwrap();
         assert_eq!(streamed[0], 0xAA, "appends");
