@@ -196,11 +196,12 @@ fn forged_markers_are_ignored(leader: u16, follower: u16, operator: &str) {
             request: None,
             command: Command::SetScheduler { strategy: blixard_core::types::Strategy::Binpack },
         };
-        let raft_req = |meta: &[(&'static str, String)]| {
+        // An internal RPC as node 2 would send it, with `meta` on it.
+        let raft_msg = |payload: Vec<u8>, meta: &[(&'static str, String)]| {
             let mut r = tonic::Request::new(pb::RaftRequest {
                 cluster_id: cluster_id.clone(),
                 from: 2,
-                payload: blixard_core::codec::encode(&proposal).unwrap(),
+                payload,
                 format: u32::from(blixard_core::format::CURRENT),
             });
             for (k, v) in meta {
@@ -208,6 +209,8 @@ fn forged_markers_are_ignored(leader: u16, follower: u16, operator: &str) {
             }
             r
         };
+        let raft_req =
+            |meta: &[(&'static str, String)]| raft_msg(blixard_core::codec::encode(&proposal).unwrap(), meta);
         let mut raft = pb::raft_service_client::RaftServiceClient::new(channel(leader));
         // A caller assertion from a client connection: refused.
         let e = raft.propose(raft_req(&[(CALLER, "cert:admin:root".into())])).await.unwrap_err();
@@ -235,16 +238,7 @@ fn forged_markers_are_ignored(leader: u16, follower: u16, operator: &str) {
         };
         let batch = |meta: &[(&'static str, String)]| {
             let body = ProposeBatchRequest { proposals: vec![create.clone(), proposal.clone()] };
-            let mut r = tonic::Request::new(pb::RaftRequest {
-                cluster_id: cluster_id.clone(),
-                from: 2,
-                payload: blixard_core::codec::encode(&body).unwrap(),
-                format: u32::from(blixard_core::format::CURRENT),
-            });
-            for (k, v) in meta {
-                r.metadata_mut().insert(*k, v.parse().unwrap());
-            }
-            r
+            raft_msg(blixard_core::codec::encode(&body).unwrap(), meta)
         };
         let e = raft.propose_batch(batch(&[(CALLER, "cert:admin:root".into())])).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
