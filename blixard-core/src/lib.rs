@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod codec;
 pub mod command;
+mod dedup;
 pub mod error;
 pub mod format;
 pub mod legacy;

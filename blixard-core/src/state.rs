@@ -12,7 +12,7 @@
 //! apply goes through one function, [`ApplyRun::set_vm`], which keeps node
 //! allocations, tenant usage and the scheduler's indices in step with it.
 use crate::codec;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::auth::token::{TokenHash, TokenRecord, MAX_TOKENS};
 use crate::auth::Role;
 use crate::command::{Command, CommandOutput, CommandResult, CreatedVm, NewVm, Proposal, RequestId};
+use crate::dedup::Dedup;
 use crate::error::CommandError;
 use crate::scheduler::{Request, Scheduler, Victim};
 use crate::types::{
@@ -42,13 +43,7 @@ pub struct ApplyCtx {
     pub at_ms: u64,
 }
 
-/// How many recent request results are remembered for deduplication: the
-/// last 65,536 identified writes (successes and rejections), in log order.
-/// A retry arrives within seconds; at the highest write rates measured
-/// (about 10,000 writes/s) the window spans several seconds, at a control
-/// plane's usual rates hours. Evicting by count keeps memory bounded and
-/// apply deterministic (no clock).
-pub const DEDUP_WINDOW: usize = 65_536;
+pub use crate::dedup::DEDUP_WINDOW;
 
 /// The node timeout of a new cluster (and of data written before format 4).
 pub const DEFAULT_NODE_TIMEOUT_MS: u64 = 10_000;
@@ -83,76 +78,6 @@ pub struct ClusterState {
     /// Whether the cluster ever made its bootstrap admin token (stays set
     /// when that token is revoked: it is made once).
     tokens_bootstrapped: std::sync::atomic::AtomicBool,
-}
-
-impl Dedup {
-    fn get(&self, id: &RequestId) -> Option<CommandResult> {
-        // Bytes this node encoded itself: decoding cannot fail short of
-        // memory corruption, and would only read as "not seen".
-        codec::decode_trusted(self.results.get(id)?.bytes()).ok()
-    }
-
-    /// Records `result` for `id` (encoding is deterministic and cannot fail
-    /// for these types; every replica keeps the same window).
-    fn insert(&mut self, id: RequestId, result: &CommandResult) {
-        let Some(stored) = Stored::encode(result) else { return };
-        if self.results.insert(id, stored).is_none() {
-            self.order.push_back(id);
-        }
-    }
-}
-
-/// How many bytes of an encoded result a dedup slot holds without an
-/// allocation of its own. Most results fit: a created VM's name and node
-/// (about 20 bytes), a deleted VM's name, a short error.
-const INLINE_RESULT: usize = 30;
-
-/// One encoded result (bincode) in the dedup window: in the table's slot
-/// when short (no allocation per identified write), boxed otherwise.
-enum Stored {
-    Inline(u8, [u8; INLINE_RESULT]),
-    Boxed(Box<[u8]>),
-}
-
-impl Stored {
-    fn encode(result: &CommandResult) -> Option<Self> {
-        let mut buf = [0u8; INLINE_RESULT];
-        match codec::encode_into_slice(result, &mut buf) {
-            Ok(n) => Some(Stored::Inline(n as u8, buf)),
-            Err(_) => codec::encode(result).ok().map(|v| Stored::Boxed(v.into_boxed_slice())),
-        }
-    }
-
-    fn bytes(&self) -> &[u8] {
-        match self {
-            Stored::Inline(n, buf) => &buf[..*n as usize],
-            Stored::Boxed(b) => b,
-        }
-    }
-}
-
-/// Results of the last [`DEDUP_WINDOW`] identified requests, evicted in
-/// apply order (deterministic: the same log gives the same table).
-struct Dedup {
-    /// Each result encoded (bincode), in its slot when short: a full window
-    /// is a few MiB, not a `CommandResult` (80 bytes plus its strings) each.
-    results: HashMap<RequestId, Stored>,
-    order: VecDeque<RequestId>,
-}
-
-impl Default for Dedup {
-    /// Sized for a full window from the start: the window fills under any
-    /// steady write load, and growing into it would rehash the whole table
-    /// on the apply path at each doubling (the last one at 57,344 results)
-    /// and leave the freed smaller tables to the allocator. The table's
-    /// pages are only resident once written. (A result is recorded before
-    /// the oldest is evicted: one more than the window, briefly.)
-    fn default() -> Self {
-        Self {
-            results: HashMap::with_capacity(DEDUP_WINDOW),
-            order: VecDeque::with_capacity(DEDUP_WINDOW + 1),
-        }
-    }
 }
 
 /// A serialisable, canonically ordered image of the state (snapshots, digests).
@@ -525,7 +450,7 @@ impl ClusterState {
     pub fn image(&self) -> StateImage {
         let (nodes, vms) = self.sorted_records();
         let dedup = self.requests.lock();
-        let requests = dedup.order.iter().filter_map(|id| Some((*id, dedup.get(id)?))).collect();
+        let requests = dedup.iter().filter_map(|(id, _)| Some((*id, dedup.get(id)?))).collect();
         drop(dedup);
         StateImage {
             nodes,
@@ -574,15 +499,10 @@ impl ClusterState {
         drop((nodes, vms));
         {
             let dedup = self.requests.lock();
-            // Every id in `order` has a result (check_invariants); counted
-            // anyway, so the length always matches what follows.
-            let held = dedup.order.iter().filter(|id| dedup.results.contains_key(id)).count();
-            codec::encode_into(&(held as u64), out)?;
-            for id in &dedup.order {
-                if let Some(result) = dedup.results.get(id) {
-                    codec::encode_into(id, out)?;
-                    out.extend_from_slice(result.bytes());
-                }
+            codec::encode_into(&(dedup.len() as u64), out)?;
+            for (id, result) in dedup.iter() {
+                codec::encode_into(id, out)?;
+                out.extend_from_slice(result.bytes());
             }
         }
         let rest = (
@@ -618,8 +538,7 @@ impl ClusterState {
         self.tokens_bootstrapped.store(image.tokens_bootstrapped, std::sync::atomic::Ordering::Release);
         vms.replace_all(image.vms.into_iter().map(Arc::new));
         let mut dedup = self.requests.lock();
-        dedup.results.clear();
-        dedup.order.clear();
+        dedup.clear();
         for (id, result) in image.requests {
             dedup.insert(id, &result);
         }
@@ -692,15 +611,7 @@ impl ClusterState {
         if usage != *self.usage.lock() {
             return Err("tenant usage disagrees with the VMs".to_string());
         }
-        let dedup = self.requests.lock();
-        if dedup.order.len() != dedup.results.len() || dedup.order.len() > DEDUP_WINDOW {
-            return Err(format!(
-                "dedup window holds {} ids for {} results",
-                dedup.order.len(),
-                dedup.results.len()
-            ));
-        }
-        Ok(())
+        self.requests.lock().check()
     }
 }
 
@@ -998,13 +909,7 @@ impl ApplyRun<'_> {
             return first;
         }
         let result = self.apply_command(proposal, index);
-        let mut dedup = self.state.requests.lock();
-        dedup.insert(id, &result);
-        if dedup.order.len() > DEDUP_WINDOW {
-            if let Some(old) = dedup.order.pop_front() {
-                dedup.results.remove(&old);
-            }
-        }
+        self.state.requests.lock().insert(id, &result);
         result
     }
 
@@ -3106,7 +3011,8 @@ mod tests {
         let sizes: Vec<usize> =
             img.requests.iter().map(|(_, r)| crate::codec::encode(r).unwrap().len()).collect();
         assert!(
-            sizes.iter().any(|n| *n <= INLINE_RESULT) && sizes.iter().any(|n| *n > INLINE_RESULT),
+            sizes.iter().any(|n| *n <= crate::dedup::INLINE_RESULT)
+                && sizes.iter().any(|n| *n > crate::dedup::INLINE_RESULT),
             "{sizes:?}"
         );
         let mut streamed = vec![0xAA];
