@@ -8,7 +8,8 @@
 //!
 //! Its memory is fixed when it is made and never grows: a ring of
 //! [`DEDUP_WINDOW`] slots (id and encoded result, 48 bytes each) and an
-//! index of ring positions twice that size (4 bytes a slot). A general hash
+//! index of ring positions twice that size (8 bytes a slot: the position
+//! and the id's hash, so a probe rarely reads the ring). A general hash
 //! map cannot promise that under this workload: every write inserts one id
 //! and evicts another, the deletions leave tombstones, and when they use up
 //! the table's slack a table more than half full doubles. A node's memory
@@ -32,7 +33,12 @@ pub const DEDUP_WINDOW: usize = 65_536;
 /// Index slots: a power of two, twice the window, so the index is never
 /// more than half full (short probe runs).
 const INDEX_SLOTS: usize = 2 * DEDUP_WINDOW;
-const _: () = assert!(INDEX_SLOTS.is_power_of_two() && DEDUP_WINDOW < u32::MAX as usize);
+/// An index slot is `hash & !POS | (position + 1)`; 0 is an empty slot.
+const POS_BITS: u32 = 20;
+const POS: u64 = (1 << POS_BITS) - 1;
+const _: () = assert!(INDEX_SLOTS.is_power_of_two() && (DEDUP_WINDOW as u64) < POS);
+// The home slot is taken from the hash bits a slot keeps.
+const _: () = assert!(POS_BITS + INDEX_SLOTS.trailing_zeros() <= 64);
 
 /// How many bytes of an encoded result a slot holds without an allocation
 /// of its own. Most results fit: a created VM's name and node (about 20
@@ -57,6 +63,12 @@ impl Stored {
         }
     }
 
+    /// The result. Bytes this node encoded itself: decoding cannot fail
+    /// short of memory corruption, and would only read as "not seen".
+    fn decode(&self) -> Option<CommandResult> {
+        codec::decode_trusted(self.bytes()).ok()
+    }
+
     /// The result's encoding (bincode of a `CommandResult`).
     pub(crate) fn bytes(&self) -> &[u8] {
         match self {
@@ -74,9 +86,10 @@ pub(crate) struct Dedup {
     /// never reallocated), then each new result takes the oldest's slot.
     ring: Vec<(RequestId, Stored)>,
     head: usize,
-    /// Ring position + 1 by id; 0 is an empty slot. Zeroed memory, so its
-    /// pages are only resident once used.
-    index: Vec<u32>,
+    /// By id: its hash's high bits and its ring position + 1 ([`POS`]);
+    /// 0 is an empty slot. Zeroed memory, so its pages are only resident
+    /// once used.
+    index: Vec<u64>,
     /// Occupied index slots (always `ring.len()`; checked by
     /// [`Dedup::check`]).
     indexed: usize,
@@ -101,9 +114,7 @@ impl Default for Dedup {
 impl Dedup {
     /// The first result recorded for `id`, if it is in the window.
     pub(crate) fn get(&self, id: &RequestId) -> Option<CommandResult> {
-        // Bytes this node encoded itself: decoding cannot fail short of
-        // memory corruption, and would only read as "not seen".
-        codec::decode_trusted(self.ring[self.find(id)?.1].1.bytes()).ok()
+        self.ring[self.find(id, self.hash(id))?.1].1.decode()
     }
 
     /// Records `result` for `id`, evicting the oldest result when the
@@ -112,7 +123,8 @@ impl Dedup {
     /// from the window; only a restored image can repeat an id).
     pub(crate) fn insert(&mut self, id: RequestId, result: &CommandResult) {
         let Some(stored) = Stored::encode(result) else { return };
-        if let Some((_, pos)) = self.find(&id) {
+        let hash = self.hash(&id);
+        if let Some((_, pos)) = self.find(&id, hash) {
             self.ring[pos].1 = stored;
             return;
         }
@@ -122,22 +134,24 @@ impl Dedup {
         } else {
             let pos = self.head;
             let oldest = self.ring[pos].0;
-            self.unindex(&oldest);
+            if let Some((slot, _)) = self.find(&oldest, self.hash(&oldest)) {
+                self.unindex(slot);
+            }
             self.ring[pos] = (id, stored);
             self.head = (pos + 1) % DEDUP_WINDOW;
             pos
         };
-        self.index_at(&id, pos);
+        self.index_at(hash, pos);
     }
 
-    /// Indexes `id` (not in the index) at ring position `pos`: the first
-    /// free slot from its home.
-    fn index_at(&mut self, id: &RequestId, pos: usize) {
-        let mut slot = self.home(id);
+    /// Indexes an id of hash `hash` (not in the index) at ring position
+    /// `pos`: the first free slot from its home.
+    fn index_at(&mut self, hash: u64, pos: usize) {
+        let mut slot = home(hash);
         while self.index[slot] != 0 {
             slot = (slot + 1) & (INDEX_SLOTS - 1);
         }
-        self.index[slot] = pos as u32 + 1;
+        self.index[slot] = (hash & !POS) | (pos as u64 + 1);
         self.indexed += 1;
     }
 
@@ -152,6 +166,11 @@ impl Dedup {
     /// Ids and encoded results, oldest first.
     pub(crate) fn iter(&self) -> impl Iterator<Item = &(RequestId, Stored)> {
         self.ring[self.head..].iter().chain(&self.ring[..self.head])
+    }
+
+    /// Ids and results, oldest first.
+    pub(crate) fn results(&self) -> impl Iterator<Item = (RequestId, CommandResult)> + '_ {
+        self.iter().filter_map(|(id, stored)| Some((*id, stored.decode()?)))
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -169,38 +188,40 @@ impl Dedup {
         // With as many index slots as results, each found at its own
         // position, there is exactly one slot per result.
         for (pos, (id, _)) in self.ring.iter().enumerate() {
-            if self.find(id).map(|(_, p)| p) != Some(pos) {
+            if self.find(id, self.hash(id)).map(|(_, p)| p) != Some(pos) {
                 return Err(format!("dedup index does not find {id:?} at ring position {pos}"));
             }
         }
         Ok(())
     }
 
-    fn home(&self, id: &RequestId) -> usize {
-        self.hasher.hash_one(id) as usize & (INDEX_SLOTS - 1)
+    fn hash(&self, id: &RequestId) -> u64 {
+        self.hasher.hash_one(id)
     }
 
-    /// The index slot and ring position of `id`.
-    fn find(&self, id: &RequestId) -> Option<(usize, usize)> {
-        let mut slot = self.home(id);
+    /// The index slot and ring position of `id`, whose hash is `hash`. Only
+    /// a slot with the same hash bits costs a look at the ring.
+    fn find(&self, id: &RequestId, hash: u64) -> Option<(usize, usize)> {
+        let mut slot = home(hash);
         loop {
             let at = self.index[slot];
             if at == 0 {
                 return None;
             }
-            let pos = at as usize - 1;
-            if self.ring[pos].0 == *id {
-                return Some((slot, pos));
+            if at & !POS == hash & !POS {
+                let pos = (at & POS) as usize - 1;
+                if self.ring[pos].0 == *id {
+                    return Some((slot, pos));
+                }
             }
             slot = (slot + 1) & (INDEX_SLOTS - 1);
         }
     }
 
-    /// Removes `id` from the index (backward-shift deletion): each later
-    /// entry of the probe run that may move into the hole does, so every
+    /// Empties index slot `hole` (backward-shift deletion): each later
+    /// entry of its probe run that may move into the hole does, so every
     /// remaining id stays reachable from its home slot without tombstones.
-    fn unindex(&mut self, id: &RequestId) {
-        let Some((mut hole, _)) = self.find(id) else { return };
+    fn unindex(&mut self, mut hole: usize) {
         let mask = INDEX_SLOTS - 1;
         let mut next = hole;
         loop {
@@ -209,7 +230,7 @@ impl Dedup {
             if at == 0 {
                 break;
             }
-            let home = self.home(&self.ring[at as usize - 1].0);
+            let home = home(at);
             // The entry at `next` may fill the hole iff the hole lies on
             // its probe path, from its home slot up to `next`.
             if next.wrapping_sub(home) & mask >= next.wrapping_sub(hole) & mask {
@@ -220,6 +241,12 @@ impl Dedup {
         self.index[hole] = 0;
         self.indexed -= 1;
     }
+}
+
+/// The home slot of a hash (or of an index slot, which keeps the bits
+/// used).
+fn home(hash: u64) -> usize {
+    (hash >> POS_BITS) as usize & (INDEX_SLOTS - 1)
 }
 
 #[cfg(test)]
@@ -297,7 +324,7 @@ mod tests {
         let mut d = Dedup::default();
         let ids: Vec<RequestId> = (0..)
             .map(|seq| RequestId { session: 9, seq })
-            .filter(|id| homes.contains(&d.home(id)))
+            .filter(|id| homes.contains(&home(d.hash(id))))
             .take(8)
             .collect();
         for (i, id) in ids.iter().enumerate() {
@@ -305,12 +332,14 @@ mod tests {
         }
         d.check().unwrap();
         for &victim in victims {
-            d.unindex(&ids[victim]);
-            assert!(d.find(&ids[victim]).is_none());
+            let hash = d.hash(&ids[victim]);
+            let (slot, _) = d.find(&ids[victim], hash).unwrap();
+            d.unindex(slot);
+            assert!(d.find(&ids[victim], hash).is_none());
             for (i, id) in ids.iter().enumerate().filter(|(i, _)| *i != victim) {
-                assert_eq!(d.find(id).map(|(_, p)| p), Some(i), "after removing {victim}");
+                assert_eq!(d.find(id, d.hash(id)).map(|(_, p)| p), Some(i), "after removing {victim}");
             }
-            d.index_at(&ids[victim], victim);
+            d.index_at(hash, victim);
             d.check().unwrap();
         }
     }
@@ -320,8 +349,8 @@ mod tests {
     /// index's end, whose run wraps around to its start.
     #[test]
     fn probe_runs_survive_removals_from_their_middle() {
-        let home = Dedup::default().home(&RequestId { session: 9, seq: 0 });
-        probe_run(&[home], &[2, 0, 7, 4]);
+        let d = Dedup::default();
+        probe_run(&[home(d.hash(&RequestId { session: 9, seq: 0 }))], &[2, 0, 7, 4]);
         let end = INDEX_SLOTS - 1;
         probe_run(&[end - 1, end, 0, 1], &[0, 3, 7, 1, 5]);
     }

@@ -450,7 +450,7 @@ impl ClusterState {
     pub fn image(&self) -> StateImage {
         let (nodes, vms) = self.sorted_records();
         let dedup = self.requests.lock();
-        let requests = dedup.iter().filter_map(|(id, _)| Some((*id, dedup.get(id)?))).collect();
+        let requests = dedup.results().collect();
         drop(dedup);
         StateImage {
             nodes,
