@@ -37,8 +37,13 @@ use crate::types::NodeId;
 /// Most proposals in one forwarded batch (the leader's batcher takes at
 /// most as many per entry).
 pub const MAX_FORWARD_BATCH: usize = super::batcher::MAX_BATCH;
-/// Batch calls in flight at once; while all are, forwards accumulate.
-const MAX_IN_FLIGHT: usize = 4;
+/// Batch rounds in flight at once; while one is, forwards accumulate into
+/// the next. One round sends a call per (leader, caller) group, all at
+/// once. One at a time gives the leader fewer, larger batches: at 16
+/// clients through a follower 6,890-7,446 writes/s against 5,786-5,990
+/// with 4 and 6,427-6,710 with 2, no change at 1 or 256 clients
+/// (docs/PERFORMANCE.md (c), item 9).
+const MAX_IN_FLIGHT: usize = 1;
 /// Forwards waiting for a batch; beyond this, callers wait.
 const QUEUE: usize = 16 * 1024;
 /// The deadline of a batch call. Each caller bounds its own wait (what is
