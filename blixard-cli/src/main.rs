@@ -460,9 +460,9 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// Freed memory goes back to the OS at once. Under a steady write load the
 /// default delay kept whatever the busiest moments had freed: the leader's
 /// resident memory crept up by 4-5 MiB over a million writes while its live
-/// heap stayed flat, and ended 8-10.6 MiB above where it was after the first
-/// 10,000 (7.2-7.9 MiB with no delay). Writes per second did not change
-/// measurably (docs/PERFORMANCE.md (c)).
+/// heap stayed flat, and ended 9.3-10.6 MiB above where it was after the
+/// first 10,000 (7.1-8.6 MiB with no delay, over five runs each). Writes
+/// per second did not change measurably (docs/PERFORMANCE.md (c)).
 #[cfg(not(madsim))]
 fn tune_allocator() {
     // SAFETY: sets one of mimalloc's options; any value is valid for it.
