@@ -992,9 +992,16 @@ impl ApplyRun<'_> {
             }
         }
         self.state.derive(old.as_deref(), new.as_deref());
+        // Room for a queued VM: resources follow `node_id`, the address
+        // and ports the holder (a leaving VM keeps them until its node has
+        // stopped it), so a node is touched when either leaves it.
         if let Some(o) = &old {
             if o.node_id != 0 && new.as_ref().is_none_or(|n| n.node_id != o.node_id) {
                 self.touched.insert(o.node_id);
+            }
+            let holder = o.holder();
+            if holder != 0 && new.as_ref().is_none_or(|n| n.holder() != holder) {
+                self.touched.insert(holder);
             }
         }
         if let Some(j) = journal {
@@ -2368,6 +2375,33 @@ mod tests {
         let publish = ports.iter().map(|&(host, guest)| PortMap { host, guest }).collect();
         let vm = NewVm { name: name.into(), spec, placement, reschedule: Reschedule::default(), publish };
         Command::CreateVms { vms: vec![vm], start: true, queue: false }
+    }
+
+    /// A queued VM that waits for a port gets it as soon as the VM holding
+    /// it leaves the node, also when that VM had already been unplaced and
+    /// only its ports stayed behind (`leaving`) until its node stopped it.
+    #[test]
+    fn a_port_freed_by_a_leaving_vm_drains_the_queue() {
+        let s = ClusterState::new();
+        s.apply(&p(register(1, 8, 4096)), 1).unwrap();
+        s.apply(&p(with_ports("a", 64, 0, &[(8002, 80)])), 2).unwrap();
+        s.apply(&p(register(2, 4, 256)), 3).unwrap();
+        assert_eq!(s.with_vm("a", |v| v.node_id), Some(1));
+        // q wants port 8002 (taken on node 1) and more memory than node 2 has.
+        let Command::CreateVms { vms, start, .. } = with_ports("q", 1024, 0, &[(8002, 80)]) else {
+            unreachable!()
+        };
+        s.apply(&p(Command::CreateVms { vms, start, queue: true }), 4).unwrap();
+        assert_eq!(s.with_vm("q", |v| (v.node_id, v.observed)), Some((0, ObservedState::Queued)));
+        // a moves to node 2: unplaced at once, its port held until node 1
+        // reports it stopped.
+        s.apply(&p(Command::MigrateVm { name: "a".into(), to: 2 }), 5).unwrap();
+        assert_eq!(s.with_vm("a", |v| (v.node_id, v.leaving)), Some((0, 1)));
+        assert_eq!(s.with_vm("q", |v| v.node_id), Some(0), "port 8002 is still held on node 1");
+        s.apply(&p(stopped_on(1, "a")), 6).unwrap();
+        assert_eq!(s.with_vm("a", |v| v.node_id), Some(2));
+        assert_eq!(s.with_vm("q", |v| v.node_id), Some(1), "the freed port drains the queue");
+        s.check_invariants().unwrap();
     }
 
     fn ip_of(s: &ClusterState, name: &str) -> Option<String> {

@@ -1557,8 +1557,8 @@ fn constraint_holds(constraint: &str, labels: &std::collections::HashMap<String,
 /// allocatable resources in every dimension; every VM placed on an active
 /// node is on its pinned node, meets its constraints there, and is the only
 /// VM of its anti-affinity group there; no VM waiting in the queue fits on
-/// any active node (pin, constraints, group, and free resources in every
-/// dimension).
+/// any active node (pin, constraints, group, free resources in every
+/// dimension, and its host ports free there).
 pub fn check_allocation_and_placement(nodes: &[pb::NodeInfo], vms: &[pb::Vm]) -> Result<(), String> {
     let mut groups: BTreeMap<(&str, NodeId), &str> = BTreeMap::new();
     for n in nodes {
@@ -1615,6 +1615,16 @@ pub fn check_allocation_and_placement(nodes: &[pb::NodeInfo], vms: &[pb::Vm]) ->
             vm.name, vm.leaving_node, vm.node_id
         ));
     }
+    // Host ports taken per node (by the VMs it holds: placed there, or
+    // leaving it).
+    let host_port = |p: &String| p.split(':').next().unwrap_or_default().to_string();
+    let mut taken: BTreeSet<(NodeId, String)> = BTreeSet::new();
+    for vm in vms {
+        let holder = if vm.node_id != 0 { vm.node_id } else { vm.leaving_node };
+        if holder != 0 {
+            taken.extend(vm.publish.iter().map(|p| (holder, host_port(p))));
+        }
+    }
     for vm in vms.iter().filter(|v| v.node_id == 0 && v.desired == "running") {
         let p = vm.placement.clone().unwrap_or_default();
         let need = vm.spec.clone().unwrap_or_default();
@@ -1627,7 +1637,8 @@ pub fn check_allocation_and_placement(nodes: &[pb::NodeInfo], vms: &[pb::Vm]) ->
                 && (p.anti_affinity.is_empty() || !groups.contains_key(&(p.anti_affinity.as_str(), n.id)))
                 && allocated.vcpus + need.vcpus <= allocatable.vcpus
                 && allocated.memory_mb + need.memory_mb <= allocatable.memory_mb
-                && allocated.disk_gb + need.disk_gb <= allocatable.disk_gb;
+                && allocated.disk_gb + need.disk_gb <= allocatable.disk_gb
+                && vm.publish.iter().all(|port| !taken.contains(&(n.id, host_port(port))));
             if fits {
                 return Err(format!(
                     "queued VM {} ({} vCPUs, {} MiB, {} GiB, {:?}) fits on n{} (labels {:?}, {allocated:?} of \
