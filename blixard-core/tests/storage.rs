@@ -357,10 +357,10 @@ async fn a_first_start_on_a_busy_port_leaves_the_dir_fresh() {
     node.shutdown().await;
 }
 
-/// Group commit on the leader. openraft 0.9.25's core awaits each append's
-/// flush before taking the next client write, so grouping happens one level
-/// up: the node's batcher coalesces concurrent proposals into one Raft entry.
-/// 200 concurrent writes must therefore take far fewer than 200 fsyncs.
+/// Group commit on the leader: the node's batcher coalesces concurrent
+/// proposals into one Raft entry, and the log writer folds the appends that
+/// queued during one fsync into the next. 200 concurrent writes must
+/// therefore take far fewer than 200 fsyncs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writes_share_fsyncs() {
     let dir = tempfile::tempdir().unwrap();
@@ -396,6 +396,64 @@ async fn concurrent_writes_share_fsyncs() {
     assert!(entries >= 1 && entries < writes, "no batching: {writes} writes took {entries} entries");
     assert!(commits < writes / 2, "no grouping: {writes} writes took {commits} commits");
     node.shutdown().await;
+}
+
+/// The leader's own entries are reported flushed before their fsync, so it
+/// replicates them while it writes them (raft/log_store/early.rs); a
+/// follower's entries never are: its acknowledgement is its promise to the
+/// leader. Three in-process nodes: every write goes the early way on the
+/// leader and none on a follower, and all three apply the same writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leaders_own_entries_are_reported_flushed_early() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let leader = start_ready(config(1, ports[0], dirs[0].path(), tuning(10_000, 1_000))).await;
+    let seed = format!("127.0.0.1:{}", ports[0]);
+    let token = std::fs::read_to_string(dirs[0].path().join(blixard_core::node::bootstrap::FILE))
+        .expect("the founder's admin token");
+    let mut followers = Vec::new();
+    for i in 1..3 {
+        let mut cfg = config(i as u64 + 1, ports[i], dirs[i].path(), tuning(10_000, 1_000));
+        cfg.join = Some(seed.clone());
+        cfg.join_token = Some(token.trim().to_string());
+        followers.push(start(cfg).await);
+    }
+    let shared = leader.shared().clone();
+    wait_for("three nodes", || (shared.state.node_count() == 3).then_some(())).await;
+    let early_before = shared.log_stats.early_appends.load(Relaxed);
+
+    let mut handles = Vec::new();
+    for t in 0..8 {
+        let shared = shared.clone();
+        handles.push(tokio::spawn(async move {
+            for k in 0..5 {
+                shared.propose(small_vm(&format!("vm-e-{t}-{k}"))).await.expect("create through the leader");
+            }
+        }));
+    }
+    for h in handles {
+        h.await.expect("writer task");
+    }
+    assert!(shared.is_leader(), "leadership moved during the test");
+    let early = shared.log_stats.early_appends.load(Relaxed) - early_before;
+    assert!(early > 0, "the leader wrote no entry the early way");
+    for f in &followers {
+        let fs = f.shared().clone();
+        wait_for("a follower to apply every write", || (fs.state.vm_count() == 40).then_some(())).await;
+        assert_eq!(
+            fs.log_stats.early_appends.load(Relaxed),
+            0,
+            "node {} acknowledged early as a follower",
+            fs.id
+        );
+        assert!(fs.log_stats.entries.load(Relaxed) > 0);
+    }
+    assert_eq!(shared.state.vm_count(), 40);
+    for f in followers {
+        f.shutdown().await;
+    }
+    leader.shutdown().await;
 }
 
 /// `Node::shutdown` leaves the data dir reusable at once: it waits for the

@@ -463,6 +463,9 @@ impl Node {
         let mut log = LogStore::open_with(&log_path, &cfg.tuning, metrics.clone())
             .map_err(|e| NodeError::Log { path: log_path.clone(), reason: e.to_string() })?;
         let has_raft_state = log.has_state();
+        // The leader's fsync overlaps replication (raft/log_store/early.rs).
+        // The leader's fsync overlaps replication (raft/log_store/early.rs).
+        let early = log.report_own_entries_early(cfg.id);
         let log_writer = log.take_writer();
         let log_stats = log.stats();
         let state = Arc::new(ClusterState::new());
@@ -477,10 +480,15 @@ impl Node {
         }
         let sm = StateMachineStore::open(&cfg.data_dir, state.clone())
             .map_err(|source| NodeError::Snapshot { dir: cfg.data_dir.clone(), source })?
-            .with_metrics(metrics.clone());
+            .with_metrics(metrics.clone())
+            .with_early_acks(early.clone());
         let cluster_id: Arc<str> = Arc::from(ident.cluster_id.as_str());
-        let network =
-            NetworkFactory { channels: channels.clone(), cluster_id: cluster_id.clone(), from: cfg.id };
+        let network = NetworkFactory {
+            channels: channels.clone(),
+            cluster_id: cluster_id.clone(),
+            from: cfg.id,
+            early: Some(early),
+        };
         let config = cfg.tuning.to_config(&ident.cluster_id).map_err(|e| NodeError::Config(e.to_string()))?;
         let raft =
             Raft::new(cfg.id, config, network, log, sm).await.map_err(|e| NodeError::Raft(e.to_string()))?;

@@ -27,6 +27,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
+use super::log_store::EarlyAcks;
 use super::TypeConfig;
 use crate::codec;
 use crate::format;
@@ -319,6 +320,10 @@ pub struct NetworkFactory {
     pub channels: PeerChannels,
     pub cluster_id: Arc<str>,
     pub from: NodeId,
+    /// The log's early-reported entries, when it reports the leader's own
+    /// entries flushed before their `fdatasync` (log_store/early.rs):
+    /// followers are never told a commit index past the leader's disk.
+    pub early: Option<Arc<EarlyAcks>>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -331,6 +336,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             channels: self.channels.clone(),
             cluster_id: self.cluster_id.clone(),
             from: self.from,
+            early: self.early.clone(),
         }
     }
 }
@@ -341,6 +347,7 @@ pub struct PeerClient {
     channels: PeerChannels,
     cluster_id: Arc<str>,
     from: NodeId,
+    early: Option<Arc<EarlyAcks>>,
 }
 
 impl PeerClient {
@@ -400,9 +407,22 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        if let Some(early) = &self.early {
+            // openraft may have committed entries that are not yet on this
+            // leader's disk (log_store/early.rs); a follower must not apply
+            // them before they are. An update that only carries the commit
+            // index waits for the flush (a fraction of a millisecond; if
+            // the write failed, the node is stopping); one with entries
+            // goes at once, with the commit index lowered.
+            if let Some(c) = rpc.leader_commit.filter(|c| rpc.entries.is_empty() && early.unflushed(c.index))
+            {
+                let _ = tokio::time::timeout(option.soft_ttl(), early.wait_flushed(c.index)).await;
+            }
+            rpc.leader_commit = early.cap_commit(rpc.leader_commit);
+        }
         let entries = rpc.entries.len();
         self.raft_call(RaftRpc::AppendEntries, &rpc, &option, Some(entries)).await
     }

@@ -20,6 +20,7 @@ use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{AnyError, EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageIOError, StoredMembership};
 use serde::{Deserialize, Serialize};
 
+use super::log_store::EarlyAcks;
 use super::{blocking, Entry, LogId, Membership, SnapshotMeta, StorageError, TypeConfig};
 use crate::codec;
 use crate::command::{CommandOutput, CommandResult};
@@ -47,6 +48,11 @@ pub struct StateMachineStore {
     /// What the next image's buffer is sized to (the last one's size).
     image_bytes: usize,
     metrics: Arc<NodeMetrics>,
+    /// The log's early-reported entries (log_store/early.rs): an entry is
+    /// applied only once it is on this node's disk.
+    early: Option<Arc<EarlyAcks>>,
+    /// The batch being applied (reused: no allocation per batch).
+    batch: Vec<Entry>,
 }
 
 impl StateMachineStore {
@@ -61,6 +67,8 @@ impl StateMachineStore {
             built: 0,
             image_bytes: 0,
             metrics: NodeMetrics::noop(0),
+            early: None,
+            batch: Vec::new(),
         };
         let path = dir.join(SNAPSHOT_FILE);
         match std::fs::read(&path) {
@@ -87,6 +95,14 @@ impl StateMachineStore {
     /// Records apply times, placements and snapshots in `metrics`.
     pub fn with_metrics(mut self, metrics: Arc<NodeMetrics>) -> Self {
         self.metrics = metrics;
+        self
+    }
+
+    /// Applies nothing before the log has it on disk, for a log that
+    /// reports the leader's own entries flushed early
+    /// ([`LogStore::report_own_entries_early`](super::log_store::LogStore::report_own_entries_early)).
+    pub fn with_early_acks(mut self, early: Arc<EarlyAcks>) -> Self {
+        self.early = Some(early);
         self
     }
 }
@@ -190,12 +206,24 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: OptionalSend,
     {
         let started = tokio::time::Instant::now();
-        let entries = entries.into_iter();
-        let mut out = Vec::with_capacity(entries.size_hint().0);
+        let mut batch = std::mem::take(&mut self.batch);
+        batch.extend(entries);
+        if let (Some(early), Some(last)) = (&self.early, batch.last()) {
+            // A leader's own entry may be committed before its own flush
+            // (log_store/early.rs): applying it is what makes it visible.
+            if early.unflushed(last.log_id.index) {
+                let last = last.log_id;
+                early
+                    .wait_flushed(last.index)
+                    .await
+                    .map_err(|why| StorageError::from(StorageIOError::apply(last, AnyError::error(why))))?;
+            }
+        }
+        let mut out = Vec::with_capacity(batch.len());
         // One run for the whole batch of entries: readers see its VM changes
         // together when it ends, before openraft reports them applied.
         let mut run = self.state.begin_apply();
-        for e in entries {
+        for e in batch.drain(..) {
             self.last_applied = Some(e.log_id);
             run.advance(e.log_id.index);
             out.push(match e.payload {
@@ -216,6 +244,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             });
         }
         drop(run);
+        self.batch = batch;
         self.metrics.apply_entries.record(out.len() as u64);
         self.metrics.apply_seconds.record(started.elapsed().as_secs_f64());
         Ok(out)

@@ -19,6 +19,7 @@
 //!
 //! A data dir from format versions 0 to 4 keeps its log in redb
 //! (`raft.redb`); opening migrates it into segments once ([`legacy`]).
+pub mod early;
 pub mod legacy;
 pub mod segment;
 
@@ -35,6 +36,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{Entry, LogId, StorageError, TypeConfig, Vote};
 use crate::metrics::NodeMetrics;
+use crate::types::NodeId;
+pub use early::EarlyAcks;
 use segment::{Group, Kind, LogError, Marks, Pos, Record, SegmentLog};
 
 /// The log directory's name, in the data dir.
@@ -204,7 +207,9 @@ enum Op {
     Append {
         records: Group,
         ids: Vec<LogId>,
-        done: LogFlushed<TypeConfig>,
+        /// `None` for a leader's own entries, already reported flushed
+        /// ([`early`]).
+        done: Option<LogFlushed<TypeConfig>>,
     },
     Truncate {
         from: u64,
@@ -225,6 +230,9 @@ pub struct WriterStats {
     pub entries: std::sync::atomic::AtomicU64,
     /// The commit index openraft last saved (metrics).
     pub committed: std::sync::atomic::AtomicU64,
+    /// Appends written after being reported flushed early: the leader's
+    /// own entries (early.rs). Always 0 on a follower.
+    pub early_appends: std::sync::atomic::AtomicU64,
 }
 
 /// Resolves once the writer has stopped and closed its files.
@@ -240,6 +248,9 @@ pub struct LogStore {
     committed: Arc<Mutex<Option<Option<LogId>>>>,
     stats: Arc<WriterStats>,
     writer: Option<WriterDone>,
+    /// Set by [`LogStore::report_own_entries_early`]: this node's id.
+    me: Option<NodeId>,
+    early: Arc<EarlyAcks>,
 }
 
 /// Read-only view used by openraft's replication tasks.
@@ -312,7 +323,9 @@ impl LogStore {
         let cache = Arc::new(RwLock::new(cache));
         let disk = Arc::new(Disk { dir: dir.to_path_buf(), files: Mutex::new(Default::default()) });
         let (tx, rx) = mpsc::unbounded_channel();
+        let early = Arc::new(EarlyAcks::default());
         let writer = Writer {
+            early: early.clone(),
             cache: cache.clone(),
             written: Vec::new(),
             log,
@@ -324,7 +337,25 @@ impl LogStore {
             failed: None,
         };
         let done = spawn_writer(writer, rx).map_err(OpenError::Writer)?;
-        Ok(Self { reader: LogReader { cache, disk }, tx, committed, stats, writer: Some(done) })
+        Ok(Self {
+            reader: LogReader { cache, disk },
+            tx,
+            committed,
+            stats,
+            writer: Some(done),
+            me: None,
+            early,
+        })
+    }
+
+    /// Makes this log report the entries node `me` appends as leader
+    /// flushed as soon as they are queued, so openraft replicates them
+    /// while they are written ([`early`]). Whatever shows a commit must
+    /// then wait on the returned handle: the state machine's apply and the
+    /// commit index sent to followers.
+    pub fn report_own_entries_early(&mut self, me: NodeId) -> Arc<EarlyAcks> {
+        self.me = Some(me);
+        self.early.clone()
     }
 
     /// Resolves once the writer has stopped (after this store is dropped and
@@ -342,6 +373,20 @@ impl LogStore {
 
     pub fn stats(&self) -> Arc<WriterStats> {
         self.stats.clone()
+    }
+
+    /// True when `ids` are entries this node created as the current leader:
+    /// its vote (durable: `cache.vote` is set after the vote's
+    /// `fdatasync`) is a committed vote for itself, and the entries carry
+    /// that vote's leader id (term and node). Only that leader creates
+    /// entries with its id, and it is never sent entries bearing its own
+    /// id, so a follower's append never qualifies.
+    fn is_own(&self, c: &Cache, ids: &[LogId]) -> bool {
+        let (Some(me), Some(vote)) = (self.me, c.vote) else { return false };
+        vote.committed
+            && vote.leader_id.voted_for() == Some(me)
+            && !ids.is_empty()
+            && ids.iter().all(|id| id.leader_id == vote.leader_id)
     }
 
     /// Queues `op` for the writer. The error type is openraft's (large, but
@@ -421,6 +466,7 @@ struct Writer {
     stats: Arc<WriterStats>,
     metrics: Arc<NodeMetrics>,
     failed: Option<String>,
+    early: Arc<EarlyAcks>,
 }
 
 enum Done {
@@ -438,12 +484,16 @@ impl Writer {
         let mut purged = None;
         let mut encode_error = None;
         let mut last_index = self.last_index;
+        let mut early = 0;
         self.group.clear();
         self.written.clear();
         for op in ops.drain(..) {
             let pushed = match op {
                 Op::Append { records, ids, done } => {
-                    dones.push(Done::Flushed(done));
+                    match done {
+                        Some(done) => dones.push(Done::Flushed(done)),
+                        None => early += 1,
+                    }
                     entries += ids.len() as u64;
                     let first = self.group.records();
                     self.group.extend(&records);
@@ -512,6 +562,7 @@ impl Writer {
         };
         match &result {
             Err(why) => {
+                self.early.failed(why);
                 if self.failed.is_none() {
                     tracing::error!(error = %why, "raft log write failed; refusing further writes");
                     self.failed = Some(why.clone());
@@ -522,6 +573,8 @@ impl Writer {
                 self.last_index = last_index;
                 self.stats.commits.fetch_add(1, Relaxed);
                 self.stats.entries.fetch_add(entries, Relaxed);
+                self.stats.early_appends.fetch_add(early as u64, Relaxed);
+                self.early.flushed(early);
             }
         }
         for d in dones {
@@ -588,13 +641,20 @@ fn spawn_writer(mut w: Writer, mut rx: mpsc::UnboundedReceiver<Op>) -> std::io::
 }
 
 /// Under madsim the simulation must start no threads: the writer is a task
-/// and does its IO inline (deterministic, and free on tmpfs).
+/// and does its IO inline (deterministic, and free on tmpfs). Each group
+/// first waits a simulated `fdatasync` (50-400 µs of virtual time, drawn
+/// from the seed): what queues meanwhile joins the group, and a node killed
+/// meanwhile loses the whole group, as a crash loses unsynced writes. That
+/// window is where the leader's early-reported entries (early.rs) are not
+/// yet on its disk, so the simulator's crashes reach it.
 #[cfg(madsim)]
 fn spawn_writer(mut w: Writer, mut rx: mpsc::UnboundedReceiver<Op>) -> std::io::Result<WriterDone> {
     let (tx, done) = oneshot::channel();
     tokio::spawn(async move {
         let mut ops = Vec::new();
         while let Some(first) = rx.recv().await {
+            let fsync = madsim::rand::Rng::gen_range(&mut madsim::rand::thread_rng(), 50..400);
+            tokio::time::sleep(std::time::Duration::from_micros(fsync)).await;
             collect(first, &mut rx, &mut ops);
             w.run(&mut ops);
         }
@@ -733,13 +793,26 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 .map_err(|err| StorageIOError::write_log_entry(e.log_id, AnyError::new(&err)))?;
             ids.push(e.log_id);
         }
-        {
+        let early = {
             let mut c = self.reader.cache.write();
+            let before = c.last_log_id();
+            let early = self.is_own(&c, &ids);
+            if early {
+                if let Some(first) = ids.first() {
+                    self.early.reported(first.index, before);
+                }
+            }
             for e in entries {
                 c.hot.insert(e.log_id.index, e);
             }
+            early
+        };
+        if early {
+            callback.log_io_completed(Ok(()));
+            self.send(Op::Append { records, ids, done: None })
+        } else {
+            self.send(Op::Append { records, ids, done: Some(callback) })
         }
-        self.send(Op::Append { records, ids, done: callback })
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
