@@ -44,6 +44,11 @@ pub const MAX_FORWARD_BATCH: usize = super::batcher::MAX_BATCH;
 /// with 4 and 6,427-6,710 with 2, no change at 1 or 256 clients
 /// (docs/PERFORMANCE.md (c), item 9).
 const MAX_IN_FLIGHT: usize = 1;
+/// How long one round may hold the turn: a round that takes longer (a
+/// leader that stopped answering, until its calls' deadline) no longer
+/// holds back the next round, whose forwards may go to a new leader. A
+/// healthy round takes milliseconds.
+const ROUND_HOLD: Duration = Duration::from_millis(250);
 /// Forwards waiting for a batch; beyond this, callers wait.
 const QUEUE: usize = 16 * 1024;
 /// The deadline of a batch call. Each caller bounds its own wait (what is
@@ -176,9 +181,26 @@ async fn run(sender: Sender, mut rx: mpsc::Receiver<Item>, busy: Arc<AtomicUsize
         let sender = sender.clone();
         tokio::spawn(async move {
             let sends = groups(items).into_iter().map(|g| sender.send(g));
-            futures::future::join_all(sends).await;
-            drop((permit, busy));
+            hold_turn(futures::future::join_all(sends), permit, ROUND_HOLD).await;
+            drop(busy);
         });
+    }
+}
+
+/// Runs `round`, holding `turn` until it ends or for `hold`, whichever
+/// comes first (then the next round may start while this one finishes).
+async fn hold_turn<F: std::future::Future>(
+    round: F,
+    turn: tokio::sync::OwnedSemaphorePermit,
+    hold: Duration,
+) -> F::Output {
+    tokio::pin!(round);
+    match tokio::time::timeout(hold, round.as_mut()).await {
+        Ok(out) => out,
+        Err(_) => {
+            drop(turn);
+            round.await
+        }
     }
 }
 
@@ -360,6 +382,24 @@ mod tests {
             span: tracing::Span::none(),
             reply: oneshot::channel().0,
         }
+    }
+
+    #[tokio::test]
+    async fn a_round_that_hangs_gives_up_the_turn() {
+        let turns = Arc::new(Semaphore::new(1));
+        // A quick round keeps the turn to its end.
+        let turn = turns.clone().acquire_owned().await.unwrap();
+        let quick = hold_turn(async { 7 }, turn, Duration::from_secs(60)).await;
+        assert_eq!(quick, 7);
+        // A round that never ends (a leader that stopped answering) lets the
+        // next one start after the hold.
+        let turn = turns.clone().acquire_owned().await.unwrap();
+        let hung = tokio::spawn(hold_turn(std::future::pending::<()>(), turn, Duration::from_millis(50)));
+        assert!(turns.try_acquire().is_err(), "the hung round holds the turn at first");
+        let next = tokio::time::timeout(Duration::from_secs(10), turns.acquire()).await;
+        assert!(next.is_ok(), "the next round never got the turn");
+        assert!(!hung.is_finished());
+        hung.abort();
     }
 
     #[test]

@@ -464,7 +464,6 @@ impl Node {
             .map_err(|e| NodeError::Log { path: log_path.clone(), reason: e.to_string() })?;
         let has_raft_state = log.has_state();
         // The leader's fsync overlaps replication (raft/log_store/early.rs).
-        // The leader's fsync overlaps replication (raft/log_store/early.rs).
         let early = log.report_own_entries_early(cfg.id);
         let log_writer = log.take_writer();
         let log_stats = log.stats();
