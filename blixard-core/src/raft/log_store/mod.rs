@@ -809,7 +809,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         };
         if early {
             callback.log_io_completed(Ok(()));
-            self.send(Op::Append { records, ids, done: None })
+            let sent = self.send(Op::Append { records, ids, done: None });
+            if sent.is_err() {
+                // The writer is gone: these entries will never be written,
+                // and whatever waits for them must not wait forever.
+                self.early.failed("log writer stopped");
+            }
+            sent
         } else {
             self.send(Op::Append { records, ids, done: Some(callback) })
         }
