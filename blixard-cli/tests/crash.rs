@@ -33,6 +33,67 @@ fn start(nodes: &mut Nodes, id: u64, join: Option<u16>) {
     nodes.procs.push((id, child));
 }
 
+/// Three nodes in `root` (2 and 3 join 1), their ports, and all their
+/// addresses as one `--addr` list.
+fn three_nodes(root: &std::path::Path) -> (Nodes, Vec<u16>, String) {
+    let dirs: Vec<_> = (1..=3).map(|i| root.join(format!("node-{i}"))).collect();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut nodes = Nodes { procs: Vec::new(), dirs, ports: ports.clone() };
+    for id in 1..=3 {
+        start(&mut nodes, id, join_of(&ports, id));
+    }
+    let all = ports.iter().map(|p| loopback(*p)).collect::<Vec<_>>().join(",");
+    (nodes, ports, all)
+}
+
+/// The `--join` node `id` starts with, the first time and every time after
+/// (a node killed while still joining must join again; one with Raft state
+/// ignores it).
+fn join_of(ports: &[u16], id: u64) -> Option<u16> {
+    (id != 1).then_some(ports[0])
+}
+
+/// Waits until a create of `name` goes through the cluster at `all` (all
+/// three registered, a leader).
+fn wait_writable(all: &str, name: &str) {
+    eventually("the cluster takes writes", 60, || {
+        let out = common::client_command(all)
+            .args(["--addr", all, "vm", "create", name, "--no-start"])
+            .args(["--vcpus", "1", "--memory", "16"])
+            .output()
+            .ok()?;
+        out.status.success().then_some(())
+    });
+}
+
+/// `msg` with the bearer `token`.
+fn authed<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req
+}
+
+/// A create of a stopped 1-vCPU, 16-MiB VM.
+fn create_request(name: &str) -> pb::CreateVmRequest {
+    pb::CreateVmRequest {
+        name: name.to_string(),
+        spec: Some(pb::VmSpec { vcpus: 1, memory_mb: 16, disk_gb: 1, ..Default::default() }),
+        no_start: true,
+        ..Default::default()
+    }
+}
+
+/// A client of `addr`, or `None` after a short pause if it does not answer.
+async fn connect(addr: &str) -> Option<VmServiceClient<tonic::transport::Channel>> {
+    match tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await {
+        Ok(ch) => Some(VmServiceClient::new(ch)),
+        Err(_) => {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            None
+        }
+    }
+}
+
 fn names(addrs: &str) -> Option<BTreeSet<String>> {
     names_read(addrs, &[])
 }
@@ -68,23 +129,12 @@ async fn writer(
     let mut client = None;
     while !stop.load(Ordering::Relaxed) {
         if client.is_none() {
-            match tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await {
-                Ok(ch) => client = Some(VmServiceClient::new(ch)),
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            }
+            client = connect(&addr).await;
+            continue;
         }
         let name = format!("{tag}-{n}");
         n += 1;
-        let mut req = tonic::Request::new(pb::CreateVmRequest {
-            name: name.clone(),
-            spec: Some(pb::VmSpec { vcpus: 1, memory_mb: 16, disk_gb: 1, ..Default::default() }),
-            no_start: true,
-            ..Default::default()
-        });
-        req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let req = authed(create_request(&name), &token);
         let call = tokio::time::timeout(Duration::from_secs(5), client.as_mut().unwrap().create_vm(req));
         match call.await {
             Ok(Ok(_)) => acked.lock().unwrap().push(name),
@@ -107,31 +157,17 @@ struct Churned {
 /// writes are acknowledged all through the load, and some creates stay to
 /// be checked.
 async fn churner(addr: String, tag: String, stop: Arc<AtomicBool>, seen: Arc<Mutex<Churned>>, token: String) {
-    let auth = |req: &mut tonic::metadata::MetadataMap| {
-        req.insert("authorization", format!("Bearer {token}").parse().unwrap());
-    };
     let mut n = 0u64;
     let mut client = None;
     while !stop.load(Ordering::Relaxed) {
         if client.is_none() {
-            match tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await {
-                Ok(ch) => client = Some(VmServiceClient::new(ch)),
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            }
+            client = connect(&addr).await;
+            continue;
         }
         let c = client.as_mut().unwrap();
         let name = format!("{tag}-{n}");
         n += 1;
-        let mut req = tonic::Request::new(pb::CreateVmRequest {
-            name: name.clone(),
-            spec: Some(pb::VmSpec { vcpus: 1, memory_mb: 16, disk_gb: 1, ..Default::default() }),
-            no_start: true,
-            ..Default::default()
-        });
-        auth(req.metadata_mut());
+        let req = authed(create_request(&name), &token);
         match tokio::time::timeout(Duration::from_secs(5), c.create_vm(req)).await {
             Ok(Ok(_)) => {
                 seen.lock().unwrap().created.insert(name.clone());
@@ -144,9 +180,7 @@ async fn churner(addr: String, tag: String, stop: Arc<AtomicBool>, seen: Arc<Mut
         if n % 16 == 1 {
             continue;
         }
-        let mut req =
-            tonic::Request::new(pb::DeleteVmRequest { name: name.clone(), request_id: String::new() });
-        auth(req.metadata_mut());
+        let req = authed(pb::DeleteVmRequest { name: name.clone(), request_id: String::new() }, &token);
         // Once a delete is tried, the VM may be there or not until it is
         // acknowledged.
         seen.lock().unwrap().created.remove(&name);
@@ -170,11 +204,8 @@ async fn delete_all(addr: String, names: Vec<String>, token: String) {
         // token, the VM): try again for a while.
         let mut tries = 0;
         loop {
-            let mut req = tonic::Request::new(pb::DeleteVmRequest {
-                name: name.clone(),
-                request_id: format!("rm-{name}"),
-            });
-            req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+            let req =
+                authed(pb::DeleteVmRequest { name: name.clone(), request_id: format!("rm-{name}") }, &token);
             match client.delete_vm(req).await {
                 Ok(_) => break,
                 Err(e) if tries < 100 => {
@@ -191,25 +222,11 @@ async fn delete_all(addr: String, names: Vec<String>, token: String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_whole_cluster_loses_no_acknowledged_write() {
     let root = tempfile::tempdir().unwrap();
-    let dirs: Vec<_> = (1..=3).map(|i| root.path().join(format!("node-{i}"))).collect();
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let mut nodes = Nodes { procs: Vec::new(), dirs, ports: ports.clone() };
-    start(&mut nodes, 1, None);
-    start(&mut nodes, 2, Some(ports[0]));
-    start(&mut nodes, 3, Some(ports[0]));
-    let all = ports.iter().map(|p| loopback(*p)).collect::<Vec<_>>().join(",");
+    let (mut nodes, ports, all) = three_nodes(root.path());
     let acked = Arc::new(Mutex::new(Vec::new()));
 
     for (cycle, load_ms) in [300u64, 800, 1500].into_iter().enumerate() {
-        // Writable: a create goes through (all three registered, a leader).
-        eventually("the cluster takes writes", 60, || {
-            let out = common::client_command(&all)
-                .args(["--addr", &all, "vm", "create", &format!("probe-{cycle}"), "--no-start"])
-                .args(["--vcpus", "1", "--memory", "16"])
-                .output()
-                .ok()?;
-            out.status.success().then_some(())
-        });
+        wait_writable(&all, &format!("probe-{cycle}"));
         acked.lock().unwrap().push(format!("probe-{cycle}"));
         let at_start = acked.lock().unwrap().len();
         let stop = Arc::new(AtomicBool::new(false));
@@ -235,11 +252,10 @@ async fn kill_9_of_the_whole_cluster_loses_no_acknowledged_write() {
         }
         let acked_now: BTreeSet<String> = acked.lock().unwrap().iter().cloned().collect();
         assert!(acked_now.len() > at_start, "cycle {cycle}: no create was acknowledged before the kill");
-        // The same command lines as the first start (a node killed while
-        // still joining must join again; one with Raft state ignores --join).
-        start(&mut nodes, 1, None);
-        start(&mut nodes, 2, Some(ports[0]));
-        start(&mut nodes, 3, Some(ports[0]));
+        // The same command lines as the first start.
+        for id in 1..=3 {
+            start(&mut nodes, id, join_of(&ports, id));
+        }
         let present = eventually("the restarted cluster answers vm list", 60, || names(&all));
         let lost: Vec<&String> = acked_now.difference(&present).collect();
         assert!(lost.is_empty(), "cycle {cycle}: {} acknowledged creates lost: {lost:?}", lost.len());
@@ -285,22 +301,8 @@ fn leader_of_three(addrs: &str) -> Option<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_leader_loses_no_acknowledged_write_and_replicas_agree() {
     let root = tempfile::tempdir().unwrap();
-    let dirs: Vec<_> = (1..=3).map(|i| root.path().join(format!("node-{i}"))).collect();
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let mut nodes = Nodes { procs: Vec::new(), dirs, ports: ports.clone() };
-    let join = |id: u64| (id != 1).then_some(ports[0]);
-    for id in 1..=3 {
-        start(&mut nodes, id, join(id));
-    }
-    let all = ports.iter().map(|p| loopback(*p)).collect::<Vec<_>>().join(",");
-    eventually("the cluster takes writes", 60, || {
-        let out = common::client_command(&all)
-            .args(["--addr", &all, "vm", "create", "probe", "--no-start"])
-            .args(["--vcpus", "1", "--memory", "16"])
-            .output()
-            .ok()?;
-        out.status.success().then_some(())
-    });
+    let (mut nodes, ports, all) = three_nodes(root.path());
+    wait_writable(&all, "probe");
     let seen = Arc::new(Mutex::new(Churned::default()));
     seen.lock().unwrap().created.insert("probe".to_string());
 
@@ -330,7 +332,7 @@ async fn kill_9_of_the_leader_loses_no_acknowledged_write_and_replicas_agree() {
         for t in tasks {
             t.await.unwrap();
         }
-        start(&mut nodes, leader, join(leader));
+        start(&mut nodes, leader, join_of(&ports, leader));
         let s = seen.lock().unwrap();
         let after = s.created.len() + s.deleted.len();
         assert!(at_kill > before, "cycle {cycle}: nothing was acknowledged before the kill");
