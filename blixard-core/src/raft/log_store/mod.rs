@@ -207,7 +207,7 @@ enum Op {
     Append {
         records: Group,
         ids: Vec<LogId>,
-        /// `None` for a leader's own entries, already reported flushed
+        /// `None` for a leader's own entries, reported flushed once queued
         /// ([`early`]).
         done: Option<LogFlushed<TypeConfig>>,
     },
@@ -808,12 +808,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             early
         };
         if early {
-            callback.log_io_completed(Ok(()));
             let sent = self.send(Op::Append { records, ids, done: None });
-            if sent.is_err() {
+            match &sent {
+                Ok(()) => callback.log_io_completed(Ok(())),
                 // The writer is gone: these entries will never be written,
                 // and whatever waits for them must not wait forever.
-                self.early.failed("log writer stopped");
+                Err(_) => self.early.failed("log writer stopped"),
             }
             sent
         } else {
