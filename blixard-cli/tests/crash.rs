@@ -117,6 +117,25 @@ fn names_read(addrs: &str, read: &[&str]) -> Option<BTreeSet<String>> {
     Some(list.iter().filter_map(|vm| Some(vm.get("name")?.as_str()?.to_string())).collect())
 }
 
+/// The client in `client`, connecting to `addr` first when there is none
+/// (`None` if it does not answer yet).
+async fn connected<'a>(
+    client: &'a mut Option<VmServiceClient<tonic::transport::Channel>>,
+    addr: &str,
+) -> Option<&'a mut VmServiceClient<tonic::transport::Channel>> {
+    if client.is_none() {
+        *client = connect(addr).await;
+    }
+    client.as_mut()
+}
+
+/// Creates VM `name` through `c`: whether the create was acknowledged
+/// within 5 s.
+async fn create(c: &mut VmServiceClient<tonic::transport::Channel>, name: &str, token: &str) -> bool {
+    let req = authed(create_request(name), token);
+    matches!(tokio::time::timeout(Duration::from_secs(5), c.create_vm(req)).await, Ok(Ok(_)))
+}
+
 /// Creates VMs through `addr` until `stop`, recording each acknowledged one.
 async fn writer(
     addr: String,
@@ -128,17 +147,13 @@ async fn writer(
     let mut n = 0u64;
     let mut client = None;
     while !stop.load(Ordering::Relaxed) {
-        if client.is_none() {
-            client = connect(&addr).await;
-            continue;
-        }
+        let Some(c) = connected(&mut client, &addr).await else { continue };
         let name = format!("{tag}-{n}");
         n += 1;
-        let req = authed(create_request(&name), &token);
-        let call = tokio::time::timeout(Duration::from_secs(5), client.as_mut().unwrap().create_vm(req));
-        match call.await {
-            Ok(Ok(_)) => acked.lock().unwrap().push(name),
-            _ => client = None,
+        if create(c, &name, &token).await {
+            acked.lock().unwrap().push(name);
+        } else {
+            client = None;
         }
     }
 }
@@ -160,23 +175,14 @@ async fn churner(addr: String, tag: String, stop: Arc<AtomicBool>, seen: Arc<Mut
     let mut n = 0u64;
     let mut client = None;
     while !stop.load(Ordering::Relaxed) {
-        if client.is_none() {
-            client = connect(&addr).await;
-            continue;
-        }
-        let c = client.as_mut().unwrap();
+        let Some(c) = connected(&mut client, &addr).await else { continue };
         let name = format!("{tag}-{n}");
         n += 1;
-        let req = authed(create_request(&name), &token);
-        match tokio::time::timeout(Duration::from_secs(5), c.create_vm(req)).await {
-            Ok(Ok(_)) => {
-                seen.lock().unwrap().created.insert(name.clone());
-            }
-            _ => {
-                client = None;
-                continue;
-            }
+        if !create(c, &name, &token).await {
+            client = None;
+            continue;
         }
+        seen.lock().unwrap().created.insert(name.clone());
         if n % 16 == 1 {
             continue;
         }
