@@ -256,6 +256,38 @@ async fn restart_replays_the_log() {
     node.shutdown().await;
 }
 
+/// A leader reports its own entries flushed before their `fdatasync`
+/// (log_store/early.rs), so one that died may have lost entries its
+/// followers hold. Restarted, it must not resume leading its old term:
+/// its next entries would take those indexes under the same leader id and
+/// the followers would keep theirs (replicas diverged this way in the
+/// simulator). It leads again from a new term, and its entries carry it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_leader_leads_again_only_from_a_new_term() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(1, free_port(), dir.path(), tuning(10_000, 1_000));
+    let node = start_ready(cfg.clone()).await;
+    node.shared().propose(small_vm("vm-before")).await.expect("write before restart");
+    let before = node.shared().raft.metrics().borrow().clone();
+    assert!(before.vote.is_committed() && before.vote.leader_id().voted_for() == Some(1));
+    node.shutdown().await;
+    drop(node);
+
+    let node = restart(cfg).await;
+    let shared = node.shared().clone();
+    wait_for("leadership after restart", || shared.is_leader().then_some(())).await;
+    let after = shared.raft.metrics().borrow().clone();
+    assert!(
+        after.current_term > before.current_term,
+        "the restarted leader resumed term {} instead of winning a new one",
+        before.current_term
+    );
+    shared.propose(small_vm("vm-after")).await.expect("write after restart");
+    let entry_term = shared.raft.metrics().borrow().last_applied.map(|l| l.leader_id.term);
+    assert_eq!(entry_term, Some(after.current_term), "the new entries carry the new term");
+    node.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_from_snapshot_and_log() {
     let dir = tempfile::tempdir().unwrap();

@@ -25,7 +25,11 @@
 //!   written (the writer's rule, `mod.rs`).
 //!
 //! If the leader crashes before the flush, the entry may be lost with it,
-//! as an unacknowledged write may be; nothing was applied anywhere.
+//! as an unacknowledged write may be; nothing was applied anywhere. Its
+//! followers may still hold it, so the restarted node must not write
+//! another entry at that index under the same leader id: the log reports a
+//! committed vote for itself uncommitted when it is opened, and openraft
+//! then leads again only from a new term (`LogStore::report_own_entries_early`).
 use std::collections::VecDeque;
 
 use parking_lot::Mutex;

@@ -353,8 +353,22 @@ impl LogStore {
     /// while they are written ([`early`]). Whatever shows a commit must
     /// then wait on the returned handle: the state machine's apply and the
     /// commit index sent to followers.
+    ///
+    /// Called before openraft reads the vote: a stored committed vote for
+    /// `me` is reported uncommitted. openraft 0.9 would otherwise resume
+    /// leading that term at once after a restart, and a leader that died
+    /// before its flush may have lost early-reported entries its followers
+    /// hold: resuming, it would write other entries at the same indexes
+    /// under the same leader id, which the followers take for the ones they
+    /// have (Raft's log matching), and the replicas would diverge. Reported
+    /// uncommitted, the vote still counts for `me` in that term, and the
+    /// node leads again only after winning an election in a later one.
     pub fn report_own_entries_early(&mut self, me: NodeId) -> Arc<EarlyAcks> {
         self.me = Some(me);
+        let mut c = self.reader.cache.write();
+        if let Some(v) = c.vote.filter(|v| v.committed && v.leader_id.voted_for() == Some(me)) {
+            c.vote = Some(Vote { committed: false, ..v });
+        }
         self.early.clone()
     }
 
