@@ -102,6 +102,12 @@ pub struct StartArgs {
     /// Address other nodes use to reach this one (default: --bind).
     #[arg(long)]
     pub advertise: Option<String>,
+    /// Port of the peer link, where a leader sends this node Raft log
+    /// entries outside gRPC, on the --bind host (0: any free port, announced
+    /// to the other nodes; `none`: entries come over gRPC). A node with TLS
+    /// has no link: its peers send over mutual-TLS gRPC.
+    #[arg(long, value_name = "PORT|none", default_value = "0", value_parser = parse_peer_port)]
+    pub peer_port: PeerPort,
     /// Where Raft log, snapshots and identity live (default: blixard-data/node-<id>).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -174,6 +180,19 @@ impl NodeTlsArgs {
         }
         NodeTls::load(ca, cert, key).map(Some).map_err(|e| Failure::new(format!("TLS: {e}")))
     }
+}
+
+/// `--peer-port`: a port, or `none`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerPort(pub Option<u16>);
+
+fn parse_peer_port(s: &str) -> Result<PeerPort, String> {
+    if s == "none" {
+        return Ok(PeerPort(None));
+    }
+    s.parse::<u16>()
+        .map(|p| PeerPort(Some(p)))
+        .map_err(|_| format!("{s:?}: expected a port (0-65535; 0: any free port) or none"))
 }
 
 /// A node without TLS serves plaintext only on loopback, unless told
@@ -284,6 +303,10 @@ pub struct UpArgs {
     /// Serve each node's Prometheus metrics on its port + 1000.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub metrics: bool,
+    /// Give each node a peer link on a free port (`node start --peer-port
+    /// 0`); false: Raft log entries go over gRPC only (`--peer-port none`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub peer_link: bool,
     /// Run the nodes with TLS: a CA, node certificates and an admin client
     /// certificate in DATA_DIR/certs (made when missing, kept after).
     #[arg(long)]
@@ -355,6 +378,9 @@ pub async fn node_start(
         if let MetricsAddr::At(a) = metrics_addr {
             listeners.push(("metrics", a));
         }
+        if let PeerPort(Some(port)) = args.peer_port {
+            listeners.push(("the peer link", SocketAddr::new(args.bind.ip(), port)));
+        }
         check_plaintext(&listeners, args.tls.insecure_plaintext)?;
     }
     let data_dir = args.data_dir.clone().unwrap_or_else(|| default_data_dir(args.id));
@@ -386,6 +412,7 @@ pub async fn node_start(
         id: args.id,
         bind: args.bind,
         advertise: args.advertise.clone(),
+        peer_port: args.peer_port.0,
         data_dir: data_dir.clone(),
         join: args.join.clone(),
         resources: args.capacity.resources(capacity),
@@ -667,6 +694,9 @@ pub async fn up(args: UpArgs, context: Option<String>, token: Option<String>) ->
             _ => "none".to_string(),
         };
         cmd.args(["--metrics-addr", &metrics]);
+        if !args.peer_link {
+            cmd.args(["--peer-port", "none"]);
+        }
         if args.tls {
             let node = format!("node-{id}");
             cmd.arg("--tls-ca").arg(certs.join("ca.pem"));

@@ -58,6 +58,7 @@ fn node_main(id: u64) {
             id,
             bind: format!("127.0.0.1:{}", port(id)).parse().expect("addr"),
             advertise: None,
+            peer_port: Some(0),
             data_dir: dir.join(format!("n{id}")),
             join: (id > 1).then(|| format!("127.0.0.1:{}", port(1))),
             resources: resources(),

@@ -33,6 +33,7 @@ async fn main() {
         id: 1,
         bind: format!("127.0.0.1:{port}").parse().unwrap(),
         advertise: None,
+        peer_port: Some(0),
         data_dir: dir.clone(),
         join: None,
         resources: NodeResources::plain(Resources::new(16, 32768, 500)),

@@ -23,6 +23,7 @@ async fn start() -> (Node, Authed, tempfile::TempDir) {
         id: 1,
         bind: format!("127.0.0.1:{port}").parse().unwrap(),
         advertise: None,
+        peer_port: Some(0),
         data_dir: dir.path().to_path_buf(),
         join: None,
         resources: NodeResources::plain(Resources::new(4, 4096, 100)),

@@ -46,6 +46,7 @@ fn config(id: NodeId, port: u16, dir: &Path, tuning: RaftTuning) -> NodeConfig {
         id,
         bind: format!("127.0.0.1:{port}").parse().unwrap(),
         advertise: None,
+        peer_port: Some(0),
         data_dir: dir.to_path_buf(),
         join: None,
         resources: NodeResources::plain(Resources::new(1024, 1 << 20, 10_000)),

@@ -39,6 +39,7 @@ fn config(dir: &Path, port: u16) -> NodeConfig {
         id: 1,
         bind: format!("127.0.0.1:{port}").parse().unwrap(),
         advertise: None,
+        peer_port: Some(0),
         data_dir: dir.to_path_buf(),
         join: None,
         resources: NodeResources::plain(Resources::new(16, 32768, 500)),

@@ -569,10 +569,18 @@ fn spawn_node(
     // enforces the lease whatever happens to the Blixard node.
     drop(guards.spawn(host.clone().run_guard(GUARD_EVERY)));
     let vm_backend = config.vm_backends.then(|| Arc::new(host.backend()) as Arc<dyn VmBackend>);
+    // Most nodes serve a peer link (AppendEntries over the simulator's
+    // TCP); one in four, drawn from the seed, takes them over gRPC only, so
+    // clusters mix both transports and the fallback between them.
+    let link = {
+        use madsim::rand::Rng;
+        madsim::rand::thread_rng().gen_range(0..4) != 0
+    };
     let cfg = NodeConfig {
         id,
         bind: node_addr(id),
         advertise: None,
+        peer_port: link.then_some(0),
         data_dir: dir,
         join: join.map(|seed| node_addr(seed).to_string()),
         resources: blixard_core::types::NodeResources::plain(config.capacity),

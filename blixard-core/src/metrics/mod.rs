@@ -100,6 +100,10 @@ pub struct NodeMetrics {
     pub proposals: BoundCounter<u64>,
     pub batch_proposals: BoundHistogram<u64>,
     pub forward_batch_proposals: BoundHistogram<u64>,
+    /// AppendEntries this node answered, by how they came: over gRPC or
+    /// the peer link (raft/link.rs).
+    pub append_entries_grpc: BoundCounter<u64>,
+    pub append_entries_link: BoundCounter<u64>,
     pub log_write_entries: BoundHistogram<u64>,
     pub log_fsync_seconds: BoundHistogram<f64>,
     pub apply_seconds: BoundHistogram<f64>,
@@ -160,6 +164,10 @@ impl NodeMetrics {
         let with = |k: &'static str, v: &'static str| [node_attr.clone(), KeyValue::new(k, v)];
 
         let snapshots = counter("blixard_raft_snapshots", "Raft snapshots built or installed by this node");
+        let appends = counter(
+            "blixard_raft_append_entries",
+            "AppendEntries this node answered as a follower, by transport (grpc, link: the peer link)",
+        );
         let snapshot_bytes = m
             .u64_histogram("blixard_raft_snapshot_size")
             .with_description("Size of the Raft snapshots this node built or installed")
@@ -212,6 +220,8 @@ impl NodeMetrics {
                 &COUNT_BUCKETS,
             )
             .bind(n),
+            append_entries_grpc: appends.bind(&with("transport", "grpc")),
+            append_entries_link: appends.bind(&with("transport", "link")),
             log_write_entries: count(
                 "blixard_raft_log_write_entries",
                 "Raft entries made durable per log write (one fsync)",

@@ -16,6 +16,7 @@ mod health;
 pub mod identity;
 pub mod liveness;
 pub mod logs;
+mod peer_link;
 #[cfg(not(madsim))]
 pub mod ports;
 pub mod raft_service;
@@ -65,6 +66,11 @@ pub struct NodeConfig {
     pub bind: SocketAddr,
     /// Address other nodes and clients use to reach this node (defaults to `bind`).
     pub advertise: Option<String>,
+    /// Port of the peer link (raft/link.rs: AppendEntries to this node
+    /// outside gRPC) on `bind`'s host; 0: any free port (peers learn it
+    /// from this node's replies). `None`: no link, AppendEntries come over
+    /// gRPC. A node with TLS serves no link (it has no TLS of its own yet).
+    pub peer_port: Option<u16>,
     pub data_dir: PathBuf,
     /// Any member of the cluster to join; `None` bootstraps a new cluster
     /// when the data dir is empty.
@@ -112,6 +118,7 @@ impl std::fmt::Debug for NodeConfig {
             .field("id", &self.id)
             .field("bind", &self.bind)
             .field("advertise", &self.advertise)
+            .field("peer_port", &self.peer_port)
             .field("data_dir", &self.data_dir)
             .field("join", &self.join)
             .field("resources", &self.resources)
@@ -351,6 +358,8 @@ pub struct NodeShared {
     /// The node runs with TLS: the Raft service takes only node
     /// certificates of the cluster's CA, each for the node it claims to be.
     pub tls: bool,
+    /// The port this node's peer link listens on; 0: it has none (yet).
+    pub link_port: std::sync::atomic::AtomicU16,
     pub log_stats: Arc<WriterStats>,
     /// openraft runs one membership change at a time and rejects a second
     /// one outright; joins and removals queue here instead.
@@ -381,6 +390,8 @@ pub struct Node {
     shared: Arc<NodeShared>,
     stop_server: Mutex<Option<oneshot::Sender<()>>>,
     server: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The peer link's accept loop (node/peer_link.rs), if it has one.
+    link: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The log writer; it exits once openraft drops the log store.
     log_writer: Mutex<Option<crate::raft::log_store::WriterDone>>,
     reconciler: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -435,6 +446,21 @@ impl Node {
             std::net::TcpListener::bind(cfg.bind)
                 .map_err(|source| NodeError::Bind { addr: cfg.bind, source })?,
         );
+
+        // The peer link's port, checked here like the listener's; it binds
+        // once the gRPC server serves (node/peer_link.rs).
+        let link_at = match cfg.peer_port {
+            Some(_) if tls.is_some() => {
+                tracing::info!("no peer link with TLS: AppendEntries go over gRPC (mutual TLS)");
+                None
+            }
+            Some(port) => Some(SocketAddr::new(cfg.bind.ip(), port)),
+            None => None,
+        };
+        #[cfg(not(madsim))]
+        if let Some(at) = link_at.filter(|a| a.port() != 0) {
+            drop(std::net::TcpListener::bind(at).map_err(|source| NodeError::Bind { addr: at, source })?);
+        }
 
         // Identity: resume, join (learn the cluster id from the seed first),
         // or bootstrap a brand-new cluster.
@@ -504,6 +530,7 @@ impl Node {
             state,
             channels,
             tls: tls.is_some(),
+            link_port: std::sync::atomic::AtomicU16::new(0),
             log_stats,
             membership_lock: tokio::sync::Mutex::new(()),
             batcher,
@@ -531,6 +558,7 @@ impl Node {
             shared: shared.clone(),
             stop_server: Mutex::new(Some(stop_tx)),
             server: Mutex::new(Some(server)),
+            link: Mutex::new(None),
             log_writer: Mutex::new(log_writer),
             reconciler: Mutex::new(None),
             election: Mutex::new(Some(tokio::spawn(election::run(shared.clone())))),
@@ -540,6 +568,21 @@ impl Node {
                 tokio::spawn(liveness::monitor_loop(shared.clone())),
             ]),
         };
+
+        if let Some(at) = link_at {
+            match tokio::net::TcpListener::bind(at).await {
+                Ok(l) => {
+                    let port = l.local_addr().map_or(0, |a| a.port());
+                    shared.link_port.store(port, std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!(port, "peer link listening");
+                    *node.link.lock() = Some(tokio::spawn(peer_link::serve(shared.clone(), l)));
+                }
+                Err(source) => {
+                    node.shutdown().await;
+                    return Err(NodeError::Bind { addr: at, source });
+                }
+            }
+        }
 
         if !has_raft_state {
             match (&cfg.join, fresh) {
@@ -638,6 +681,9 @@ impl Node {
         let server = self.server.lock().take();
         if let Some(h) = server {
             let _ = h.await;
+        }
+        if let Some(h) = self.link.lock().take() {
+            h.abort();
         }
         let _ = self.shared.raft.shutdown().await;
         let writer = self.log_writer.lock().take();

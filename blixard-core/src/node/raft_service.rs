@@ -95,21 +95,44 @@ impl RaftGrpc {
     }
 }
 
-fn reply<T: Serialize>(v: &T) -> Result<Response<RaftReply>, Status> {
-    let payload = codec::encode(v).map_err(|e| Status::internal(e.to_string()))?;
-    Ok(Response::new(RaftReply { payload, format: u32::from(format::CURRENT) }))
+impl RaftGrpc {
+    /// Every reply announces this node's format version and its peer link
+    /// port (raft/link.rs), so a peer learns both from any call.
+    fn reply<T: Serialize>(&self, v: &T) -> Result<Response<RaftReply>, Status> {
+        let payload = codec::encode(v).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(RaftReply {
+            payload,
+            format: u32::from(format::CURRENT),
+            link_port: u32::from(self.node.link_port.load(std::sync::atomic::Ordering::Relaxed)),
+        }))
+    }
+}
+
+/// Hands an AppendEntries to openraft, from gRPC or (`link`) the peer link.
+pub(super) async fn append_entries(
+    node: &NodeShared,
+    rpc: AppendEntriesRequest<TypeConfig>,
+    link: bool,
+) -> Result<AppendEntriesResponse<NodeId>, openraft::error::RaftError<NodeId>> {
+    if link {
+        node.metrics.append_entries_link.add(1);
+    } else {
+        node.metrics.append_entries_grpc.add(1);
+    }
+    let resp = node.raft.append_entries(rpc).await;
+    // Anything but "your term is stale" came from a current leader.
+    if matches!(&resp, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
+        node.contact.touch();
+    }
+    resp
 }
 
 #[tonic::async_trait]
 impl RaftService for RaftGrpc {
     async fn append_entries(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let rpc: AppendEntriesRequest<TypeConfig> = self.open(request)?;
-        let resp = self.node.raft.append_entries(rpc).await;
-        // Anything but "your term is stale" came from a current leader.
-        if matches!(&resp, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
-            self.node.contact.touch();
-        }
-        reply(&resp)
+        let resp = append_entries(&self.node, rpc, false).await;
+        self.reply(&resp)
     }
 
     async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
@@ -120,7 +143,7 @@ impl RaftService for RaftGrpc {
         if matches!(&resp, Ok(r) if r.vote_granted) {
             self.node.contact.voted();
         }
-        reply(&resp)
+        self.reply(&resp)
     }
 
     async fn install_snapshot(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
@@ -130,12 +153,12 @@ impl RaftService for RaftGrpc {
         if matches!(&resp, Ok(r) if r.vote <= vote) {
             self.node.contact.touch();
         }
-        reply(&resp)
+        self.reply(&resp)
     }
 
     async fn pre_vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let req: PreVoteRequest = self.open(request)?;
-        reply(&election::answer(&self.node, &req))
+        self.reply(&election::answer(&self.node, &req))
     }
 
     async fn propose(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
@@ -156,7 +179,7 @@ impl RaftService for RaftGrpc {
         }
         // Forwarded writes join the leader's batches like local ones.
         let out = self.submit_forwarded(p).instrument(span).await;
-        reply(&out)
+        self.reply(&out)
     }
 
     async fn propose_batch(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
@@ -192,25 +215,25 @@ impl RaftService for RaftGrpc {
             }
         });
         let out: Vec<BatchItemReply> = futures::future::join_all(answers).instrument(span).await;
-        reply(&out)
+        self.reply(&out)
     }
 
     async fn read_index(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let () = self.open(request)?;
         let out: ReadIndexReply = self.node.confirm_leadership().await;
-        reply(&out)
+        self.reply(&out)
     }
 
     async fn heartbeat(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let req: HeartbeatRequest = self.open(request)?;
         let out: HeartbeatResult = liveness::answer(&self.node, req.node).await;
-        reply(&out)
+        self.reply(&out)
     }
 
     async fn liveness(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let () = self.open(request)?;
         let out: LivenessReply = liveness::ages(&self.node);
-        reply(&out)
+        self.reply(&out)
     }
 
     type FetchDiskStream =
@@ -235,9 +258,13 @@ impl RaftService for RaftGrpc {
         // where no node keeps disks: the sim backend has none).
         tokio::spawn(crate::raft::blocking(move || {
             let sent = disks::read_pieces(&path, |piece| match codec::encode(&piece) {
-                Ok(payload) => {
-                    tx.blocking_send(Ok(RaftReply { payload, format: u32::from(format::CURRENT) })).is_ok()
-                }
+                Ok(payload) => tx
+                    .blocking_send(Ok(RaftReply {
+                        payload,
+                        format: u32::from(format::CURRENT),
+                        link_port: 0,
+                    }))
+                    .is_ok(),
                 Err(_) => false,
             });
             if let Err(e) = sent {

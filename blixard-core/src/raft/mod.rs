@@ -1,4 +1,5 @@
 //! Raft glue: openraft type configuration, storage, network and tuning.
+pub mod link;
 pub mod log_store;
 pub mod network;
 pub mod runtime;

@@ -27,6 +27,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
+use super::link::{self, Hello, LinkClient};
 use super::log_store::EarlyAcks;
 use super::TypeConfig;
 use crate::codec;
@@ -101,6 +102,9 @@ pub struct PeerChannels {
     /// The format version each peer last replied in (see
     /// [`PeerClient::install_snapshot`]).
     formats: Arc<DashMap<String, u16>>,
+    /// The peer link port each peer last announced (raft/link.rs); a peer
+    /// without one is absent.
+    links: Arc<DashMap<String, u16>>,
 }
 
 impl PeerChannels {
@@ -117,6 +121,24 @@ impl PeerChannels {
     /// The format version `addr` last answered in, if it ever answered.
     pub fn peer_format(&self, addr: &str) -> Option<u16> {
         self.formats.get(addr).map(|f| *f)
+    }
+
+    /// The peer link port `addr` last announced, if it has one.
+    pub fn link_port(&self, addr: &str) -> Option<u16> {
+        self.links.get(addr).map(|p| *p)
+    }
+
+    fn note_link_port(&self, addr: &str, port: u32) {
+        match u16::try_from(port).ok().filter(|p| *p != 0) {
+            Some(p) if self.link_port(addr) != Some(p) => {
+                self.links.insert(addr.to_string(), p);
+            }
+            Some(_) => {}
+            None if self.links.contains_key(addr) => {
+                self.links.remove(addr);
+            }
+            None => {}
+        }
     }
 
     pub fn channel(&self, addr: &str) -> Result<Channel, RpcFailure> {
@@ -275,6 +297,7 @@ impl PeerChannels {
         if self.peer_format(addr) != Some(version) {
             self.formats.insert(addr.to_string(), version);
         }
+        self.note_link_port(addr, reply.link_port);
         codec::decode(&reply.payload)
             .map_err(|e| RpcFailure::BadReply { addr: addr.to_string(), reason: e.to_string() })
     }
@@ -337,6 +360,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             cluster_id: self.cluster_id.clone(),
             from: self.from,
             early: self.early.clone(),
+            link: LinkClient::default(),
         }
     }
 }
@@ -348,9 +372,33 @@ pub struct PeerClient {
     cluster_id: Arc<str>,
     from: NodeId,
     early: Option<Arc<EarlyAcks>>,
+    /// AppendEntries outside gRPC, once the peer announced a link.
+    link: LinkClient,
 }
 
 impl PeerClient {
+    /// One Raft RPC over gRPC within openraft's deadline.
+    async fn raft_call<Req, Resp, E>(
+        &self,
+        rpc: RaftRpc,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let reply: Result<Resp, RaftError<NodeId, E>> = self
+            .channels
+            .call(&self.addr, rpc, &self.cluster_id, self.from, req, option.hard_ttl())
+            .await
+            .map_err(|f| self.failure(f, None))?;
+        reply.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+
+    /// What openraft is told of a failed call.
+    ///
     /// `entries` is the number of log entries in an AppendEntries request: a
     /// request too large to send, or one that a slow follower did not answer
     /// in time, asks openraft to retry at once with half as many.
@@ -361,42 +409,53 @@ impl PeerClient {
     /// stall until a snapshot. So a multi-entry request gets the soft
     /// deadline (ending before openraft's own), and a timeout shrinks the
     /// batch (openraft keeps the smaller size for the next few requests).
-    async fn raft_call<Req, Resp, E>(
+    fn failure<E: std::error::Error>(
         &self,
-        rpc: RaftRpc,
-        req: &Req,
-        option: &RPCOption,
+        f: RpcFailure,
         entries: Option<usize>,
-    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
-    where
-        Req: Serialize,
-        Resp: DeserializeOwned,
-        E: std::error::Error + DeserializeOwned,
-    {
+    ) -> RPCError<NodeId, BasicNode, RaftError<NodeId, E>> {
         let batch = entries.is_some_and(|n| n > 1);
-        let deadline = if batch { option.soft_ttl() } else { option.hard_ttl() };
-        let reply: Result<Resp, RaftError<NodeId, E>> = self
-            .channels
-            .call(&self.addr, rpc, &self.cluster_id, self.from, req, deadline)
-            .await
-            .map_err(|f| match f {
-                RpcFailure::TooLarge { .. } | RpcFailure::Timeout { .. } if batch => {
-                    tracing::debug!(target = self.target, entries, reason = %f, "halving the AppendEntries batch");
-                    let half = entries.unwrap_or(2) as u64 / 2;
-                    RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(half))
-                }
-                RpcFailure::BadReply { .. }
-                | RpcFailure::BadAddress { .. }
-                | RpcFailure::TooLarge { .. }
-                | RpcFailure::Denied { .. } => {
-                    RPCError::Network(NetworkError::new(&f))
-                }
-                RpcFailure::Unreachable { .. }
-                | RpcFailure::Refused { .. }
-                | RpcFailure::Timeout { .. }
-                | RpcFailure::Unsupported { .. } => RPCError::Unreachable(Unreachable::new(&f)),
-            })?;
-        reply.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+        match f {
+            RpcFailure::TooLarge { .. } | RpcFailure::Timeout { .. } if batch => {
+                tracing::debug!(target = self.target, entries, reason = %f, "halving the AppendEntries batch");
+                let half = entries.unwrap_or(2) as u64 / 2;
+                RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(half))
+            }
+            RpcFailure::BadReply { .. }
+            | RpcFailure::BadAddress { .. }
+            | RpcFailure::TooLarge { .. }
+            | RpcFailure::Denied { .. } => RPCError::Network(NetworkError::new(&f)),
+            RpcFailure::Unreachable { .. }
+            | RpcFailure::Refused { .. }
+            | RpcFailure::Timeout { .. }
+            | RpcFailure::Unsupported { .. } => RPCError::Unreachable(Unreachable::new(&f)),
+        }
+    }
+
+    /// An AppendEntries on the peer link (raft/link.rs), if it is up.
+    /// `None`: it is not, or it failed before any reply: send it over gRPC
+    /// (AppendEntries are idempotent) in what is left of `deadline`.
+    async fn append_on_link(
+        &mut self,
+        rpc: &AppendEntriesRequest<TypeConfig>,
+        deadline: Duration,
+    ) -> Option<Result<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>, RpcFailure>> {
+        let announced = self.channels.link_port(&self.addr);
+        let hello =
+            || Hello { format: format::CURRENT, cluster_id: self.cluster_id.to_string(), from: self.from };
+        let call = self.link.call(self.target, &self.addr, announced, hello, link::KIND_APPEND, rpc);
+        match tokio::time::timeout(deadline, call).await {
+            Ok(None) => None,
+            Ok(Some(Ok(reply))) => Some(Ok(reply)),
+            Ok(Some(Err(e))) => {
+                tracing::debug!(target = self.target, error = %e, "AppendEntries failed on the peer link; resending over gRPC");
+                None
+            }
+            Err(_) => {
+                self.link.failed(self.target, &self.addr, "an AppendEntries timed out");
+                Some(Err(RpcFailure::Timeout { addr: self.addr.clone(), after: deadline }))
+            }
+        }
     }
 }
 
@@ -424,7 +483,19 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             rpc.leader_commit = early.cap_commit(rpc.leader_commit);
         }
         let entries = rpc.entries.len();
-        self.raft_call(RaftRpc::AppendEntries, &rpc, &option, Some(entries)).await
+        let deadline = if entries > 1 { option.soft_ttl() } else { option.hard_ttl() };
+        let started = tokio::time::Instant::now();
+        if let Some(out) = self.append_on_link(&rpc, deadline).await {
+            let reply = out.map_err(|f| self.failure(f, Some(entries)))?;
+            return reply.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)));
+        }
+        let left = deadline.saturating_sub(started.elapsed());
+        let reply: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> = self
+            .channels
+            .call(&self.addr, RaftRpc::AppendEntries, &self.cluster_id, self.from, &rpc, left)
+            .await
+            .map_err(|f| self.failure(f, Some(entries)))?;
+        reply.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 
     async fn install_snapshot(
@@ -445,7 +516,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                 );
             }
         }
-        self.raft_call(RaftRpc::InstallSnapshot, &rpc, &option, None).await
+        self.raft_call(RaftRpc::InstallSnapshot, &rpc, &option).await
     }
 
     async fn vote(
@@ -453,6 +524,6 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.raft_call(RaftRpc::Vote, &rpc, &option, None).await
+        self.raft_call(RaftRpc::Vote, &rpc, &option).await
     }
 }
