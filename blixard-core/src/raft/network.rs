@@ -377,12 +377,14 @@ pub struct PeerClient {
 }
 
 impl PeerClient {
-    /// One Raft RPC over gRPC within openraft's deadline.
+    /// One Raft RPC over gRPC within `deadline`; `entries` as for
+    /// [`Self::failure`].
     async fn raft_call<Req, Resp, E>(
         &self,
         rpc: RaftRpc,
         req: &Req,
-        option: &RPCOption,
+        deadline: Duration,
+        entries: Option<usize>,
     ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
     where
         Req: Serialize,
@@ -391,9 +393,9 @@ impl PeerClient {
     {
         let reply: Result<Resp, RaftError<NodeId, E>> = self
             .channels
-            .call(&self.addr, rpc, &self.cluster_id, self.from, req, option.hard_ttl())
+            .call(&self.addr, rpc, &self.cluster_id, self.from, req, deadline)
             .await
-            .map_err(|f| self.failure(f, None))?;
+            .map_err(|f| self.failure(f, entries))?;
         reply.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 
@@ -490,12 +492,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             return reply.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)));
         }
         let left = deadline.saturating_sub(started.elapsed());
-        let reply: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> = self
-            .channels
-            .call(&self.addr, RaftRpc::AppendEntries, &self.cluster_id, self.from, &rpc, left)
-            .await
-            .map_err(|f| self.failure(f, Some(entries)))?;
-        reply.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+        self.raft_call(RaftRpc::AppendEntries, &rpc, left, Some(entries)).await
     }
 
     async fn install_snapshot(
@@ -516,7 +513,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                 );
             }
         }
-        self.raft_call(RaftRpc::InstallSnapshot, &rpc, &option).await
+        self.raft_call(RaftRpc::InstallSnapshot, &rpc, option.hard_ttl(), None).await
     }
 
     async fn vote(
@@ -524,6 +521,6 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.raft_call(RaftRpc::Vote, &rpc, &option).await
+        self.raft_call(RaftRpc::Vote, &rpc, option.hard_ttl(), None).await
     }
 }
