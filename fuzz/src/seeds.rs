@@ -514,7 +514,7 @@ fn raft_envelopes() -> Seeds {
         .map(|(name, kind, payload)| {
             let (reply, rpc) = (kind >= 8, kind % 8);
             let envelope = if reply {
-                pb::RaftReply { payload, format: u32::from(format::CURRENT) }.encode_to_vec()
+                pb::RaftReply { payload, format: u32::from(format::CURRENT), link_port: 7421 }.encode_to_vec()
             } else {
                 pb::RaftRequest {
                     cluster_id: "c0ffee00-1234-4bcd-8000-000000000001".into(),
