@@ -3,29 +3,41 @@
 //! `--peer-port none` over gRPC, both stay in step with the leader; a
 //! follower that restarts on a new link port (ports are picked afresh on
 //! every start) gets them over the link again once the leader has learned
-//! the new port from its replies. Counted by each node's
-//! `blixard_raft_append_entries_total{transport}` on its metrics endpoint.
+//! the new port from its replies. Writes sent to a follower reach the leader
+//! on the leader's link too, when it has one. Counted by each node's
+//! `blixard_raft_append_entries_total{transport}` and
+//! `blixard_raft_forwards_total{transport}` on its metrics endpoint.
 mod common;
 
 use std::path::{Path, PathBuf};
 
 use common::*;
 
-/// `blixard_raft_append_entries_total` of the node serving metrics at
-/// `metrics`: (over the link, over gRPC).
-fn appends(metrics: &str) -> Option<(u64, u64)> {
+/// The counter `name` of the node serving metrics at `metrics`, by
+/// transport: (over the link, over gRPC).
+fn by_transport(metrics: &str, name: &str) -> Option<(u64, u64)> {
     let (code, body) = http_get(metrics, "/metrics")?;
     if code != 200 {
         return None;
     }
     let count = |transport: &str| {
         body.lines()
-            .filter(|l| l.starts_with("blixard_raft_append_entries_total{"))
+            .filter(|l| l.starts_with(&format!("{name}{{")))
             .filter(|l| l.contains(&format!("transport=\"{transport}\"")))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>() as u64
     };
     Some((count("link"), count("grpc")))
+}
+
+/// AppendEntries the node answered: (over the link, over gRPC).
+fn appends(metrics: &str) -> Option<(u64, u64)> {
+    by_transport(metrics, "blixard_raft_append_entries_total")
+}
+
+/// Forwarded write calls the node answered: (over the link, over gRPC).
+fn forwards(metrics: &str) -> Option<(u64, u64)> {
+    by_transport(metrics, "blixard_raft_forwards_total")
 }
 
 fn leader(addrs: &str) -> Option<u64> {
@@ -105,6 +117,35 @@ fn append_entries_take_the_peer_link_where_a_follower_has_one() {
             o.status.success().then_some(())
         });
     }
+
+    // Writes sent to a follower are forwarded to the leader: on the
+    // leader's link if it has one (the first over gRPC, whose reply
+    // announces the link's port), otherwise all over gRPC. Here: deleting
+    // the VMs made above, through a follower.
+    let via = followers[0];
+    let before = forwards(&metrics[(lead - 1) as usize]).expect("the leader's metrics");
+    for i in 0..20 {
+        let name = format!("first-{i}");
+        eventually(&format!("delete {name} through node {via}"), 30, || {
+            let o = cli(ports[(via - 1) as usize], &["vm", "delete", &name]);
+            o.status.success().then_some(())
+        });
+    }
+    let after = eventually("the leader's forward counts", 30, || {
+        forwards(&metrics[(lead - 1) as usize]).filter(|(l, g)| l + g >= before.0 + before.1 + 20)
+    });
+    let (on_link, on_grpc) = (after.0 - before.0, after.1 - before.1);
+    if link(lead) {
+        assert!(
+            on_link >= 10 && on_link > on_grpc,
+            "leader {lead} took {on_link} forwards from node {via} over its link and {on_grpc} over gRPC"
+        );
+    } else {
+        assert_eq!(on_link, 0, "leader {lead} has no link, yet took {on_link} forwards on one");
+    }
+    // Read-your-writes on the follower that forwarded them.
+    let o = cli(ports[(via - 1) as usize], &["vm", "get", "first-19", "-o", "json"]);
+    assert!(!o.status.success(), "first-19 is still there after its delete through node {via}");
 
     // A follower with a link restarts: a new process, a new link port.
     let Some(&again) = followers.iter().find(|id| link(**id)) else {

@@ -321,6 +321,108 @@ async fn corrupt_or_foreign_raft_traffic_is_refused() {
     node.shutdown().await;
 }
 
+/// The peer link's edge (raft/link.rs, node/peer_link.rs): strangers,
+/// foreign clusters, undecodable and unknown requests are refused before
+/// anything is done; a forwarded write is refused for an unknown token and
+/// done for a good one; nothing else changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_peer_link_traffic_is_refused() {
+    use std::borrow::Cow;
+
+    use blixard_core::command::{Command, Proposal};
+    use blixard_core::node::forwarder::{LinkForward, LinkForwardReply};
+    use blixard_core::raft::link::{
+        Framed, Hello, LinkError, KIND_APPEND, KIND_FORWARD, STATUS_OK, STATUS_REFUSED,
+    };
+    use blixard_core::types::VmSpec;
+
+    let (node, _ch, dir) = start().await;
+    let shared = node.shared();
+    let port = shared.link_port.load(std::sync::atomic::Ordering::Relaxed);
+    assert_ne!(port, 0, "the node serves no peer link");
+    let cluster_id = shared.cluster_id.to_string();
+    let dial = || async move {
+        let s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        Framed::new(Box::new(s))
+    };
+    // The node's answer to a hello: its status and payload.
+    let hello =
+        |cluster: &str| Hello { format: blixard_core::format::CURRENT, cluster_id: cluster.into(), from: 2 };
+    async fn opened(link: &mut Framed, hello: &Hello) -> (u8, Vec<u8>) {
+        link.open(hello).await.unwrap();
+        let (status, payload) = link.recv().await.unwrap().expect("an answer to the hello");
+        (status, payload.to_vec())
+    }
+    let before = cluster_state(&node);
+
+    // Not a peer (an HTTP/2 preface): closed without a word.
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut s, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(10), tokio::io::AsyncReadExt::read(&mut s, &mut buf))
+        .await
+        .expect("the node kept a stranger's connection open")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the node answered a stranger");
+
+    // Another cluster: refused, with the reason.
+    let mut link = dial().await;
+    let (status, reason) = opened(&mut link, &hello("someone-else")).await;
+    assert_eq!(status, STATUS_REFUSED);
+    assert!(
+        String::from_utf8_lossy(&reason).contains("belongs to cluster"),
+        "{}",
+        String::from_utf8_lossy(&reason)
+    );
+
+    // Undecodable requests and unknown kinds: refused, connection closed.
+    for (kind, payload) in
+        [(KIND_APPEND, vec![0xff; 64]), (KIND_FORWARD, vec![3, 0xfd, 0xff, 0xff]), (77, vec![1])]
+    {
+        let mut link = dial().await;
+        assert_eq!(opened(&mut link, &hello(&cluster_id)).await.0, STATUS_OK);
+        link.send(kind, &payload).await.unwrap();
+        let (status, _) = link.recv().await.unwrap().expect("an answer");
+        assert_eq!(status, STATUS_REFUSED, "kind {kind}");
+        assert!(link.recv().await.map(|f| f.is_none()).unwrap_or(true), "kind {kind}: still open");
+    }
+
+    // A forwarded write for an unknown token is refused as a gRPC forward's
+    // would be; for the admin token it is done.
+    let create = |name: &str| Proposal {
+        at_ms: 1,
+        request: None,
+        command: Command::CreateVm {
+            name: name.into(),
+            spec: VmSpec { vcpus: 1, memory_mb: 16, disk_gb: 1, ..Default::default() },
+            start: false,
+        },
+    };
+    let forward = |token: &str, p: Proposal| LinkForward {
+        token: Some(Cow::Owned(format!("Bearer {token}"))),
+        traceparent: None,
+        proposals: Cow::Owned(vec![p]),
+    };
+    let mut link = dial().await;
+    assert_eq!(opened(&mut link, &hello(&cluster_id)).await.0, STATUS_OK);
+    let stranger = format!("blx_{}", "0".repeat(64));
+    let reply: LinkForwardReply =
+        link.request(KIND_FORWARD, &forward(&stranger, create("sneaky"))).await.unwrap();
+    let (code, message) = reply.expect_err("a forward for an unknown token was taken");
+    assert_eq!(Code::from_i32(code), Code::Unauthenticated, "{message}");
+    assert_eq!(cluster_state(&node), before, "a refused forward changed the state");
+
+    let token = blixard_core::node::bootstrap::read(dir.path()).unwrap();
+    let reply: Result<LinkForwardReply, LinkError> =
+        link.request(KIND_FORWARD, &forward(&token, create("proper"))).await;
+    let answers = reply.unwrap().expect("the admin's forward was refused");
+    assert!(matches!(answers.as_slice(), [Ok(Ok(_))]), "the admin's forward failed");
+    assert!(shared.state.with_vm("proper", |_| ()).is_some());
+    assert!(shared.state.with_vm("sneaky", |_| ()).is_none());
+    assert!(node.shared().is_leader(), "bad traffic disturbed the leader");
+    node.shutdown().await;
+}
+
 /// A client's request id makes a write exactly-once: a retry returns the
 /// first outcome, success or rejection, and never applies again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -223,7 +223,8 @@ pub fn node_command(
         .args(["--vcpus", capacity[0], "--memory-mb", capacity[1], "--disk-gb", capacity[2]])
         .args(["--vm-backend", backend])
         .args(extra)
-        .env("RUST_LOG", "info,openraft=warn")
+        // TEST_NODE_LOG sets the nodes' log filter when debugging a test.
+        .env("RUST_LOG", std::env::var("TEST_NODE_LOG").unwrap_or("info,openraft=warn".into()))
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log);

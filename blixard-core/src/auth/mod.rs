@@ -292,6 +292,15 @@ pub fn authenticate<T>(state: &ClusterState, req: &Request<T>, now_ms: u64) -> R
     ))
 }
 
+/// [`forwarded_caller`] for a token that came outside gRPC metadata (a
+/// forward on the peer link, raft/link.rs): the `authorization` value as
+/// the client sent it, checked against this node's state.
+pub fn forwarded_token(state: &ClusterState, value: &str, now_ms: u64) -> Result<Caller, Status> {
+    let v = AsciiMetadataValue::try_from(value)
+        .map_err(|_| unauthenticated("the authorization header is not text"))?;
+    check_token(state, &v, now_ms)
+}
+
 /// Who a write forwarded over the internal Propose RPC is for: `None` for
 /// the sending node's own commands. Token callers are checked here against
 /// this node's state (a revocation applied here counts even if the

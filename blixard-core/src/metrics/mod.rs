@@ -104,6 +104,10 @@ pub struct NodeMetrics {
     /// the peer link (raft/link.rs).
     pub append_entries_grpc: BoundCounter<u64>,
     pub append_entries_link: BoundCounter<u64>,
+    /// Forward calls (`Propose`, `ProposeBatch`) this node answered, by
+    /// transport.
+    pub forwards_grpc: BoundCounter<u64>,
+    pub forwards_link: BoundCounter<u64>,
     pub log_write_entries: BoundHistogram<u64>,
     pub log_fsync_seconds: BoundHistogram<f64>,
     pub apply_seconds: BoundHistogram<f64>,
@@ -168,6 +172,10 @@ impl NodeMetrics {
             "blixard_raft_append_entries",
             "AppendEntries this node answered as a follower, by transport (grpc, link: the peer link)",
         );
+        let forwards = counter(
+            "blixard_raft_forwards",
+            "Calls of client writes forwarded by a follower that this node answered, by transport (grpc, link: the peer link)",
+        );
         let snapshot_bytes = m
             .u64_histogram("blixard_raft_snapshot_size")
             .with_description("Size of the Raft snapshots this node built or installed")
@@ -222,6 +230,8 @@ impl NodeMetrics {
             .bind(n),
             append_entries_grpc: appends.bind(&with("transport", "grpc")),
             append_entries_link: appends.bind(&with("transport", "link")),
+            forwards_grpc: forwards.bind(&with("transport", "grpc")),
+            forwards_link: forwards.bind(&with("transport", "link")),
             log_write_entries: count(
                 "blixard_raft_log_write_entries",
                 "Raft entries made durable per log write (one fsync)",

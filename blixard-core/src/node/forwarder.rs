@@ -18,6 +18,15 @@
 //! leader answers; a leader that predates `ProposeBatch` answers
 //! "unimplemented" without touching the batch, after which its address gets
 //! single calls.
+//!
+//! Where the leader serves a peer link (raft/link.rs), a forward goes on it
+//! instead, lone or batched alike, as a [`LinkForward`]: the proposals with
+//! the caller's token and the trace context that gRPC would carry as
+//! metadata. A caller known by a certificate's claim needs mutual TLS,
+//! which the link does not have, and goes over gRPC. So does a forward when
+//! the link is not up, or when it fails on the link: every proposal carries
+//! its request id, so a resend applies at most once (dedup.rs).
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +39,9 @@ use tracing::Instrument;
 use super::ProposeReply;
 use crate::auth::Caller;
 use crate::command::Proposal;
+use crate::format;
 use crate::metrics::NodeMetrics;
+use crate::raft::link::{Hello, LinkError, KIND_FORWARD};
 use crate::raft::network::{PeerChannels, RaftRpc, RpcFailure};
 use crate::types::NodeId;
 
@@ -69,6 +80,25 @@ pub type BatchItemReply = Result<ProposeReply, (i32, String)>;
 pub struct ProposeBatchRequest {
     pub proposals: Vec<Proposal>,
 }
+
+/// A forward on the peer link (raft/link.rs, `KIND_FORWARD`): a
+/// `ProposeBatch` with what its gRPC call carries as metadata. (No `Debug`:
+/// it holds a token.)
+#[derive(Serialize, Deserialize)]
+pub struct LinkForward<'a> {
+    /// The caller's `authorization` value (`Bearer <token>`), checked by the
+    /// leader as a gRPC forward's; `None` for the forwarding node's own
+    /// writes and on a cluster without tokens.
+    pub token: Option<Cow<'a, str>>,
+    /// The W3C `traceparent` of the forward's span, if traced.
+    pub traceparent: Option<Cow<'a, str>>,
+    pub proposals: Cow<'a, [Proposal]>,
+}
+
+/// The leader's answer to a [`LinkForward`]: one reply per proposal, in
+/// order, or the refusal of the whole call (a gRPC code and message, as a
+/// `ProposeBatch` would have failed: an unknown token, too many proposals).
+pub type LinkForwardReply = Result<Vec<BatchItemReply>, (i32, String)>;
 
 type Reply = oneshot::Sender<Result<ProposeReply, RpcFailure>>;
 /// A leader address that gets single calls, and since when.
@@ -259,28 +289,32 @@ impl Sender {
         let (replies, proposals): (Vec<Reply>, Vec<Proposal>) =
             group.into_iter().map(|i| (i.reply, i.proposal)).unzip();
         let request = ProposeBatchRequest { proposals };
-        let outcome: Result<Vec<BatchItemReply>, RpcFailure> = self
-            .channels
-            .call_traced(
-                &addr,
-                RaftRpc::ProposeBatch,
-                &self.cluster_id,
-                self.me,
-                &request,
-                CALL_DEADLINE,
-                traceparent,
-                caller.as_ref(),
-            )
-            .instrument(span)
+        let on_link = self
+            .on_link(&addr, caller.as_ref(), &request.proposals, traceparent.as_deref())
+            .instrument(span.clone())
             .await;
+        let outcome: Result<Vec<BatchItemReply>, RpcFailure> = match on_link {
+            Some(outcome) => outcome,
+            None => {
+                self.channels
+                    .call_traced(
+                        &addr,
+                        RaftRpc::ProposeBatch,
+                        &self.cluster_id,
+                        self.me,
+                        &request,
+                        CALL_DEADLINE,
+                        traceparent,
+                        caller.as_ref(),
+                    )
+                    .instrument(span)
+                    .await
+            }
+        };
         match outcome {
             Ok(answers) if answers.len() == replies.len() => {
                 for (reply, answer) in replies.into_iter().zip(answers) {
-                    let _ = reply.send(answer.map_err(|(code, reason)| RpcFailure::Denied {
-                        addr: addr.to_string(),
-                        code: tonic::Code::from_i32(code),
-                        reason,
-                    }));
+                    let _ = reply.send(item_reply(&addr, answer));
                 }
             }
             Ok(answers) => {
@@ -347,23 +381,91 @@ impl Sender {
         );
         let traceparent = crate::trace::traceparent(&span);
         self.metrics.forward_batch_proposals.record(1);
-        let reply: Result<ProposeReply, RpcFailure> = self
-            .channels
-            .call_traced(
-                addr,
-                RaftRpc::Propose,
-                &self.cluster_id,
-                self.me,
-                proposal,
-                CALL_DEADLINE,
-                traceparent,
-                caller,
-            )
+        let on_link = self
+            .on_link(addr, caller, std::slice::from_ref(proposal), traceparent.as_deref())
             .instrument(span.clone())
             .await;
+        let reply: Result<ProposeReply, RpcFailure> = match on_link {
+            Some(Ok(mut answers)) if answers.len() == 1 => item_reply(addr, answers.remove(0)),
+            Some(Ok(answers)) => Err(RpcFailure::BadReply {
+                addr: addr.to_string(),
+                reason: format!("{} replies to one forwarded write", answers.len()),
+            }),
+            Some(Err(e)) => Err(e),
+            None => {
+                self.channels
+                    .call_traced(
+                        addr,
+                        RaftRpc::Propose,
+                        &self.cluster_id,
+                        self.me,
+                        proposal,
+                        CALL_DEADLINE,
+                        traceparent,
+                        caller,
+                    )
+                    .instrument(span.clone())
+                    .await
+            }
+        };
         span.record("otel.status_code", if matches!(reply, Ok(Ok(_))) { "OK" } else { "ERROR" });
         reply
     }
+}
+
+impl Sender {
+    /// Forwards `proposals` of `caller` on the leader's peer link, if it has
+    /// one up and the caller can go on it: the leader's answers, or its
+    /// refusal of the caller. `None`: send them over gRPC instead (no link,
+    /// or the link failed; a proposal that did reach the leader is applied
+    /// once however often it is sent, by its request id).
+    async fn on_link(
+        &self,
+        addr: &str,
+        caller: Option<&Caller>,
+        proposals: &[Proposal],
+        traceparent: Option<&str>,
+    ) -> Option<Result<Vec<BatchItemReply>, RpcFailure>> {
+        let token = match caller {
+            None => None,
+            Some(Caller::Token { token, .. }) => Some(token.to_str().ok()?),
+            // A certificate's claim is believed only over mutual TLS.
+            Some(Caller::Cert { .. } | Caller::Node(_)) => return None,
+        };
+        let announced = self.channels.link_port(addr);
+        let hello =
+            || Hello { format: format::CURRENT, cluster_id: self.cluster_id.to_string(), from: self.me };
+        let request = LinkForward {
+            token: token.map(Cow::Borrowed),
+            traceparent: traceparent.map(Cow::Borrowed),
+            proposals: Cow::Borrowed(proposals),
+        };
+        let link = self.channels.link(addr);
+        let out: Result<LinkForwardReply, LinkError> =
+            link.call(addr, announced, hello, KIND_FORWARD, &request).await?;
+        match out {
+            Ok(Ok(answers)) => Some(Ok(answers)),
+            Ok(Err((code, reason))) => Some(Err(match tonic::Code::from_i32(code) {
+                code @ (tonic::Code::Unauthenticated | tonic::Code::PermissionDenied) => {
+                    RpcFailure::Denied { addr: addr.to_string(), code, reason }
+                }
+                _ => RpcFailure::BadReply { addr: addr.to_string(), reason },
+            })),
+            Err(e) => {
+                tracing::debug!(leader = %addr, error = %e, "a forward failed on the peer link; sending it over gRPC");
+                None
+            }
+        }
+    }
+}
+
+/// One proposal's answer in a batch's reply, as a single forward's.
+fn item_reply(addr: &str, answer: BatchItemReply) -> Result<ProposeReply, RpcFailure> {
+    answer.map_err(|(code, reason)| RpcFailure::Denied {
+        addr: addr.to_string(),
+        code: tonic::Code::from_i32(code),
+        reason,
+    })
 }
 
 #[cfg(test)]

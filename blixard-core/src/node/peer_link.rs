@@ -1,12 +1,14 @@
-//! The follower's end of the peer link (raft/link.rs): accepts connections
-//! from leaders and answers their AppendEntries.
+//! The accepting end of the peer link (raft/link.rs): a follower answers its
+//! leader's AppendEntries on it, a leader its followers' forwarded writes.
 //!
 //! A connection must open with the link's magic and a hello for this
 //! node's cluster in a format version this node reads; anything else is
 //! refused with the reason and closed, before any request is decoded. Then
 //! each AppendEntries goes to openraft exactly as one over gRPC does
-//! (`raft_service::append_entries`) and its reply goes back on the same
-//! connection, in order. A connection that carries nothing for
+//! (`raft_service::append_entries`), each forward to the batcher exactly as
+//! a gRPC `ProposeBatch` does (`raft_service::answer_forwards`, after the
+//! same token check), and each reply goes back on the same connection, in
+//! order. A connection that carries nothing for
 //! [`IDLE_TIMEOUT`] is closed (a leader sends heartbeats far more often);
 //! one that sends a bad frame is closed at once.
 use std::sync::Arc;
@@ -14,12 +16,15 @@ use std::time::Duration;
 
 use openraft::raft::AppendEntriesRequest;
 use tokio::net::{TcpListener, TcpStream};
+use tracing::Instrument;
 
+use super::forwarder::{LinkForward, LinkForwardReply};
 use super::NodeShared;
 use crate::codec;
 use crate::format;
-use crate::raft::link::{Framed, Hello, KIND_APPEND, STATUS_OK, STATUS_REFUSED};
+use crate::raft::link::{Framed, Hello, KIND_APPEND, KIND_FORWARD, STATUS_OK, STATUS_REFUSED};
 use crate::raft::TypeConfig;
+use crate::types::NodeId;
 
 /// A connection that sends no frame for this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -80,36 +85,82 @@ async fn connection(node: Arc<NodeShared>, stream: TcpStream, peer: std::net::So
         return;
     }
     tracing::debug!(%peer, from = hello.from, "peer link: connected");
-    let mut out = Vec::new();
     loop {
-        let rpc: AppendEntriesRequest<TypeConfig> =
-            match tokio::time::timeout(IDLE_TIMEOUT, link.recv()).await {
-                Err(_) | Ok(Ok(None)) => return,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "peer link: connection failed");
-                    return;
+        let (kind, payload) = match tokio::time::timeout(IDLE_TIMEOUT, link.recv()).await {
+            Err(_) | Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "peer link: connection failed");
+                return;
+            }
+            Ok(Ok(Some(frame))) => frame,
+        };
+        let sent = match kind {
+            KIND_APPEND => match codec::decode::<AppendEntriesRequest<TypeConfig>>(payload) {
+                Ok(rpc) => {
+                    let resp = super::raft_service::append_entries(&node, rpc, true).await;
+                    link.send_encoded(STATUS_OK, &resp).await
                 }
-                Ok(Ok(Some((KIND_APPEND, payload)))) => match codec::decode(payload) {
-                    Ok(rpc) => rpc,
-                    Err(e) => {
-                        let reason = format!("bad AppendEntries from node {}: {e}", hello.from);
-                        tracing::warn!(%peer, %reason, "peer link: refused");
-                        let _ = link.send(STATUS_REFUSED, reason.as_bytes()).await;
-                        return;
-                    }
-                },
-                Ok(Ok(Some((kind, _)))) => {
-                    let reason = format!("unknown request kind {kind}");
-                    let _ = link.send(STATUS_REFUSED, reason.as_bytes()).await;
-                    return;
+                Err(e) => {
+                    return refuse(
+                        &mut link,
+                        peer,
+                        format!("bad AppendEntries from node {}: {e}", hello.from),
+                    )
+                    .await
                 }
-            };
-        let resp = super::raft_service::append_entries(&node, rpc, true).await;
-        out.clear();
-        if codec::encode_into(&resp, &mut out).is_err() || link.send(STATUS_OK, &out).await.is_err() {
+            },
+            KIND_FORWARD => match codec::decode::<LinkForward<'static>>(payload) {
+                Ok(forward) => {
+                    let reply = answer_forward(&node, hello.from, forward).await;
+                    link.send_encoded(STATUS_OK, &reply).await
+                }
+                Err(e) => {
+                    return refuse(&mut link, peer, format!("bad forward from node {}: {e}", hello.from))
+                        .await
+                }
+            },
+            kind => return refuse(&mut link, peer, format!("unknown request kind {kind}")).await,
+        };
+        if sent.is_err() {
             return;
         }
     }
+}
+
+/// Refuses a request with `reason` and ends the connection: nothing was
+/// done with it.
+async fn refuse(link: &mut Framed, peer: std::net::SocketAddr, reason: String) {
+    tracing::warn!(%peer, %reason, "peer link: refused");
+    let _ = link.send(STATUS_REFUSED, reason.as_bytes()).await;
+}
+
+/// A follower's forwarded writes, answered as a gRPC `ProposeBatch`
+/// (raft_service.rs): the caller's token checked against this node's
+/// state, then each proposal against the caller's role.
+async fn answer_forward(node: &NodeShared, from: NodeId, forward: LinkForward<'static>) -> LinkForwardReply {
+    node.metrics.forwards_link.add(1);
+    let span = tracing::debug_span!(
+        "propose_batch_handler",
+        otel.name = "raft.ProposeBatch",
+        otel.kind = "server",
+        from,
+        transport = "link",
+        batch.size = forward.proposals.len(),
+    );
+    if let Some(tp) = &forward.traceparent {
+        crate::trace::set_parent(&span, tp);
+    }
+    let refused = |s: tonic::Status| (s.code() as i32, s.message().to_string());
+    let caller = match &forward.token {
+        Some(token) => {
+            Some(crate::auth::forwarded_token(&node.state, token, super::now_ms()).map_err(refused)?)
+        }
+        None => None,
+    };
+    super::raft_service::answer_forwards(node, caller.as_ref(), forward.proposals.into_owned())
+        .instrument(span)
+        .await
+        .map_err(refused)
 }
 
 /// The checks a gRPC `RaftRequest`'s envelope gets (raft_service.rs), on

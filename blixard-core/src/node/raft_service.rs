@@ -26,6 +26,7 @@ use super::election::{self, PreVoteRequest};
 use super::forwarder::{BatchItemReply, ProposeBatchRequest, MAX_FORWARD_BATCH};
 use super::liveness::{self, HeartbeatRequest, HeartbeatResult, LivenessReply};
 use super::{disks, ForwardError, NodeShared, ProposeReply, ReadIndexReply};
+use crate::auth::Caller;
 use crate::codec;
 use crate::command::Proposal;
 use crate::format;
@@ -81,18 +82,45 @@ fn check_peer(me: NodeId, req: &Request<RaftRequest>) -> Result<(), Status> {
     }
 }
 
-impl RaftGrpc {
-    /// Hands a forwarded proposal to this node's batcher (as if proposed
-    /// here) and says what became of it.
-    async fn submit_forwarded(&self, p: Proposal) -> ProposeReply {
-        self.node.batcher.submit(p).await.map_err(|e| match e {
-            SubmitError::NotLeader(leader) => ForwardError::NotLeader { leader },
-            SubmitError::Unknown { why, .. } => ForwardError::Unknown(why.to_string()),
-            SubmitError::Closed => {
-                ForwardError::Unavailable(format!("node {} is shutting down", self.node.id))
-            }
-        })
+/// Hands a forwarded proposal to this node's batcher (as if proposed here)
+/// and says what became of it.
+async fn submit_forwarded(node: &NodeShared, p: Proposal) -> ProposeReply {
+    node.batcher.submit(p).await.map_err(|e| match e {
+        SubmitError::NotLeader(leader) => ForwardError::NotLeader { leader },
+        SubmitError::Unknown { why, .. } => ForwardError::Unknown(why.to_string()),
+        SubmitError::Closed => ForwardError::Unavailable(format!("node {} is shutting down", node.id)),
+    })
+}
+
+/// Answers the writes of one caller a follower forwarded (a gRPC
+/// `ProposeBatch`, or a forward on the peer link): each proposal's command
+/// is checked against the caller's role (`None`: the node's own writes),
+/// then joins the leader's batches like a local one. `None` when there are
+/// more than a batch may hold (nothing is proposed then).
+pub(super) async fn answer_forwards(
+    node: &NodeShared,
+    caller: Option<&Caller>,
+    proposals: Vec<Proposal>,
+) -> Result<Vec<BatchItemReply>, Status> {
+    if proposals.len() > MAX_FORWARD_BATCH {
+        return Err(Status::invalid_argument(format!(
+            "a batch of {} forwarded writes; at most {MAX_FORWARD_BATCH}",
+            proposals.len()
+        )));
     }
+    let answers = proposals.into_iter().map(|p| {
+        let allowed = match caller {
+            Some(c) => c.require(crate::auth::required(&p.command), "this write"),
+            None => Ok(()),
+        };
+        async move {
+            match allowed {
+                Ok(()) => Ok(submit_forwarded(node, p).await),
+                Err(denied) => Err((denied.code() as i32, denied.message().to_string())),
+            }
+        }
+    });
+    Ok(futures::future::join_all(answers).await)
 }
 
 impl RaftGrpc {
@@ -178,7 +206,8 @@ impl RaftService for RaftGrpc {
             c.require(crate::auth::required(&p.command), "this write")?;
         }
         // Forwarded writes join the leader's batches like local ones.
-        let out = self.submit_forwarded(p).instrument(span).await;
+        self.node.metrics.forwards_grpc.add(1);
+        let out = submit_forwarded(&self.node, p).instrument(span).await;
         self.reply(&out)
     }
 
@@ -196,25 +225,8 @@ impl RaftService for RaftGrpc {
         let caller = crate::auth::forwarded_caller(&self.node.state, &request, super::now_ms())?;
         let batch: ProposeBatchRequest = self.open(request)?;
         span.record("batch.size", batch.proposals.len());
-        if batch.proposals.len() > MAX_FORWARD_BATCH {
-            return Err(Status::invalid_argument(format!(
-                "a batch of {} forwarded writes; at most {MAX_FORWARD_BATCH}",
-                batch.proposals.len()
-            )));
-        }
-        let answers = batch.proposals.into_iter().map(|p| {
-            let allowed = match &caller {
-                Some(c) => c.require(crate::auth::required(&p.command), "this write"),
-                None => Ok(()),
-            };
-            async move {
-                match allowed {
-                    Ok(()) => Ok(self.submit_forwarded(p).await),
-                    Err(denied) => Err((denied.code() as i32, denied.message().to_string())),
-                }
-            }
-        });
-        let out: Vec<BatchItemReply> = futures::future::join_all(answers).instrument(span).await;
+        self.node.metrics.forwards_grpc.add(1);
+        let out = answer_forwards(&self.node, caller.as_ref(), batch.proposals).instrument(span).await?;
         self.reply(&out)
     }
 

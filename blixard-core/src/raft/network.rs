@@ -27,7 +27,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
-use super::link::{self, Hello, LinkClient};
+use super::link::{self, Hello, Link};
 use super::log_store::EarlyAcks;
 use super::TypeConfig;
 use crate::codec;
@@ -105,6 +105,9 @@ pub struct PeerChannels {
     /// The peer link port each peer last announced (raft/link.rs); a peer
     /// without one is absent.
     links: Arc<DashMap<String, u16>>,
+    /// This node's link connections to each peer (raft/link.rs), shared
+    /// by replication and forwarding.
+    link_conns: Arc<DashMap<String, Arc<Link>>>,
 }
 
 impl PeerChannels {
@@ -126,6 +129,15 @@ impl PeerChannels {
     /// The peer link port `addr` last announced, if it has one.
     pub fn link_port(&self, addr: &str) -> Option<u16> {
         self.links.get(addr).map(|p| *p)
+    }
+
+    /// This node's link connections to the peer at `addr` (its gRPC
+    /// address).
+    pub fn link(&self, addr: &str) -> Arc<Link> {
+        if let Some(l) = self.link_conns.get(addr) {
+            return l.clone();
+        }
+        self.link_conns.entry(addr.to_string()).or_default().clone()
     }
 
     fn note_link_port(&self, addr: &str, port: u32) {
@@ -360,7 +372,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             cluster_id: self.cluster_id.clone(),
             from: self.from,
             early: self.early.clone(),
-            link: LinkClient::default(),
+            link: self.channels.link(&node.addr),
         }
     }
 }
@@ -373,7 +385,7 @@ pub struct PeerClient {
     from: NodeId,
     early: Option<Arc<EarlyAcks>>,
     /// AppendEntries outside gRPC, once the peer announced a link.
-    link: LinkClient,
+    link: Arc<Link>,
 }
 
 impl PeerClient {
@@ -445,7 +457,7 @@ impl PeerClient {
         let announced = self.channels.link_port(&self.addr);
         let hello =
             || Hello { format: format::CURRENT, cluster_id: self.cluster_id.to_string(), from: self.from };
-        let call = self.link.call(self.target, &self.addr, announced, hello, link::KIND_APPEND, rpc);
+        let call = self.link.call(&self.addr, announced, hello, link::KIND_APPEND, rpc);
         match tokio::time::timeout(deadline, call).await {
             Ok(None) => None,
             Ok(Some(Ok(reply))) => Some(Ok(reply)),
@@ -454,7 +466,7 @@ impl PeerClient {
                 None
             }
             Err(_) => {
-                self.link.failed(self.target, &self.addr, "an AppendEntries timed out");
+                self.link.failed(&self.addr, "an AppendEntries timed out");
                 Some(Err(RpcFailure::Timeout { addr: self.addr.clone(), after: deadline }))
             }
         }
