@@ -203,9 +203,10 @@ where
 pub fn rpc_payload(kind: u8, payload: &[u8]) {
     use blixard_core::codec::decode;
     use blixard_core::node::election::{PreVoteReply, PreVoteRequest};
+    use blixard_core::node::forwarder::{BatchItemReply, LinkForward, LinkForwardReply, ProposeBatchRequest};
     use blixard_core::node::liveness::{HeartbeatRequest, HeartbeatResult, LivenessReply};
-    use blixard_core::node::forwarder::{BatchItemReply, ProposeBatchRequest};
     use blixard_core::node::{ProposeReply, ReadIndexReply};
+    use blixard_core::raft::link::Hello;
     use blixard_core::raft::TypeConfig;
     use blixard_core::types::NodeId;
     use openraft::error::{InstallSnapshotError, RaftError};
@@ -258,9 +259,21 @@ pub fn rpc_payload(kind: u8, payload: &[u8]) {
                     apply_checked(&state, p, 101);
                 }
             }
+            // The same batch as a forward on the peer link.
+            if let Ok(f) = decode::<LinkForward<'static>>(payload) {
+                round_trip(&f);
+                let state = fresh_state();
+                for p in f.proposals.iter() {
+                    apply_checked(&state, p, 101);
+                }
+            }
         }
         5 | 7 => {
             let _ = decode::<()>(payload);
+            // A peer link's opening frame.
+            if let Ok(h) = decode::<Hello>(payload) {
+                round_trip(&h);
+            }
         }
         6 => {
             if let Ok(r) = decode::<HeartbeatRequest>(payload) {
@@ -293,6 +306,9 @@ pub fn rpc_payload(kind: u8, payload: &[u8]) {
                 round_trip(&r);
             }
             if let Ok(r) = decode::<Vec<BatchItemReply>>(payload) {
+                round_trip(&r);
+            }
+            if let Ok(r) = decode::<LinkForwardReply>(payload) {
                 round_trip(&r);
             }
         }

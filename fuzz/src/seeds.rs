@@ -2,6 +2,7 @@
 //! mutations start from valid messages than from random bytes. Everything
 //! here is encoded by the product's own code (or read from the upgrade
 //! fixtures written by older builds), so it follows the current formats.
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
@@ -10,14 +11,16 @@ use blixard_core::command::{Command, NewVm, NewVmV3, NewVmV4, Proposal, Proposal
 use blixard_core::error::CommandError;
 use blixard_core::format;
 use blixard_core::node::election::{PreVoteReply, PreVoteRequest};
+use blixard_core::node::forwarder::{LinkForward, LinkForwardReply};
 use blixard_core::node::liveness::{HeartbeatReply, HeartbeatRequest, HeartbeatResult, LivenessReply};
 use blixard_core::node::{ForwardError, ProposeReply, ReadIndexReply};
+use blixard_core::raft::link::Hello;
 use blixard_core::raft::log_store::segment::{Group, Kind, Marks, SegmentLog};
 use blixard_core::raft::state_machine::encode_image;
 use blixard_core::raft::{Entry, LogId, SnapshotMeta, TypeConfig, Vote};
 use blixard_core::types::{
-    BootSpec, Constraint, Ipv4Net, NodeResources, ObservedState, Placement, PortMap, QuotaLimits, Ratio, Reschedule,
-    Resources, RestartPolicy, Strategy, VmRuntime, VmSpec,
+    BootSpec, Constraint, Ipv4Net, NodeResources, ObservedState, Placement, PortMap, QuotaLimits, Ratio,
+    Reschedule, Resources, RestartPolicy, Strategy, VmRuntime, VmSpec,
 };
 use blixard_proto as pb;
 use openraft::error::{Fatal, InstallSnapshotError, RaftError, SnapshotMismatch};
@@ -451,7 +454,29 @@ fn raft_messages() -> Vec<(String, u8, Vec<u8>)> {
     for (name, c) in sample_commands() {
         add(&format!("propose-{name}"), 4, enc(&proposal(1_700_000_300_000, 9, c)));
     }
+    let forwarded: Vec<Proposal> =
+        sample_commands().into_iter().take(3).map(|(_, c)| proposal(1_700_000_300_000, 9, c)).collect();
+    add(
+        "link-forward",
+        4,
+        enc(&LinkForward {
+            token: Some(Cow::Borrowed(
+                "Bearer blx_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            )),
+            traceparent: Some(Cow::Borrowed("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")),
+            proposals: Cow::Owned(forwarded),
+        }),
+    );
     add("read-index", 5, enc(&()));
+    add(
+        "link-hello",
+        5,
+        enc(&Hello {
+            format: format::CURRENT,
+            cluster_id: "c0ffee00-1234-4bcd-8000-000000000001".into(),
+            from: 2,
+        }),
+    );
     add("heartbeat", 6, enc(&HeartbeatRequest { node: 3 }));
     add("liveness", 7, enc(&()));
 
@@ -496,6 +521,7 @@ fn raft_messages() -> Vec<(String, u8, Vec<u8>)> {
         12,
         enc(&ProposeReply::Err(ForwardError::NotLeader { leader: Some((2, "10.0.0.2:7000".into())) })),
     );
+    add("r-link-forward-refused", 12, enc(&LinkForwardReply::Err((16, "unknown or revoked token".into()))));
     add("r-read-index", 13, enc(&ReadIndexReply::Ok(99)));
     add(
         "r-heartbeat",
