@@ -103,9 +103,10 @@ pub struct StartArgs {
     #[arg(long)]
     pub advertise: Option<String>,
     /// Port of the peer link, where a leader sends this node Raft log
-    /// entries outside gRPC, on the --bind host (0: any free port, announced
-    /// to the other nodes; `none`: entries come over gRPC). A node with TLS
-    /// has no link: its peers send over mutual-TLS gRPC.
+    /// entries, and followers the writes they forward to it, outside gRPC,
+    /// on the --bind host (0: any free port, announced to the other nodes;
+    /// `none`: they come over gRPC). With TLS the link is mutual TLS with
+    /// the node certificates.
     #[arg(long, value_name = "PORT|none", default_value = "0", value_parser = parse_peer_port)]
     pub peer_port: PeerPort,
     /// Where Raft log, snapshots and identity live (default: blixard-data/node-<id>).
@@ -304,7 +305,8 @@ pub struct UpArgs {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub metrics: bool,
     /// Give each node a peer link on a free port (`node start --peer-port
-    /// 0`); false: Raft log entries go over gRPC only (`--peer-port none`).
+    /// 0`); false: Raft log entries and forwarded writes go over gRPC only
+    /// (`--peer-port none`).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub peer_link: bool,
     /// Run the nodes with TLS: a CA, node certificates and an admin client

@@ -1,7 +1,8 @@
 //! TLS end to end, with real processes on loopback: certificates from
 //! `blixard cert`, three nodes with mutual TLS, CLI calls that present a
-//! client certificate, the Raft service refusing anything but node
-//! certificates, and nodes that refuse to serve plaintext beyond loopback.
+//! client certificate, the Raft service and the peer link refusing anything
+//! but node certificates, and nodes that refuse to serve plaintext beyond
+//! loopback.
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -108,6 +109,52 @@ fn tls_cluster_serves_clients_with_certificates_and_refuses_plaintext() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("bad payload"), "{e:?}");
 
+    // The peer link is mutual TLS: writes through a follower with the admin
+    // certificate reach the leader on its link (the certificate's claim
+    // believed from the follower's node certificate), and each follower
+    // takes its AppendEntries on its link.
+    let leader = status["leader_id"].as_u64().unwrap();
+    let via = if leader == 1 { 2 } else { 1 };
+    for i in 0..6 {
+        let name = format!("via-{i}");
+        ok_as(
+            &certs,
+            "admin",
+            &nodes.addr(via),
+            &["vm", "create", &name, "--vcpus", "1", "--memory", "64", "--no-start"],
+        );
+        ok_as(&certs, "admin", &nodes.addr(via), &["vm", "delete", &name]);
+    }
+    let count = |id: u64, series: &str| {
+        let body = https_get(&metrics_addr(&nodes.dirs[id as usize - 1]), &certs.ca(), "/metrics")?;
+        let line = body
+            .lines()
+            .find(|l| l.starts_with(&format!("{series}{{")) && l.contains("transport=\"link\""))?;
+        line.rsplit(' ').next()?.parse::<f64>().ok()
+    };
+    let forwards = eventually("the leader's forwards over its TLS link", 30, || {
+        count(leader, "blixard_raft_forwards_total").filter(|n| *n >= 1.0)
+    });
+    assert!(forwards >= 1.0);
+    for id in (1..=3).filter(|id| *id != leader) {
+        eventually(&format!("node {id}'s AppendEntries over its TLS link"), 30, || {
+            count(id, "blixard_raft_append_entries_total").filter(|n| *n >= 1.0)
+        });
+    }
+    // The link takes only node certificates, each for its own node.
+    let link = link_addr(&nodes.dirs[via as usize - 1]);
+    let hello = |who: &str, from: u64| link_hello(&certs, &link, who, &cluster_id, from);
+    assert_eq!(
+        hello(&format!("node-{leader}"), leader).map(|(status, _)| status),
+        Some(0),
+        "a node's own hello"
+    );
+    let (status, reason) =
+        hello(&format!("node-{leader}"), 3).expect("an answer to a hello from the wrong node");
+    assert_eq!(status, 1, "{reason}");
+    assert!(reason.contains(&format!("is node {leader}'s, but the link's hello claims node 3")), "{reason}");
+    assert_eq!(hello("admin", 1), None, "a client certificate was answered on the peer link");
+
     // The cluster is still whole.
     let s = ok_as(&certs, "admin", &all, &["cluster", "status", "-o", "json"]);
     let s: Value = serde_json::from_str(&s).unwrap();
@@ -145,6 +192,58 @@ async fn raft_call(
         format: u32::from(blixard_core::format::CURRENT),
     };
     RaftServiceClient::new(channel).append_entries(req).await.map(|_| ())
+}
+
+/// The peer link address of node `dir`, from its log.
+fn link_addr(dir: &Path) -> String {
+    let port = eventually("the node's peer link port in its log", 30, || {
+        let log = std::fs::read_to_string(dir.with_extension("log")).ok()?;
+        let line = log.lines().find(|l| l.contains("peer link listening"))?;
+        line.split("port=").nth(1)?.split_whitespace().next()?.parse::<u16>().ok()
+    });
+    format!("127.0.0.1:{port}")
+}
+
+/// Opens a TLS connection to the peer link at `addr` presenting the
+/// certificate `who`, and says hello as node `from`: the node's answer
+/// (status, payload as text), or `None` when it closed without one.
+fn link_hello(certs: &Certs, addr: &str, who: &str, cluster_id: &str, from: u64) -> Option<(u8, String)> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_file(certs.ca()).unwrap()).unwrap();
+    let chain =
+        CertificateDer::pem_file_iter(certs.pem(who)).unwrap().collect::<Result<Vec<_>, _>>().unwrap();
+    let key = PrivateKeyDer::from_pem_file(certs.key(who)).unwrap();
+    let config =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .unwrap();
+    let conn =
+        rustls::ClientConnection::new(Arc::new(config), ServerName::try_from("127.0.0.1").unwrap()).unwrap();
+    let sock = std::net::TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    let hello = blixard_core::raft::link::Hello {
+        format: blixard_core::format::CURRENT,
+        cluster_id: cluster_id.to_string(),
+        from,
+    };
+    let payload = blixard_core::codec::encode(&hello).unwrap();
+    let mut out = blixard_core::raft::link::MAGIC.to_vec();
+    out.extend_from_slice(&(payload.len() as u32 + 1).to_le_bytes());
+    out.push(blixard_core::raft::link::KIND_HELLO);
+    out.extend_from_slice(&payload);
+    tls.write_all(&out).ok()?;
+    let mut len = [0u8; 4];
+    tls.read_exact(&mut len).ok()?;
+    let mut frame = vec![0u8; u32::from_le_bytes(len) as usize];
+    tls.read_exact(&mut frame).ok()?;
+    Some((frame[0], String::from_utf8_lossy(&frame[1..]).into_owned()))
 }
 
 /// The metrics address node `dir` printed at start.

@@ -293,6 +293,58 @@ impl NodeTls {
     }
 }
 
+/// The peer link's TLS (raft/link.rs): unlike the gRPC listener, both ends
+/// must present a certificate of the cluster's CA (the accepting node then
+/// requires a node certificate naming the node the link's hello is from);
+/// TLS 1.2 or 1.3 with rustls' ring provider, as tonic's.
+#[cfg(not(madsim))]
+impl NodeTls {
+    fn link_parts(
+        &self,
+    ) -> Result<(rustls::RootCertStore, Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(first_cert(&self.ca)?).map_err(|e| format!("the CA certificate: {e}"))?;
+        let chain = CertificateDer::pem_slice_iter(&self.cert)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("the certificate: {e}"))?;
+        let key = PrivateKeyDer::from_pem_slice(&self.key).map_err(|e| format!("the private key: {e}"))?;
+        Ok((roots, chain, key))
+    }
+
+    /// How a node accepts peer links: client certificates of the CA required.
+    pub fn link_server_config(&self) -> Result<std::sync::Arc<rustls::ServerConfig>, String> {
+        use std::sync::Arc;
+        let (roots, chain, key) = self.link_parts()?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .map_err(|e| format!("client verification: {e}"))?;
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(|e| format!("the node certificate: {e}"))?;
+        Ok(Arc::new(config))
+    }
+
+    /// How a node dials peer links: the peer verified against the CA and
+    /// the host it is dialled at, this node's certificate presented.
+    pub fn link_client_config(&self) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
+        use std::sync::Arc;
+        let (roots, chain, key) = self.link_parts()?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| format!("the node certificate: {e}"))?;
+        Ok(Arc::new(config))
+    }
+}
+
 /// Checks that the first certificate in `cert` (PEM) is issued by the CA
 /// in `ca` (PEM; `ca_path` names it in the message) and valid now.
 pub fn check_issued_by(ca: &[u8], cert: &[u8], ca_path: &Path) -> Result<(), String> {

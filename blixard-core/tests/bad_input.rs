@@ -400,6 +400,7 @@ async fn hostile_peer_link_traffic_is_refused() {
     };
     let forward = |token: &str, p: Proposal| LinkForward {
         token: Some(Cow::Owned(format!("Bearer {token}"))),
+        claim: None,
         traceparent: None,
         proposals: Cow::Owned(vec![p]),
     };

@@ -463,7 +463,18 @@ fn raft_messages() -> Vec<(String, u8, Vec<u8>)> {
             token: Some(Cow::Borrowed(
                 "Bearer blx_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
             )),
+            claim: None,
             traceparent: Some(Cow::Borrowed("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")),
+            proposals: Cow::Owned(forwarded.clone()),
+        }),
+    );
+    add(
+        "link-forward-claim",
+        4,
+        enc(&LinkForward {
+            token: None,
+            claim: Some(Cow::Borrowed("cert:operator:ci")),
+            traceparent: None,
             proposals: Cow::Owned(forwarded),
         }),
     );

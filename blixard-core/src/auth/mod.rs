@@ -130,18 +130,23 @@ impl Caller {
             Caller::Token { token, .. } => {
                 md.insert(AUTHORIZATION, token.clone());
             }
-            Caller::Cert { role, name } => {
-                if let Ok(v) = AsciiMetadataValue::try_from(format!("cert:{role}:{name}")) {
+            _ => {
+                if let Some(v) = self.claim().and_then(|c| AsciiMetadataValue::try_from(c).ok()) {
                     md.insert(CALLER, v);
                 }
             }
-            // A node's own call forwarded by another node (a join sent to a
-            // follower): the forwarding node vouches for it.
-            Caller::Node(id) => {
-                if let Ok(v) = AsciiMetadataValue::try_from(format!("node:{id}")) {
-                    md.insert(CALLER, v);
-                }
-            }
+        }
+    }
+
+    /// What a forwarding node asserts for a caller that is not a token:
+    /// `cert:ROLE:NAME` for a client certificate's identity, `node:ID` for a
+    /// node's own call forwarded by another node (a join sent to a
+    /// follower), which the forwarding node vouches for.
+    pub fn claim(&self) -> Option<String> {
+        match self {
+            Caller::Token { .. } => None,
+            Caller::Cert { role, name } => Some(format!("cert:{role}:{name}")),
+            Caller::Node(id) => Some(format!("node:{id}")),
         }
     }
 }
@@ -292,13 +297,34 @@ pub fn authenticate<T>(state: &ClusterState, req: &Request<T>, now_ms: u64) -> R
     ))
 }
 
-/// [`forwarded_caller`] for a token that came outside gRPC metadata (a
-/// forward on the peer link, raft/link.rs): the `authorization` value as
-/// the client sent it, checked against this node's state.
-pub fn forwarded_token(state: &ClusterState, value: &str, now_ms: u64) -> Result<Caller, Status> {
-    let v = AsciiMetadataValue::try_from(value)
-        .map_err(|_| unauthenticated("the authorization header is not text"))?;
-    check_token(state, &v, now_ms)
+/// [`forwarded_caller`] for a forward on the peer link (raft/link.rs),
+/// where what gRPC carries as metadata comes in the request: `token` is the
+/// `authorization` value as the client sent it, checked against this
+/// node's state; `claim` a [`Caller::claim`], believed only when the link
+/// is mutual TLS with a node certificate of this cluster (`from_node`).
+pub fn forwarded_link_caller(
+    state: &ClusterState,
+    token: Option<&str>,
+    claim: Option<&str>,
+    from_node: bool,
+    now_ms: u64,
+) -> Result<Option<Caller>, Status> {
+    if let Some(t) = token {
+        let v = AsciiMetadataValue::try_from(t)
+            .map_err(|_| unauthenticated("the authorization header is not text"))?;
+        return check_token(state, &v, now_ms).map(Some);
+    }
+    match claim {
+        None => Ok(None),
+        Some(c) if from_node => AsciiMetadataValue::try_from(c)
+            .ok()
+            .and_then(|v| parse_cert_claim(&v))
+            .map(Some)
+            .ok_or_else(|| Status::invalid_argument(format!("malformed {CALLER}"))),
+        Some(_) => Err(Status::permission_denied(format!(
+            "{CALLER} is believed only from a node certificate of this cluster"
+        ))),
+    }
 }
 
 /// Who a write forwarded over the internal Propose RPC is for: `None` for
@@ -329,6 +355,30 @@ pub fn forwarded_caller<T>(
 #[cfg(test)]
 mod tests {
     use super::Role;
+
+    #[test]
+    fn link_callers_claim_only_from_nodes_and_tokens_are_checked() {
+        use super::{forwarded_link_caller, Caller};
+        let state = crate::state::ClusterState::new();
+        let cert = Caller::Cert { role: Role::Operator, name: "ci".into() };
+        let claim = cert.claim().unwrap();
+        // From a node certificate: believed, exactly.
+        let got = forwarded_link_caller(&state, None, Some(&claim), true, 0).unwrap().unwrap();
+        assert_eq!(format!("{got:?}"), format!("{cert:?}"));
+        // From a link without one: refused.
+        let e = forwarded_link_caller(&state, None, Some(&claim), false, 0).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        // Malformed: refused.
+        let e = forwarded_link_caller(&state, None, Some("cert:root:x"), true, 0).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        // A token unknown here: unauthenticated, whatever else came along.
+        let unknown = format!("Bearer blx_{}", "0".repeat(64));
+        let e = forwarded_link_caller(&state, Some(&unknown), Some(&claim), true, 0).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+        // Neither: the forwarding node's own write.
+        assert!(forwarded_link_caller(&state, None, None, false, 0).unwrap().is_none());
+        assert_eq!(Caller::Token { role: Role::Admin, token: "Bearer x".parse().unwrap() }.claim(), None);
+    }
 
     #[test]
     fn forwarded_callers_round_trip_through_metadata() {

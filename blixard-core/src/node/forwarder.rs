@@ -22,8 +22,9 @@
 //! Where the leader serves a peer link (raft/link.rs), a forward goes on it
 //! instead, lone or batched alike, as a [`LinkForward`]: the proposals with
 //! the caller's token and the trace context that gRPC would carry as
-//! metadata. A caller known by a certificate's claim needs mutual TLS,
-//! which the link does not have, and goes over gRPC. So does a forward when
+//! metadata. A caller known by a certificate's claim is carried only on a
+//! link with mutual TLS (the leader believes claims only from node
+//! certificates), and over gRPC otherwise. So does a forward when
 //! the link is not up, or when it fails on the link: every proposal carries
 //! its request id, so a resend applies at most once (dedup.rs).
 use std::borrow::Cow;
@@ -90,6 +91,10 @@ pub struct LinkForward<'a> {
     /// leader as a gRPC forward's; `None` for the forwarding node's own
     /// writes and on a cluster without tokens.
     pub token: Option<Cow<'a, str>>,
+    /// What the forwarding node asserts for a caller without a token
+    /// (`Caller::claim`: a client certificate's identity), believed only on
+    /// a link with mutual TLS.
+    pub claim: Option<Cow<'a, str>>,
     /// The W3C `traceparent` of the forward's span, if traced.
     pub traceparent: Option<Cow<'a, str>>,
     pub proposals: Cow<'a, [Proposal]>,
@@ -426,21 +431,24 @@ impl Sender {
         proposals: &[Proposal],
         traceparent: Option<&str>,
     ) -> Option<Result<Vec<BatchItemReply>, RpcFailure>> {
-        let token = match caller {
-            None => None,
-            Some(Caller::Token { token, .. }) => Some(token.to_str().ok()?),
-            // A certificate's claim is believed only over mutual TLS.
-            Some(Caller::Cert { .. } | Caller::Node(_)) => return None,
+        let link = self.channels.link(addr);
+        let (token, claim) = match caller {
+            None => (None, None),
+            Some(Caller::Token { token, .. }) => (Some(token.to_str().ok()?), None),
+            // A claim is believed only from a node certificate: on a link
+            // without TLS it would be refused, so it goes over gRPC.
+            Some(c) if link.dialer().authenticated() => (None, c.claim()),
+            Some(_) => return None,
         };
         let announced = self.channels.link_port(addr);
         let hello =
             || Hello { format: format::CURRENT, cluster_id: self.cluster_id.to_string(), from: self.me };
         let request = LinkForward {
             token: token.map(Cow::Borrowed),
+            claim: claim.map(Cow::Owned),
             traceparent: traceparent.map(Cow::Borrowed),
             proposals: Cow::Borrowed(proposals),
         };
-        let link = self.channels.link(addr);
         let out: Result<LinkForwardReply, LinkError> =
             link.call(addr, announced, hello, KIND_FORWARD, &request).await?;
         match out {

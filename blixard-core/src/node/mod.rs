@@ -66,10 +66,10 @@ pub struct NodeConfig {
     pub bind: SocketAddr,
     /// Address other nodes and clients use to reach this node (defaults to `bind`).
     pub advertise: Option<String>,
-    /// Port of the peer link (raft/link.rs: AppendEntries to this node
-    /// outside gRPC) on `bind`'s host; 0: any free port (peers learn it
-    /// from this node's replies). `None`: no link, AppendEntries come over
-    /// gRPC. A node with TLS serves no link (it has no TLS of its own yet).
+    /// Port of the peer link (raft/link.rs: AppendEntries and forwarded
+    /// writes to this node outside gRPC) on `bind`'s host; 0: any free port
+    /// (peers learn it from this node's replies). `None`: no link, they come
+    /// over gRPC. With `tls` the link is mutual TLS with node certificates.
     pub peer_port: Option<u16>,
     pub data_dir: PathBuf,
     /// Any member of the cluster to join; `None` bootstraps a new cluster
@@ -449,13 +449,16 @@ impl Node {
 
         // The peer link's port, checked here like the listener's; it binds
         // once the gRPC server serves (node/peer_link.rs).
-        let link_at = match cfg.peer_port {
-            Some(_) if tls.is_some() => {
-                tracing::info!("no peer link with TLS: AppendEntries go over gRPC (mutual TLS)");
-                None
-            }
-            Some(port) => Some(SocketAddr::new(cfg.bind.ip(), port)),
-            None => None,
+        let link_at = cfg.peer_port.map(|port| SocketAddr::new(cfg.bind.ip(), port));
+        let link_acceptor = match &tls {
+            None => peer_link::Acceptor::Plain,
+            #[cfg(not(madsim))]
+            Some(t) => peer_link::Acceptor::Tls(tokio_rustls::TlsAcceptor::from(
+                t.link_server_config().map_err(|e| NodeError::Config(format!("peer link TLS: {e}")))?,
+            )),
+            // The simulated transport has no TLS.
+            #[cfg(madsim)]
+            Some(_) => peer_link::Acceptor::Plain,
         };
         #[cfg(not(madsim))]
         if let Some(at) = link_at.filter(|a| a.port() != 0) {
@@ -575,7 +578,8 @@ impl Node {
                     let port = l.local_addr().map_or(0, |a| a.port());
                     shared.link_port.store(port, std::sync::atomic::Ordering::Relaxed);
                     tracing::info!(port, "peer link listening");
-                    *node.link.lock() = Some(tokio::spawn(peer_link::serve(shared.clone(), l)));
+                    *node.link.lock() =
+                        Some(tokio::spawn(peer_link::serve(shared.clone(), l, link_acceptor)));
                 }
                 Err(source) => {
                     node.shutdown().await;

@@ -1,7 +1,11 @@
 //! The accepting end of the peer link (raft/link.rs): a follower answers its
 //! leader's AppendEntries on it, a leader its followers' forwarded writes.
 //!
-//! A connection must open with the link's magic and a hello for this
+//! On a node with TLS a connection first completes a TLS handshake in which
+//! the peer presents a node certificate of the cluster's CA, and its hello
+//! must come from the node that certificate names (what the gRPC Raft
+//! service checks on each request). Then a connection must open with the
+//! link's magic and a hello for this
 //! node's cluster in a format version this node reads; anything else is
 //! refused with the reason and closed, before any request is decoded. Then
 //! each AppendEntries goes to openraft exactly as one over gRPC does
@@ -22,7 +26,7 @@ use super::forwarder::{LinkForward, LinkForwardReply};
 use super::NodeShared;
 use crate::codec;
 use crate::format;
-use crate::raft::link::{Framed, Hello, KIND_APPEND, KIND_FORWARD, STATUS_OK, STATUS_REFUSED};
+use crate::raft::link::{Framed, Hello, LinkStream, KIND_APPEND, KIND_FORWARD, STATUS_OK, STATUS_REFUSED};
 use crate::raft::TypeConfig;
 use crate::types::NodeId;
 
@@ -31,15 +35,24 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time a new connection gets to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How a node accepts links: in plaintext, or (a node with TLS) with
+/// mutual TLS, node certificates of the cluster's CA on both ends.
+#[derive(Clone)]
+pub enum Acceptor {
+    Plain,
+    #[cfg(not(madsim))]
+    Tls(tokio_rustls::TlsAcceptor),
+}
+
 /// Accepts link connections until aborted; aborting it also ends every
 /// connection it accepted.
-pub async fn serve(node: Arc<NodeShared>, listener: TcpListener) {
+pub async fn serve(node: Arc<NodeShared>, listener: TcpListener, acceptor: Acceptor) {
     let mut conns = Connections(Vec::new());
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 conns.0.retain(|h| !h.is_finished());
-                conns.0.push(tokio::spawn(connection(node.clone(), stream, peer)));
+                conns.0.push(tokio::spawn(connection(node.clone(), stream, peer, acceptor.clone())));
             }
             Err(e) => {
                 // Out of file descriptors and the like: pause, then go on.
@@ -61,11 +74,43 @@ impl Drop for Connections {
     }
 }
 
-async fn connection(node: Arc<NodeShared>, stream: TcpStream, peer: std::net::SocketAddr) {
+/// The stream of an accepted connection, after the TLS handshake if there
+/// is one, and the node its certificate names (`None` without TLS).
+async fn accept_stream(
+    stream: TcpStream,
+    acceptor: &Acceptor,
+) -> Result<(Box<dyn LinkStream>, Option<NodeId>), String> {
+    match acceptor {
+        Acceptor::Plain => Ok((Box::new(stream), None)),
+        #[cfg(not(madsim))]
+        Acceptor::Tls(tls) => {
+            let s = tls.accept(stream).await.map_err(|e| format!("TLS handshake: {e}"))?;
+            let der = s.get_ref().1.peer_certificates().and_then(|c| c.first()).ok_or("no certificate")?;
+            match crate::tls::identity_of_der(der) {
+                Ok(Some(crate::tls::PeerIdentity::Node(id))) => Ok((Box::new(s), Some(id))),
+                Ok(Some(other)) => Err(format!("the certificate of {other}, not a node's")),
+                Ok(None) => Err("a certificate that names no node".into()),
+                Err(e) => Err(e),
+            }
+        }
+    }
+}
+
+async fn connection(
+    node: Arc<NodeShared>,
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    acceptor: Acceptor,
+) {
     let _ = stream.set_nodelay(true);
-    let mut link = Framed::new(Box::new(stream));
-    let hello = match tokio::time::timeout(HELLO_TIMEOUT, link.accept()).await {
-        Ok(Ok(h)) => h,
+    let opened = async {
+        let (stream, cert_node) = accept_stream(stream, &acceptor).await?;
+        let mut link = Framed::new(stream);
+        let hello = link.accept().await.map_err(|e| e.to_string())?;
+        Ok::<_, String>((link, hello, cert_node))
+    };
+    let (mut link, hello, cert_node) = match tokio::time::timeout(HELLO_TIMEOUT, opened).await {
+        Ok(Ok(opened)) => opened,
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "peer link: not a peer");
             return;
@@ -75,7 +120,15 @@ async fn connection(node: Arc<NodeShared>, stream: TcpStream, peer: std::net::So
             return;
         }
     };
-    if let Err(reason) = check_hello(&node, &hello) {
+    let checked = check_hello(&node, &hello).and_then(|()| match cert_node {
+        // With TLS, the hello must come from the node the certificate names
+        // (as a gRPC Raft request must, raft_service.rs).
+        Some(id) if id != hello.from => {
+            Err(format!("the certificate is node {id}'s, but the link's hello claims node {}", hello.from))
+        }
+        _ => Ok(()),
+    });
+    if let Err(reason) = checked {
         tracing::warn!(%peer, from = hello.from, %reason, "peer link: refused");
         let _ = link.send(STATUS_REFUSED, reason.as_bytes()).await;
         return;
@@ -111,7 +164,7 @@ async fn connection(node: Arc<NodeShared>, stream: TcpStream, peer: std::net::So
             },
             KIND_FORWARD => match codec::decode::<LinkForward<'static>>(payload) {
                 Ok(forward) => {
-                    let reply = answer_forward(&node, hello.from, forward).await;
+                    let reply = answer_forward(&node, hello.from, cert_node.is_some(), forward).await;
                     link.send_encoded(STATUS_OK, &reply).await
                 }
                 Err(e) => {
@@ -136,8 +189,15 @@ async fn refuse(link: &mut Framed, peer: std::net::SocketAddr, reason: String) {
 
 /// A follower's forwarded writes, answered as a gRPC `ProposeBatch`
 /// (raft_service.rs): the caller's token checked against this node's
-/// state, then each proposal against the caller's role.
-async fn answer_forward(node: &NodeShared, from: NodeId, forward: LinkForward<'static>) -> LinkForwardReply {
+/// state (or its certificate's claim believed, on a link whose peer proved
+/// with its certificate that it is a node: `from_node`), then each
+/// proposal against the caller's role.
+async fn answer_forward(
+    node: &NodeShared,
+    from: NodeId,
+    from_node: bool,
+    forward: LinkForward<'static>,
+) -> LinkForwardReply {
     node.metrics.forwards_link.add(1);
     let span = tracing::debug_span!(
         "propose_batch_handler",
@@ -151,12 +211,14 @@ async fn answer_forward(node: &NodeShared, from: NodeId, forward: LinkForward<'s
         crate::trace::set_parent(&span, tp);
     }
     let refused = |s: tonic::Status| (s.code() as i32, s.message().to_string());
-    let caller = match &forward.token {
-        Some(token) => {
-            Some(crate::auth::forwarded_token(&node.state, token, super::now_ms()).map_err(refused)?)
-        }
-        None => None,
-    };
+    let caller = crate::auth::forwarded_link_caller(
+        &node.state,
+        forward.token.as_deref(),
+        forward.claim.as_deref(),
+        from_node,
+        super::now_ms(),
+    )
+    .map_err(refused)?;
     super::raft_service::answer_forwards(node, caller.as_ref(), forward.proposals.into_owned())
         .instrument(span)
         .await

@@ -188,7 +188,7 @@ impl Framed {
     }
 }
 
-/// How long a link may take to connect and say hello back.
+/// How long a link may take to connect (and shake hands) and say hello back.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Pause after a link failed before the next attempt, doubling up to
 /// [`MAX_BACKOFF`] while it keeps failing.
@@ -231,6 +231,50 @@ pub struct Link {
     /// Locked only to take or put back a connection (never across an
     /// await); the simulator's streams are `Send` but not `Sync`.
     state: Mutex<LinkState>,
+    dialer: Dialer,
+}
+
+/// How a node dials its peers' links: in plaintext (a cluster without
+/// TLS), with mutual TLS (node certificates of the cluster's CA, the
+/// peer's checked against the host it is dialled at, as gRPC's are), or
+/// not at all (a TLS cluster whose link configuration could not be built:
+/// everything goes over gRPC rather than in the clear).
+#[derive(Clone, Default)]
+pub enum Dialer {
+    #[default]
+    Plain,
+    #[cfg(not(madsim))]
+    Tls(tokio_rustls::TlsConnector),
+    Off,
+}
+
+impl Dialer {
+    /// Whether connections are TLS with node certificates on both ends: a
+    /// forward may then carry a certificate caller's claim (auth.rs).
+    pub fn authenticated(&self) -> bool {
+        match self {
+            #[cfg(not(madsim))]
+            Dialer::Tls(_) => true,
+            _ => false,
+        }
+    }
+
+    /// Wraps a connected stream as this dialer does.
+    async fn wrap(&self, at: &str, stream: tokio::net::TcpStream) -> Result<Box<dyn LinkStream>, String> {
+        match self {
+            Dialer::Plain => Ok(Box::new(stream)),
+            #[cfg(not(madsim))]
+            Dialer::Tls(tls) => {
+                let host = at.rsplit_once(':').map_or(at, |(h, _)| h);
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                let name = rustls_pki_types::ServerName::try_from(host.to_string())
+                    .map_err(|e| format!("cannot verify {host:?}: {e}"))?;
+                let s = tls.connect(name, stream).await.map_err(|e| format!("TLS handshake: {e}"))?;
+                Ok(Box::new(s))
+            }
+            Dialer::Off => Err("no peer link without its TLS configuration".into()),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -245,6 +289,16 @@ struct LinkState {
 }
 
 impl Link {
+    /// Links to a peer, dialled by `dialer`.
+    pub fn new(dialer: Dialer) -> Self {
+        Self { state: Mutex::default(), dialer }
+    }
+
+    /// How this link dials.
+    pub fn dialer(&self) -> &Dialer {
+        &self.dialer
+    }
+
     /// Sends one request on the link and decodes its reply, if the link is
     /// up; `None` when it is not (yet): the caller uses gRPC. `addr` (its
     /// gRPC address) names the peer, `announced` is its link port
@@ -325,11 +379,11 @@ impl Link {
             }
             return None;
         }
-        if s.retry_at.is_some_and(|t| Instant::now() < t) {
+        if s.retry_at.is_some_and(|t| Instant::now() < t) || matches!(self.dialer, Dialer::Off) {
             return None;
         }
         let at = link_addr(addr, port)?;
-        s.connecting = Some(connect(at, hello()));
+        s.connecting = Some(connect(at, hello(), self.dialer.clone()));
         None
     }
 }
@@ -352,13 +406,13 @@ impl LinkState {
 
 /// Dials `at` in a task of its own and says hello; the receiver gets the
 /// connection once the peer accepted it, or why not.
-fn connect(at: String, hello: Hello) -> oneshot::Receiver<Result<Framed, String>> {
+fn connect(at: String, hello: Hello, dialer: Dialer) -> oneshot::Receiver<Result<Framed, String>> {
     let (tx, rx) = oneshot::channel();
     tokio::spawn(async move {
         let dial = async {
             let stream = tokio::net::TcpStream::connect(at.as_str()).await.map_err(|e| e.to_string())?;
             let _ = stream.set_nodelay(true);
-            let mut conn = Framed::new(Box::new(stream));
+            let mut conn = Framed::new(dialer.wrap(&at, stream).await?);
             conn.open(&hello).await.map_err(|e| e.to_string())?;
             match conn.recv().await.map_err(|e| e.to_string())? {
                 Some((STATUS_OK, p)) => {

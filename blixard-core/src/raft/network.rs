@@ -27,7 +27,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
-use super::link::{self, Hello, Link};
+use super::link::{self, Dialer, Hello, Link};
 use super::log_store::EarlyAcks;
 use super::TypeConfig;
 use crate::codec;
@@ -108,12 +108,28 @@ pub struct PeerChannels {
     /// This node's link connections to each peer (raft/link.rs), shared
     /// by replication and forwarding.
     link_conns: Arc<DashMap<String, Arc<Link>>>,
+    /// How those links dial: with mutual TLS when the node has TLS.
+    dialer: Dialer,
 }
 
 impl PeerChannels {
     /// Channels that dial with `tls` (mutual TLS), or plaintext without.
     pub fn new(tls: Option<NodeTls>) -> Self {
-        Self { tls: tls.map(Arc::new), ..Self::default() }
+        let dialer = match &tls {
+            None => Dialer::Plain,
+            #[cfg(not(madsim))]
+            Some(t) => match t.link_client_config() {
+                Ok(config) => Dialer::Tls(tokio_rustls::TlsConnector::from(config)),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot dial peer links with TLS: everything goes over gRPC");
+                    Dialer::Off
+                }
+            },
+            // The simulated transport has no TLS.
+            #[cfg(madsim)]
+            Some(_) => Dialer::Plain,
+        };
+        Self { tls: tls.map(Arc::new), dialer, ..Self::default() }
     }
 
     /// Whether peers are dialled with TLS.
@@ -137,7 +153,10 @@ impl PeerChannels {
         if let Some(l) = self.link_conns.get(addr) {
             return l.clone();
         }
-        self.link_conns.entry(addr.to_string()).or_default().clone()
+        self.link_conns
+            .entry(addr.to_string())
+            .or_insert_with(|| Arc::new(Link::new(self.dialer.clone())))
+            .clone()
     }
 
     fn note_link_port(&self, addr: &str, port: u32) {
