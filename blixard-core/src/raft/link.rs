@@ -261,6 +261,8 @@ impl Dialer {
 
     /// Wraps a connected stream as this dialer does.
     async fn wrap(&self, at: &str, stream: tokio::net::TcpStream) -> Result<Box<dyn LinkStream>, String> {
+        #[cfg(madsim)]
+        let _ = at;
         match self {
             Dialer::Plain => Ok(Box::new(stream)),
             #[cfg(not(madsim))]
