@@ -43,6 +43,10 @@ fn three_nodes(root: &std::path::Path) -> (Nodes, Vec<u16>, String) {
         start(&mut nodes, id, join_of(&ports, id));
     }
     let all = ports.iter().map(|p| loopback(*p)).collect::<Vec<_>>().join(",");
+    // Every member joined before the first kill (a member killed while
+    // joining has no Raft state and joins again on restart: valid, but
+    // then the cycle tests one node fewer).
+    eventually("a cluster of three voters", 60, || leader_of_three(&all));
     (nodes, ports, all)
 }
 
@@ -202,8 +206,22 @@ async fn churner(addr: String, tag: String, stop: Arc<AtomicBool>, seen: Arc<Mut
 /// Deletes `names` through `addr` (a cycle's VMs, once checked: each
 /// holds an address of its node's /24, so a node holds at most 253).
 async fn delete_all(addr: String, names: Vec<String>, token: String) {
-    let ch =
-        tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    // A member that restarted just now may not serve yet.
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap();
+    let mut tries = 0;
+    let ch = loop {
+        match endpoint.connect().await {
+            Ok(ch) => break ch,
+            Err(e) if tries < 300 => {
+                tries += 1;
+                if tries % 50 == 0 {
+                    eprintln!("delete_all: {addr} not serving yet: {e}");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{addr} did not serve within 30 s of its restart: {e}"),
+        }
+    };
     let mut client = VmServiceClient::new(ch);
     for name in names {
         // A member that restarted just now may not have caught up yet (the
