@@ -435,7 +435,10 @@ async fn concurrent_writes_share_fsyncs() {
 /// replicates them while it writes them (raft/log_store/early.rs); a
 /// follower's entries never are: its acknowledgement is its promise to the
 /// leader. Three in-process nodes: every write goes the early way on the
-/// leader and none on a follower, and all three apply the same writes.
+/// leader and none on a follower, and all three apply the same writes. A
+/// follower writes its appends itself when its log writer is idle, which
+/// with one AppendEntries at a time from the leader is nearly always; the
+/// leader never writes its own entries that way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_leaders_own_entries_are_reported_flushed_early() {
     use std::sync::atomic::Ordering::Relaxed;
@@ -455,6 +458,7 @@ async fn only_the_leaders_own_entries_are_reported_flushed_early() {
     let shared = leader.shared().clone();
     wait_for("three nodes", || (shared.state.node_count() == 3).then_some(())).await;
     let early_before = shared.log_stats.early_appends.load(Relaxed);
+    let inline_before = shared.log_stats.inline_appends.load(Relaxed);
 
     let mut handles = Vec::new();
     for t in 0..8 {
@@ -471,6 +475,11 @@ async fn only_the_leaders_own_entries_are_reported_flushed_early() {
     assert!(shared.is_leader(), "leadership moved during the test");
     let early = shared.log_stats.early_appends.load(Relaxed) - early_before;
     assert!(early > 0, "the leader wrote no entry the early way");
+    assert_eq!(
+        shared.log_stats.inline_appends.load(Relaxed),
+        inline_before,
+        "the leader wrote its own entries on its Raft task"
+    );
     for f in &followers {
         let fs = f.shared().clone();
         wait_for("a follower to apply every write", || (fs.state.vm_count() == 40).then_some(())).await;
@@ -481,6 +490,11 @@ async fn only_the_leaders_own_entries_are_reported_flushed_early() {
             fs.id
         );
         assert!(fs.log_stats.entries.load(Relaxed) > 0);
+        assert!(
+            fs.log_stats.inline_appends.load(Relaxed) > 0,
+            "node {} wrote no append inline as a follower",
+            fs.id
+        );
     }
     assert_eq!(shared.state.vm_count(), 40);
     for f in followers {

@@ -233,6 +233,9 @@ pub struct WriterStats {
     /// Appends written after being reported flushed early: the leader's
     /// own entries (early.rs). Always 0 on a follower.
     pub early_appends: std::sync::atomic::AtomicU64,
+    /// Appends written by the appending task itself, the writer being idle
+    /// (a follower's, `LogStore::send_inline`). Never a leader's own.
+    pub inline_appends: std::sync::atomic::AtomicU64,
 }
 
 /// Resolves once the writer has stopped and closed its files.
@@ -243,6 +246,9 @@ pub struct LogStore {
     /// What it reads through (memory, then disk); shared with openraft's
     /// replication tasks.
     reader: LogReader,
+    /// The writer, shared with its thread (dropped before `tx`: the thread
+    /// must hold the last reference when it sees the queue close).
+    writer_handle: WriterHandle,
     tx: mpsc::UnboundedSender<Op>,
     /// The commit index not yet handed to the writer.
     committed: Arc<Mutex<Option<Option<LogId>>>>,
@@ -336,9 +342,10 @@ impl LogStore {
             metrics,
             failed: None,
         };
-        let done = spawn_writer(writer, rx).map_err(OpenError::Writer)?;
+        let (done, writer_handle) = spawn_writer(writer, rx).map_err(OpenError::Writer)?;
         Ok(Self {
             reader: LogReader { cache, disk },
+            writer_handle,
             tx,
             committed,
             stats,
@@ -407,7 +414,32 @@ impl LogStore {
     /// only ever built once, when the writer is gone).
     #[allow(clippy::result_large_err)]
     fn send(&self, op: Op) -> Result<(), StorageError> {
-        self.tx.send(op).map_err(|_| StorageIOError::write_logs(AnyError::error("log writer stopped")).into())
+        self.tx.send(op).map_err(|_| StorageIOError::write_logs(AnyError::error("log writer stopped")))?;
+        self.writer_handle.ring();
+        Ok(())
+    }
+
+    /// Queues `op` and, when the writer is idle, writes it (with whatever
+    /// queued before it) on the calling task, callbacks included, instead
+    /// of waking the writer's thread and being woken by it: two thread
+    /// hand-offs fewer on a follower's round trip. openraft's core awaits
+    /// the flush of every append before it goes on (`append_to_log`), so
+    /// it waits the same `fdatasync` either way; its worker thread blocks
+    /// for it (`block_in_place` cost more than it saved, docs/PERFORMANCE.md
+    /// (c) item 15). A busy writer gets it queued, as before.
+    #[allow(clippy::result_large_err)]
+    async fn send_inline(&self, op: Op) -> Result<(), StorageError> {
+        self.tx.send(op).map_err(|_| StorageIOError::write_logs(AnyError::error("log writer stopped")))?;
+        #[cfg(madsim)]
+        simulated_fdatasync().await;
+        match self.writer_handle.shared.try_lock() {
+            Some(mut writer) => {
+                writer.drain();
+                self.stats.inline_appends.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            None => self.writer_handle.ring(),
+        }
+        Ok(())
     }
 }
 
@@ -636,46 +668,114 @@ fn collect(first: Op, rx: &mut mpsc::UnboundedReceiver<Op>, ops: &mut Vec<Op>) {
     }
 }
 
-/// The writer runs on a thread of its own: a write and its `fdatasync`
-/// block it, never the async runtime, and no blocking pool sits between the
-/// queue and the disk.
-#[cfg(not(madsim))]
-fn spawn_writer(mut w: Writer, mut rx: mpsc::UnboundedReceiver<Op>) -> std::io::Result<WriterDone> {
-    let (tx, done) = oneshot::channel();
-    std::thread::Builder::new().name("raft-log".into()).spawn(move || {
-        let mut ops = Vec::new();
-        while let Some(first) = rx.blocking_recv() {
-            collect(first, &mut rx, &mut ops);
-            w.run(&mut ops);
+/// The writer and its queue. Whoever holds the lock writes: the writer's
+/// thread, or a follower's `append` that found it idle. Operations are
+/// only ever taken from the queue under the lock, so they are written in
+/// the order they were queued whoever writes them.
+struct Shared {
+    w: Writer,
+    rx: mpsc::UnboundedReceiver<Op>,
+    ops: Vec<Op>,
+}
+
+impl Shared {
+    /// Writes everything queued, in groups of up to [`MAX_GROUP`]. False
+    /// once the queue is closed and empty.
+    fn drain(&mut self) -> bool {
+        let Shared { w, rx, ops } = self;
+        loop {
+            match rx.try_recv() {
+                Ok(first) => {
+                    collect(first, rx, ops);
+                    w.run(ops);
+                }
+                Err(mpsc::error::TryRecvError::Empty) => return true,
+                Err(mpsc::error::TryRecvError::Disconnected) => return false,
+            }
         }
-        drop(w);
+    }
+}
+
+/// The store's side of the writer: the shared writer, and the doorbell
+/// that wakes its thread for what was queued.
+struct WriterHandle {
+    shared: Arc<Mutex<Shared>>,
+    bell: Bell,
+}
+
+#[cfg(not(madsim))]
+type Bell = std::sync::mpsc::Sender<()>;
+#[cfg(madsim)]
+type Bell = mpsc::UnboundedSender<()>;
+
+impl WriterHandle {
+    fn ring(&self) {
+        // Fails only once the writer has stopped; `send` has reported that.
+        let _ = self.bell.send(());
+    }
+}
+
+/// The writer runs on a thread of its own: a leader's write and its
+/// `fdatasync` block it, never the async runtime, and no blocking pool sits
+/// between the queue and the disk. It stops, closing its files, when the
+/// store is dropped and the queue drained.
+#[cfg(not(madsim))]
+fn spawn_writer(w: Writer, rx: mpsc::UnboundedReceiver<Op>) -> std::io::Result<(WriterDone, WriterHandle)> {
+    let (tx, done) = oneshot::channel();
+    let shared = Arc::new(Mutex::new(Shared { w, rx, ops: Vec::new() }));
+    let (bell, rung) = std::sync::mpsc::channel::<()>();
+    let ours = shared.clone();
+    std::thread::Builder::new().name("raft-log".into()).spawn(move || {
+        loop {
+            let open = rung.recv().is_ok();
+            while rung.try_recv().is_ok() {}
+            let more = ours.lock().drain();
+            if !open || !more {
+                break;
+            }
+        }
+        // The store is gone (its handle went before the doorbell did):
+        // this is the last reference, and dropping it closes the files.
+        drop(ours);
         let _ = tx.send(());
     })?;
-    Ok(done)
+    Ok((done, WriterHandle { shared, bell }))
 }
 
 /// Under madsim the simulation must start no threads: the writer is a task
 /// and does its IO inline (deterministic, and free on tmpfs). Each group
-/// first waits a simulated `fdatasync` (50-400 µs of virtual time, drawn
-/// from the seed): what queues meanwhile joins the group, and a node killed
-/// meanwhile loses the whole group, as a crash loses unsynced writes. That
-/// window is where the leader's early-reported entries (early.rs) are not
-/// yet on its disk, so the simulator's crashes reach it.
+/// first waits a simulated `fdatasync`: what queues meanwhile joins the
+/// group, and a node killed meanwhile loses the whole group, as a crash
+/// loses unsynced writes. That window is where the leader's early-reported
+/// entries (early.rs) are not yet on its disk, so the simulator's crashes
+/// reach it. A follower's append that writes inline waits one too.
 #[cfg(madsim)]
-fn spawn_writer(mut w: Writer, mut rx: mpsc::UnboundedReceiver<Op>) -> std::io::Result<WriterDone> {
+fn spawn_writer(w: Writer, rx: mpsc::UnboundedReceiver<Op>) -> std::io::Result<(WriterDone, WriterHandle)> {
     let (tx, done) = oneshot::channel();
+    let shared = Arc::new(Mutex::new(Shared { w, rx, ops: Vec::new() }));
+    let (bell, mut rung) = mpsc::unbounded_channel::<()>();
+    let ours = shared.clone();
     tokio::spawn(async move {
-        let mut ops = Vec::new();
-        while let Some(first) = rx.recv().await {
-            let fsync = madsim::rand::Rng::gen_range(&mut madsim::rand::thread_rng(), 50..400);
-            tokio::time::sleep(std::time::Duration::from_micros(fsync)).await;
-            collect(first, &mut rx, &mut ops);
-            w.run(&mut ops);
+        loop {
+            let open = rung.recv().await.is_some();
+            while rung.try_recv().is_ok() {}
+            simulated_fdatasync().await;
+            let more = ours.lock().drain();
+            if !open || !more {
+                break;
+            }
         }
-        drop(w);
+        drop(ours);
         let _ = tx.send(());
     });
-    Ok(done)
+    Ok((done, WriterHandle { shared, bell }))
+}
+
+/// 50-400 µs of virtual time, drawn from the seed.
+#[cfg(madsim)]
+async fn simulated_fdatasync() {
+    let fsync = madsim::rand::Rng::gen_range(&mut madsim::rand::thread_rng(), 50..400);
+    tokio::time::sleep(std::time::Duration::from_micros(fsync)).await;
 }
 
 /// Entries in `range`, from memory or, for older ones, from disk. Stops at
@@ -831,7 +931,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
             sent
         } else {
-            self.send(Op::Append { records, ids, done: Some(callback) })
+            self.send_inline(Op::Append { records, ids, done: Some(callback) }).await
         }
     }
 
