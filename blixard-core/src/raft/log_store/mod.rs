@@ -434,8 +434,10 @@ impl LogStore {
         simulated_fdatasync().await;
         match self.writer_handle.shared.try_lock() {
             Some(mut writer) => {
-                writer.drain();
-                self.stats.inline_appends.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                // Nothing to write if the writer's thread took it meanwhile.
+                if writer.drain().is_some_and(|groups| groups > 0) {
+                    self.stats.inline_appends.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
             }
             None => self.writer_handle.ring(),
         }
@@ -679,18 +681,20 @@ struct Shared {
 }
 
 impl Shared {
-    /// Writes everything queued, in groups of up to [`MAX_GROUP`]. False
-    /// once the queue is closed and empty.
-    fn drain(&mut self) -> bool {
+    /// Writes everything queued, in groups of up to [`MAX_GROUP`]: how
+    /// many groups, or `None` once the queue is closed (and empty).
+    fn drain(&mut self) -> Option<usize> {
         let Shared { w, rx, ops } = self;
+        let mut groups = 0;
         loop {
             match rx.try_recv() {
                 Ok(first) => {
                     collect(first, rx, ops);
                     w.run(ops);
+                    groups += 1;
                 }
-                Err(mpsc::error::TryRecvError::Empty) => return true,
-                Err(mpsc::error::TryRecvError::Disconnected) => return false,
+                Err(mpsc::error::TryRecvError::Empty) => return Some(groups),
+                Err(mpsc::error::TryRecvError::Disconnected) => return None,
             }
         }
     }
@@ -729,7 +733,7 @@ fn spawn_writer(w: Writer, rx: mpsc::UnboundedReceiver<Op>) -> std::io::Result<(
         loop {
             let open = rung.recv().is_ok();
             while rung.try_recv().is_ok() {}
-            let more = ours.lock().drain();
+            let more = ours.lock().drain().is_some();
             if !open || !more {
                 break;
             }
@@ -760,7 +764,7 @@ fn spawn_writer(w: Writer, rx: mpsc::UnboundedReceiver<Op>) -> std::io::Result<(
             let open = rung.recv().await.is_some();
             while rung.try_recv().is_ok() {}
             simulated_fdatasync().await;
-            let more = ours.lock().drain();
+            let more = ours.lock().drain().is_some();
             if !open || !more {
                 break;
             }
