@@ -889,8 +889,10 @@ impl NodeShared {
         let mut last: String;
         loop {
             // A follower that knows the leader forwards at once: its own
-            // batcher would only answer "not the leader".
-            let elsewhere = self.leader().filter(|(id, _)| *id != self.id && !self.is_leader());
+            // batcher would only answer "not the leader". (The leader asks
+            // only whether it leads: no copy of its own address per write.)
+            let elsewhere =
+                if self.is_leader() { None } else { self.leader().filter(|(id, _)| *id != self.id) };
             let leader = if let Some(known) = elsewhere {
                 last = format!("leader {} was not reached", known.0);
                 Some(known)
