@@ -712,6 +712,21 @@ type Bell = std::sync::mpsc::Sender<()>;
 #[cfg(madsim)]
 type Bell = mpsc::UnboundedSender<()>;
 
+/// Held by the writer's thread (task): when it ends, normally or by a
+/// panic, the queue closes, so a later operation fails at once ("log
+/// writer stopped") instead of waiting for a writer that is gone, and what
+/// was still queued is dropped, which fails its callbacks. Dropping it
+/// last closes the segment files.
+struct CloseOnExit(Arc<Mutex<Shared>>);
+
+impl Drop for CloseOnExit {
+    fn drop(&mut self) {
+        let mut s = self.0.lock();
+        s.rx.close();
+        while s.rx.try_recv().is_ok() {}
+    }
+}
+
 impl WriterHandle {
     fn ring(&self) {
         // Fails only once the writer has stopped; `send` has reported that.
@@ -728,12 +743,12 @@ fn spawn_writer(w: Writer, rx: mpsc::UnboundedReceiver<Op>) -> std::io::Result<(
     let (tx, done) = oneshot::channel();
     let shared = Arc::new(Mutex::new(Shared { w, rx, ops: Vec::new() }));
     let (bell, rung) = std::sync::mpsc::channel::<()>();
-    let ours = shared.clone();
+    let ours = CloseOnExit(shared.clone());
     std::thread::Builder::new().name("raft-log".into()).spawn(move || {
         loop {
             let open = rung.recv().is_ok();
             while rung.try_recv().is_ok() {}
-            let more = ours.lock().drain().is_some();
+            let more = ours.0.lock().drain().is_some();
             if !open || !more {
                 break;
             }
@@ -758,13 +773,13 @@ fn spawn_writer(w: Writer, rx: mpsc::UnboundedReceiver<Op>) -> std::io::Result<(
     let (tx, done) = oneshot::channel();
     let shared = Arc::new(Mutex::new(Shared { w, rx, ops: Vec::new() }));
     let (bell, mut rung) = mpsc::unbounded_channel::<()>();
-    let ours = shared.clone();
+    let ours = CloseOnExit(shared.clone());
     tokio::spawn(async move {
         loop {
             let open = rung.recv().await.is_some();
             while rung.try_recv().is_ok() {}
             simulated_fdatasync().await;
-            let more = ours.lock().drain().is_some();
+            let more = ours.0.lock().drain().is_some();
             if !open || !more {
                 break;
             }
