@@ -246,8 +246,9 @@ pub struct LogStore {
     /// What it reads through (memory, then disk); shared with openraft's
     /// replication tasks.
     reader: LogReader,
-    /// The writer, shared with its thread (dropped before `tx`: the thread
-    /// must hold the last reference when it sees the queue close).
+    /// The writer, shared with its thread. Dropped before `tx`, and its
+    /// doorbell after its share of the writer: the thread holds the last
+    /// reference once it sees the doorbell close.
     writer_handle: WriterHandle,
     tx: mpsc::UnboundedSender<Op>,
     /// The commit index not yet handed to the writer.
@@ -410,13 +411,19 @@ impl LogStore {
             && ids.iter().all(|id| id.leader_id == vote.leader_id)
     }
 
-    /// Queues `op` for the writer. The error type is openraft's (large, but
-    /// only ever built once, when the writer is gone).
+    /// Queues `op` for the writer and wakes its thread.
     #[allow(clippy::result_large_err)]
     fn send(&self, op: Op) -> Result<(), StorageError> {
-        self.tx.send(op).map_err(|_| StorageIOError::write_logs(AnyError::error("log writer stopped")))?;
+        self.queue(op)?;
         self.writer_handle.ring();
         Ok(())
+    }
+
+    /// Puts `op` in the writer's queue. The error type is openraft's (large,
+    /// but only ever built once, when the writer is gone).
+    #[allow(clippy::result_large_err)]
+    fn queue(&self, op: Op) -> Result<(), StorageError> {
+        self.tx.send(op).map_err(|_| StorageIOError::write_logs(AnyError::error("log writer stopped")).into())
     }
 
     /// Queues `op` and, when the writer is idle, writes it (with whatever
@@ -429,7 +436,7 @@ impl LogStore {
     /// (c) item 15). A busy writer gets it queued, as before.
     #[allow(clippy::result_large_err)]
     async fn send_inline(&self, op: Op) -> Result<(), StorageError> {
-        self.tx.send(op).map_err(|_| StorageIOError::write_logs(AnyError::error("log writer stopped")))?;
+        self.queue(op)?;
         #[cfg(madsim)]
         simulated_fdatasync().await;
         match self.writer_handle.shared.try_lock() {
