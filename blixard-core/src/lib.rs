@@ -13,6 +13,7 @@ pub mod raft;
 pub mod reconciler;
 pub mod scheduler;
 pub mod state;
+pub mod test_support;
 pub mod tls;
 pub mod trace;
 pub mod types;

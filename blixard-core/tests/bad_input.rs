@@ -18,7 +18,7 @@ type Authed = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
 
 async fn start() -> (Node, Authed, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = blixard_core::test_support::free_port();
     let cfg = NodeConfig {
         id: 1,
         bind: format!("127.0.0.1:{port}").parse().unwrap(),

@@ -25,10 +25,7 @@ use openraft::{CommittedLeaderId, EntryPayload, Membership, RaftSnapshotBuilder}
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().unwrap().port()
-}
+use blixard_core::test_support::free_port;
 
 fn tuning(snapshot_every: u64, keep_behind_snapshot: u64) -> RaftTuning {
     RaftTuning {

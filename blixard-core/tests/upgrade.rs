@@ -55,9 +55,7 @@ fn config(dir: &Path, port: u16) -> NodeConfig {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use blixard_core::test_support::free_port;
 
 /// Starts a node on `dir` and waits until it leads its one-node cluster.
 type Authed = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>;
