@@ -41,6 +41,13 @@ pub struct ReconcilerConfig {
     /// in the state (a change wakes the reconciler at once); bounds how long
     /// a crash or a guest becoming ready goes unnoticed.
     pub tick: Duration,
+    /// The least time between the end of one pass and the start of the next
+    /// one woken by a change. Under a stream of writes a node would
+    /// otherwise run a pass (a listing of its VMs, off the async threads)
+    /// for every applied entry that touches its VMs; changes that arrive
+    /// meanwhile are handled together by the next pass. The first change
+    /// after a quiet spell is handled at once.
+    pub settle: Duration,
     /// How long a guest gets to power off before it is forced.
     pub stop_grace: Duration,
     /// First restart delay after a failure; doubles per failure.
@@ -60,6 +67,7 @@ impl Default for ReconcilerConfig {
     fn default() -> Self {
         Self {
             tick: Duration::from_millis(250),
+            settle: Duration::from_millis(10),
             stop_grace: blixard_vm::DEFAULT_STOP_GRACE,
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
@@ -175,10 +183,14 @@ pub fn spawn(
             tokio::pin!(changed);
             changed.as_mut().enable();
             r.tick(by_change).await;
+            let settled = tokio::time::Instant::now() + r.cfg.settle;
             by_change = tokio::select! {
                 _ = changed => true,
                 _ = tokio::time::sleep(r.cfg.tick) => false,
             };
+            if by_change {
+                tokio::time::sleep_until(settled).await;
+            }
         }
     })
 }

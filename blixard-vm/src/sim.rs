@@ -287,6 +287,8 @@ struct HostInner {
     images: BTreeSet<String>,
     /// VMs whose console is open (one at a time per VM).
     consoles: BTreeSet<String>,
+    /// Listings asked for so far (one per reconciler pass).
+    lists: u64,
 }
 
 /// One simulated host's hypervisor; outlives the node process running on it.
@@ -316,6 +318,12 @@ impl SimHost {
 
     pub fn host_id(&self) -> HostId {
         self.host
+    }
+
+    /// How many times the node listed this host's VMs (one listing per
+    /// reconciler pass).
+    pub fn lists(&self) -> u64 {
+        self.inner.lock().lists
     }
 
     pub fn world(&self) -> &Arc<SimWorld> {
@@ -524,7 +532,8 @@ impl SimHost {
 
     fn list(&self) -> Vec<VmStatus> {
         let now = Instant::now();
-        let inner = self.inner.lock();
+        let mut inner = self.inner.lock();
+        inner.lists += 1;
         inner.vms.values().map(|vm| self.status_of(vm, now)).collect()
     }
 

@@ -65,6 +65,7 @@ pub fn sim_tuning() -> RaftTuning {
 pub fn sim_reconciler() -> ReconcilerConfig {
     ReconcilerConfig {
         tick: Duration::from_millis(200),
+        settle: Duration::from_millis(10),
         stop_grace: Duration::from_secs(1),
         backoff_base: Duration::from_millis(200),
         backoff_max: Duration::from_secs(2),
@@ -92,6 +93,8 @@ pub struct SimConfig {
     /// Nodes that do not start with the cluster but may join it later
     /// ([`SimCluster::join_node`]), as ids `nodes + 1 ..`.
     pub spare_nodes: u64,
+    /// Every node's reconciler settings ([`sim_reconciler`] by default).
+    pub reconciler: ReconcilerConfig,
 }
 
 impl Default for SimConfig {
@@ -103,6 +106,7 @@ impl Default for SimConfig {
             vm_backends: true,
             labels: BTreeMap::new(),
             spare_nodes: 0,
+            reconciler: sim_reconciler(),
         }
     }
 }
@@ -587,7 +591,7 @@ fn spawn_node(
         labels: config.labels.get(&id).cloned().unwrap_or_default(),
         tuning: sim_tuning(),
         vm_backend,
-        reconciler: sim_reconciler(),
+        reconciler: config.reconciler.clone(),
         meter: None,
         join_token: join.map(|_| admin_token()),
         tls: None,
@@ -701,6 +705,11 @@ impl SimCluster {
             assert!(madsim::time::Instant::now() < deadline, "n{id} did not join within {timeout:?}: {why}");
             madsim::time::sleep(POLL).await;
         }
+    }
+
+    /// The shape the cluster was started with.
+    pub fn config(&self) -> &SimConfig {
+        &self.config
     }
 
     pub fn ids(&self) -> Vec<NodeId> {

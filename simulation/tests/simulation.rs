@@ -8,9 +8,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use blixard_core::reconciler::ReconcilerConfig;
 use blixard_core::types::{NodeId, Resources};
 use blixard_proto as pb;
-use blixard_simulation::cluster::{Admin, SimCluster, SimConfig, VmOp};
+use blixard_simulation::cluster::{sim_reconciler, Admin, SimCluster, SimConfig, VmOp};
 use blixard_simulation::model::{CreateReq, Model, Outcome, Trace};
 use blixard_simulation::seeds::{
     replay_command, require_figures, run_in_child, run_seeds, seeds, simulate, SeedReport,
@@ -539,6 +540,74 @@ fn concurrent_joins_form_a_cluster() {
             c.check_final_state(&model, CONVERGE_TIMEOUT).await;
             c.trace
         })
+    });
+}
+
+// ---------------------------------------------------------------- reconciler load
+
+/// Creates in flight at once in the write stream below.
+const STREAM_CONCURRENCY: usize = 32;
+
+/// The simulated cluster commits an entry every 15-20 ms of virtual time,
+/// slower than the real 10 ms settle: this scenario settles for longer, so
+/// that passes per entry and passes per settle differ (without a settle
+/// the nodes list about 45 times in the second the stream takes).
+const STREAM_SETTLE: Duration = Duration::from_millis(200);
+
+/// A stream of creates from many clients places VMs on every node, so
+/// nearly every applied entry changes every node's VMs. Each node's
+/// reconciler must still list its VMs at most once per `settle` after the
+/// previous pass (plus its periodic ticks), not once per applied entry; and
+/// the VMs still converge.
+async fn reconciler_under_a_write_stream(mut c: SimCluster) -> Trace {
+    c.wait_ready(READY_TIMEOUT).await;
+    let cfg = c.config().reconciler.clone();
+    let ids = c.ids();
+    let mut model = Model::default();
+    let mut next = 0u32;
+    let seen = |c: &SimCluster| -> Vec<(u64, u64)> {
+        ids.iter().map(|&id| (c.host(id).lists(), c.raft_view(id).map_or(0, |v| v.applied))).collect()
+    };
+    let before = seen(&c);
+    let start = madsim::time::Instant::now();
+    for _ in 0..8 {
+        let up = c.up_nodes();
+        let reqs = (0..STREAM_CONCURRENCY)
+            .map(|_| {
+                next += 1;
+                (pick(&up), format!("vm-{next:04}"), small_spec())
+            })
+            .collect();
+        c.create_vms(&mut model, reqs, None).await;
+    }
+    let elapsed = start.elapsed();
+    let after = seen(&c);
+    let window = elapsed.as_secs_f64();
+    let bound = (window / cfg.settle.as_secs_f64() + window / cfg.tick.as_secs_f64()).ceil() as u64 + 3;
+    for (i, &id) in ids.iter().enumerate() {
+        let lists = after[i].0 - before[i].0;
+        let applied = after[i].1 - before[i].1;
+        c.trace.push(format!("node {id}: {lists} listings, {applied} entries applied in {elapsed:?}"));
+        c.trace.figure("listings per node", lists as f64);
+        c.trace.figure("entries applied per node", applied as f64);
+        assert!(
+            lists <= bound,
+            "node {id} listed its VMs {lists} times in {elapsed:?} ({applied} entries applied): \
+             more than one pass per settle ({:?}) and tick ({:?}) allow ({bound})",
+            cfg.settle,
+            cfg.tick
+        );
+    }
+    c.check_final_state(&model, CONVERGE_TIMEOUT).await;
+    c.trace
+}
+
+#[test]
+fn reconciler_passes_settle_under_a_write_stream() {
+    init_logging();
+    run_seeds("reconciler_passes_settle_under_a_write_stream", 8, |seed| {
+        let reconciler = ReconcilerConfig { settle: STREAM_SETTLE, ..sim_reconciler() };
+        simulate(seed, SimConfig { reconciler, ..SimConfig::default() }, reconciler_under_a_write_stream)
     });
 }
 
