@@ -183,6 +183,8 @@ pub fn spawn(
             tokio::pin!(changed);
             changed.as_mut().enable();
             r.tick(by_change).await;
+            // A change soon after this pass waits out the settle time, so a
+            // stream of changes costs one pass per settle, not one each.
             let settled = tokio::time::Instant::now() + r.cfg.settle;
             by_change = tokio::select! {
                 _ = changed => true,
