@@ -47,10 +47,22 @@ fn small_spec() -> pb::VmSpec {
 /// Creates `count` fresh VMs, `CONCURRENCY` at a time, each through a random
 /// running node. Returns how many were acknowledged.
 async fn create_round(c: &mut SimCluster, model: &mut Model, next: &mut u32, count: usize) -> usize {
+    create_in_flight(c, model, next, count, CONCURRENCY).await
+}
+
+/// Creates `count` fresh VMs, `in_flight` at a time, each through a random
+/// running node. Returns how many were acknowledged.
+async fn create_in_flight(
+    c: &mut SimCluster,
+    model: &mut Model,
+    next: &mut u32,
+    count: usize,
+    in_flight: usize,
+) -> usize {
     let mut acked = 0;
     let mut left = count;
     while left > 0 {
-        let batch = left.min(CONCURRENCY);
+        let batch = left.min(in_flight);
         let up = c.up_nodes();
         let reqs = (0..batch)
             .map(|_| {
@@ -570,16 +582,7 @@ async fn reconciler_under_a_write_stream(mut c: SimCluster) -> Trace {
     };
     let before = seen(&c);
     let start = madsim::time::Instant::now();
-    for _ in 0..8 {
-        let up = c.up_nodes();
-        let reqs = (0..STREAM_CONCURRENCY)
-            .map(|_| {
-                next += 1;
-                (pick(&up), format!("vm-{next:04}"), small_spec())
-            })
-            .collect();
-        c.create_vms(&mut model, reqs, None).await;
-    }
+    create_in_flight(&mut c, &mut model, &mut next, 8 * STREAM_CONCURRENCY, STREAM_CONCURRENCY).await;
     let elapsed = start.elapsed();
     let after = seen(&c);
     let window = elapsed.as_secs_f64();

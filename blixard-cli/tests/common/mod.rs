@@ -12,10 +12,8 @@ use std::time::{Duration, Instant};
 pub const BIN: &str = env!("CARGO_BIN_EXE_blixard");
 
 /// A loopback port nobody listens on right now, below the kernel's
-/// ephemeral range (`blixard_core::test_support::free_port`).
-pub fn free_port() -> u16 {
-    blixard_core::test_support::free_port()
-}
+/// ephemeral range.
+pub use blixard_core::test_support::free_port;
 
 /// `127.0.0.1:PORT`.
 pub fn loopback(port: u16) -> String {
