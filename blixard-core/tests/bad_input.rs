@@ -1,5 +1,9 @@
 //! Hostile and malformed input at a real node's gRPC edge: every case gets a
 //! typed error that says what is allowed, nothing changes, nothing panics.
+//!
+//! Real sockets and real tonic: not built under madsim (the simulation's
+//! tonic has other channel types; `simulation/` covers the simulated node).
+#![cfg(not(madsim))]
 use std::time::Duration;
 
 use blixard_core::auth::Bearer;

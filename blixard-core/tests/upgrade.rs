@@ -1,6 +1,10 @@
 //! Upgrade safety: today's code starts on a data dir written by an older
 //! Blixard (tests/fixtures), keeps its VMs, nodes and request ids, accepts
 //! writes, and starts again afterwards.
+//!
+//! Real sockets and real tonic: not built under madsim (the simulation's
+//! tonic has other channel types; `simulation/` covers the simulated node).
+#![cfg(not(madsim))]
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
