@@ -16,6 +16,9 @@
 //! Each level runs via the leader or via a follower (found again before every
 //! run), for R rounds, etcd then Blixard within a round; the table gives the
 //! medians over the rounds. A failed write counts as an error, not a write.
+//! A second table gives what a write cost in CPU: user + system time of the
+//! cluster's processes and of the generator over the measured window (from
+//! /proc/PID/stat), per write, and the machine's busy share (/proc/stat).
 //!
 //! `--rss-writes N` instead starts only Blixard, drives 256 clients through
 //! its leader until N writes are done and samples every node's resident
@@ -347,6 +350,11 @@ impl Etcd {
 
     /// (leader's client address, a follower's), from Maintenance/Status on
     /// every member; every member must agree on the leader.
+    /// The members' pids (CPU accounting).
+    fn pids(&self) -> Vec<i32> {
+        self.procs.iter().map(|c| c.id() as i32).collect()
+    }
+
     async fn leader(&self) -> anyhow::Result<(String, String)> {
         let mut ids = Vec::new();
         let mut leaders = Vec::new();
@@ -476,6 +484,11 @@ impl Blixard {
     }
 
     /// (leader's address, a follower's), asking every node which it is.
+    /// The nodes' pids (CPU accounting; `up` itself only waits).
+    fn pids(&self) -> Vec<i32> {
+        self.nodes.iter().map(|(_, pid, _)| *pid).collect()
+    }
+
     async fn leader(&self) -> anyhow::Result<(String, String)> {
         let mut leader = None;
         let mut follower = None;
@@ -715,6 +728,76 @@ struct Sample {
     p50_ms: f64,
     p99_ms: f64,
     max_ms: f64,
+    /// CPU over the measured window, per write; `None` without writes.
+    cpu: Option<CpuUse>,
+}
+
+/// Where a run's CPU went: the cluster's processes and the load generator,
+/// in µs of user + system time per write, and how busy the whole machine
+/// was (kernel threads, e.g. block IO completion, included).
+#[derive(Clone, Copy)]
+struct CpuUse {
+    cluster_us: f64,
+    generator_us: f64,
+    /// Share of all cores' time not idle, 0..1.
+    machine_busy: f64,
+}
+
+/// CPU clock ticks (user + system) of some processes, of this process, and
+/// of the machine (busy, total), read from /proc at one moment.
+#[derive(Clone, Copy)]
+struct CpuSnap {
+    procs: u64,
+    own: u64,
+    busy: u64,
+    total: u64,
+}
+
+/// utime + stime of `pid` (all its threads), in clock ticks; 0 if gone.
+fn proc_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name may hold spaces: fields count from after its ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
+    // After ')': state is field 3, utime 14 and stime 15 (proc(5)).
+    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+}
+
+impl CpuSnap {
+    fn take(pids: &[i32]) -> CpuSnap {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let cpu: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .skip(1)
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        // user nice system idle iowait irq softirq steal (guest time is
+        // already in user): idle and iowait are the idle part.
+        let total: u64 = cpu.iter().take(8).sum();
+        let idle = cpu.get(3).copied().unwrap_or(0) + cpu.get(4).copied().unwrap_or(0);
+        CpuSnap {
+            procs: pids.iter().map(|&p| proc_ticks(p as u32)).sum(),
+            own: proc_ticks(std::process::id()),
+            busy: total - idle,
+            total,
+        }
+    }
+
+    /// What was used from `self` to `later`, per write.
+    fn per_write(&self, later: &CpuSnap, writes: u64) -> Option<CpuUse> {
+        // SAFETY: sysconf only reads a configuration value.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let us = |ticks: u64| ticks as f64 * 1e6 / hz / writes as f64;
+        let total = later.total.saturating_sub(self.total);
+        (writes > 0 && total > 0).then(|| CpuUse {
+            cluster_us: us(later.procs.saturating_sub(self.procs)),
+            generator_us: us(later.own.saturating_sub(self.own)),
+            machine_busy: later.busy.saturating_sub(self.busy) as f64 / total as f64,
+        })
+    }
 }
 
 impl Sample {
@@ -726,10 +809,23 @@ impl Sample {
 /// Closed loop: every client writes, waits for the answer, writes again.
 /// Writes that complete within [start + warmup, start + warmup + measure)
 /// count, with their latency; the others only keep the load on.
-async fn timed_run<O: Op>(ops: Vec<O>, warmup: Duration, measure: Duration) -> anyhow::Result<Sample> {
+/// `pids` are the cluster's processes: their CPU, the generator's and the
+/// machine's are read at the window's start and end.
+async fn timed_run<O: Op>(
+    ops: Vec<O>,
+    warmup: Duration,
+    measure: Duration,
+    pids: Vec<i32>,
+) -> anyhow::Result<Sample> {
     let start = Instant::now();
     let from = start + warmup;
     let until = from + measure;
+    let cpu = tokio::spawn(async move {
+        tokio::time::sleep_until(from.into()).await;
+        let a = CpuSnap::take(&pids);
+        tokio::time::sleep_until(until.into()).await;
+        (a, CpuSnap::take(&pids))
+    });
     let tasks: Vec<_> = ops
         .into_iter()
         .map(|mut op| {
@@ -766,6 +862,7 @@ async fn timed_run<O: Op>(ops: Vec<O>, warmup: Duration, measure: Duration) -> a
         errors += e;
         first_error = first_error.or(fe);
     }
+    let (cpu_from, cpu_until) = cpu.await.context("CPU sampler")?;
     all.sort_unstable();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let pct = |p: f64| {
@@ -781,6 +878,7 @@ async fn timed_run<O: Op>(ops: Vec<O>, warmup: Duration, measure: Duration) -> a
         p50_ms: ms(pct(0.50)),
         p99_ms: ms(pct(0.99)),
         max_ms: ms(all.last().copied().unwrap_or_default()),
+        cpu: cpu_from.per_write(&cpu_until, all.len() as u64),
     })
 }
 
@@ -886,6 +984,14 @@ fn fmt_sample(s: &Sample) -> String {
     let mut t =
         format!("{:.0} w/s (p50 {:.2} / p99 {:.2} / max {:.1} ms", s.rate(), s.p50_ms, s.p99_ms, s.max_ms);
     t.push_str(&format!(", {} writes, {} errors)", s.writes, s.errors));
+    if let Some(c) = &s.cpu {
+        t.push_str(&format!(
+            " · CPU per write: cluster {:.0} µs, generator {:.0} µs; machine {:.0} % busy",
+            c.cluster_us,
+            c.generator_us,
+            c.machine_busy * 100.0
+        ));
+    }
     if let Some(e) = &s.first_error {
         t.push_str(&format!(" first error: {e}"));
     }
@@ -894,10 +1000,47 @@ fn fmt_sample(s: &Sample) -> String {
 
 fn sample_json(s: &Sample) -> serde_json::Value {
     json!({"writes": s.writes, "errors": s.errors, "seconds": s.secs, "writes_per_sec": s.rate(),
-           "p50_ms": s.p50_ms, "p99_ms": s.p99_ms, "max_ms": s.max_ms, "first_error": s.first_error})
+           "p50_ms": s.p50_ms, "p99_ms": s.p99_ms, "max_ms": s.max_ms, "first_error": s.first_error,
+           "cpu": s.cpu.map(|c| json!({"cluster_us_per_write": c.cluster_us,
+                                       "generator_us_per_write": c.generator_us,
+                                       "machine_busy": c.machine_busy}))})
 }
 
 // ---------------------------------------------------------------- the comparison
+
+/// Medians of each CPU figure over the rounds that have them.
+fn median_cpu(v: &[Sample]) -> Option<CpuUse> {
+    let c: Vec<CpuUse> = v.iter().filter_map(|s| s.cpu).collect();
+    (!c.is_empty()).then(|| CpuUse {
+        cluster_us: median(c.iter().map(|c| c.cluster_us).collect()),
+        generator_us: median(c.iter().map(|c| c.generator_us).collect()),
+        machine_busy: median(c.iter().map(|c| c.machine_busy).collect()),
+    })
+}
+
+/// The second table: what each write cost in CPU, for both systems.
+fn print_cpu(results: &[LevelResult]) {
+    println!();
+    println!(
+        "CPU per write over the measured windows (medians; user + system time of the cluster's \
+         processes and of the load generator, and the machine's busy share of all its cores):"
+    );
+    println!();
+    println!("| clients | etcd cluster / generator µs | Blixard cluster / generator µs | machine busy, etcd / Blixard |");
+    println!("|---|---|---|---|");
+    let us = |c: Option<CpuUse>| match c {
+        Some(c) => format!("{:.0} / {:.0}", c.cluster_us, c.generator_us),
+        None => "–".into(),
+    };
+    let busy = |c: Option<CpuUse>| match c {
+        Some(c) => format!("{:.0} %", c.machine_busy * 100.0),
+        None => "–".into(),
+    };
+    for l in results {
+        let (e, b) = (median_cpu(&l.rounds[0]), median_cpu(&l.rounds[1]));
+        println!("| {}, {} | {} | {} | {} / {} |", l.clients, l.via.name(), us(e), us(b), busy(e), busy(b));
+    }
+}
 
 struct LevelResult {
     clients: usize,
@@ -955,20 +1098,20 @@ async fn compare(args: &Args) -> anyhow::Result<ExitCode> {
         let mut level = LevelResult { clients, via, rounds: [Vec::new(), Vec::new()] };
         for r in 0..args.rounds {
             for (i, system) in [System::Etcd, System::Blixard].into_iter().enumerate() {
-                let (leader, follower) = match system {
+                let ((leader, follower), pids) = match system {
                     System::Etcd => match &etcd {
-                        Some(e) => e.leader().await?,
+                        Some(e) => (e.leader().await?, e.pids()),
                         None => continue,
                     },
                     System::Blixard => match &blixard {
-                        Some(b) => b.leader().await?,
+                        Some(b) => (b.leader().await?, b.pids()),
                         None => continue,
                     },
                 };
                 let target = if via == Via::Leader { leader } else { follower };
                 run += 1;
                 let ops = make_ops(system, &target, clients, run).await?;
-                let s = timed_run(ops, warmup, measure).await?;
+                let s = timed_run(ops, warmup, measure, pids).await?;
                 println!(
                     "round {} · {clients:>3} clients via {:<8} · {:<7} at {target}: {}",
                     r + 1,
@@ -1007,6 +1150,7 @@ async fn compare(args: &Args) -> anyhow::Result<ExitCode> {
         };
         println!("| {}, {} | {} | {} | {ratio} |", l.clients, l.via.name(), cell(e), cell(b));
     }
+    print_cpu(&results);
     let errors: u64 = results.iter().flat_map(|l| l.rounds.iter().flatten()).map(|s| s.errors).sum();
     if errors > 0 {
         println!("\n{errors} write(s) failed in all (see the rounds above); failed writes are not counted");
@@ -1017,11 +1161,15 @@ async fn compare(args: &Args) -> anyhow::Result<ExitCode> {
             .map(|l| {
                 let side = |v: &[Sample]| {
                     let m = med(v);
+                    let c = median_cpu(v);
                     json!({
                         "rounds": v.iter().map(sample_json).collect::<Vec<_>>(),
                         "median_writes_per_sec": m.map(|m| m.0),
                         "median_p50_ms": m.map(|m| m.1),
                         "median_p99_ms": m.map(|m| m.2),
+                        "median_cluster_cpu_us_per_write": c.map(|c| c.cluster_us),
+                        "median_generator_cpu_us_per_write": c.map(|c| c.generator_us),
+                        "median_machine_busy": c.map(|c| c.machine_busy),
                     })
                 };
                 json!({"clients": l.clients, "via": l.via.name(),
