@@ -348,13 +348,13 @@ impl Etcd {
         }
     }
 
-    /// (leader's client address, a follower's), from Maintenance/Status on
-    /// every member; every member must agree on the leader.
     /// The members' pids (CPU accounting).
     fn pids(&self) -> Vec<i32> {
         self.procs.iter().map(|c| c.id() as i32).collect()
     }
 
+    /// (leader's client address, a follower's), from Maintenance/Status on
+    /// every member; every member must agree on the leader.
     async fn leader(&self) -> anyhow::Result<(String, String)> {
         let mut ids = Vec::new();
         let mut leaders = Vec::new();
@@ -483,12 +483,12 @@ impl Blixard {
             .join("\n")
     }
 
-    /// (leader's address, a follower's), asking every node which it is.
     /// The nodes' pids (CPU accounting; `up` itself only waits).
     fn pids(&self) -> Vec<i32> {
         self.nodes.iter().map(|(_, pid, _)| *pid).collect()
     }
 
+    /// (leader's address, a follower's), asking every node which it is.
     async fn leader(&self) -> anyhow::Result<(String, String)> {
         let mut leader = None;
         let mut follower = None;
@@ -753,37 +753,39 @@ struct CpuSnap {
     total: u64,
 }
 
-/// utime + stime of `pid` (all its threads), in clock ticks; 0 if gone.
-fn proc_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+/// utime + stime of `pid` (all its threads), in clock ticks; `None` if it
+/// cannot be read (the process is gone).
+fn proc_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces: fields count from after its ')'.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<u64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
+    let (_, rest) = stat.rsplit_once(')')?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
     // After ')': state is field 3, utime 14 and stime 15 (proc(5)).
-    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
 impl CpuSnap {
-    fn take(pids: &[i32]) -> CpuSnap {
-        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-        let cpu: Vec<u64> = stat
-            .lines()
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .skip(1)
-            .map(|x| x.parse().unwrap_or(0))
-            .collect();
+    /// `None` if a process or the machine's counters cannot be read: the
+    /// run then reports no CPU figures rather than wrong ones.
+    fn take(pids: &[i32]) -> Option<CpuSnap> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let cpu: Vec<u64> =
+            stat.lines().next()?.split_whitespace().skip(1).map(|x| x.parse().unwrap_or(0)).collect();
         // user nice system idle iowait irq softirq steal (guest time is
-        // already in user): idle and iowait are the idle part.
+        // already in user): idle and iowait are idle, and steal (another
+        // guest's time) is not this machine's work.
+        let at = |i: usize| cpu.get(i).copied().unwrap_or(0);
         let total: u64 = cpu.iter().take(8).sum();
-        let idle = cpu.get(3).copied().unwrap_or(0) + cpu.get(4).copied().unwrap_or(0);
-        CpuSnap {
-            procs: pids.iter().map(|&p| proc_ticks(p as u32)).sum(),
-            own: proc_ticks(std::process::id()),
-            busy: total - idle,
-            total,
+        let mut procs = 0;
+        for &p in pids {
+            procs += proc_ticks(p as u32)?;
         }
+        Some(CpuSnap {
+            procs,
+            own: proc_ticks(std::process::id())?,
+            busy: total.saturating_sub(at(3) + at(4) + at(7)),
+            total,
+        })
     }
 
     /// What was used from `self` to `later`, per write.
@@ -862,7 +864,10 @@ async fn timed_run<O: Op>(
         errors += e;
         first_error = first_error.or(fe);
     }
-    let (cpu_from, cpu_until) = cpu.await.context("CPU sampler")?;
+    let cpu = match cpu.await.context("CPU sampler")? {
+        (Some(a), Some(b)) => a.per_write(&b, all.len() as u64),
+        _ => None,
+    };
     all.sort_unstable();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let pct = |p: f64| {
@@ -878,7 +883,7 @@ async fn timed_run<O: Op>(
         p50_ms: ms(pct(0.50)),
         p99_ms: ms(pct(0.99)),
         max_ms: ms(all.last().copied().unwrap_or_default()),
-        cpu: cpu_from.per_write(&cpu_until, all.len() as u64),
+        cpu,
     })
 }
 
