@@ -349,8 +349,8 @@ impl Etcd {
     }
 
     /// The members' pids (CPU accounting).
-    fn pids(&self) -> Vec<i32> {
-        self.procs.iter().map(|c| c.id() as i32).collect()
+    fn pids(&self) -> Vec<u32> {
+        self.procs.iter().map(Child::id).collect()
     }
 
     /// (leader's client address, a follower's), from Maintenance/Status on
@@ -484,8 +484,8 @@ impl Blixard {
     }
 
     /// The nodes' pids (CPU accounting; `up` itself only waits).
-    fn pids(&self) -> Vec<i32> {
-        self.nodes.iter().map(|(_, pid, _)| *pid).collect()
+    fn pids(&self) -> Vec<u32> {
+        self.nodes.iter().map(|&(_, pid, _)| pid as u32).collect()
     }
 
     /// (leader's address, a follower's), asking every node which it is.
@@ -767,7 +767,7 @@ fn proc_ticks(pid: u32) -> Option<u64> {
 impl CpuSnap {
     /// `None` if a process or the machine's counters cannot be read: the
     /// run then reports no CPU figures rather than wrong ones.
-    fn take(pids: &[i32]) -> Option<CpuSnap> {
+    fn take(pids: &[u32]) -> Option<CpuSnap> {
         let stat = std::fs::read_to_string("/proc/stat").ok()?;
         let cpu: Vec<u64> =
             stat.lines().next()?.split_whitespace().skip(1).map(|x| x.parse().unwrap_or(0)).collect();
@@ -778,7 +778,7 @@ impl CpuSnap {
         let total: u64 = cpu.iter().take(8).sum();
         let mut procs = 0;
         for &p in pids {
-            procs += proc_ticks(p as u32)?;
+            procs += proc_ticks(p)?;
         }
         Some(CpuSnap {
             procs,
@@ -817,7 +817,7 @@ async fn timed_run<O: Op>(
     ops: Vec<O>,
     warmup: Duration,
     measure: Duration,
-    pids: Vec<i32>,
+    pids: Vec<u32>,
 ) -> anyhow::Result<Sample> {
     let start = Instant::now();
     let from = start + warmup;
