@@ -482,3 +482,65 @@ async fn client_request_ids_return_the_first_outcome() {
     }
     assert_eq!(node.shared().state.vm_count(), 0);
 }
+
+/// The writes of one forward join one Raft entry: the leader's batcher
+/// takes a lone write straight to Raft from its caller's task, and must not
+/// take the first write of a forwarded batch that way (which would split
+/// the batch into two entries, each replicated and fsynced on its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_batch_is_one_entry() {
+    use std::borrow::Cow;
+
+    use blixard_core::command::{Command, Proposal};
+    use blixard_core::node::forwarder::{LinkForward, LinkForwardReply};
+    use blixard_core::raft::link::{Framed, Hello, KIND_FORWARD, STATUS_OK};
+    use blixard_core::types::VmSpec;
+
+    let (node, _ch, dir) = start().await;
+    let shared = node.shared();
+    let port = shared.link_port.load(std::sync::atomic::Ordering::Relaxed);
+    let s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut link = Framed::new(Box::new(s));
+    let hello =
+        Hello { format: blixard_core::format::CURRENT, cluster_id: shared.cluster_id.to_string(), from: 2 };
+    link.open(&hello).await.unwrap();
+    assert_eq!(link.recv().await.unwrap().expect("an answer to the hello").0, STATUS_OK);
+    let create = |name: &str| Proposal {
+        at_ms: 1,
+        request: None,
+        command: Command::CreateVm {
+            name: name.into(),
+            spec: VmSpec { vcpus: 1, memory_mb: 16, disk_gb: 1, ..Default::default() },
+            start: false,
+        },
+    };
+    let token = blixard_core::node::bootstrap::read(dir.path()).unwrap();
+    // Two rounds of two: the node has 4 vCPUs.
+    for round in 0..2 {
+        let names: Vec<String> = (0..2).map(|i| format!("batch-{round}-{i}")).collect();
+        let forward = LinkForward {
+            token: Some(Cow::Owned(format!("Bearer {token}"))),
+            claim: None,
+            traceparent: None,
+            proposals: Cow::Owned(names.iter().map(|n| create(n)).collect()),
+        };
+        let reply: LinkForwardReply = link.request(KIND_FORWARD, &forward).await.unwrap();
+        let answers = reply.expect("the admin's forward was refused");
+        let indexes: Vec<u64> = answers
+            .into_iter()
+            .map(|a| match a {
+                Ok(Ok((index, Ok(_)))) => index,
+                other => panic!("a forwarded create failed: {other:?}"),
+            })
+            .collect();
+        assert_eq!(indexes.len(), names.len());
+        assert!(
+            indexes.iter().all(|i| *i == indexes[0]),
+            "round {round}: one forward became entries {indexes:?}"
+        );
+        for n in &names {
+            assert!(shared.state.with_vm(n, |_| ()).is_some(), "{n} was not created");
+        }
+    }
+    node.shutdown().await;
+}

@@ -6,11 +6,14 @@
 //! Raft entry: it collects whatever has queued while the previous batches
 //! were in flight (at most `MAX_BATCH`), submits them as one entry, and hands
 //! each caller its own result. Each proposal in an entry is applied on its
-//! own: batching changes cost, never meaning.
+//! own: batching changes cost, never meaning. A proposal that arrives with
+//! nothing queued and a batch slot free is an entry of its own, handed to
+//! Raft from its caller's task (one client's writes do not wait for the
+//! batcher task).
 use std::sync::Arc;
 
 use openraft::error::{ClientWriteError, RaftError};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 use crate::command::{CommandResult, Proposal, ProposalBatch};
@@ -59,18 +62,48 @@ type Item = (Proposal, Reply, tracing::Span);
 
 pub struct Batcher {
     tx: mpsc::Sender<Item>,
+    raft: Raft,
+    /// Batches in Raft's hands, shared by the batcher task and the direct
+    /// path of [`Batcher::submit`].
+    in_flight: Arc<Semaphore>,
+    metrics: Arc<NodeMetrics>,
 }
 
 impl Batcher {
     pub fn start(raft: Raft, metrics: Arc<NodeMetrics>) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(raft, rx, metrics));
-        Self { tx }
+        let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        tokio::spawn(run(raft.clone(), rx, in_flight.clone(), metrics.clone()));
+        Self { tx, raft, in_flight, metrics }
     }
 
     /// Submits one proposal; resolves once its entry is committed and applied
     /// on this node, with the entry's log index and the proposal's result.
+    ///
+    /// A proposal that finds nothing queued and a batch slot free is a batch
+    /// of its own: its caller's task hands it to Raft and gets its result
+    /// back from Raft, without the two hand-offs through the batcher task
+    /// and a write task each way (docs/PERFORMANCE.md (c) item 18). Anything
+    /// else queues for the next batch.
     pub async fn submit(&self, p: Proposal) -> Result<(u64, CommandResult), SubmitError> {
+        if self.tx.capacity() == self.tx.max_capacity() {
+            if let Ok(permit) = self.in_flight.clone().try_acquire_owned() {
+                let span = batch_span(&tracing::Span::current());
+                return match propose(&self.raft, vec![p], &span, &self.metrics, permit).await {
+                    Ok((index, mut results)) => {
+                        Ok((index, results.pop().expect("one result for each proposal")))
+                    }
+                    Err(e) => Err(e),
+                };
+            }
+        }
+        self.submit_queued(p).await
+    }
+
+    /// [`submit`](Self::submit) for a proposal that arrives with others
+    /// (a follower's forwarded batch): it always queues, so the batch
+    /// stays one entry instead of its first proposal going alone.
+    pub async fn submit_queued(&self, p: Proposal) -> Result<(u64, CommandResult), SubmitError> {
         let (reply, rx) = oneshot::channel();
         self.tx.send((p, reply, tracing::Span::current())).await.map_err(|_| SubmitError::Closed)?;
         // The batcher dropped the reply only if it stopped before submitting.
@@ -78,8 +111,21 @@ impl Batcher {
     }
 }
 
-async fn run(raft: Raft, mut rx: mpsc::Receiver<Item>, metrics: Arc<NodeMetrics>) {
-    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+/// A batch's span: a child of the first submitter's span; linked to the
+/// others'.
+fn batch_span(parent: &tracing::Span) -> tracing::Span {
+    tracing::debug_span!(
+        parent: parent,
+        "batch",
+        otel.name = "raft.batch",
+        batch.size = tracing::field::Empty,
+        raft.commit_index = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+        otel.status_description = tracing::field::Empty,
+    )
+}
+
+async fn run(raft: Raft, mut rx: mpsc::Receiver<Item>, in_flight: Arc<Semaphore>, metrics: Arc<NodeMetrics>) {
     loop {
         let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
         let Some(first) = rx.recv().await else { return };
@@ -87,16 +133,7 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Item>, metrics: Arc<NodeMetrics>
         let mut replies = Vec::with_capacity(8);
         proposals.push(first.0);
         replies.push(first.1);
-        // A child of the first submitter's span; linked to the others'.
-        let span = tracing::debug_span!(
-            parent: &first.2,
-            "batch",
-            otel.name = "raft.batch",
-            batch.size = tracing::field::Empty,
-            raft.commit_index = tracing::field::Empty,
-            otel.status_code = tracing::field::Empty,
-            otel.status_description = tracing::field::Empty,
-        );
+        let span = batch_span(&first.2);
         while proposals.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok((p, r, from)) => {
@@ -107,83 +144,88 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Item>, metrics: Arc<NodeMetrics>
                 Err(_) => break,
             }
         }
-        span.record("batch.size", proposals.len());
-        // Only a leader hands proposals to Raft. openraft answers "forward
-        // to leader" both for a write it refused up front and for one it
-        // appended and later lost to a log conflict (which another leader may
-        // still commit), so that answer cannot tell "never applied" from
-        // "unknown". Checking first keeps the definite case definite.
-        let leader = {
-            let m = raft.metrics();
-            let m = m.borrow();
-            if m.state != openraft::ServerState::Leader {
-                let known = m
-                    .current_leader
-                    .and_then(|id| Some((id, m.membership_config.membership().get_node(&id)?.addr.clone())));
-                Some(known)
-            } else {
-                None
-            }
-        };
-        if let Some(known) = leader {
-            span.record("otel.status_code", "ERROR");
-            span.record("otel.status_description", "not the leader");
-            drop(permit);
-            for reply in replies {
-                let _ = reply.send(Err(SubmitError::NotLeader(known.clone())));
-            }
-            continue;
-        }
-        metrics.proposals.add(proposals.len() as u64);
-        metrics.batch_proposals.record(proposals.len() as u64);
         let raft = raft.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
-            let write = raft.client_write(ProposalBatch(proposals)).instrument(span.clone());
-            let outcome = tokio::time::timeout(WRITE_TIMEOUT, write).await;
-            span.record("otel.status_code", if matches!(outcome, Ok(Ok(_))) { "OK" } else { "ERROR" });
-            drop(permit);
-            let Ok(outcome) = outcome else {
-                tracing::warn!(
-                    proposals = replies.len(),
-                    "write batch not confirmed within {WRITE_TIMEOUT:?}"
-                );
-                for reply in replies {
-                    let _ = reply.send(Err(SubmitError::Unknown {
-                        why: "the write was not confirmed in time",
-                        leader: None,
-                    }));
-                }
-                return;
-            };
-            match outcome {
-                Ok(resp) => {
-                    let index = resp.log_id.index;
-                    span.record("raft.commit_index", index);
-                    for (reply, result) in replies.into_iter().zip(resp.data) {
+            match propose(&raft, proposals, &span, &metrics, permit).await {
+                Ok((index, results)) => {
+                    for (reply, result) in replies.into_iter().zip(results) {
                         let _ = reply.send(Ok((index, result)));
                     }
                 }
-                Err(e) => {
-                    let err = match e {
-                        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => SubmitError::Unknown {
-                            why: "leadership moved while the write was in flight",
-                            leader: f.leader_id.zip(f.leader_node.map(|n| n.addr)),
-                        },
-                        // Not produced for normal entries; treated as unknown
-                        // because the entry was handed to Raft.
-                        RaftError::APIError(ClientWriteError::ChangeMembershipError(_)) => {
-                            SubmitError::Unknown { why: "the write raced a membership change", leader: None }
-                        }
-                        RaftError::Fatal(_) => SubmitError::Unknown {
-                            why: "raft stopped while the write was in flight",
-                            leader: None,
-                        },
-                    };
+                Err(err) => {
                     for reply in replies {
                         let _ = reply.send(Err(err.clone()));
                     }
                 }
             }
         });
+    }
+}
+
+/// Hands one batch to Raft if this node leads, holding its in-flight slot
+/// (`permit`) until Raft has answered or the wait has timed out; the
+/// entry's index and each proposal's result, in order.
+async fn propose(
+    raft: &Raft,
+    proposals: Vec<Proposal>,
+    span: &tracing::Span,
+    metrics: &NodeMetrics,
+    permit: OwnedSemaphorePermit,
+) -> Result<(u64, Vec<CommandResult>), SubmitError> {
+    span.record("batch.size", proposals.len());
+    // Only a leader hands proposals to Raft. openraft answers "forward
+    // to leader" both for a write it refused up front and for one it
+    // appended and later lost to a log conflict (which another leader may
+    // still commit), so that answer cannot tell "never applied" from
+    // "unknown". Checking first keeps the definite case definite.
+    let leader = {
+        let m = raft.metrics();
+        let m = m.borrow();
+        if m.state != openraft::ServerState::Leader {
+            let known = m
+                .current_leader
+                .and_then(|id| Some((id, m.membership_config.membership().get_node(&id)?.addr.clone())));
+            Some(known)
+        } else {
+            None
+        }
+    };
+    if let Some(known) = leader {
+        span.record("otel.status_code", "ERROR");
+        span.record("otel.status_description", "not the leader");
+        return Err(SubmitError::NotLeader(known));
+    }
+    let proposed = proposals.len();
+    metrics.proposals.add(proposed as u64);
+    metrics.batch_proposals.record(proposed as u64);
+    let write = raft.client_write(ProposalBatch(proposals)).instrument(span.clone());
+    let outcome = tokio::time::timeout(WRITE_TIMEOUT, write).await;
+    span.record("otel.status_code", if matches!(outcome, Ok(Ok(_))) { "OK" } else { "ERROR" });
+    drop(permit);
+    let Ok(outcome) = outcome else {
+        tracing::warn!(proposals = proposed, "write batch not confirmed within {WRITE_TIMEOUT:?}");
+        return Err(SubmitError::Unknown { why: "the write was not confirmed in time", leader: None });
+    };
+    match outcome {
+        Ok(resp) => {
+            let index = resp.log_id.index;
+            span.record("raft.commit_index", index);
+            Ok((index, resp.data))
+        }
+        Err(e) => Err(match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => SubmitError::Unknown {
+                why: "leadership moved while the write was in flight",
+                leader: f.leader_id.zip(f.leader_node.map(|n| n.addr)),
+            },
+            // Not produced for normal entries; treated as unknown
+            // because the entry was handed to Raft.
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(_)) => {
+                SubmitError::Unknown { why: "the write raced a membership change", leader: None }
+            }
+            RaftError::Fatal(_) => {
+                SubmitError::Unknown { why: "raft stopped while the write was in flight", leader: None }
+            }
+        }),
     }
 }

@@ -83,9 +83,11 @@ fn check_peer(me: NodeId, req: &Request<RaftRequest>) -> Result<(), Status> {
 }
 
 /// Hands a forwarded proposal to this node's batcher (as if proposed here)
-/// and says what became of it.
-async fn submit_forwarded(node: &NodeShared, p: Proposal) -> ProposeReply {
-    node.batcher.submit(p).await.map_err(|e| match e {
+/// and says what became of it. One of several forwarded together
+/// (`alone` false) always queues, so they stay one entry.
+async fn submit_forwarded(node: &NodeShared, p: Proposal, alone: bool) -> ProposeReply {
+    let submitted = if alone { node.batcher.submit(p).await } else { node.batcher.submit_queued(p).await };
+    submitted.map_err(|e| match e {
         SubmitError::NotLeader(leader) => ForwardError::NotLeader { leader },
         SubmitError::Unknown { why, .. } => ForwardError::Unknown(why.to_string()),
         SubmitError::Closed => ForwardError::Unavailable(format!("node {} is shutting down", node.id)),
@@ -108,6 +110,7 @@ pub(super) async fn answer_forwards(
             proposals.len()
         )));
     }
+    let alone = proposals.len() == 1;
     let answers = proposals.into_iter().map(|p| {
         let allowed = match caller {
             Some(c) => c.require(crate::auth::required(&p.command), "this write"),
@@ -115,7 +118,7 @@ pub(super) async fn answer_forwards(
         };
         async move {
             match allowed {
-                Ok(()) => Ok(submit_forwarded(node, p).await),
+                Ok(()) => Ok(submit_forwarded(node, p, alone).await),
                 Err(denied) => Err((denied.code() as i32, denied.message().to_string())),
             }
         }
@@ -207,7 +210,7 @@ impl RaftService for RaftGrpc {
         }
         // Forwarded writes join the leader's batches like local ones.
         self.node.metrics.forwards_grpc.add(1);
-        let out = submit_forwarded(&self.node, p).instrument(span).await;
+        let out = submit_forwarded(&self.node, p, true).instrument(span).await;
         self.reply(&out)
     }
 
