@@ -13,7 +13,8 @@
 use std::sync::Arc;
 
 use openraft::error::{ClientWriteError, RaftError};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::Instrument;
 
 use crate::command::{CommandResult, Proposal, ProposalBatch};
@@ -23,9 +24,6 @@ use crate::types::NodeId;
 
 /// Most proposals in one entry.
 pub const MAX_BATCH: usize = 128;
-/// Batches submitted to Raft but not yet applied. While all are in flight,
-/// new proposals accumulate into the next batch.
-const MAX_IN_FLIGHT: usize = 2;
 /// Proposals waiting for a batch; beyond this, callers wait (backpressure).
 const QUEUE: usize = 16 * 1024;
 /// How long one batch may wait for commit. openraft 0.9 never answers a
@@ -65,16 +63,99 @@ pub struct Batcher {
     raft: Raft,
     /// Batches in Raft's hands, shared by the batcher task and the direct
     /// path of [`Batcher::submit`].
-    in_flight: Arc<Semaphore>,
+    slots: Arc<Slots>,
     metrics: Arc<NodeMetrics>,
+}
+
+/// When a batch may go to Raft: when none is in flight, or when the one in
+/// flight is a lone proposal. openraft 0.9 has one AppendEntries in flight
+/// per follower, so a second entry only starts its replication once the
+/// first's is answered; what it saves is the wait for the first's commit,
+/// apply and answer. With two writers that is worth an entry (and an fsync
+/// on each node) more; with more writers than that, each entry is better
+/// spent carrying all of them (docs/PERFORMANCE.md (c) item 19).
+#[derive(Default)]
+struct Slots {
+    state: Mutex<SlotState>,
+    freed: Notify,
+}
+
+#[derive(Default, Debug, PartialEq, Eq)]
+struct SlotState {
+    in_flight: usize,
+    /// In-flight batches of one proposal.
+    lone: usize,
+    /// The batcher task holds proposals and waits for a slot: the direct
+    /// path must not overtake it.
+    holding: bool,
+}
+
+impl SlotState {
+    fn open(&self) -> bool {
+        self.in_flight == 0 || (self.in_flight == 1 && self.lone == 1)
+    }
+}
+
+/// A batch's place in flight; given back when dropped.
+struct Slot {
+    slots: Arc<Slots>,
+    lone: bool,
+}
+
+impl Slots {
+    /// A slot for a lone proposal, if one is open and the batcher task is
+    /// not waiting for it.
+    fn take_direct(self: &Arc<Self>) -> Option<Slot> {
+        let mut st = self.state.lock();
+        (!st.holding && st.open()).then(|| Self::take(self, &mut st, true))
+    }
+
+    fn take(self: &Arc<Self>, st: &mut SlotState, lone: bool) -> Slot {
+        st.in_flight += 1;
+        st.lone += usize::from(lone);
+        Slot { slots: self.clone(), lone }
+    }
+
+    /// The batcher task's wait for an open slot while it holds proposals.
+    async fn wait_open(&self) {
+        loop {
+            {
+                let mut st = self.state.lock();
+                st.holding = true;
+                if st.open() {
+                    return;
+                }
+            }
+            // A slot freed between the check and here left a permit.
+            self.freed.notified().await;
+        }
+    }
+
+    /// Takes the slot `wait_open` found open, for a batch of `size`.
+    fn take_held(self: &Arc<Self>, size: usize) -> Slot {
+        let mut st = self.state.lock();
+        st.holding = false;
+        Self::take(self, &mut st, size == 1)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        {
+            let mut st = self.slots.state.lock();
+            st.in_flight -= 1;
+            st.lone -= usize::from(self.lone);
+        }
+        self.slots.freed.notify_one();
+    }
 }
 
 impl Batcher {
     pub fn start(raft: Raft, metrics: Arc<NodeMetrics>) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-        tokio::spawn(run(raft.clone(), rx, in_flight.clone(), metrics.clone()));
-        Self { tx, raft, in_flight, metrics }
+        let slots = Arc::new(Slots::default());
+        tokio::spawn(run(raft.clone(), rx, slots.clone(), metrics.clone()));
+        Self { tx, raft, slots, metrics }
     }
 
     /// Submits one proposal; resolves once its entry is committed and applied
@@ -87,9 +168,9 @@ impl Batcher {
     /// else queues for the next batch.
     pub async fn submit(&self, p: Proposal) -> Result<(u64, CommandResult), SubmitError> {
         if self.tx.capacity() == self.tx.max_capacity() {
-            if let Ok(permit) = self.in_flight.clone().try_acquire_owned() {
+            if let Some(slot) = self.slots.take_direct() {
                 let span = batch_span(&tracing::Span::current());
-                return match propose(&self.raft, vec![p], &span, &self.metrics, permit).await {
+                return match propose(&self.raft, vec![p], &span, &self.metrics, slot).await {
                     Ok((index, mut results)) => {
                         Ok((index, results.pop().expect("one result for each proposal")))
                     }
@@ -125,10 +206,11 @@ fn batch_span(parent: &tracing::Span) -> tracing::Span {
     )
 }
 
-async fn run(raft: Raft, mut rx: mpsc::Receiver<Item>, in_flight: Arc<Semaphore>, metrics: Arc<NodeMetrics>) {
+async fn run(raft: Raft, mut rx: mpsc::Receiver<Item>, slots: Arc<Slots>, metrics: Arc<NodeMetrics>) {
     loop {
-        let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
         let Some(first) = rx.recv().await else { return };
+        // What queues meanwhile joins this batch.
+        slots.wait_open().await;
         let mut proposals = Vec::with_capacity(8);
         let mut replies = Vec::with_capacity(8);
         proposals.push(first.0);
@@ -144,10 +226,11 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Item>, in_flight: Arc<Semaphore>
                 Err(_) => break,
             }
         }
+        let slot = slots.take_held(proposals.len());
         let raft = raft.clone();
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            match propose(&raft, proposals, &span, &metrics, permit).await {
+            match propose(&raft, proposals, &span, &metrics, slot).await {
                 Ok((index, results)) => {
                     for (reply, result) in replies.into_iter().zip(results) {
                         let _ = reply.send(Ok((index, result)));
@@ -164,14 +247,14 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Item>, in_flight: Arc<Semaphore>
 }
 
 /// Hands one batch to Raft if this node leads, holding its in-flight slot
-/// (`permit`) until Raft has answered or the wait has timed out; the
+/// (`slot`) until Raft has answered or the wait has timed out; the
 /// entry's index and each proposal's result, in order.
 async fn propose(
     raft: &Raft,
     proposals: Vec<Proposal>,
     span: &tracing::Span,
     metrics: &NodeMetrics,
-    permit: OwnedSemaphorePermit,
+    slot: Slot,
 ) -> Result<(u64, Vec<CommandResult>), SubmitError> {
     span.record("batch.size", proposals.len());
     // Only a leader hands proposals to Raft. openraft answers "forward
@@ -202,7 +285,7 @@ async fn propose(
     let write = raft.client_write(ProposalBatch(proposals)).instrument(span.clone());
     let outcome = tokio::time::timeout(WRITE_TIMEOUT, write).await;
     span.record("otel.status_code", if matches!(outcome, Ok(Ok(_))) { "OK" } else { "ERROR" });
-    drop(permit);
+    drop(slot);
     let Ok(outcome) = outcome else {
         tracing::warn!(proposals = proposed, "write batch not confirmed within {WRITE_TIMEOUT:?}");
         return Err(SubmitError::Unknown { why: "the write was not confirmed in time", leader: None });
@@ -227,5 +310,60 @@ async fn propose(
                 SubmitError::Unknown { why: "raft stopped while the write was in flight", leader: None }
             }
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(s: &Arc<Slots>) -> (usize, usize, bool) {
+        let st = s.state.lock();
+        (st.in_flight, st.lone, st.holding)
+    }
+
+    #[test]
+    fn a_second_batch_goes_only_beside_a_lone_one() {
+        let s = Arc::new(Slots::default());
+        let a = s.take_direct().expect("nothing in flight: open");
+        let b = s.take_direct().expect("beside a lone proposal: open");
+        assert!(s.take_direct().is_none(), "two in flight: closed");
+        drop(a);
+        drop(b);
+        assert_eq!(state(&s), (0, 0, false), "slots given back");
+
+        // A batch of several in flight: nothing goes beside it.
+        let big = s.take_held(5);
+        assert!(s.take_direct().is_none());
+        drop(big);
+        let lone = s.take_direct().expect("open again once it is answered");
+        let big = s.take_held(3);
+        drop(lone);
+        assert!(s.take_direct().is_none(), "the batch of three is still in flight");
+        drop(big);
+        assert_eq!(state(&s), (0, 0, false));
+    }
+
+    #[tokio::test]
+    async fn the_batcher_task_is_not_overtaken_and_wakes_when_a_slot_frees() {
+        let s = Arc::new(Slots::default());
+        let big = s.take_held(4);
+        let waiter = {
+            let s = s.clone();
+            tokio::spawn(async move {
+                s.wait_open().await;
+                s.take_held(2)
+            })
+        };
+        // The batcher task holds proposals: a lone one may not slip past it.
+        while !state(&s).2 {
+            tokio::task::yield_now().await;
+        }
+        drop(big);
+        assert!(s.take_direct().is_none(), "the direct path overtook the waiting batcher task");
+        let held = waiter.await.unwrap();
+        assert_eq!(state(&s), (1, 0, false));
+        drop(held);
+        assert!(s.take_direct().is_some());
     }
 }
