@@ -19,6 +19,7 @@ use tracing::Instrument;
 
 use crate::command::{CommandResult, Proposal, ProposalBatch};
 use crate::metrics::NodeMetrics;
+use crate::raft::progress::Progress;
 use crate::raft::Raft;
 use crate::types::NodeId;
 
@@ -67,53 +68,85 @@ pub struct Batcher {
     metrics: Arc<NodeMetrics>,
 }
 
-/// When a batch may go to Raft: when none is in flight, or when the one in
-/// flight is a lone proposal. openraft 0.9 has one AppendEntries in flight
-/// per follower, so a second entry only starts its replication once the
-/// first's is answered; what it saves is the wait for the first's commit,
-/// apply and answer. With two writers that is worth an entry (and an fsync
-/// on each node) more; with more writers than that, each entry is better
-/// spent carrying all of them (docs/PERFORMANCE.md (c) item 19).
+/// When a batch may go to Raft: when none is in flight; beside one, when
+/// that one is a lone proposal or a follower has already accepted its
+/// entry; never beside two. openraft 0.9 has one AppendEntries in flight
+/// per follower, so an entry submitted while the one before is still on
+/// its way to the followers only waits there, and costs an entry (an
+/// AppendEntries to each follower, an fsync on each node) for nothing;
+/// with several writers each entry is better spent carrying all of them.
+/// Once a follower has accepted the entry in flight, its replication is
+/// free and a new entry leaves at once, overlapping the first's commit,
+/// apply and answer; unless that entry is full (`MAX_BATCH`): then the node
+/// is saturated, and a second entry beside it was measured to cost CPU for
+/// no gain. Two writers overlap either way (docs/PERFORMANCE.md (c) items
+/// 19 and 21).
 #[derive(Default)]
 struct Slots {
     state: Mutex<SlotState>,
     freed: Notify,
+    progress: Arc<Progress>,
 }
 
-#[derive(Default, Debug, PartialEq, Eq)]
+#[derive(Default, Debug)]
 struct SlotState {
-    in_flight: usize,
-    /// In-flight batches of one proposal.
-    lone: usize,
+    in_flight: Vec<InFlight>,
+    next_id: u64,
     /// The batcher task holds proposals and waits for a slot: the direct
     /// path must not overtake it.
     holding: bool,
 }
 
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    id: u64,
+    /// A batch of one proposal.
+    lone: bool,
+    /// A batch of `MAX_BATCH` proposals: more writers wait than an entry
+    /// holds.
+    full: bool,
+    /// The log's last index when it went: its entry comes after.
+    after: u64,
+}
+
 impl SlotState {
-    fn open(&self) -> bool {
-        self.in_flight == 0 || (self.in_flight == 1 && self.lone == 1)
+    fn open(&self, accepted: u64) -> bool {
+        match self.in_flight.as_slice() {
+            [] => true,
+            [one] => one.lone || (!one.full && accepted > one.after),
+            _ => false,
+        }
     }
 }
 
 /// A batch's place in flight; given back when dropped.
 struct Slot {
     slots: Arc<Slots>,
-    lone: bool,
+    id: u64,
 }
 
 impl Slots {
+    fn new(progress: Arc<Progress>) -> Self {
+        Self { state: Mutex::default(), freed: Notify::new(), progress }
+    }
+
+    fn is_open(&self, st: &SlotState) -> bool {
+        st.open(self.progress.last_accepted())
+    }
+
     /// A slot for a lone proposal, if one is open and the batcher task is
     /// not waiting for it.
     fn take_direct(self: &Arc<Self>) -> Option<Slot> {
         let mut st = self.state.lock();
-        (!st.holding && st.open()).then(|| Self::take(self, &mut st, true))
+        (!st.holding && self.is_open(&st)).then(|| self.take(&mut st, 1))
     }
 
-    fn take(self: &Arc<Self>, st: &mut SlotState, lone: bool) -> Slot {
-        st.in_flight += 1;
-        st.lone += usize::from(lone);
-        Slot { slots: self.clone(), lone }
+    fn take(self: &Arc<Self>, st: &mut SlotState, size: usize) -> Slot {
+        let id = st.next_id;
+        st.next_id += 1;
+        let after = self.progress.last_appended();
+        st.in_flight.push(InFlight { id, lone: size == 1, full: size >= MAX_BATCH, after });
+        Slot { slots: self.clone(), id }
     }
 
     /// The batcher task's wait for an open slot while it holds proposals.
@@ -122,12 +155,16 @@ impl Slots {
             {
                 let mut st = self.state.lock();
                 st.holding = true;
-                if st.open() {
+                if self.is_open(&st) {
                     return;
                 }
             }
-            // A slot freed between the check and here left a permit.
-            self.freed.notified().await;
+            // A slot freed or an entry accepted between the check and here
+            // left a permit.
+            tokio::select! {
+                _ = self.freed.notified() => {}
+                _ = self.progress.accepted_grew() => {}
+            }
         }
     }
 
@@ -135,25 +172,23 @@ impl Slots {
     fn take_held(self: &Arc<Self>, size: usize) -> Slot {
         let mut st = self.state.lock();
         st.holding = false;
-        Self::take(self, &mut st, size == 1)
+        self.take(&mut st, size)
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        {
-            let mut st = self.slots.state.lock();
-            st.in_flight -= 1;
-            st.lone -= usize::from(self.lone);
-        }
+        self.slots.state.lock().in_flight.retain(|f| f.id != self.id);
         self.slots.freed.notify_one();
     }
 }
 
 impl Batcher {
-    pub fn start(raft: Raft, metrics: Arc<NodeMetrics>) -> Self {
+    /// `progress`: the log's, which the network also feeds
+    /// (raft/progress.rs).
+    pub fn start(raft: Raft, metrics: Arc<NodeMetrics>, progress: Arc<Progress>) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let slots = Arc::new(Slots::default());
+        let slots = Arc::new(Slots::new(progress));
         tokio::spawn(run(raft.clone(), rx, slots.clone(), metrics.clone()));
         Self { tx, raft, slots, metrics }
     }
@@ -317,20 +352,24 @@ async fn propose(
 mod tests {
     use super::*;
 
-    fn state(s: &Arc<Slots>) -> (usize, usize, bool) {
+    fn slots() -> Arc<Slots> {
+        Arc::new(Slots::new(Arc::new(Progress::default())))
+    }
+
+    fn state(s: &Arc<Slots>) -> (usize, bool) {
         let st = s.state.lock();
-        (st.in_flight, st.lone, st.holding)
+        (st.in_flight.len(), st.holding)
     }
 
     #[test]
     fn a_second_batch_goes_only_beside_a_lone_one() {
-        let s = Arc::new(Slots::default());
+        let s = slots();
         let a = s.take_direct().expect("nothing in flight: open");
         let b = s.take_direct().expect("beside a lone proposal: open");
         assert!(s.take_direct().is_none(), "two in flight: closed");
         drop(a);
         drop(b);
-        assert_eq!(state(&s), (0, 0, false), "slots given back");
+        assert_eq!(state(&s), (0, false), "slots given back");
 
         // A batch of several in flight: nothing goes beside it.
         let big = s.take_held(5);
@@ -341,12 +380,37 @@ mod tests {
         drop(lone);
         assert!(s.take_direct().is_none(), "the batch of three is still in flight");
         drop(big);
-        assert_eq!(state(&s), (0, 0, false));
+        assert_eq!(state(&s), (0, false));
+    }
+
+    #[test]
+    fn a_second_batch_goes_once_a_follower_accepted_the_first() {
+        let s = slots();
+        s.progress.appended(10);
+        s.progress.accepted(10);
+        let big = s.take_held(4);
+        assert!(s.take_direct().is_none(), "the batch's entry is not even appended");
+        s.progress.appended(11);
+        assert!(s.take_direct().is_none(), "appended, not accepted");
+        s.progress.accepted(11);
+        let beside = s.take_direct().expect("accepted by a follower: open");
+        assert!(s.take_direct().is_none(), "never beside two");
+        drop(big);
+        drop(beside);
+        assert_eq!(state(&s), (0, false));
+
+        // A full batch: nothing beside it, accepted or not.
+        let full = s.take_held(MAX_BATCH);
+        s.progress.appended(12);
+        s.progress.accepted(12);
+        assert!(s.take_direct().is_none(), "beside a full batch");
+        drop(full);
+        assert!(s.take_direct().is_some());
     }
 
     #[tokio::test]
-    async fn the_batcher_task_is_not_overtaken_and_wakes_when_a_slot_frees() {
-        let s = Arc::new(Slots::default());
+    async fn the_batcher_task_is_not_overtaken_and_wakes_when_a_slot_frees_or_an_entry_is_accepted() {
+        let s = slots();
         let big = s.take_held(4);
         let waiter = {
             let s = s.clone();
@@ -356,14 +420,34 @@ mod tests {
             })
         };
         // The batcher task holds proposals: a lone one may not slip past it.
-        while !state(&s).2 {
+        while !state(&s).1 {
             tokio::task::yield_now().await;
         }
         drop(big);
         assert!(s.take_direct().is_none(), "the direct path overtook the waiting batcher task");
         let held = waiter.await.unwrap();
-        assert_eq!(state(&s), (1, 0, false));
+        assert_eq!(state(&s), (1, false));
+
+        // Waiting beside a batch of two: woken by a follower's acceptance.
+        let waiter = {
+            let s = s.clone();
+            tokio::spawn(async move {
+                s.wait_open().await;
+                s.take_held(3)
+            })
+        };
+        while !state(&s).1 {
+            tokio::task::yield_now().await;
+        }
+        s.progress.appended(1);
+        s.progress.accepted(1);
+        let second = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("not woken by the acceptance")
+            .unwrap();
+        assert_eq!(state(&s), (2, false));
         drop(held);
+        drop(second);
         assert!(s.take_direct().is_some());
     }
 }

@@ -494,6 +494,7 @@ impl Node {
         let has_raft_state = log.has_state();
         // The leader's fsync overlaps replication (raft/log_store/early.rs).
         let early = log.report_own_entries_early(cfg.id);
+        let progress = log.progress();
         let log_writer = log.take_writer();
         let log_stats = log.stats();
         let state = Arc::new(ClusterState::new());
@@ -516,11 +517,12 @@ impl Node {
             cluster_id: cluster_id.clone(),
             from: cfg.id,
             early: Some(early),
+            progress: Some(progress.clone()),
         };
         let config = cfg.tuning.to_config(&ident.cluster_id).map_err(|e| NodeError::Config(e.to_string()))?;
         let raft =
             Raft::new(cfg.id, config, network, log, sm).await.map_err(|e| NodeError::Raft(e.to_string()))?;
-        let batcher = Batcher::start(raft.clone(), metrics.clone());
+        let batcher = Batcher::start(raft.clone(), metrics.clone(), progress);
         let channels_for_forwarder = channels.clone();
         let cluster_id_for_forwarder = cluster_id.clone();
 

@@ -2,6 +2,7 @@
 pub mod link;
 pub mod log_store;
 pub mod network;
+pub mod progress;
 pub mod runtime;
 pub mod state_machine;
 

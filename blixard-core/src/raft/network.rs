@@ -29,6 +29,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::link::{self, Dialer, Hello, Link};
 use super::log_store::EarlyAcks;
+use super::progress::Progress;
 use super::TypeConfig;
 use crate::codec;
 use crate::format;
@@ -378,6 +379,9 @@ pub struct NetworkFactory {
     /// entries flushed before their `fdatasync` (log_store/early.rs):
     /// followers are never told a commit index past the leader's disk.
     pub early: Option<Arc<EarlyAcks>>,
+    /// Where a follower's acceptance of entries is recorded, for the
+    /// batcher (raft/progress.rs).
+    pub progress: Option<Arc<Progress>>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -391,6 +395,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             cluster_id: self.cluster_id.clone(),
             from: self.from,
             early: self.early.clone(),
+            progress: self.progress.clone(),
             link: self.channels.link(&node.addr),
         }
     }
@@ -403,6 +408,7 @@ pub struct PeerClient {
     cluster_id: Arc<str>,
     from: NodeId,
     early: Option<Arc<EarlyAcks>>,
+    progress: Option<Arc<Progress>>,
     /// AppendEntries outside gRPC, once the peer announced a link.
     link: Arc<Link>,
 }
@@ -518,12 +524,27 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         let entries = rpc.entries.len();
         let deadline = if entries > 1 { option.soft_ttl() } else { option.hard_ttl() };
         let started = tokio::time::Instant::now();
-        if let Some(out) = self.append_on_link(&rpc, deadline).await {
-            let reply = out.map_err(|f| self.failure(f, Some(entries)))?;
-            return reply.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)));
+        let reply = match self.append_on_link(&rpc, deadline).await {
+            Some(out) => {
+                let reply = out.map_err(|f| self.failure(f, Some(entries)))?;
+                reply.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            None => {
+                let left = deadline.saturating_sub(started.elapsed());
+                self.raft_call(RaftRpc::AppendEntries, &rpc, left, Some(entries)).await
+            }
+        };
+        if let (Some(progress), Ok(accepted)) = (&self.progress, &reply) {
+            let upto = match accepted {
+                AppendEntriesResponse::Success => rpc.entries.last().map(|e| e.log_id.index),
+                AppendEntriesResponse::PartialSuccess(upto) => upto.map(|id| id.index),
+                _ => None,
+            };
+            if let Some(index) = upto.filter(|_| entries > 0) {
+                progress.accepted(index);
+            }
         }
-        let left = deadline.saturating_sub(started.elapsed());
-        self.raft_call(RaftRpc::AppendEntries, &rpc, left, Some(entries)).await
+        reply
     }
 
     async fn install_snapshot(

@@ -34,6 +34,7 @@ use openraft::{AnyError, OptionalSend, RaftLogReader, StorageIOError};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{mpsc, oneshot};
 
+use super::progress::Progress;
 use super::{Entry, LogId, StorageError, TypeConfig, Vote};
 use crate::metrics::NodeMetrics;
 use crate::types::NodeId;
@@ -258,6 +259,8 @@ pub struct LogStore {
     /// Set by [`LogStore::report_own_entries_early`]: this node's id.
     me: Option<NodeId>,
     early: Arc<EarlyAcks>,
+    /// The last index appended, for the batcher (raft/progress.rs).
+    progress: Arc<Progress>,
 }
 
 /// Read-only view used by openraft's replication tasks.
@@ -353,6 +356,7 @@ impl LogStore {
             writer: Some(done),
             me: None,
             early,
+            progress: Arc::new(Progress::default()),
         })
     }
 
@@ -378,6 +382,12 @@ impl LogStore {
             c.vote = Some(Vote { committed: false, ..v });
         }
         self.early.clone()
+    }
+
+    /// How far this log's entries have got (raft/progress.rs): the log
+    /// records what it appends, the network what followers accept.
+    pub fn progress(&self) -> Arc<Progress> {
+        self.progress.clone()
     }
 
     /// Resolves once the writer has stopped (after this store is dropped and
@@ -947,6 +957,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
             early
         };
+        if let Some(last) = ids.last() {
+            self.progress.appended(last.index);
+        }
         if early {
             let sent = self.send(Op::Append { records, ids, done: None });
             match &sent {
