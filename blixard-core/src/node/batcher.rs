@@ -70,17 +70,18 @@ pub struct Batcher {
 
 /// When a batch may go to Raft: when none is in flight; beside one, when
 /// that one is a lone proposal or a follower has already accepted its
-/// entry; never beside two. openraft 0.9 has one AppendEntries in flight
-/// per follower, so an entry submitted while the one before is still on
-/// its way to the followers only waits there, and costs an entry (an
+/// entry; beside two, when a follower has accepted the newer one's entry;
+/// never beside three. openraft 0.9 has one AppendEntries in flight per
+/// follower, so an entry submitted while the one before is still on its
+/// way to the followers only waits there, and costs an entry (an
 /// AppendEntries to each follower, an fsync on each node) for nothing;
 /// with several writers each entry is better spent carrying all of them.
-/// Once a follower has accepted the entry in flight, its replication is
-/// free and a new entry leaves at once, overlapping the first's commit,
-/// apply and answer; unless that entry is full (`MAX_BATCH`): then the node
-/// is saturated, and a second entry beside it was measured to cost CPU for
-/// no gain. Two writers overlap either way (docs/PERFORMANCE.md (c) items
-/// 19 and 21).
+/// Once a follower has accepted the newest entry in flight, its
+/// replication is free and a new entry leaves at once, overlapping the
+/// commit, apply and answer of those before it; unless that entry is full
+/// (`MAX_BATCH`): then the node is saturated, and another entry beside it
+/// was measured to cost CPU for no gain. Two writers overlap either way
+/// (docs/PERFORMANCE.md (c) items 19, 21 and 23).
 #[derive(Default)]
 struct Slots {
     state: Mutex<SlotState>,
@@ -114,6 +115,7 @@ impl SlotState {
         match self.in_flight.as_slice() {
             [] => true,
             [one] => one.lone || (!one.full && accepted > one.after),
+            [_, newer] => !newer.full && accepted > newer.after,
             _ => false,
         }
     }
@@ -384,7 +386,7 @@ mod tests {
     }
 
     #[test]
-    fn a_second_batch_goes_once_a_follower_accepted_the_first() {
+    fn another_batch_goes_once_a_follower_accepted_the_newest() {
         let s = slots();
         s.progress.appended(10);
         s.progress.accepted(10);
@@ -394,16 +396,38 @@ mod tests {
         assert!(s.take_direct().is_none(), "appended, not accepted");
         s.progress.accepted(11);
         let beside = s.take_direct().expect("accepted by a follower: open");
-        assert!(s.take_direct().is_none(), "never beside two");
+        assert!(s.take_direct().is_none(), "beside two, the newer one not appended");
+        s.progress.appended(12);
+        assert!(s.take_direct().is_none(), "beside two, the newer one not accepted");
+        // The older one's entry accepted again (a second follower): not
+        // what a third waits for.
+        s.progress.accepted(11);
+        assert!(s.take_direct().is_none());
+        s.progress.accepted(12);
+        let third = s.take_direct().expect("the newer one accepted: open");
+        s.progress.appended(13);
+        s.progress.accepted(13);
+        assert!(s.take_direct().is_none(), "never beside three");
         drop(big);
         drop(beside);
+        drop(third);
         assert_eq!(state(&s), (0, false));
 
         // A full batch: nothing beside it, accepted or not.
         let full = s.take_held(MAX_BATCH);
-        s.progress.appended(12);
-        s.progress.accepted(12);
+        s.progress.appended(14);
+        s.progress.accepted(14);
         assert!(s.take_direct().is_none(), "beside a full batch");
+        drop(full);
+        // Nor a third beside a full newer one.
+        let first = s.take_held(2);
+        s.progress.appended(15);
+        s.progress.accepted(15);
+        let full = s.take_held(MAX_BATCH);
+        s.progress.appended(16);
+        s.progress.accepted(16);
+        assert!(s.take_direct().is_none(), "beside a full newer batch");
+        drop(first);
         drop(full);
         assert!(s.take_direct().is_some());
     }
