@@ -75,6 +75,19 @@ fn outcome(e: &tonic::Status) -> &str {
     e.metadata().get("blixard-outcome").and_then(|v| v.to_str().ok()).unwrap_or("<none>")
 }
 
+/// A proposal to create a stopped 1-vCPU VM, as a follower forwards it.
+fn create(name: &str) -> blixard_core::command::Proposal {
+    blixard_core::command::Proposal {
+        at_ms: 1,
+        request: None,
+        command: blixard_core::command::Command::CreateVm {
+            name: name.into(),
+            spec: blixard_core::types::VmSpec { vcpus: 1, memory_mb: 16, disk_gb: 1, ..Default::default() },
+            start: false,
+        },
+    }
+}
+
 fn spec(vcpus: u32, memory_mb: u64) -> Option<pb::VmSpec> {
     Some(pb::VmSpec { vcpus, memory_mb, disk_gb: 1, ..Default::default() })
 }
@@ -333,12 +346,11 @@ async fn corrupt_or_foreign_raft_traffic_is_refused() {
 async fn hostile_peer_link_traffic_is_refused() {
     use std::borrow::Cow;
 
-    use blixard_core::command::{Command, Proposal};
+    use blixard_core::command::Proposal;
     use blixard_core::node::forwarder::{LinkForward, LinkForwardReply};
     use blixard_core::raft::link::{
         Framed, Hello, LinkError, KIND_APPEND, KIND_FORWARD, STATUS_OK, STATUS_REFUSED,
     };
-    use blixard_core::types::VmSpec;
 
     let (node, _ch, dir) = start().await;
     let shared = node.shared();
@@ -393,15 +405,6 @@ async fn hostile_peer_link_traffic_is_refused() {
 
     // A forwarded write for an unknown token is refused as a gRPC forward's
     // would be; for the admin token it is done.
-    let create = |name: &str| Proposal {
-        at_ms: 1,
-        request: None,
-        command: Command::CreateVm {
-            name: name.into(),
-            spec: VmSpec { vcpus: 1, memory_mb: 16, disk_gb: 1, ..Default::default() },
-            start: false,
-        },
-    };
     let forward = |token: &str, p: Proposal| LinkForward {
         token: Some(Cow::Owned(format!("Bearer {token}"))),
         claim: None,
@@ -491,10 +494,8 @@ async fn client_request_ids_return_the_first_outcome() {
 async fn a_forwarded_batch_is_one_entry() {
     use std::borrow::Cow;
 
-    use blixard_core::command::{Command, Proposal};
     use blixard_core::node::forwarder::{LinkForward, LinkForwardReply};
     use blixard_core::raft::link::{Framed, Hello, KIND_FORWARD, STATUS_OK};
-    use blixard_core::types::VmSpec;
 
     let (node, _ch, dir) = start().await;
     let shared = node.shared();
@@ -505,15 +506,6 @@ async fn a_forwarded_batch_is_one_entry() {
         Hello { format: blixard_core::format::CURRENT, cluster_id: shared.cluster_id.to_string(), from: 2 };
     link.open(&hello).await.unwrap();
     assert_eq!(link.recv().await.unwrap().expect("an answer to the hello").0, STATUS_OK);
-    let create = |name: &str| Proposal {
-        at_ms: 1,
-        request: None,
-        command: Command::CreateVm {
-            name: name.into(),
-            spec: VmSpec { vcpus: 1, memory_mb: 16, disk_gb: 1, ..Default::default() },
-            start: false,
-        },
-    };
     let token = blixard_core::node::bootstrap::read(dir.path()).unwrap();
     // Two rounds of two: the node has 4 vCPUs.
     for round in 0..2 {

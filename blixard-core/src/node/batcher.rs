@@ -82,7 +82,6 @@ pub struct Batcher {
 /// (`MAX_BATCH`): then the node is saturated, and another entry beside it
 /// was measured to cost CPU for no gain. Two writers overlap either way
 /// (docs/PERFORMANCE.md (c) items 19, 21 and 23).
-#[derive(Default)]
 struct Slots {
     state: Mutex<SlotState>,
     freed: Notify,
@@ -207,12 +206,8 @@ impl Batcher {
         if self.tx.capacity() == self.tx.max_capacity() {
             if let Some(slot) = self.slots.take_direct() {
                 let span = batch_span(&tracing::Span::current());
-                return match propose(&self.raft, vec![p], &span, &self.metrics, slot).await {
-                    Ok((index, mut results)) => {
-                        Ok((index, results.pop().expect("one result for each proposal")))
-                    }
-                    Err(e) => Err(e),
-                };
+                let (index, mut results) = propose(&self.raft, vec![p], &span, &self.metrics, slot).await?;
+                return Ok((index, results.pop().expect("one result for each proposal")));
             }
         }
         self.submit_queued(p).await
@@ -363,6 +358,22 @@ mod tests {
         (st.in_flight.len(), st.holding)
     }
 
+    /// The batcher task's part: waits for an open slot and takes it for a
+    /// batch of `size`; returns once the wait has begun.
+    async fn batcher_waits(s: &Arc<Slots>, size: usize) -> tokio::task::JoinHandle<Slot> {
+        let waiter = {
+            let s = s.clone();
+            tokio::spawn(async move {
+                s.wait_open().await;
+                s.take_held(size)
+            })
+        };
+        while !state(s).1 {
+            tokio::task::yield_now().await;
+        }
+        waiter
+    }
+
     #[test]
     fn a_second_batch_goes_only_beside_a_lone_one() {
         let s = slots();
@@ -436,33 +447,15 @@ mod tests {
     async fn the_batcher_task_is_not_overtaken_and_wakes_when_a_slot_frees_or_an_entry_is_accepted() {
         let s = slots();
         let big = s.take_held(4);
-        let waiter = {
-            let s = s.clone();
-            tokio::spawn(async move {
-                s.wait_open().await;
-                s.take_held(2)
-            })
-        };
         // The batcher task holds proposals: a lone one may not slip past it.
-        while !state(&s).1 {
-            tokio::task::yield_now().await;
-        }
+        let waiter = batcher_waits(&s, 2).await;
         drop(big);
         assert!(s.take_direct().is_none(), "the direct path overtook the waiting batcher task");
         let held = waiter.await.unwrap();
         assert_eq!(state(&s), (1, false));
 
         // Waiting beside a batch of two: woken by a follower's acceptance.
-        let waiter = {
-            let s = s.clone();
-            tokio::spawn(async move {
-                s.wait_open().await;
-                s.take_held(3)
-            })
-        };
-        while !state(&s).1 {
-            tokio::task::yield_now().await;
-        }
+        let waiter = batcher_waits(&s, 3).await;
         s.progress.appended(1);
         s.progress.accepted(1);
         let second = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
